@@ -1,0 +1,47 @@
+# kproxy: `make demo` and `make test` do all the set-up a fresh Debian machine needs (as root).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEB_PACKAGES := iptables libip4tc2 libip6tc2 libxtables12 conntrack iproute2 gcc
+
+.PHONY: deps venv lint unit integration test demo bench clean
+
+# Debian packages: the legacy iptables libraries python-iptables drives, the iptables-legacy-save
+# reader, conntrack and iproute2 for the network-namespace tests.
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: deps $(VENV)/.installed
+
+lint: venv
+	$(VENV)/bin/ruff check kproxy tests integration bench
+	$(VENV)/bin/ruff format --check kproxy tests integration bench
+	$(VENV)/bin/mypy kproxy
+
+unit: venv
+	$(VENV)/bin/pytest -q tests
+
+integration: venv
+	$(VENV)/bin/pytest -q integration
+
+test: lint
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests integration
+
+demo: venv
+	$(PY) -m integration.demo
+
+bench: venv
+	$(PY) -m bench.sync_bench --services 10000
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,106 @@
+"""What must change in a table to turn what the kernel holds into what kproxy wants.
+
+Pure: compares rendered lines chain by chain, so a chain whose rules are already right is left
+alone, and a second sync of the same state changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kproxy.plan.naming import is_service_chain
+from kproxy.rules.ir import BUILTIN_CHAINS, Chain, JumpRule, Table
+from kproxy.rules.render import render_rule
+from kproxy.rules.saved import SavedTable
+
+# Top-level chains kproxy (and upstream kube-proxy's iptables mode) creates and owns outright.
+TOP_LEVEL_CHAINS = frozenset(
+    {
+        "KUBE-SERVICES",
+        "KUBE-EXTERNAL-SERVICES",
+        "KUBE-FORWARD",
+        "KUBE-NODEPORTS",
+        "KUBE-POSTROUTING",
+        "KUBE-MARK-MASQ",
+        "KUBE-PROXY-FIREWALL",
+        "KUBE-PROXY-CANARY",
+    }
+)
+
+
+def is_owned_chain(name: str) -> bool:
+    """Chains kproxy may create, rewrite and delete. KUBE-FIREWALL is shared with kubelet and
+    KUBE-KUBELET-CANARY/KUBE-IPTABLES-HINT are kubelet's, so they are not."""
+    return name in TOP_LEVEL_CHAINS or is_service_chain(name)
+
+
+@dataclass
+class TableChanges:
+    table: str
+    create: list[str] = field(default_factory=list)
+    write: list[Chain] = field(default_factory=list)  # created or rewritten chains, in full
+    delete: list[str] = field(default_factory=list)
+    insert_jumps: list[JumpRule] = field(default_factory=list)  # each goes to the top of its chain
+    remove_jumps: dict[str, list[int]] = field(default_factory=dict)  # chain -> 0-based positions
+    unchanged: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not (self.create or self.write or self.delete or self.insert_jumps or self.remove_jumps)
+
+    @property
+    def rules_written(self) -> int:
+        return sum(len(c.rules) for c in self.write) + len(self.insert_jumps)
+
+
+def _rendered(chain: Chain) -> list[str]:
+    return [render_rule(chain.name, rule) for rule in chain.rules]
+
+
+def plan_table_changes(desired: Table, current: SavedTable | None) -> TableChanges:
+    """Chains to create, rewrite and delete, and jump rules to insert, for one table."""
+    current = current or SavedTable(desired.name)
+    changes = TableChanges(desired.name)
+    wanted = set()
+    for chain in desired.chains:
+        wanted.add(chain.name)
+        have = current.chains.get(chain.name)
+        if have is None:
+            changes.create.append(chain.name)
+            changes.write.append(chain)
+        elif have != _rendered(chain):
+            changes.write.append(chain)
+        else:
+            changes.unchanged += 1
+    builtins = set(BUILTIN_CHAINS.get(desired.name, ()))
+    changes.delete = sorted(
+        name for name in current.chains if name not in builtins and is_owned_chain(name) and name not in wanted
+    )
+    for jump in desired.jumps:
+        if render_rule(jump.chain, jump.rule) not in current.chains.get(jump.chain, []):
+            changes.insert_jumps.append(jump)
+    return changes
+
+
+def plan_cleanup(current: SavedTable) -> TableChanges:
+    """Remove every owned chain and every rule in a built-in chain that jumps to one."""
+    changes = TableChanges(current.name)
+    builtins = BUILTIN_CHAINS.get(current.name, ())
+    for chain in builtins:
+        positions = [
+            i for i, line in enumerate(current.chains.get(chain, [])) if _jumps_to_owned(line)
+        ]
+        if positions:
+            changes.remove_jumps[chain] = positions
+    changes.delete = sorted(n for n in current.chains if n not in builtins and is_owned_chain(n))
+    return changes
+
+
+def _jumps_to_owned(line: str) -> bool:
+    words = line.split()
+    for flag in ("-j", "-g"):
+        if flag in words:
+            i = words.index(flag)
+            if i + 1 < len(words) and is_owned_chain(words[i + 1]):
+                return True
+    return False

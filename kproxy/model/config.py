@@ -1,0 +1,116 @@
+"""kproxy's configuration: the iptables-mode subset of kube-proxy's KubeProxyConfiguration."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from kproxy.errors import ConfigError
+
+API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
+KIND = "KubeProxyConfiguration"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    cluster_cidrs: tuple[str, ...] = ()
+    hostname_override: str = ""
+    masquerade_all: bool = False
+    masquerade_bit: int = 14
+    sync_period: float = 30.0
+    min_sync_period: float = 1.0
+
+    @property
+    def masquerade_mark(self) -> str:
+        """The mark/mask pair as the kernel reports it, e.g. `0x4000/0x4000`."""
+        return f"{1 << self.masquerade_bit:#x}/{1 << self.masquerade_bit:#x}"
+
+    @property
+    def masquerade_value(self) -> str:
+        return f"{1 << self.masquerade_bit:#x}"
+
+
+# Fields kproxy reads. Everything else in a KubeProxyConfiguration is reported as ignored.
+_TOP_LEVEL = {"apiVersion", "kind", "clusterCIDR", "hostnameOverride", "mode", "iptables"}
+_IPTABLES = {"masqueradeAll", "masqueradeBit", "syncPeriod", "minSyncPeriod"}
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s|us|µs|ns)")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def parse_duration(value: Any, field: str) -> float:
+    """A Go duration string (`30s`, `1m0s`, `500ms`) in seconds."""
+    text = str(value).strip()
+    pos, total = 0, 0.0
+    for m in _DURATION_PART.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+        pos = m.end()
+    if not text or pos != len(text):
+        raise ConfigError(f"config field {field}: {value!r} is not a duration such as 30s or 1m0s")
+    return total
+
+
+def _parse_cidrs(value: Any, field: str) -> tuple[str, ...]:
+    cidrs = []
+    for part in str(value).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            cidrs.append(str(ipaddress.ip_network(part, strict=False)))
+        except ValueError as exc:
+            raise ConfigError(f"config field {field}: {part!r} is not a CIDR ({exc})") from exc
+    return tuple(cidrs)
+
+
+def _parse_bit(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 31:
+        raise ConfigError(f"config field {field}: {value!r} must be an integer from 0 to 31")
+    return value
+
+
+def _parse_bool(value: Any, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"config field {field}: {value!r} must be true or false")
+    return value
+
+
+def parse_config(doc: Mapping[str, Any]) -> tuple[ProxyConfig, list[str]]:
+    """Read a KubeProxyConfiguration document. Returns the config and warnings naming every field
+    kproxy does not act on. Raises ConfigError for a value it cannot accept."""
+    if not isinstance(doc, Mapping):
+        raise ConfigError("config: expected a KubeProxyConfiguration mapping")
+    warnings: list[str] = []
+    if doc.get("kind", KIND) != KIND:
+        raise ConfigError(f"config field kind: {doc.get('kind')!r}, expected {KIND}")
+    if doc.get("apiVersion", API_VERSION) != API_VERSION:
+        raise ConfigError(f"config field apiVersion: {doc.get('apiVersion')!r}, expected {API_VERSION}")
+    mode = doc.get("mode") or "iptables"
+    if mode != "iptables":
+        raise ConfigError(f"config field mode: {mode!r} is not supported; kproxy implements iptables mode")
+    cfg = ProxyConfig()
+    if doc.get("clusterCIDR"):
+        cfg = replace(cfg, cluster_cidrs=_parse_cidrs(doc["clusterCIDR"], "clusterCIDR"))
+    if doc.get("hostnameOverride"):
+        cfg = replace(cfg, hostname_override=str(doc["hostnameOverride"]))
+    ipt = doc.get("iptables") or {}
+    if not isinstance(ipt, Mapping):
+        raise ConfigError("config field iptables: expected a mapping")
+    if ipt.get("masqueradeAll") is not None:
+        cfg = replace(cfg, masquerade_all=_parse_bool(ipt["masqueradeAll"], "iptables.masqueradeAll"))
+    if ipt.get("masqueradeBit") is not None:
+        cfg = replace(cfg, masquerade_bit=_parse_bit(ipt["masqueradeBit"], "iptables.masqueradeBit"))
+    if ipt.get("syncPeriod"):
+        cfg = replace(cfg, sync_period=parse_duration(ipt["syncPeriod"], "iptables.syncPeriod"))
+    if ipt.get("minSyncPeriod"):
+        cfg = replace(
+            cfg, min_sync_period=parse_duration(ipt["minSyncPeriod"], "iptables.minSyncPeriod")
+        )
+    warnings.extend(f"{key}" for key in sorted(set(doc) - _TOP_LEVEL))
+    warnings.extend(f"iptables.{key}" for key in sorted(set(ipt) - _IPTABLES))
+    return cfg, warnings

@@ -1,0 +1,28 @@
+"""Endpoints of a service port, read from EndpointSlices."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One address:port backing a service port, with the slice's conditions."""
+
+    ip: str
+    port: int
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    node_name: str = ""
+    zone_hints: tuple[str, ...] = ()
+    node_hints: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        """`ip:port`, `[ip]:port` for IPv6, as Go's net.JoinHostPort writes it."""
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+    @property
+    def family(self) -> int:
+        return ipaddress.ip_address(self.ip).version

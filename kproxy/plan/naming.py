@@ -1,0 +1,47 @@
+"""Chain names, hashed exactly as upstream kube-proxy hashes them, so operators' tooling and
+`kube-proxy --cleanup` recognise them."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+from kproxy.model.endpoint import Endpoint
+from kproxy.model.service import ServicePortName
+
+# Prefixes of chains that belong to one service port or endpoint.
+SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
+MAX_CHAIN_NAME = 28
+
+
+def _hash16(text: str) -> str:
+    digest = hashlib.sha256(text.encode()).digest()
+    return base64.b32encode(digest).decode()[:16]
+
+
+def port_proto_hash(spn: ServicePortName) -> str:
+    return _hash16(str(spn) + spn.protocol.lower)
+
+
+def service_chain(spn: ServicePortName) -> str:
+    return "KUBE-SVC-" + port_proto_hash(spn)
+
+
+def local_service_chain(spn: ServicePortName) -> str:
+    return "KUBE-SVL-" + port_proto_hash(spn)
+
+
+def external_chain(spn: ServicePortName) -> str:
+    return "KUBE-EXT-" + port_proto_hash(spn)
+
+
+def firewall_chain(spn: ServicePortName) -> str:
+    return "KUBE-FW-" + port_proto_hash(spn)
+
+
+def endpoint_chain(spn: ServicePortName, endpoint: Endpoint) -> str:
+    return "KUBE-SEP-" + _hash16(str(spn) + spn.protocol.lower + str(endpoint))
+
+
+def is_service_chain(name: str) -> bool:
+    return name.startswith(SERVICE_CHAIN_PREFIXES)

@@ -1,0 +1,77 @@
+"""The current Services and EndpointSlices, and which services changed since the last sync."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import replace
+
+from kproxy.model.convert import EndpointSliceInfo
+from kproxy.model.endpoint import Endpoint
+from kproxy.model.node import NodeInfo
+from kproxy.model.service import NamespacedName, ServicePort, ServicePortName
+
+ServicesMap = dict[ServicePortName, ServicePort]
+EndpointsMap = dict[ServicePortName, tuple[Endpoint, ...]]
+
+
+class ClusterState:
+    """Holds what the sources reported; every update records the service it touches, so a sync can
+    tell which services' chains need rewriting."""
+
+    def __init__(self) -> None:
+        self._services: dict[NamespacedName, tuple[ServicePort, ...]] = {}
+        self._slices: dict[NamespacedName, EndpointSliceInfo] = {}
+        self.node: NodeInfo | None = None
+        self._changed: set[NamespacedName] = set()
+
+    def set_service(self, key: NamespacedName, ports: Iterable[ServicePort]) -> None:
+        ports = tuple(ports)
+        if self._services.get(key) != ports:
+            self._services[key] = ports
+            self._changed.add(key)
+
+    def delete_service(self, key: NamespacedName) -> None:
+        if self._services.pop(key, None) is not None:
+            self._changed.add(key)
+
+    def set_slice(self, info: EndpointSliceInfo) -> None:
+        old = self._slices.get(info.key)
+        if old != info:
+            self._slices[info.key] = info
+            self._changed.add(info.service)
+            if old is not None:
+                self._changed.add(old.service)
+
+    def delete_slice(self, key: NamespacedName) -> None:
+        old = self._slices.pop(key, None)
+        if old is not None:
+            self._changed.add(old.service)
+
+    def take_changes(self) -> set[NamespacedName]:
+        """The services changed since the previous call."""
+        changed, self._changed = self._changed, set()
+        return changed
+
+    def services_map(self) -> ServicesMap:
+        return {sp.name: sp for ports in self._services.values() for sp in ports}
+
+    def endpoints_map(self) -> EndpointsMap:
+        return build_endpoints_map(self._slices.values())
+
+
+def build_endpoints_map(slices: Iterable[EndpointSliceInfo]) -> EndpointsMap:
+    """Endpoints per service port over all slices of each service, sorted as upstream sorts them
+    (by `ip:port` string). An address:port in several slices keeps its non-terminating copy."""
+    merged: dict[ServicePortName, dict[tuple[str, int], Endpoint]] = {}
+    for sl in sorted(slices, key=lambda s: (s.key.namespace, s.key.name)):
+        for port in sl.ports:
+            spn = ServicePortName(sl.service, port.name, port.protocol)
+            bucket = merged.setdefault(spn, {})
+            for ep in sl.endpoints:
+                ep = replace(ep, port=port.port)
+                seen = bucket.get((ep.ip, ep.port))
+                if seen is None or (seen.terminating and not ep.terminating):
+                    bucket[(ep.ip, ep.port)] = ep
+    return {
+        spn: tuple(sorted(bucket.values(), key=str)) for spn, bucket in merged.items() if bucket
+    }
