@@ -46,7 +46,9 @@ class TableChanges:
 
     @property
     def empty(self) -> bool:
-        return not (self.create or self.write or self.delete or self.insert_jumps or self.remove_jumps)
+        return not (
+            self.create or self.write or self.delete or self.insert_jumps or self.remove_jumps
+        )
 
     @property
     def rules_written(self) -> int:
@@ -74,7 +76,9 @@ def plan_table_changes(desired: Table, current: SavedTable | None) -> TableChang
             changes.unchanged += 1
     builtins = set(BUILTIN_CHAINS.get(desired.name, ()))
     changes.delete = sorted(
-        name for name in current.chains if name not in builtins and is_owned_chain(name) and name not in wanted
+        name
+        for name in current.chains
+        if name not in builtins and is_owned_chain(name) and name not in wanted
     )
     for jump in desired.jumps:
         if render_rule(jump.chain, jump.rule) not in current.chains.get(jump.chain, []):
@@ -104,3 +108,18 @@ def _jumps_to_owned(line: str) -> bool:
             if i + 1 < len(words) and is_owned_chain(words[i + 1]):
                 return True
     return False
+
+
+def owned_part(current: SavedTable) -> SavedTable:
+    """Only what kproxy owns in a table: its chains, and its jump rules in built-in chains."""
+    builtins = BUILTIN_CHAINS.get(current.name, ())
+    part = SavedTable(current.name)
+    for chain in builtins:
+        jumps = [line for line in current.chains.get(chain, []) if _jumps_to_owned(line)]
+        if jumps:
+            part.policies[chain] = current.policies.get(chain, "ACCEPT")
+            part.chains[chain] = jumps
+    for name in sorted(current.chains):
+        if name not in builtins and is_owned_chain(name):
+            part.chains[name] = list(current.chains[name])
+    return part

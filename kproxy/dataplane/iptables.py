@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
+from kproxy.dataplane.base import ApplyResult as ApplyResult
 from kproxy.dataplane.diff import TableChanges, plan_cleanup, plan_table_changes
 from kproxy.dataplane.lock import xtables_lock
 from kproxy.errors import DataplaneError
@@ -21,29 +21,6 @@ from kproxy.rules.saved import SavedTable, parse_save
 
 TABLES = ("filter", "nat")
 _COMMIT_ATTEMPTS = 3  # the kernel refuses a replace when another writer changed the table meanwhile
-
-
-@dataclass
-class ApplyResult:
-    """What one apply did, summed over its tables."""
-
-    tables: list[TableChanges] = field(default_factory=list)
-
-    @property
-    def chains_written(self) -> int:
-        return sum(len(t.write) for t in self.tables)
-
-    @property
-    def rules_written(self) -> int:
-        return sum(t.rules_written for t in self.tables)
-
-    @property
-    def chains_removed(self) -> int:
-        return sum(len(t.delete) for t in self.tables)
-
-    @property
-    def changed(self) -> bool:
-        return any(not t.empty for t in self.tables)
 
 
 def _save_command(family: int) -> str:
@@ -78,14 +55,20 @@ def _load_iptc() -> ModuleType:
         import iptc
     except Exception as exc:  # python-iptables raises several kinds when libiptc is missing
         raise DataplaneError(
-            f"cannot load python-iptables/libiptc ({exc}); install libip4tc2, libip6tc2 and iptables"
+            f"cannot load python-iptables/libiptc ({exc}); "
+            "install libip4tc2, libip6tc2 and iptables"
         ) from exc
-    return iptc
+    module: ModuleType = iptc
+    return module
 
 
 def _xtables_libdir() -> str:
-    for candidate in ("/usr/lib/x86_64-linux-gnu/xtables", "/usr/lib/aarch64-linux-gnu/xtables",
-                      "/usr/lib/xtables", "/usr/lib64/xtables"):
+    for candidate in (
+        "/usr/lib/x86_64-linux-gnu/xtables",
+        "/usr/lib/aarch64-linux-gnu/xtables",
+        "/usr/lib/xtables",
+        "/usr/lib64/xtables",
+    ):
         if os.path.isdir(candidate):
             return candidate
     return ""
@@ -110,7 +93,7 @@ class IptablesDataplane:
                 result.tables.append(
                     self._commit_with_retry(
                         desired.name,
-                        lambda current, d=desired: plan_table_changes(d, current),  # type: ignore[misc]
+                        lambda current, d=desired: plan_table_changes(d, current),
                     )
                 )
         return result
@@ -122,7 +105,8 @@ class IptablesDataplane:
             for name in TABLES:
                 result.tables.append(
                     self._commit_with_retry(
-                        name, lambda current, n=name: plan_cleanup(current or SavedTable(n))  # type: ignore[misc]
+                        name,
+                        lambda current, n=name: plan_cleanup(current or SavedTable(n)),
                     )
                 )
         return result
@@ -137,7 +121,10 @@ class IptablesDataplane:
                 self._write(changes)
                 return changes
             except self._iptc.IPTCError as exc:
-                if "Resource temporarily unavailable" in str(exc) and attempt + 1 < _COMMIT_ATTEMPTS:
+                if (
+                    "Resource temporarily unavailable" in str(exc)
+                    and attempt + 1 < _COMMIT_ATTEMPTS
+                ):
                     continue  # another writer committed between our read and our commit
                 raise DataplaneError(f"writing table {table} failed: {exc}") from exc
         raise AssertionError("unreachable")
@@ -153,11 +140,11 @@ class IptablesDataplane:
                     raise iptc.IPTCError(f"can't delete rule {pos} of {chain}: {table.strerror()}")
         for name in changes.create:
             table.create_chain(name)
-        for chain in changes.write:
-            if chain.name not in changes.create:
-                table.flush_entries(chain.name)
-            target = iptc.Chain(table, chain.name)
-            for rule in chain.rules:
+        for wanted in changes.write:
+            if wanted.name not in changes.create:
+                table.flush_entries(wanted.name)
+            target = iptc.Chain(table, wanted.name)
+            for rule in wanted.rules:
                 target.append_rule(self._build(rule))
         for name in changes.delete:
             table.flush_entries(name)

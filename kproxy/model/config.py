@@ -89,10 +89,14 @@ def parse_config(doc: Mapping[str, Any]) -> tuple[ProxyConfig, list[str]]:
     if doc.get("kind", KIND) != KIND:
         raise ConfigError(f"config field kind: {doc.get('kind')!r}, expected {KIND}")
     if doc.get("apiVersion", API_VERSION) != API_VERSION:
-        raise ConfigError(f"config field apiVersion: {doc.get('apiVersion')!r}, expected {API_VERSION}")
+        raise ConfigError(
+            f"config field apiVersion: {doc.get('apiVersion')!r}, expected {API_VERSION}"
+        )
     mode = doc.get("mode") or "iptables"
     if mode != "iptables":
-        raise ConfigError(f"config field mode: {mode!r} is not supported; kproxy implements iptables mode")
+        raise ConfigError(
+            f"config field mode: {mode!r} is not supported; kproxy implements iptables mode"
+        )
     cfg = ProxyConfig()
     if doc.get("clusterCIDR"):
         cfg = replace(cfg, cluster_cidrs=_parse_cidrs(doc["clusterCIDR"], "clusterCIDR"))
@@ -102,9 +106,13 @@ def parse_config(doc: Mapping[str, Any]) -> tuple[ProxyConfig, list[str]]:
     if not isinstance(ipt, Mapping):
         raise ConfigError("config field iptables: expected a mapping")
     if ipt.get("masqueradeAll") is not None:
-        cfg = replace(cfg, masquerade_all=_parse_bool(ipt["masqueradeAll"], "iptables.masqueradeAll"))
+        cfg = replace(
+            cfg, masquerade_all=_parse_bool(ipt["masqueradeAll"], "iptables.masqueradeAll")
+        )
     if ipt.get("masqueradeBit") is not None:
-        cfg = replace(cfg, masquerade_bit=_parse_bit(ipt["masqueradeBit"], "iptables.masqueradeBit"))
+        cfg = replace(
+            cfg, masquerade_bit=_parse_bit(ipt["masqueradeBit"], "iptables.masqueradeBit")
+        )
     if ipt.get("syncPeriod"):
         cfg = replace(cfg, sync_period=parse_duration(ipt["syncPeriod"], "iptables.syncPeriod"))
     if ipt.get("minSyncPeriod"):

@@ -183,7 +183,9 @@ def build_endpoint_slice(obj: Mapping[str, Any]) -> EndpointSliceInfo | None:
             raise InvalidObjectError(ref, f"endpoints[{i}].addresses", "missing")
         ip = _ip(addresses[0], ref, f"endpoints[{i}].addresses[0]")
         if ipaddress.ip_address(ip).version != (4 if address_type == "IPv4" else 6):
-            raise InvalidObjectError(ref, f"endpoints[{i}].addresses[0]", f"{ip} is not {address_type}")
+            raise InvalidObjectError(
+                ref, f"endpoints[{i}].addresses[0]", f"{ip} is not {address_type}"
+            )
         ready, serving, terminating = _conditions(ep)
         hints = ep.get("hints") or {}
         endpoints.append(
@@ -216,5 +218,7 @@ def build_node(obj: Mapping[str, Any]) -> NodeInfo:
         try:
             ipaddress.ip_network(str(cidr), strict=False)
         except ValueError:
-            raise InvalidObjectError(ref, f"spec.podCIDRs[{i}]", f"{cidr!r} is not a CIDR") from None
+            raise InvalidObjectError(
+                ref, f"spec.podCIDRs[{i}]", f"{cidr!r} is not a CIDR"
+            ) from None
     return NodeInfo(name=key.name, labels=dict(labels), pod_cidrs=tuple(str(c) for c in cidrs))

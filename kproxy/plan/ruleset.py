@@ -15,15 +15,17 @@ from kproxy.model.service import ServicePort, ServicePortName
 from kproxy.plan import naming
 from kproxy.plan.endpoints import categorize_endpoints
 from kproxy.rules import fragments as f
-from kproxy.rules.ir import Chain, JumpRule, Rule, Ruleset, Table
+from kproxy.rules.ir import Chain, JumpRule, Match, Rule, Ruleset, Table
 
 # Upstream drops per-endpoint comments once the sum of endpoints exceeds this.
 LARGE_CLUSTER_ENDPOINTS = 1000
 
-NODEPORTS_TAIL_COMMENT = "kubernetes service nodeports; NOTE: this must be the last rule in this chain"
+NODEPORTS_TAIL_COMMENT = (
+    "kubernetes service nodeports; NOTE: this must be the last rule in this chain"
+)
 
 
-def _jump(chain: str, target: str, text: str, *extra: f.Match) -> JumpRule:
+def _jump(chain: str, target: str, text: str, *extra: Match) -> JumpRule:
     return JumpRule(chain, Rule(matches=(*extra, f.comment(text)), target=f.jump(target)))
 
 
@@ -130,7 +132,7 @@ class _Builder:
             return cidrs[0], True
         return None
 
-    def _endpoint_comment(self, text: str) -> tuple[f.Match, ...]:
+    def _endpoint_comment(self, text: str) -> tuple[Match, ...]:
         return () if self.large_cluster else (f.comment(text),)
 
     def _balance(

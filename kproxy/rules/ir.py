@@ -22,6 +22,7 @@ STANDARD_TARGETS = frozenset({"ACCEPT", "DROP", "RETURN", "QUEUE"})
 # Target extensions kproxy writes; anything else in a target position is a chain name.
 EXTENSION_TARGETS = frozenset({"DNAT", "SNAT", "MASQUERADE", "MARK", "REJECT"})
 
+
 @dataclass(frozen=True, slots=True)
 class Opt:
     """One option of a match or target: `--name value`, `! --name value` when inverted."""
@@ -63,7 +64,6 @@ class Target:
     def is_jump(self) -> bool:
         """True when the target is a user-defined chain rather than a verdict or an extension."""
         return self.name not in STANDARD_TARGETS and self.name not in EXTENSION_TARGETS
-
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from kproxy.rules.ir import BUILTIN_CHAINS, Match, Opt, Rule, Ruleset, Table, Target
 
 _NO_QUOTE = frozenset("_-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-_ESCAPED = frozenset('"\\\'')
+_ESCAPED = frozenset("\"\\'")
 # Options whose values iptables-save prints through its quoting helper.
 _QUOTED_OPTIONS = frozenset({"comment"})
 

@@ -38,3 +38,15 @@ def parse_save(text: str) -> dict[str, SavedTable]:
         else:
             raise ValueError(f"iptables-save text: unexpected line {line!r}")
     return tables
+
+
+def render_saved(tables: dict[str, SavedTable]) -> str:
+    """SavedTables back to iptables-save text (user chains declared, rules verbatim)."""
+    out = []
+    for table in tables.values():
+        out.append(f"*{table.name}")
+        out.extend(f":{name} - [0:0]" for name in table.chains if name not in table.policies)
+        for lines in table.chains.values():
+            out.extend(lines)
+        out.append("COMMIT")
+    return "\n".join(out) + "\n" if out else ""

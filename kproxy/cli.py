@@ -1,0 +1,190 @@
+"""The `kproxy` command: the one place that wires sources, state, plan and dataplane together."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import structlog
+import yaml
+
+from kproxy.errors import ConfigError, InvalidObjectError, KproxyError
+from kproxy.logs import LEVELS, configure_logging
+from kproxy.model.config import ProxyConfig, parse_config
+from kproxy.model.node import NodeInfo
+from kproxy.rules.render import render_ruleset
+from kproxy.state.ingest import node_for
+from kproxy.sync.once import plan_state, state_from_manifests, sync_once
+from kproxy.watch.manifests import Manifests, load_manifests
+
+log = structlog.get_logger("kproxy")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def load_config_file(path: str | None) -> ProxyConfig:
+    if path is None:
+        return ProxyConfig()
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: invalid YAML ({exc})") from exc
+    config, ignored = parse_config(doc or {})
+    for field in ignored:
+        log.warning("config_field_ignored", field=field, file=path)
+    return config
+
+
+def resolve_hostname(flag: str | None, config: ProxyConfig) -> str:
+    """As kube-proxy: --hostname-override, then the config's hostnameOverride, then the host."""
+    return (flag or config.hostname_override or socket.gethostname()).strip().lower()
+
+
+def read_manifests(path: str) -> Manifests:
+    manifests = load_manifests(path)
+    for warning in manifests.warnings:
+        log.warning("manifest_document_ignored", reason=warning)
+    return manifests
+
+
+def _report_invalid(exc: InvalidObjectError) -> None:
+    log.warning("object_skipped", object=exc.obj, field=exc.field, problem=exc.problem)
+
+
+def _node_and_config(
+    manifests: Manifests, config_path: str | None, hostname: str | None
+) -> tuple[NodeInfo, ProxyConfig]:
+    config = load_config_file(config_path)
+    name = resolve_hostname(hostname, config)
+    try:
+        node = node_for(name, manifests.nodes)
+    except InvalidObjectError as exc:
+        _report_invalid(exc)
+        node = NodeInfo(name=name)
+    return node, config
+
+
+def common_options(fn: F) -> F:
+    fn = click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False),
+        help="A KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1).",
+    )(fn)
+    fn = click.option(
+        "--hostname-override",
+        "hostname",
+        metavar="NAME",
+        help="The node name, instead of the host's name.",
+    )(fn)
+    return fn
+
+
+@click.group()
+@click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True)
+def cli(log_level: str) -> None:
+    """kproxy: kube-proxy's iptables mode, in Python."""
+    configure_logging(log_level)
+
+
+@cli.command()
+@click.option("--once", is_flag=True, help="Program the tables once and exit.")
+@click.option(
+    "--manifests",
+    "manifests_path",
+    required=True,
+    type=click.Path(exists=True),
+    help="YAML/JSON file or directory with Services, EndpointSlices and Nodes.",
+)
+@click.option(
+    "--lock-timeout",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Seconds to wait for /run/xtables.lock.",
+)
+@common_options
+def sync(
+    once: bool,
+    manifests_path: str,
+    lock_timeout: float,
+    config_path: str | None,
+    hostname: str | None,
+) -> None:
+    """Program this network namespace's netfilter tables from manifests."""
+    if not once:
+        raise click.UsageError("sync needs --once (it programs the tables once and exits)")
+    from kproxy.dataplane.iptables import IptablesDataplane
+
+    manifests = read_manifests(manifests_path)
+    node, config = _node_and_config(manifests, config_path, hostname)
+    state = state_from_manifests(manifests, _report_invalid)
+    dataplane = IptablesDataplane(family=4, lock_timeout=lock_timeout)
+    report = sync_once(state, node, config, dataplane)
+    log.info(
+        "sync_completed",
+        node=node.name,
+        changed=report.result.changed,
+        chains_written=report.result.chains_written,
+        seconds=round(report.seconds, 3),
+    )
+    click.echo(report.summary())
+
+
+@cli.command()
+@click.option(
+    "--manifests",
+    "manifests_path",
+    type=click.Path(exists=True),
+    help="Print what sync would write for these manifests instead of the live rules.",
+)
+@common_options
+def dump(manifests_path: str | None, config_path: str | None, hostname: str | None) -> None:
+    """Print kproxy's chains in iptables-save format."""
+    if manifests_path is None:
+        from kproxy.dataplane.diff import owned_part
+        from kproxy.dataplane.iptables import read_tables
+        from kproxy.rules.saved import render_saved
+
+        tables = read_tables(4)
+        text = render_saved({name: owned_part(t) for name, t in tables.items()})
+    else:
+        manifests = read_manifests(manifests_path)
+        node, config = _node_and_config(manifests, config_path, hostname)
+        state = state_from_manifests(manifests, _report_invalid)
+        text = render_ruleset(plan_state(state, node, config, family=4))
+    sys.stdout.write(text)
+
+
+@cli.command()
+@click.option("--lock-timeout", type=float, default=5.0, show_default=True)
+def cleanup(lock_timeout: float) -> None:
+    """Remove every chain and jump rule kproxy or kube-proxy (iptables mode) created."""
+    from kproxy.dataplane.iptables import IptablesDataplane
+
+    result = IptablesDataplane(family=4, lock_timeout=lock_timeout).cleanup()
+    removed_jumps = sum(len(p) for t in result.tables for p in t.remove_jumps.values())
+    click.echo(f"removed {result.chains_removed} chains and {removed_jumps} jump rules")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        sys.exit(130)
+    except KproxyError as exc:
+        log.error("command_failed", error=str(exc))
+        click.echo(f"kproxy: error: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""What every dataplane offers the sync loop, and what one apply reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kproxy.dataplane.diff import TableChanges
+from kproxy.rules.ir import Ruleset
+from kproxy.rules.saved import SavedTable
+
+
+@dataclass
+class ApplyResult:
+    """What one apply did, summed over its tables."""
+
+    tables: list[TableChanges] = field(default_factory=list)
+
+    @property
+    def chains_written(self) -> int:
+        return sum(len(t.write) for t in self.tables)
+
+    @property
+    def rules_written(self) -> int:
+        return sum(t.rules_written for t in self.tables)
+
+    @property
+    def chains_removed(self) -> int:
+        return sum(len(t.delete) for t in self.tables)
+
+    @property
+    def chains_unchanged(self) -> int:
+        return sum(t.unchanged for t in self.tables)
+
+    @property
+    def changed(self) -> bool:
+        return any(not t.empty for t in self.tables)
+
+
+class Dataplane(Protocol):
+    """The kernel side of a sync: the python-iptables backend, or a fake in unit tests."""
+
+    def read(self) -> dict[str, SavedTable]: ...
+
+    def apply(self, ruleset: Ruleset) -> ApplyResult: ...
+
+    def cleanup(self) -> ApplyResult: ...

@@ -1,0 +1,85 @@
+"""One sync: plan, apply, report. `kproxy sync --once` runs it once; the agent's loop repeats it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kproxy.dataplane.base import ApplyResult, Dataplane
+from kproxy.errors import InvalidObjectError
+from kproxy.model.config import ProxyConfig
+from kproxy.model.node import NodeInfo
+from kproxy.plan.ruleset import build_ruleset
+from kproxy.rules.ir import Ruleset
+from kproxy.state.cluster import ClusterState
+from kproxy.state.ingest import update_endpoint_slice, update_service
+from kproxy.watch.manifests import Manifests
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    services: int
+    service_ports: int
+    endpoints: int
+    result: ApplyResult
+    seconds: float
+
+    def summary(self) -> str:
+        head = (
+            f"synced {self.services} services ({self.service_ports} ports), "
+            f"{self.endpoints} endpoints: "
+        )
+        r = self.result
+        if not r.changed:
+            body = f"no changes, {r.chains_unchanged} chains already up to date"
+        else:
+            body = (
+                f"wrote {r.chains_written} chains ({r.rules_written} rules), "
+                f"removed {r.chains_removed} chains, {r.chains_unchanged} unchanged"
+            )
+        return f"{head}{body}, in {self.seconds:.2f}s"
+
+
+def state_from_manifests(
+    manifests: Manifests, on_invalid: Callable[[InvalidObjectError], None]
+) -> ClusterState:
+    """A ClusterState holding every valid Service and EndpointSlice; invalid ones are reported
+    through `on_invalid` and left out."""
+    state = ClusterState()
+    for obj in manifests.services:
+        try:
+            update_service(state, obj)
+        except InvalidObjectError as exc:
+            on_invalid(exc)
+    for obj in manifests.endpoint_slices:
+        try:
+            update_endpoint_slice(state, obj)
+        except InvalidObjectError as exc:
+            on_invalid(exc)
+    return state
+
+
+def plan_state(state: ClusterState, node: NodeInfo, config: ProxyConfig, family: int) -> Ruleset:
+    return build_ruleset(state.services_map(), state.endpoints_map(), node, config, family)
+
+
+def sync_once(
+    state: ClusterState,
+    node: NodeInfo,
+    config: ProxyConfig,
+    dataplane: Dataplane,
+    family: int = 4,
+) -> SyncReport:
+    started = time.monotonic()
+    services = state.services_map()
+    endpoints = state.endpoints_map()
+    ruleset = build_ruleset(services, endpoints, node, config, family)
+    result = dataplane.apply(ruleset)
+    return SyncReport(
+        services=len({spn.service for spn in services}),
+        service_ports=len(services),
+        endpoints=sum(len(endpoints.get(spn, ())) for spn in services),
+        result=result,
+        seconds=time.monotonic() - started,
+    )

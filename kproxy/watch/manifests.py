@@ -1,0 +1,100 @@
+"""The file source: Services, EndpointSlices and Nodes read from YAML/JSON manifests, exactly as
+`kubectl get -o yaml` prints them (multi-document YAML and `kind: List` accepted)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kproxy.errors import ManifestError
+
+SUFFIXES = (".yaml", ".yml", ".json")
+# kind -> the apiVersions kproxy understands for it.
+KINDS = {
+    "Service": ("v1",),
+    "EndpointSlice": ("discovery.k8s.io/v1",),
+    "Node": ("v1",),
+}
+
+
+@dataclass
+class Manifests:
+    """The objects found, by kind, and a warning for every document that was ignored."""
+
+    services: list[dict[str, Any]] = field(default_factory=list)
+    endpoint_slices: list[dict[str, Any]] = field(default_factory=list)
+    nodes: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def add(self, obj: Any, where: str) -> None:
+        if not isinstance(obj, Mapping):
+            self.warnings.append(f"{where}: not a Kubernetes object (expected a mapping); ignored")
+            return
+        kind = obj.get("kind")
+        if isinstance(kind, str) and kind.endswith("List") and isinstance(obj.get("items"), list):
+            for i, item in enumerate(obj["items"]):
+                self.add(_with_kind(item, kind), f"{where} items[{i}]")
+            return
+        if kind not in KINDS:
+            self.warnings.append(f"{where}: kind {kind!r} is not used by kproxy; ignored")
+            return
+        if obj.get("apiVersion") not in KINDS[kind]:
+            self.warnings.append(
+                f"{where}: {kind} apiVersion {obj.get('apiVersion')!r} is not supported "
+                f"(expected {' or '.join(KINDS[kind])}); ignored"
+            )
+            return
+        target = {"Service": self.services, "EndpointSlice": self.endpoint_slices}.get(
+            kind, self.nodes
+        )
+        target.append(dict(obj))
+
+
+def _with_kind(item: Any, list_kind: str) -> Any:
+    """Items of a typed list (ServiceList) may omit kind/apiVersion; fill them in."""
+    if not isinstance(item, Mapping) or list_kind == "List" or "kind" in item:
+        return item
+    kind = list_kind[: -len("List")]
+    return {"kind": kind, "apiVersion": KINDS.get(kind, ("v1",))[0], **item}
+
+
+def manifest_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+    if path.is_file():
+        return [path]
+    raise ManifestError(f"--manifests {path}: no such file or directory")
+
+
+def _documents(path: Path) -> Iterator[Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read ({exc.strerror})") from exc
+    try:
+        if path.suffix == ".json":
+            yield json.loads(text)
+        else:
+            yield from (doc for doc in yaml.safe_load_all(text) if doc is not None)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "?"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ManifestError(f"{path}: {where}: invalid YAML ({problem})") from exc
+
+
+def load_manifests(path: str | Path) -> Manifests:
+    """Every Service, EndpointSlice and Node under `path`. A file that does not parse raises
+    ManifestError naming the file and line; a document of another kind is only a warning."""
+    found = Manifests()
+    for file in manifest_files(Path(path)):
+        for i, doc in enumerate(_documents(file)):
+            found.add(doc, f"{file} document {i + 1}")
+    return found
