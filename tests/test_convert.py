@@ -1,0 +1,132 @@
+from typing import Any
+
+import pytest
+
+from kproxy.errors import InvalidObjectError
+from kproxy.model.convert import build_endpoint_slice, build_node, build_service_ports
+from kproxy.model.service import Protocol
+
+
+def service(**spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"clusterIP": "10.96.0.10", "ports": [{"port": 53, "protocol": "UDP"}]}
+    base.update(spec)
+    return {
+        "kind": "Service",
+        "metadata": {"name": "dns", "namespace": "kube-system"},
+        "spec": base,
+    }
+
+
+def test_service_ports_carry_name_protocol_and_default_tcp() -> None:
+    ports = build_service_ports(
+        service(ports=[{"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "m", "port": 9153}])
+    )
+    assert [(str(p.name), p.protocol, p.port) for p in ports] == [
+        ("kube-system/dns:dns", Protocol.UDP, 53),
+        ("kube-system/dns:m", Protocol.TCP, 9153),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"clusterIP": "10.96.0.300"}, "spec.clusterIPs[0]"),
+        ({"ports": [{"port": 70000}]}, "spec.ports[0].port"),
+        ({"ports": [{"port": "http"}]}, "spec.ports[0].port"),
+        ({"ports": [{"port": 53, "protocol": "ICMP"}]}, "spec.ports[0].protocol"),
+        ({"ports": [{"port": 53, "nodePort": -1}]}, "spec.ports[0].nodePort"),
+        (
+            {
+                "sessionAffinity": "ClientIP",
+                "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 0}},
+            },
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+        ),
+    ],
+)
+def test_invalid_service_names_object_and_field(spec: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidObjectError) as info:
+        build_service_ports(service(**spec))
+    assert info.value.obj == "Service kube-system/dns"
+    assert info.value.field == field
+    assert field in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        service(clusterIP="None"),
+        service(clusterIP=""),
+        service(type="ExternalName", clusterIP=""),
+        {**service(), "metadata": {"name": "x", "labels": {"service.kubernetes.io/headless": ""}}},
+        {
+            **service(),
+            "metadata": {"name": "x", "labels": {"service.kubernetes.io/service-proxy-name": "o"}},
+        },
+    ],
+)
+def test_services_upstream_does_not_proxy_give_no_ports(obj: dict[str, Any]) -> None:
+    assert build_service_ports(obj) == []
+
+
+def test_affinity_defaults_to_three_hours() -> None:
+    (port,) = build_service_ports(service(sessionAffinity="ClientIP"))
+    assert port.session_affinity_seconds == 10800
+
+
+def slice_(endpoints: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "dns-abc",
+            "namespace": "kube-system",
+            "labels": {"kubernetes.io/service-name": "dns"},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "dns", "port": 5353, "protocol": "UDP"}],
+        "endpoints": endpoints,
+    }
+    obj.update(extra)
+    return obj
+
+
+def test_slice_conditions_default_as_the_api_defines() -> None:
+    info = build_endpoint_slice(
+        slice_(
+            [
+                {"addresses": ["10.0.0.1"]},
+                {"addresses": ["10.0.0.2"], "conditions": {"ready": False, "terminating": True}},
+                {
+                    "addresses": ["10.0.0.3"],
+                    "conditions": {"ready": False, "serving": True, "terminating": True},
+                },
+            ]
+        )
+    )
+    assert info is not None
+    flags = [(e.ready, e.serving, e.terminating) for e in info.endpoints]
+    assert flags == [(True, True, False), (False, False, True), (False, True, True)]
+    assert info.ports[0].port == 5353
+
+
+def test_slice_with_bad_address_is_invalid() -> None:
+    with pytest.raises(InvalidObjectError) as info:
+        build_endpoint_slice(slice_([{"addresses": ["10.0.0.999"]}]))
+    assert info.value.field == "endpoints[0].addresses[0]"
+
+
+def test_fqdn_and_unlabelled_slices_are_ignored() -> None:
+    assert build_endpoint_slice(slice_([], addressType="FQDN")) is None
+    unlabelled = slice_([])
+    unlabelled["metadata"]["labels"] = {}
+    assert build_endpoint_slice(unlabelled) is None
+
+
+def test_node_zone_and_pod_cidrs() -> None:
+    node = build_node(
+        {
+            "metadata": {"name": "n1", "labels": {"topology.kubernetes.io/zone": "z1"}},
+            "spec": {"podCIDRs": ["10.244.1.0/24"]},
+        }
+    )
+    assert node.zone == "z1" and node.pod_cidrs == ("10.244.1.0/24",)
