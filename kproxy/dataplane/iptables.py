@@ -120,6 +120,13 @@ class IptablesDataplane:
             try:
                 self._write(changes)
                 return changes
+            except self._iptc.XTablesError as exc:
+                # Nothing was committed: the handle holding the partial edit is discarded.
+                raise DataplaneError(
+                    f"python-iptables could not build a rule for table {table} ({exc}); are the "
+                    "iptables extensions installed in XTABLES_LIBDIR "
+                    f"({os.environ.get('XTABLES_LIBDIR') or 'unset'})?"
+                ) from exc
             except self._iptc.IPTCError as exc:
                 if (
                     "Resource temporarily unavailable" in str(exc)
