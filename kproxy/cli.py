@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -12,11 +13,23 @@ import click
 import structlog
 import yaml
 
+from kproxy.dataplane.base import ApplyResult, Dataplane
+from kproxy.dataplane.diff import owned_part
+from kproxy.dataplane.family_process import FamilyProcess
+from kproxy.dataplane.host import (
+    ROUTE_LOCALNET,
+    ipv6_supported,
+    with_host_facts,
+    write_sysctl,
+)
+from kproxy.dataplane.iptables import IptablesDataplane, read_tables
 from kproxy.errors import ConfigError, InvalidObjectError, KproxyError
 from kproxy.logs import LEVELS, configure_logging
 from kproxy.model.config import ProxyConfig, parse_config
 from kproxy.model.node import NodeInfo
+from kproxy.plan.ruleset import needs_route_localnet
 from kproxy.rules.render import render_ruleset
+from kproxy.rules.saved import render_saved
 from kproxy.state.ingest import node_for
 from kproxy.sync.once import plan_state, state_from_manifests, sync_once
 from kproxy.watch.manifests import Manifests, load_manifests
@@ -69,6 +82,27 @@ def _node_and_config(
     return node, config
 
 
+def prepare_host(config: ProxyConfig) -> None:
+    """Sysctls the rules rely on, in this network namespace."""
+    if needs_route_localnet(config) and write_sysctl(ROUTE_LOCALNET, "1"):
+        log.info("sysctl_set", name=ROUTE_LOCALNET, value="1", reason="localhost NodePorts")
+
+
+@contextmanager
+def open_dataplanes(lock_timeout: float) -> Iterator[dict[int, Dataplane]]:
+    """IPv4 in this process; IPv6, when the namespace has it, in a process of its own (see
+    kproxy/dataplane/family_process.py for why one process cannot hold both)."""
+    dataplanes: dict[int, Dataplane] = {4: IptablesDataplane(4, lock_timeout)}
+    v6 = FamilyProcess(6, lock_timeout) if ipv6_supported() else None
+    if v6 is not None:
+        dataplanes[6] = v6
+    try:
+        yield dataplanes
+    finally:
+        if v6 is not None:
+            v6.close()
+
+
 def common_options(fn: F) -> F:
     fn = click.option(
         "--config",
@@ -119,13 +153,12 @@ def sync(
     """Program this network namespace's netfilter tables from manifests."""
     if not once:
         raise click.UsageError("sync needs --once (it programs the tables once and exits)")
-    from kproxy.dataplane.iptables import IptablesDataplane
-
     manifests = read_manifests(manifests_path)
     node, config = _node_and_config(manifests, config_path, hostname)
     state = state_from_manifests(manifests, _report_invalid)
-    dataplane = IptablesDataplane(family=4, lock_timeout=lock_timeout)
-    report = sync_once(state, node, config, dataplane)
+    prepare_host(config)
+    with open_dataplanes(lock_timeout) as dataplanes:
+        report = sync_once(state, with_host_facts(node), config, dataplanes)
     log.info(
         "sync_completed",
         node=node.name,
@@ -143,21 +176,26 @@ def sync(
     type=click.Path(exists=True),
     help="Print what sync would write for these manifests instead of the live rules.",
 )
+@click.option(
+    "--family",
+    type=click.Choice(["4", "6"]),
+    default="4",
+    show_default=True,
+    help="IPv4 (iptables) or IPv6 (ip6tables) rules.",
+)
 @common_options
-def dump(manifests_path: str | None, config_path: str | None, hostname: str | None) -> None:
+def dump(
+    manifests_path: str | None, family: str, config_path: str | None, hostname: str | None
+) -> None:
     """Print kproxy's chains in iptables-save format."""
     if manifests_path is None:
-        from kproxy.dataplane.diff import owned_part
-        from kproxy.dataplane.iptables import read_tables
-        from kproxy.rules.saved import render_saved
-
-        tables = read_tables(4)
+        tables = read_tables(int(family))
         text = render_saved({name: owned_part(t) for name, t in tables.items()})
     else:
         manifests = read_manifests(manifests_path)
         node, config = _node_and_config(manifests, config_path, hostname)
         state = state_from_manifests(manifests, _report_invalid)
-        text = render_ruleset(plan_state(state, node, config, family=4))
+        text = render_ruleset(plan_state(state, with_host_facts(node), config, int(family)))
     sys.stdout.write(text)
 
 
@@ -165,9 +203,10 @@ def dump(manifests_path: str | None, config_path: str | None, hostname: str | No
 @click.option("--lock-timeout", type=float, default=5.0, show_default=True)
 def cleanup(lock_timeout: float) -> None:
     """Remove every chain and jump rule kproxy or kube-proxy (iptables mode) created."""
-    from kproxy.dataplane.iptables import IptablesDataplane
-
-    result = IptablesDataplane(family=4, lock_timeout=lock_timeout).cleanup()
+    result = ApplyResult()
+    with open_dataplanes(lock_timeout) as dataplanes:
+        for dataplane in dataplanes.values():
+            result.tables.extend(dataplane.cleanup().tables)
     removed_jumps = sum(len(p) for t in result.tables for p in t.remove_jumps.values())
     click.echo(f"removed {result.chains_removed} chains and {removed_jumps} jump rules")
 

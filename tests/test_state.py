@@ -51,8 +51,33 @@ def test_ready_first_then_serving_terminating_fallback() -> None:
 def test_local_endpoints_are_those_on_this_node() -> None:
     here = Endpoint("10.0.0.1", 80, node_name="n1")
     there = Endpoint("10.0.0.2", 80, node_name="n2")
-    cats = categorize_endpoints([here, there], "n1")
+    cats = categorize_endpoints([here, there], "n1", uses_local=True)
     assert cats.local == (here,) and cats.reachable == (here, there)
+    only_local = categorize_endpoints([here, there], "n1", uses_cluster=False, uses_local=True)
+    assert only_local.reachable == (here,) and only_local.has_any
+
+
+def test_local_policy_falls_back_to_local_terminating_endpoints() -> None:
+    leaving = Endpoint("10.0.0.1", 80, node_name="n1", ready=False, terminating=True)
+    remote = Endpoint("10.0.0.2", 80, node_name="n2")
+    cats = categorize_endpoints([leaving, remote], "n1", uses_local=True)
+    assert cats.local == (leaving,) and cats.cluster == (remote,)
+
+
+def test_zone_hints_narrow_cluster_endpoints_only_when_all_ready_endpoints_have_them() -> None:
+    a = Endpoint("10.0.0.1", 80, zone_hints=("z1",))
+    b = Endpoint("10.0.0.2", 80, zone_hints=("z2",))
+    unhinted = Endpoint("10.0.0.3", 80)
+    assert categorize_endpoints([a, b], "n1", zone="z1").cluster == (a,)
+    assert categorize_endpoints([a, b, unhinted], "n1", zone="z1").cluster == (a, b, unhinted)
+    # No endpoint hinted for this node's zone: hints are ignored.
+    assert categorize_endpoints([a, b], "n1", zone="z3").cluster == (a, b)
+
+
+def test_node_hints_win_over_zone_hints() -> None:
+    a = Endpoint("10.0.0.1", 80, zone_hints=("z1",), node_hints=("n1",))
+    b = Endpoint("10.0.0.2", 80, zone_hints=("z1",), node_hints=("n2",))
+    assert categorize_endpoints([a, b], "n1", zone="z1").cluster == (a,)
 
 
 def test_changes_name_the_services_touched() -> None:

@@ -180,7 +180,9 @@ class IptablesDataplane:
             m = r.create_match(match.name)
             for opt in match.opts:
                 m.set_parameter(opt.name, ("!" if opt.invert else "") + opt.value)
-        if rule.target is not None:
+        if rule.target is None:
+            r.create_target("")  # the empty standard target: count and fall through
+        else:
             t = r.create_target(rule.target.name, goto=rule.target.goto)
             for opt in rule.target.opts:
                 t.set_parameter(opt.name, ("!" if opt.invert else "") + opt.value)

@@ -22,6 +22,12 @@ class ProxyConfig:
     masquerade_bit: int = 14
     sync_period: float = 30.0
     min_sync_period: float = 1.0
+    localhost_nodeports: bool = True
+    # CIDRs and the keyword `primary`; empty means every local address.
+    node_port_addresses: tuple[str, ...] = ()
+    detect_local_mode: str = "ClusterCIDR"
+    bridge_interface: str = ""
+    interface_name_prefix: str = ""
 
     @property
     def masquerade_mark(self) -> str:
@@ -34,8 +40,19 @@ class ProxyConfig:
 
 
 # Fields kproxy reads. Everything else in a KubeProxyConfiguration is reported as ignored.
-_TOP_LEVEL = {"apiVersion", "kind", "clusterCIDR", "hostnameOverride", "mode", "iptables"}
-_IPTABLES = {"masqueradeAll", "masqueradeBit", "syncPeriod", "minSyncPeriod"}
+_TOP_LEVEL = {
+    "apiVersion",
+    "kind",
+    "clusterCIDR",
+    "hostnameOverride",
+    "mode",
+    "iptables",
+    "nodePortAddresses",
+    "detectLocalMode",
+    "detectLocal",
+}
+_IPTABLES = {"masqueradeAll", "masqueradeBit", "syncPeriod", "minSyncPeriod", "localhostNodePorts"}
+DETECT_LOCAL_MODES = ("ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix")
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s|us|µs|ns)")
 _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
@@ -119,6 +136,50 @@ def parse_config(doc: Mapping[str, Any]) -> tuple[ProxyConfig, list[str]]:
         cfg = replace(
             cfg, min_sync_period=parse_duration(ipt["minSyncPeriod"], "iptables.minSyncPeriod")
         )
+    if ipt.get("localhostNodePorts") is not None:
+        cfg = replace(
+            cfg,
+            localhost_nodeports=_parse_bool(
+                ipt["localhostNodePorts"], "iptables.localhostNodePorts"
+            ),
+        )
+    if doc.get("nodePortAddresses"):
+        cfg = replace(cfg, node_port_addresses=_parse_node_port_addresses(doc["nodePortAddresses"]))
+    cfg = _parse_detect_local(doc, cfg)
     warnings.extend(f"{key}" for key in sorted(set(doc) - _TOP_LEVEL))
     warnings.extend(f"iptables.{key}" for key in sorted(set(ipt) - _IPTABLES))
     return cfg, warnings
+
+
+def _parse_node_port_addresses(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError("config field nodePortAddresses: expected a list of CIDRs or 'primary'")
+    result = []
+    for i, item in enumerate(value):
+        if item == "primary":
+            result.append("primary")
+        else:
+            result.extend(_parse_cidrs(item, f"nodePortAddresses[{i}]"))
+    return tuple(result)
+
+
+def _parse_detect_local(doc: Mapping[str, Any], cfg: ProxyConfig) -> ProxyConfig:
+    mode = doc.get("detectLocalMode") or "ClusterCIDR"
+    if mode not in DETECT_LOCAL_MODES:
+        raise ConfigError(
+            f"config field detectLocalMode: {mode!r} is not one of {', '.join(DETECT_LOCAL_MODES)}"
+        )
+    detect = doc.get("detectLocal") or {}
+    if not isinstance(detect, Mapping):
+        raise ConfigError("config field detectLocal: expected a mapping")
+    bridge = str(detect.get("bridgeInterface") or "")
+    prefix = str(detect.get("interfaceNamePrefix") or "")
+    if mode == "BridgeInterface" and not bridge:
+        raise ConfigError("config field detectLocal.bridgeInterface: required by BridgeInterface")
+    if mode == "InterfaceNamePrefix" and not prefix:
+        raise ConfigError(
+            "config field detectLocal.interfaceNamePrefix: required by InterfaceNamePrefix"
+        )
+    return replace(
+        cfg, detect_local_mode=mode, bridge_interface=bridge, interface_name_prefix=prefix
+    )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kproxy.errors import InvalidObjectError
@@ -108,6 +108,40 @@ def _affinity_seconds(spec: Mapping[str, Any], ref: str) -> int | None:
     return seconds
 
 
+def _ip_list(values: Any, ref: str, field: str) -> tuple[str, ...]:
+    if values is None:
+        return ()
+    if not isinstance(values, Sequence) or isinstance(values, str):
+        raise InvalidObjectError(ref, field, "must be a list")
+    return tuple(_ip(v, ref, f"{field}[{i}]") for i, v in enumerate(values))
+
+
+def _source_ranges(spec: Mapping[str, Any], ref: str) -> tuple[str, ...]:
+    ranges = []
+    for i, value in enumerate(spec.get("loadBalancerSourceRanges") or []):
+        try:
+            ranges.append(str(ipaddress.ip_network(str(value).strip(), strict=False)))
+        except ValueError:
+            raise InvalidObjectError(
+                ref, f"spec.loadBalancerSourceRanges[{i}]", f"{value!r} is not a CIDR"
+            ) from None
+    return tuple(ranges)
+
+
+def _load_balancer_ips(obj: Mapping[str, Any], ref: str) -> tuple[str, ...]:
+    """Ingress IPs a VIP-mode load balancer sends to the node; `ipMode: Proxy` ones are the load
+    balancer's own business and are skipped, as upstream does."""
+    ingress = ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+    ips = []
+    for i, entry in enumerate(ingress):
+        if not isinstance(entry, Mapping) or not entry.get("ip"):
+            continue
+        if entry.get("ipMode", "VIP") != "VIP":
+            continue
+        ips.append(_ip(entry["ip"], ref, f"status.loadBalancer.ingress[{i}].ip"))
+    return tuple(ips)
+
+
 def build_service_ports(obj: Mapping[str, Any]) -> list[ServicePort]:
     """The ServicePorts of a Service; empty for services kube-proxy does not proxy (headless,
     ExternalName, labelled for another proxy)."""
@@ -116,12 +150,34 @@ def build_service_ports(obj: Mapping[str, Any]) -> list[ServicePort]:
     spec = obj.get("spec")
     if not isinstance(spec, Mapping):
         raise InvalidObjectError(ref, "spec", "missing")
-    if not is_proxied(obj) or spec.get("type") == "ExternalName":
+    svc_type = spec.get("type") or "ClusterIP"
+    if not is_proxied(obj) or svc_type == "ExternalName":
         return []
     cluster_ips = _cluster_ips(spec, ref)
     if not cluster_ips:
         return []
     affinity = _affinity_seconds(spec, ref)
+    external_ips = _ip_list(spec.get("externalIPs"), ref, "spec.externalIPs")
+    # Upstream's ExternallyAccessible: only these types take external traffic policy.
+    externally_accessible = svc_type in ("LoadBalancer", "NodePort") or bool(external_ips)
+    etp_local = externally_accessible and spec.get("externalTrafficPolicy") == "Local"
+    health_check_port = 0
+    if svc_type == "LoadBalancer" and etp_local:
+        health_check_port = _port(
+            spec.get("healthCheckNodePort", 0), ref, "spec.healthCheckNodePort", True
+        )
+    shared = ServicePort(
+        name=ServicePortName(name, "", Protocol.TCP),
+        cluster_ips=cluster_ips,
+        port=0,
+        session_affinity_seconds=affinity,
+        external_ips=external_ips,
+        load_balancer_ips=_load_balancer_ips(obj, ref),
+        load_balancer_source_ranges=_source_ranges(spec, ref),
+        external_policy_local=etp_local,
+        internal_policy_local=spec.get("internalTrafficPolicy") == "Local",
+        health_check_node_port=health_check_port,
+    )
     ports = spec.get("ports") or []
     if not isinstance(ports, Sequence):
         raise InvalidObjectError(ref, "spec.ports", "must be a list")
@@ -130,15 +186,12 @@ def build_service_ports(obj: Mapping[str, Any]) -> list[ServicePort]:
         if not isinstance(p, Mapping):
             raise InvalidObjectError(ref, f"spec.ports[{i}]", "must be a mapping")
         protocol = _protocol(p.get("protocol"), ref, f"spec.ports[{i}].protocol")
-        port = _port(p.get("port"), ref, f"spec.ports[{i}].port")
-        spn = ServicePortName(name, str(p.get("name") or ""), protocol)
         result.append(
-            ServicePort(
-                name=spn,
-                cluster_ips=cluster_ips,
-                port=port,
+            replace(
+                shared,
+                name=ServicePortName(name, str(p.get("name") or ""), protocol),
+                port=_port(p.get("port"), ref, f"spec.ports[{i}].port"),
                 node_port=_port(p.get("nodePort", 0), ref, f"spec.ports[{i}].nodePort", True),
-                session_affinity_seconds=affinity,
             )
         )
     return result
@@ -221,4 +274,13 @@ def build_node(obj: Mapping[str, Any]) -> NodeInfo:
             raise InvalidObjectError(
                 ref, f"spec.podCIDRs[{i}]", f"{cidr!r} is not a CIDR"
             ) from None
-    return NodeInfo(name=key.name, labels=dict(labels), pod_cidrs=tuple(str(c) for c in cidrs))
+    primary = []
+    for i, addr in enumerate((obj.get("status") or {}).get("addresses") or []):
+        if isinstance(addr, Mapping) and addr.get("type") == "InternalIP":
+            primary.append(_ip(addr.get("address"), ref, f"status.addresses[{i}].address"))
+    return NodeInfo(
+        name=key.name,
+        labels=dict(labels),
+        pod_cidrs=tuple(str(c) for c in cidrs),
+        primary_ips=tuple(primary),
+    )

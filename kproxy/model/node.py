@@ -1,4 +1,4 @@
-"""The node kproxy runs on."""
+"""The node kproxy runs on: what the Node object says, and what its network namespace holds."""
 
 from __future__ import annotations
 
@@ -12,6 +12,11 @@ class NodeInfo:
     name: str
     labels: dict[str, str] = field(default_factory=dict, hash=False, compare=True)
     pod_cidrs: tuple[str, ...] = ()
+    # The Node object's InternalIP addresses (`nodePortAddresses: [primary]`).
+    primary_ips: tuple[str, ...] = ()
+    # Facts read from the node's own network namespace, not from the API.
+    local_addresses: tuple[str, ...] = ()
+    tcp_be_liberal: bool = False
 
     @property
     def zone(self) -> str:

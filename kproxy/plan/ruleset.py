@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import ServicePort, ServicePortName
-from kproxy.plan import naming
-from kproxy.plan.endpoints import categorize_endpoints
+from kproxy.plan.local_traffic import build_local_detector
+from kproxy.plan.service_rules import PlanContext, SharedChains, of_family, plan_service_port
 from kproxy.rules import fragments as f
 from kproxy.rules.ir import Chain, JumpRule, Match, Rule, Ruleset, Table
 
@@ -23,20 +22,24 @@ LARGE_CLUSTER_ENDPOINTS = 1000
 NODEPORTS_TAIL_COMMENT = (
     "kubernetes service nodeports; NOTE: this must be the last rule in this chain"
 )
+LOOPBACK = {4: "127.0.0.0/8", 6: "::1/128"}
 
 
-def _jump(chain: str, target: str, text: str, *extra: Match) -> JumpRule:
-    return JumpRule(chain, Rule(matches=(*extra, f.comment(text)), target=f.jump(target)))
+def _jump(chain: str, target: str, text: str | None, *extra: Match) -> JumpRule:
+    comment = (f.comment(text),) if text else ()
+    return JumpRule(chain, Rule(matches=(*extra, *comment), target=f.jump(target)))
 
 
-def _jump_rules() -> tuple[tuple[JumpRule, ...], tuple[JumpRule, ...]]:
+def _jump_rules(
+    family: int, config: ProxyConfig
+) -> tuple[tuple[JumpRule, ...], tuple[JumpRule, ...]]:
     """(filter, nat) jumps from built-in chains, in upstream's order; each is inserted at the top
     of its chain, so within a chain the last listed ends up first."""
     new = f.ctstate("NEW")
     portals = "kubernetes service portals"
     external = "kubernetes externally-visible service portals"
     firewall = "kubernetes load balancer firewall"
-    filter_jumps = (
+    filter_jumps = [
         _jump("INPUT", "KUBE-EXTERNAL-SERVICES", external, new),
         _jump("FORWARD", "KUBE-EXTERNAL-SERVICES", external, new),
         _jump("INPUT", "KUBE-NODEPORTS", "kubernetes health check service ports"),
@@ -46,139 +49,77 @@ def _jump_rules() -> tuple[tuple[JumpRule, ...], tuple[JumpRule, ...]]:
         _jump("INPUT", "KUBE-PROXY-FIREWALL", firewall, new),
         _jump("OUTPUT", "KUBE-PROXY-FIREWALL", firewall, new),
         _jump("FORWARD", "KUBE-PROXY-FIREWALL", firewall, new),
-    )
+    ]
+    if _localhost_nodeports(family, config):
+        filter_jumps += [
+            _jump("INPUT", "KUBE-FIREWALL", None),
+            _jump("OUTPUT", "KUBE-FIREWALL", None),
+        ]
     nat_jumps = (
         _jump("OUTPUT", "KUBE-SERVICES", portals),
         _jump("PREROUTING", "KUBE-SERVICES", portals),
         _jump("POSTROUTING", "KUBE-POSTROUTING", "kubernetes postrouting rules"),
     )
-    return filter_jumps, nat_jumps
+    return tuple(filter_jumps), nat_jumps
 
 
-@dataclass
-class _Builder:
-    """Accumulates chains while service ports are planned one by one."""
+def _localhost_nodeports(family: int, config: ProxyConfig) -> bool:
+    return family == 4 and config.localhost_nodeports
 
-    family: int
-    config: ProxyConfig
-    node_name: str
-    large_cluster: bool
-    nat_services: list[Rule] = field(default_factory=list)
-    filter_services: list[Rule] = field(default_factory=list)
-    service_chains: list[Chain] = field(default_factory=list)
 
-    def local_cidrs(self) -> list[str]:
+def node_ports_match_all(config: ProxyConfig, family: int) -> bool:
+    """NodePorts answer on every local address: no nodePortAddresses, or a zero CIDR."""
+    addresses = config.node_port_addresses
+    zero = "0.0.0.0/0" if family == 4 else "::/0"
+    return not addresses or zero in addresses
+
+
+def needs_route_localnet(config: ProxyConfig) -> bool:
+    """IPv4 NodePorts on 127.0.0.1 need net.ipv4.conf.all.route_localnet=1."""
+    if not config.localhost_nodeports:
+        return False
+    if node_ports_match_all(config, 4):
+        return True
+    loopback = ipaddress.ip_network(LOOPBACK[4])
+    return any(
+        a != "primary" and ipaddress.ip_network(a).overlaps(loopback)
+        for a in config.node_port_addresses
+    )
+
+
+def node_port_ips(config: ProxyConfig, node: NodeInfo, family: int) -> list[str]:
+    """The local addresses NodePorts answer on when nodePortAddresses narrows them."""
+    cidrs = [ipaddress.ip_network(a) for a in config.node_port_addresses if a != "primary"]
+    chosen = {
+        ip
+        for ip in of_family(node.local_addresses, family)
+        if any(ipaddress.ip_address(ip) in c for c in cidrs)
+    }
+    if "primary" in config.node_port_addresses:
+        chosen.update(of_family(node.primary_ips, family))
+    return sorted(chosen, key=ipaddress.ip_address)
+
+
+def _nodeports_tail(config: ProxyConfig, node: NodeInfo, family: int) -> list[Rule]:
+    """The last rules of nat KUBE-SERVICES: which destinations are NodePort addresses."""
+    text = f.comment(NODEPORTS_TAIL_COMMENT)
+    target = f.jump("KUBE-NODEPORTS")
+    if node_ports_match_all(config, family):
+        exclude_loopback = family == 6 or not config.localhost_nodeports
         return [
-            c for c in self.config.cluster_cidrs if ipaddress.ip_network(c).version == self.family
-        ]
-
-    def add_service_port(self, sp: ServicePort, endpoints: tuple[Endpoint, ...]) -> None:
-        cluster_ip = next(
-            (ip for ip in sp.cluster_ips if ipaddress.ip_address(ip).version == self.family), None
-        )
-        if cluster_ip is None:
-            return
-        eps = tuple(ep for ep in endpoints if ep.family == self.family)
-        cats = categorize_endpoints(eps, self.node_name)
-        spn = sp.name
-        proto = spn.protocol.lower
-        dst = f.cidr(cluster_ip)
-        vip_match = f.protocol_match(proto, sp.port)
-        if not cats.has_any:
-            self.filter_services.append(
-                Rule(
-                    dst=dst,
-                    protocol=proto,
-                    matches=(f.comment(f"{spn} has no endpoints"), vip_match),
-                    target=f.reject(self.family),
-                )
-            )
-            return
-        svc_chain = naming.service_chain(spn)
-        cluster_ip_comment = f.comment(f"{spn} cluster IP")
-        self.nat_services.append(
             Rule(
-                dst=dst,
-                protocol=proto,
-                matches=(cluster_ip_comment, vip_match),
-                target=f.jump(svc_chain),
+                dst=LOOPBACK[family] if exclude_loopback else None,
+                dst_invert=exclude_loopback,
+                matches=(text, f.addrtype(dst_type="LOCAL")),
+                target=target,
             )
-        )
-        svc_rules: list[Rule] = []
-        masq_source = self._clusterip_masquerade_source()
-        if masq_source is not None:
-            src, invert = masq_source
-            svc_rules.append(
-                Rule(
-                    src=src,
-                    src_invert=invert,
-                    dst=dst,
-                    protocol=proto,
-                    matches=(cluster_ip_comment, vip_match),
-                    target=f.jump("KUBE-MARK-MASQ"),
-                )
-            )
-        svc_rules.extend(self._balance(spn, cats.cluster, sp.session_affinity_seconds))
-        self.service_chains.append(Chain(svc_chain, tuple(svc_rules)))
-        for ep in cats.reachable:
-            self.service_chains.append(self._endpoint_chain(sp, ep))
-
-    def _clusterip_masquerade_source(self) -> tuple[str | None, bool] | None:
-        """(source, inverted) for the ClusterIP masquerade rule, or None for no such rule."""
-        if self.config.masquerade_all:
-            return None, False
-        cidrs = self.local_cidrs()
-        if cidrs:
-            return cidrs[0], True
-        return None
-
-    def _endpoint_comment(self, text: str) -> tuple[Match, ...]:
-        return () if self.large_cluster else (f.comment(text),)
-
-    def _balance(
-        self, spn: ServicePortName, endpoints: tuple[Endpoint, ...], affinity: int | None
-    ) -> list[Rule]:
-        """Affinity checks, then one probability rule per endpoint, the last unconditional."""
-        rules = []
-        chains = [naming.endpoint_chain(spn, ep) for ep in endpoints]
-        if affinity is not None:
-            for ep, sep in zip(endpoints, chains, strict=True):
-                rules.append(
-                    Rule(
-                        matches=(
-                            *self._endpoint_comment(f"{spn} -> {ep}"),
-                            f.recent_check(sep, affinity, self.family),
-                        ),
-                        target=f.jump(sep),
-                    )
-                )
-        n = len(endpoints)
-        for i, (ep, sep) in enumerate(zip(endpoints, chains, strict=True)):
-            stat = (f.statistic(n - i),) if i < n - 1 else ()
-            rules.append(
-                Rule(matches=(*self._endpoint_comment(f"{spn} -> {ep}"), *stat), target=f.jump(sep))
-            )
-        return rules
-
-    def _endpoint_chain(self, sp: ServicePort, ep: Endpoint) -> Chain:
-        spn = sp.name
-        sep = naming.endpoint_chain(spn, ep)
-        proto = spn.protocol.lower
-        text = self._endpoint_comment(str(spn))
-        affinity = (
-            (f.recent_set(sep, self.family),) if sp.session_affinity_seconds is not None else ()
-        )
-        return Chain(
-            sep,
-            (
-                Rule(src=f.cidr(ep.ip), matches=text, target=f.jump("KUBE-MARK-MASQ")),
-                Rule(
-                    protocol=proto,
-                    matches=(*text, *affinity, f.protocol_match(proto)),
-                    target=f.dnat(str(ep)),
-                ),
-            ),
-        )
+        ]
+    rules = []
+    for ip in node_port_ips(config, node, family):
+        if ipaddress.ip_address(ip).is_loopback and not _localhost_nodeports(family, config):
+            continue  # localhost NodePorts never work on IPv6, and are off for IPv4 here
+        rules.append(Rule(dst=f.cidr(ip), matches=(text,), target=target))
+    return rules
 
 
 def _static_nat_chains(config: ProxyConfig) -> list[Chain]:
@@ -196,15 +137,16 @@ def _static_nat_chains(config: ProxyConfig) -> list[Chain]:
                 ),
             ),
         ),
-        Chain("KUBE-NODEPORTS"),
     ]
 
 
-def _forward_chain(config: ProxyConfig) -> Chain:
+def _forward_chain(config: ProxyConfig, node: NodeInfo) -> Chain:
+    # With nf_conntrack_tcp_be_liberal set, INVALID packets are the admin's choice to keep.
+    invalid = () if node.tcp_be_liberal else (Rule(matches=(f.ctstate("INVALID"),), target=f.DROP),)
     return Chain(
         "KUBE-FORWARD",
         (
-            Rule(matches=(f.ctstate("INVALID"),), target=f.DROP),
+            *invalid,
             Rule(
                 matches=(f.comment("kubernetes forwarding rules"), f.mark(config.masquerade_mark)),
                 target=f.ACCEPT,
@@ -220,6 +162,25 @@ def _forward_chain(config: ProxyConfig) -> Chain:
     )
 
 
+def _localnet_firewall() -> Chain:
+    """Kubelet's martian guard for route_localnet (CVE-2020-8558), which kube-proxy also writes."""
+    return Chain(
+        "KUBE-FIREWALL",
+        (
+            Rule(
+                src=LOOPBACK[4],
+                src_invert=True,
+                dst=LOOPBACK[4],
+                matches=(
+                    f.comment("block incoming localnet connections"),
+                    f.ctstate("RELATED,ESTABLISHED,DNAT", invert=True),
+                ),
+                target=f.DROP,
+            ),
+        ),
+    )
+
+
 def build_ruleset(
     services: Mapping[ServicePortName, ServicePort],
     endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]],
@@ -229,37 +190,42 @@ def build_ruleset(
 ) -> Ruleset:
     """The complete kproxy-owned ruleset for one family. Pure: same input, same output."""
     total_endpoints = sum(len(endpoints.get(spn, ())) for spn in services)
-    builder = _Builder(
+    node_ips = of_family(node.primary_ips, family) or tuple(
+        ip
+        for ip in of_family(node.local_addresses, family)
+        if not ipaddress.ip_address(ip).is_loopback
+    )
+    ctx = PlanContext(
         family=family,
         config=config,
         node_name=node.name,
+        zone=node.zone,
+        detector=build_local_detector(config, node, family),
         large_cluster=total_endpoints > LARGE_CLUSTER_ENDPOINTS,
+        node_ip=node_ips[0] if node_ips else None,
     )
+    out = SharedChains()
     for spn in sorted(services):
-        builder.add_service_port(services[spn], endpoints.get(spn, ()))
-    nodeports_tail = Rule(
-        matches=(f.comment(NODEPORTS_TAIL_COMMENT), f.addrtype(dst_type="LOCAL")),
-        target=f.jump("KUBE-NODEPORTS"),
-    )
-    filter_jumps, nat_jumps = _jump_rules()
+        plan_service_port(ctx, services[spn], endpoints.get(spn, ()), out)
+    filter_jumps, nat_jumps = _jump_rules(family, config)
     nat = Table(
         "nat",
         chains=(
-            Chain("KUBE-SERVICES", (*builder.nat_services, nodeports_tail)),
+            Chain("KUBE-SERVICES", (*out.nat_services, *_nodeports_tail(config, node, family))),
+            Chain("KUBE-NODEPORTS", tuple(out.nat_nodeports)),
             *_static_nat_chains(config),
-            *builder.service_chains,
+            *out.service_chains,
         ),
         jumps=nat_jumps,
     )
-    filter_table = Table(
-        "filter",
-        chains=(
-            Chain("KUBE-SERVICES", tuple(builder.filter_services)),
-            Chain("KUBE-EXTERNAL-SERVICES"),
-            _forward_chain(config),
-            Chain("KUBE-NODEPORTS"),
-            Chain("KUBE-PROXY-FIREWALL"),
-        ),
-        jumps=filter_jumps,
-    )
+    filter_chains = [
+        Chain("KUBE-SERVICES", tuple(out.filter_services)),
+        Chain("KUBE-EXTERNAL-SERVICES", tuple(out.filter_external)),
+        _forward_chain(config, node),
+        Chain("KUBE-NODEPORTS", tuple(out.filter_nodeports)),
+        Chain("KUBE-PROXY-FIREWALL", tuple(out.filter_firewall)),
+    ]
+    if _localhost_nodeports(family, config):
+        filter_chains.append(_localnet_firewall())
+    filter_table = Table("filter", chains=tuple(filter_chains), jumps=filter_jumps)
     return Ruleset(family=family, tables=(filter_table, nat))

@@ -69,17 +69,16 @@ def render_rule(chain: str, rule: Rule) -> str:
 
 
 def render_table(table: Table) -> str:
-    """A table as iptables-save prints it: chain declarations sorted by name, then the jump rules
-    in built-in chains, then each chain's rules. Accepted by `iptables-legacy-restore`."""
+    """A table as iptables-save prints it once applied to a node: chain declarations sorted by
+    name, then the jump rules in built-in chains, then each chain's rules. Accepted by
+    `iptables-legacy-restore`."""
     lines = [f"*{table.name}"]
     chains = sorted(table.chains, key=lambda c: c.name)
     lines.extend(f":{c.name} - [0:0]" for c in chains)
-    builtin_order = BUILTIN_CHAINS.get(table.name, ())
-    jumps = sorted(
-        table.jumps,
-        key=lambda j: builtin_order.index(j.chain) if j.chain in builtin_order else 99,
-    )
-    lines.extend(render_rule(j.chain, j.rule) for j in jumps)
+    # Each jump is inserted at the top of its chain, so the kernel holds them in reverse order.
+    for builtin in BUILTIN_CHAINS.get(table.name, ()):
+        jumps = [j for j in table.jumps if j.chain == builtin]
+        lines.extend(render_rule(j.chain, j.rule) for j in reversed(jumps))
     for chain in chains:
         lines.extend(render_rule(chain.name, rule) for rule in chain.rules)
     lines.append("COMMIT")

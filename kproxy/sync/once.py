@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from kproxy.dataplane.base import ApplyResult, Dataplane
@@ -68,14 +68,16 @@ def sync_once(
     state: ClusterState,
     node: NodeInfo,
     config: ProxyConfig,
-    dataplane: Dataplane,
-    family: int = 4,
+    dataplanes: Mapping[int, Dataplane],
 ) -> SyncReport:
+    """Plan and apply every family; IPv4 and IPv6 are separate rulesets and commits."""
     started = time.monotonic()
     services = state.services_map()
     endpoints = state.endpoints_map()
-    ruleset = build_ruleset(services, endpoints, node, config, family)
-    result = dataplane.apply(ruleset)
+    result = ApplyResult()
+    for family, dataplane in sorted(dataplanes.items()):
+        ruleset = build_ruleset(services, endpoints, node, config, family)
+        result.tables.extend(dataplane.apply(ruleset).tables)
     return SyncReport(
         services=len({spn.service for spn in services}),
         service_ports=len(services),

@@ -1,0 +1,326 @@
+"""The rules of one service port, for one address family, as upstream's iptables proxier writes
+them: entry rules in the shared chains (KUBE-SERVICES, KUBE-NODEPORTS and the filter chains) and
+the service's own chains (KUBE-SVC/SVL/EXT/FW and one KUBE-SEP per endpoint)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from kproxy.model.config import ProxyConfig
+from kproxy.model.endpoint import Endpoint
+from kproxy.model.service import ServicePort, ServicePortName
+from kproxy.plan import naming
+from kproxy.plan.endpoints import categorize_endpoints
+from kproxy.plan.local_traffic import LocalDetector
+from kproxy.rules import fragments as f
+from kproxy.rules.ir import Chain, Match, Rule, Target
+
+ZERO_CIDRS = ("0.0.0.0/0", "::/0")
+
+
+@dataclass(frozen=True, slots=True)
+class PlanContext:
+    """What every service port's rules depend on besides the port itself."""
+
+    family: int
+    config: ProxyConfig
+    node_name: str
+    zone: str
+    detector: LocalDetector
+    large_cluster: bool
+    node_ip: str | None  # this family's primary node IP, for loadBalancerSourceRanges
+
+
+@dataclass
+class SharedChains:
+    """Rules accumulated for the chains all services share, plus the per-service chains."""
+
+    nat_services: list[Rule] = field(default_factory=list)
+    nat_nodeports: list[Rule] = field(default_factory=list)
+    filter_services: list[Rule] = field(default_factory=list)
+    filter_external: list[Rule] = field(default_factory=list)
+    filter_nodeports: list[Rule] = field(default_factory=list)
+    filter_firewall: list[Rule] = field(default_factory=list)
+    service_chains: list[Chain] = field(default_factory=list)
+    no_local_internal: int = 0
+    no_local_external: int = 0
+
+
+def of_family(addresses: tuple[str, ...], family: int) -> tuple[str, ...]:
+    return tuple(a for a in addresses if ipaddress.ip_network(a, strict=False).version == family)
+
+
+@dataclass(frozen=True, slots=True)
+class _Port:
+    """One service port seen from one family: its addresses and chain names."""
+
+    sp: ServicePort
+    family: int
+    cluster_ip: str
+    external_ips: tuple[str, ...]
+    lb_ips: tuple[str, ...]
+    source_ranges: tuple[str, ...]
+
+    @property
+    def spn(self) -> ServicePortName:
+        return self.sp.name
+
+    @property
+    def proto(self) -> str:
+        return self.sp.protocol.lower
+
+    @property
+    def externally_accessible(self) -> bool:
+        return self.sp.node_port != 0 or bool(self.lb_ips) or bool(self.external_ips)
+
+    def to(self, address: str, text: str, target: Target, port: int | None = None) -> Rule:
+        """`-d address -p proto -m comment -m proto --dport port -j target`."""
+        return Rule(
+            dst=f.cidr(address),
+            protocol=self.proto,
+            matches=(f.comment(text), f.protocol_match(self.proto, port or self.sp.port)),
+            target=target,
+        )
+
+
+def _port_view(sp: ServicePort, family: int) -> _Port | None:
+    cluster_ips = of_family(sp.cluster_ips, family)
+    if not cluster_ips:
+        return None
+    ranges = of_family(sp.load_balancer_source_ranges, family)
+    if any(r in ZERO_CIDRS for r in ranges):
+        ranges = ()  # an all-addresses range means no filtering
+    return _Port(
+        sp=sp,
+        family=family,
+        cluster_ip=cluster_ips[0],
+        external_ips=of_family(sp.external_ips, family),
+        lb_ips=of_family(sp.load_balancer_ips, family),
+        source_ranges=ranges,
+    )
+
+
+def plan_service_port(
+    ctx: PlanContext, sp: ServicePort, endpoints: tuple[Endpoint, ...], out: SharedChains
+) -> None:
+    """Add the rules of one service port to `out`."""
+    port = _port_view(sp, ctx.family)
+    if port is None:
+        return
+    itp_local, etp_local = sp.internal_policy_local, sp.external_policy_local
+    uses_cluster = not itp_local or port.externally_accessible
+    uses_local = itp_local or (etp_local and port.externally_accessible)
+    cats = categorize_endpoints(
+        [ep for ep in endpoints if ep.family == ctx.family],
+        ctx.node_name,
+        ctx.zone,
+        uses_cluster=uses_cluster,
+        uses_local=uses_local,
+    )
+    has_internal = cats.has_any and (not itp_local or bool(cats.local))
+    has_external = cats.has_any and (not etp_local or bool(cats.local))
+    if cats.has_any and not has_internal:
+        out.no_local_internal += 1
+    if cats.has_any and not has_external:
+        out.no_local_external += 1
+    internal_chain = (naming.local_service_chain if itp_local else naming.service_chain)(port.spn)
+    uses_fw = cats.has_any and bool(port.lb_ips) and bool(port.source_ranges)
+
+    _entry_rules(ctx, port, cats.has_any, has_internal, has_external, internal_chain, uses_fw, out)
+    masq = _clusterip_masquerade(ctx, port) if has_internal else None
+    if cats.has_any and port.externally_accessible:
+        out.service_chains.append(_external_chain(ctx, port, has_external))
+    if uses_fw:
+        out.service_chains.append(_firewall_chain(ctx, port))
+    for chain_name, eps, wanted in (
+        (naming.service_chain(port.spn), cats.cluster, uses_cluster),
+        (naming.local_service_chain(port.spn), cats.local, uses_local),
+    ):
+        if eps and wanted:
+            head = (masq,) if masq is not None and chain_name == internal_chain else ()
+            out.service_chains.append(Chain(chain_name, head + _balance(ctx, port, eps)))
+    out.service_chains.extend(_endpoint_chain(ctx, port, ep) for ep in cats.reachable)
+
+
+def _filter_verdict(ctx: PlanContext, spn: ServicePortName, has_any: bool) -> tuple[str, Target]:
+    if not has_any:
+        return f"{spn} has no endpoints", f.reject(ctx.family)
+    return f"{spn} has no local endpoints", f.DROP
+
+
+def _entry_rules(
+    ctx: PlanContext,
+    port: _Port,
+    has_any: bool,
+    has_internal: bool,
+    has_external: bool,
+    internal_chain: str,
+    uses_fw: bool,
+    out: SharedChains,
+) -> None:
+    """Rules in the shared chains that lead packets for this port's addresses into its chains,
+    or reject/drop them when there is nowhere to send them."""
+    spn = port.spn
+    verdict_text, verdict = _filter_verdict(ctx, spn, has_any)
+    ext_chain = naming.external_chain(spn)
+    if has_internal:
+        out.nat_services.append(
+            port.to(port.cluster_ip, f"{spn} cluster IP", f.jump(internal_chain))
+        )
+    else:
+        out.filter_services.append(port.to(port.cluster_ip, verdict_text, verdict))
+    for ip in port.external_ips:
+        if has_any:
+            out.nat_services.append(port.to(ip, f"{spn} external IP", f.jump(ext_chain)))
+        if not has_external:
+            out.filter_external.append(port.to(ip, verdict_text, verdict))
+    lb_chain = naming.firewall_chain(spn) if uses_fw else ext_chain
+    for ip in port.lb_ips:
+        if has_any:
+            out.nat_services.append(port.to(ip, f"{spn} loadbalancer IP", f.jump(lb_chain)))
+        if uses_fw:
+            text = f"{spn} traffic not accepted by {naming.firewall_chain(spn)}"
+            out.filter_firewall.append(port.to(ip, text, f.DROP))
+    if not has_external:
+        out.filter_external.extend(port.to(ip, verdict_text, verdict) for ip in port.lb_ips)
+    _node_port_rules(port, has_any, has_external, verdict_text, verdict, out)
+
+
+def _node_port_rules(
+    port: _Port,
+    has_any: bool,
+    has_external: bool,
+    verdict_text: str,
+    verdict: Target,
+    out: SharedChains,
+) -> None:
+    sp, proto = port.sp, port.proto
+    if sp.node_port:
+        if has_any:
+            out.nat_nodeports.append(
+                Rule(
+                    protocol=proto,
+                    matches=(f.comment(str(port.spn)), f.protocol_match(proto, sp.node_port)),
+                    target=f.jump(naming.external_chain(port.spn)),
+                )
+            )
+        if not has_external:
+            out.filter_external.append(
+                Rule(
+                    protocol=proto,
+                    matches=(
+                        f.comment(verdict_text),
+                        f.addrtype(dst_type="LOCAL"),
+                        f.protocol_match(proto, sp.node_port),
+                    ),
+                    target=verdict,
+                )
+            )
+    if sp.health_check_node_port:
+        out.filter_nodeports.append(
+            Rule(
+                protocol="tcp",
+                matches=(
+                    f.comment(f"{port.spn} health check node port"),
+                    f.protocol_match("tcp", sp.health_check_node_port),
+                ),
+                target=f.ACCEPT,
+            )
+        )
+
+
+def _clusterip_masquerade(ctx: PlanContext, port: _Port) -> Rule | None:
+    """First rule of the internal chain: masquerade everything (masqueradeAll) or what does not
+    come from pods (a local-traffic detector is configured); else none."""
+    rule = port.to(port.cluster_ip, f"{port.spn} cluster IP", f.jump("KUBE-MARK-MASQ"))
+    if ctx.config.masquerade_all:
+        return rule
+    if ctx.detector.implemented:
+        return ctx.detector.if_not_local(rule)
+    return None
+
+
+def _external_chain(ctx: PlanContext, port: _Port, has_external: bool) -> Chain:
+    """KUBE-EXT: masquerade (Cluster policy) or short-circuit pod and host traffic (Local)."""
+    spn = port.spn
+    svc = f.jump(naming.service_chain(spn))
+    mark = f.jump("KUBE-MARK-MASQ")
+    rules: list[Rule] = []
+    if not port.sp.external_policy_local:
+        text = f"masquerade traffic for {spn} external destinations"
+        rules.append(Rule(matches=(f.comment(text),), target=mark))
+    else:
+        if ctx.detector.implemented:
+            pod_text = f"pod traffic for {spn} external destinations"
+            rules.append(ctx.detector.if_local(Rule(matches=(f.comment(pod_text),), target=svc)))
+        src_local = f.addrtype(src_type="LOCAL")
+        masq_text = f"masquerade LOCAL traffic for {spn} external destinations"
+        route_text = f"route LOCAL traffic for {spn} external destinations"
+        rules.append(Rule(matches=(f.comment(masq_text), src_local), target=mark))
+        rules.append(Rule(matches=(f.comment(route_text), src_local), target=svc))
+    if has_external:
+        local = port.sp.external_policy_local
+        policy_chain = naming.local_service_chain(spn) if local else naming.service_chain(spn)
+        rules.append(Rule(target=f.jump(policy_chain)))
+    return Chain(naming.external_chain(spn), tuple(rules))
+
+
+def _firewall_chain(ctx: PlanContext, port: _Port) -> Chain:
+    """KUBE-FW: let allowed sources on to KUBE-EXT; the rest falls through, undNATed, to the
+    filter table's KUBE-PROXY-FIREWALL DROP."""
+    spn = port.spn
+    ext = f.jump(naming.external_chain(spn))
+    text = (f.comment(f"{spn} loadbalancer IP"),)
+    rules = [Rule(src=r, matches=text, target=ext) for r in port.source_ranges]
+    node_ip = ctx.node_ip
+    if node_ip is not None and any(
+        ipaddress.ip_address(node_ip) in ipaddress.ip_network(r) for r in port.source_ranges
+    ):
+        # A VIP bound on the node makes node-originated traffic carry the VIP as its source.
+        rules.extend(Rule(src=f.cidr(ip), matches=text, target=ext) for ip in port.lb_ips)
+    last = f"other traffic to {spn} will be dropped by KUBE-PROXY-FIREWALL"
+    rules.append(Rule(matches=(f.comment(last),)))
+    return Chain(naming.firewall_chain(spn), tuple(rules))
+
+
+def _endpoint_comment(ctx: PlanContext, text: str) -> tuple[Match, ...]:
+    return () if ctx.large_cluster else (f.comment(text),)
+
+
+def _balance(ctx: PlanContext, port: _Port, endpoints: tuple[Endpoint, ...]) -> tuple[Rule, ...]:
+    """Affinity checks, then one probability rule per endpoint, the last unconditional."""
+    spn, affinity = port.spn, port.sp.session_affinity_seconds
+    chains = [naming.endpoint_chain(spn, ep) for ep in endpoints]
+    rules = []
+    if affinity is not None:
+        for ep, sep in zip(endpoints, chains, strict=True):
+            check = f.recent_check(sep, affinity, ctx.family)
+            text = _endpoint_comment(ctx, f"{spn} -> {ep}")
+            rules.append(Rule(matches=(*text, check), target=f.jump(sep)))
+    n = len(endpoints)
+    for i, (ep, sep) in enumerate(zip(endpoints, chains, strict=True)):
+        stat = (f.statistic(n - i),) if i < n - 1 else ()
+        text = _endpoint_comment(ctx, f"{spn} -> {ep}")
+        rules.append(Rule(matches=(*text, *stat), target=f.jump(sep)))
+    return tuple(rules)
+
+
+def _endpoint_chain(ctx: PlanContext, port: _Port, ep: Endpoint) -> Chain:
+    """KUBE-SEP: masquerade hairpin traffic, remember the client for affinity, DNAT."""
+    sep = naming.endpoint_chain(port.spn, ep)
+    text = _endpoint_comment(ctx, str(port.spn))
+    affinity: tuple[Match, ...] = ()
+    if port.sp.session_affinity_seconds is not None:
+        affinity = (f.recent_set(sep, ctx.family),)
+    return Chain(
+        sep,
+        (
+            Rule(src=f.cidr(ep.ip), matches=text, target=f.jump("KUBE-MARK-MASQ")),
+            Rule(
+                protocol=port.proto,
+                matches=(*text, *affinity, f.protocol_match(port.proto)),
+                target=f.dnat(str(ep)),
+            ),
+        ),
+    )
