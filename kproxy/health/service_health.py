@@ -1,0 +1,117 @@
+"""Per-service health-check servers on `healthCheckNodePort` (type LoadBalancer with
+externalTrafficPolicy: Local): a cloud load balancer asks each node whether it has local
+endpoints, and sends traffic only to the nodes that answer 200.
+
+The answer is upstream's: JSON `{"service": {"namespace", "name"}, "localEndpoints": N,
+"serviceProxyHealthy": bool}`, header `X-Load-Balancing-Endpoint-Weight: N`, status 200 when N > 0
+and the proxy itself is healthy, else 503.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import structlog
+
+from kproxy.model.service import NamespacedName
+
+log = structlog.get_logger("kproxy.health")
+
+
+class _ServiceServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], owner: ServiceHealthServers, key: NamespacedName):
+        self.owner = owner
+        self.key = key
+        super().__init__(address, _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _ServiceServer
+
+    def do_GET(self) -> None:
+        key = self.server.key
+        count = self.server.owner.local_endpoints(key)
+        healthy = self.server.owner.proxy_healthy()
+        body = json.dumps(
+            {
+                "service": {"namespace": key.namespace, "name": key.name},
+                "localEndpoints": count,
+                "serviceProxyHealthy": healthy,
+            }
+        ).encode()
+        self.send_response(200 if count > 0 and healthy else 503)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("X-Load-Balancing-Endpoint-Weight", str(count))
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        return  # load balancers probe every few seconds; do not log each probe
+
+
+class ServiceHealthServers:
+    """One HTTP server per service with a health-check node port, on each listen address."""
+
+    def __init__(
+        self,
+        listen_addresses: tuple[str, ...] = ("0.0.0.0",),
+        proxy_healthy: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.listen_addresses = listen_addresses
+        self.proxy_healthy = proxy_healthy
+        self._servers: dict[NamespacedName, tuple[int, list[_ServiceServer]]] = {}
+        self._endpoints: dict[NamespacedName, int] = {}
+        self._lock = threading.Lock()
+
+    def local_endpoints(self, key: NamespacedName) -> int:
+        with self._lock:
+            return self._endpoints.get(key, 0)
+
+    def sync_endpoints(self, counts: Mapping[NamespacedName, int]) -> None:
+        """Local ready endpoint counts per service."""
+        with self._lock:
+            self._endpoints = dict(counts)
+
+    def sync_services(self, ports: Mapping[NamespacedName, int]) -> None:
+        """Start servers for new services or ports, stop those no longer wanted."""
+        for key in list(self._servers):
+            port, servers = self._servers[key]
+            if ports.get(key) != port:
+                self._stop(servers)
+                del self._servers[key]
+        for key, port in ports.items():
+            if key not in self._servers:
+                self._servers[key] = (port, self._start(key, port))
+
+    def _start(self, key: NamespacedName, port: int) -> list[_ServiceServer]:
+        servers = []
+        for address in self.listen_addresses:
+            try:
+                server = _ServiceServer((address, port), self, key)
+            except OSError as exc:
+                log.warning(
+                    "health_check_listen_failed", service=str(key), port=port, error=str(exc)
+                )
+                continue
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            servers.append(server)
+        return servers
+
+    @staticmethod
+    def _stop(servers: list[_ServiceServer]) -> None:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+
+    def close(self) -> None:
+        for _, servers in self._servers.values():
+            self._stop(servers)
+        self._servers.clear()
