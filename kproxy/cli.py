@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,7 +94,7 @@ def open_dataplanes(lock_timeout: float) -> Iterator[dict[int, Dataplane]]:
     """IPv4 in this process; IPv6, when the namespace has it, in a process of its own (see
     kproxy/dataplane/family_process.py for why one process cannot hold both)."""
     dataplanes: dict[int, Dataplane] = {4: IptablesDataplane(4, lock_timeout)}
-    v6 = FamilyProcess(6, lock_timeout) if ipv6_supported() else None
+    v6 = FamilyProcess(6, lock_timeout) if ipv6_supported() else None  # starts in the background
     if v6 is not None:
         dataplanes[6] = v6
     try:
@@ -151,13 +152,14 @@ def sync(
     hostname: str | None,
 ) -> None:
     """Program this network namespace's netfilter tables from manifests."""
+    started = time.monotonic()
     if not once:
         raise click.UsageError("sync needs --once (it programs the tables once and exits)")
     manifests = read_manifests(manifests_path)
     node, config = _node_and_config(manifests, config_path, hostname)
     state = state_from_manifests(manifests, _report_invalid)
-    prepare_host(config)
-    with open_dataplanes(lock_timeout) as dataplanes:
+    with open_dataplanes(lock_timeout) as dataplanes:  # refuses first when not root
+        prepare_host(config)
         report = sync_once(state, with_host_facts(node), config, dataplanes)
     log.info(
         "sync_completed",
@@ -166,7 +168,7 @@ def sync(
         chains_written=report.result.chains_written,
         seconds=round(report.seconds, 3),
     )
-    click.echo(report.summary())
+    click.echo(report.summary(time.monotonic() - started))
 
 
 @cli.command()

@@ -6,6 +6,7 @@ alone, and a second sync of the same state changes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kproxy.plan.naming import is_service_chain
@@ -26,6 +27,10 @@ TOP_LEVEL_CHAINS = frozenset(
         "KUBE-PROXY-CANARY",
     }
 )
+
+
+# Chains kproxy writes but never deletes: kubelet creates the same KUBE-FIREWALL and relies on it.
+SHARED_CHAINS = frozenset({"KUBE-FIREWALL"})
 
 
 def is_owned_chain(name: str) -> bool:
@@ -92,7 +97,9 @@ def plan_cleanup(current: SavedTable) -> TableChanges:
     builtins = BUILTIN_CHAINS.get(current.name, ())
     for chain in builtins:
         positions = [
-            i for i, line in enumerate(current.chains.get(chain, [])) if _jumps_to_owned(line)
+            i
+            for i, line in enumerate(current.chains.get(chain, []))
+            if _jumps_to(line, is_owned_chain)
         ]
         if positions:
             changes.remove_jumps[chain] = positions
@@ -100,26 +107,31 @@ def plan_cleanup(current: SavedTable) -> TableChanges:
     return changes
 
 
-def _jumps_to_owned(line: str) -> bool:
+def _jumps_to(line: str, wanted: Callable[[str], bool]) -> bool:
     words = line.split()
     for flag in ("-j", "-g"):
         if flag in words:
             i = words.index(flag)
-            if i + 1 < len(words) and is_owned_chain(words[i + 1]):
+            if i + 1 < len(words) and wanted(words[i + 1]):
                 return True
     return False
 
 
 def owned_part(current: SavedTable) -> SavedTable:
-    """Only what kproxy owns in a table: its chains, and its jump rules in built-in chains."""
+    """What kproxy writes in a table: its chains (shared ones included), and the jump rules to
+    them in built-in chains."""
     builtins = BUILTIN_CHAINS.get(current.name, ())
     part = SavedTable(current.name)
     for chain in builtins:
-        jumps = [line for line in current.chains.get(chain, []) if _jumps_to_owned(line)]
+        jumps = [line for line in current.chains.get(chain, []) if _jumps_to(line, _written)]
         if jumps:
             part.policies[chain] = current.policies.get(chain, "ACCEPT")
             part.chains[chain] = jumps
     for name in sorted(current.chains):
-        if name not in builtins and is_owned_chain(name):
+        if name not in builtins and _written(name):
             part.chains[name] = list(current.chains[name])
     return part
+
+
+def _written(name: str) -> bool:
+    return is_owned_chain(name) or name in SHARED_CHAINS

@@ -12,6 +12,7 @@ A freshly spawned process per family starts with an empty registry; IPv4 runs in
 from __future__ import annotations
 
 import multiprocessing
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -22,6 +23,13 @@ from kproxy.rules.saved import SavedTable
 
 
 def _serve(conn: Connection, family: int, lock_timeout: float) -> None:
+    try:
+        _serve_requests(conn, family, lock_timeout)
+    except (BrokenPipeError, EOFError, KeyboardInterrupt):
+        return  # the parent went away: nothing left to serve
+
+
+def _serve_requests(conn: Connection, family: int, lock_timeout: float) -> None:
     from kproxy.dataplane.iptables import IptablesDataplane
 
     try:
@@ -30,20 +38,18 @@ def _serve(conn: Connection, family: int, lock_timeout: float) -> None:
         conn.send(("error", str(exc)))
         return
     conn.send(("ready", None))
+    handlers: dict[str, Callable[[Any], object]] = {
+        "apply": dataplane.apply,
+        "cleanup": lambda _: dataplane.cleanup(),
+        "read": lambda _: dataplane.read(),
+    }
     while True:
-        try:
-            request, arg = conn.recv()
-        except EOFError:
+        request, arg = conn.recv()
+        handler = handlers.get(request)
+        if handler is None:
             return
         try:
-            if request == "apply":
-                conn.send(("ok", dataplane.apply(arg)))
-            elif request == "cleanup":
-                conn.send(("ok", dataplane.cleanup()))
-            elif request == "read":
-                conn.send(("ok", dataplane.read()))
-            else:
-                return
+            conn.send(("ok", handler(arg)))
         except KproxyError as exc:
             conn.send(("error", str(exc)))
 
@@ -59,7 +65,12 @@ class FamilyProcess:
         )
         self._process.start()
         child.close()
-        self._call_reply(self._receive())
+        self._started = False  # the child loads python-iptables while the caller goes on
+
+    def _ensure_started(self) -> None:
+        if not self._started:
+            self._call_reply(self._receive())
+            self._started = True
 
     def _receive(self) -> tuple[str, Any]:
         try:
@@ -76,6 +87,7 @@ class FamilyProcess:
         return value
 
     def _call(self, request: str, arg: Any = None) -> Any:
+        self._ensure_started()
         self._conn.send((request, arg))
         return self._call_reply(self._receive())
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 from kproxy.errors import InvalidObjectError
@@ -20,6 +21,8 @@ from kproxy.model.service import NamespacedName, Protocol, ServicePort, ServiceP
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 HEADLESS_LABEL = "service.kubernetes.io/headless"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
+AUTOSCALER_TAINT = "ToBeDeletedByClusterAutoscaler"
 DEFAULT_AFFINITY_SECONDS = 10800
 
 
@@ -39,6 +42,8 @@ class EndpointSliceInfo:
     address_type: str
     ports: tuple[EndpointSlicePort, ...]
     endpoints: tuple[Endpoint, ...]
+    # When the change behind this version of the slice happened (epoch seconds), if known.
+    trigger_time: float | None = field(default=None, compare=False)
 
 
 def object_ref(obj: Mapping[str, Any]) -> str:
@@ -259,7 +264,18 @@ def build_endpoint_slice(obj: Mapping[str, Any]) -> EndpointSliceInfo | None:
         address_type=str(address_type),
         ports=tuple(ports),
         endpoints=tuple(endpoints),
+        trigger_time=_trigger_time(obj),
     )
+
+
+def _trigger_time(obj: Mapping[str, Any]) -> float | None:
+    value = ((obj.get("metadata") or {}).get("annotations") or {}).get(TRIGGER_TIME_ANNOTATION)
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None  # a bad annotation only costs the latency metric
 
 
 def build_node(obj: Mapping[str, Any]) -> NodeInfo:
@@ -278,9 +294,14 @@ def build_node(obj: Mapping[str, Any]) -> NodeInfo:
     for i, addr in enumerate((obj.get("status") or {}).get("addresses") or []):
         if isinstance(addr, Mapping) and addr.get("type") == "InternalIP":
             primary.append(_ip(addr.get("address"), ref, f"status.addresses[{i}].address"))
+    taints = spec.get("taints") or []
+    draining = bool((obj.get("metadata") or {}).get("deletionTimestamp")) or any(
+        isinstance(t, Mapping) and t.get("key") == AUTOSCALER_TAINT for t in taints
+    )
     return NodeInfo(
         name=key.name,
         labels=dict(labels),
         pod_cidrs=tuple(str(c) for c in cidrs),
         primary_ips=tuple(primary),
+        draining=draining,
     )

@@ -14,6 +14,8 @@ class NodeInfo:
     pod_cidrs: tuple[str, ...] = ()
     # The Node object's InternalIP addresses (`nodePortAddresses: [primary]`).
     primary_ips: tuple[str, ...] = ()
+    # Being deleted, or marked for deletion by the cluster autoscaler: /healthz says 503.
+    draining: bool = False
     # Facts read from the node's own network namespace, not from the API.
     local_addresses: tuple[str, ...] = ()
     tcp_be_liberal: bool = False

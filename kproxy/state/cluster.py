@@ -23,6 +23,7 @@ class ClusterState:
         self._slices: dict[NamespacedName, EndpointSliceInfo] = {}
         self.node: NodeInfo | None = None
         self._changed: set[NamespacedName] = set()
+        self._trigger_times: list[float] = []
 
     def set_service(self, key: NamespacedName, ports: Iterable[ServicePort]) -> None:
         ports = tuple(ports)
@@ -41,6 +42,8 @@ class ClusterState:
             self._changed.add(info.service)
             if old is not None:
                 self._changed.add(old.service)
+            if info.trigger_time is not None:
+                self._trigger_times.append(info.trigger_time)
 
     def delete_slice(self, key: NamespacedName) -> None:
         old = self._slices.pop(key, None)
@@ -51,6 +54,17 @@ class ClusterState:
         """The services changed since the previous call."""
         changed, self._changed = self._changed, set()
         return changed
+
+    def take_trigger_times(self) -> list[float]:
+        """When the endpoint changes applied since the previous call happened, where known."""
+        times, self._trigger_times = self._trigger_times, []
+        return times
+
+    def service_keys(self) -> set[NamespacedName]:
+        return set(self._services)
+
+    def slice_keys(self) -> set[NamespacedName]:
+        return set(self._slices)
 
     def services_map(self) -> ServicesMap:
         return {sp.name: sp for ports in self._services.values() for sp in ports}

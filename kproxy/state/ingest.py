@@ -5,7 +5,7 @@ field) after removing whatever the state held for it, so the rest of the cluster
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from kproxy.errors import InvalidObjectError
@@ -56,3 +56,70 @@ def node_for(name: str, objects: list[dict[str, Any]]) -> NodeInfo:
         if object_key(obj).name == name:
             return build_node(obj)
     return NodeInfo(name=name)
+
+
+Mutation = Callable[[ClusterState], list[InvalidObjectError]]
+
+
+def _each(
+    objs: Iterable[Mapping[str, Any]], update: Callable[[ClusterState, Mapping[str, Any]], None]
+) -> Mutation:
+    def mutate(state: ClusterState) -> list[InvalidObjectError]:
+        errors = []
+        for obj in objs:
+            try:
+                update(state, obj)
+            except InvalidObjectError as exc:
+                errors.append(exc)
+        return errors
+
+    return mutate
+
+
+def upsert(kind: str, obj: Mapping[str, Any]) -> Mutation:
+    """Add or update one Service or EndpointSlice."""
+    return _each([obj], update_service if kind == "Service" else update_endpoint_slice)
+
+
+def remove(kind: str, obj: Mapping[str, Any]) -> Mutation:
+    key = object_key(obj)
+
+    def mutate(state: ClusterState) -> list[InvalidObjectError]:
+        if kind == "Service":
+            state.delete_service(key)
+        else:
+            state.delete_slice(key)
+        return []
+
+    return mutate
+
+
+def replace_all(kind: str, objs: list[Mapping[str, Any]]) -> Mutation:
+    """Make the state hold exactly these Services (or EndpointSlices): a (re)list."""
+    keys = {object_key(o) for o in objs}
+    apply_each = _each(objs, update_service if kind == "Service" else update_endpoint_slice)
+
+    def mutate(state: ClusterState) -> list[InvalidObjectError]:
+        if kind == "Service":
+            for key in state.service_keys() - keys:
+                state.delete_service(key)
+        else:
+            for key in state.slice_keys() - keys:
+                state.delete_slice(key)
+        return apply_each(state)
+
+    return mutate
+
+
+def set_node(name: str, objs: list[Mapping[str, Any]]) -> Mutation:
+    """The state's Node becomes the object named `name` among `objs` (or a bare one)."""
+
+    def mutate(state: ClusterState) -> list[InvalidObjectError]:
+        try:
+            state.node = node_for(name, [dict(o) for o in objs])
+        except InvalidObjectError as exc:
+            state.node = NodeInfo(name=name)
+            return [exc]
+        return []
+
+    return mutate

@@ -22,13 +22,15 @@ class SyncReport:
     services: int
     service_ports: int
     endpoints: int
+    addresses: int
     result: ApplyResult
     seconds: float
 
-    def summary(self) -> str:
+    def summary(self, seconds: float | None = None) -> str:
+        """One line; `seconds` overrides the sync's own time (e.g. with process start-up)."""
         head = (
             f"synced {self.services} services ({self.service_ports} ports), "
-            f"{self.endpoints} endpoints: "
+            f"{self.endpoints} endpoints ({self.addresses} addresses): "
         )
         r = self.result
         if not r.changed:
@@ -38,7 +40,7 @@ class SyncReport:
                 f"wrote {r.chains_written} chains ({r.rules_written} rules), "
                 f"removed {r.chains_removed} chains, {r.chains_unchanged} unchanged"
             )
-        return f"{head}{body}, in {self.seconds:.2f}s"
+        return f"{head}{body}, in {self.seconds if seconds is None else seconds:.2f}s"
 
 
 def state_from_manifests(
@@ -82,6 +84,7 @@ def sync_once(
         services=len({spn.service for spn in services}),
         service_ports=len(services),
         endpoints=sum(len(endpoints.get(spn, ())) for spn in services),
+        addresses=len({ep.ip for spn in services for ep in endpoints.get(spn, ())}),
         result=result,
         seconds=time.monotonic() - started,
     )

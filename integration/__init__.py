@@ -1,0 +1,1 @@
+"""Integration tests and the demo: real network namespaces, real netfilter rules, real traffic."""

@@ -1,0 +1,128 @@
+"""`/healthz` and `/livez` on healthzBindAddress, with kube-proxy's semantics and JSON.
+
+kproxy is unhealthy when an update was queued more than `timeout` (2 x syncPeriod) ago and no
+sync has succeeded since. `/healthz` also answers 503 while the Node is being deleted or carries
+the cluster autoscaler's ToBeDeletedByClusterAutoscaler taint, so load balancers drain it first;
+`/livez` ignores that, so the kubelet does not restart a draining agent.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from kproxy.health.metrics import ProxyMetrics
+
+FAMILY_NAMES = {4: "IPv4", 6: "IPv6"}
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S.%f +0000 UTC") if ts else ""
+
+
+class ProxyHealth:
+    """Tracks, per family, when an update was first queued and when a sync last succeeded."""
+
+    def __init__(
+        self,
+        timeout: float,
+        families: tuple[int, ...] = (4,),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.timeout = timeout
+        self.clock = clock
+        self.node_eligible = True
+        self._lock = threading.Lock()
+        self._last_updated = dict.fromkeys(families, 0.0)
+        self._oldest_queued = dict.fromkeys(families, 0.0)
+
+    def queued(self) -> None:
+        """A change arrived that the rules do not reflect yet."""
+        now = self.clock()
+        with self._lock:
+            for family, since in self._oldest_queued.items():
+                if not since:
+                    self._oldest_queued[family] = now
+
+    def updated(self, family: int) -> None:
+        """A sync of `family` succeeded."""
+        with self._lock:
+            self._last_updated[family] = self.clock()
+            self._oldest_queued[family] = 0.0
+
+    def family_healthy(self, family: int, now: float) -> bool:
+        since = self._oldest_queued[family]
+        return not since or now - since < self.timeout
+
+    def status(self) -> tuple[bool, dict[str, object]]:
+        now = self.clock()
+        with self._lock:
+            families = {
+                FAMILY_NAMES[f]: {
+                    "lastUpdated": _iso(self._last_updated[f]),
+                    "healthy": self.family_healthy(f, now),
+                }
+                for f in self._last_updated
+            }
+            last = max(self._last_updated.values())
+        healthy = all(bool(v["healthy"]) for v in families.values())
+        body: dict[str, object] = {
+            "lastUpdated": _iso(last),
+            "currentTime": _iso(now),
+            "nodeEligible": self.node_eligible,
+            "healthy": healthy,
+            "status": families,
+        }
+        return healthy, body
+
+
+class _HealthServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], health: ProxyHealth, metrics: ProxyMetrics):
+        self.health = health
+        self.metrics = metrics
+        super().__init__(address, _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _HealthServer
+
+    def do_GET(self) -> None:
+        path = self.path.split("?")[0]
+        if path not in ("/healthz", "/livez"):
+            self.send_error(404)
+            return
+        healthy, body = self.server.health.status()
+        if path == "/healthz":
+            ok = healthy and self.server.health.node_eligible
+            counter = self.server.metrics.healthz
+        else:
+            ok = healthy
+            counter = self.server.metrics.livez
+        code = 200 if ok else 503
+        counter.labels(code=str(code)).inc()
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+
+def serve_health(
+    address: tuple[str, int], health: ProxyHealth, metrics: ProxyMetrics
+) -> ThreadingHTTPServer:
+    """Start the /healthz and /livez server in a background thread."""
+    server = _HealthServer(address, health, metrics)
+    threading.Thread(target=server.serve_forever, daemon=True, name="healthz").start()
+    return server
