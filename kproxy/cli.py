@@ -5,8 +5,7 @@ from __future__ import annotations
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,25 +13,24 @@ import click
 import structlog
 import yaml
 
-from kproxy.dataplane.base import ApplyResult, Dataplane
+from kproxy.dataplane.base import ApplyResult
 from kproxy.dataplane.diff import owned_part
-from kproxy.dataplane.family_process import FamilyProcess
+from kproxy.dataplane.families import open_dataplanes
 from kproxy.dataplane.host import (
-    ROUTE_LOCALNET,
-    ipv6_supported,
+    prepare_host,
     with_host_facts,
-    write_sysctl,
 )
-from kproxy.dataplane.iptables import IptablesDataplane, read_tables
+from kproxy.dataplane.iptables import read_tables
 from kproxy.errors import ConfigError, InvalidObjectError, KproxyError
 from kproxy.logs import LEVELS, configure_logging
 from kproxy.model.config import ProxyConfig, parse_config
 from kproxy.model.node import NodeInfo
-from kproxy.plan.ruleset import needs_route_localnet
 from kproxy.rules.render import render_ruleset
 from kproxy.rules.saved import render_saved
 from kproxy.state.ingest import node_for
+from kproxy.sync.agent import SourceStarter, run_agent
 from kproxy.sync.once import plan_state, state_from_manifests, sync_once
+from kproxy.watch.files import ManifestSource
 from kproxy.watch.manifests import Manifests, load_manifests
 
 log = structlog.get_logger("kproxy")
@@ -81,27 +79,6 @@ def _node_and_config(
         _report_invalid(exc)
         node = NodeInfo(name=name)
     return node, config
-
-
-def prepare_host(config: ProxyConfig) -> None:
-    """Sysctls the rules rely on, in this network namespace."""
-    if needs_route_localnet(config) and write_sysctl(ROUTE_LOCALNET, "1"):
-        log.info("sysctl_set", name=ROUTE_LOCALNET, value="1", reason="localhost NodePorts")
-
-
-@contextmanager
-def open_dataplanes(lock_timeout: float) -> Iterator[dict[int, Dataplane]]:
-    """IPv4 in this process; IPv6, when the namespace has it, in a process of its own (see
-    kproxy/dataplane/family_process.py for why one process cannot hold both)."""
-    dataplanes: dict[int, Dataplane] = {4: IptablesDataplane(4, lock_timeout)}
-    v6 = FamilyProcess(6, lock_timeout) if ipv6_supported() else None  # starts in the background
-    if v6 is not None:
-        dataplanes[6] = v6
-    try:
-        yield dataplanes
-    finally:
-        if v6 is not None:
-            v6.close()
 
 
 def common_options(fn: F) -> F:
@@ -211,6 +188,39 @@ def cleanup(lock_timeout: float) -> None:
             result.tables.extend(dataplane.cleanup().tables)
     removed_jumps = sum(len(p) for t in result.tables for p in t.remove_jumps.values())
     click.echo(f"removed {result.chains_removed} chains and {removed_jumps} jump rules")
+
+
+@cli.command()
+@click.option(
+    "--manifests",
+    "manifests_path",
+    type=click.Path(exists=True),
+    help="Read Services, EndpointSlices and Nodes from files (re-read on change), not the API.",
+)
+@click.option(
+    "--kubeconfig",
+    type=click.Path(dir_okay=False),
+    help="Kubeconfig file; default: in-cluster credentials, else KUBECONFIG or ~/.kube/config.",
+)
+@click.option("--lock-timeout", type=float, default=5.0, show_default=True)
+@common_options
+def run(
+    manifests_path: str | None,
+    kubeconfig: str | None,
+    lock_timeout: float,
+    config_path: str | None,
+    hostname: str | None,
+) -> None:
+    """Keep this node's rules in sync with the cluster until stopped (SIGTERM leaves the rules)."""
+    config = load_config_file(config_path)
+    node_name = resolve_hostname(hostname, config)
+    if manifests_path is not None:
+        start_source: SourceStarter = ManifestSource(manifests_path, node_name).start
+    else:
+        from kproxy.watch.api import ApiSource, api_client
+
+        start_source = ApiSource(api_client(kubeconfig), node_name).start
+    run_agent(config, node_name, start_source, lock_timeout)
 
 
 def main() -> None:

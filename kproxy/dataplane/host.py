@@ -8,10 +8,14 @@ import socket
 from dataclasses import replace
 from pathlib import Path
 
+import structlog
 from pyroute2 import IPRoute
 
+from kproxy.model.config import ProxyConfig
 from kproxy.model.node import NodeInfo
+from kproxy.plan.ruleset import needs_route_localnet
 
+log = structlog.get_logger("kproxy.dataplane")
 PROC_SYS = Path("/proc/sys")
 TCP_BE_LIBERAL = "net/netfilter/nf_conntrack_tcp_be_liberal"
 ROUTE_LOCALNET = "net/ipv4/conf/all/route_localnet"
@@ -55,3 +59,9 @@ def with_host_facts(node: NodeInfo) -> NodeInfo:
         local_addresses=read_local_addresses(),
         tcp_be_liberal=read_sysctl(TCP_BE_LIBERAL) not in (None, "0"),
     )
+
+
+def prepare_host(config: ProxyConfig) -> None:
+    """Sysctls the rules rely on, in this network namespace."""
+    if needs_route_localnet(config) and write_sysctl(ROUTE_LOCALNET, "1"):
+        log.info("sysctl_set", name=ROUTE_LOCALNET, value="1", reason="localhost NodePorts")

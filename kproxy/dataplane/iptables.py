@@ -19,7 +19,7 @@ from kproxy.errors import DataplaneError
 from kproxy.rules.ir import Rule, Ruleset
 from kproxy.rules.saved import SavedTable, parse_save
 
-TABLES = ("filter", "nat")
+TABLES = ("filter", "nat", "mangle")
 _COMMIT_ATTEMPTS = 3  # the kernel refuses a replace when another writer changed the table meanwhile
 
 

@@ -25,6 +25,8 @@ class ProxyConfig:
     localhost_nodeports: bool = True
     # CIDRs and the keyword `primary`; empty means every local address.
     node_port_addresses: tuple[str, ...] = ()
+    healthz_bind_address: str = "0.0.0.0:10256"
+    metrics_bind_address: str = "127.0.0.1:10249"
     detect_local_mode: str = "ClusterCIDR"
     bridge_interface: str = ""
     interface_name_prefix: str = ""
@@ -50,6 +52,8 @@ _TOP_LEVEL = {
     "nodePortAddresses",
     "detectLocalMode",
     "detectLocal",
+    "healthzBindAddress",
+    "metricsBindAddress",
 }
 _IPTABLES = {"masqueradeAll", "masqueradeBit", "syncPeriod", "minSyncPeriod", "localhostNodePorts"}
 DETECT_LOCAL_MODES = ("ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix")
@@ -146,6 +150,14 @@ def parse_config(doc: Mapping[str, Any]) -> tuple[ProxyConfig, list[str]]:
     if doc.get("nodePortAddresses"):
         cfg = replace(cfg, node_port_addresses=_parse_node_port_addresses(doc["nodePortAddresses"]))
     cfg = _parse_detect_local(doc, cfg)
+    if doc.get("healthzBindAddress"):
+        healthz = str(doc["healthzBindAddress"])
+        parse_bind_address(healthz, "healthzBindAddress")
+        cfg = replace(cfg, healthz_bind_address=healthz)
+    if doc.get("metricsBindAddress"):
+        metrics = str(doc["metricsBindAddress"])
+        parse_bind_address(metrics, "metricsBindAddress")
+        cfg = replace(cfg, metrics_bind_address=metrics)
     warnings.extend(f"{key}" for key in sorted(set(doc) - _TOP_LEVEL))
     warnings.extend(f"iptables.{key}" for key in sorted(set(ipt) - _IPTABLES))
     return cfg, warnings
@@ -183,3 +195,17 @@ def _parse_detect_local(doc: Mapping[str, Any], cfg: ProxyConfig) -> ProxyConfig
     return replace(
         cfg, detect_local_mode=mode, bridge_interface=bridge, interface_name_prefix=prefix
     )
+
+
+def parse_bind_address(value: str, field: str) -> tuple[str, int]:
+    """`host:port` (`[v6]:port`, or `:port` for all addresses) as (host, port)."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not sep or not 0 <= number <= 65535:
+        raise ConfigError(f"config field {field}: {value!r} is not an address:port")
+    return host, number

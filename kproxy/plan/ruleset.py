@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
+from dataclasses import replace
 
 from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
@@ -229,3 +230,16 @@ def build_ruleset(
         filter_chains.append(_localnet_firewall())
     filter_table = Table("filter", chains=tuple(filter_chains), jumps=filter_jumps)
     return Ruleset(family=family, tables=(filter_table, nat))
+
+
+CANARY_CHAIN = "KUBE-PROXY-CANARY"
+
+
+def with_canaries(ruleset: Ruleset) -> Ruleset:
+    """The ruleset plus the empty canary chains the agent watches in mangle, nat and filter: when
+    they vanish, something flushed the tables and everything is rewritten."""
+    canary = Chain(CANARY_CHAIN)
+    tables = [replace(t, chains=(*t.chains, canary)) for t in ruleset.tables]
+    if ruleset.table("mangle") is None:
+        tables.append(Table("mangle", chains=(canary,)))
+    return replace(ruleset, tables=tuple(tables))

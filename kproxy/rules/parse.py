@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kproxy.rules.ir import BUILTIN_CHAINS, Chain, JumpRule, Match, Opt, Rule, Ruleset, Table, Target
+from kproxy.rules.ir import (
+    BUILTIN_CHAINS,
+    Chain,
+    JumpRule,
+    Match,
+    Opt,
+    Rule,
+    Ruleset,
+    Table,
+    Target,
+)
 from kproxy.rules.saved import SavedTable, parse_save
 
 # Options whose values the renderer prints through its quoting helper (see render.py); their value
@@ -24,7 +34,6 @@ _ADDRESS_FIELDS = {
     "-i": ("in_iface", "in_invert"),
     "-o": ("out_iface", "out_invert"),
 }
-_SHORT_FLAGS = frozenset({*_ADDRESS_FIELDS, "-p", "-m", "-j", "-g", "-f"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +134,8 @@ class _RuleParser:
             if invert or self.target is not None:
                 raise self.fail(f"unexpected {'! ' if invert else ''}{flag}")
             self.target = (self.next_word(f"target after {flag}").text, flag == "-g", [])
+        elif flag == "-f":
+            raise self.fail("'-f' (fragments) cannot be held by the rule IR")
         elif flag.startswith("--") and len(flag) > 2:
             self.current_opts(flag).append(Opt(flag[2:], self.option_value(flag[2:]), invert))
         else:
@@ -180,8 +191,6 @@ def parse_rule(line: str) -> tuple[str, Rule]:
     words = _split_words(line.strip())
     if len(words) < 2 or words[0].raw != "-A" or not words[1].is_value:
         raise ValueError(f"cannot parse rule {line!r}: expected '-A CHAIN ...'")
-    if "-f" in {w.text for w in words if not w.quoted}:
-        raise ValueError(f"cannot parse rule {line!r}: '-f' cannot be held by the rule IR")
     return words[1].text, _RuleParser(line, words[2:]).parse()
 
 

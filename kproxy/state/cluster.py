@@ -55,6 +55,10 @@ class ClusterState:
         changed, self._changed = self._changed, set()
         return changed
 
+    def restore_changes(self, changed: set[NamespacedName]) -> None:
+        """Put back changes taken by a sync that then failed."""
+        self._changed |= changed
+
     def take_trigger_times(self) -> list[float]:
         """When the endpoint changes applied since the previous call happened, where known."""
         times, self._trigger_times = self._trigger_times, []

@@ -5,7 +5,7 @@ field) after removing whatever the state held for it, so the rest of the cluster
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from kproxy.errors import InvalidObjectError
@@ -94,7 +94,7 @@ def remove(kind: str, obj: Mapping[str, Any]) -> Mutation:
     return mutate
 
 
-def replace_all(kind: str, objs: list[Mapping[str, Any]]) -> Mutation:
+def replace_all(kind: str, objs: Sequence[Mapping[str, Any]]) -> Mutation:
     """Make the state hold exactly these Services (or EndpointSlices): a (re)list."""
     keys = {object_key(o) for o in objs}
     apply_each = _each(objs, update_service if kind == "Service" else update_endpoint_slice)
@@ -111,7 +111,7 @@ def replace_all(kind: str, objs: list[Mapping[str, Any]]) -> Mutation:
     return mutate
 
 
-def set_node(name: str, objs: list[Mapping[str, Any]]) -> Mutation:
+def set_node(name: str, objs: Sequence[Mapping[str, Any]]) -> Mutation:
     """The state's Node becomes the object named `name` among `objs` (or a bare one)."""
 
     def mutate(state: ClusterState) -> list[InvalidObjectError]:
@@ -121,5 +121,14 @@ def set_node(name: str, objs: list[Mapping[str, Any]]) -> Mutation:
             state.node = NodeInfo(name=name)
             return [exc]
         return []
+
+    return mutate
+
+
+def combine(*mutations: Mutation) -> Mutation:
+    """Several mutations applied as one, so no sync sees half of them."""
+
+    def mutate(state: ClusterState) -> list[InvalidObjectError]:
+        return [exc for mutation in mutations for exc in mutation(state)]
 
     return mutate

@@ -9,7 +9,7 @@ from pathlib import Path
 import structlog
 
 from kproxy.errors import ManifestError
-from kproxy.state.ingest import replace_all, set_node
+from kproxy.state.ingest import combine, replace_all, set_node
 from kproxy.watch.manifests import load_manifests, manifest_files
 from kproxy.watch.sink import ENDPOINT_SLICE, NODE, SERVICE, Sink
 
@@ -22,25 +22,30 @@ def _signature(path: Path) -> tuple[tuple[str, int, int], ...]:
 
 
 class ManifestSource:
-    def __init__(self, path: str, node_name: str, sink: Sink, poll_seconds: float = 1.0) -> None:
+    def __init__(self, path: str, node_name: str, poll_seconds: float = 1.0) -> None:
         self.path = Path(path)
         self.node_name = node_name
-        self.sink = sink
         self.poll_seconds = poll_seconds
 
-    def load(self) -> None:
+    def start(self, sink: Sink, stop: threading.Event) -> threading.Thread:
+        thread = threading.Thread(target=self.run, args=(sink, stop), daemon=True, name="files")
+        thread.start()
+        return thread
+
+    def load(self, sink: Sink) -> None:
         manifests = load_manifests(self.path)
         for warning in manifests.warnings:
             log.warning("manifest_document_ignored", reason=warning)
-        self.sink.apply(NODE, set_node(self.node_name, list(manifests.nodes)))
-        self.sink.apply(SERVICE, replace_all(SERVICE, list(manifests.services)))
-        self.sink.apply(
-            ENDPOINT_SLICE, replace_all(ENDPOINT_SLICE, list(manifests.endpoint_slices))
+        reload = combine(
+            set_node(self.node_name, manifests.nodes),
+            replace_all(SERVICE, manifests.services),
+            replace_all(ENDPOINT_SLICE, manifests.endpoint_slices),
         )
+        sink.apply(NODE, reload)
         for kind in (NODE, SERVICE, ENDPOINT_SLICE):
-            self.sink.synced(kind)
+            sink.synced(kind)
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, sink: Sink, stop: threading.Event) -> None:
         """Load now, then again after every change, until `stop` is set. A file that fails to
         parse keeps the previous objects in force."""
         seen: tuple[tuple[str, int, int], ...] | None = None
@@ -48,7 +53,7 @@ class ManifestSource:
             try:
                 signature = _signature(self.path)
                 if signature != seen:
-                    self.load()
+                    self.load(sink)
                     seen = signature
                     log.info("manifests_loaded", path=str(self.path), files=len(signature))
             except (ManifestError, OSError) as exc:

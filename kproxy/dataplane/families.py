@@ -1,0 +1,26 @@
+"""The dataplanes of a node: one per address family it has."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from kproxy.dataplane.base import Dataplane
+from kproxy.dataplane.family_process import FamilyProcess
+from kproxy.dataplane.host import ipv6_supported
+from kproxy.dataplane.iptables import IptablesDataplane
+
+
+@contextmanager
+def open_dataplanes(lock_timeout: float) -> Iterator[dict[int, Dataplane]]:
+    """IPv4 in this process; IPv6, when the namespace has it, in a process of its own (see
+    kproxy/dataplane/family_process.py for why one process cannot hold both)."""
+    dataplanes: dict[int, Dataplane] = {4: IptablesDataplane(4, lock_timeout)}
+    v6 = FamilyProcess(6, lock_timeout) if ipv6_supported() else None  # starts in the background
+    if v6 is not None:
+        dataplanes[6] = v6
+    try:
+        yield dataplanes
+    finally:
+        if v6 is not None:
+            v6.close()

@@ -1,0 +1,398 @@
+"""A packet tracer over the rule IR: what the kernel does with the first packet of a NEW
+connection. A packet from a pod or from outside (`PREROUTING`) goes nat PREROUTING, routing, filter
+FORWARD (filter INPUT if addressed to the node), nat POSTROUTING; a locally generated one (`OUTPUT`)
+goes nat OUTPUT, filter OUTPUT, nat POSTROUTING. Built-in chains run the table's JumpRules in kernel
+order (each was inserted at the top: the last listed runs first), then their policy.
+
+Probability matches ask a `choose` callback; `possible_outcomes` explores both branches of each.
+xt_recent lists live in an explicit RecentState so that session affinity can be tested. A match or
+target the tracer does not know raises TraceError rather than being guessed."""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from typing import Literal, TypedDict, Unpack
+
+from kproxy.rules.ir import Match, Opt, Rule, Ruleset, Table, Target
+
+Hook = Literal["PREROUTING", "OUTPUT"]
+Choose = Callable[[float], bool]
+_MAX_DEPTH = 64
+
+
+class TraceError(ValueError):
+    """The ruleset uses something the tracer cannot evaluate."""
+
+
+class Verdict(enum.StrEnum):
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    DROPPED = "dropped"
+
+
+class _Flow(enum.Enum):
+    """What evaluating a chain (or one rule's target) leads to."""
+
+    NEXT = "next"  # go on with the next rule
+    RETURN = "return"  # back to the calling chain (or the policy of a built-in chain)
+    ACCEPT = "accept"  # the table is done with the packet; NAT targets end here too
+    DROP = "drop"
+    REJECT = "reject"
+
+
+_VERDICTS = {_Flow.DROP: Verdict.DROPPED, _Flow.REJECT: Verdict.REJECTED}
+
+
+@dataclass(frozen=True, slots=True)
+class Packet:
+    src: str
+    dst: str
+    protocol: str = "tcp"
+    dport: int = 0
+    sport: int = 40000
+    in_iface: str | None = None
+    out_iface: str | None = None
+    mark: int = 0
+
+
+@dataclass
+class RecentState:
+    """xt_recent lists: list name -> masked source address -> time of its last `--set`."""
+
+    lists: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def seen(self, name: str, address: str, seconds: float | None, now: float) -> bool:
+        last = self.lists.get(name, {}).get(address)
+        return last is not None and (seconds is None or now - last <= seconds)
+
+    def record(self, name: str, address: str, now: float) -> None:
+        self.lists.setdefault(name, {})[address] = now
+
+    def copy(self) -> RecentState:
+        return RecentState({name: dict(entries) for name, entries in self.lists.items()})
+
+
+@dataclass(frozen=True, slots=True)
+class TraceResult:
+    verdict: Verdict
+    dnat: tuple[str, int] | None  # the new destination, when a DNAT rule ran
+    masqueraded: bool  # source NAT (MASQUERADE/SNAT) in nat POSTROUTING
+    visited: tuple[tuple[str, str, int], ...]  # (table, chain, index) of every rule that matched
+    mark: int  # the packet mark at the end
+
+
+class TraceOptions(TypedDict, total=False):
+    local_addresses: Iterable[str]  # the node's own addresses (addrtype LOCAL, routing to INPUT)
+    recent: RecentState  # xt_recent lists; trace_packet updates it in place
+    now: float  # seconds, for recent --seconds
+    policies: Mapping[tuple[str, str], str]  # (table, built-in chain) -> "ACCEPT" | "DROP"
+
+
+@dataclass
+class _State:
+    """The packet as it moves through the tables, and what the tracer was given."""
+
+    ruleset: Ruleset
+    packet: Packet
+    local: frozenset[str]
+    choose: Choose
+    recent: RecentState
+    now: float
+    dnat: tuple[str, int] | None = None
+    masqueraded: bool = False
+    visited: list[tuple[str, str, int]] = field(default_factory=list)
+
+
+def seeded_choice(seed: int = 0) -> Choose:
+    """A `choose` that takes a probability match as the kernel does, from a seeded generator."""
+    rng = random.Random(seed)
+    return lambda probability: rng.random() < probability
+
+
+def trace_packet(
+    ruleset: Ruleset,
+    packet: Packet,
+    hook: Hook,
+    *,
+    choose: Choose | None = None,
+    **options: Unpack[TraceOptions],
+) -> TraceResult:
+    """Follow one NEW packet through the ruleset (built-in policies default to ACCEPT)."""
+    state = _State(
+        ruleset=ruleset,
+        packet=replace(packet, src=_canonical(packet.src), dst=_canonical(packet.dst)),
+        local=frozenset(_canonical(a) for a in options.get("local_addresses", ())),
+        choose=choose or seeded_choice(),
+        recent=options.get("recent", RecentState()),
+        now=options.get("now", 0.0),
+    )
+    flow = _run_path(state, hook, options.get("policies", {}))
+    verdict = _VERDICTS.get(flow, Verdict.ACCEPTED)
+    return TraceResult(
+        verdict, state.dnat, state.masqueraded, tuple(state.visited), state.packet.mark
+    )
+
+
+def _canonical(address: str) -> str:
+    return str(ipaddress.ip_address(address))
+
+
+def _run_path(state: _State, hook: Hook, policies: Mapping[tuple[str, str], str]) -> _Flow:
+    if hook not in ("PREROUTING", "OUTPUT"):
+        raise TraceError(f"unknown hook {hook!r}: use PREROUTING or OUTPUT")
+
+    def run(table: str, chain: str) -> _Flow:
+        return _run_builtin(state, table, chain, policies.get((table, chain), "ACCEPT"))
+
+    flow = run("nat", hook)
+    if flow in (_Flow.DROP, _Flow.REJECT):
+        return flow
+    if hook == "PREROUTING" and state.packet.dst in state.local:
+        return run("filter", "INPUT")  # routed to the node itself: not forwarded
+    flow = run("filter", "FORWARD" if hook == "PREROUTING" else "OUTPUT")
+    if flow in (_Flow.DROP, _Flow.REJECT):
+        return flow
+    return run("nat", "POSTROUTING")
+
+
+def _run_builtin(state: _State, table_name: str, chain: str, policy: str) -> _Flow:
+    table = state.ruleset.table(table_name) or Table(table_name)
+    rules = [j.rule for j in reversed(table.jumps) if j.chain == chain]
+    flow = _run_chain(state, table, chain, rules, 0)
+    if flow in (_Flow.NEXT, _Flow.RETURN):
+        return _Flow.DROP if policy == "DROP" else _Flow.ACCEPT
+    return flow
+
+
+def _run_chain(state: _State, table: Table, chain: str, rules: Sequence[Rule], depth: int) -> _Flow:
+    if depth > _MAX_DEPTH:
+        raise TraceError(f"chain {chain} nested deeper than {_MAX_DEPTH}: a loop?")
+    for index, rule in enumerate(rules):
+        if not _rule_matches(state, rule):
+            continue
+        state.visited.append((table.name, chain, index))
+        flow = _run_target(state, table, rule.target, depth)
+        if flow is not _Flow.NEXT:
+            return flow
+    return _Flow.RETURN
+
+
+def _run_target(state: _State, table: Table, target: Target | None, depth: int) -> _Flow:
+    if target is None:
+        return _Flow.NEXT
+    verdicts = {"ACCEPT": _Flow.ACCEPT, "DROP": _Flow.DROP, "RETURN": _Flow.RETURN}
+    if target.name in verdicts:
+        return verdicts[target.name]
+    chain = table.chain(target.name)
+    if chain is not None:
+        flow = _run_chain(state, table, chain.name, chain.rules, depth + 1)
+        if flow is _Flow.RETURN:  # a goto's chain returns straight to our caller
+            return _Flow.RETURN if target.goto else _Flow.NEXT
+        return flow
+    return _run_extension(state, target)
+
+
+def _run_extension(state: _State, target: Target) -> _Flow:
+    if target.name == "REJECT":
+        return _Flow.REJECT
+    if target.name == "MARK":
+        value, mask = _value_mask(_opt(target, "set-xmark"))
+        state.packet = replace(state.packet, mark=(state.packet.mark & ~mask & 0xFFFFFFFF) ^ value)
+        return _Flow.NEXT
+    if target.name == "DNAT":
+        ip, port = _parse_destination(_opt(target, "to-destination"), state.packet.dport)
+        state.packet = replace(state.packet, dst=ip, dport=port)
+        state.dnat = (ip, port)
+        return _Flow.ACCEPT
+    if target.name in ("MASQUERADE", "SNAT"):
+        state.masqueraded = True
+        return _Flow.ACCEPT
+    raise TraceError(f"the tracer does not implement target {target.name}")
+
+
+def _opt(item: Target | Match, name: str) -> str:
+    opt = item.get(name)
+    if opt is None:
+        raise TraceError(f"{item.name} without --{name}")
+    return opt.value
+
+
+def _value_mask(text: str) -> tuple[int, int]:
+    value, _, mask = text.partition("/")
+    return int(value, 0), int(mask or "0xffffffff", 0)
+
+
+def _parse_destination(text: str, dport: int) -> tuple[str, int]:
+    """`10.0.0.1:80`, `[fd00::1]:80` or a bare address (keeps the port)."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.removeprefix(":")
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, ""
+    return str(ipaddress.ip_address(host)), int(port) if port else dport
+
+
+@lru_cache(maxsize=4096)
+def _network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(cidr, strict=False)
+
+
+def _in_cidr(address: str, cidr: str | None, invert: bool) -> bool:
+    if cidr is None:
+        return True
+    return (ipaddress.ip_address(address) in _network(cidr)) != invert
+
+
+def _iface_ok(iface: str | None, pattern: str | None, invert: bool) -> bool:
+    if pattern is None:
+        return True
+    name = iface or ""
+    return (name.startswith(pattern[:-1]) if pattern.endswith("+") else name == pattern) != invert
+
+
+def _rule_matches(state: _State, rule: Rule) -> bool:
+    p = state.packet
+    if rule.protocol is not None and rule.protocol not in ("all", p.protocol.lower()):
+        return False
+    return (
+        _in_cidr(p.src, rule.src, rule.src_invert)
+        and _in_cidr(p.dst, rule.dst, rule.dst_invert)
+        and _iface_ok(p.in_iface, rule.in_iface, rule.in_invert)
+        and _iface_ok(p.out_iface, rule.out_iface, rule.out_invert)
+        # In order, stopping at the first miss: recent --set has effects.
+        and all(_MATCHES.get(m.name, _unknown_match)(state, m) for m in rule.matches)
+    )
+
+
+def _unknown_match(state: _State, match: Match) -> bool:
+    raise TraceError(f"the tracer does not implement match {match.name}")
+
+
+def _port_ok(port: int, opt: Opt | None) -> bool:
+    if opt is None:
+        return True
+    low, _, high = opt.value.partition(":")
+    hit = int(low or 0) <= port <= int(high or low or 65535)
+    return hit != opt.invert
+
+
+def _match_ports(state: _State, match: Match) -> bool:
+    p = state.packet
+    return (
+        match.name == p.protocol.lower()
+        and _port_ok(p.dport, match.get("dport"))
+        and _port_ok(p.sport, match.get("sport"))
+    )
+
+
+def _match_statistic(state: _State, match: Match) -> bool:
+    if _opt(match, "mode") != "random":
+        raise TraceError("the tracer implements statistic --mode random only")
+    probability = float(_opt(match, "probability"))
+    hit = probability >= 1.0 or (probability > 0.0 and state.choose(probability))
+    return hit != any(o.invert for o in match.opts)
+
+
+def _match_mark(state: _State, match: Match) -> bool:
+    value, mask = _value_mask(_opt(match, "mark"))
+    return ((state.packet.mark & mask) == value) != any(o.invert for o in match.opts)
+
+
+def _match_conntrack(state: _State, match: Match) -> bool:
+    states = {"NEW"} | ({"DNAT"} if state.dnat else set())
+    for opt in match.opts:
+        if opt.name != "ctstate":
+            raise TraceError(f"the tracer does not implement conntrack --{opt.name}")
+        if bool(states & set(opt.value.split(","))) == opt.invert:
+            return False
+    return True
+
+
+def _match_addrtype(state: _State, match: Match) -> bool:
+    for opt in match.opts:
+        if opt.name not in ("src-type", "dst-type") or opt.value != "LOCAL":
+            raise TraceError(f"the tracer implements addrtype --src/dst-type LOCAL only: {opt}")
+        address = state.packet.src if opt.name == "src-type" else state.packet.dst
+        if (address in state.local) == opt.invert:
+            return False
+    return True
+
+
+def _match_recent(state: _State, match: Match) -> bool:
+    name, mask, seconds = match.get("name"), match.get("mask"), match.get("seconds")
+    list_name = name.value if name else "DEFAULT"
+    ip = ipaddress.ip_address(state.packet.dst if match.get("rdest") else state.packet.src)
+    address = str(type(ip)(int(ip) & int(type(ip)(mask.value)))) if mask else str(ip)
+    if match.get("set"):
+        state.recent.record(list_name, address, state.now)
+        hit = True
+    elif match.get("rcheck") or match.get("update"):
+        limit = float(seconds.value) if seconds else None
+        hit = state.recent.seen(list_name, address, limit, state.now)
+        if hit and match.get("update"):
+            state.recent.record(list_name, address, state.now)
+    else:
+        raise TraceError("the tracer implements recent --set/--rcheck/--update only")
+    return hit != any(o.invert for o in match.opts)
+
+
+_MATCHES: dict[str, Callable[[_State, Match], bool]] = {
+    "comment": lambda state, match: True,
+    "tcp": _match_ports,
+    "udp": _match_ports,
+    "sctp": _match_ports,
+    "statistic": _match_statistic,
+    "mark": _match_mark,
+    "conntrack": _match_conntrack,
+    "addrtype": _match_addrtype,
+    "recent": _match_recent,
+}
+
+
+def _scripted(prefix: tuple[bool, ...], taken: list[bool]) -> Choose:
+    """A `choose` that replays `prefix` and then says no, appending every answer to `taken`."""
+
+    def choose(probability: float) -> bool:
+        taken.append(prefix[len(taken)] if len(taken) < len(prefix) else False)
+        return taken[-1]
+
+    return choose
+
+
+def possible_outcomes(
+    ruleset: Ruleset,
+    packet: Packet,
+    hook: Hook,
+    *,
+    max_paths: int = 10_000,
+    **options: Unpack[TraceOptions],
+) -> list[TraceResult]:
+    """One TraceResult per way the probability matches can fall; `recent` is left unchanged."""
+    results: list[TraceResult] = []
+    pending: list[tuple[bool, ...]] = [()]
+    while pending:
+        if len(results) >= max_paths:
+            raise TraceError(f"more than {max_paths} paths through the ruleset")
+        prefix, taken = pending.pop(), list[bool]()
+        run_options = TraceOptions(**options)
+        run_options["recent"] = options.get("recent", RecentState()).copy()
+        results.append(
+            trace_packet(ruleset, packet, hook, choose=_scripted(prefix, taken), **run_options)
+        )
+        # Every decision made past the replayed prefix was a no: try a yes there too.
+        pending.extend((*taken[:i], True) for i in range(len(prefix), len(taken)))
+    return results
+
+
+def possible_destinations(
+    ruleset: Ruleset, packet: Packet, hook: Hook, **options: Unpack[TraceOptions]
+) -> set[tuple[str, int] | None]:
+    """Every DNAT destination the packet can get (None: a path on which it is not DNATed)."""
+    return {r.dnat for r in possible_outcomes(ruleset, packet, hook, **options)}

@@ -1,0 +1,238 @@
+"""The agent's sync loop: coalesce changes, honour minSyncPeriod and syncPeriod, and run each sync
+as three named steps: plan, apply, report.
+
+Sources (API watches or manifest files) report into a StateBox from their own threads; the loop
+owns the dataplane (python-iptables is not thread-safe) and is the only writer of rules.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import structlog
+
+from kproxy.dataplane.base import ApplyResult, Dataplane
+from kproxy.errors import KproxyError
+from kproxy.health.healthz import ProxyHealth
+from kproxy.health.metrics import ProxyMetrics
+from kproxy.health.service_health import ServiceHealthServers
+from kproxy.model.config import ProxyConfig
+from kproxy.model.endpoint import Endpoint
+from kproxy.model.node import NodeInfo
+from kproxy.model.service import NamespacedName, Protocol, ServicePort, ServicePortName
+from kproxy.plan.ruleset import build_ruleset, with_canaries
+from kproxy.rules.ir import Ruleset
+from kproxy.state.cluster import ClusterState
+from kproxy.state.ingest import Mutation
+from kproxy.watch.sink import ENDPOINT_SLICE, NODE, SERVICE
+
+log = structlog.get_logger("kproxy.sync")
+
+
+class StateBox:
+    """The cluster state behind a lock, and the signal that something changed. It is the Sink
+    every source reports into."""
+
+    def __init__(self, node_name: str, health: ProxyHealth, metrics: ProxyMetrics) -> None:
+        self.state = ClusterState()
+        self.state.node = NodeInfo(name=node_name)
+        self.lock = threading.Lock()
+        self.changed = threading.Event()
+        self.health = health
+        self.metrics = metrics
+        self._synced: set[str] = set()
+        self._node_labels: dict[str, str] | None = None
+        self.node_labels_changed = False
+
+    def apply(self, kind: str, mutation: Mutation) -> None:
+        with self.lock:
+            errors = mutation(self.state)
+            if kind == NODE:
+                self._note_node(self.state.node)
+        for exc in errors:
+            self.metrics.objects_skipped.labels(kind=kind).inc()
+            log.warning("object_skipped", object=exc.obj, field=exc.field, problem=exc.problem)
+        counter = self.metrics.service_changes_total if kind == SERVICE else None
+        if kind == ENDPOINT_SLICE:
+            counter = self.metrics.endpoint_changes_total
+        if counter is not None:
+            counter.inc()
+        self.metrics.last_queued.set_to_current_time()
+        self.health.queued()
+        self.changed.set()
+
+    def _note_node(self, node: NodeInfo | None) -> None:
+        labels = dict(node.labels) if node else {}
+        if self._node_labels is not None and labels != self._node_labels:
+            self.node_labels_changed = True  # topology may differ: resync everything
+        self._node_labels = labels
+        self.health.node_eligible = not (node and node.draining)
+
+    def synced(self, kind: str) -> None:
+        with self.lock:
+            self._synced.add(kind)
+        self.changed.set()
+
+    @property
+    def ready(self) -> bool:
+        """No rule is written before Services and EndpointSlices have been listed once."""
+        with self.lock:
+            return {SERVICE, ENDPOINT_SLICE} <= self._synced
+
+
+@dataclass
+class Snapshot:
+    services: dict[ServicePortName, ServicePort]
+    endpoints: dict[ServicePortName, tuple[Endpoint, ...]]
+    node: NodeInfo
+    changed: set[NamespacedName]
+    trigger_times: list[float]
+    full: bool
+
+
+@dataclass
+class SyncLoop:
+    box: StateBox
+    config: ProxyConfig
+    dataplanes: Mapping[int, Dataplane]
+    metrics: ProxyMetrics
+    health: ProxyHealth
+    host_facts: Callable[[NodeInfo], NodeInfo] = lambda node: node
+    after_sync: Callable[[Snapshot], None] = lambda snapshot: None
+    service_health: ServiceHealthServers | None = None
+    started_at: float = field(default_factory=time.time)
+    _needs_full: bool = True
+    _last_end: float = 0.0
+
+    def run(self, stop: threading.Event) -> None:
+        """Sync until `stop` is set: after changes (no sooner than minSyncPeriod after the last
+        sync), at least every syncPeriod, and sooner after a failure."""
+        while not stop.is_set():
+            self.box.changed.wait(timeout=self.config.sync_period)
+            if stop.is_set():
+                return
+            if not self.box.ready:
+                continue
+            wait = self._last_end + self.config.min_sync_period - time.monotonic()
+            if wait > 0 and stop.wait(wait):
+                return
+            self.box.changed.clear()
+            self.sync()
+
+    def sync(self) -> bool:
+        """One sync: plan, apply, report. Returns whether it succeeded."""
+        snapshot = self._take_snapshot()
+        started = time.monotonic()
+        rulesets = self.plan(snapshot)
+        try:
+            results = self.apply(rulesets)
+        except KproxyError as exc:
+            self._needs_full = True
+            self.metrics.restore_failures.inc()
+            if not snapshot.full:
+                self.metrics.partial_restore_failures.inc()
+            log.error("sync_failed", error=str(exc), full_sync=snapshot.full)
+            with self.box.lock:  # the changes were taken: keep them for the retry
+                self.box.state.restore_changes(snapshot.changed)
+            self.box.changed.set()
+            self._last_end = time.monotonic()
+            return False
+        self.report(snapshot, results, time.monotonic() - started)
+        self._last_end = time.monotonic()
+        return True
+
+    def _take_snapshot(self) -> Snapshot:
+        with self.box.lock:
+            state = self.box.state
+            full = self._needs_full or self.box.node_labels_changed
+            self.box.node_labels_changed = False
+            snapshot = Snapshot(
+                services=state.services_map(),
+                endpoints=state.endpoints_map(),
+                node=state.node or NodeInfo(name=""),
+                changed=state.take_changes(),
+                trigger_times=state.take_trigger_times(),
+                full=full,
+            )
+        snapshot.node = self.host_facts(snapshot.node)
+        return snapshot
+
+    def plan(self, snapshot: Snapshot) -> dict[int, Ruleset]:
+        return {
+            family: with_canaries(
+                build_ruleset(
+                    snapshot.services, snapshot.endpoints, snapshot.node, self.config, family
+                )
+            )
+            for family in self.dataplanes
+        }
+
+    def apply(self, rulesets: Mapping[int, Ruleset]) -> dict[int, ApplyResult]:
+        return {family: self.dataplanes[family].apply(rs) for family, rs in rulesets.items()}
+
+    def report(
+        self, snapshot: Snapshot, results: Mapping[int, ApplyResult], seconds: float
+    ) -> None:
+        self._needs_full = False
+        m = self.metrics
+        m.sync_duration.observe(seconds)
+        (m.full_sync_duration if snapshot.full else m.partial_sync_duration).observe(seconds)
+        m.last_sync.set_to_current_time()
+        for family in results:
+            self.health.updated(family)
+        for table in ("filter", "nat"):
+            written = sum(
+                t.rules_written for r in results.values() for t in r.tables if t.table == table
+            )
+            m.rules_last.labels(table=table).set(written)
+        now = time.time()
+        for trigger in snapshot.trigger_times:
+            if trigger >= self.started_at:
+                m.network_programming.observe(max(0.0, now - trigger))
+        self._sync_service_health(snapshot)
+        self.after_sync(snapshot)
+        log.info(
+            "sync_completed",
+            full_sync=snapshot.full,
+            changed_services=len(snapshot.changed),
+            chains_written=sum(r.chains_written for r in results.values()),
+            chains_removed=sum(r.chains_removed for r in results.values()),
+            seconds=round(seconds, 3),
+        )
+
+    def _sync_service_health(self, snapshot: Snapshot) -> None:
+        if self.service_health is None:
+            return
+        ports = {
+            spn.service: sp.health_check_node_port
+            for spn, sp in snapshot.services.items()
+            if sp.health_check_node_port
+        }
+        local = {
+            key: len(
+                {
+                    ep.ip
+                    for spn, eps in snapshot.endpoints.items()
+                    if spn.service == key
+                    for ep in eps
+                    if ep.ready and ep.node_name == snapshot.node.name
+                }
+            )
+            for key in ports
+        }
+        self.service_health.sync_services(ports)
+        self.service_health.sync_endpoints(local)
+
+
+def udp_changed(snapshot: Snapshot) -> bool:
+    """Whether this sync may have left stale UDP flows: a UDP service changed, or a service
+    went away (it may have been UDP)."""
+    current = {spn.service for spn in snapshot.services}
+    changed_udp = any(
+        spn.service in snapshot.changed and sp.protocol is Protocol.UDP
+        for spn, sp in snapshot.services.items()
+    )
+    return changed_udp or bool(snapshot.changed - current)
