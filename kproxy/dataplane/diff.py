@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from kproxy.plan.naming import is_service_chain
 from kproxy.rules.ir import BUILTIN_CHAINS, Chain, JumpRule, Table
+from kproxy.rules.parse import parse_rule
 from kproxy.rules.render import render_rule
 from kproxy.rules.saved import SavedTable
 
@@ -108,13 +109,13 @@ def plan_cleanup(current: SavedTable) -> TableChanges:
 
 
 def _jumps_to(line: str, wanted: Callable[[str], bool]) -> bool:
-    words = line.split()
-    for flag in ("-j", "-g"):
-        if flag in words:
-            i = words.index(flag)
-            if i + 1 < len(words) and wanted(words[i + 1]):
-                return True
-    return False
+    """Whether the rule's target is a chain `wanted` accepts. Parsed, not split on spaces: a
+    comment may contain `-j KUBE-SERVICES` too."""
+    try:
+        target = parse_rule(line)[1].target
+    except ValueError:  # a rule the IR cannot hold is never one kproxy wrote
+        return False
+    return target is not None and wanted(target.name)
 
 
 def owned_part(current: SavedTable) -> SavedTable:

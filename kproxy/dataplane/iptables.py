@@ -175,7 +175,7 @@ class IptablesDataplane:
         if rule.out_iface is not None:
             r.out_interface = ("!" if rule.out_invert else "") + rule.out_iface
         if rule.protocol is not None:
-            r.protocol = rule.protocol
+            r.protocol = ("!" if rule.protocol_invert else "") + rule.protocol
         for match in rule.matches:
             m = r.create_match(match.name)
             for opt in match.opts:

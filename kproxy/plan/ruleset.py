@@ -190,7 +190,14 @@ def build_ruleset(
     family: int = 4,
 ) -> Ruleset:
     """The complete kproxy-owned ruleset for one family. Pure: same input, same output."""
-    total_endpoints = sum(len(endpoints.get(spn, ())) for spn in services)
+    # Upstream runs one proxier per family, so only this family's endpoints count.
+    total_endpoints = sum(
+        1
+        for spn, sp in services.items()
+        if of_family(sp.cluster_ips, family)
+        for ep in endpoints.get(spn, ())
+        if ep.family == family
+    )
     node_ips = of_family(node.primary_ips, family) or tuple(
         ip
         for ip in of_family(node.local_addresses, family)

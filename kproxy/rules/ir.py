@@ -80,6 +80,7 @@ class Rule:
     out_iface: str | None = None
     out_invert: bool = False
     protocol: str | None = None
+    protocol_invert: bool = False
     matches: tuple[Match, ...] = ()
     target: Target | None = None
 

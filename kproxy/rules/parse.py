@@ -2,7 +2,7 @@
 
 `render_rule(*parse_rule(line)) == line` holds for every line kproxy renders and for the lines
 iptables-legacy-save prints for them. Rule lines of other programs (a CNI's, kubelet's) parse too,
-as long as the IR can hold them; anything it cannot (`! -p`, `-f`) raises ValueError rather than
+as long as the IR can hold them; anything it cannot (`-f`) raises ValueError rather than
 being read as a different rule.
 """
 
@@ -93,6 +93,7 @@ class _RuleParser:
     pos: int = 0
     fields: dict[str, str | bool] = field(default_factory=dict)
     protocol: str | None = None
+    protocol_invert: bool = False
     matches: list[tuple[str, list[Opt]]] = field(default_factory=list)
     target: tuple[str, bool, list[Opt]] | None = None
 
@@ -123,9 +124,8 @@ class _RuleParser:
             self.fields[name] = self.next_word(f"value of {flag}").text
             self.fields[invert_name] = invert
         elif flag == "-p":
-            if invert:
-                raise self.fail("'! -p' cannot be held by the rule IR (no protocol inversion)")
             self.protocol = self.next_word("value of -p").text
+            self.protocol_invert = invert
         elif flag == "-m":
             if invert:
                 raise self.fail("'!' before -m")
@@ -177,6 +177,7 @@ class _RuleParser:
             out_iface=_str_or_none(self.fields.get("out_iface")),
             out_invert=bool(self.fields.get("out_invert", False)),
             protocol=self.protocol,
+            protocol_invert=self.protocol_invert,
             matches=tuple(Match(name, tuple(opts)) for name, opts in self.matches),
             target=target,
         )

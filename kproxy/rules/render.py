@@ -30,7 +30,7 @@ def _render_opts(opts: Iterable[Opt], out: list[str]) -> None:
         if opt.invert:
             out.append("!")
         out.append("--" + opt.name)
-        if opt.value:
+        if opt.value or opt.name in _QUOTED_OPTIONS:
             value = render_string(opt.value) if opt.name in _QUOTED_OPTIONS else opt.value
             out.append(value)
 
@@ -60,7 +60,7 @@ def render_rule(chain: str, rule: Rule) -> str:
     _render_field("-d", rule.dst, rule.dst_invert, out)
     _render_field("-i", rule.in_iface, rule.in_invert, out)
     _render_field("-o", rule.out_iface, rule.out_invert, out)
-    _render_field("-p", rule.protocol, False, out)
+    _render_field("-p", rule.protocol, rule.protocol_invert, out)
     for match in rule.matches:
         _render_match(match, out)
     if rule.target is not None:

@@ -1,0 +1,75 @@
+"""Golden tests: scenario -> rendered iptables-save text, compared with tests/golden/*.rules.
+
+After a deliberate change to the planner or renderer, regenerate with
+`KPROXY_UPDATE_GOLDEN=1 .venv/bin/pytest tests/test_golden.py` and review the diff line by line
+against shared/reference/kube-proxy-iptables.md before keeping it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import scenarios
+
+from kproxy.plan import naming
+from kproxy.plan.ruleset import LARGE_CLUSTER_ENDPOINTS
+from kproxy.rules.render import render_ruleset
+
+GOLDEN = Path(__file__).parent / "golden"
+UPDATE = os.environ.get("KPROXY_UPDATE_GOLDEN") == "1"
+
+
+def large_cluster_excerpt() -> str:
+    """Only the lines of the small service in a ruleset past the large-cluster threshold."""
+    scenario = scenarios.large_cluster()
+    ruleset = scenario.ruleset()
+    state = scenario.state()
+    small = {spn: eps for spn, eps in state.endpoints_map().items() if spn.service.name == "small"}
+    wanted = {naming.service_chain(spn) for spn in small}
+    wanted |= {naming.endpoint_chain(spn, ep) for spn, eps in small.items() for ep in eps}
+    lines = []
+    for line in render_ruleset(ruleset).splitlines():
+        words = line.split()
+        chain = (
+            words[1] if line.startswith("-A ") else line[1:].split()[0] if line[:1] == ":" else ""
+        )
+        if chain in wanted or (chain == "KUBE-SERVICES" and "ns7/small" in line):
+            lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def _rendered(name: str) -> Callable[[], str]:
+    return lambda: scenarios.SCENARIOS[name]().render()
+
+
+GOLDEN_CASES: dict[str, Callable[[], str]] = {
+    "single_service": _rendered("single_service"),
+    "multi_port": _rendered("multi_port"),
+    "no_endpoints": _rendered("no_endpoints"),
+    "terminating_fallback": _rendered("terminating_fallback"),
+    "affinity": _rendered("affinity"),
+    "masquerade_all": _rendered("masquerade_all"),
+    "large_cluster_excerpt": large_cluster_excerpt,
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
+def test_golden(name: str) -> None:
+    text = GOLDEN_CASES[name]()
+    path = GOLDEN / f"{name}.rules"
+    if UPDATE:
+        path.write_text(text)
+        return
+    assert path.exists(), f"{path} missing: generate it with KPROXY_UPDATE_GOLDEN=1 and review it"
+    assert text == path.read_text()
+
+
+def test_large_cluster_scenario_is_past_the_threshold() -> None:
+    state = scenarios.large_cluster().state()
+    assert sum(len(eps) for eps in state.endpoints_map().values()) > LARGE_CLUSTER_ENDPOINTS
+
+
+def test_every_golden_file_has_a_case() -> None:
+    assert {p.stem for p in GOLDEN.glob("*.rules")} <= set(GOLDEN_CASES)
