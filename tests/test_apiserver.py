@@ -21,12 +21,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 from kubernetes.informer import SharedInformer
 
-# `integration` is a top-level package of the repository, not of the installed kproxy.
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from integration.apiserver import (  # noqa: E402
+from integration.apiserver import (
     ApiError,
     ApiServer,
     Selector,

@@ -1,0 +1,1 @@
+"""Benchmarks: kproxy against iptables-legacy-restore, measured in the same run."""
