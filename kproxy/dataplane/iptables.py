@@ -14,6 +14,7 @@ from typing import Any
 
 from kproxy.dataplane.base import ApplyResult as ApplyResult
 from kproxy.dataplane.diff import TableChanges, plan_cleanup, plan_table_changes
+from kproxy.dataplane.entries import EntryCompiler
 from kproxy.dataplane.lock import xtables_lock
 from kproxy.errors import DataplaneError
 from kproxy.rules.ir import Rule, Ruleset
@@ -81,6 +82,7 @@ class IptablesDataplane:
         self.family = family
         self.lock_timeout = lock_timeout
         self._iptc = _load_iptc()
+        self._entries = EntryCompiler(self._build, family)
 
     def read(self) -> dict[str, SavedTable]:
         return read_tables(self.family)
@@ -150,15 +152,14 @@ class IptablesDataplane:
         for wanted in changes.write:
             if wanted.name not in changes.create:
                 table.flush_entries(wanted.name)
-            target = iptc.Chain(table, wanted.name)
             for rule in wanted.rules:
-                target.append_rule(self._build(rule))
+                table.append_entry(wanted.name, self._entries.entry(rule))
         for name in changes.delete:
             table.flush_entries(name)
         for name in changes.delete:
             table.delete_chain(name)
         for jump in changes.insert_jumps:
-            iptc.Chain(table, jump.chain).insert_rule(self._build(jump.rule), 0)
+            table.insert_entry(jump.chain, self._entries.entry(jump.rule), 0)
         table.commit()
         table.refresh()
 

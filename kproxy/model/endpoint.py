@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
 
@@ -25,4 +24,4 @@ class Endpoint:
 
     @property
     def family(self) -> int:
-        return ipaddress.ip_address(self.ip).version
+        return 6 if ":" in self.ip else 4  # ip is validated and normalised on the way in

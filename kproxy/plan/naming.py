@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from functools import lru_cache
 
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.service import ServicePortName
@@ -14,11 +15,13 @@ SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KU
 MAX_CHAIN_NAME = 28
 
 
+@lru_cache(maxsize=1 << 18)
 def _hash16(text: str) -> str:
-    digest = hashlib.sha256(text.encode()).digest()
-    return base64.b32encode(digest).decode()[:16]
+    # 16 base32 characters are exactly the first 10 bytes of the digest.
+    return base64.b32encode(hashlib.sha256(text.encode()).digest()[:10]).decode()
 
 
+@lru_cache(maxsize=1 << 16)
 def port_proto_hash(spn: ServicePortName) -> str:
     return _hash16(str(spn) + spn.protocol.lower)
 
@@ -40,7 +43,13 @@ def firewall_chain(spn: ServicePortName) -> str:
 
 
 def endpoint_chain(spn: ServicePortName, endpoint: Endpoint) -> str:
-    return "KUBE-SEP-" + _hash16(str(spn) + spn.protocol.lower + str(endpoint))
+    return "KUBE-SEP-" + _hash16(spn_text(spn) + spn.protocol.lower + str(endpoint))
+
+
+@lru_cache(maxsize=1 << 16)
+def spn_text(spn: ServicePortName) -> str:
+    """str(spn), computed once: every comment and chain name of a port uses it."""
+    return str(spn)
 
 
 def is_service_chain(name: str) -> bool:

@@ -48,7 +48,8 @@ class SharedChains:
 
 
 def of_family(addresses: tuple[str, ...], family: int) -> tuple[str, ...]:
-    return tuple(a for a in addresses if ipaddress.ip_network(a, strict=False).version == family)
+    """The addresses or CIDRs (validated on the way in) of one family."""
+    return tuple(a for a in addresses if (":" in a) == (family == 6))
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +66,11 @@ class _Port:
     @property
     def spn(self) -> ServicePortName:
         return self.sp.name
+
+    @property
+    def text(self) -> str:
+        """`namespace/name:port`, as comments write it."""
+        return naming.spn_text(self.sp.name)
 
     @property
     def proto(self) -> str:
@@ -143,10 +149,10 @@ def plan_service_port(
     out.service_chains.extend(_endpoint_chain(ctx, port, ep) for ep in cats.reachable)
 
 
-def _filter_verdict(ctx: PlanContext, spn: ServicePortName, has_any: bool) -> tuple[str, Target]:
+def _filter_verdict(ctx: PlanContext, name: str, has_any: bool) -> tuple[str, Target]:
     if not has_any:
-        return f"{spn} has no endpoints", f.reject(ctx.family)
-    return f"{spn} has no local endpoints", f.DROP
+        return f"{name} has no endpoints", f.reject(ctx.family)
+    return f"{name} has no local endpoints", f.DROP
 
 
 def _entry_rules(
@@ -161,26 +167,26 @@ def _entry_rules(
 ) -> None:
     """Rules in the shared chains that lead packets for this port's addresses into its chains,
     or reject/drop them when there is nowhere to send them."""
-    spn = port.spn
-    verdict_text, verdict = _filter_verdict(ctx, spn, has_any)
+    spn, name = port.spn, port.text
+    verdict_text, verdict = _filter_verdict(ctx, name, has_any)
     ext_chain = naming.external_chain(spn)
     if has_internal:
         out.nat_services.append(
-            port.to(port.cluster_ip, f"{spn} cluster IP", f.jump(internal_chain))
+            port.to(port.cluster_ip, f"{name} cluster IP", f.jump(internal_chain))
         )
     else:
         out.filter_services.append(port.to(port.cluster_ip, verdict_text, verdict))
     for ip in port.external_ips:
         if has_any:
-            out.nat_services.append(port.to(ip, f"{spn} external IP", f.jump(ext_chain)))
+            out.nat_services.append(port.to(ip, f"{name} external IP", f.jump(ext_chain)))
         if not has_external:
             out.filter_external.append(port.to(ip, verdict_text, verdict))
     lb_chain = naming.firewall_chain(spn) if uses_fw else ext_chain
     for ip in port.lb_ips:
         if has_any:
-            out.nat_services.append(port.to(ip, f"{spn} loadbalancer IP", f.jump(lb_chain)))
+            out.nat_services.append(port.to(ip, f"{name} loadbalancer IP", f.jump(lb_chain)))
         if uses_fw:
-            text = f"{spn} traffic not accepted by {naming.firewall_chain(spn)}"
+            text = f"{name} traffic not accepted by {naming.firewall_chain(spn)}"
             out.filter_firewall.append(port.to(ip, text, f.DROP))
     if not has_external:
         out.filter_external.extend(port.to(ip, verdict_text, verdict) for ip in port.lb_ips)
@@ -201,7 +207,7 @@ def _node_port_rules(
             out.nat_nodeports.append(
                 Rule(
                     protocol=proto,
-                    matches=(f.comment(str(port.spn)), f.protocol_match(proto, sp.node_port)),
+                    matches=(f.comment(port.text), f.protocol_match(proto, sp.node_port)),
                     target=f.jump(naming.external_chain(port.spn)),
                 )
             )
@@ -222,7 +228,7 @@ def _node_port_rules(
             Rule(
                 protocol="tcp",
                 matches=(
-                    f.comment(f"{port.spn} health check node port"),
+                    f.comment(f"{port.text} health check node port"),
                     f.protocol_match("tcp", sp.health_check_node_port),
                 ),
                 target=f.ACCEPT,
@@ -233,7 +239,8 @@ def _node_port_rules(
 def _clusterip_masquerade(ctx: PlanContext, port: _Port) -> Rule | None:
     """First rule of the internal chain: masquerade everything (masqueradeAll) or what does not
     come from pods (a local-traffic detector is configured); else none."""
-    rule = port.to(port.cluster_ip, f"{port.spn} cluster IP", f.jump("KUBE-MARK-MASQ"))
+    name = port.text
+    rule = port.to(port.cluster_ip, f"{name} cluster IP", f.jump("KUBE-MARK-MASQ"))
     if ctx.config.masquerade_all:
         return rule
     if ctx.detector.implemented:
@@ -243,20 +250,20 @@ def _clusterip_masquerade(ctx: PlanContext, port: _Port) -> Rule | None:
 
 def _external_chain(ctx: PlanContext, port: _Port, has_external: bool) -> Chain:
     """KUBE-EXT: masquerade (Cluster policy) or short-circuit pod and host traffic (Local)."""
-    spn = port.spn
+    spn, name = port.spn, port.text
     svc = f.jump(naming.service_chain(spn))
     mark = f.jump("KUBE-MARK-MASQ")
     rules: list[Rule] = []
     if not port.sp.external_policy_local:
-        text = f"masquerade traffic for {spn} external destinations"
+        text = f"masquerade traffic for {name} external destinations"
         rules.append(Rule(matches=(f.comment(text),), target=mark))
     else:
         if ctx.detector.implemented:
-            pod_text = f"pod traffic for {spn} external destinations"
+            pod_text = f"pod traffic for {name} external destinations"
             rules.append(ctx.detector.if_local(Rule(matches=(f.comment(pod_text),), target=svc)))
         src_local = f.addrtype(src_type="LOCAL")
-        masq_text = f"masquerade LOCAL traffic for {spn} external destinations"
-        route_text = f"route LOCAL traffic for {spn} external destinations"
+        masq_text = f"masquerade LOCAL traffic for {name} external destinations"
+        route_text = f"route LOCAL traffic for {name} external destinations"
         rules.append(Rule(matches=(f.comment(masq_text), src_local), target=mark))
         rules.append(Rule(matches=(f.comment(route_text), src_local), target=svc))
     if has_external:
@@ -269,9 +276,9 @@ def _external_chain(ctx: PlanContext, port: _Port, has_external: bool) -> Chain:
 def _firewall_chain(ctx: PlanContext, port: _Port) -> Chain:
     """KUBE-FW: let allowed sources on to KUBE-EXT; the rest falls through, undNATed, to the
     filter table's KUBE-PROXY-FIREWALL DROP."""
-    spn = port.spn
+    spn, name = port.spn, port.text
     ext = f.jump(naming.external_chain(spn))
-    text = (f.comment(f"{spn} loadbalancer IP"),)
+    text = (f.comment(f"{name} loadbalancer IP"),)
     rules = [Rule(src=r, matches=text, target=ext) for r in port.source_ranges]
     node_ip = ctx.node_ip
     if node_ip is not None and any(
@@ -279,7 +286,7 @@ def _firewall_chain(ctx: PlanContext, port: _Port) -> Chain:
     ):
         # A VIP bound on the node makes node-originated traffic carry the VIP as its source.
         rules.extend(Rule(src=f.cidr(ip), matches=text, target=ext) for ip in port.lb_ips)
-    last = f"other traffic to {spn} will be dropped by KUBE-PROXY-FIREWALL"
+    last = f"other traffic to {name} will be dropped by KUBE-PROXY-FIREWALL"
     rules.append(Rule(matches=(f.comment(last),)))
     return Chain(naming.firewall_chain(spn), tuple(rules))
 
@@ -290,18 +297,18 @@ def _endpoint_comment(ctx: PlanContext, text: str) -> tuple[Match, ...]:
 
 def _balance(ctx: PlanContext, port: _Port, endpoints: tuple[Endpoint, ...]) -> tuple[Rule, ...]:
     """Affinity checks, then one probability rule per endpoint, the last unconditional."""
-    spn, affinity = port.spn, port.sp.session_affinity_seconds
+    spn, name, affinity = port.spn, port.text, port.sp.session_affinity_seconds
     chains = [naming.endpoint_chain(spn, ep) for ep in endpoints]
     rules = []
     if affinity is not None:
         for ep, sep in zip(endpoints, chains, strict=True):
             check = f.recent_check(sep, affinity, ctx.family)
-            text = _endpoint_comment(ctx, f"{spn} -> {ep}")
+            text = _endpoint_comment(ctx, f"{name} -> {ep}")
             rules.append(Rule(matches=(*text, check), target=f.jump(sep)))
     n = len(endpoints)
     for i, (ep, sep) in enumerate(zip(endpoints, chains, strict=True)):
         stat = (f.statistic(n - i),) if i < n - 1 else ()
-        text = _endpoint_comment(ctx, f"{spn} -> {ep}")
+        text = _endpoint_comment(ctx, f"{name} -> {ep}")
         rules.append(Rule(matches=(*text, *stat), target=f.jump(sep)))
     return tuple(rules)
 
@@ -309,7 +316,7 @@ def _balance(ctx: PlanContext, port: _Port, endpoints: tuple[Endpoint, ...]) -> 
 def _endpoint_chain(ctx: PlanContext, port: _Port, ep: Endpoint) -> Chain:
     """KUBE-SEP: masquerade hairpin traffic, remember the client for affinity, DNAT."""
     sep = naming.endpoint_chain(port.spn, ep)
-    text = _endpoint_comment(ctx, str(port.spn))
+    text = _endpoint_comment(ctx, port.text)
     affinity: tuple[Match, ...] = ()
     if port.sp.session_affinity_seconds is not None:
         affinity = (f.recent_set(sep, ctx.family),)

@@ -4,6 +4,7 @@ reports back, so a planned rule and the same rule read from the kernel compare e
 from __future__ import annotations
 
 import ipaddress
+from functools import lru_cache
 
 from kproxy.rules.ir import Match, Opt, Target
 
@@ -11,6 +12,7 @@ from kproxy.rules.ir import Match, Opt, Target
 _STATISTIC_SCALE = 0x80000000
 
 
+@lru_cache(maxsize=1 << 17)
 def cidr(address: str) -> str:
     """`10.0.0.1` -> `10.0.0.1/32`; CIDRs are normalised to their network address."""
     return str(ipaddress.ip_network(address, strict=False))
@@ -26,6 +28,7 @@ def protocol_match(protocol: str, dport: int | None = None) -> Match:
     return Match(protocol, (Opt("dport", str(dport)),) if dport is not None else ())
 
 
+@lru_cache(maxsize=1024)
 def probability(n: int) -> str:
     """The probability of picking the first of n remaining endpoints: upstream writes 1/n with 10
     decimals; this is that value as the kernel stores and prints it."""
@@ -34,6 +37,7 @@ def probability(n: int) -> str:
     return f"{stored / _STATISTIC_SCALE:.11f}"
 
 
+@lru_cache(maxsize=1024)
 def statistic(n: int) -> Match:
     return Match("statistic", (Opt("mode", "random"), Opt("probability", probability(n))))
 

@@ -27,6 +27,7 @@ from kproxy.plan.ruleset import build_ruleset, with_canaries
 from kproxy.rules.ir import Ruleset
 from kproxy.state.cluster import ClusterState
 from kproxy.state.ingest import Mutation
+from kproxy.sync.gcpause import gc_paused
 from kproxy.watch.sink import ENDPOINT_SLICE, NODE, SERVICE
 
 log = structlog.get_logger("kproxy.sync")
@@ -126,9 +127,10 @@ class SyncLoop:
         """One sync: plan, apply, report. Returns whether it succeeded."""
         snapshot = self._take_snapshot()
         started = time.monotonic()
-        rulesets = self.plan(snapshot)
         try:
-            results = self.apply(rulesets)
+            with gc_paused():
+                rulesets = self.plan(snapshot)
+                results = self.apply(rulesets)
         except KproxyError as exc:
             self._needs_full = True
             self.metrics.restore_failures.inc()

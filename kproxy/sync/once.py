@@ -14,6 +14,7 @@ from kproxy.plan.ruleset import build_ruleset
 from kproxy.rules.ir import Ruleset
 from kproxy.state.cluster import ClusterState
 from kproxy.state.ingest import update_endpoint_slice, update_service
+from kproxy.sync.gcpause import gc_paused
 from kproxy.watch.manifests import Manifests
 
 
@@ -77,9 +78,10 @@ def sync_once(
     services = state.services_map()
     endpoints = state.endpoints_map()
     result = ApplyResult()
-    for family, dataplane in sorted(dataplanes.items()):
-        ruleset = build_ruleset(services, endpoints, node, config, family)
-        result.tables.extend(dataplane.apply(ruleset).tables)
+    with gc_paused():
+        for family, dataplane in sorted(dataplanes.items()):
+            ruleset = build_ruleset(services, endpoints, node, config, family)
+            result.tables.extend(dataplane.apply(ruleset).tables)
     return SyncReport(
         services=len({spn.service for spn in services}),
         service_ports=len(services),

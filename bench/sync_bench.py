@@ -1,0 +1,276 @@
+"""kproxy's sync against upstream kube-proxy's iptables-legacy-restore, measured in one run.
+
+    python -m bench.sync_bench --services 10000            # one size (what `make bench` runs)
+    python -m bench.sync_bench --services 1000 5000 10000 20000
+    python -m bench.sync_bench --services 1000 --endpoints 100
+
+Each size runs in a fresh network namespace (`unshare -n`), so the host's tables are never
+touched. For N ClusterIP services with E endpoints each it times:
+
+  (a) full sync from empty tables: kproxy's agent sync vs iptables-legacy-restore of the same
+      ruleset upstream writes at that size (large-cluster mode included);
+  (b) one service's endpoints changed: kproxy's partial sync vs upstream's partial restore
+      (`--noflush`, the top-level chains plus that service's chains, `-X` for the stale one);
+  (c) nothing changed: kproxy's sync vs upstream's partial restore of the top-level chains;
+  (d) planning alone (build_ruleset for the whole cluster);
+  (e) peak RSS of the kproxy process.
+
+It prints each figure, the ratio kproxy/baseline, and a table across sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+from kproxy.model.config import ProxyConfig
+from kproxy.model.convert import EndpointSliceInfo, EndpointSlicePort
+from kproxy.model.endpoint import Endpoint
+from kproxy.model.node import NodeInfo
+from kproxy.model.service import NamespacedName, Protocol, ServicePort, ServicePortName
+from kproxy.plan import naming
+from kproxy.plan.ruleset import build_ruleset
+from kproxy.rules.ir import Ruleset
+from kproxy.rules.render import render_rule, render_table
+from kproxy.state.cluster import ClusterState
+
+TOP_LEVEL = {
+    "filter": (
+        "KUBE-SERVICES",
+        "KUBE-EXTERNAL-SERVICES",
+        "KUBE-FORWARD",
+        "KUBE-NODEPORTS",
+        "KUBE-PROXY-FIREWALL",
+    ),
+    "nat": ("KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"),
+}
+REPEATS = 3
+
+
+def service_ip(i: int) -> str:
+    return f"10.{96 + i // 65536}.{i // 256 % 256}.{i % 256}"
+
+
+def endpoint_ip(i: int, j: int) -> str:
+    return f"10.{128 + j % 64}.{i // 256 % 256}.{i % 256}"
+
+
+def build_state(services: int, endpoints: int) -> ClusterState:
+    state = ClusterState()
+    for i in range(services):
+        key = NamespacedName("bench", f"svc-{i}")
+        spn = ServicePortName(key, "http", Protocol.TCP)
+        state.set_service(key, [ServicePort(spn, (service_ip(i),), 80)])
+        state.set_slice(slice_for(i, [endpoint_ip(i, j) for j in range(endpoints)]))
+    return state
+
+
+def slice_for(i: int, ips: list[str]) -> EndpointSliceInfo:
+    key = NamespacedName("bench", f"svc-{i}")
+    return EndpointSliceInfo(
+        key=NamespacedName("bench", f"svc-{i}-abcde"),
+        service=key,
+        address_type="IPv4",
+        ports=(EndpointSlicePort("http", 8080, Protocol.TCP),),
+        endpoints=tuple(Endpoint(ip, 0, node_name="other") for ip in ips),
+    )
+
+
+def restore(text: str, noflush: bool) -> float:
+    with tempfile.NamedTemporaryFile("w", suffix=".rules") as f:
+        f.write(text)
+        f.flush()
+        args = ["iptables-legacy-restore", "-w", "5"] + (["--noflush"] if noflush else [])
+        started = time.perf_counter()
+        with open(f.name) as stdin:
+            subprocess.run(args, stdin=stdin, check=True)
+        return time.perf_counter() - started
+
+
+def flush_tables() -> None:
+    for table in ("filter", "nat", "mangle"):
+        subprocess.run(["iptables-legacy", "-w", "-t", table, "-F"], check=True)
+        subprocess.run(["iptables-legacy", "-w", "-t", table, "-X"], check=True)
+
+
+def partial_restore_text(ruleset: Ruleset, chains: set[str], deleted: set[str]) -> str:
+    """What upstream's partial sync feeds iptables-restore --noflush: the top-level chains and
+    the changed services' chains in full, then `-X` for chains gone."""
+    out = []
+    for table in ruleset.tables:
+        if table.name not in TOP_LEVEL:
+            continue
+        wanted = set(TOP_LEVEL[table.name]) | (chains if table.name == "nat" else set())
+        out.append(f"*{table.name}")
+        picked = [c for c in table.chains if c.name in wanted]
+        out.extend(f":{c.name} - [0:0]" for c in picked)
+        out.extend(f":{name} - [0:0]" for name in sorted(deleted) if table.name == "nat")
+        for c in picked:
+            out.extend(render_rule(c.name, r) for r in c.rules)
+        out.extend(f"-X {name}" for name in sorted(deleted) if table.name == "nat")
+        out.append("COMMIT")
+    return "\n".join(out) + "\n"
+
+
+def best(fn: Callable[[], float], repeats: int = REPEATS) -> float:
+    return min(fn() for _ in range(repeats))
+
+
+def run_inner(services: int, endpoints: int) -> dict[str, float]:
+    from kproxy.dataplane.iptables import IptablesDataplane
+    from kproxy.health.healthz import ProxyHealth
+    from kproxy.health.metrics import ProxyMetrics
+    from kproxy.sync.loop import StateBox, SyncLoop
+
+    config = ProxyConfig(cluster_cidrs=("10.128.0.0/10",))
+    node = NodeInfo(name="bench-node")
+    state = build_state(services, endpoints)
+    figures: dict[str, float] = {}
+
+    started = time.perf_counter()
+    ruleset = build_ruleset(state.services_map(), state.endpoints_map(), node, config)
+    figures["plan"] = time.perf_counter() - started
+    upstream_text = "".join(render_table(t) for t in ruleset.tables)
+    figures["rules"] = sum(len(c.rules) for t in ruleset.tables for c in t.chains)
+
+    def baseline_full() -> float:
+        flush_tables()
+        return restore(upstream_text, noflush=True)
+
+    figures["full_baseline"] = best(baseline_full)
+
+    health = ProxyHealth(timeout=60)
+    metrics = ProxyMetrics()
+    dataplane = IptablesDataplane(4, lock_timeout=30)
+
+    def fresh_loop() -> tuple[StateBox, SyncLoop]:
+        box = StateBox(node.name, health, metrics)
+        box.state = state
+        return box, SyncLoop(box, config, {4: dataplane}, metrics, health)
+
+    def kproxy_full() -> float:
+        flush_tables()
+        _, loop = fresh_loop()
+        state.restore_changes({NamespacedName("bench", f"svc-{i}") for i in range(services)})
+        started = time.perf_counter()
+        assert loop.sync()
+        return time.perf_counter() - started
+
+    figures["full_kproxy"] = best(kproxy_full)
+
+    # (b) one service's endpoints change, with the agent warm (as after its first sync).
+    box, loop = fresh_loop()
+    assert loop.sync()
+    changed = services // 2
+    spn = ServicePortName(NamespacedName("bench", f"svc-{changed}"), "http", Protocol.TCP)
+    partial_times, baseline_times = [], []
+    for round_ in range(REPEATS):
+        ips = [endpoint_ip(changed, j) for j in range(endpoints)]
+        ips[0] = f"10.255.{round_}.{round_ + 1}"
+        old = {naming.endpoint_chain(spn, ep) for ep in state.endpoints_map().get(spn, ())}
+        state.set_slice(slice_for(changed, ips))
+        started = time.perf_counter()
+        assert loop.sync()
+        partial_times.append(time.perf_counter() - started)
+        new_ruleset = build_ruleset(state.services_map(), state.endpoints_map(), node, config)
+        new = {naming.endpoint_chain(spn, ep) for ep in state.endpoints_map()[spn]}
+        chains = {naming.service_chain(spn)} | new
+        # Put the old version back in the kernel, then time upstream's partial restore.
+        state.set_slice(slice_for(changed, [endpoint_ip(changed, j) for j in range(endpoints)]))
+        assert loop.sync()
+        baseline_times.append(restore(partial_restore_text(new_ruleset, chains, old - new), True))
+        state.set_slice(slice_for(changed, ips))
+        assert loop.sync()
+        state.set_slice(slice_for(changed, [endpoint_ip(changed, j) for j in range(endpoints)]))
+        assert loop.sync()
+    figures["change_kproxy"] = min(partial_times)
+    figures["change_baseline"] = min(baseline_times)
+
+    # (c) nothing changed.
+    figures["nochange_kproxy"] = best(lambda: _timed(loop.sync))
+    figures["nochange_baseline"] = best(
+        lambda: restore(partial_restore_text(ruleset, set(), set()), True)
+    )
+    figures["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return figures
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def measure(services: int, endpoints: int) -> dict[str, float]:
+    """Run one size in a fresh network namespace; returns its figures."""
+    proc = subprocess.run(
+        [
+            "unshare",
+            "-n",
+            sys.executable,
+            "-m",
+            "bench.sync_bench",
+            "--inner",
+            "--services",
+            str(services),
+            "--endpoints",
+            str(endpoints),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark at {services} services failed:\n{proc.stderr[-3000:]}")
+    figures: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return figures
+
+
+def report(services: int, endpoints: int, f: dict[str, float]) -> None:
+    print(f"\n== {services} services x {endpoints} endpoints ({int(f['rules'])} rules)")
+    rows = [
+        ("(a) full sync from empty", f["full_kproxy"], f["full_baseline"], "restore"),
+        ("(b) one service changed", f["change_kproxy"], f["change_baseline"], "partial restore"),
+        ("(c) nothing changed", f["nochange_kproxy"], f["nochange_baseline"], "partial restore"),
+    ]
+    for name, mine, base, what in rows:
+        print(f"{name:28} kproxy {mine:7.3f}s   {what} {base:7.3f}s   ratio {mine / base:5.2f}")
+    print(f"{'(d) planning alone':28} {f['plan']:7.3f}s")
+    print(f"{'(e) peak RSS':28} {f['rss_mb']:7.1f} MB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--services", type=int, nargs="+", default=[10000])
+    parser.add_argument("--endpoints", type=int, default=5)
+    parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inner:
+        print(json.dumps(run_inner(args.services[0], args.endpoints)))
+        return
+    results = {}
+    for n in args.services:
+        results[n] = measure(n, args.endpoints)
+        report(n, args.endpoints, results[n])
+    print("\nservices  full(kproxy/restore)  change(kproxy/partial)  nochange  plan   RSS MB")
+    for n, f in results.items():
+        print(
+            f"{n:8}  {f['full_kproxy']:6.2f}/{f['full_baseline']:<6.2f} {f['full_kproxy'] / f['full_baseline']:5.2f}x"
+            f"   {f['change_kproxy']:6.3f}/{f['change_baseline']:<6.3f} {f['change_kproxy'] / f['change_baseline']:5.2f}x"
+            f"   {f['nochange_kproxy'] / f['nochange_baseline']:5.2f}x"
+            f"  {f['plan']:5.2f}  {f['rss_mb']:6.1f}"
+        )
+    if len(results) > 1:
+        first, last = min(results), max(results)
+        growth = results[last]["full_kproxy"] / results[first]["full_kproxy"]
+        print(f"full-sync growth {first} -> {last} services: {growth:.1f}x for {last / first:.0f}x")
+
+
+if __name__ == "__main__":
+    main()
