@@ -32,6 +32,7 @@ from integration.agent_harness import (
     Agent,
     AgentNode,
     agent_node,
+    answered_by,
     log_time,
     service_object,
     slice_object,
@@ -108,9 +109,7 @@ def run_changes(node: AgentNode, args: argparse.Namespace) -> int:
         time.sleep(args.gap)
         written = time.monotonic()
         node.api.update("EndpointSlice", slice_object("measured", [target.ip], TARGET))
-        answered = poller.first(
-            lambda a, name=target.name: a.outcome == name, written, CONVERGE_TIMEOUT
-        )
+        answered = poller.first(answered_by(target.name), written, CONVERGE_TIMEOUT)
         if answered is None:
             print(f"change {k + 1}: {target.name} never answered", file=sys.stderr)
             return 1

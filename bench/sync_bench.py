@@ -50,7 +50,7 @@ TOP_LEVEL = {
     ),
     "nat": ("KUBE-SERVICES", "KUBE-NODEPORTS", "KUBE-POSTROUTING", "KUBE-MARK-MASQ"),
 }
-REPEATS = 3
+REPEATS = 2
 
 
 def service_ip(i: int) -> str:

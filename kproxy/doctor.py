@@ -8,8 +8,10 @@ legacy tables are only opened when /proc says they already exist, since opening 
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any, Literal
 from kproxy.dataplane.diff import is_owned_chain
 from kproxy.errors import ConfigError
 from kproxy.model.config import ProxyConfig
+from kproxy.plan.naming import SERVICE_CHAIN_PREFIXES, is_service_chain
 
 Status = Literal["ok", "warn", "fail"]
 DEFAULT_SERVICE_CIDR = "10.96.0.0/12"  # kubeadm's default --service-cluster-ip-range
@@ -86,7 +89,7 @@ def read_legacy_chains(table: str, family: int = 4) -> frozenset[str]:
     names = PROC / "net" / ("ip_tables_names" if family == 4 else "ip6_tables_names")
     try:
         existing = names.read_text().split()
-    except OSError:  # no ip_tables module: no legacy table at all
+    except FileNotFoundError:  # no ip_tables module: no legacy table at all
         return frozenset()
     if table not in existing:
         return frozenset()
@@ -108,12 +111,18 @@ def read_nft_chains() -> frozenset[tuple[str, str, str]]:
     from pyroute2.netlink.exceptions import NetlinkError
     from pyroute2.nftables.main import NFTables
 
-    nft = NFTables(nfgen_family=0)  # NFPROTO_UNSPEC: every family
+    no_nftables = (errno.EPROTONOSUPPORT, errno.EAFNOSUPPORT, errno.EOPNOTSUPP)
+    try:
+        nft = NFTables(nfgen_family=0)  # NFPROTO_UNSPEC: every family
+    except OSError as exc:
+        if exc.errno in no_nftables:  # a kernel without nfnetlink: no nftables rules either
+            return frozenset()
+        raise
     try:
         tables = nft.get_tables()
         chains = nft.get_chains()
     except NetlinkError as exc:
-        if exc.code in (93, 97):  # EPROTONOSUPPORT, EAFNOSUPPORT: no nf_tables in the kernel
+        if exc.code in no_nftables:
             return frozenset()
         raise
     finally:
@@ -205,20 +214,22 @@ def read_conntrack_limits(doc: Mapping[str, Any]) -> ConntrackLimits:
     section = doc.get("conntrack") or {}
     if not isinstance(section, Mapping):
         raise ConfigError("config field conntrack: expected a mapping")
-    values = {}
-    for key in ("maxPerCore", "min"):
+    default = ConntrackLimits()
+    values = {"maxPerCore": default.max_per_core, "min": default.min}
+    for key in values:
         value = section.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ConfigError(f"config field conntrack.{key}: {value!r} is not an integer")
-        values[key] = value
-    default = ConntrackLimits()
-    return ConntrackLimits(
-        default.max_per_core if values["maxPerCore"] is None else values["maxPerCore"],
-        default.min if values["min"] is None else values["min"],
-    )
+        values[key] = values[key] if value is None else value
+    return ConntrackLimits(values["maxPerCore"], values["min"])
 
 
 # --- judging --------------------------------------------------------------------------------
+
+
+def _names(chains: list[str]) -> str:
+    """`A is` / `A and B are`."""
+    return " and ".join(chains) + (" is" if len(chains) == 1 else " are")
 
 
 def judge_backend(legacy: Iterable[str], nft: Iterable[str]) -> Check:
@@ -229,7 +240,7 @@ def judge_backend(legacy: Iterable[str], nft: Iterable[str]) -> Check:
         return Check(
             name,
             "fail",
-            f"kubelet's {', '.join(nft)} is in the nftables mangle table: this node's iptables "
+            f"kubelet's {_names(nft)} in the nftables mangle table: this node's iptables "
             "is iptables-nft, but kproxy writes the legacy tables (libiptc), so its rules would "
             "run beside kubelet's and the CNI plugin's instead of with them",
             "switch the node to iptables-legacy (`update-alternatives --set iptables "
@@ -249,7 +260,7 @@ def judge_backend(legacy: Iterable[str], nft: Iterable[str]) -> Check:
         return Check(
             name,
             "ok",
-            f"kubelet's {', '.join(legacy)} is in the legacy mangle table, where kproxy writes",
+            f"kubelet's {_names(legacy)} in the legacy mangle table, where kproxy writes",
         )
     return Check(
         name,
@@ -279,8 +290,7 @@ def judge_service_route(cidr: str, lookups: list[RouteLookup]) -> Check:
     )
 
 
-def judge_forwarding(sysctl: str, value: str | None) -> Check:
-    name = "ip-forward"
+def judge_forwarding(sysctl: str, value: str | None, name: str = "ip-forward") -> Check:
     if value == "1":
         return Check(name, "ok", f"{sysctl} is 1")
     return Check(
@@ -336,25 +346,31 @@ def judge_conntrack(current: int | None, cores: int, limits: ConntrackLimits) ->
     )
 
 
+def _summarise(chains: list[str]) -> str:
+    """`KUBE-SERVICES, KUBE-POSTROUTING, 12 KUBE-SVC-*, 30 KUBE-SEP-*`."""
+    per_service = Counter(p for c in chains for p in SERVICE_CHAIN_PREFIXES if c.startswith(p))
+    top = [c for c in chains if not is_service_chain(c)]
+    return ", ".join([*top, *(f"{n} {p}*" for p, n in sorted(per_service.items()))])
+
+
 def _leftover_parts(
     chains: frozenset[str], nft: frozenset[tuple[str, str, str]], links: Iterable[str]
-) -> tuple[list[str], list[str]]:
-    """(what `kproxy cleanup` removes, what it does not) as readable phrases."""
+) -> tuple[list[str], dict[str, str]]:
+    """What `kproxy cleanup` removes, as phrases; and what it does not, by the --proxy-mode
+    whose `kube-proxy --cleanup` does."""
     owned = sorted(c for c in chains if is_owned_chain(c))
-    cleanable = []
-    if owned:
-        shown = ", ".join(owned[:3]) + (f" and {len(owned) - 3} more" if len(owned) > 3 else "")
-        cleanable.append(f"{len(owned)} kube-proxy chains in the legacy tables ({shown})")
-    other = []
+    cleanable = [f"kube-proxy chains in the legacy tables ({_summarise(owned)})"] if owned else []
+    other = {}
     ipvs = sorted(chains & IPVS_CHAINS)
     if IPVS_INTERFACE in links or ipvs:
-        other.append(f"IPVS mode state ({', '.join([IPVS_INTERFACE, *ipvs])})")
-    nft_tables = sorted(f"{fam} {table}" for fam, table, c in nft if table == NFT_PROXY_TABLE)
-    nft_chains = sorted({c for _, _, c in nft if c and is_owned_chain(c)})
+        found = [IPVS_INTERFACE] if IPVS_INTERFACE in links else []
+        other["ipvs"] = f"IPVS mode state ({', '.join(found + ipvs)})"
+    nft_tables = sorted({f"{fam} {table}" for fam, table, _ in nft if table == NFT_PROXY_TABLE})
     if nft_tables:
-        other.append(f"nftables mode tables ({', '.join(sorted(set(nft_tables)))})")
+        other["nftables"] = f"nftables mode tables ({', '.join(nft_tables)})"
+    nft_chains = sorted({c for _, _, c in nft if c and is_owned_chain(c)})
     if nft_chains:
-        other.append(f"{len(nft_chains)} kube-proxy chains in iptables-nft tables")
+        other["iptables"] = f"kube-proxy chains in iptables-nft tables ({_summarise(nft_chains)})"
     return cleanable, other
 
 
@@ -364,26 +380,27 @@ def judge_leftovers(
     links: Iterable[str],
     proxies: list[ProxyProcess],
 ) -> Check:
+    """`chains`: legacy chain names; `nft`: read_nft_chains(); `links`: interface names."""
     name = "kube-proxy-leftovers"
     cleanable, other = _leftover_parts(chains, nft, set(links))
-    running = sorted({p.program for p in proxies})
+    running = " and ".join(sorted({p.program for p in proxies}))
     if not cleanable and not other:
         return Check(name, "ok", "no kube-proxy rules or IPVS state")
     if running and not other:
-        owner = " and ".join(running)
-        return Check(name, "ok", f"{cleanable[0]}, kept up to date by the running {owner}")
-    found = "; ".join(cleanable + other)
+        return Check(name, "ok", f"{cleanable[0]}, kept up to date by the running {running}")
     advice = []
     if cleanable and not running:
         advice.append("run `kproxy cleanup` (or start kproxy, which takes these chains over)")
     if other:
+        modes = " and ".join(f"--proxy-mode={mode}" for mode in sorted(other))
         advice.append(
-            "stop kube-proxy, then run `kube-proxy --cleanup` from its image once: kproxy cleanup "
-            "does not remove IPVS or nftables state"
+            f"stop kube-proxy, then run `kube-proxy --cleanup` once with {modes} (from the "
+            "kube-proxy image): kproxy cleanup only removes chains from the legacy tables"
         )
-    status: Status = "fail" if other or not running else "ok"
-    detail = f"found {found}" + ("" if running else ", and no proxy runs in this namespace")
-    return Check(name, status, detail, "; ".join(advice))
+    detail = "found " + "; ".join([*cleanable, *other.values()])
+    if not running:
+        detail += ", and no proxy runs in this namespace"
+    return Check(name, "fail", detail, "; ".join(advice))
 
 
 def judge_proxy_processes(proxies: list[ProxyProcess]) -> Check:
@@ -455,7 +472,9 @@ def run_checks(
     ]
     if _uses_ipv6(config, cidr):
         v6 = "net.ipv6.conf.all.forwarding"
-        checks.append(_guarded("ip-forward", lambda: judge_forwarding(v6, read_sysctl(v6))))
+        checks.append(
+            _guarded("ipv6-forward", lambda: judge_forwarding(v6, read_sysctl(v6), "ipv6-forward"))
+        )
     checks += [
         _guarded(
             "bridge-nf-call-iptables",
@@ -466,24 +485,16 @@ def run_checks(
         ),
         _guarded("conntrack-max", lambda: _conntrack(limits)),
     ]
-    proxies = _guarded_processes()
     checks += [
         _guarded(
             "kube-proxy-leftovers",
             lambda: judge_leftovers(
-                read_all_legacy_chains(), read_nft_chains(), read_links(), proxies
+                read_all_legacy_chains(), read_nft_chains(), read_links(), read_proxy_processes()
             ),
         ),
-        _guarded("kube-proxy-process", lambda: judge_proxy_processes(proxies)),
+        _guarded("kube-proxy-process", lambda: judge_proxy_processes(read_proxy_processes())),
     ]
     return checks
-
-
-def _guarded_processes() -> list[ProxyProcess]:
-    try:
-        return read_proxy_processes()
-    except OSError:
-        return []
 
 
 _LABELS = {"ok": "ok", "warn": "WARN", "fail": "FAIL"}
@@ -500,12 +511,16 @@ def render_report(checks: list[Check]) -> str:
     failed = sum(c.status == "fail" for c in checks)
     warned = sum(c.status == "warn" for c in checks)
     if failed:
-        verdict = f"{failed} failed, {warned} warnings: fix the failures before running kproxy"
+        verdict = f"{failed} failed, {_warnings(warned)}: fix the failures before running kproxy"
     elif warned:
-        verdict = f"no failures, {warned} warnings: kproxy can run; read the warnings"
+        verdict = f"no failures, {_warnings(warned)}: kproxy can run; read the warnings"
     else:
         verdict = f"all {len(checks)} checks passed"
     return "\n".join([*lines, "", verdict]) + "\n"
+
+
+def _warnings(count: int) -> str:
+    return f"{count} warning" + ("" if count == 1 else "s")
 
 
 def exit_code(checks: list[Check]) -> int:

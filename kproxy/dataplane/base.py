@@ -33,6 +33,10 @@ class ApplyResult:
         return sum(t.unchanged for t in self.tables)
 
     @property
+    def read_kernel(self) -> bool:
+        return any(t.read_kernel for t in self.tables)
+
+    @property
     def changed(self) -> bool:
         return any(not t.empty for t in self.tables)
 
@@ -42,6 +46,9 @@ class Dataplane(Protocol):
 
     def read(self) -> dict[str, SavedTable]: ...
 
-    def apply(self, ruleset: Ruleset) -> ApplyResult: ...
+    def apply(self, ruleset: Ruleset, full: bool = True) -> ApplyResult:
+        """Make the kernel hold `ruleset`. A full apply compares with the kernel's rules; a
+        partial one may compare with what this dataplane committed last."""
+        ...
 
     def cleanup(self) -> ApplyResult: ...

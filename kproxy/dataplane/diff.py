@@ -49,6 +49,9 @@ class TableChanges:
     insert_jumps: list[JumpRule] = field(default_factory=list)  # each goes to the top of its chain
     remove_jumps: dict[str, list[int]] = field(default_factory=dict)  # chain -> 0-based positions
     unchanged: int = 0
+    read_kernel: bool = (
+        True  # compared with the kernel's rules (a full sync) or with the last commit
+    )
 
     @property
     def empty(self) -> bool:
@@ -89,6 +92,27 @@ def plan_table_changes(desired: Table, current: SavedTable | None) -> TableChang
     for jump in desired.jumps:
         if render_rule(jump.chain, jump.rule) not in current.chains.get(jump.chain, []):
             changes.insert_jumps.append(jump)
+    return changes
+
+
+def plan_table_changes_from(desired: Table, applied: Table) -> TableChanges | None:
+    """The changes from what kproxy committed last (`applied`) to `desired`, without reading the
+    kernel; valid only while nobody else wrote the table. None when the jump rules in built-in
+    chains differ: those are checked against the kernel."""
+    if desired.jumps != applied.jumps:
+        return None
+    before = {c.name: c for c in applied.chains}
+    changes = TableChanges(desired.name, read_kernel=False)
+    for chain in desired.chains:
+        old = before.pop(chain.name, None)
+        if old is None:
+            changes.create.append(chain.name)
+            changes.write.append(chain)
+        elif old is chain or old == chain:
+            changes.unchanged += 1
+        else:
+            changes.write.append(chain)
+    changes.delete = sorted(name for name in before if is_owned_chain(name))
     return changes
 
 

@@ -17,10 +17,22 @@ from collections.abc import Iterable
 from functools import lru_cache
 
 from kproxy.dataplane.base import ApplyResult
-from kproxy.dataplane.diff import TableChanges, plan_cleanup, plan_table_changes
+from kproxy.dataplane.diff import (
+    TableChanges,
+    plan_cleanup,
+    plan_table_changes,
+    plan_table_changes_from,
+)
 from kproxy.dataplane.iptables import TABLES
 from kproxy.errors import DataplaneError
-from kproxy.rules.ir import BUILTIN_CHAINS, EXTENSION_TARGETS, STANDARD_TARGETS, Ruleset, Target
+from kproxy.rules.ir import (
+    BUILTIN_CHAINS,
+    EXTENSION_TARGETS,
+    STANDARD_TARGETS,
+    Ruleset,
+    Table,
+    Target,
+)
 from kproxy.rules.parse import parse_rule
 from kproxy.rules.render import render_rule
 from kproxy.rules.saved import SavedTable, parse_save, render_saved
@@ -60,6 +72,8 @@ class FakeDataplane:
         self.family = family
         self._tables = {name: _empty_table(name) for name in tables}
         self.commits = 0  # successful table commits
+        self._applied: dict[str, Table] = {}  # what apply() committed last, per table
+        self._foreign: set[str] = set()  # tables another program wrote since
         self.history: list[TableChanges] = []  # the changes of every successful commit
         self._failures: list[str] = []
 
@@ -84,18 +98,31 @@ class FakeDataplane:
                         raise DataplaneError(f"table {name}: rule {line!r} outside chain {chain}")
                 staged.chains[chain].extend(lines)
             self._commit(staged)
+            self._foreign.add(name)
 
     def fail_next_commit(self, message: str = "injected failure") -> None:
         """Make the next non-empty table commit fail, as a concurrent writer or a missing kernel
         module would; the table is left unchanged."""
         self._failures.append(message)
 
-    def apply(self, ruleset: Ruleset) -> ApplyResult:
-        """Make the tables hold `ruleset`; each table is committed once, atomically."""
+    def apply(self, ruleset: Ruleset, full: bool = True) -> ApplyResult:
+        """Make the tables hold `ruleset`; each table is committed once, atomically. A partial
+        apply compares with the last commit unless another program wrote the table since."""
         result = ApplyResult()
         for desired in ruleset.tables:
-            changes = plan_table_changes(desired, self._tables.get(desired.name))
-            self.commit_changes(changes)
+            applied = self._applied.get(desired.name)
+            changes = None
+            if not full and applied is not None and desired.name not in self._foreign:
+                changes = plan_table_changes_from(desired, applied)
+            if changes is None:
+                changes = plan_table_changes(desired, self._tables.get(desired.name))
+            try:
+                self.commit_changes(changes)
+            except DataplaneError:
+                self._applied.pop(desired.name, None)
+                raise
+            self._applied[desired.name] = desired
+            self._foreign.discard(desired.name)
             result.tables.append(changes)
         return result
 

@@ -39,7 +39,7 @@ def _serve_requests(conn: Connection, family: int, lock_timeout: float) -> None:
         return
     conn.send(("ready", None))
     handlers: dict[str, Callable[[Any], object]] = {
-        "apply": dataplane.apply,
+        "apply": lambda arg: dataplane.apply(*arg),
         "cleanup": lambda _: dataplane.cleanup(),
         "read": lambda _: dataplane.read(),
     }
@@ -95,8 +95,8 @@ class FamilyProcess:
         tables: dict[str, SavedTable] = self._call("read")
         return tables
 
-    def apply(self, ruleset: Ruleset) -> ApplyResult:
-        result: ApplyResult = self._call("apply", ruleset)
+    def apply(self, ruleset: Ruleset, full: bool = True) -> ApplyResult:
+        result: ApplyResult = self._call("apply", (ruleset, full))
         return result
 
     def cleanup(self) -> ApplyResult:

@@ -9,15 +9,24 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Callable
+from functools import partial
 from types import ModuleType
 from typing import Any
 
 from kproxy.dataplane.base import ApplyResult as ApplyResult
-from kproxy.dataplane.diff import TableChanges, plan_cleanup, plan_table_changes
+from kproxy.dataplane.diff import (
+    TableChanges,
+    plan_cleanup,
+    plan_table_changes,
+    plan_table_changes_from,
+)
 from kproxy.dataplane.entries import EntryCompiler
+from kproxy.dataplane.handles import Handles
 from kproxy.dataplane.lock import xtables_lock
+from kproxy.dataplane.tableinfo import table_info
 from kproxy.errors import DataplaneError
-from kproxy.rules.ir import Rule, Ruleset
+from kproxy.rules.ir import Rule, Ruleset, Table
 from kproxy.rules.saved import SavedTable, parse_save
 
 TABLES = ("filter", "nat", "mangle")
@@ -76,28 +85,40 @@ def _xtables_libdir() -> str:
 
 
 class IptablesDataplane:
-    """Applies Rulesets of one address family to the kernel of the current network namespace."""
+    """Applies Rulesets of one address family to the kernel of the current network namespace.
+
+    It remembers what it committed to each table and the table's fingerprint afterwards. While the
+    fingerprint is unchanged a sync compares the new ruleset with that memory (a partial sync);
+    otherwise, or when asked for a full sync, it reads the table back and compares with that, which
+    also repairs whatever another program changed or flushed.
+    """
 
     def __init__(self, family: int = 4, lock_timeout: float = 5.0) -> None:
         self.family = family
         self.lock_timeout = lock_timeout
         self._iptc = _load_iptc()
         self._entries = EntryCompiler(self._build, family)
+        self._handles = Handles(self._iptc, family)
+        self._applied: dict[str, Table] = {}
+        self._fingerprints: dict[str, tuple[int, int] | None] = {}
 
     def read(self) -> dict[str, SavedTable]:
         return read_tables(self.family)
 
-    def apply(self, ruleset: Ruleset) -> ApplyResult:
+    def apply(self, ruleset: Ruleset, full: bool = True) -> ApplyResult:
         """Make the kernel hold `ruleset`; each table is committed once, atomically."""
         result = ApplyResult()
+        committed: list[str] = []
         with xtables_lock(self.lock_timeout):
             for desired in ruleset.tables:
-                result.tables.append(
-                    self._commit_with_retry(
-                        desired.name,
-                        lambda current, d=desired: plan_table_changes(d, current),
-                    )
+                changes = self._commit_with_retry(
+                    desired.name, partial(self._changes, desired, full=full)
                 )
+                self._applied[desired.name] = desired
+                if not changes.empty:
+                    committed.append(desired.name)
+                result.tables.append(changes)
+        self._handles.refresh_later(committed)
         return result
 
     def cleanup(self) -> ApplyResult:
@@ -105,24 +126,47 @@ class IptablesDataplane:
         result = ApplyResult()
         with xtables_lock(self.lock_timeout):
             for name in TABLES:
-                result.tables.append(
-                    self._commit_with_retry(
-                        name,
-                        lambda current, n=name: plan_cleanup(current or SavedTable(n)),
-                    )
-                )
+                self._applied.pop(name, None)
+                result.tables.append(self._commit_with_retry(name, partial(self._cleanup, name)))
         return result
 
-    def _commit_with_retry(self, table: str, plan: Any) -> TableChanges:
+    def _cleanup(self, name: str, current: SavedTable | None) -> TableChanges:
+        return plan_cleanup(self._read(name, current))
+
+    def _read(self, name: str, current: SavedTable | None) -> SavedTable:
+        return (
+            current
+            if current is not None
+            else read_tables(self.family, (name,)).get(name, SavedTable(name))
+        )
+
+    def _changes(
+        self, desired: Table, current: SavedTable | None, *, full: bool = True
+    ) -> TableChanges:
+        """From memory when nothing else touched the table since our commit, else from the
+        kernel (`current` is None until read)."""
+        applied = self._applied.get(desired.name)
+        if current is None and not full and applied is not None:
+            changes = plan_table_changes_from(desired, applied)
+            if changes is not None:
+                return changes
+        return plan_table_changes(desired, self._read(desired.name, current))
+
+    def _commit_with_retry(
+        self, table: str, plan: Callable[[SavedTable | None], TableChanges]
+    ) -> TableChanges:
         for attempt in range(_COMMIT_ATTEMPTS):
-            current = read_tables(self.family, (table,)).get(table)
-            changes: TableChanges = plan(current)
+            fingerprint = table_info(self.family, table)
+            trusted = fingerprint is not None and fingerprint == self._fingerprints.get(table)
+            changes = plan(None if trusted else self._read(table, None))
             if changes.empty:
                 return changes
             try:
-                self._write(changes)
+                self._write(changes, fingerprint)
+                self._fingerprints[table] = table_info(self.family, table)
                 return changes
             except self._iptc.XTablesError as exc:
+                self._forget(table)
                 # Nothing was committed: the handle holding the partial edit is discarded.
                 raise DataplaneError(
                     f"python-iptables could not build a rule for table {table} ({exc}); are the "
@@ -130,6 +174,7 @@ class IptablesDataplane:
                     f"({os.environ.get('XTABLES_LIBDIR') or 'unset'})?"
                 ) from exc
             except self._iptc.IPTCError as exc:
+                self._forget(table)
                 if (
                     "Resource temporarily unavailable" in str(exc)
                     and attempt + 1 < _COMMIT_ATTEMPTS
@@ -138,11 +183,15 @@ class IptablesDataplane:
                 raise DataplaneError(f"writing table {table} failed: {exc}") from exc
         raise AssertionError("unreachable")
 
-    def _write(self, changes: TableChanges) -> None:
+    def _forget(self, table: str) -> None:
+        """After a failure nothing about the table is trusted: the next sync reads it."""
+        self._fingerprints.pop(table, None)
+        self._applied.pop(table, None)
+        self._handles.forget(table)
+
+    def _write(self, changes: TableChanges, fingerprint: tuple[int, int] | None) -> None:
         iptc = self._iptc
-        table_cls = iptc.Table if self.family == 4 else iptc.Table6
-        table = table_cls(changes.table, autocommit=False)
-        table.refresh()  # drops anything a failed earlier attempt left in the handle
+        table = self._handles.acquire(changes.table, fingerprint)
         for chain, positions in changes.remove_jumps.items():
             for pos in sorted(positions, reverse=True):
                 if table._iptc.iptc_delete_num_entry(chain.encode(), pos, table._handle) != 1:
@@ -161,7 +210,6 @@ class IptablesDataplane:
         for jump in changes.insert_jumps:
             table.insert_entry(jump.chain, self._entries.entry(jump.rule), 0)
         table.commit()
-        table.refresh()
 
     def _build(self, rule: Rule) -> Any:
         """A python-iptables Rule from the IR."""

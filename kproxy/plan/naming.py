@@ -54,3 +54,9 @@ def spn_text(spn: ServicePortName) -> str:
 
 def is_service_chain(name: str) -> bool:
     return name.startswith(SERVICE_CHAIN_PREFIXES)
+
+
+@lru_cache(maxsize=1 << 16)
+def spn_sort_key(spn: ServicePortName) -> tuple[str, str, str, str]:
+    """The order service ports are planned in (namespace, name, port, protocol)."""
+    return (spn.service.namespace, spn.service.name, spn.port, spn.protocol.value)

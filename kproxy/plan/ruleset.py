@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import ServicePort, ServicePortName
+from kproxy.plan import naming
 from kproxy.plan.local_traffic import build_local_detector
 from kproxy.plan.service_rules import PlanContext, SharedChains, of_family, plan_service_port
 from kproxy.rules import fragments as f
@@ -182,14 +183,43 @@ def _localnet_firewall() -> Chain:
     )
 
 
+@dataclass
+class PlanCache:
+    """Each service port's rules from the previous plan, reused while the port, its endpoints
+    and the plan context are unchanged: a sync after one change re-plans one service. It never
+    changes what build_ruleset returns, only how fast."""
+
+    context: PlanContext | None = None
+    ports: dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...], SharedChains]] = field(
+        default_factory=dict
+    )
+
+    def rules_of(
+        self, ctx: PlanContext, sp: ServicePort, endpoints: tuple[Endpoint, ...]
+    ) -> SharedChains:
+        hit = self.ports.get(sp.name)
+        if (
+            hit is not None
+            and (hit[0] is sp or hit[0] == sp)
+            and (hit[1] is endpoints or hit[1] == endpoints)
+        ):
+            return hit[2]
+        part = SharedChains()
+        plan_service_port(ctx, sp, endpoints, part)
+        self.ports[sp.name] = (sp, endpoints, part)
+        return part
+
+
 def build_ruleset(
     services: Mapping[ServicePortName, ServicePort],
     endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]],
     node: NodeInfo,
     config: ProxyConfig,
     family: int = 4,
+    cache: PlanCache | None = None,
 ) -> Ruleset:
-    """The complete kproxy-owned ruleset for one family. Pure: same input, same output."""
+    """The complete kproxy-owned ruleset for one family. Pure: same input, same output (with or
+    without a cache)."""
     # Upstream runs one proxier per family, so only this family's endpoints count.
     total_endpoints = sum(
         1
@@ -212,9 +242,15 @@ def build_ruleset(
         large_cluster=total_endpoints > LARGE_CLUSTER_ENDPOINTS,
         node_ip=node_ips[0] if node_ips else None,
     )
+    cache = cache if cache is not None else PlanCache()
+    if cache.context != ctx:
+        cache.context = ctx
+        cache.ports.clear()
     out = SharedChains()
-    for spn in sorted(services):
-        plan_service_port(ctx, services[spn], endpoints.get(spn, ()), out)
+    for spn in sorted(services, key=naming.spn_sort_key):
+        out.merge(cache.rules_of(ctx, services[spn], endpoints.get(spn, ())))
+    for gone in cache.ports.keys() - services.keys():
+        del cache.ports[gone]
     filter_jumps, nat_jumps = _jump_rules(family, config)
     nat = Table(
         "nat",

@@ -24,6 +24,10 @@ class ClusterState:
         self.node: NodeInfo | None = None
         self._changed: set[NamespacedName] = set()
         self._trigger_times: list[float] = []
+        # Per service: its slices, and its endpoints map computed from them (dropped on change),
+        # so that a sync touching one service does not rebuild every other service's endpoints.
+        self._slices_of: dict[NamespacedName, set[NamespacedName]] = {}
+        self._endpoints_of: dict[NamespacedName, EndpointsMap] = {}
 
     def set_service(self, key: NamespacedName, ports: Iterable[ServicePort]) -> None:
         ports = tuple(ports)
@@ -38,17 +42,28 @@ class ClusterState:
     def set_slice(self, info: EndpointSliceInfo) -> None:
         old = self._slices.get(info.key)
         if old != info:
-            self._slices[info.key] = info
-            self._changed.add(info.service)
             if old is not None:
-                self._changed.add(old.service)
+                self._forget_slice(old)
+            self._slices[info.key] = info
+            self._slices_of.setdefault(info.service, set()).add(info.key)
+            self._endpoints_of.pop(info.service, None)
+            self._changed.add(info.service)
             if info.trigger_time is not None:
                 self._trigger_times.append(info.trigger_time)
 
     def delete_slice(self, key: NamespacedName) -> None:
         old = self._slices.pop(key, None)
         if old is not None:
-            self._changed.add(old.service)
+            self._forget_slice(old)
+
+    def _forget_slice(self, old: EndpointSliceInfo) -> None:
+        keys = self._slices_of.get(old.service)
+        if keys is not None:
+            keys.discard(old.key)
+            if not keys:
+                del self._slices_of[old.service]
+        self._endpoints_of.pop(old.service, None)
+        self._changed.add(old.service)
 
     def take_changes(self) -> set[NamespacedName]:
         """The services changed since the previous call."""
@@ -74,7 +89,16 @@ class ClusterState:
         return {sp.name: sp for ports in self._services.values() for sp in ports}
 
     def endpoints_map(self) -> EndpointsMap:
-        return build_endpoints_map(self._slices.values())
+        """Endpoints of every service port; unchanged services keep the same tuples from one
+        call to the next."""
+        merged: EndpointsMap = {}
+        for service, keys in self._slices_of.items():
+            cached = self._endpoints_of.get(service)
+            if cached is None:
+                cached = build_endpoints_map(self._slices[k] for k in keys)
+                self._endpoints_of[service] = cached
+            merged.update(cached)
+        return merged
 
 
 def build_endpoints_map(slices: Iterable[EndpointSliceInfo]) -> EndpointsMap:

@@ -23,7 +23,7 @@ from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import NamespacedName, Protocol, ServicePort, ServicePortName
-from kproxy.plan.ruleset import build_ruleset, with_canaries
+from kproxy.plan.ruleset import PlanCache, build_ruleset, with_canaries
 from kproxy.rules.ir import Ruleset
 from kproxy.state.cluster import ClusterState
 from kproxy.state.ingest import Mutation
@@ -31,6 +31,9 @@ from kproxy.sync.gcpause import gc_paused
 from kproxy.watch.sink import ENDPOINT_SLICE, NODE, SERVICE
 
 log = structlog.get_logger("kproxy.sync")
+
+# A full sync (compare every chain with the kernel) runs at least this often, as upstream's.
+FULL_SYNC_PERIOD = 3600.0
 
 
 class StateBox:
@@ -107,6 +110,8 @@ class SyncLoop:
     started_at: float = field(default_factory=time.time)
     _needs_full: bool = True
     _last_end: float = 0.0
+    _last_full: float = 0.0
+    _plan_caches: dict[int, PlanCache] = field(default_factory=dict)
 
     def run(self, stop: threading.Event) -> None:
         """Sync until `stop` is set: after changes (no sooner than minSyncPeriod after the last
@@ -130,7 +135,7 @@ class SyncLoop:
         try:
             with gc_paused():
                 rulesets = self.plan(snapshot)
-                results = self.apply(rulesets)
+                results = self.apply(rulesets, snapshot.full)
         except KproxyError as exc:
             self._needs_full = True
             self.metrics.restore_failures.inc()
@@ -149,7 +154,8 @@ class SyncLoop:
     def _take_snapshot(self) -> Snapshot:
         with self.box.lock:
             state = self.box.state
-            full = self._needs_full or self.box.node_labels_changed
+            hourly = time.monotonic() - self._last_full >= FULL_SYNC_PERIOD
+            full = self._needs_full or self.box.node_labels_changed or hourly
             self.box.node_labels_changed = False
             snapshot = Snapshot(
                 services=state.services_map(),
@@ -166,22 +172,31 @@ class SyncLoop:
         return {
             family: with_canaries(
                 build_ruleset(
-                    snapshot.services, snapshot.endpoints, snapshot.node, self.config, family
+                    snapshot.services,
+                    snapshot.endpoints,
+                    snapshot.node,
+                    self.config,
+                    family,
+                    self._plan_caches.setdefault(family, PlanCache()),
                 )
             )
             for family in self.dataplanes
         }
 
-    def apply(self, rulesets: Mapping[int, Ruleset]) -> dict[int, ApplyResult]:
-        return {family: self.dataplanes[family].apply(rs) for family, rs in rulesets.items()}
+    def apply(self, rulesets: Mapping[int, Ruleset], full: bool) -> dict[int, ApplyResult]:
+        return {family: self.dataplanes[family].apply(rs, full) for family, rs in rulesets.items()}
 
     def report(
         self, snapshot: Snapshot, results: Mapping[int, ApplyResult], seconds: float
     ) -> None:
         self._needs_full = False
+        if snapshot.full:
+            self._last_full = time.monotonic()
+        # A partial sync turns full where a table changed behind kproxy's back and was read.
+        full = snapshot.full or any(r.read_kernel for r in results.values())
         m = self.metrics
         m.sync_duration.observe(seconds)
-        (m.full_sync_duration if snapshot.full else m.partial_sync_duration).observe(seconds)
+        (m.full_sync_duration if full else m.partial_sync_duration).observe(seconds)
         m.last_sync.set_to_current_time()
         for family in results:
             self.health.updated(family)
@@ -198,7 +213,7 @@ class SyncLoop:
         self.after_sync(snapshot)
         log.info(
             "sync_completed",
-            full_sync=snapshot.full,
+            full_sync=full,
             changed_services=len(snapshot.changed),
             chains_written=sum(r.chains_written for r in results.values()),
             chains_removed=sum(r.chains_removed for r in results.values()),
