@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEB_PACKAGES := iptables libip4tc2 libip6tc2 libxtables12 conntrack iproute2 gcc
 
-.PHONY: deps venv lint unit integration test demo bench clean
+.PHONY: deps venv lint unit integration test demo bench image clean
 
 # Debian packages: the legacy iptables libraries python-iptables drives, the iptables-legacy-save
 # reader, conntrack and iproute2 for the network-namespace tests.
@@ -42,6 +42,10 @@ demo: venv
 
 bench: venv
 	$(PY) -m bench.sync_bench --services 10000
+
+# The container image (needs a container engine; not built in CI, the Dockerfile is linted there).
+image:
+	docker build -t kproxy:dev .
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -160,7 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--endpoints must be 1 to 8")
     # SIGTERM (a CI timeout) unwinds like Ctrl-C, so the namespaces and the agent are removed.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    return measure(args)
+    try:
+        return measure(args)
+    except KeyboardInterrupt:
+        print("interrupted; namespaces and processes removed", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ def run_inner(services: int, endpoints: int) -> dict[str, float]:
     figures["full_kproxy"] = best(kproxy_full)
 
     # (b) one service's endpoints change, with the agent warm (as after its first sync).
-    box, loop = fresh_loop()
+    _, loop = fresh_loop()
     assert loop.sync()
     changed = services // 2
     spn = ServicePortName(NamespacedName("bench", f"svc-{changed}"), "http", Protocol.TCP)
@@ -245,6 +245,11 @@ def report(services: int, endpoints: int, f: dict[str, float]) -> None:
     print(f"{'(e) peak RSS':28} {f['rss_mb']:7.1f} MB")
 
 
+def _pair(f: dict[str, float], name: str) -> str:
+    mine, base = f[f"{name}_kproxy"], f[f"{name}_baseline"]
+    return f"{mine:6.3f}/{base:<6.3f} {mine / base:5.2f}x"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--services", type=int, nargs="+", default=[10000])
@@ -258,11 +263,10 @@ def main() -> None:
     for n in args.services:
         results[n] = measure(n, args.endpoints)
         report(n, args.endpoints, results[n])
-    print("\nservices  full(kproxy/restore)  change(kproxy/partial)  nochange  plan   RSS MB")
+    print("\nservices   full: kproxy/restore      change: kproxy/partial   nochange   plan  RSS MB")
     for n, f in results.items():
         print(
-            f"{n:8}  {f['full_kproxy']:6.2f}/{f['full_baseline']:<6.2f} {f['full_kproxy'] / f['full_baseline']:5.2f}x"
-            f"   {f['change_kproxy']:6.3f}/{f['change_baseline']:<6.3f} {f['change_kproxy'] / f['change_baseline']:5.2f}x"
+            f"{n:8}   {_pair(f, 'full')}   {_pair(f, 'change')}"
             f"   {f['nochange_kproxy'] / f['nochange_baseline']:5.2f}x"
             f"  {f['plan']:5.2f}  {f['rss_mb']:6.1f}"
         )

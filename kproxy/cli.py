@@ -223,6 +223,30 @@ def run(
     run_agent(config, node_name, start_source, lock_timeout)
 
 
+@cli.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="The KubeProxyConfiguration kproxy runs with (conntrack limits, CIDRs).",
+)
+@click.option(
+    "--service-cidr",
+    metavar="CIDR",
+    help="The cluster's Service range, to check that a route covers it "
+    "(default 10.96.0.0/12, kubeadm's).",
+)
+def doctor(config_path: str | None, service_cidr: str | None) -> None:
+    """Check this node for what kproxy needs; exit 1 if a check fails."""
+    from kproxy.doctor import exit_code, read_conntrack_limits, render_report, run_checks
+
+    config = load_config_file(config_path)
+    raw = yaml.safe_load(Path(config_path).read_text()) if config_path else {}
+    checks = run_checks(config, service_cidr, read_conntrack_limits(raw or {}))
+    click.echo(render_report(checks), nl=False)
+    sys.exit(exit_code(checks))
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

@@ -93,9 +93,9 @@ def read_legacy_chains(table: str, family: int = 4) -> frozenset[str]:
         return frozenset()
     if table not in existing:
         return frozenset()
-    from kproxy.dataplane.iptables import _load_iptc
+    from kproxy.dataplane.iptables import load_iptc
 
-    iptc = _load_iptc()
+    iptc = load_iptc()
     # autocommit=False: a refresh with autocommit on would commit (rewrite) the table.
     handle = (iptc.Table if family == 4 else iptc.Table6)(table, autocommit=False)
     handle.refresh()
@@ -455,8 +455,13 @@ def run_checks(
     service_cidr: str | None = None,
     conntrack: ConntrackLimits | None = None,
 ) -> list[Check]:
-    """Every check, in the network namespace this process runs in."""
+    """Every check, in the network namespace this process runs in. Raises ConfigError for a
+    service CIDR that is not one."""
     cidr = service_cidr or DEFAULT_SERVICE_CIDR
+    try:
+        ipaddress.ip_network(cidr, strict=False)
+    except ValueError as exc:
+        raise ConfigError(f"--service-cidr {cidr!r} is not a CIDR ({exc})") from exc
     limits = conntrack or ConntrackLimits()
     forward = "net.ipv4.ip_forward"
     checks = [

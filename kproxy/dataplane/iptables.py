@@ -57,7 +57,7 @@ def read_tables(family: int = 4, tables: tuple[str, ...] = TABLES) -> dict[str, 
     return parse_save("".join(text))
 
 
-def _load_iptc() -> ModuleType:
+def load_iptc() -> ModuleType:
     if os.geteuid() != 0:
         raise DataplaneError("kproxy must run as root (CAP_NET_ADMIN) to program netfilter tables")
     os.environ.setdefault("XTABLES_LIBDIR", _xtables_libdir())
@@ -96,7 +96,7 @@ class IptablesDataplane:
     def __init__(self, family: int = 4, lock_timeout: float = 5.0) -> None:
         self.family = family
         self.lock_timeout = lock_timeout
-        self._iptc = _load_iptc()
+        self._iptc = load_iptc()
         self._entries = EntryCompiler(self._build, family)
         self._handles = Handles(self._iptc, family)
         self._applied: dict[str, Table] = {}

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
+from typing import TypeVar
 
 import structlog
 from prometheus_client import start_http_server
@@ -18,6 +19,7 @@ from prometheus_client import start_http_server
 from kproxy.dataplane.conntrack import delete_stale_udp_flows
 from kproxy.dataplane.families import open_dataplanes
 from kproxy.dataplane.host import prepare_host, with_host_facts
+from kproxy.errors import ConfigError
 from kproxy.health.healthz import ProxyHealth, serve_health
 from kproxy.health.metrics import ProxyMetrics
 from kproxy.health.service_health import ServiceHealthServers
@@ -61,6 +63,21 @@ def _conntrack_cleanup(
             log.info("conntrack_flows_deleted", count=len(deleted))
 
     return after_sync
+
+
+T = TypeVar("T")
+
+
+def _listen(field: str, value: str, start: Callable[[tuple[str, int]], T]) -> T:
+    """Start a server, turning a busy port into an error that says what to do."""
+    address = parse_bind_address(value, field)
+    try:
+        return start(address)
+    except OSError as exc:
+        raise ConfigError(
+            f"{field} {value}: cannot listen ({exc.strerror}); is kube-proxy (or another kproxy) "
+            "still running on this node? Stop it, or choose another address in the config"
+        ) from exc
 
 
 def _health_check_addresses(config: ProxyConfig, node: NodeInfo) -> tuple[str, ...]:

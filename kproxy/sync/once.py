@@ -10,7 +10,7 @@ from kproxy.dataplane.base import ApplyResult, Dataplane
 from kproxy.errors import InvalidObjectError
 from kproxy.model.config import ProxyConfig
 from kproxy.model.node import NodeInfo
-from kproxy.plan.ruleset import build_ruleset
+from kproxy.plan.ruleset import build_ruleset, with_canaries
 from kproxy.rules.ir import Ruleset
 from kproxy.state.cluster import ClusterState
 from kproxy.state.ingest import update_endpoint_slice, update_service
@@ -80,7 +80,8 @@ def sync_once(
     result = ApplyResult()
     with gc_paused():
         for family, dataplane in sorted(dataplanes.items()):
-            ruleset = build_ruleset(services, endpoints, node, config, family)
+            # The canaries the agent keeps stay too: a sync must not undo a running agent's.
+            ruleset = with_canaries(build_ruleset(services, endpoints, node, config, family))
             result.tables.extend(dataplane.apply(ruleset).tables)
     return SyncReport(
         services=len({spn.service for spn in services}),
