@@ -39,6 +39,7 @@ from kproxy.plan.ruleset import build_ruleset
 from kproxy.rules.ir import Ruleset
 from kproxy.rules.render import render_rule, render_table
 from kproxy.state.cluster import ClusterState
+from kproxy.sync.gcpause import gc_paused
 
 TOP_LEVEL = {
     "filter": (
@@ -134,7 +135,8 @@ def run_inner(services: int, endpoints: int) -> dict[str, float]:
     figures: dict[str, float] = {}
 
     started = time.perf_counter()
-    ruleset = build_ruleset(state.services_map(), state.endpoints_map(), node, config)
+    with gc_paused():  # as the agent plans
+        ruleset = build_ruleset(state.services_map(), state.endpoints_map(), node, config)
     figures["plan"] = time.perf_counter() - started
     upstream_text = "".join(render_table(t) for t in ruleset.tables)
     figures["rules"] = sum(len(c.rules) for t in ruleset.tables for c in t.chains)

@@ -15,7 +15,7 @@ tests/test_entries.py and the kernel read-back test in integration/test_fast_pat
 from __future__ import annotations
 
 import ctypes
-import ipaddress
+import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -77,10 +77,16 @@ def _u32(value: str) -> bytes:
     return struct.pack("=I", int(value))
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=1 << 17)
 def _network(cidr: str) -> tuple[bytes, bytes]:
-    net = ipaddress.ip_network(cidr, strict=False)
-    return net.network_address.packed, net.netmask.packed
+    """(address, mask) bytes of a canonical CIDR such as `10.0.0.1/32` (as rules carry them)."""
+    address, _, length = cidr.partition("/")
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    packed = socket.inet_pton(family, address)
+    bits = len(packed) * 8
+    prefix = int(length) if length else bits
+    mask = ((1 << bits) - 1) ^ ((1 << (bits - prefix)) - 1)
+    return packed, mask.to_bytes(len(packed), "big")
 
 
 def _network_address(cidr: str) -> bytes:
@@ -91,9 +97,13 @@ def _network_mask(cidr: str) -> bytes:
     return _network(cidr)[1]
 
 
+@lru_cache(maxsize=1 << 17)
 def _split_destination(value: str) -> tuple[bytes, bytes]:
+    """(address, port) bytes of a DNAT destination `ip:port` or `[ip6]:port`."""
     host, _, port = value.rpartition(":")
-    return ipaddress.ip_address(host.strip("[]")).packed, struct.pack("!H", int(port))
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.inet_pton(family, host), struct.pack("!H", int(port))
 
 
 def _destination_part(part: int) -> Encoder:
@@ -131,16 +141,59 @@ _DNAT_PROBES = {
 }
 
 
+# (match, option) pairs whose values vary from rule to rule of one shape.
+_VARIABLE_OPTS = {
+    ("comment", "comment"): "comment",
+    ("tcp", "dport"): "dport",
+    ("udp", "dport"): "dport",
+    ("statistic", "probability"): "probability",
+    ("recent", "name"): "recent-name",
+    ("recent", "seconds"): "recent-seconds",
+}
+
+
 def _variable_opt(match: str, opt: str) -> str | None:
-    if match == "comment" and opt == "comment":
-        return "comment"
-    if match in ("tcp", "udp") and opt == "dport":
-        return "dport"
-    if match == "statistic" and opt == "probability":
-        return "probability"
-    if match == "recent" and opt in ("name", "seconds"):
-        return "recent-name" if opt == "name" else "recent-seconds"
-    return None
+    return _VARIABLE_OPTS.get((match, opt))
+
+
+def shape_key(rule: Rule) -> tuple[tuple[Any, ...], list[str]]:
+    """A hashable key of the rule's shape and its variable values, in split_rule's order,
+    without building any object (this runs once per rule per sync)."""
+    values: list[str] = []
+    key: list[Any] = [
+        rule.src is not None,
+        rule.src_invert,
+        rule.dst is not None,
+        rule.dst_invert,
+        rule.in_iface,
+        rule.in_invert,
+        rule.out_iface,
+        rule.out_invert,
+        rule.protocol,
+        rule.protocol_invert,
+    ]
+    if rule.src is not None:
+        values.append(rule.src)
+    if rule.dst is not None:
+        values.append(rule.dst)
+    for m in rule.matches:
+        key.append(m.name)
+        for opt in m.opts:
+            if not opt.invert and (m.name, opt.name) in _VARIABLE_OPTS:
+                key.append(opt.name)
+                values.append(opt.value)
+            else:
+                key.append(opt)
+    target = rule.target
+    if target is not None and target.name == "DNAT" and len(target.opts) == 1:
+        key.append("DNAT")
+        values.append(target.opts[0].value)
+    elif target is not None and target.is_jump:
+        key.append(("jump", target.goto))
+        values.append(target.name)
+    else:
+        key.append(target)
+    return tuple(key), values
 
 
 @dataclass
@@ -286,20 +339,22 @@ class EntryCompiler:
         """`build_slow(rule)` builds a python-iptables Rule (the reference path)."""
         self.build_slow = build_slow
         self.family = family
-        self.templates: dict[Rule, Template | None] = {}
+        self.templates: dict[tuple[Any, ...], Template | None] = {}
         self.builder = TemplateBuilder(family, _layout(family))
 
     def entry(self, rule: Rule) -> ctypes.Array[ctypes.c_ubyte]:
-        shape, split = split_rule(rule, self.family, 0)
-        if shape not in self.templates:
-            self.templates[shape] = self._template(shape, rule, split)
-        template = self.templates[shape]
+        key, values = shape_key(rule)
+        try:
+            template = self.templates[key]
+        except KeyError:
+            template = self.templates[key] = self._template(rule)
         if template is None:
             return _finished(self.build_slow(rule))
-        buf = template.fill(split.values)
-        return (ctypes.c_ubyte * len(buf)).from_buffer(buf)
+        buf = template.fill(values)
+        return _array_type(len(buf)).from_buffer(buf)
 
-    def _template(self, shape_a: Rule, rule: Rule, split: _Split) -> Template | None:
+    def _template(self, rule: Rule) -> Template | None:
+        shape_a, split = split_rule(rule, self.family, 0)
         shape_b, _ = split_rule(rule, self.family, 1)
         try:
             entry_a = bytes(_finished(self.build_slow(shape_a)))
@@ -307,6 +362,11 @@ class EntryCompiler:
         except Exception:  # a shape python-iptables cannot build with probes: use the slow path
             return None
         return self.builder.build(split.kinds, entry_a, entry_b)
+
+
+@lru_cache(maxsize=256)
+def _array_type(size: int) -> type[ctypes.Array[ctypes.c_ubyte]]:
+    return ctypes.c_ubyte * size
 
 
 def _finished(rule: Any) -> ctypes.Array[ctypes.c_ubyte]:

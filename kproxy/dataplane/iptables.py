@@ -196,10 +196,11 @@ class IptablesDataplane:
             for pos in sorted(positions, reverse=True):
                 if table._iptc.iptc_delete_num_entry(chain.encode(), pos, table._handle) != 1:
                     raise iptc.IPTCError(f"can't delete rule {pos} of {chain}: {table.strerror()}")
+        created = set(changes.create)
         for name in changes.create:
             table.create_chain(name)
         for wanted in changes.write:
-            if wanted.name not in changes.create:
+            if wanted.name not in created:
                 table.flush_entries(wanted.name)
             for rule in wanted.rules:
                 table.append_entry(wanted.name, self._entries.entry(rule))

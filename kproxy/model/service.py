@@ -13,7 +13,10 @@ class Protocol(enum.Enum):
 
     @property
     def lower(self) -> str:
-        return self.value.lower()
+        return _LOWER[self]
+
+
+_LOWER = {p: p.value.lower() for p in Protocol}
 
 
 @dataclass(frozen=True, slots=True, order=True)

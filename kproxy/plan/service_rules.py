@@ -73,6 +73,7 @@ class _Port:
     external_ips: tuple[str, ...]
     lb_ips: tuple[str, ...]
     source_ranges: tuple[str, ...]
+    sep_names: dict[Endpoint, str] = field(default_factory=dict, compare=False)
 
     @property
     def spn(self) -> ServicePortName:
@@ -83,9 +84,16 @@ class _Port:
         """`namespace/name:port`, as comments write it."""
         return naming.spn_text(self.sp.name)
 
+    def endpoint_chain(self, ep: Endpoint) -> str:
+        """The endpoint's KUBE-SEP name, hashed once per plan of this port."""
+        name = self.sep_names.get(ep)
+        if name is None:
+            name = self.sep_names[ep] = naming.endpoint_chain(self.sp.name, ep)
+        return name
+
     @property
     def proto(self) -> str:
-        return self.sp.protocol.lower
+        return self.sp.name.protocol.lower
 
     @property
     def externally_accessible(self) -> bool:
@@ -308,8 +316,8 @@ def _endpoint_comment(ctx: PlanContext, text: str) -> tuple[Match, ...]:
 
 def _balance(ctx: PlanContext, port: _Port, endpoints: tuple[Endpoint, ...]) -> tuple[Rule, ...]:
     """Affinity checks, then one probability rule per endpoint, the last unconditional."""
-    spn, name, affinity = port.spn, port.text, port.sp.session_affinity_seconds
-    chains = [naming.endpoint_chain(spn, ep) for ep in endpoints]
+    name, affinity = port.text, port.sp.session_affinity_seconds
+    chains = [port.endpoint_chain(ep) for ep in endpoints]
     rules = []
     if affinity is not None:
         for ep, sep in zip(endpoints, chains, strict=True):
@@ -326,7 +334,7 @@ def _balance(ctx: PlanContext, port: _Port, endpoints: tuple[Endpoint, ...]) -> 
 
 def _endpoint_chain(ctx: PlanContext, port: _Port, ep: Endpoint) -> Chain:
     """KUBE-SEP: masquerade hairpin traffic, remember the client for affinity, DNAT."""
-    sep = naming.endpoint_chain(port.spn, ep)
+    sep = port.endpoint_chain(ep)
     text = _endpoint_comment(ctx, port.text)
     affinity: tuple[Match, ...] = ()
     if port.sp.session_affinity_seconds is not None:

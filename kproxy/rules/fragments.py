@@ -12,10 +12,17 @@ from kproxy.rules.ir import Match, Opt, Target
 _STATISTIC_SCALE = 0x80000000
 
 
-@lru_cache(maxsize=1 << 17)
 def cidr(address: str) -> str:
-    """`10.0.0.1` -> `10.0.0.1/32`; CIDRs are normalised to their network address."""
-    return str(ipaddress.ip_network(address, strict=False))
+    """`10.0.0.1` -> `10.0.0.1/32`; CIDRs are normalised to their network address. Addresses
+    arrive normalised from the model, so the common case needs no parsing."""
+    if "/" not in address:
+        return address + ("/128" if ":" in address else "/32")
+    return _network(address)
+
+
+@lru_cache(maxsize=4096)
+def _network(value: str) -> str:
+    return str(ipaddress.ip_network(value, strict=False))
 
 
 def comment(text: str) -> Match:
