@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,10 @@ from integration.netns import Namespace, Pod, Topology, run_kproxy, topology
 from integration.traffic import start_server
 
 _TOOLS = ("ip", "iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore")
+# The node kproxy programs (--hostname-override), and another one: endpoints whose nodeName is
+# REMOTE_NODE count as remote for traffic policies, though the simulated node still routes to them.
+NODE_NAME = "node-1"
+REMOTE_NODE = "node-2"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -57,29 +61,59 @@ def service_manifest(
     protocol: str = "TCP",
     namespace: str = "default",
     affinity: bool = False,
+    *,
+    node_port: int | None = None,
+    external_ips: Sequence[str] = (),
+    load_balancer_ips: Sequence[str] = (),
+    source_ranges: Sequence[str] = (),
+    external_policy: str = "Cluster",
+    internal_policy: str = "Cluster",
+    health_check_node_port: int | None = None,
+    cluster_ip6: str | None = None,
 ) -> dict[str, Any]:
-    """A v1 Service as `kubectl get -o yaml` prints it (the fields kproxy reads, and a few more)."""
+    """A v1 Service as `kubectl get -o yaml` prints it (the fields kproxy reads, and a few more).
+
+    The type follows from what is given, as a user would choose it: LoadBalancer with
+    `load_balancer_ips` (written to status.loadBalancer.ingress, as a cloud controller does),
+    NodePort with `node_port`, else ClusterIP. `cluster_ip6` makes it dual-stack."""
+    service_type = "LoadBalancer" if load_balancer_ips else "NodePort" if node_port else "ClusterIP"
+    service_port: dict[str, Any] = {
+        "name": "p",
+        "port": port,
+        "protocol": protocol,
+        "targetPort": target_port,
+    }
+    if node_port:
+        service_port["nodePort"] = node_port
+    cluster_ips = [cluster_ip, *([cluster_ip6] if cluster_ip6 else [])]
     spec: dict[str, Any] = {
         "clusterIP": cluster_ip,
-        "clusterIPs": [cluster_ip],
-        "internalTrafficPolicy": "Cluster",
-        "ipFamilies": ["IPv4"],
-        "ipFamilyPolicy": "SingleStack",
-        "ports": [
-            {"name": "p", "port": port, "protocol": protocol, "targetPort": target_port},
-        ],
+        "clusterIPs": cluster_ips,
+        "internalTrafficPolicy": internal_policy,
+        "ipFamilies": ["IPv4", "IPv6"][: len(cluster_ips)],
+        "ipFamilyPolicy": "RequireDualStack" if cluster_ip6 else "SingleStack",
+        "ports": [service_port],
         "selector": {"app": name},
         "sessionAffinity": "ClientIP" if affinity else "None",
-        "type": "ClusterIP",
+        "type": service_type,
     }
     if affinity:
         spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": 10800}}
+    if service_type != "ClusterIP" or external_ips:
+        spec["externalTrafficPolicy"] = external_policy
+    if external_ips:
+        spec["externalIPs"] = list(external_ips)
+    if source_ranges:
+        spec["loadBalancerSourceRanges"] = list(source_ranges)
+    if health_check_node_port:
+        spec["healthCheckNodePort"] = health_check_node_port
+    ingress = [{"ip": ip, "ipMode": "VIP"} for ip in load_balancer_ips]
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": name, "namespace": namespace, "labels": {"app": name}},
         "spec": spec,
-        "status": {"loadBalancer": {}},
+        "status": {"loadBalancer": {"ingress": ingress} if ingress else {}},
     }
 
 
@@ -89,19 +123,28 @@ def endpoint_slice_manifest(
     port: int,
     protocol: str = "TCP",
     namespace: str = "default",
+    *,
+    remote: Collection[str] = (),
+    family: int = 4,
 ) -> dict[str, Any]:
-    """A discovery.k8s.io/v1 EndpointSlice of `service` with every pod ready."""
-    endpoints = [
-        {
-            "addresses": [pod.ip],
-            "conditions": {"ready": True, "serving": True, "terminating": False},
-            "nodeName": "node-1",
-            "targetRef": {"kind": "Pod", "name": pod.name, "namespace": namespace},
-        }
-        for pod in pods
-    ]
+    """A discovery.k8s.io/v1 EndpointSlice of `service` with every pod ready, holding the pods'
+    IPv4 or (`family=6`) IPv6 addresses. Pods named in `remote` run on REMOTE_NODE, the others on
+    NODE_NAME."""
+    endpoints = []
+    for pod in pods:
+        address = pod.ip if family == 4 else pod.ip6
+        if address is None:
+            raise ValueError(f"pod {pod.name} has no IPv6 address")
+        endpoints.append(
+            {
+                "addresses": [address],
+                "conditions": {"ready": True, "serving": True, "terminating": False},
+                "nodeName": REMOTE_NODE if pod.name in remote else NODE_NAME,
+                "targetRef": {"kind": "Pod", "name": pod.name, "namespace": namespace},
+            }
+        )
     return {
-        "addressType": "IPv4",
+        "addressType": f"IPv{family}",
         "apiVersion": "discovery.k8s.io/v1",
         "endpoints": endpoints or None,  # kubectl prints `endpoints: null` for an empty slice
         "kind": "EndpointSlice",
@@ -111,7 +154,7 @@ def endpoint_slice_manifest(
                 "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
                 "kubernetes.io/service-name": service,
             },
-            "name": f"{service}-abcde",
+            "name": f"{service}-{'abcde' if family == 4 else 'v6xyz'}",
             "namespace": namespace,
         },
         "ports": [{"name": "p", "port": port, "protocol": protocol}],
@@ -136,11 +179,19 @@ class Cluster:
     def pod(self, name: str, ip: str) -> Pod:
         return self.topo.add_pod(name, ip)
 
-    def backend(self, name: str, ip: str, port: int, proto: str = "tcp") -> Pod:
-        """A pod running a server that answers as `name` on `port`."""
-        pod = self.topo.add_pod(name, ip)
-        start_server(self.topo, pod.ns, name, port, proto)
+    def backend(
+        self, name: str, ip: str, port: int, proto: str = "tcp", ip6: str | None = None
+    ) -> Pod:
+        """A pod running a server that answers as `name` on `port` (on both families when the
+        pod has an IPv6 address `ip6`)."""
+        pod = self.topo.add_pod(name, ip, ip6)
+        start_server(self.topo, pod.ns, name, port, proto, family="both" if ip6 else "4")
         return pod
+
+    def add_outside(self, name: str, ip: str, node_ip: str) -> Namespace:
+        """Another client beyond the node, on its own link; `node_ip` is the node's address on
+        that link (see Topology.add_outside)."""
+        return self.topo.add_outside(name, ip, node_ip)
 
     # --- manifests and config
 
@@ -153,15 +204,38 @@ class Cluster:
         target_port: int,
         protocol: str = "TCP",
         affinity: bool = False,
+        *,
+        remote: Collection[str] = (),
+        **options: Any,
     ) -> None:
-        """Write (or rewrite) the Service and its EndpointSlice; the next sync picks them up."""
+        """Write (or rewrite) the Service and its EndpointSlice(s); the next sync picks them up.
+        `options` are service_manifest's keyword arguments (node_port, external_ips, ...); with
+        `cluster_ip6` an IPv6 slice of the pods' IPv6 addresses is written too. Pods named in
+        `remote` are endpoints on another node."""
         docs = [
-            service_manifest(name, cluster_ip, port, target_port, protocol, affinity=affinity),
-            endpoint_slice_manifest(name, endpoints, target_port, protocol),
+            service_manifest(
+                name, cluster_ip, port, target_port, protocol, affinity=affinity, **options
+            ),
+            endpoint_slice_manifest(name, endpoints, target_port, protocol, remote=remote),
         ]
+        if options.get("cluster_ip6"):
+            docs.append(
+                endpoint_slice_manifest(
+                    name, endpoints, target_port, protocol, remote=remote, family=6
+                )
+            )
         (self.manifests / f"{name}.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=True))
 
-    def configure(self, cluster_cidr: str | None = None, masquerade_all: bool = False) -> None:
+    def configure(
+        self,
+        cluster_cidr: str | None = None,
+        masquerade_all: bool = False,
+        localhost_nodeports: bool | None = None,
+        node_port_addresses: Sequence[str] = (),
+        detect_local_mode: str | None = None,
+        interface_name_prefix: str | None = None,
+    ) -> None:
+        """Write a KubeProxyConfiguration with these fields; sync() passes it with --config."""
         doc: dict[str, Any] = {
             "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
             "kind": "KubeProxyConfiguration",
@@ -170,8 +244,36 @@ class Cluster:
         }
         if cluster_cidr:
             doc["clusterCIDR"] = cluster_cidr
+        if localhost_nodeports is not None:
+            doc["iptables"]["localhostNodePorts"] = localhost_nodeports
+        if node_port_addresses:
+            doc["nodePortAddresses"] = list(node_port_addresses)
+        if detect_local_mode:
+            doc["detectLocalMode"] = detect_local_mode
+        if interface_name_prefix:
+            doc["detectLocal"] = {"interfaceNamePrefix": interface_name_prefix}
         self.config_file = self.manifests.parent / "kube-proxy-config.yaml"
         self.config_file.write_text(yaml.safe_dump(doc))
+
+    def node_object(self, internal_ips: Sequence[str] = (), pod_cidrs: Sequence[str] = ()) -> None:
+        """Write this node's v1 Node object (NODE_NAME), with its InternalIP addresses (what
+        `nodePortAddresses: [primary]` means) and pod CIDRs (`detectLocalMode: NodeCIDR`)."""
+        spec: dict[str, Any] = {}
+        if pod_cidrs:
+            spec = {"podCIDR": pod_cidrs[0], "podCIDRs": list(pod_cidrs)}
+        doc = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": NODE_NAME, "labels": {"kubernetes.io/hostname": NODE_NAME}},
+            "spec": spec,
+            "status": {
+                "addresses": [
+                    *({"type": "InternalIP", "address": ip} for ip in internal_ips),
+                    {"type": "Hostname", "address": NODE_NAME},
+                ]
+            },
+        }
+        (self.manifests / "node.yaml").write_text(yaml.safe_dump(doc, sort_keys=True))
 
     # --- kproxy and the tables
 
@@ -180,8 +282,9 @@ class Cluster:
         return run_kproxy(self.node, *args, lock_file=self.lock_file).stdout
 
     def sync(self) -> str:
-        """`kproxy sync --once`; returns its one-line summary."""
+        """`kproxy sync --once` as node NODE_NAME; returns its one-line summary."""
         args = ["sync", "--once", "--manifests", str(self.manifests)]
+        args += ["--hostname-override", NODE_NAME]
         if self.config_file is not None:
             args += ["--config", str(self.config_file)]
         lines = self.kproxy(*args).splitlines()
@@ -191,10 +294,12 @@ class Cluster:
     def iptables(self, *args: str) -> None:
         self.node.run("iptables-legacy", "-w", *args, env={"XTABLES_LOCKFILE": str(self.lock_file)})
 
-    def save(self) -> str:
-        """The node's IPv4 tables (iptables-legacy-save), without the timestamped comments and
-        with packet counters zeroed, so two calls compare equal when the rules are equal."""
-        text = self.node.run("iptables-legacy-save").stdout
+    def save(self, family: int = 4) -> str:
+        """The node's IPv4 (or IPv6) tables (iptables-legacy-save), without the timestamped
+        comments and with packet counters zeroed, so two calls compare equal when the rules are
+        equal."""
+        tool = "iptables-legacy-save" if family == 4 else "ip6tables-legacy-save"
+        text = self.node.run(tool).stdout
         lines = [line for line in text.splitlines() if not line.startswith("#")]
         return "\n".join(re.sub(r"\[\d+:\d+\]$", "[0:0]", line) for line in lines) + "\n"
 

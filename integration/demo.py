@@ -1,37 +1,53 @@
 """`make demo`: kproxy programming a simulated node, with real traffic through its rules.
 
 Reads the manifests in integration/scenarios/demo/ (default/my-nginx, kube-system/kube-dns and
-default/kubernetes, as `kubectl get -o yaml` prints them), builds the node in network namespaces
-with one namespace per endpoint pod (see netns.py), runs `kproxy sync --once` in the node, then
-sends requests to the Service VIPs from a client pod and shows which endpoint answered each.
-Prints the chains kproxy wrote, and deletes every namespace it made, whatever happens.
+default/kubernetes, as `kubectl get -o yaml` prints them) and integration/scenarios/ingress/ (an
+ingress-nginx controller exposed as NodePort 30189, and an Ingress sending /testpath to my-nginx),
+builds the node in network namespaces with one namespace per endpoint pod (see netns.py), runs
+`kproxy sync --once` in the node, then sends requests to the Service VIPs from a client pod and
+shows which endpoint answered each. Then a client outside the node fetches /testpath through the
+ingress NodePort: the controller pod (a small HTTP proxy, see traffic.py) forwards it to the
+my-nginx ClusterIP, and the demo shows which my-nginx endpoint answered. Prints the chains kproxy
+wrote, and deletes every namespace it made, whatever happens.
 
-Exit status: 0 when every my-nginx endpoint answered and DNS answered, 1 otherwise, 2 when it
-cannot run (not root, kproxy not installed).
+Exit status: 0 when every my-nginx endpoint answered (directly and through the ingress) and DNS
+answered, 1 otherwise, 2 when it cannot run (not root, kproxy not installed).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from integration.netns import NODE_IP, Namespace, Topology, kproxy_path, run_kproxy, topology
-from integration.traffic import probe, start_server
+from integration.netns import (
+    NODE_IP,
+    OUTSIDE_IP,
+    Namespace,
+    Topology,
+    kproxy_path,
+    run_kproxy,
+    topology,
+)
+from integration.traffic import ProbeResult, probe, start_http_proxy, start_server
 
 SCENARIO = Path(__file__).parent / "scenarios" / "demo"
+INGRESS_SCENARIO = Path(__file__).parent / "scenarios" / "ingress"
 CLIENT_POD, CLIENT_IP = "client", "192.168.1.50"
 NGINX = ("default/my-nginx", "10.104.164.89", 80)
 DNS = ("kube-system/kube-dns", "10.96.0.10", 53)
 API = ("default/kubernetes", "10.96.0.1", 443)
+INGRESS = ("ingress-nginx/ingress-nginx-controller", 30189, "/testpath")
+NODE_NAME = "node-1"
 REQUESTS = 20
 
 
@@ -50,6 +66,47 @@ def _documents(path: Path) -> Iterator[dict[str, Any]]:
             yield from doc.get("items") or []
         elif doc:
             yield doc
+
+
+def _scenario_documents(scenarios: Sequence[Path]) -> Iterator[dict[str, Any]]:
+    for scenario in scenarios:
+        for path in sorted(scenario.glob("*.yaml")):
+            yield from _documents(path)
+
+
+def merge_scenarios(target: Path, scenarios: Sequence[Path]) -> Path:
+    """One manifest directory (`target`, created) holding every scenario's files, for kproxy's
+    single --manifests path."""
+    target.mkdir()
+    for scenario in scenarios:
+        for path in sorted(scenario.glob("*.yaml")):
+            shutil.copy(path, target / f"{scenario.name}-{path.name}")
+    return target
+
+
+def ingress_routes(scenarios: Sequence[Path]) -> dict[str, str]:
+    """What an ingress controller serves for the Ingress objects of the scenarios: each path,
+    sent to its backend Service's ClusterIP and port, e.g.
+    `{"/testpath": "http://10.104.164.89:80"}`."""
+    docs = list(_scenario_documents(scenarios))
+    cluster_ips = {
+        (doc["metadata"].get("namespace", "default"), doc["metadata"]["name"]): doc["spec"][
+            "clusterIP"
+        ]
+        for doc in docs
+        if doc.get("kind") == "Service"
+    }
+    routes = {}
+    for doc in docs:
+        if doc.get("kind") != "Ingress":
+            continue
+        namespace = doc["metadata"].get("namespace", "default")
+        for rule in doc["spec"].get("rules") or []:
+            for path in (rule.get("http") or {}).get("paths") or []:
+                service = path["backend"]["service"]
+                ip = cluster_ips[(namespace, service["name"])]
+                routes[path["path"]] = f"http://{ip}:{service['port']['number']}"
+    return routes
 
 
 def read_backends(scenario: Path) -> list[Backend]:
@@ -80,23 +137,58 @@ def start_backends(topo: Topology, backends: list[Backend]) -> None:
             start_server(topo, ns, backend.name, port, proto, http=port == 80)
 
 
-def show_nginx(client: Namespace, backends: list[Backend]) -> bool:
-    name, vip, port = NGINX
-    print(f"\n== {REQUESTS} HTTP requests from pod {CLIENT_POD} ({CLIENT_IP}) to {vip}:{port}")
-    result = probe(client, vip, port, "tcp", count=REQUESTS, http=True)
+def start_ingress_controller(topo: Topology, routes: dict[str, str]) -> Backend:
+    """The ingress controller's pod (from the ingress scenario's EndpointSlice), running an HTTP
+    proxy with `routes` on its port."""
+    (controller,) = read_backends(INGRESS_SCENARIO)
+    pod = topo.add_pod(controller.name, controller.ip)
+    for port, _ in controller.ports:
+        start_http_proxy(topo, pod.ns, port, routes)
+    return controller
+
+
+def _nginx_endpoints(backends: list[Backend]) -> dict[str, str]:
+    port = NGINX[2]
+    return {b.name: b.ip for b in backends if (port, "TCP") in b.ports and b.name != "node"}
+
+
+def _show_tally(title: str, result: ProbeResult, expected: dict[str, str]) -> bool:
+    """Print each answer and how many each my-nginx endpoint got; True when all of them
+    answered and nothing failed."""
     for i, answer in enumerate(result.sequence, 1):
         print(f"  request {i:2}: {answer}")
-    expected = {b.name: b.ip for b in backends if (port, "TCP") in b.ports and b.name != "node"}
     tally = Counter(result.answers)
-    print(f"\n== tally for {name}")
+    print(f"\n== tally for {title}")
     for pod, ip in sorted(expected.items()):
-        print(f"  {pod} ({ip}:{port}): {tally[pod]} of {REQUESTS}")
+        print(f"  {pod} ({ip}:{NGINX[2]}): {tally[pod]} of {REQUESTS}")
     if result.failed:
         print(f"  failed: {result.failed} (refused {result.refused}, timeout {result.timeout})")
     silent = sorted(pod for pod in expected if tally[pod] == 0)
     if silent:
         print(f"  FAILED: {', '.join(silent)} never answered")
     return not silent and not result.failed
+
+
+def show_nginx(client: Namespace, backends: list[Backend]) -> bool:
+    name, vip, port = NGINX
+    print(f"\n== {REQUESTS} HTTP requests from pod {CLIENT_POD} ({CLIENT_IP}) to {vip}:{port}")
+    result = probe(client, vip, port, "tcp", count=REQUESTS, http=True)
+    return _show_tally(name, result, _nginx_endpoints(backends))
+
+
+def show_ingress(
+    outside: Namespace, backends: list[Backend], controller: Backend, routes: dict[str, str]
+) -> bool:
+    service, node_port, path = INGRESS
+    url = f"http://{NODE_IP}:{node_port}{path}"
+    print(f"\n== {REQUESTS} HTTP requests from a client outside the node ({OUTSIDE_IP}) to {url}")
+    print(f"  NodePort {node_port} of {service} -> ingress controller pod {controller.name}")
+    print(f"  ({controller.ip}) -> {path} routed to {routes[path]} ({NGINX[0]} ClusterIP)")
+    result = probe(outside, NODE_IP, node_port, "tcp", count=REQUESTS, http=True, path=path)
+    ok = _show_tally(f"{url} (via the ingress)", result, _nginx_endpoints(backends))
+    seen = ", ".join(sorted(result.sources)) or "-"
+    print(f"  my-nginx saw the requests coming from {seen} (the ingress controller pod)")
+    return ok and set(result.sources) == {controller.ip}
 
 
 def show_single(client: Namespace, service: tuple[str, str, int], proto: str) -> bool:
@@ -108,22 +200,30 @@ def show_single(client: Namespace, service: tuple[str, str, int], proto: str) ->
     return result.answered == 1
 
 
-def run_demo(lock_file: Path) -> bool:
+def run_demo(workdir: Path) -> bool:
+    lock_file = workdir / "xtables.lock"
+    scenarios = (SCENARIO, INGRESS_SCENARIO)
+    manifests = merge_scenarios(workdir / "manifests", scenarios)
     backends = read_backends(SCENARIO)
+    routes = ingress_routes(scenarios)
     with topology("demo") as topo:
         print(f"== simulated node {topo.node.name}: node address {NODE_IP}")
         start_backends(topo, backends)
         for backend in backends:
             print(f"  endpoint {backend.name:12} {backend.ip:16} ports {list(backend.ports)}")
+        controller = start_ingress_controller(topo, routes)
+        print(f"  ingress controller {controller.name} {controller.ip}, routes {routes}")
         client = topo.add_pod(CLIENT_POD, CLIENT_IP)
 
-        sync = ["sync", "--once", "--manifests", str(SCENARIO), "--hostname-override", "node-1"]
+        sync = ["sync", "--once", "--manifests", str(manifests), "--hostname-override", NODE_NAME]
         print(f"\n$ kproxy {' '.join(sync)}")
+        print(f"  ({manifests} holds {', '.join(str(s) for s in scenarios)})")
         print(run_kproxy(topo.node, *sync, lock_file=lock_file).stdout, end="")
 
         ok = show_nginx(client.ns, backends)
         ok = show_single(client.ns, DNS, "udp") and ok
         ok = show_single(client.ns, API, "tcp") and ok
+        ok = show_ingress(topo.outside, backends, controller, routes) and ok
 
         print("\n$ kproxy dump   # the chains now in the node's tables")
         print(run_kproxy(topo.node, "dump", lock_file=lock_file).stdout, end="")
@@ -145,7 +245,7 @@ def main() -> int:
         print(f"{kproxy_path()} is missing: run `make venv` first", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="kproxy-demo-") as tmp:
-        ok = run_demo(Path(tmp) / "xtables.lock")
+        ok = run_demo(Path(tmp))
     print("\n== demo", "succeeded" if ok else "FAILED", "(all namespaces removed)")
     return 0 if ok else 1
 

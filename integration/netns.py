@@ -1,11 +1,19 @@
 """A simulated Kubernetes node built from network namespaces and veth pairs.
 
     outside 172.31.0.1 ==veth== 172.31.0.2 node ==veth== pod (its pod IP/32), one pair per pod
+                                 172.31.1.2 node ==veth== 172.31.1.1 far  (optional, add_outside)
 
 The node routes each pod IP to that pod's veth and answers ARP on it for every other address
 (proxy_arp), as routed CNI plugins do; a pod sends everything out of its eth0. The node's default
 route points at the outside namespace, so Service VIPs are routable as on a real node, and the
-outside namespace stands for a client beyond the node.
+outside namespace stands for a client beyond the node; its default route points at the node, so
+externalIPs and load-balancer IPs reach the node as a router in front of it would send them.
+`add_outside()` adds another client beyond the node on a link of its own, which also gives the
+node a second address.
+
+`enable_ipv6()` makes the node and the outside namespace dual-stack (fd00:31::/64 on the link
+between them); pods added with `ip6=` then hold that address too and route IPv6 through the
+link-local gateway fe80::1, which the node holds on each pod veth.
 
 Nothing here touches the root network namespace: every link is created inside the namespaces
 (`ip -n NODE link add ... peer ... netns POD`), every sysctl is written inside them, and `close()`
@@ -29,7 +37,14 @@ from pathlib import Path
 PREFIX = "kpt-"
 NODE_IP = "172.31.0.2"
 OUTSIDE_IP = "172.31.0.1"
+NODE_IP6 = "fd00:31::2"
+OUTSIDE_IP6 = "fd00:31::1"
 _LINK_PREFIX = 24
+_LINK_PREFIX6 = 64
+# The node's address on every pod veth: link-local, so each pair can use the same one.
+POD_GATEWAY6 = "fe80::1"
+# Booted with ipv6.disable=1, the kernel has no IPv6 sysctls in any namespace.
+_KERNEL_HAS_IPV6 = Path("/proc/sys/net/ipv6").exists()
 _STOP_GRACE_SECONDS = 3.0
 
 
@@ -120,6 +135,7 @@ class Pod:
     ip: str
     ns: Namespace
     node_link: str
+    ip6: str | None = None
 
 
 @dataclass
@@ -130,6 +146,9 @@ class Topology:
     node: Namespace = field(init=False)
     outside: Namespace = field(init=False)
     pods: dict[str, Pod] = field(default_factory=dict)
+    # Clients beyond the node added by add_outside(), by name.
+    outsides: dict[str, Namespace] = field(default_factory=dict)
+    ipv6: bool = False
     _namespaces: list[Namespace] = field(default_factory=list)
     _processes: list[subprocess.Popen[str]] = field(default_factory=list)
 
@@ -141,6 +160,13 @@ class Topology:
         run(["ip", "netns", "add", ns.name])
         self._namespaces.append(ns)
         ns.ip("link", "set", "lo", "up")
+        if _KERNEL_HAS_IPV6:
+            # No duplicate address detection on the links made later (a veth moved into a
+            # namespace takes that namespace's defaults): while its link-local address is
+            # tentative, a pod's first IPv6 packet waits about 2 s.
+            ns.sysctl(
+                {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0"}
+            )
 
     def build(self) -> None:
         """The node, the outside namespace and the link between them."""
@@ -166,8 +192,40 @@ class Topology:
             }
         )
 
-    def add_pod(self, name: str, ip: str) -> Pod:
-        """A pod namespace holding `ip`, routed by the node through its own veth."""
+    def enable_ipv6(self) -> None:
+        """IPv6 on the node and outside namespaces (NODE_IP6, OUTSIDE_IP6), default routes both
+        ways, and IPv6 forwarding on the node. Addresses skip duplicate address detection, which
+        would keep them unusable for a second or more."""
+        node, outside = self.node, self.outside
+        for ns, address in ((node, NODE_IP6), (outside, OUTSIDE_IP6)):
+            ns.ip("-6", "addr", "add", f"{address}/{_LINK_PREFIX6}", "dev", "eth0", "nodad")
+        node.ip("-6", "route", "add", "default", "via", OUTSIDE_IP6)
+        outside.ip("-6", "route", "add", "default", "via", NODE_IP6)
+        # As for IPv4 in build(): no ICMP rate limit, so every REJECT is answered.
+        node.sysctl({"net.ipv6.conf.all.forwarding": "1", "net.ipv6.icmp.ratelimit": "0"})
+        self.ipv6 = True
+
+    def add_outside(self, name: str, ip: str, node_ip: str) -> Namespace:
+        """Another client beyond the node, on a link of its own: `ip` in the new namespace,
+        `node_ip` (a second node address) on the node's side, both /24; its default route points
+        at the node."""
+        if name in self.outsides:
+            raise ValueError(f"outside namespace {name} already exists")
+        ns = Namespace(f"{self.prefix}-{name}")
+        link = f"eth{len(self.outsides) + 1}"
+        self._add_namespace(ns)
+        self.node.ip("link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns.name)
+        ns.ip("addr", "add", f"{ip}/{_LINK_PREFIX}", "dev", "eth0")
+        self.node.ip("addr", "add", f"{node_ip}/{_LINK_PREFIX}", "dev", link)
+        ns.ip("link", "set", "eth0", "up")
+        self.node.ip("link", "set", link, "up")
+        ns.ip("route", "add", "default", "via", node_ip)
+        self.outsides[name] = ns
+        return ns
+
+    def add_pod(self, name: str, ip: str, ip6: str | None = None) -> Pod:
+        """A pod namespace holding `ip` (and `ip6`, after enable_ipv6()), routed by the node
+        through its own veth."""
         if name in self.pods:
             raise ValueError(f"pod {name} already exists")
         ns = Namespace(f"{self.prefix}-{name}")
@@ -187,9 +245,19 @@ class Topology:
                 f"net.ipv4.neigh.{link}.proxy_delay": "0",
             }
         )
-        pod = Pod(name, ip, ns, link)
+        if ip6 is not None:
+            self._add_pod_ipv6(ns, link, ip6)
+        pod = Pod(name, ip, ns, link, ip6)
         self.pods[name] = pod
         return pod
+
+    def _add_pod_ipv6(self, ns: Namespace, link: str, ip6: str) -> None:
+        if not self.ipv6:
+            raise ValueError("call enable_ipv6() before adding a pod with an IPv6 address")
+        ns.ip("-6", "addr", "add", f"{ip6}/128", "dev", "eth0", "nodad")
+        self.node.ip("-6", "addr", "add", f"{POD_GATEWAY6}/64", "dev", link, "nodad")
+        ns.ip("-6", "route", "add", "default", "via", POD_GATEWAY6, "dev", "eth0")
+        self.node.ip("-6", "route", "add", f"{ip6}/128", "dev", link)
 
     def spawn(
         self, ns: Namespace, argv: Sequence[str], env: Mapping[str, str] | None = None

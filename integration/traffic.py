@@ -1,11 +1,17 @@
 """Real TCP/UDP traffic for the integration tests: a "who answered" server and a probing client.
 
-    python -m integration.traffic serve --name web-1 --port 8080 --proto tcp
+    python -m integration.traffic serve --name web-1 --port 8080 --proto tcp [--family both]
     python -m integration.traffic probe --target 10.96.0.10 --port 80 --proto tcp --count 100
+    python -m integration.traffic http-proxy --listen 80 --route /testpath=http://10.104.164.89:80
 
 The server answers each TCP connection and each UDP datagram with one line, `NAME PEER_IP`, so
 the client learns which endpoint answered and which source address that endpoint saw (its own,
-or the node's when masqueraded). With `--http` it speaks just enough HTTP/1.0 for curl.
+or the node's when masqueraded). With `--http` it speaks just enough HTTP/1.0 for curl. It listens
+on IPv4 (`--family 4`, the default), IPv6 or both; the probe takes either kind of target.
+
+`http-proxy` is a minimal ingress controller: it forwards each HTTP request whose path starts with
+a route's prefix to that route's upstream (a Service VIP, so the node's rules pick the endpoint)
+and relays the upstream's answer unchanged; other paths get 404, an unreachable upstream 502.
 
 `probe` opens one new connection (TCP) or one new socket (UDP) per attempt, so every attempt is a
 new conntrack flow that the Service's rules balance afresh, and prints one JSON object: answers
@@ -20,16 +26,18 @@ from __future__ import annotations
 
 import argparse
 import errno
+import ipaddress
 import json
 import selectors
 import socket
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from subprocess import Popen
 from typing import NoReturn
+from urllib.parse import urlsplit
 
 from integration.netns import Namespace, Topology, read_line
 
@@ -46,10 +54,19 @@ def _answer(name: str, peer: str) -> bytes:
     return f"{name} {peer}\n".encode()
 
 
-def _http_answer(name: str, peer: str) -> bytes:
-    body = _answer(name, peer)
-    head = f"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n"
+def _http_response(status: str, body: bytes) -> bytes:
+    head = f"HTTP/1.0 {status}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n"
     return head.encode() + body
+
+
+def _read_request_head(conn: socket.socket) -> bytes:
+    request = b""
+    while _HTTP_REQUEST_END not in request and len(request) < _MAX_REPLY:
+        chunk = conn.recv(1024)
+        if not chunk:
+            break
+        request += chunk
+    return request
 
 
 def _serve_tcp_connection(conn: socket.socket, name: str, http: bool) -> None:
@@ -58,13 +75,8 @@ def _serve_tcp_connection(conn: socket.socket, name: str, http: bool) -> None:
         try:
             peer = conn.getpeername()[0]
             if http:
-                request = b""
-                while _HTTP_REQUEST_END not in request and len(request) < _MAX_REPLY:
-                    chunk = conn.recv(1024)
-                    if not chunk:
-                        break
-                    request += chunk
-                conn.sendall(_http_answer(name, peer))
+                _read_request_head(conn)
+                conn.sendall(_http_response("200 OK", _answer(name, peer)))
             else:
                 conn.sendall(_answer(name, peer))
             conn.shutdown(socket.SHUT_WR)
@@ -72,17 +84,32 @@ def _serve_tcp_connection(conn: socket.socket, name: str, http: bool) -> None:
             pass  # a client that gave up; the next one matters
 
 
-def serve(name: str, port: int, protos: Sequence[str], http: bool = False) -> NoReturn:
-    """Answer forever on 0.0.0.0:`port` for each protocol in `protos`; prints READY once bound."""
+_WILDCARD = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
+FAMILIES = {"4": (socket.AF_INET,), "6": (socket.AF_INET6,), "both": tuple(_WILDCARD)}
+
+
+def _listen(family: socket.AddressFamily, kind: socket.SocketKind, port: int) -> socket.socket:
+    sock = socket.socket(family, kind)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        # Its own socket per family: IPv4 peers then show as 1.2.3.4, not ::ffff:1.2.3.4.
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((_WILDCARD[family], port))
+    if kind == socket.SOCK_STREAM:
+        sock.listen(128)
+    return sock
+
+
+def serve(
+    name: str, port: int, protos: Sequence[str], http: bool = False, family: str = "4"
+) -> NoReturn:
+    """Answer forever on `port` for each protocol in `protos`, on the wildcard address of each
+    family (`4`, `6` or `both`); prints READY once bound."""
     sel = selectors.DefaultSelector()
     for proto in protos:
         kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-        sock = socket.socket(socket.AF_INET, kind)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("0.0.0.0", port))
-        if proto == "tcp":
-            sock.listen(128)
-        sel.register(sock, selectors.EVENT_READ, proto)
+        for af in FAMILIES[family]:
+            sel.register(_listen(af, kind, port), selectors.EVENT_READ, proto)
     print(READY, flush=True)
     while True:
         for key, _ in sel.select():
@@ -94,6 +121,71 @@ def serve(name: str, port: int, protos: Sequence[str], http: bool = False) -> No
             else:
                 _, addr = ready.recvfrom(_MAX_REPLY)
                 ready.sendto(_answer(name, addr[0]), addr)
+
+
+# --- HTTP proxy (a minimal ingress controller) ------------------------------------------------
+
+
+def parse_route(text: str) -> tuple[str, tuple[str, int]]:
+    """`/testpath=http://10.104.164.89:80` -> ("/testpath", ("10.104.164.89", 80))."""
+    prefix, sep, url = text.partition("=")
+    parts = urlsplit(url)
+    if not sep or not prefix.startswith("/") or parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"route {text!r} is not PREFIX=http://HOST[:PORT]")
+    return prefix, (parts.hostname, parts.port or 80)
+
+
+def match_route(routes: Mapping[str, tuple[str, int]], path: str) -> tuple[str, int] | None:
+    """The upstream of the longest prefix matching `path` element-wise (an Ingress `Prefix`
+    path: /testpath matches /testpath and /testpath/x, not /testpathx)."""
+    for prefix in sorted(routes, key=len, reverse=True):
+        if prefix == "/" or path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+            return routes[prefix]
+    return None
+
+
+def _fetch(upstream: tuple[str, int], path: str, client: str) -> bytes:
+    """GET `path` from `upstream`; its whole answer."""
+    host, port = upstream
+    with socket.create_connection(upstream, timeout=2.0) as sock:
+        head = f"GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\nX-Forwarded-For: {client}\r\n"
+        sock.sendall(head.encode() + b"\r\n")
+        data = b""
+        while chunk := sock.recv(_MAX_REPLY):
+            data += chunk
+        return data
+
+
+def _proxy_connection(conn: socket.socket, routes: Mapping[str, tuple[str, int]]) -> None:
+    with conn:
+        conn.settimeout(2.0)
+        try:
+            peer = conn.getpeername()[0]
+            words = _read_request_head(conn).split(b"\r\n", 1)[0].decode(errors="replace").split()
+            path = words[1] if len(words) == 3 else ""
+            upstream = match_route(routes, path) if path else None
+            if not path:
+                answer = _http_response("400 Bad Request", b"bad request\n")
+            elif upstream is None:
+                answer = _http_response("404 Not Found", f"no route for {path}\n".encode())
+            else:
+                try:
+                    answer = _fetch(upstream, path, peer)
+                except OSError as exc:
+                    answer = _http_response("502 Bad Gateway", f"{upstream}: {exc}\n".encode())
+            conn.sendall(answer)
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # a client that gave up; the next one matters
+
+
+def http_proxy(port: int, routes: Mapping[str, tuple[str, int]]) -> NoReturn:
+    """Proxy HTTP on 0.0.0.0:`port` forever, one request at a time; prints READY once bound."""
+    server = _listen(socket.AF_INET, socket.SOCK_STREAM, port)
+    print(READY, flush=True)
+    while True:
+        conn, _ = server.accept()
+        _proxy_connection(conn, routes)
 
 
 # --- client -----------------------------------------------------------------------------------
@@ -130,10 +222,14 @@ def _parse_answer(data: bytes, http: bool) -> tuple[str, str]:
     return words[0], words[1]
 
 
-def _attempt_tcp(target: str, port: int, timeout: float, http: bool) -> bytes:
+def _host(target: str) -> str:
+    return f"[{target}]" if ipaddress.ip_address(target).version == 6 else target
+
+
+def _attempt_tcp(target: str, port: int, timeout: float, http: bool, path: str) -> bytes:
     with socket.create_connection((target, port), timeout=timeout) as sock:
         if http:
-            sock.sendall(f"GET / HTTP/1.0\r\nHost: {target}\r\n\r\n".encode())
+            sock.sendall(f"GET {path} HTTP/1.0\r\nHost: {_host(target)}\r\n\r\n".encode())
         data = b""
         while chunk := sock.recv(_MAX_REPLY):
             data += chunk
@@ -141,7 +237,8 @@ def _attempt_tcp(target: str, port: int, timeout: float, http: bool) -> bytes:
 
 
 def _attempt_udp(target: str, port: int, timeout: float) -> bytes:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    family = socket.AF_INET6 if ipaddress.ip_address(target).version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
         sock.settimeout(timeout)
         sock.connect((target, port))  # a connected socket reports ICMP unreachable as refused
         sock.send(b"probe\n")
@@ -149,12 +246,12 @@ def _attempt_udp(target: str, port: int, timeout: float) -> bytes:
 
 
 def _attempt(
-    target: str, port: int, proto: str, timeout: float, http: bool
+    target: str, port: int, proto: str, timeout: float, http: bool, path: str
 ) -> tuple[str, str | None]:
     """(backend name, source address it saw), or (failure, None)."""
     try:
         if proto == "tcp":
-            data = _attempt_tcp(target, port, timeout, http)
+            data = _attempt_tcp(target, port, timeout, http, path)
         else:
             data = _attempt_udp(target, port, timeout)
         return _parse_answer(data, http)
@@ -168,14 +265,20 @@ def _attempt(
 
 
 def run_probe(
-    target: str, port: int, proto: str, count: int, timeout: float, http: bool = False
+    target: str,
+    port: int,
+    proto: str,
+    count: int,
+    timeout: float,
+    http: bool = False,
+    path: str = "/",
 ) -> ProbeResult:
     answers: Counter[str] = Counter()
     sources: Counter[str] = Counter()
     failures: Counter[str] = Counter()
     sequence = []
     for _ in range(count):
-        outcome, source = _attempt(target, port, proto, timeout, http)
+        outcome, source = _attempt(target, port, proto, timeout, http, path)
         sequence.append(outcome)
         if source is None:
             failures[outcome] += 1
@@ -198,17 +301,38 @@ def _module_argv(*args: str) -> list[str]:
 _ENV = {"PYTHONPATH": str(REPO_ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-def start_server(
-    topo: Topology, ns: Namespace, name: str, port: int, proto: str = "tcp", http: bool = False
-) -> Popen[str]:
-    """A server answering as `name` in `ns`, already listening when this returns; the topology
-    kills it on close."""
-    args = ["serve", "--name", name, "--port", str(port), "--proto", proto]
-    proc = topo.spawn(ns, _module_argv(*args, *(["--http"] if http else [])), env=_ENV)
+def _start(topo: Topology, ns: Namespace, what: str, args: Sequence[str]) -> Popen[str]:
+    proc = topo.spawn(ns, _module_argv(*args), env=_ENV)
     line = read_line(proc, timeout=30.0)
     if line != READY:
-        raise RuntimeError(f"server {name} in {ns.name} said {line!r} instead of {READY!r}")
+        raise RuntimeError(f"{what} in {ns.name} said {line!r} instead of {READY!r}")
     return proc
+
+
+def start_server(
+    topo: Topology,
+    ns: Namespace,
+    name: str,
+    port: int,
+    proto: str = "tcp",
+    http: bool = False,
+    family: str = "4",
+) -> Popen[str]:
+    """A server answering as `name` in `ns` on IPv4, IPv6 or both (`family`), already listening
+    when this returns; the topology kills it on close."""
+    args = ["serve", "--name", name, "--port", str(port), "--proto", proto, "--family", family]
+    return _start(topo, ns, f"server {name}", [*args, *(["--http"] if http else [])])
+
+
+def start_http_proxy(
+    topo: Topology, ns: Namespace, port: int, routes: Mapping[str, str]
+) -> Popen[str]:
+    """An HTTP proxy in `ns` on `port`, forwarding each path prefix in `routes` to its upstream
+    URL (`{"/testpath": "http://10.104.164.89:80"}`); listening when this returns."""
+    args = ["http-proxy", "--listen", str(port)]
+    for prefix, url in routes.items():
+        args += ["--route", f"{prefix}={url}"]
+    return _start(topo, ns, "http proxy", args)
 
 
 def probe(
@@ -219,10 +343,13 @@ def probe(
     count: int = 1,
     timeout: float = 1.0,
     http: bool = False,
+    path: str = "/",
 ) -> ProbeResult:
-    """Run `count` attempts from inside `ns` and return what they met."""
+    """Run `count` attempts from inside `ns` and return what they met (with `http`, each attempt
+    is a GET of `path`)."""
     args = ["probe", "--target", target, "--port", str(port), "--proto", proto]
-    args += ["--count", str(count), "--timeout", str(timeout), *(["--http"] if http else [])]
+    args += ["--count", str(count), "--timeout", str(timeout)]
+    args += ["--http", "--path", path] if http else []
     # Each attempt ends within about twice its timeout (connect, then read).
     proc = ns.run(*_module_argv(*args), env=_ENV, timeout=30.0 + 2 * timeout * count)
     data = json.loads(proc.stdout)
@@ -244,6 +371,7 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, required=True)
     srv.add_argument("--proto", choices=("tcp", "udp", "both"), default="tcp")
     srv.add_argument("--http", action="store_true", help="answer TCP as an HTTP/1.0 server")
+    srv.add_argument("--family", choices=tuple(FAMILIES), default="4", help="IPv4, IPv6 or both")
     prb = sub.add_parser("probe", help="connect COUNT times and print a JSON summary")
     prb.add_argument("--target", required=True)
     prb.add_argument("--port", type=int, required=True)
@@ -251,6 +379,17 @@ def _parser() -> argparse.ArgumentParser:
     prb.add_argument("--count", type=int, default=1)
     prb.add_argument("--timeout", type=float, default=1.0, help="seconds per attempt")
     prb.add_argument("--http", action="store_true", help="send an HTTP/1.0 GET first")
+    prb.add_argument("--path", default="/", help="the path to GET with --http")
+    prx = sub.add_parser("http-proxy", help="forward HTTP requests by path prefix")
+    prx.add_argument("--listen", type=int, required=True, metavar="PORT")
+    prx.add_argument(
+        "--route",
+        action="append",
+        type=parse_route,
+        default=[],
+        metavar="PREFIX=URL",
+        help="send paths under PREFIX to URL (http://HOST:PORT); repeatable",
+    )
     return parser
 
 
@@ -258,8 +397,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         protos = ("tcp", "udp") if args.proto == "both" else (args.proto,)
-        serve(args.name, args.port, protos, args.http)  # until killed
-    result = run_probe(args.target, args.port, args.proto, args.count, args.timeout, args.http)
+        serve(args.name, args.port, protos, args.http, args.family)  # until killed
+    if args.command == "http-proxy":
+        http_proxy(args.listen, dict(args.route))  # until killed
+    result = run_probe(
+        args.target, args.port, args.proto, args.count, args.timeout, args.http, args.path
+    )
     json.dump(asdict(result), sys.stdout)
     sys.stdout.write("\n")
     return 0

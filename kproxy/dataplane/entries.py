@@ -46,13 +46,13 @@ class Template:
     entry: bytes
     slots: tuple[_Slot, ...]
 
-    def fill(self, values: list[str]) -> bytearray:
+    def fill(self, values: list[str]) -> bytes:
         buf = bytearray(self.entry)
         for slot, value in zip(self.slots, values, strict=True):
             for offset, encode in slot.parts:
                 data = encode(value)
                 buf[offset : offset + len(data)] = data
-        return buf
+        return bytes(buf)
 
 
 def _padded(size: int) -> Encoder:
@@ -342,16 +342,17 @@ class EntryCompiler:
         self.templates: dict[tuple[Any, ...], Template | None] = {}
         self.builder = TemplateBuilder(family, _layout(family))
 
-    def entry(self, rule: Rule) -> ctypes.Array[ctypes.c_ubyte]:
+    def entry(self, rule: Rule) -> bytes:
+        """The rule's libiptc entry (plain bytes: libiptc copies what it is given, and no
+        ctypes object is made, so nothing waits for the cyclic garbage collector)."""
         key, values = shape_key(rule)
         try:
             template = self.templates[key]
         except KeyError:
             template = self.templates[key] = self._template(rule)
         if template is None:
-            return _finished(self.build_slow(rule))
-        buf = template.fill(values)
-        return _array_type(len(buf)).from_buffer(buf)
+            return bytes(_finished(self.build_slow(rule)))
+        return template.fill(values)
 
     def _template(self, rule: Rule) -> Template | None:
         shape_a, split = split_rule(rule, self.family, 0)
@@ -362,11 +363,6 @@ class EntryCompiler:
         except Exception:  # a shape python-iptables cannot build with probes: use the slow path
             return None
         return self.builder.build(split.kinds, entry_a, entry_b)
-
-
-@lru_cache(maxsize=256)
-def _array_type(size: int) -> type[ctypes.Array[ctypes.c_ubyte]]:
-    return ctypes.c_ubyte * size
 
 
 def _finished(rule: Any) -> ctypes.Array[ctypes.c_ubyte]:

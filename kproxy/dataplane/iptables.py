@@ -199,17 +199,24 @@ class IptablesDataplane:
         created = set(changes.create)
         for name in changes.create:
             table.create_chain(name)
+        lib, handle = table._iptc, table._handle
         for wanted in changes.write:
             if wanted.name not in created:
                 table.flush_entries(wanted.name)
+            chain_name = wanted.name.encode()
             for rule in wanted.rules:
-                table.append_entry(wanted.name, self._entries.entry(rule))
+                # libiptc directly: python-iptables' append_entry makes a ctypes cast per call,
+                # a reference cycle only the cyclic collector frees.
+                if lib.iptc_append_entry(chain_name, self._entries.entry(rule), handle) != 1:
+                    raise iptc.IPTCError(f"can't append to chain {wanted.name}: {table.strerror()}")
         for name in changes.delete:
             table.flush_entries(name)
         for name in changes.delete:
             table.delete_chain(name)
         for jump in changes.insert_jumps:
-            table.insert_entry(jump.chain, self._entries.entry(jump.rule), 0)
+            entry = self._entries.entry(jump.rule)
+            if lib.iptc_insert_entry(jump.chain.encode(), entry, 0, handle) != 1:
+                raise iptc.IPTCError(f"can't insert into chain {jump.chain}: {table.strerror()}")
         table.commit()
 
     def _build(self, rule: Rule) -> Any:

@@ -69,36 +69,50 @@ def _localhost_nodeports(family: int, config: ProxyConfig) -> bool:
     return family == 4 and config.localhost_nodeports
 
 
-def node_ports_match_all(config: ProxyConfig, family: int) -> bool:
-    """NodePorts answer on every local address: no nodePortAddresses, or a zero CIDR."""
-    addresses = config.node_port_addresses
-    zero = "0.0.0.0/0" if family == 4 else "::/0"
-    return not addresses or zero in addresses
+ZERO_CIDR = {4: "0.0.0.0/0", 6: "::/0"}
 
 
-def needs_route_localnet(config: ProxyConfig) -> bool:
+def node_port_cidrs(
+    config: ProxyConfig, family: int, node: NodeInfo | None = None
+) -> tuple[str, ...]:
+    """nodePortAddresses as upstream's NewNodePortAddresses reads them for one family: only that
+    family's CIDRs, `primary` as the node's primary IP of that family; when none is left, the
+    zero CIDR (every address), even if the other family has CIDRs."""
+    cidrs: list[str] = []
+    for address in config.node_port_addresses:
+        if address == "primary":
+            primary = of_family(node.primary_ips, family) if node is not None else ()
+            cidrs.extend(f.cidr(ip) for ip in primary)
+        elif ipaddress.ip_network(address).version == family:
+            cidrs.append(address)
+    return tuple(cidrs) or (ZERO_CIDR[family],)
+
+
+def node_ports_match_all(config: ProxyConfig, family: int, node: NodeInfo | None = None) -> bool:
+    """NodePorts answer on every local address of this family."""
+    return ZERO_CIDR[family] in node_port_cidrs(config, family, node)
+
+
+def needs_route_localnet(config: ProxyConfig, node: NodeInfo | None = None) -> bool:
     """IPv4 NodePorts on 127.0.0.1 need net.ipv4.conf.all.route_localnet=1."""
     if not config.localhost_nodeports:
         return False
-    if node_ports_match_all(config, 4):
-        return True
+    if node is None and "primary" in config.node_port_addresses:
+        return False  # without the Node, assume it has a primary IPv4 address (not loopback)
     loopback = ipaddress.ip_network(LOOPBACK[4])
     return any(
-        a != "primary" and ipaddress.ip_network(a).overlaps(loopback)
-        for a in config.node_port_addresses
+        ipaddress.ip_network(cidr).overlaps(loopback) for cidr in node_port_cidrs(config, 4, node)
     )
 
 
 def node_port_ips(config: ProxyConfig, node: NodeInfo, family: int) -> list[str]:
     """The local addresses NodePorts answer on when nodePortAddresses narrows them."""
-    cidrs = [ipaddress.ip_network(a) for a in config.node_port_addresses if a != "primary"]
+    cidrs = [ipaddress.ip_network(c) for c in node_port_cidrs(config, family, node)]
     chosen = {
         ip
         for ip in of_family(node.local_addresses, family)
         if any(ipaddress.ip_address(ip) in c for c in cidrs)
     }
-    if "primary" in config.node_port_addresses:
-        chosen.update(of_family(node.primary_ips, family))
     return sorted(chosen, key=ipaddress.ip_address)
 
 
@@ -106,7 +120,7 @@ def _nodeports_tail(config: ProxyConfig, node: NodeInfo, family: int) -> list[Ru
     """The last rules of nat KUBE-SERVICES: which destinations are NodePort addresses."""
     text = f.comment(NODEPORTS_TAIL_COMMENT)
     target = f.jump("KUBE-NODEPORTS")
-    if node_ports_match_all(config, family):
+    if node_ports_match_all(config, family, node):
         exclude_loopback = family == 6 or not config.localhost_nodeports
         return [
             Rule(
@@ -272,7 +286,12 @@ def build_ruleset(
     if _localhost_nodeports(family, config):
         filter_chains.append(_localnet_firewall())
     filter_table = Table("filter", chains=tuple(filter_chains), jumps=filter_jumps)
-    return Ruleset(family=family, tables=(filter_table, nat))
+    return Ruleset(
+        family=family,
+        tables=(filter_table, nat),
+        no_local_internal=out.no_local_internal,
+        no_local_external=out.no_local_external,
+    )
 
 
 CANARY_CHAIN = "KUBE-PROXY-CANARY"

@@ -59,11 +59,12 @@ class StateBox:
         for exc in errors:
             self.metrics.objects_skipped.labels(kind=kind).inc()
             log.warning("object_skipped", object=exc.obj, field=exc.field, problem=exc.problem)
-        counter = self.metrics.service_changes_total if kind == SERVICE else None
-        if kind == ENDPOINT_SLICE:
-            counter = self.metrics.endpoint_changes_total
-        if counter is not None:
-            counter.inc()
+        if kind == SERVICE:
+            self.metrics.service_changes_total.inc()
+            self.metrics.service_changes_pending.inc()
+        elif kind == ENDPOINT_SLICE:
+            self.metrics.endpoint_changes_total.inc()
+            self.metrics.endpoint_changes_pending.inc()
         self.metrics.last_queued.set_to_current_time()
         self.health.queued()
         self.changed.set()
@@ -147,11 +148,13 @@ class SyncLoop:
             self.box.changed.set()
             self._last_end = time.monotonic()
             return False
-        self.report(snapshot, results, time.monotonic() - started)
+        self.report(snapshot, rulesets, results, time.monotonic() - started)
         self._last_end = time.monotonic()
         return True
 
     def _take_snapshot(self) -> Snapshot:
+        self.metrics.service_changes_pending.set(0)
+        self.metrics.endpoint_changes_pending.set(0)
         with self.box.lock:
             state = self.box.state
             hourly = time.monotonic() - self._last_full >= FULL_SYNC_PERIOD
@@ -187,7 +190,11 @@ class SyncLoop:
         return {family: self.dataplanes[family].apply(rs, full) for family, rs in rulesets.items()}
 
     def report(
-        self, snapshot: Snapshot, results: Mapping[int, ApplyResult], seconds: float
+        self,
+        snapshot: Snapshot,
+        rulesets: Mapping[int, Ruleset],
+        results: Mapping[int, ApplyResult],
+        seconds: float,
     ) -> None:
         self._needs_full = False
         if snapshot.full:
@@ -205,6 +212,18 @@ class SyncLoop:
                 t.rules_written for r in results.values() for t in r.tables if t.table == table
             )
             m.rules_last.labels(table=table).set(written)
+            owned = sum(
+                len(t.jumps) + sum(len(c.rules) for c in t.chains)
+                for rs in rulesets.values()
+                for t in rs.tables
+                if t.name == table
+            )
+            m.rules_total.labels(table=table).set(owned)
+        for policy, count in (
+            ("internal", sum(rs.no_local_internal for rs in rulesets.values())),
+            ("external", sum(rs.no_local_external for rs in rulesets.values())),
+        ):
+            m.no_local_endpoints.labels(traffic_policy=policy).set(count)
         now = time.time()
         for trigger in snapshot.trigger_times:
             if trigger >= self.started_at:
