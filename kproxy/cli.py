@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,7 +23,7 @@ from kproxy.dataplane.host import (
 from kproxy.dataplane.iptables import read_tables
 from kproxy.errors import ConfigError, InvalidObjectError, KproxyError
 from kproxy.logs import LEVELS, configure_logging
-from kproxy.model.config import ProxyConfig, parse_config
+from kproxy.model.config import FLAG_FIELDS, ProxyConfig, with_flags
 from kproxy.model.node import NodeInfo
 from kproxy.rules.render import render_ruleset
 from kproxy.rules.saved import render_saved
@@ -37,16 +37,23 @@ log = structlog.get_logger("kproxy")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def load_config_file(path: str | None) -> ProxyConfig:
+def read_config_doc(path: str | None) -> dict[str, Any]:
     if path is None:
-        return ProxyConfig()
+        return {}
     try:
         doc = yaml.safe_load(Path(path).read_text())
     except OSError as exc:
         raise ConfigError(f"--config {path}: cannot read ({exc.strerror})") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"--config {path}: invalid YAML ({exc})") from exc
-    config, ignored = parse_config(doc or {})
+    if doc is not None and not isinstance(doc, dict):
+        raise ConfigError(f"--config {path}: expected a KubeProxyConfiguration mapping")
+    return doc or {}
+
+
+def load_config_file(path: str | None, flags: Mapping[str, Any] | None = None) -> ProxyConfig:
+    """The config file (if any) with explicitly given kube-proxy flags laid over it."""
+    config, ignored = with_flags(read_config_doc(path), flags or {})
     for field in ignored:
         log.warning("config_field_ignored", field=field, file=path)
     return config
@@ -190,6 +197,47 @@ def cleanup(lock_timeout: float) -> None:
     click.echo(f"removed {result.chains_removed} chains and {removed_jumps} jump rules")
 
 
+def kube_proxy_flags(fn: F) -> F:
+    """kube-proxy's own flags, under the same names, so its DaemonSet's command line works."""
+    specs: list[tuple[str, Any, str]] = [
+        ("--cluster-cidr", str, "Pod network CIDR(s), comma-separated (clusterCIDR)."),
+        ("--masquerade-all", bool, "Masquerade all Service traffic (iptables.masqueradeAll)."),
+        ("--iptables-sync-period", str, "Longest wait between syncs (iptables.syncPeriod)."),
+        ("--iptables-min-sync-period", str, "Shortest wait between syncs (minSyncPeriod)."),
+        ("--iptables-masquerade-bit", int, "fwmark bit for SNAT, 0-31 (masqueradeBit)."),
+        ("--iptables-localhost-nodeports", bool, "NodePorts on 127.0.0.1 (localhostNodePorts)."),
+        ("--nodeport-addresses", str, "CIDRs or 'primary', comma-separated."),
+        ("--healthz-bind-address", str, "host:port of /healthz and /livez."),
+        ("--metrics-bind-address", str, "host:port of /metrics."),
+        ("--bind-address", str, "The node's IP when the Node object gives none."),
+        ("--detect-local-mode", str, "How pod traffic is recognised (detectLocalMode)."),
+        ("--proxy-mode", str, "Only 'iptables' is implemented (mode)."),
+        ("--oom-score-adj", int, "OOM score of the process (oomScoreAdj)."),
+    ]
+    for flag, kind, help_text in reversed(specs):
+        if kind is bool:  # as Go's flags: `--masquerade-all` or `--masquerade-all=false`
+            option = click.option(
+                flag, type=click.BOOL, is_flag=False, flag_value=True, default=None, help=help_text
+            )
+        else:
+            option = click.option(flag, type=kind, default=None, help=help_text)
+        fn = option(fn)
+    return fn
+
+
+def given_flags(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The kube-proxy flags given on the command line, as KubeProxyConfiguration values."""
+    flags: dict[str, Any] = {}
+    for flag in FLAG_FIELDS:
+        value = params.get(flag[2:].replace("-", "_"))
+        if value is None:
+            continue
+        if flag == "--nodeport-addresses":
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        flags[flag] = value
+    return flags
+
+
 @cli.command()
 @click.option(
     "--manifests",
@@ -200,26 +248,45 @@ def cleanup(lock_timeout: float) -> None:
 @click.option(
     "--kubeconfig",
     type=click.Path(dir_okay=False),
-    help="Kubeconfig file; default: in-cluster credentials, else KUBECONFIG or ~/.kube/config.",
+    help="Kubeconfig file; default: the config's clientConnection.kubeconfig, in-cluster "
+    "credentials, KUBECONFIG or ~/.kube/config.",
 )
 @click.option("--lock-timeout", type=float, default=5.0, show_default=True)
+@click.option("--cleanup", "cleanup_only", is_flag=True, help="Remove the rules and exit.")
+@click.option("--v", "verbosity", type=int, default=None, help="kube-proxy's log verbosity.")
+@kube_proxy_flags
 @common_options
 def run(
     manifests_path: str | None,
     kubeconfig: str | None,
     lock_timeout: float,
+    cleanup_only: bool,
+    verbosity: int | None,
     config_path: str | None,
     hostname: str | None,
+    **params: Any,
 ) -> None:
-    """Keep this node's rules in sync with the cluster until stopped (SIGTERM leaves the rules)."""
-    config = load_config_file(config_path)
-    node_name = resolve_hostname(hostname, config)
+    """Keep this node's rules in sync with the cluster until stopped (SIGTERM leaves the rules).
+
+    kube-proxy's flags are accepted under their own names; a flag given on the command line
+    overrides the same field of the --config file."""
+    if verbosity is not None and verbosity >= 4:
+        configure_logging("debug")
+    flags = given_flags(params)
+    if hostname:
+        flags["--hostname-override"] = hostname
+    config = load_config_file(config_path, flags)
+    if cleanup_only:
+        click.get_current_context().invoke(cleanup, lock_timeout=lock_timeout)
+        return
+    node_name = resolve_hostname(None, config)
     if manifests_path is not None:
         start_source: SourceStarter = ManifestSource(manifests_path, node_name).start
     else:
         from kproxy.watch.api import ApiSource, api_client
 
-        start_source = ApiSource(api_client(kubeconfig), node_name).start
+        api = api_client(kubeconfig or config.kubeconfig or None)
+        start_source = ApiSource(api, node_name).start
     run_agent(config, node_name, start_source, lock_timeout)
 
 
@@ -241,8 +308,7 @@ def doctor(config_path: str | None, service_cidr: str | None) -> None:
     from kproxy.doctor import exit_code, read_conntrack_limits, render_report, run_checks
 
     config = load_config_file(config_path)
-    raw = yaml.safe_load(Path(config_path).read_text()) if config_path else {}
-    checks = run_checks(config, service_cidr, read_conntrack_limits(raw or {}))
+    checks = run_checks(config, service_cidr, read_conntrack_limits(read_config_doc(config_path)))
     click.echo(render_report(checks), nl=False)
     sys.exit(exit_code(checks))
 

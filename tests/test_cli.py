@@ -89,3 +89,69 @@ def test_unknown_flag_is_a_usage_error() -> None:
     result = CliRunner().invoke(cli, ["dump", "--no-such-flag"])
     assert result.exit_code == 2
     assert "no-such-flag" in result.stderr
+
+
+def _run_flags(args: list[str]) -> dict[str, object]:
+    from kproxy.cli import given_flags, run
+
+    ctx = run.make_context("run", args)
+    flags = given_flags(ctx.params)
+    if ctx.params["hostname"]:
+        flags["--hostname-override"] = ctx.params["hostname"]
+    return flags
+
+
+KUBEADM = """\
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+bindAddress: 0.0.0.0
+clientConnection:
+  kubeconfig: /var/lib/kube-proxy/kubeconfig.conf
+  qps: 0
+clusterCIDR: 10.244.0.0/16
+conntrack: {maxPerCore: null, min: null, tcpEstablishedTimeout: null}
+iptables: {masqueradeAll: false, masqueradeBit: null, minSyncPeriod: 0s, syncPeriod: 0s}
+ipvs: {scheduler: ""}
+mode: ""
+featureGates: {}
+"""
+
+
+def test_kube_proxy_flags_override_the_config_file(tmp_path: Path) -> None:
+    from kproxy.cli import load_config_file
+
+    config_path = write(tmp_path, KUBEADM, "config.conf")
+    flags = _run_flags(
+        [
+            "--config", config_path,
+            "--hostname-override", "node-7",
+            "--cluster-cidr", "10.0.0.0/8,fd00::/48",
+            "--masquerade-all",
+            "--iptables-sync-period", "10s",
+            "--iptables-masquerade-bit=15",
+            "--iptables-localhost-nodeports=false",
+            "--nodeport-addresses", "primary,192.168.0.0/16",
+        ]
+    )  # fmt: skip
+    config = load_config_file(config_path, flags)
+    assert config.hostname_override == "node-7"
+    assert config.cluster_cidrs == ("10.0.0.0/8", "fd00::/48")
+    assert config.masquerade_all is True and config.masquerade_bit == 15
+    assert config.sync_period == 10.0 and config.localhost_nodeports is False
+    assert config.node_port_addresses == ("primary", "192.168.0.0/16")
+    assert config.kubeconfig == "/var/lib/kube-proxy/kubeconfig.conf"  # from the file
+    # Without flags, the file's values (kubeadm's nulls and zeros keep kube-proxy's defaults).
+    plain = load_config_file(config_path, {})
+    assert plain.cluster_cidrs == ("10.244.0.0/16",) and plain.masquerade_all is False
+    assert plain.sync_period == 30.0 and plain.masquerade_bit == 14
+
+
+def test_bad_flag_value_names_the_flag(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "kproxy.cli", "run", "--iptables-masquerade-bit", "40"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "--iptables-masquerade-bit: 40 must be an integer from 0 to 31" in proc.stderr

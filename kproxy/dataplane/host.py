@@ -4,6 +4,7 @@ Read with pyroute2 (addresses) and /proc/sys (sysctls) of the namespace kproxy r
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -65,3 +66,58 @@ def prepare_host(config: ProxyConfig) -> None:
     """Sysctls the rules rely on, in this network namespace."""
     if needs_route_localnet(config) and write_sysctl(ROUTE_LOCALNET, "1"):
         log.info("sysctl_set", name=ROUTE_LOCALNET, value="1", reason="localhost NodePorts")
+
+
+CONNTRACK_TIMEOUTS = {
+    "tcp_established_timeout": "net/netfilter/nf_conntrack_tcp_timeout_established",
+    "tcp_close_wait_timeout": "net/netfilter/nf_conntrack_tcp_timeout_close_wait",
+    "udp_timeout": "net/netfilter/nf_conntrack_udp_timeout",
+    "udp_stream_timeout": "net/netfilter/nf_conntrack_udp_timeout_stream",
+}
+CONNTRACK_MAX = "net/netfilter/nf_conntrack_max"
+
+
+def in_host_network_namespace() -> bool:
+    """Whether this process shares PID 1's network namespace (a hostNetwork pod, or the host)."""
+    try:
+        return os.readlink("/proc/self/ns/net") == os.readlink("/proc/1/ns/net")
+    except OSError:
+        return False
+
+
+def tune_node(config: ProxyConfig) -> None:
+    """What kube-proxy sets when it starts: its OOM score and the conntrack sysctls.
+
+    The conntrack timeouts belong to this network namespace. nf_conntrack_max is one number for
+    the whole host, so it is only set from the host's own network namespace."""
+    if config.oom_score_adj is not None:
+        _write_best_effort("/proc/self/oom_score_adj", str(config.oom_score_adj))
+    conntrack = config.conntrack
+    for attr, name in CONNTRACK_TIMEOUTS.items():
+        seconds = getattr(conntrack, attr)
+        if seconds is not None:
+            _sysctl_best_effort(name, str(int(seconds)))
+    if conntrack.max_per_core is None and conntrack.min is None:
+        return
+    wanted = max((conntrack.max_per_core or 0) * (os.cpu_count() or 1), conntrack.min or 0)
+    if not in_host_network_namespace():
+        log.info("conntrack_max_left", reason="not the host's network namespace", wanted=wanted)
+        return
+    current = read_sysctl(CONNTRACK_MAX)
+    if current is not None and int(current) < wanted:
+        _sysctl_best_effort(CONNTRACK_MAX, str(wanted))
+
+
+def _sysctl_best_effort(name: str, value: str) -> None:
+    try:
+        if write_sysctl(name, value):
+            log.info("sysctl_set", name=name, value=value)
+    except OSError as exc:
+        log.warning("sysctl_not_set", name=name, value=value, error=exc.strerror)
+
+
+def _write_best_effort(path: str, value: str) -> None:
+    try:
+        Path(path).write_text(value)
+    except OSError as exc:
+        log.warning("write_failed", path=path, error=exc.strerror)

@@ -5,13 +5,25 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kproxy.errors import ConfigError
 
 API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 KIND = "KubeProxyConfiguration"
+
+
+@dataclass(frozen=True, slots=True)
+class ConntrackConfig:
+    """kube-proxy's conntrack sysctls; None leaves the kernel's value."""
+
+    max_per_core: int | None = 32768
+    min: int | None = 131072
+    tcp_established_timeout: float | None = 86400.0
+    tcp_close_wait_timeout: float | None = 3600.0
+    udp_timeout: float | None = None
+    udp_stream_timeout: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +42,11 @@ class ProxyConfig:
     detect_local_mode: str = "ClusterCIDR"
     bridge_interface: str = ""
     interface_name_prefix: str = ""
+    # The node's IP when the Node object does not say (kube-proxy's bindAddress); "" for none.
+    bind_address: str = ""
+    kubeconfig: str = ""  # clientConnection.kubeconfig
+    oom_score_adj: int | None = -999
+    conntrack: ConntrackConfig = field(default_factory=lambda: ConntrackConfig())
 
     @property
     def masquerade_mark(self) -> str:
@@ -54,6 +71,18 @@ _TOP_LEVEL = {
     "detectLocal",
     "healthzBindAddress",
     "metricsBindAddress",
+    "bindAddress",
+    "conntrack",
+    "clientConnection",
+    "oomScoreAdj",
+}
+_CONNTRACK = {
+    "maxPerCore": "max_per_core",
+    "min": "min",
+    "tcpEstablishedTimeout": "tcp_established_timeout",
+    "tcpCloseWaitTimeout": "tcp_close_wait_timeout",
+    "udpTimeout": "udp_timeout",
+    "udpStreamTimeout": "udp_stream_timeout",
 }
 _IPTABLES = {"masqueradeAll", "masqueradeBit", "syncPeriod", "minSyncPeriod", "localhostNodePorts"}
 DETECT_LOCAL_MODES = ("ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix")
@@ -135,7 +164,9 @@ def parse_config(doc: Mapping[str, Any]) -> tuple[ProxyConfig, list[str]]:
             cfg, masquerade_bit=_parse_bit(ipt["masqueradeBit"], "iptables.masqueradeBit")
         )
     if ipt.get("syncPeriod"):
-        cfg = replace(cfg, sync_period=parse_duration(ipt["syncPeriod"], "iptables.syncPeriod"))
+        # 0s is what kubeadm writes for "unset"; upstream's defaulting makes it 30s.
+        period = parse_duration(ipt["syncPeriod"], "iptables.syncPeriod")
+        cfg = replace(cfg, sync_period=period or cfg.sync_period)
     if ipt.get("minSyncPeriod"):
         cfg = replace(
             cfg, min_sync_period=parse_duration(ipt["minSyncPeriod"], "iptables.minSyncPeriod")
@@ -158,6 +189,18 @@ def parse_config(doc: Mapping[str, Any]) -> tuple[ProxyConfig, list[str]]:
         metrics = str(doc["metricsBindAddress"])
         parse_bind_address(metrics, "metricsBindAddress")
         cfg = replace(cfg, metrics_bind_address=metrics)
+    cfg = _parse_node_facts(doc, cfg)
+    conntrack = doc.get("conntrack") or {}
+    if not isinstance(conntrack, Mapping):
+        raise ConfigError("config field conntrack: expected a mapping")
+    cfg = replace(cfg, conntrack=_parse_conntrack(conntrack))
+    client = doc.get("clientConnection") or {}
+    if not isinstance(client, Mapping):
+        raise ConfigError("config field clientConnection: expected a mapping")
+    if client.get("kubeconfig"):
+        cfg = replace(cfg, kubeconfig=str(client["kubeconfig"]))
+    warnings.extend(f"conntrack.{key}" for key in sorted(set(conntrack) - set(_CONNTRACK)))
+    warnings.extend(f"clientConnection.{key}" for key in sorted(set(client) - {"kubeconfig"}))
     warnings.extend(f"{key}" for key in sorted(set(doc) - _TOP_LEVEL))
     warnings.extend(f"iptables.{key}" for key in sorted(set(ipt) - _IPTABLES))
     return cfg, warnings
@@ -209,3 +252,78 @@ def parse_bind_address(value: str, field: str) -> tuple[str, int]:
     if not sep or not 0 <= number <= 65535:
         raise ConfigError(f"config field {field}: {value!r} is not an address:port")
     return host, number
+
+
+def _parse_node_facts(doc: Mapping[str, Any], cfg: ProxyConfig) -> ProxyConfig:
+    bind = str(doc.get("bindAddress") or "")
+    if bind:
+        try:
+            address = ipaddress.ip_address(bind)
+        except ValueError:
+            raise ConfigError(f"config field bindAddress: {bind!r} is not an IP address") from None
+        cfg = replace(cfg, bind_address="" if address.is_unspecified else str(address))
+    if "oomScoreAdj" in doc:
+        value = doc["oomScoreAdj"]
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not -1000 <= value <= 1000
+        ):
+            raise ConfigError(f"config field oomScoreAdj: {value!r} must be -1000..1000")
+        cfg = replace(cfg, oom_score_adj=value)
+    return cfg
+
+
+def _parse_conntrack(doc: Mapping[str, Any]) -> ConntrackConfig:
+    conntrack = ConntrackConfig()
+    for key, attr in _CONNTRACK.items():
+        if key not in doc:
+            continue
+        value = doc[key]
+        field_name = f"conntrack.{key}"
+        if value is None:
+            parsed: float | int | None = None
+        elif attr in ("max_per_core", "min"):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"config field {field_name}: {value!r} must be an integer >= 0")
+            parsed = value or None  # 0 leaves the kernel's value, as upstream
+        else:
+            parsed = parse_duration(value, field_name) or None
+        conntrack = replace(conntrack, **{attr: parsed})  # type: ignore[arg-type]
+    return conntrack
+
+
+# kube-proxy's command-line flags and the KubeProxyConfiguration field each sets.
+FLAG_FIELDS = {
+    "--cluster-cidr": ("clusterCIDR",),
+    "--hostname-override": ("hostnameOverride",),
+    "--masquerade-all": ("iptables", "masqueradeAll"),
+    "--iptables-sync-period": ("iptables", "syncPeriod"),
+    "--iptables-min-sync-period": ("iptables", "minSyncPeriod"),
+    "--iptables-masquerade-bit": ("iptables", "masqueradeBit"),
+    "--iptables-localhost-nodeports": ("iptables", "localhostNodePorts"),
+    "--nodeport-addresses": ("nodePortAddresses",),
+    "--healthz-bind-address": ("healthzBindAddress",),
+    "--metrics-bind-address": ("metricsBindAddress",),
+    "--bind-address": ("bindAddress",),
+    "--detect-local-mode": ("detectLocalMode",),
+    "--proxy-mode": ("mode",),
+    "--oom-score-adj": ("oomScoreAdj",),
+}
+
+
+def with_flags(doc: Mapping[str, Any], flags: Mapping[str, Any]) -> tuple[ProxyConfig, list[str]]:
+    """Parse a KubeProxyConfiguration with command-line flags (kube-proxy's names) laid over it:
+    a flag given on the command line wins over the file. Errors name the flag."""
+    merged: dict[str, Any] = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in doc.items()}
+    for flag, value in flags.items():
+        *parents, leaf = FLAG_FIELDS[flag]
+        target = merged
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    try:
+        return parse_config(merged)
+    except ConfigError as exc:
+        for flag in flags:
+            if f"config field {'.'.join(FLAG_FIELDS[flag])}:" in str(exc):
+                raise ConfigError(f"{flag}: {str(exc).split(': ', 1)[1]}") from exc
+        raise

@@ -242,10 +242,15 @@ def build_ruleset(
         for ep in endpoints.get(spn, ())
         if ep.family == family
     )
-    node_ips = of_family(node.primary_ips, family) or tuple(
-        ip
-        for ip in of_family(node.local_addresses, family)
-        if not ipaddress.ip_address(ip).is_loopback
+    # The node's IP: the Node object's, else the configured bindAddress, else a local address.
+    node_ips = (
+        of_family(node.primary_ips, family)
+        or of_family((config.bind_address,) if config.bind_address else (), family)
+        or tuple(
+            ip
+            for ip in of_family(node.local_addresses, family)
+            if not ipaddress.ip_address(ip).is_loopback
+        )
     )
     ctx = PlanContext(
         family=family,

@@ -18,7 +18,7 @@ from prometheus_client import start_http_server
 
 from kproxy.dataplane.conntrack import delete_stale_udp_flows
 from kproxy.dataplane.families import open_dataplanes
-from kproxy.dataplane.host import prepare_host, with_host_facts
+from kproxy.dataplane.host import prepare_host, tune_node, with_host_facts
 from kproxy.errors import ConfigError
 from kproxy.health.healthz import ProxyHealth, serve_health
 from kproxy.health.metrics import ProxyMetrics
@@ -97,6 +97,7 @@ def run_agent(
         health = ProxyHealth(timeout=2 * config.sync_period, families=families)
         health.queued()  # nothing is programmed yet: the first sync is owed
         prepare_host(config)
+        tune_node(config)
         healthz = serve_health(
             parse_bind_address(config.healthz_bind_address, "healthz"), health, metrics
         )
