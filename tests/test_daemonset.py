@@ -41,7 +41,7 @@ ALLOWED = {
     ("events.k8s.io", "events", "patch"),
 }
 # Fields of the shipped KubeProxyConfiguration that kproxy reads but does not act on.
-EXPECTED_IGNORED_CONFIG_FIELDS = ["conntrack"]
+EXPECTED_IGNORED_CONFIG_FIELDS: list[str] = []  # kproxy honours every field the ConfigMap sets
 KUSTOMIZATION_KEYS = {"apiVersion", "kind", "namespace", "resources", "images"}
 
 
