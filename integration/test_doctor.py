@@ -26,15 +26,15 @@ from kproxy.doctor import (
     ConntrackLimits,
     ProxyProcess,
     classify_process,
+    conntrack_limits,
     exit_code,
     judge_backend,
     judge_leftovers,
-    read_conntrack_limits,
     render_report,
     run_checks,
 )
 from kproxy.errors import ConfigError
-from kproxy.model.config import ProxyConfig
+from kproxy.model.config import ProxyConfig, parse_config
 
 CHECK_NAMES = [
     "iptables-backend",
@@ -532,11 +532,11 @@ def test_both_backends_and_running_owner_verdicts() -> None:
 
 
 def test_conntrack_limits_are_read_from_the_config() -> None:
-    assert read_conntrack_limits({}) == ConntrackLimits(32768, 131072)
-    doc = {"conntrack": {"maxPerCore": 0, "min": None}}
-    assert read_conntrack_limits(doc) == ConntrackLimits(0, 131072)
+    assert conntrack_limits(ProxyConfig()) == ConntrackLimits(32768, 131072)
+    config, _ = parse_config({"conntrack": {"maxPerCore": 0, "min": None}})
+    assert conntrack_limits(config) == ConntrackLimits(0, 131072)
     with pytest.raises(ConfigError, match=r"conntrack\.min"):
-        read_conntrack_limits({"conntrack": {"min": "lots"}})
+        parse_config({"conntrack": {"min": "lots"}})
 
 
 def test_service_cidr_must_be_a_cidr() -> None:

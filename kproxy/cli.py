@@ -305,10 +305,9 @@ def run(
 )
 def doctor(config_path: str | None, service_cidr: str | None) -> None:
     """Check this node for what kproxy needs; exit 1 if a check fails."""
-    from kproxy.doctor import exit_code, read_conntrack_limits, render_report, run_checks
+    from kproxy.doctor import exit_code, render_report, run_checks
 
-    config = load_config_file(config_path)
-    checks = run_checks(config, service_cidr, read_conntrack_limits(read_config_doc(config_path)))
+    checks = run_checks(load_config_file(config_path), service_cidr)
     click.echo(render_report(checks), nl=False)
     sys.exit(exit_code(checks))
 

@@ -12,10 +12,10 @@ import errno
 import ipaddress
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from kproxy.dataplane.diff import is_owned_chain
 from kproxy.errors import ConfigError
@@ -208,20 +208,9 @@ def read_proxy_processes() -> list[ProxyProcess]:
     return sorted(found, key=lambda p: p.pid)
 
 
-def read_conntrack_limits(doc: Mapping[str, Any]) -> ConntrackLimits:
-    """conntrack.maxPerCore and conntrack.min of a KubeProxyConfiguration (which kproxy's
-    ProxyConfig does not hold: kproxy leaves nf_conntrack_max to the node)."""
-    section = doc.get("conntrack") or {}
-    if not isinstance(section, Mapping):
-        raise ConfigError("config field conntrack: expected a mapping")
-    default = ConntrackLimits()
-    values = {"maxPerCore": default.max_per_core, "min": default.min}
-    for key in values:
-        value = section.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ConfigError(f"config field conntrack.{key}: {value!r} is not an integer")
-        values[key] = values[key] if value is None else value
-    return ConntrackLimits(values["maxPerCore"], values["min"])
+def conntrack_limits(config: ProxyConfig) -> ConntrackLimits:
+    """The limits kproxy applies (None, from a 0 in the config, leaves the node's own)."""
+    return ConntrackLimits(config.conntrack.max_per_core or 0, config.conntrack.min or 0)
 
 
 # --- judging --------------------------------------------------------------------------------
@@ -339,8 +328,8 @@ def judge_conntrack(current: int | None, cores: int, limits: ConntrackLimits) ->
     return Check(
         name,
         "warn",
-        f"nf_conntrack_max is {current}, below {formula}, which kube-proxy would set; kproxy "
-        "leaves it alone, so a busy node can fill the table and drop new connections",
+        f"nf_conntrack_max is {current}, below {formula}, which kproxy sets when it starts in "
+        "the host's network namespace; until then a busy node can fill the table",
         f"sysctl -w net.netfilter.nf_conntrack_max={wanted} and persist it in /etc/sysctl.d/, "
         "or lower conntrack.maxPerCore/min in the config",
     )
@@ -462,7 +451,7 @@ def run_checks(
         ipaddress.ip_network(cidr, strict=False)
     except ValueError as exc:
         raise ConfigError(f"--service-cidr {cidr!r} is not a CIDR ({exc})") from exc
-    limits = conntrack or ConntrackLimits()
+    limits = conntrack or conntrack_limits(config)
     forward = "net.ipv4.ip_forward"
     checks = [
         _guarded(

@@ -30,7 +30,7 @@ def test_kubeadm_style_config_is_read_and_unused_fields_named() -> None:
     assert config.sync_period == 90.0
     assert "bindAddress" not in ignored and "conntrack" not in ignored
     assert config.bind_address == ""  # 0.0.0.0 names no address
-    assert config.conntrack.max_per_core is None  # null leaves the kernel's value
+    assert config.conntrack.max_per_core == 32768  # null: kube-proxy's default
     assert not any(field.startswith("iptables.") for field in ignored)
     assert config.localhost_nodeports is True  # null in the file keeps the default
     assert "clusterCIDR" not in ignored

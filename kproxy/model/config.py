@@ -280,8 +280,9 @@ def _parse_conntrack(doc: Mapping[str, Any]) -> ConntrackConfig:
         value = doc[key]
         field_name = f"conntrack.{key}"
         if value is None:
-            parsed: float | int | None = None
-        elif attr in ("max_per_core", "min"):
+            continue  # null is "unset": kube-proxy's default applies
+        parsed: float | int | None
+        if attr in ("max_per_core", "min"):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"config field {field_name}: {value!r} must be an integer >= 0")
             parsed = value or None  # 0 leaves the kernel's value, as upstream
