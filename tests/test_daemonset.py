@@ -253,7 +253,7 @@ def test_node_name_comes_from_the_downward_api(container: dict[str, Any]) -> Non
 
 
 def test_api_server_address_can_be_given_without_a_service_vip(container: dict[str, Any]) -> None:
-    # Optional, so the manifests apply as they are; see docs/operators.md.
+    # Optional, so the manifests apply as they are; see README.md, "Install on a cluster".
     refs = [e["configMapRef"] for e in container["envFrom"]]
     assert refs == [{"name": "kproxy-apiserver", "optional": True}]
 
