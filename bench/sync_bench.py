@@ -13,7 +13,8 @@ touched. For N ClusterIP services with E endpoints each it times:
       (`--noflush`, the top-level chains plus that service's chains, `-X` for the stale one);
   (c) nothing changed: kproxy's sync vs upstream's partial restore of the top-level chains;
   (d) planning alone (build_ruleset for the whole cluster);
-  (e) peak RSS of the kproxy process.
+  (e) peak RSS of the kproxy process (kproxy runs in a process of its own; the baseline's
+      work happens in another, in the same namespace, after it).
 
 It prints each figure, the ratio kproxy/baseline, and a table across sizes.
 """
@@ -123,83 +124,97 @@ def best(fn: Callable[[], float], repeats: int = REPEATS) -> float:
     return min(fn() for _ in range(repeats))
 
 
-def run_inner(services: int, endpoints: int) -> dict[str, float]:
+def changed_ips(services: int, endpoints: int, round_: int) -> list[str]:
+    """The endpoints of the changed service in round `round_`: one endpoint replaced."""
+    ips = [endpoint_ip(services // 2, j) for j in range(endpoints)]
+    ips[0] = f"10.255.{round_}.{round_ + 1}"
+    return ips
+
+
+def run_kproxy(services: int, endpoints: int) -> dict[str, float]:
+    """kproxy's figures, in a process that does nothing else, so its peak RSS is kproxy's."""
     from kproxy.dataplane.iptables import IptablesDataplane
     from kproxy.health.healthz import ProxyHealth
     from kproxy.health.metrics import ProxyMetrics
     from kproxy.sync.loop import StateBox, SyncLoop
 
     config = ProxyConfig(cluster_cidrs=("10.128.0.0/10",))
-    node = NodeInfo(name="bench-node")
     state = build_state(services, endpoints)
+    health, metrics = ProxyHealth(timeout=60), ProxyMetrics()
+    dataplane = IptablesDataplane(4, lock_timeout=30)
     figures: dict[str, float] = {}
 
-    started = time.perf_counter()
-    with gc_paused():  # as the agent plans
-        ruleset = build_ruleset(state.services_map(), state.endpoints_map(), node, config)
-    figures["plan"] = time.perf_counter() - started
-    upstream_text = "".join(render_table(t) for t in ruleset.tables)
-    figures["rules"] = sum(len(c.rules) for t in ruleset.tables for c in t.chains)
-
-    def baseline_full() -> float:
-        flush_tables()
-        return restore(upstream_text, noflush=True)
-
-    figures["full_baseline"] = best(baseline_full)
-
-    health = ProxyHealth(timeout=60)
-    metrics = ProxyMetrics()
-    dataplane = IptablesDataplane(4, lock_timeout=30)
-
-    def fresh_loop() -> tuple[StateBox, SyncLoop]:
-        box = StateBox(node.name, health, metrics)
+    def fresh_loop() -> SyncLoop:
+        box = StateBox("bench-node", health, metrics)
         box.state = state
-        return box, SyncLoop(box, config, {4: dataplane}, metrics, health)
+        return SyncLoop(box, config, {4: dataplane}, metrics, health)
+
+    # (d) planning alone, with cold caches, as the agent's first sync plans.
+    loop = fresh_loop()
+    snapshot = loop._take_snapshot()
+    started = time.perf_counter()
+    with gc_paused():
+        loop.plan(snapshot)
+    figures["plan"] = time.perf_counter() - started
 
     def kproxy_full() -> float:
         flush_tables()
-        _, loop = fresh_loop()
         state.restore_changes({NamespacedName("bench", f"svc-{i}") for i in range(services)})
-        started = time.perf_counter()
-        assert loop.sync()
-        return time.perf_counter() - started
+        return _timed(fresh_loop().sync)
 
     figures["full_kproxy"] = best(kproxy_full)
-
     # (b) one service's endpoints change, with the agent warm (as after its first sync).
-    _, loop = fresh_loop()
+    loop = fresh_loop()
     assert loop.sync()
-    changed = services // 2
-    spn = ServicePortName(NamespacedName("bench", f"svc-{changed}"), "http", Protocol.TCP)
-    partial_times, baseline_times = [], []
+    times = []
     for round_ in range(REPEATS):
-        ips = [endpoint_ip(changed, j) for j in range(endpoints)]
-        ips[0] = f"10.255.{round_}.{round_ + 1}"
-        old = {naming.endpoint_chain(spn, ep) for ep in state.endpoints_map().get(spn, ())}
-        state.set_slice(slice_for(changed, ips))
-        started = time.perf_counter()
-        assert loop.sync()
-        partial_times.append(time.perf_counter() - started)
-        new_ruleset = build_ruleset(state.services_map(), state.endpoints_map(), node, config)
+        time.sleep(1)  # as minSyncPeriod would: the last commit's table copy is refreshed
+        state.set_slice(slice_for(services // 2, changed_ips(services, endpoints, round_)))
+        times.append(_timed(loop.sync))
+    figures["change_kproxy"] = min(times)
+    # (c) nothing changed.
+    time.sleep(1)
+    figures["nochange_kproxy"] = best(lambda: _timed(loop.sync))
+    figures["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # Leave the original version in the kernel for the baseline process.
+    state.set_slice(
+        slice_for(services // 2, [endpoint_ip(services // 2, j) for j in range(endpoints)])
+    )
+    assert loop.sync()
+    return figures
+
+
+def run_baseline(services: int, endpoints: int) -> dict[str, float]:
+    """Upstream's iptables-legacy-restore of the same rules, in the same namespace."""
+    config = ProxyConfig(cluster_cidrs=("10.128.0.0/10",))
+    node = NodeInfo(name="bench-node")
+    state = build_state(services, endpoints)
+    ruleset = build_ruleset(state.services_map(), state.endpoints_map(), node, config)
+    figures: dict[str, float] = {
+        "rules": sum(len(c.rules) for t in ruleset.tables for c in t.chains)
+    }
+    spn = ServicePortName(NamespacedName("bench", f"svc-{services // 2}"), "http", Protocol.TCP)
+    old = {naming.endpoint_chain(spn, ep) for ep in state.endpoints_map()[spn]}
+    times = []
+    for round_ in range(REPEATS):
+        state.set_slice(slice_for(services // 2, changed_ips(services, endpoints, round_)))
+        changed = build_ruleset(state.services_map(), state.endpoints_map(), node, config)
         new = {naming.endpoint_chain(spn, ep) for ep in state.endpoints_map()[spn]}
         chains = {naming.service_chain(spn)} | new
-        # Put the old version back in the kernel, then time upstream's partial restore.
-        state.set_slice(slice_for(changed, [endpoint_ip(changed, j) for j in range(endpoints)]))
-        assert loop.sync()
-        baseline_times.append(restore(partial_restore_text(new_ruleset, chains, old - new), True))
-        state.set_slice(slice_for(changed, ips))
-        assert loop.sync()
-        state.set_slice(slice_for(changed, [endpoint_ip(changed, j) for j in range(endpoints)]))
-        assert loop.sync()
-    figures["change_kproxy"] = min(partial_times)
-    figures["change_baseline"] = min(baseline_times)
-
-    # (c) nothing changed.
-    figures["nochange_kproxy"] = best(lambda: _timed(loop.sync))
+        times.append(restore(partial_restore_text(changed, chains, old - new), True))
+        # Back to the original version, untimed.
+        restore(partial_restore_text(ruleset, {naming.service_chain(spn)} | old, new - old), True)
+    figures["change_baseline"] = min(times)
     figures["nochange_baseline"] = best(
         lambda: restore(partial_restore_text(ruleset, set(), set()), True)
     )
-    figures["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    text = "".join(render_table(t) for t in ruleset.tables)
+
+    def baseline_full() -> float:
+        flush_tables()
+        return restore(text, noflush=True)
+
+    figures["full_baseline"] = best(baseline_full)
     return figures
 
 
@@ -210,27 +225,21 @@ def _timed(fn: Callable[[], object]) -> float:
 
 
 def measure(services: int, endpoints: int) -> dict[str, float]:
-    """Run one size in a fresh network namespace; returns its figures."""
+    """Run one size in a fresh network namespace: kproxy's process, then the baseline's, one
+    after the other in the same namespace; returns their figures."""
+    inner = f"{sys.executable} -m bench.sync_bench --services {services} --endpoints {endpoints}"
     proc = subprocess.run(
-        [
-            "unshare",
-            "-n",
-            sys.executable,
-            "-m",
-            "bench.sync_bench",
-            "--inner",
-            "--services",
-            str(services),
-            "--endpoints",
-            str(endpoints),
-        ],
+        ["unshare", "-n", "sh", "-c", f"{inner} --inner kproxy && {inner} --inner baseline"],
         capture_output=True,
         text=True,
         check=False,
     )
     if proc.returncode != 0:
         raise SystemExit(f"benchmark at {services} services failed:\n{proc.stderr[-3000:]}")
-    figures: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
+    figures: dict[str, float] = {}
+    for line in proc.stdout.strip().splitlines():
+        if line.startswith("{"):
+            figures.update(json.loads(line))
     return figures
 
 
@@ -256,10 +265,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--services", type=int, nargs="+", default=[10000])
     parser.add_argument("--endpoints", type=int, default=5)
-    parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--inner", choices=("kproxy", "baseline"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
-        print(json.dumps(run_inner(args.services[0], args.endpoints)))
+        run = run_kproxy if args.inner == "kproxy" else run_baseline
+        print(json.dumps(run(args.services[0], args.endpoints)))
         return
     results = {}
     for n in args.services:
