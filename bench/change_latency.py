@@ -34,10 +34,10 @@ from integration.agent_harness import (
     agent_node,
     answered_by,
     log_time,
-    service_object,
     slice_object,
     wall_time,
 )
+from integration.manifests import service_manifest
 
 VIP = "10.96.0.10"
 PORT = 80
@@ -59,7 +59,7 @@ def populate(node: AgentNode, services: int, endpoints: int) -> None:
     """N-1 filler services with `endpoints` (podless) endpoints each."""
     for i in range(services - 1):
         name = f"svc-{i}"
-        node.api.create("Service", service_object(name, service_ip(i), PORT, TARGET))
+        node.api.create("Service", service_manifest(name, service_ip(i), PORT, TARGET))
         addresses = [endpoint_ip(i, j) for j in range(endpoints)]
         node.api.create("EndpointSlice", slice_object(name, addresses, TARGET))
 
@@ -87,7 +87,7 @@ def run_changes(node: AgentNode, args: argparse.Namespace) -> int:
     client = node.client("client", "192.168.9.9")
     built = time.monotonic()
     populate(node, args.services, args.endpoints)
-    node.api.create("Service", service_object("measured", VIP, PORT, TARGET))
+    node.api.create("Service", service_manifest("measured", VIP, PORT, TARGET))
     node.api.create("EndpointSlice", slice_object("measured", [pods[0].ip], TARGET))
     agent = node.start_agent(wait=False)
     first = agent.wait_for_event("sync_completed", timeout=CONVERGE_TIMEOUT)[0]

@@ -43,14 +43,14 @@ from typing import Any, TypeVar
 import yaml
 
 from integration.apiserver import ApiServer
+from integration.manifests import NODE_NAME, REMOTE_NODE
 from integration.netns import Namespace, Pod, Topology, kproxy_path, topology
 from integration.traffic import start_server
 
 T = TypeVar("T")
 JSON = dict[str, Any]
 
-NODE_NAME = "node-1"
-OTHER_NODE = "node-2"
+OTHER_NODE = REMOTE_NODE
 HEALTHZ_PORT = 10256
 METRICS_PORT = 10249
 _CLONE_NEWNET = 0x40000000
@@ -126,34 +126,6 @@ def rfc3339(ts: float | None = None) -> str:
     """`2025-01-02T03:04:05.678901Z`, as the EndpointSlice controller writes trigger times."""
     moment = datetime.fromtimestamp(time.time() if ts is None else ts, UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def service_object(
-    name: str,
-    cluster_ip: str,
-    port: int,
-    target_port: int,
-    protocol: str = "TCP",
-    namespace: str = "default",
-    internal_traffic_policy: str = "Cluster",
-) -> JSON:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": namespace, "labels": {"app": name}},
-        "spec": {
-            "type": "ClusterIP",
-            "clusterIP": cluster_ip,
-            "clusterIPs": [cluster_ip],
-            "ipFamilies": ["IPv4"],
-            "ipFamilyPolicy": "SingleStack",
-            "internalTrafficPolicy": internal_traffic_policy,
-            "sessionAffinity": "None",
-            "selector": {"app": name},
-            "ports": [{"name": "p", "port": port, "protocol": protocol, "targetPort": target_port}],
-        },
-        "status": {"loadBalancer": {}},
-    }
 
 
 def slice_object(

@@ -24,13 +24,13 @@ from integration.agent_harness import (
     answered_by,
     log_time,
     rfc3339,
-    service_object,
     slice_object,
     summarize,
     wait_for_nat,
     wait_until,
     wall_time,
 )
+from integration.manifests import service_manifest
 
 VIP = "10.96.0.10"
 PORT = 80
@@ -67,7 +67,7 @@ def test_api_changes_reach_traffic_and_removed_endpoint_drains(node: AgentNode) 
     assert not any(x.ok for x in fast.attempts()), "the VIP answered before the Service existed"
 
     created = time.monotonic()
-    node.api.create("Service", service_object("web", VIP, PORT, TARGET))
+    node.api.create("Service", service_manifest("web", VIP, PORT, TARGET))
     node.api.create("EndpointSlice", slice_object("web", [a.ip, b.ip], TARGET))
     first = fast.first(lambda x: x.ok, created, timeout=CHANGE_BOUND + 5)
     assert first is not None, summarize(fast.attempts(created))
@@ -98,7 +98,7 @@ def test_udp_flow_moves_to_new_endpoint_after_conntrack_cleanup(node: AgentNode)
     new = node.backend("dns-new", "192.168.2.53", 53, "udp")
     client = node.client("client", "192.168.9.9")
     agent = node.start_agent()
-    node.api.create("Service", service_object("dns", DNS_VIP, 53, 53, "UDP"))
+    node.api.create("Service", service_manifest("dns", DNS_VIP, 53, 53, "UDP"))
     node.api.create("EndpointSlice", slice_object("dns", [old.ip], 53, "UDP"))
     # Start the flow only once the rules exist, so it is DNATed to the old pod from its start.
     assert wait_for_nat(node, f"--to-destination {old.ip}:53")
@@ -171,12 +171,12 @@ def _value(samples: list[Sample], name: str, **labels: str) -> float:
 def test_metrics_report_syncs_and_network_programming_latency(node: AgentNode) -> None:
     a = node.backend("web-a", "192.168.1.10", TARGET)
     started = time.time()
-    node.api.create("Service", service_object("web", VIP, PORT, TARGET))
+    node.api.create("Service", service_manifest("web", VIP, PORT, TARGET))
     node.api.create("EndpointSlice", slice_object("web", [a.ip], TARGET))
     # internalTrafficPolicy Local with its only endpoint on another node: no local endpoints.
     node.api.create(
         "Service",
-        service_object("local", "10.96.0.11", PORT, TARGET, internal_traffic_policy="Local"),
+        service_manifest("local", "10.96.0.11", PORT, TARGET, internal_policy="Local"),
     )
     node.api.create(
         "EndpointSlice", slice_object("local", ["192.168.77.7"], TARGET, node_name=OTHER_NODE)
@@ -217,7 +217,7 @@ def test_metrics_report_syncs_and_network_programming_latency(node: AgentNode) -
 def test_sigterm_exits_zero_and_leaves_rules_working(node: AgentNode) -> None:
     a = node.backend("web-a", "192.168.1.10", TARGET)
     client = node.client("client", "192.168.9.9")
-    node.api.create("Service", service_object("web", VIP, PORT, TARGET))
+    node.api.create("Service", service_manifest("web", VIP, PORT, TARGET))
     node.api.create("EndpointSlice", slice_object("web", [a.ip], TARGET))
     agent = node.start_agent()
     assert wait_for_nat(node, f"--to-destination {a.ip}:{TARGET}")
@@ -244,7 +244,7 @@ def test_manifest_source_follows_file_edits(bare_node: AgentNode, tmp_path: Path
     path = manifests / "web.yaml"
 
     def write(pod_ip: str) -> None:
-        docs = [service_object("web", VIP, PORT, TARGET), slice_object("web", [pod_ip], TARGET)]
+        docs = [service_manifest("web", VIP, PORT, TARGET), slice_object("web", [pod_ip], TARGET)]
         path.write_text(yaml.safe_dump_all(docs))
 
     write(a.ip)

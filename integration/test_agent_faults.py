@@ -20,12 +20,12 @@ from integration.agent_harness import (
     agent_node,
     holding_lock,
     nat_rules,
-    service_object,
     slice_object,
     summarize,
     wait_for_nat,
     wait_until,
 )
+from integration.manifests import service_manifest
 
 VIP = "10.96.0.10"
 PORT = 80
@@ -44,7 +44,7 @@ def node(tmp_path: Path) -> Iterator[AgentNode]:
 
 
 def _web(node: AgentNode, *pod_ips: str) -> None:
-    node.api.apply("Service", service_object("web", VIP, PORT, TARGET))
+    node.api.apply("Service", service_manifest("web", VIP, PORT, TARGET))
     node.api.apply("EndpointSlice", slice_object("web", list(pod_ips), TARGET))
 
 

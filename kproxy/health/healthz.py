@@ -8,13 +8,13 @@ the cluster autoscaler's ToBeDeletedByClusterAutoscaler taint, so load balancers
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
+from kproxy.health.http import JsonHandler, QuietServer
 from kproxy.health.metrics import ProxyMetrics
 
 FAMILY_NAMES = {4: "IPv4", 6: "IPv6"}
@@ -80,17 +80,14 @@ class ProxyHealth:
         return healthy, body
 
 
-class _HealthServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
+class _HealthServer(QuietServer):
     def __init__(self, address: tuple[str, int], health: ProxyHealth, metrics: ProxyMetrics):
         self.health = health
         self.metrics = metrics
         super().__init__(address, _Handler)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JsonHandler):
     server: _HealthServer
 
     def do_GET(self) -> None:
@@ -107,16 +104,7 @@ class _Handler(BaseHTTPRequestHandler):
             counter = self.server.metrics.livez
         code = 200 if ok else 503
         counter.labels(code=str(code)).inc()
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: object) -> None:
-        return
+        self.send_json(code, body)
 
 
 def serve_health(
@@ -124,5 +112,5 @@ def serve_health(
 ) -> ThreadingHTTPServer:
     """Start the /healthz and /livez server in a background thread."""
     server = _HealthServer(address, health, metrics)
-    threading.Thread(target=server.serve_forever, daemon=True, name="healthz").start()
+    server.start("healthz")
     return server

@@ -9,52 +9,41 @@ and the proxy itself is healthy, else 503.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import structlog
 
+from kproxy.health.http import JsonHandler, QuietServer
 from kproxy.model.service import NamespacedName
 
 log = structlog.get_logger("kproxy.health")
 
 
-class _ServiceServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
+class _ServiceServer(QuietServer):
     def __init__(self, address: tuple[str, int], owner: ServiceHealthServers, key: NamespacedName):
         self.owner = owner
         self.key = key
         super().__init__(address, _Handler)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JsonHandler):
     server: _ServiceServer
 
     def do_GET(self) -> None:
         key = self.server.key
         count = self.server.owner.local_endpoints(key)
         healthy = self.server.owner.proxy_healthy()
-        body = json.dumps(
-            {
-                "service": {"namespace": key.namespace, "name": key.name},
-                "localEndpoints": count,
-                "serviceProxyHealthy": healthy,
-            }
-        ).encode()
-        self.send_response(200 if count > 0 and healthy else 503)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("X-Load-Balancing-Endpoint-Weight", str(count))
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        return  # load balancers probe every few seconds; do not log each probe
+        body = {
+            "service": {"namespace": key.namespace, "name": key.name},
+            "localEndpoints": count,
+            "serviceProxyHealthy": healthy,
+        }
+        self.send_json(
+            200 if count > 0 and healthy else 503,
+            body,
+            {"X-Load-Balancing-Endpoint-Weight": str(count)},
+        )
 
 
 class ServiceHealthServers:
@@ -101,7 +90,7 @@ class ServiceHealthServers:
                     "health_check_listen_failed", service=str(key), port=port, error=str(exc)
                 )
                 continue
-            threading.Thread(target=server.serve_forever, daemon=True).start()
+            server.start(f"health-{key}")
             servers.append(server)
         return servers
 
