@@ -159,3 +159,19 @@ def test_udp_changes_trigger_conntrack_cleanup_and_tcp_ones_do_not() -> None:
     assert loop.sync()
     assert seen == [True, False, True]
     assert NamespacedName("default", "dns")  # keys are namespaced
+
+
+def test_a_sync_with_nothing_changed_reuses_the_last_plan_and_commits_nothing() -> None:
+    box, loop, fake = agent()
+    box.apply(SERVICE, upsert(SERVICE, service("web", "10.96.0.5")))
+    box.apply(ENDPOINT_SLICE, upsert(ENDPOINT_SLICE, endpoint_slice("web", ["10.0.0.1"])))
+    assert loop.sync()
+    first = loop.plan(loop._take_snapshot())
+    commits = fake.commits
+    assert loop.sync()
+    assert fake.commits == commits
+    assert loop.plan(loop._take_snapshot()) is first
+    # A change plans again.
+    box.apply(ENDPOINT_SLICE, upsert(ENDPOINT_SLICE, endpoint_slice("web", ["10.0.0.2"])))
+    assert loop.sync()
+    assert fake.commits > commits and "10.0.0.2:8080" in fake.dump()

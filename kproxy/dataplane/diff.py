@@ -99,6 +99,8 @@ def plan_table_changes_from(desired: Table, applied: Table) -> TableChanges | No
     """The changes from what kproxy committed last (`applied`) to `desired`, without reading the
     kernel; valid only while nobody else wrote the table. None when the jump rules in built-in
     chains differ: those are checked against the kernel."""
+    if desired is applied:  # the very table committed last: nothing to compare
+        return TableChanges(desired.name, unchanged=len(desired.chains), read_kernel=False)
     if desired.jumps != applied.jumps:
         return None
     before = {c.name: c for c in applied.chains}

@@ -113,6 +113,8 @@ class SyncLoop:
     _last_end: float = 0.0
     _last_full: float = 0.0
     _plan_caches: dict[int, PlanCache] = field(default_factory=dict)
+    # The last successful plan and what it was made from: reused while nothing changed.
+    _last_plan: tuple[NodeInfo, dict[int, Ruleset]] | None = None
 
     def run(self, stop: threading.Event) -> None:
         """Sync until `stop` is set: after changes (no sooner than minSyncPeriod after the last
@@ -139,6 +141,7 @@ class SyncLoop:
                 results = self.apply(rulesets, snapshot.full)
         except KproxyError as exc:
             self._needs_full = True
+            self._last_plan = None
             self.metrics.restore_failures.inc()
             if not snapshot.full:
                 self.metrics.partial_restore_failures.inc()
@@ -172,6 +175,9 @@ class SyncLoop:
         return snapshot
 
     def plan(self, snapshot: Snapshot) -> dict[int, Ruleset]:
+        last = self._last_plan
+        if last is not None and not snapshot.changed and last[0] == snapshot.node:
+            return last[1]  # nothing changed: the same rulesets (the dataplane then skips them)
         return {
             family: with_canaries(
                 build_ruleset(
@@ -197,6 +203,7 @@ class SyncLoop:
         seconds: float,
     ) -> None:
         self._needs_full = False
+        self._last_plan = (snapshot.node, dict(rulesets))
         if snapshot.full:
             self._last_full = time.monotonic()
         # A partial sync turns full where a table changed behind kproxy's back and was read.
