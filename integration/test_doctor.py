@@ -21,17 +21,14 @@ from typing import Any
 import pytest
 
 from integration.netns import Namespace, run, run_kproxy, unique_prefix
-from kproxy.doctor import (
+from kproxy.doctor import exit_code, render_report, run_checks
+from kproxy.doctor.facts import ProxyProcess, classify_process
+from kproxy.doctor.judges import (
     Check,
     ConntrackLimits,
-    ProxyProcess,
-    classify_process,
     conntrack_limits,
-    exit_code,
     judge_backend,
     judge_leftovers,
-    render_report,
-    run_checks,
 )
 from kproxy.errors import ConfigError
 from kproxy.model.config import ProxyConfig, parse_config
@@ -52,7 +49,8 @@ NODE_LINK = ("198.51.100.2", "198.51.100.1")  # the node's address and its gatew
 
 DOCTOR = """
 import dataclasses, json, sys
-from kproxy.doctor import ConntrackLimits, exit_code, render_report, run_checks
+from kproxy.doctor import exit_code, render_report, run_checks
+from kproxy.doctor.judges import ConntrackLimits
 from kproxy.model.config import ProxyConfig
 args = json.loads(sys.argv[1])
 checks = run_checks(ProxyConfig(), args["service_cidr"], ConntrackLimits(*args["conntrack"]))

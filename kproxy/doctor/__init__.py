@@ -1,0 +1,156 @@
+"""`kproxy doctor`: what kproxy needs from the node and does not set up itself.
+
+Each check reads facts of the network namespace it runs in (python-iptables for the legacy tables,
+pyroute2 for links, routes and nftables, /proc for sysctls and processes), then judges them in a
+pure function, so the verdicts can be tested without a kernel. Nothing here writes anything: the
+legacy tables are only opened when /proc says they already exist, since opening one creates it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable
+
+from kproxy.dataplane.host import read_sysctl as _read_proc_sysctl
+from kproxy.doctor.facts import (
+    DEFAULT_SERVICE_CIDR,
+    HINT_CHAINS,
+    IPVS_INTERFACE,
+    read_all_legacy_chains,
+    read_links,
+    read_nft_chains,
+    read_proxy_processes,
+    read_routes,
+)
+from kproxy.doctor.judges import (
+    Check,
+    ConntrackLimits,
+    conntrack_limits,
+    judge_backend,
+    judge_bridge_nf_call,
+    judge_conntrack,
+    judge_forwarding,
+    judge_leftovers,
+    judge_proxy_processes,
+    judge_service_route,
+)
+from kproxy.errors import ConfigError
+from kproxy.model.config import ProxyConfig
+
+
+def read_sysctl(name: str) -> str | None:
+    """A sysctl by its dotted name (`net.ipv4.ip_forward`) in this network namespace."""
+    return _read_proc_sysctl(name.replace(".", "/"))
+
+
+def _guarded(name: str, check: Callable[[], Check]) -> Check:
+    try:
+        return check()
+    except Exception as exc:  # one check that cannot read its facts must not hide the others
+        return Check(
+            name,
+            "warn",
+            f"could not check: {exc}",
+            "run the doctor as root in the node's network namespace",
+        )
+
+
+def _service_route(cidr: str) -> Check:
+    network = ipaddress.ip_network(cidr, strict=False)
+    ends = {network[1] if network.num_addresses > 2 else network[0], network[-2]}
+    return judge_service_route(str(network), read_routes(str(a) for a in sorted(ends)))
+
+
+def _conntrack(limits: ConntrackLimits) -> Check:
+    current = read_sysctl("net.netfilter.nf_conntrack_max")
+    cores = len(os.sched_getaffinity(0))
+    return judge_conntrack(int(current) if current else None, cores, limits)
+
+
+def _uses_ipv6(config: ProxyConfig, service_cidr: str) -> bool:
+    cidrs = (*config.cluster_cidrs, service_cidr)
+    return any(ipaddress.ip_network(c, strict=False).version == 6 for c in cidrs)
+
+
+def run_checks(
+    config: ProxyConfig,
+    service_cidr: str | None = None,
+    conntrack: ConntrackLimits | None = None,
+) -> list[Check]:
+    """Every check, in the network namespace this process runs in. Raises ConfigError for a
+    service CIDR that is not one."""
+    cidr = service_cidr or DEFAULT_SERVICE_CIDR
+    try:
+        ipaddress.ip_network(cidr, strict=False)
+    except ValueError as exc:
+        raise ConfigError(f"--service-cidr {cidr!r} is not a CIDR ({exc})") from exc
+    limits = conntrack or conntrack_limits(config)
+    forward = "net.ipv4.ip_forward"
+    checks = [
+        _guarded(
+            "iptables-backend",
+            lambda: judge_backend(
+                set(HINT_CHAINS) & read_all_legacy_chains(),
+                {c for _, t, c in read_nft_chains() if t == "mangle" and c in HINT_CHAINS},
+            ),
+        ),
+        _guarded("service-route", lambda: _service_route(cidr)),
+        _guarded("ip-forward", lambda: judge_forwarding(forward, read_sysctl(forward))),
+    ]
+    if _uses_ipv6(config, cidr):
+        v6 = "net.ipv6.conf.all.forwarding"
+        checks.append(
+            _guarded("ipv6-forward", lambda: judge_forwarding(v6, read_sysctl(v6), "ipv6-forward"))
+        )
+    checks += [
+        _guarded(
+            "bridge-nf-call-iptables",
+            lambda: judge_bridge_nf_call(
+                [n for n, kind in read_links().items() if kind == "bridge" and n != IPVS_INTERFACE],
+                read_sysctl("net.bridge.bridge-nf-call-iptables"),
+            ),
+        ),
+        _guarded("conntrack-max", lambda: _conntrack(limits)),
+    ]
+    checks += [
+        _guarded(
+            "kube-proxy-leftovers",
+            lambda: judge_leftovers(
+                read_all_legacy_chains(), read_nft_chains(), read_links(), read_proxy_processes()
+            ),
+        ),
+        _guarded("kube-proxy-process", lambda: judge_proxy_processes(read_proxy_processes())),
+    ]
+    return checks
+
+
+_LABELS = {"ok": "ok", "warn": "WARN", "fail": "FAIL"}
+
+
+def render_report(checks: list[Check]) -> str:
+    """One verdict line per check, what to do under each that is not ok, and a summary."""
+    width = max((len(c.name) for c in checks), default=0)
+    lines = []
+    for check in checks:
+        lines.append(f"{_LABELS[check.status]:<4}  {check.name:<{width}}  {check.detail}")
+        if check.status != "ok" and check.advice:
+            lines.append(f"{'':<4}  {'':<{width}}  -> {check.advice}")
+    failed = sum(c.status == "fail" for c in checks)
+    warned = sum(c.status == "warn" for c in checks)
+    if failed:
+        verdict = f"{failed} failed, {_warnings(warned)}: fix the failures before running kproxy"
+    elif warned:
+        verdict = f"no failures, {_warnings(warned)}: kproxy can run; read the warnings"
+    else:
+        verdict = f"all {len(checks)} checks passed"
+    return "\n".join([*lines, "", verdict]) + "\n"
+
+
+def _warnings(count: int) -> str:
+    return f"{count} warning" + ("" if count == 1 else "s")
+
+
+def exit_code(checks: list[Check]) -> int:
+    """1 when any check failed, else 0 (warnings do not fail)."""
+    return 1 if any(c.status == "fail" for c in checks) else 0

@@ -1,0 +1,241 @@
+"""`kproxy doctor`'s verdicts: pure functions of the facts read from the node, so each can be
+tested without a kernel."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from kproxy.dataplane.diff import is_owned_chain
+from kproxy.doctor.facts import (
+    HINT_CHAINS,
+    IPVS_CHAINS,
+    IPVS_INTERFACE,
+    NFT_PROXY_TABLE,
+    ProxyProcess,
+    RouteLookup,
+)
+from kproxy.model.config import ProxyConfig
+from kproxy.plan.naming import SERVICE_CHAIN_PREFIXES, is_service_chain
+
+Status = Literal["ok", "warn", "fail"]
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+    advice: str = ""
+
+
+@dataclass(frozen=True)
+class ConntrackLimits:
+    """KubeProxyConfiguration's conntrack.maxPerCore and conntrack.min (kube-proxy's defaults)."""
+
+    max_per_core: int = 32768
+    min: int = 131072
+
+
+def conntrack_limits(config: ProxyConfig) -> ConntrackLimits:
+    """The limits kproxy applies (None, from a 0 in the config, leaves the node's own)."""
+    return ConntrackLimits(config.conntrack.max_per_core or 0, config.conntrack.min or 0)
+
+
+# --- judging --------------------------------------------------------------------------------
+
+
+def _names(chains: list[str]) -> str:
+    """`A is` / `A and B are`."""
+    return " and ".join(chains) + (" is" if len(chains) == 1 else " are")
+
+
+def judge_backend(legacy: Iterable[str], nft: Iterable[str]) -> Check:
+    """`legacy`/`nft`: kubelet hint chains found in each backend's mangle tables."""
+    name = "iptables-backend"
+    legacy, nft = sorted(set(legacy)), sorted(set(nft))
+    if nft and not legacy:
+        return Check(
+            name,
+            "fail",
+            f"kubelet's {_names(nft)} in the nftables mangle table: this node's iptables "
+            "is iptables-nft, but kproxy writes the legacy tables (libiptc), so its rules would "
+            "run beside kubelet's and the CNI plugin's instead of with them",
+            "switch the node to iptables-legacy (`update-alternatives --set iptables "
+            "/usr/sbin/iptables-legacy`, the same for ip6tables) and reboot it, so kubelet and "
+            "the CNI plugin recreate their rules in the legacy tables; or keep kube-proxy here",
+        )
+    if legacy and nft:
+        return Check(
+            name,
+            "warn",
+            f"kubelet's hint chains are in both backends (legacy: {', '.join(legacy)}; "
+            f"nftables: {', '.join(nft)}): the node changed backends without a reboot",
+            "reboot the node once iptables points at iptables-legacy, so only one backend holds "
+            "rules",
+        )
+    if legacy:
+        return Check(
+            name,
+            "ok",
+            f"kubelet's {_names(legacy)} in the legacy mangle table, where kproxy writes",
+        )
+    return Check(
+        name,
+        "warn",
+        f"neither backend holds kubelet's {' or '.join(HINT_CHAINS)} (kubelet older than 1.24, "
+        "not running, or this is not the node's network namespace): cannot tell which iptables "
+        "backend the node uses",
+        "check that `iptables --version` on the node says `(legacy)`: kproxy writes the legacy "
+        "tables",
+    )
+
+
+def judge_service_route(cidr: str, lookups: list[RouteLookup]) -> Check:
+    name = "service-route"
+    missing = [lk for lk in lookups if lk.route is None]
+    if not missing:
+        routes = "; ".join(f"{lk.address} {lk.route}" for lk in lookups)
+        return Check(name, "ok", f"the service range {cidr} is routed ({routes})")
+    first = missing[0]
+    return Check(
+        name,
+        "fail",
+        f"no route to {first.address} in the service range {cidr} ({first.error}): connections "
+        "from the node itself to Service IPs fail before the nat table can rewrite them",
+        f"give the node a default route, or a route for {cidr} (`ip route add {cidr} dev "
+        "<main interface>`); pass --service-cidr if your service range is another",
+    )
+
+
+def judge_forwarding(sysctl: str, value: str | None, name: str = "ip-forward") -> Check:
+    if value == "1":
+        return Check(name, "ok", f"{sysctl} is 1")
+    return Check(
+        name,
+        "fail",
+        f"{sysctl} is {value or 'missing'}: the node drops packets DNATed to pods and to "
+        "endpoints on other nodes",
+        f"sysctl -w {sysctl}=1, and persist it in /etc/sysctl.d/ (CNI plugins usually set it)",
+    )
+
+
+def judge_bridge_nf_call(bridges: list[str], value: str | None) -> Check:
+    name = "bridge-nf-call-iptables"
+    if not bridges:
+        return Check(name, "ok", "no bridge interface: bridged traffic needs no iptables here")
+    listed = ", ".join(sorted(bridges))
+    if value == "1":
+        return Check(name, "ok", f"net.bridge.bridge-nf-call-iptables is 1 (bridges: {listed})")
+    why = "br_netfilter is not loaded" if value is None else "bridge-nf-call-iptables is 0"
+    return Check(
+        name,
+        "fail",
+        f"bridge interfaces exist ({listed}) but {why}: traffic between pods on one bridge skips "
+        "iptables, so a pod that reaches a Service whose endpoint is on the same bridge gets "
+        "replies from the wrong address",
+        "modprobe br_netfilter && sysctl -w net.bridge.bridge-nf-call-iptables=1, and persist "
+        "both (/etc/modules-load.d/, /etc/sysctl.d/)",
+    )
+
+
+def judge_conntrack(current: int | None, cores: int, limits: ConntrackLimits) -> Check:
+    name = "conntrack-max"
+    if limits.max_per_core == 0:
+        return Check(name, "ok", "conntrack.maxPerCore is 0: the node's own limit is kept")
+    wanted = max(limits.max_per_core * cores, limits.min)
+    formula = f"max({limits.max_per_core} x {cores} cores, {limits.min}) = {wanted}"
+    if current is None:
+        return Check(
+            name,
+            "warn",
+            "nf_conntrack is not loaded yet, so its table size cannot be read",
+            "run the doctor again once kproxy has synced (its NAT rules load nf_conntrack)",
+        )
+    if current >= wanted:
+        return Check(name, "ok", f"nf_conntrack_max is {current}, at least {formula}")
+    return Check(
+        name,
+        "warn",
+        f"nf_conntrack_max is {current}, below {formula}, which kproxy sets when it starts in "
+        "the host's network namespace; until then a busy node can fill the table",
+        f"sysctl -w net.netfilter.nf_conntrack_max={wanted} and persist it in /etc/sysctl.d/, "
+        "or lower conntrack.maxPerCore/min in the config",
+    )
+
+
+def _summarise(chains: list[str]) -> str:
+    """`KUBE-SERVICES, KUBE-POSTROUTING, 12 KUBE-SVC-*, 30 KUBE-SEP-*`."""
+    per_service = Counter(p for c in chains for p in SERVICE_CHAIN_PREFIXES if c.startswith(p))
+    top = [c for c in chains if not is_service_chain(c)]
+    return ", ".join([*top, *(f"{n} {p}*" for p, n in sorted(per_service.items()))])
+
+
+def _leftover_parts(
+    chains: frozenset[str], nft: frozenset[tuple[str, str, str]], links: Iterable[str]
+) -> tuple[list[str], dict[str, str]]:
+    """What `kproxy cleanup` removes, as phrases; and what it does not, by the --proxy-mode
+    whose `kube-proxy --cleanup` does."""
+    owned = sorted(c for c in chains if is_owned_chain(c))
+    cleanable = [f"kube-proxy chains in the legacy tables ({_summarise(owned)})"] if owned else []
+    other = {}
+    ipvs = sorted(chains & IPVS_CHAINS)
+    if IPVS_INTERFACE in links or ipvs:
+        found = [IPVS_INTERFACE] if IPVS_INTERFACE in links else []
+        other["ipvs"] = f"IPVS mode state ({', '.join(found + ipvs)})"
+    nft_tables = sorted({f"{fam} {table}" for fam, table, _ in nft if table == NFT_PROXY_TABLE})
+    if nft_tables:
+        other["nftables"] = f"nftables mode tables ({', '.join(nft_tables)})"
+    nft_chains = sorted({c for _, _, c in nft if c and is_owned_chain(c)})
+    if nft_chains:
+        other["iptables"] = f"kube-proxy chains in iptables-nft tables ({_summarise(nft_chains)})"
+    return cleanable, other
+
+
+def judge_leftovers(
+    chains: frozenset[str],
+    nft: frozenset[tuple[str, str, str]],
+    links: Iterable[str],
+    proxies: list[ProxyProcess],
+) -> Check:
+    """`chains`: legacy chain names; `nft`: read_nft_chains(); `links`: interface names."""
+    name = "kube-proxy-leftovers"
+    cleanable, other = _leftover_parts(chains, nft, set(links))
+    running = " and ".join(sorted({p.program for p in proxies}))
+    if not cleanable and not other:
+        return Check(name, "ok", "no kube-proxy rules or IPVS state")
+    if running and not other:
+        return Check(name, "ok", f"{cleanable[0]}, kept up to date by the running {running}")
+    advice = []
+    if cleanable and not running:
+        advice.append("run `kproxy cleanup` (or start kproxy, which takes these chains over)")
+    if other:
+        modes = " and ".join(f"--proxy-mode={mode}" for mode in sorted(other))
+        advice.append(
+            f"stop kube-proxy, then run `kube-proxy --cleanup` once with {modes} (from the "
+            "kube-proxy image): kproxy cleanup only removes chains from the legacy tables"
+        )
+    detail = "found " + "; ".join([*cleanable, *other.values()])
+    if not running:
+        detail += ", and no proxy runs in this namespace"
+    return Check(name, "fail", detail, "; ".join(advice))
+
+
+def judge_proxy_processes(proxies: list[ProxyProcess]) -> Check:
+    name = "kube-proxy-process"
+    upstream = [p for p in proxies if p.program == "kube-proxy"]
+    if not upstream:
+        return Check(name, "ok", "no kube-proxy process in this network namespace")
+    pids = ", ".join(str(p.pid) for p in upstream)
+    return Check(
+        name,
+        "fail",
+        f"kube-proxy runs in this network namespace (pid {pids}): it writes the same chains as "
+        "kproxy, and the two would undo each other's changes",
+        "stop kube-proxy on this node first (see Migrate from kube-proxy in the operator guide)",
+    )
+
+
+# --- running and reporting ------------------------------------------------------------------
