@@ -369,6 +369,21 @@ def external(
     )
 
 
+def topology() -> Scenario:
+    """Every ready endpoint carries a zone hint: this node (zone z1) uses only the z1 ones."""
+    eps = [endpoint("10.30.0.1"), endpoint("10.30.0.2"), endpoint("10.30.0.3")]
+    for ep, zone in zip(eps, ("z1", "z2", "z1"), strict=True):
+        ep["hints"] = {"forZones": [{"name": zone}]}
+    return Scenario(
+        services=[service("zonal", "172.30.0.120", [service_port(80, "http")], namespace="ns10")],
+        slices=[
+            endpoint_slice("zonal", "zonal-a", [slice_port(8080, "http")], eps, namespace="ns10")
+        ],
+        config=CLUSTER_CIDR,
+        node=NodeInfo(NODE, labels={"topology.kubernetes.io/zone": "z1"}),
+    )
+
+
 SCENARIOS = {
     "single_service": single_service,
     "multi_port": multi_port,

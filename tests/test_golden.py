@@ -52,6 +52,20 @@ GOLDEN_CASES: dict[str, Callable[[], str]] = {
     "affinity": _rendered("affinity"),
     "masquerade_all": _rendered("masquerade_all"),
     "large_cluster_excerpt": large_cluster_excerpt,
+    # Every other service type and policy: NodePort, externalIP and a LoadBalancer IP with source
+    # ranges (one of which holds the node's IP), under each external policy.
+    "external_cluster": lambda: scenarios.external(
+        source_ranges=("203.0.113.0/24", "192.168.1.0/24")
+    ).render(),
+    "external_local": lambda: scenarios.external(etp="Local").render(),
+    "external_local_no_local_endpoint": lambda: scenarios.external(
+        etp="Local", local_endpoint=False
+    ).render(),
+    "internal_local_no_local_endpoint": lambda: scenarios.external(
+        itp="Local", local_endpoint=False
+    ).render(),
+    "dual_stack_ipv6": lambda: scenarios.dual_stack().render(family=6),
+    "topology": lambda: scenarios.topology().render(),
 }
 
 
