@@ -81,3 +81,15 @@ def test_live_dump_is_accepted_by_iptables_restore(cluster: Cluster) -> None:
     assert check.returncode == 0, f"{check.stderr}\n--- dump:\n{dump}"
     assert "KUBE-SVC-" in dump and "DNAT" in dump and "REJECT" in dump, dump
     assert "TEST-KEEP" not in dump, "dump should print only kproxy's part of the tables"
+
+
+def test_dump_of_manifests_equals_the_live_dump_after_a_sync(cluster: Cluster) -> None:
+    """README's debugging recipe: what `dump --manifests` predicts is what the node then holds."""
+    _two_services(cluster)
+    cluster.sync()
+    args = ["--manifests", str(cluster.manifests), "--hostname-override", "node-1"]
+    args += ["--config", str(cluster.config_file)]
+    for family in ("4", "6"):
+        predicted = cluster.kproxy("dump", "--family", family, *args)
+        live = cluster.kproxy("dump", "--family", family)
+        assert live == predicted, family

@@ -310,3 +310,17 @@ def with_canaries(ruleset: Ruleset) -> Ruleset:
     if ruleset.table("mangle") is None:
         tables.append(Table("mangle", chains=(canary,)))
     return replace(ruleset, tables=tuple(tables))
+
+
+def build_node_ruleset(
+    services: Mapping[ServicePortName, ServicePort],
+    endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]],
+    node: NodeInfo,
+    config: ProxyConfig,
+    family: int = 4,
+    cache: PlanCache | None = None,
+) -> Ruleset:
+    """What kproxy writes on a node for one family: the planned rules and the canary chains.
+    The one definition `sync --once`, the agent and `dump --manifests` share, so a dump predicts
+    exactly what a sync leaves."""
+    return with_canaries(build_ruleset(services, endpoints, node, config, family, cache))

@@ -16,6 +16,14 @@ BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
     "mangle": ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"),
 }
 
+# The order in which kproxy prints tables, whether planned or read back from the kernel.
+TABLE_ORDER = ("raw", "mangle", "filter", "nat")
+
+
+def table_rank(name: str) -> int:
+    return TABLE_ORDER.index(name) if name in TABLE_ORDER else len(TABLE_ORDER)
+
+
 # Targets that are verdicts rather than jumps to a user chain.
 STANDARD_TARGETS = frozenset({"ACCEPT", "DROP", "RETURN", "QUEUE"})
 

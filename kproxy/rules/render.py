@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from kproxy.rules.ir import BUILTIN_CHAINS, Match, Opt, Rule, Ruleset, Table, Target
+from kproxy.rules.ir import BUILTIN_CHAINS, Match, Opt, Rule, Ruleset, Table, Target, table_rank
 
 _NO_QUOTE = frozenset("_-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _ESCAPED = frozenset("\"\\'")
@@ -86,7 +86,6 @@ def render_table(table: Table) -> str:
 
 
 def render_ruleset(ruleset: Ruleset) -> str:
-    """All tables of a ruleset, filter first as iptables-save orders them."""
-    order = {"raw": 0, "mangle": 1, "filter": 2, "nat": 3}
-    tables = sorted(ruleset.tables, key=lambda t: order.get(t.name, 9))
+    """All tables of a ruleset, in TABLE_ORDER."""
+    tables = sorted(ruleset.tables, key=lambda t: table_rank(t.name))
     return "".join(render_table(t) for t in tables)

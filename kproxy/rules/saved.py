@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kproxy.rules.ir import table_rank
+
 
 @dataclass
 class SavedTable:
@@ -41,9 +43,10 @@ def parse_save(text: str) -> dict[str, SavedTable]:
 
 
 def render_saved(tables: dict[str, SavedTable]) -> str:
-    """SavedTables back to iptables-save text (user chains declared, rules verbatim)."""
+    """SavedTables back to iptables-save text (user chains declared, rules verbatim), tables in
+    the same order as planned rulesets render."""
     out = []
-    for table in tables.values():
+    for table in sorted(tables.values(), key=lambda t: table_rank(t.name)):
         out.append(f"*{table.name}")
         out.extend(f":{name} - [0:0]" for name in table.chains if name not in table.policies)
         for lines in table.chains.values():

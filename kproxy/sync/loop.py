@@ -23,7 +23,7 @@ from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import NamespacedName, Protocol, ServicePort, ServicePortName
-from kproxy.plan.ruleset import PlanCache, build_ruleset, with_canaries
+from kproxy.plan.ruleset import PlanCache, build_node_ruleset
 from kproxy.rules.ir import Ruleset
 from kproxy.state.cluster import ClusterState
 from kproxy.state.ingest import Mutation
@@ -179,15 +179,13 @@ class SyncLoop:
         if last is not None and not snapshot.changed and last[0] == snapshot.node:
             return last[1]  # nothing changed: the same rulesets (the dataplane then skips them)
         return {
-            family: with_canaries(
-                build_ruleset(
-                    snapshot.services,
-                    snapshot.endpoints,
-                    snapshot.node,
-                    self.config,
-                    family,
-                    self._plan_caches.setdefault(family, PlanCache()),
-                )
+            family: build_node_ruleset(
+                snapshot.services,
+                snapshot.endpoints,
+                snapshot.node,
+                self.config,
+                family,
+                self._plan_caches.setdefault(family, PlanCache()),
             )
             for family in self.dataplanes
         }

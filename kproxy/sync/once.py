@@ -10,7 +10,7 @@ from kproxy.dataplane.base import ApplyResult, Dataplane
 from kproxy.errors import InvalidObjectError
 from kproxy.model.config import ProxyConfig
 from kproxy.model.node import NodeInfo
-from kproxy.plan.ruleset import build_ruleset, with_canaries
+from kproxy.plan.ruleset import build_node_ruleset
 from kproxy.rules.ir import Ruleset
 from kproxy.state.cluster import ClusterState
 from kproxy.state.ingest import update_endpoint_slice, update_service
@@ -64,7 +64,7 @@ def state_from_manifests(
 
 
 def plan_state(state: ClusterState, node: NodeInfo, config: ProxyConfig, family: int) -> Ruleset:
-    return build_ruleset(state.services_map(), state.endpoints_map(), node, config, family)
+    return build_node_ruleset(state.services_map(), state.endpoints_map(), node, config, family)
 
 
 def sync_once(
@@ -80,8 +80,7 @@ def sync_once(
     result = ApplyResult()
     with gc_paused():
         for family, dataplane in sorted(dataplanes.items()):
-            # The canaries the agent keeps stay too: a sync must not undo a running agent's.
-            ruleset = with_canaries(build_ruleset(services, endpoints, node, config, family))
+            ruleset = build_node_ruleset(services, endpoints, node, config, family)
             result.tables.extend(dataplane.apply(ruleset).tables)
     return SyncReport(
         services=len({spn.service for spn in services}),
