@@ -13,9 +13,10 @@ from kproxy.model.node import NodeInfo
 from kproxy.plan.ruleset import build_node_ruleset
 from kproxy.rules.ir import Ruleset
 from kproxy.state.cluster import ClusterState
-from kproxy.state.ingest import update_endpoint_slice, update_service
+from kproxy.state.ingest import combine, replace_all
 from kproxy.sync.gcpause import gc_paused
 from kproxy.watch.manifests import Manifests
+from kproxy.watch.sink import ENDPOINT_SLICE, SERVICE
 
 
 @dataclass(frozen=True)
@@ -50,16 +51,12 @@ def state_from_manifests(
     """A ClusterState holding every valid Service and EndpointSlice; invalid ones are reported
     through `on_invalid` and left out."""
     state = ClusterState()
-    for obj in manifests.services:
-        try:
-            update_service(state, obj)
-        except InvalidObjectError as exc:
-            on_invalid(exc)
-    for obj in manifests.endpoint_slices:
-        try:
-            update_endpoint_slice(state, obj)
-        except InvalidObjectError as exc:
-            on_invalid(exc)
+    load = combine(
+        replace_all(SERVICE, manifests.services),
+        replace_all(ENDPOINT_SLICE, manifests.endpoint_slices),
+    )
+    for exc in load(state):
+        on_invalid(exc)
     return state
 
 
