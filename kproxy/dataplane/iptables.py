@@ -14,7 +14,7 @@ from functools import partial
 from types import ModuleType
 from typing import Any
 
-from kproxy.dataplane.base import ApplyResult as ApplyResult
+from kproxy.dataplane.base import ApplyResult
 from kproxy.dataplane.diff import (
     TableChanges,
     plan_cleanup,
