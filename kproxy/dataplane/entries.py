@@ -9,7 +9,7 @@ that shape is the template's bytes with those fields overwritten, handed to libi
 
 A shape whose fields cannot be located unambiguously is never patched: its rules are built through
 python-iptables every time. The result is checked against the plain path, entry for entry, by
-tests/test_entries.py and the kernel read-back test in integration/test_fast_path.py.
+integration/test_fast_path.py, which also reads every entry back from the kernel.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from types import ModuleType
 from typing import Any
 
 from kproxy.rules.ir import Match, Opt, Rule, Target
@@ -335,9 +336,8 @@ class TemplateBuilder:
 class EntryCompiler:
     """Turns IR rules into libiptc entries, through templates where a shape allows it."""
 
-    def __init__(self, build_slow: Callable[[Rule], Any], family: int) -> None:
-        """`build_slow(rule)` builds a python-iptables Rule (the reference path)."""
-        self.build_slow = build_slow
+    def __init__(self, iptc: ModuleType, family: int) -> None:
+        self.iptc = iptc
         self.family = family
         self.templates: dict[tuple[Any, ...], Template | None] = {}
         self.builder = TemplateBuilder(family, _layout(family))
@@ -351,18 +351,44 @@ class EntryCompiler:
         except KeyError:
             template = self.templates[key] = self._template(rule)
         if template is None:
-            return bytes(_finished(self.build_slow(rule)))
+            return bytes(_finished(build_rule(self.iptc, self.family, rule)))
         return template.fill(values)
 
     def _template(self, rule: Rule) -> Template | None:
         shape_a, split = split_rule(rule, self.family, 0)
         shape_b, _ = split_rule(rule, self.family, 1)
         try:
-            entry_a = bytes(_finished(self.build_slow(shape_a)))
-            entry_b = bytes(_finished(self.build_slow(shape_b)))
+            entry_a = bytes(_finished(build_rule(self.iptc, self.family, shape_a)))
+            entry_b = bytes(_finished(build_rule(self.iptc, self.family, shape_b)))
         except Exception:  # a shape python-iptables cannot build with probes: use the slow path
             return None
         return self.builder.build(split.kinds, entry_a, entry_b)
+
+
+def build_rule(iptc: ModuleType, family: int, rule: Rule) -> Any:
+    """A python-iptables Rule from the IR: the reference path every template is checked by."""
+    r = iptc.Rule() if family == 4 else iptc.Rule6()
+    if rule.src is not None:
+        r.src = ("!" if rule.src_invert else "") + rule.src
+    if rule.dst is not None:
+        r.dst = ("!" if rule.dst_invert else "") + rule.dst
+    if rule.in_iface is not None:
+        r.in_interface = ("!" if rule.in_invert else "") + rule.in_iface
+    if rule.out_iface is not None:
+        r.out_interface = ("!" if rule.out_invert else "") + rule.out_iface
+    if rule.protocol is not None:
+        r.protocol = ("!" if rule.protocol_invert else "") + rule.protocol
+    for match in rule.matches:
+        m = r.create_match(match.name)
+        for opt in match.opts:
+            m.set_parameter(opt.name, ("!" if opt.invert else "") + opt.value)
+    if rule.target is None:
+        r.create_target("")  # the empty standard target: count and fall through
+    else:
+        t = r.create_target(rule.target.name, goto=rule.target.goto)
+        for opt in rule.target.opts:
+            t.set_parameter(opt.name, ("!" if opt.invert else "") + opt.value)
+    return r
 
 
 def _finished(rule: Any) -> ctypes.Array[ctypes.c_ubyte]:

@@ -15,12 +15,14 @@ from kproxy.dataplane.iptables import IptablesDataplane
 def open_dataplanes(lock_timeout: float) -> Iterator[dict[int, Dataplane]]:
     """IPv4 in this process; IPv6, when the namespace has it, in a process of its own (see
     kproxy/dataplane/family_process.py for why one process cannot hold both)."""
-    dataplanes: dict[int, Dataplane] = {4: IptablesDataplane(4, lock_timeout)}
+    v4 = IptablesDataplane(4, lock_timeout)
+    dataplanes: dict[int, Dataplane] = {4: v4}
     v6 = FamilyProcess(6, lock_timeout) if ipv6_supported() else None  # starts in the background
     if v6 is not None:
         dataplanes[6] = v6
     try:
         yield dataplanes
     finally:
+        v4.close()
         if v6 is not None:
             v6.close()

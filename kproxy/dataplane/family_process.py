@@ -43,15 +43,18 @@ def _serve_requests(conn: Connection, family: int, lock_timeout: float) -> None:
         "cleanup": lambda _: dataplane.cleanup(),
         "read": lambda _: dataplane.read(),
     }
-    while True:
-        request, arg = conn.recv()
-        handler = handlers.get(request)
-        if handler is None:
-            return
-        try:
-            conn.send(("ok", handler(arg)))
-        except KproxyError as exc:
-            conn.send(("error", str(exc)))
+    try:
+        while True:
+            request, arg = conn.recv()
+            handler = handlers.get(request)
+            if handler is None:
+                return
+            try:
+                conn.send(("ok", handler(arg)))
+            except KproxyError as exc:
+                conn.send(("error", str(exc)))
+    finally:
+        dataplane.close()
 
 
 class FamilyProcess:

@@ -1,5 +1,5 @@
 """The kernel backend: reads tables with iptables-legacy-save and writes them with python-iptables
-(libiptc), one atomic commit per table, while holding the xtables lock.
+(libiptc, through libiptc.py), one atomic commit per table, while holding the xtables lock.
 
 Only chains whose rendered rules differ from the kernel's are rewritten; owned chains nobody wants
 any more are deleted; jump rules in built-in chains are inserted once and never duplicated.
@@ -10,9 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Callable
-from functools import partial
 from types import ModuleType
-from typing import Any
 
 from kproxy.dataplane.base import ApplyResult
 from kproxy.dataplane.diff import (
@@ -21,12 +19,11 @@ from kproxy.dataplane.diff import (
     plan_table_changes,
     plan_table_changes_from,
 )
-from kproxy.dataplane.entries import EntryCompiler
-from kproxy.dataplane.handles import Handles
+from kproxy.dataplane.kernel_image import ImageMatch, fingerprint, read_image
+from kproxy.dataplane.libiptc import LibiptcTables
 from kproxy.dataplane.lock import xtables_lock
-from kproxy.dataplane.tableinfo import table_info
 from kproxy.errors import DataplaneError
-from kproxy.rules.ir import Rule, Ruleset, Table
+from kproxy.rules.ir import Ruleset, Table
 from kproxy.rules.saved import SavedTable, parse_save
 
 TABLES = ("filter", "nat", "mangle")
@@ -87,38 +84,42 @@ def _xtables_libdir() -> str:
 class IptablesDataplane:
     """Applies Rulesets of one address family to the kernel of the current network namespace.
 
-    It remembers what it committed to each table and the table's fingerprint afterwards. While the
-    fingerprint is unchanged a sync compares the new ruleset with that memory (a partial sync);
-    otherwise, or when asked for a full sync, it reads the table back and compares with that, which
-    also repairs whatever another program changed or flushed.
+    Each table is synced on one of two explicit paths (see libiptc.py for why both are safe):
+
+    - from the kept copy: the change is planned against what kproxy committed last, and the
+      copy is edited, but only once the kernel's entries, read under the lock, match the copy;
+    - from the kernel: the table is read (iptables-legacy-save for the plan, libiptc for the
+      copy) under the lock, which also repairs whatever another program changed or flushed.
+
+    A full sync always takes the kernel path. A table with nothing to write is left alone on the
+    kept path when its cheap fingerprint is unchanged; a changed one is read.
     """
 
     def __init__(self, family: int = 4, lock_timeout: float = 5.0) -> None:
         self.family = family
         self.lock_timeout = lock_timeout
         self._iptc = load_iptc()
-        self._entries = EntryCompiler(self._build, family)
-        self._handles = Handles(self._iptc, family)
-        self._applied: dict[str, Table] = {}
-        self._fingerprints: dict[str, tuple[int, int] | None] = {}
+        self._tables = LibiptcTables(self._iptc, family)
 
     def read(self) -> dict[str, SavedTable]:
         return read_tables(self.family)
 
+    def close(self) -> None:
+        """Let the background reader finish (it holds the xtables lock while it reads)."""
+        self._tables.wait()
+
     def apply(self, ruleset: Ruleset, full: bool = True) -> ApplyResult:
         """Make the kernel hold `ruleset`; each table is committed once, atomically."""
         result = ApplyResult()
-        committed: list[str] = []
-        with xtables_lock(self.lock_timeout):
+        touched: dict[str, Table] = {}
+        with xtables_lock(self.lock_timeout) as lock:
             for desired in ruleset.tables:
-                changes = self._commit_with_retry(
-                    desired.name, partial(self._changes, desired, full=full)
-                )
-                self._applied[desired.name] = desired
-                if not changes.empty:
-                    committed.append(desired.name)
+                changes = self._sync_table(desired, full)
+                if changes.read_kernel or not changes.empty:
+                    touched[desired.name] = desired
                 result.tables.append(changes)
-        self._handles.refresh_later(committed)
+            if touched:
+                self._tables.keep(touched, lock.hand_over())
         return result
 
     def cleanup(self) -> ApplyResult:
@@ -126,121 +127,63 @@ class IptablesDataplane:
         result = ApplyResult()
         with xtables_lock(self.lock_timeout):
             for name in TABLES:
-                self._applied.pop(name, None)
-                result.tables.append(self._commit_with_retry(name, partial(self._cleanup, name)))
+                self._tables.forget(name)
+                result.tables.append(self._commit(name, plan_cleanup))
         return result
 
-    def _cleanup(self, name: str, current: SavedTable | None) -> TableChanges:
-        return plan_cleanup(self._read(name, current))
-
-    def _read(self, name: str, current: SavedTable | None) -> SavedTable:
-        return (
-            current
-            if current is not None
-            else read_tables(self.family, (name,)).get(name, SavedTable(name))
-        )
-
-    def _changes(
-        self, desired: Table, current: SavedTable | None, *, full: bool = True
-    ) -> TableChanges:
-        """From memory when nothing else touched the table since our commit, else from the
-        kernel (`current` is None until read)."""
-        applied = self._applied.get(desired.name)
-        if current is None and not full and applied is not None:
-            changes = plan_table_changes_from(desired, applied)
-            if changes is not None:
+    def _sync_table(self, desired: Table, full: bool) -> TableChanges:
+        kept = None if full else self._tables.kept(desired.name)
+        if kept is not None:
+            changes = plan_table_changes_from(desired, kept.applied)
+            if changes is not None and self._kept_copy_holds(desired.name, changes, kept.image):
+                if not changes.empty:
+                    self._write(changes)
                 return changes
-        return plan_table_changes(desired, self._read(desired.name, current))
+        return self._commit(desired.name, lambda saved: plan_table_changes(desired, saved))
 
-    def _commit_with_retry(
-        self, table: str, plan: Callable[[SavedTable | None], TableChanges]
-    ) -> TableChanges:
+    def _kept_copy_holds(self, name: str, changes: TableChanges, image: ImageMatch) -> bool:
+        """Whether `changes`, planned from memory, may be carried out on the kept copy. Writing
+        needs proof (the kernel's entries); skipping a write only needs an unchanged
+        fingerprint, so that a flush or an edit by another program is still repaired."""
+        if changes.empty:
+            return fingerprint(self.family, name) == image.fingerprint
+        current = read_image(self.family, name)
+        return current is not None and image.matches(current)
+
+    def _commit(self, table: str, plan: Callable[[SavedTable], TableChanges]) -> TableChanges:
+        """The kernel path: read the table under the lock, plan, and commit from a copy read
+        now. Retried when the kernel refuses the commit (a writer that ignores the lock)."""
         for attempt in range(_COMMIT_ATTEMPTS):
-            fingerprint = table_info(self.family, table)
-            trusted = fingerprint is not None and fingerprint == self._fingerprints.get(table)
-            changes = plan(None if trusted else self._read(table, None))
+            changes = plan(read_tables(self.family, (table,)).get(table, SavedTable(table)))
             if changes.empty:
                 return changes
             try:
-                self._write(changes, fingerprint)
-                self._fingerprints[table] = table_info(self.family, table)
+                self._tables.reread(table)
+                self._write(changes)
                 return changes
-            except self._iptc.XTablesError as exc:
-                self._forget(table)
-                # Nothing was committed: the handle holding the partial edit is discarded.
-                raise DataplaneError(
-                    f"python-iptables could not build a rule for table {table} ({exc}); are the "
-                    "iptables extensions installed in XTABLES_LIBDIR "
-                    f"({os.environ.get('XTABLES_LIBDIR') or 'unset'})?"
-                ) from exc
-            except self._iptc.IPTCError as exc:
-                self._forget(table)
-                if (
-                    "Resource temporarily unavailable" in str(exc)
-                    and attempt + 1 < _COMMIT_ATTEMPTS
-                ):
-                    continue  # another writer committed between our read and our commit
-                raise DataplaneError(f"writing table {table} failed: {exc}") from exc
+            except _Refused:
+                if attempt + 1 == _COMMIT_ATTEMPTS:
+                    raise DataplaneError(
+                        f"writing table {table} failed: the kernel refused {_COMMIT_ATTEMPTS} "
+                        "commits in a row; another program keeps writing it without the lock"
+                    ) from None
         raise AssertionError("unreachable")
 
-    def _forget(self, table: str) -> None:
-        """After a failure nothing about the table is trusted: the next sync reads it."""
-        self._fingerprints.pop(table, None)
-        self._applied.pop(table, None)
-        self._handles.forget(table)
+    def _write(self, changes: TableChanges) -> None:
+        try:
+            self._tables.write(changes)
+        except self._iptc.XTablesError as exc:
+            # Nothing was committed: the copy holding the partial edit is discarded.
+            raise DataplaneError(
+                f"python-iptables could not build a rule for table {changes.table} ({exc}); are "
+                "the iptables extensions installed in XTABLES_LIBDIR "
+                f"({os.environ.get('XTABLES_LIBDIR') or 'unset'})?"
+            ) from exc
+        except self._iptc.IPTCError as exc:
+            if "Resource temporarily unavailable" in str(exc):
+                raise _Refused from exc  # the entry count changed between our read and commit
+            raise DataplaneError(f"writing table {changes.table} failed: {exc}") from exc
 
-    def _write(self, changes: TableChanges, fingerprint: tuple[int, int] | None) -> None:
-        iptc = self._iptc
-        table = self._handles.acquire(changes.table, fingerprint)
-        for chain, positions in changes.remove_jumps.items():
-            for pos in sorted(positions, reverse=True):
-                if table._iptc.iptc_delete_num_entry(chain.encode(), pos, table._handle) != 1:
-                    raise iptc.IPTCError(f"can't delete rule {pos} of {chain}: {table.strerror()}")
-        created = set(changes.create)
-        for name in changes.create:
-            table.create_chain(name)
-        lib, handle = table._iptc, table._handle
-        for wanted in changes.write:
-            if wanted.name not in created:
-                table.flush_entries(wanted.name)
-            chain_name = wanted.name.encode()
-            for rule in wanted.rules:
-                # libiptc directly: python-iptables' append_entry makes a ctypes cast per call,
-                # a reference cycle only the cyclic collector frees.
-                if lib.iptc_append_entry(chain_name, self._entries.entry(rule), handle) != 1:
-                    raise iptc.IPTCError(f"can't append to chain {wanted.name}: {table.strerror()}")
-        for name in changes.delete:
-            table.flush_entries(name)
-        for name in changes.delete:
-            table.delete_chain(name)
-        for jump in changes.insert_jumps:
-            entry = self._entries.entry(jump.rule)
-            if lib.iptc_insert_entry(jump.chain.encode(), entry, 0, handle) != 1:
-                raise iptc.IPTCError(f"can't insert into chain {jump.chain}: {table.strerror()}")
-        table.commit()
 
-    def _build(self, rule: Rule) -> Any:
-        """A python-iptables Rule from the IR."""
-        iptc = self._iptc
-        r = iptc.Rule() if self.family == 4 else iptc.Rule6()
-        if rule.src is not None:
-            r.src = ("!" if rule.src_invert else "") + rule.src
-        if rule.dst is not None:
-            r.dst = ("!" if rule.dst_invert else "") + rule.dst
-        if rule.in_iface is not None:
-            r.in_interface = ("!" if rule.in_invert else "") + rule.in_iface
-        if rule.out_iface is not None:
-            r.out_interface = ("!" if rule.out_invert else "") + rule.out_iface
-        if rule.protocol is not None:
-            r.protocol = ("!" if rule.protocol_invert else "") + rule.protocol
-        for match in rule.matches:
-            m = r.create_match(match.name)
-            for opt in match.opts:
-                m.set_parameter(opt.name, ("!" if opt.invert else "") + opt.value)
-        if rule.target is None:
-            r.create_target("")  # the empty standard target: count and fall through
-        else:
-            t = r.create_target(rule.target.name, goto=rule.target.goto)
-            for opt in rule.target.opts:
-                t.set_parameter(opt.name, ("!" if opt.invert else "") + opt.value)
-        return r
+class _Refused(Exception):
+    """The kernel refused a commit: the table changed since the copy was read."""

@@ -19,11 +19,32 @@ def lock_path() -> str:
     return os.environ.get("XTABLES_LOCKFILE", DEFAULT_LOCK_PATH)
 
 
+class HeldLock:
+    """The held xtables lock. flock belongs to the open file, so whoever holds the descriptor
+    holds the lock: `hand_over()` passes it on (to a background reader) without a gap in which
+    another writer could take it."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def hand_over(self) -> HeldLock:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            raise RuntimeError("the xtables lock was already handed over")
+        return HeldLock(fd)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
+
+
 @contextmanager
-def xtables_lock(timeout: float, path: str | None = None) -> Iterator[None]:
+def xtables_lock(timeout: float, path: str | None = None) -> Iterator[HeldLock]:
     """Hold the xtables lock, waiting up to `timeout` seconds for it."""
     path = path or lock_path()
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    held = HeldLock(fd)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -37,6 +58,6 @@ def xtables_lock(timeout: float, path: str | None = None) -> Iterator[None]:
                         "check for a stuck iptables process or raise --lock-timeout"
                     ) from None
                 time.sleep(_POLL_SECONDS)
-        yield
+        yield held
     finally:
-        os.close(fd)  # closing the descriptor releases the lock
+        held.release()

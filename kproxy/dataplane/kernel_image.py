@@ -1,0 +1,170 @@
+"""What the kernel holds in one x_tables table, and whether a kept copy still matches it.
+
+Two reads, with different powers:
+
+- `fingerprint()` (IPT_SO_GET_INFO): the entry count and byte size. Cheap, but another program's
+  add of one rule and delete of another, of the same size, leaves both as they were. A matching
+  fingerprint may let kproxy skip work (a sync that writes nothing); it never lets it commit.
+- `read_image()` (IPT_SO_GET_ENTRIES): every entry as the kernel holds it (0.15-0.3 s at 10,000
+  services). Two images whose entries are equal byte for byte, packet counters aside, are the
+  same table. That is the proof kproxy asks for, under the xtables lock, before it edits a kept
+  copy of a table and commits it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import socket
+import struct
+from dataclasses import dataclass
+
+SOL_IP = 0
+SOL_IPV6 = 41
+SO_GET_INFO = 64  # IPT_SO_GET_INFO == IP6T_SO_GET_INFO
+SO_GET_ENTRIES = 65  # IPT_SO_GET_ENTRIES == IP6T_SO_GET_ENTRIES
+TABLE_NAME_LEN = 32
+NF_INET_NUMHOOKS = 5
+# struct ipt_get_entries: the table name, the size, then the entries, aligned to 8 bytes.
+_GET_ENTRIES_HEADER = 40
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+Fingerprint = tuple[int, int]
+
+
+class _GetInfo(ctypes.Structure):
+    """struct ipt_getinfo / ip6t_getinfo."""
+
+    _fields_ = [
+        ("name", ctypes.c_char * TABLE_NAME_LEN),
+        ("valid_hooks", ctypes.c_uint),
+        ("hook_entry", ctypes.c_uint * NF_INET_NUMHOOKS),
+        ("underflow", ctypes.c_uint * NF_INET_NUMHOOKS),
+        ("num_entries", ctypes.c_uint),
+        ("size", ctypes.c_uint),
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class _EntryLayout:
+    """Where an entry keeps its length and its packet counters (ipt_entry / ip6t_entry)."""
+
+    next_offset_at: int
+    counters_at: int
+    counters_size: int = 16  # struct xt_counters: packets and bytes, two u64
+
+
+# Offsets from linux/netfilter_ipv4/ip_tables.h and linux/netfilter_ipv6/ip6_tables.h.
+_LAYOUTS = {4: _EntryLayout(next_offset_at=90, counters_at=96), 6: _EntryLayout(142, 152)}
+
+
+def _socket(family: int) -> tuple[socket.socket, int]:
+    af, level = (socket.AF_INET, SOL_IP) if family == 4 else (socket.AF_INET6, SOL_IPV6)
+    return socket.socket(af, socket.SOCK_RAW, socket.IPPROTO_RAW), level
+
+
+def _get_info(sock: socket.socket, level: int, table: str) -> _GetInfo | None:
+    info = _GetInfo(name=table.encode())
+    length = ctypes.c_uint(ctypes.sizeof(info))
+    rc = _libc.getsockopt(
+        sock.fileno(), level, SO_GET_INFO, ctypes.byref(info), ctypes.byref(length)
+    )
+    return info if rc == 0 else None
+
+
+def fingerprint(family: int, table: str) -> Fingerprint | None:
+    """(number of entries, size in bytes) of `table`, or None when it cannot be read."""
+    try:
+        sock, level = _socket(family)
+    except OSError:
+        return None
+    with sock:
+        info = _get_info(sock, level, table)
+        return None if info is None else (info.num_entries, info.size)
+
+
+@dataclass(frozen=True, slots=True)
+class TableImage:
+    """One table's entries as the kernel handed them out, in one piece."""
+
+    family: int
+    name: str
+    hooks: bytes  # valid_hooks, hook_entry and underflow: where the built-in chains start
+    num_entries: int
+    entries: bytes
+
+    @property
+    def fingerprint(self) -> Fingerprint:
+        return self.num_entries, len(self.entries)
+
+
+def read_image(family: int, table: str) -> TableImage | None:
+    """All entries of `table`, or None when the table cannot be read (no such table, no module).
+    Raises OSError only when the table changes between the two reads: read again."""
+    try:
+        sock, level = _socket(family)
+    except OSError:
+        return None
+    with sock:
+        for _ in range(3):  # the size is read first; a write in between makes the copy fail
+            info = _get_info(sock, level, table)
+            if info is None:
+                return None
+            buf = ctypes.create_string_buffer(_GET_ENTRIES_HEADER + info.size)
+            struct.pack_into(f"{TABLE_NAME_LEN}sI", buf, 0, table.encode(), info.size)
+            length = ctypes.c_uint(len(buf))
+            rc = _libc.getsockopt(sock.fileno(), level, SO_GET_ENTRIES, buf, ctypes.byref(length))
+            if rc == 0:
+                hooks = bytes(info)[TABLE_NAME_LEN : TABLE_NAME_LEN + 4 + 8 * NF_INET_NUMHOOKS]
+                entries = memoryview(buf).cast("B")[_GET_ENTRIES_HEADER:].tobytes()
+                return TableImage(family, table, hooks, info.num_entries, entries)
+        raise OSError(ctypes.get_errno(), f"table {table} kept changing while it was read")
+
+
+class ImageMatch:
+    """Tells whether another image of the same table holds the same entries as `image`, packet
+    and byte counters aside (they move with traffic, the rules do not).
+
+    Building it walks every entry once (about 0.4 s at 10,000 services, done off the sync's
+    path); each comparison afterwards runs at C speed (about 50 ms): a struct format that skips
+    the 16 counter bytes of every entry cuts both images into the same pieces.
+    """
+
+    def __init__(self, image: TableImage) -> None:
+        self.fingerprint = image.fingerprint
+        self.hooks = image.hooks
+        self._pieces = _pieces(image)
+        self._rules = self._cut(image.entries)
+
+    def _cut(self, entries: bytes) -> tuple[bytes, ...] | None:
+        if self._pieces is None or len(entries) != self._pieces.size:
+            return None
+        return self._pieces.unpack(entries)
+
+    def matches(self, image: TableImage) -> bool:
+        if image.fingerprint != self.fingerprint or image.hooks != self.hooks:
+            return False
+        rules = self._cut(image.entries)
+        return rules is not None and rules == self._rules
+
+
+def _pieces(image: TableImage) -> struct.Struct | None:
+    """A format that cuts the entries around each entry's counters; None for a malformed image
+    (one that matches nothing)."""
+    layout = _LAYOUTS[image.family]
+    entries, codes, start, offset = image.entries, ["<"], 0, 0
+    while offset < len(entries):
+        if offset + layout.counters_at + layout.counters_size > len(entries):
+            return None
+        (step,) = struct.unpack_from("<H", entries, offset + layout.next_offset_at)
+        if step == 0:
+            return None
+        counters = offset + layout.counters_at
+        codes.append(f"{counters - start}s{layout.counters_size}x")
+        start = counters + layout.counters_size
+        offset += step
+    if offset != len(entries):
+        return None
+    codes.append(f"{len(entries) - start}s")
+    return struct.Struct("".join(codes))
