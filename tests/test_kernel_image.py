@@ -22,7 +22,7 @@ def entry(payload: bytes, packets: int = 0, size: int = 152) -> bytes:
 
 
 def image(*entries: bytes, hooks: bytes = b"\x01" * 44) -> TableImage:
-    return TableImage(4, "nat", hooks, len(entries), b"".join(entries))
+    return TableImage(4, "nat", hooks, len(entries), memoryview(b"".join(entries)))
 
 
 def test_counters_do_not_count() -> None:
@@ -52,7 +52,7 @@ def test_a_byte_anywhere_but_the_counters_counts() -> None:
             continue
         changed = bytearray(base.entries)
         changed[offset] ^= 0xFF
-        assert not kept.matches(TableImage(4, "nat", base.hooks, 2, bytes(changed))), offset
+        assert not kept.matches(TableImage(4, "nat", base.hooks, 2, memoryview(changed))), offset
 
 
 def test_a_malformed_image_matches_nothing() -> None:

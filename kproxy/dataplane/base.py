@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -52,3 +53,8 @@ class Dataplane(Protocol):
         ...
 
     def cleanup(self) -> ApplyResult: ...
+
+    def reading_ahead(self) -> AbstractContextManager[None]:
+        """Around a partial sync's plan and apply: start the kernel reads the apply will need
+        while the plan is made (a dataplane with nothing to read ahead does nothing)."""
+        ...

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
 
 from kproxy.dataplane.base import ApplyResult
@@ -125,6 +126,9 @@ class FakeDataplane:
             self._foreign.discard(desired.name)
             result.tables.append(changes)
         return result
+
+    def reading_ahead(self) -> AbstractContextManager[None]:
+        return nullcontext()
 
     def cleanup(self) -> ApplyResult:
         """Remove every kproxy/kube-proxy chain and jump rule, nothing else."""

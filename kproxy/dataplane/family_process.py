@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -101,6 +102,9 @@ class FamilyProcess:
     def apply(self, ruleset: Ruleset, full: bool = True) -> ApplyResult:
         result: ApplyResult = self._call("apply", (ruleset, full))
         return result
+
+    def reading_ahead(self) -> AbstractContextManager[None]:
+        return nullcontext()
 
     def cleanup(self) -> ApplyResult:
         result: ApplyResult = self._call("cleanup")

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from types import ModuleType
 
 from kproxy.dataplane.base import ApplyResult
@@ -19,9 +22,9 @@ from kproxy.dataplane.diff import (
     plan_table_changes,
     plan_table_changes_from,
 )
-from kproxy.dataplane.kernel_image import ImageMatch, fingerprint, read_image
-from kproxy.dataplane.libiptc import LibiptcTables
-from kproxy.dataplane.lock import xtables_lock
+from kproxy.dataplane.kernel_image import TableImage, fingerprint, read_image
+from kproxy.dataplane.libiptc import KeptTable, LibiptcTables
+from kproxy.dataplane.lock import HeldLock, xtables_lock
 from kproxy.errors import DataplaneError
 from kproxy.rules.ir import Ruleset, Table
 from kproxy.rules.saved import SavedTable, parse_save
@@ -100,6 +103,7 @@ class IptablesDataplane:
         self.lock_timeout = lock_timeout
         self._iptc = load_iptc()
         self._tables = LibiptcTables(self._iptc, family)
+        self._ahead: _Ahead | None = None
 
     def read(self) -> dict[str, SavedTable]:
         return read_tables(self.family)
@@ -108,18 +112,39 @@ class IptablesDataplane:
         """Let the background reader finish (it holds the xtables lock while it reads)."""
         self._tables.wait()
 
+    @contextmanager
+    def reading_ahead(self) -> Iterator[None]:
+        """For a sync about to plan and then apply: take the lock now and read the kernel's
+        image of each kept table in the background meanwhile, so the proof a commit from a kept
+        copy needs (0.2-0.3 s of kernel time at 10,000 services) is ready when the plan is."""
+        self._tables.wait()
+        with xtables_lock(self.lock_timeout) as lock:
+            images = _ImageReader(self.family, self._tables.kept_names())
+            self._ahead = _Ahead(lock, images)
+            try:
+                yield
+            finally:
+                images.join()  # its reads belong to this hold of the lock
+                self._ahead = None
+
     def apply(self, ruleset: Ruleset, full: bool = True) -> ApplyResult:
         """Make the kernel hold `ruleset`; each table is committed once, atomically."""
+        if self._ahead is not None:
+            return self._apply(ruleset, full, self._ahead)
+        self._tables.wait()
+        with xtables_lock(self.lock_timeout) as lock:
+            return self._apply(ruleset, full, _Ahead(lock, None))
+
+    def _apply(self, ruleset: Ruleset, full: bool, ahead: _Ahead) -> ApplyResult:
         result = ApplyResult()
         touched: dict[str, Table] = {}
-        with xtables_lock(self.lock_timeout) as lock:
-            for desired in ruleset.tables:
-                changes = self._sync_table(desired, full)
-                if changes.read_kernel or not changes.empty:
-                    touched[desired.name] = desired
-                result.tables.append(changes)
-            if touched:
-                self._tables.keep(touched, lock.hand_over())
+        for desired in ruleset.tables:
+            changes = self._sync_table(desired, full, ahead.images)
+            if changes.read_kernel or not changes.empty:
+                touched[desired.name] = desired
+            result.tables.append(changes)
+        if touched:
+            self._tables.keep(touched, ahead.lock.hand_over())
         return result
 
     def cleanup(self) -> ApplyResult:
@@ -131,24 +156,28 @@ class IptablesDataplane:
                 result.tables.append(self._commit(name, plan_cleanup))
         return result
 
-    def _sync_table(self, desired: Table, full: bool) -> TableChanges:
+    def _sync_table(self, desired: Table, full: bool, images: _ImageReader | None) -> TableChanges:
         kept = None if full else self._tables.kept(desired.name)
         if kept is not None:
             changes = plan_table_changes_from(desired, kept.applied)
-            if changes is not None and self._kept_copy_holds(desired.name, changes, kept.image):
+            if changes is not None and self._kept_copy_holds(desired.name, changes, kept, images):
                 if not changes.empty:
                     self._write(changes)
                 return changes
         return self._commit(desired.name, lambda saved: plan_table_changes(desired, saved))
 
-    def _kept_copy_holds(self, name: str, changes: TableChanges, image: ImageMatch) -> bool:
+    def _kept_copy_holds(
+        self, name: str, changes: TableChanges, kept: KeptTable, images: _ImageReader | None
+    ) -> bool:
         """Whether `changes`, planned from memory, may be carried out on the kept copy. Writing
-        needs proof (the kernel's entries); skipping a write only needs an unchanged
-        fingerprint, so that a flush or an edit by another program is still repaired."""
+        needs proof (the kernel's entries, read under the lock); skipping a write only needs an
+        unchanged fingerprint, so that a flush or an edit by another program is still repaired."""
         if changes.empty:
-            return fingerprint(self.family, name) == image.fingerprint
-        current = read_image(self.family, name)
-        return current is not None and image.matches(current)
+            return fingerprint(self.family, name) == kept.image.fingerprint
+        current = images.get(name) if images is not None else None
+        if current is None:
+            current = read_image(self.family, name)
+        return current is not None and kept.image.matches(current)
 
     def _commit(self, table: str, plan: Callable[[SavedTable], TableChanges]) -> TableChanges:
         """The kernel path: read the table under the lock, plan, and commit from a copy read
@@ -183,6 +212,39 @@ class IptablesDataplane:
             if "Resource temporarily unavailable" in str(exc):
                 raise _Refused from exc  # the entry count changed between our read and commit
             raise DataplaneError(f"writing table {changes.table} failed: {exc}") from exc
+
+
+@dataclass
+class _Ahead:
+    """The lock a sync holds, and the images read ahead under it (None: read when needed)."""
+
+    lock: HeldLock
+    images: _ImageReader | None
+
+
+class _ImageReader:
+    """Reads tables' images in a thread of its own: getsockopt releases the GIL, so the kernel
+    copies the entries while the planner runs."""
+
+    def __init__(self, family: int, names: list[str]) -> None:
+        self._images: dict[str, TableImage | None] = {}
+
+        def read_all() -> None:
+            for name in names:
+                try:
+                    self._images[name] = read_image(family, name)
+                except OSError:
+                    self._images[name] = None
+
+        self._thread = threading.Thread(target=read_all, daemon=True, name="image-reader")
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def get(self, name: str) -> TableImage | None:
+        self.join()
+        return self._images.get(name)
 
 
 class _Refused(Exception):

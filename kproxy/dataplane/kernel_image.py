@@ -92,7 +92,7 @@ class TableImage:
     name: str
     hooks: bytes  # valid_hooks, hook_entry and underflow: where the built-in chains start
     num_entries: int
-    entries: bytes
+    entries: memoryview
 
     @property
     def fingerprint(self) -> Fingerprint:
@@ -111,13 +111,17 @@ def read_image(family: int, table: str) -> TableImage | None:
             info = _get_info(sock, level, table)
             if info is None:
                 return None
-            buf = ctypes.create_string_buffer(_GET_ENTRIES_HEADER + info.size)
+            # calloc'd (bytearray), so the pages are zero without a pass over them, and the
+            # entries are used where the kernel wrote them, never copied.
+            buf = bytearray(_GET_ENTRIES_HEADER + info.size)
             struct.pack_into(f"{TABLE_NAME_LEN}sI", buf, 0, table.encode(), info.size)
             length = ctypes.c_uint(len(buf))
-            rc = _libc.getsockopt(sock.fileno(), level, SO_GET_ENTRIES, buf, ctypes.byref(length))
+            raw = (ctypes.c_char * len(buf)).from_buffer(buf)
+            rc = _libc.getsockopt(sock.fileno(), level, SO_GET_ENTRIES, raw, ctypes.byref(length))
+            del raw  # a ctypes view pins the bytearray's size; memoryviews below need none
             if rc == 0:
                 hooks = bytes(info)[TABLE_NAME_LEN : TABLE_NAME_LEN + 4 + 8 * NF_INET_NUMHOOKS]
-                entries = memoryview(buf).cast("B")[_GET_ENTRIES_HEADER:].tobytes()
+                entries = memoryview(buf)[_GET_ENTRIES_HEADER:]
                 return TableImage(family, table, hooks, info.num_entries, entries)
         raise OSError(ctypes.get_errno(), f"table {table} kept changing while it was read")
 
@@ -137,7 +141,7 @@ class ImageMatch:
         self._pieces = _pieces(image)
         self._rules = self._cut(image.entries)
 
-    def _cut(self, entries: bytes) -> tuple[bytes, ...] | None:
+    def _cut(self, entries: memoryview) -> tuple[bytes, ...] | None:
         if self._pieces is None or len(entries) != self._pieces.size:
             return None
         return self._pieces.unpack(entries)

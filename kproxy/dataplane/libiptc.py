@@ -69,11 +69,9 @@ class LibiptcTables:
         self.wait()
         return self._kept.get(name)
 
-    def still_current(self, name: str, image: TableImage | None) -> bool:
-        """Whether the kept copy of `name` holds what the kernel holds (`image`, read under the
-        lock)."""
-        kept = self.kept(name)
-        return kept is not None and image is not None and kept.image.matches(image)
+    def kept_names(self) -> list[str]:
+        self.wait()
+        return list(self._kept)
 
     def forget(self, name: str) -> None:
         self.wait()

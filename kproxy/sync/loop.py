@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import structlog
@@ -136,7 +137,7 @@ class SyncLoop:
         snapshot = self._take_snapshot()
         started = time.monotonic()
         try:
-            with gc_paused():
+            with gc_paused(), self._reading_ahead(snapshot):
                 rulesets = self.plan(snapshot)
                 results = self.apply(rulesets, snapshot.full)
         except KproxyError as exc:
@@ -154,6 +155,15 @@ class SyncLoop:
         self.report(snapshot, rulesets, results, time.monotonic() - started)
         self._last_end = time.monotonic()
         return True
+
+    def _reading_ahead(self, snapshot: Snapshot) -> ExitStack:
+        """A partial sync with changes will commit from kept copies: let each dataplane read
+        the kernel's proof while the plan is made."""
+        stack = ExitStack()
+        if snapshot.changed and not snapshot.full:
+            for dataplane in self.dataplanes.values():
+                stack.enter_context(dataplane.reading_ahead())
+        return stack
 
     def _take_snapshot(self) -> Snapshot:
         self.metrics.service_changes_pending.set(0)
