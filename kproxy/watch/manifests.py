@@ -42,7 +42,7 @@ class Manifests:
             for i, item in enumerate(obj["items"]):
                 self.add(_with_kind(item, kind), f"{where} items[{i}]")
             return
-        if kind not in KINDS:
+        if not isinstance(kind, str) or kind not in KINDS:
             self.warnings.append(f"{where}: kind {kind!r} is not used by kproxy; ignored")
             return
         if obj.get("apiVersion") not in KINDS[kind]:
@@ -73,23 +73,45 @@ def manifest_files(path: Path) -> list[Path]:
     raise ManifestError(f"--manifests {path}: no such file or directory")
 
 
+class ManifestParseError(ManifestError):
+    """One manifest file that cannot be read or parsed: names the file and, where known, the
+    line (1-based)."""
+
+    def __init__(self, file: Path, line: int | None, problem: str) -> None:
+        super().__init__(f"{file}: {f'line {line}' if line else '?'}: {problem}")
+        self.file = file
+        self.line = line
+        self.problem = problem
+
+
 def _documents(path: Path) -> Iterator[Any]:
     try:
         text = path.read_text()
-    except OSError as exc:
-        raise ManifestError(f"{path}: cannot read ({exc.strerror})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ManifestParseError(path, None, f"cannot read ({reason})") from exc
     try:
         if path.suffix == ".json":
             yield json.loads(text)
         else:
             yield from (doc for doc in yaml.load_all(text, Loader=_YAML_LOADER) if doc is not None)
     except json.JSONDecodeError as exc:
-        raise ManifestError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from exc
+        raise ManifestParseError(path, exc.lineno, f"invalid JSON ({exc.msg})") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else "?"
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ManifestError(f"{path}: {where}: invalid YAML ({problem})") from exc
+        line = mark.line + 1 if mark is not None else None
+        raise ManifestParseError(path, line, f"invalid YAML ({problem})") from exc
+    except RecursionError as exc:  # absurdly deep nesting: the constructor recurses per level
+        raise ManifestParseError(path, None, "nested too deeply") from exc
+
+
+def load_file(file: Path) -> Manifests:
+    """The objects of one manifest file; ManifestParseError if it does not parse."""
+    found = Manifests()
+    for i, doc in enumerate(_documents(file)):
+        found.add(doc, f"{file} document {i + 1}")
+    return found
 
 
 def load_manifests(path: str | Path) -> Manifests:
@@ -97,6 +119,9 @@ def load_manifests(path: str | Path) -> Manifests:
     ManifestError naming the file and line; a document of another kind is only a warning."""
     found = Manifests()
     for file in manifest_files(Path(path)):
-        for i, doc in enumerate(_documents(file)):
-            found.add(doc, f"{file} document {i + 1}")
+        one = load_file(file)
+        found.services += one.services
+        found.endpoint_slices += one.endpoint_slices
+        found.nodes += one.nodes
+        found.warnings += one.warnings
     return found
