@@ -169,6 +169,7 @@ class ApiSource:
                 transient=(ApiException, HTTPError, OSError),
                 transient_event="watch_failed",
                 min_silence=IDLE_WATCH_SECONDS,
+                context={"kind": resource.kind},
             ).start()
             for resource in self.resources
         ]

@@ -57,6 +57,7 @@ class ManifestSource:
             backoff=Backoff(initial=self.poll_seconds, cap=max(BACKOFF_CAP, self.poll_seconds)),
             transient=(ManifestError, OSError),
             transient_event="manifests_unreadable",
+            context={"path": str(self.path)},
         )
         return [supervisor.start()]
 

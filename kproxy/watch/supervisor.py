@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -57,6 +57,7 @@ class Supervisor:
         transient: tuple[type[Exception], ...] = (),
         transient_event: str = "source_failed",
         min_silence: float = 0.0,
+        context: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.source = source
@@ -68,6 +69,7 @@ class Supervisor:
         # How long this source may legitimately stay silent (an idle watch); health allows the
         # larger of this and its own timeout.
         self.min_silence = min_silence
+        self.context = dict(context or {})  # bound to every log event (kind=, path=)
         self.clock = clock
         self.handling: str | None = None
         self.failures = 0
@@ -99,7 +101,8 @@ class Supervisor:
         self.failures += 1
         self.last_error = f"{type(exc).__name__}: {exc}"
         delay = self.backoff.next()
-        fields = {"source": self.source, "error": self.last_error, "retry_in": round(delay, 2)}
+        fields: dict[str, object] = {"source": self.source, **self.context}
+        fields.update(error=self.last_error, retry_in=round(delay, 2))
         if self.handling is not None:
             fields["object"] = self.handling
         if isinstance(exc, self.transient):
