@@ -18,7 +18,7 @@ import structlog
 from kproxy.errors import ManifestError
 from kproxy.state.ingest import Mutation, combine, set_node, set_objects
 from kproxy.watch.manifest_index import FileChange, FileObjects, ManifestIndex
-from kproxy.watch.manifests import ManifestParseError, load_file, manifest_files
+from kproxy.watch.manifests import ManifestParseError, load_file, scan_manifest_files
 from kproxy.watch.sink import ENDPOINT_SLICE, NODE, SERVICE, Sink
 from kproxy.watch.supervisor import Backoff, Supervisor
 
@@ -28,24 +28,13 @@ Signature = tuple[int, int]  # (mtime_ns, size)
 BACKOFF_CAP = 10.0  # a directory that comes back is noticed within this long
 
 
-def _scan(root: Path) -> dict[Path, Signature]:
-    signatures = {}
-    for file in manifest_files(root):
-        try:
-            st = file.stat()
-        except FileNotFoundError:
-            continue  # deleted since it was listed: gone
-        signatures[file] = (st.st_mtime_ns, st.st_size)
-    return signatures
-
-
 class ManifestSource:
     def __init__(self, path: str, node_name: str, poll_seconds: float = 1.0) -> None:
         self.path = Path(path)
         self.node_name = node_name
         self.poll_seconds = poll_seconds
         self.index = ManifestIndex()
-        self._seen: dict[Path, Signature] = {}
+        self._seen: dict[str, Signature] = {}
         self._unparsed: set[Path] = set()  # never parsed yet: hold the first sync back
         self._synced = False
 
@@ -71,15 +60,16 @@ class ManifestSource:
     def poll(self, sink: Sink, supervisor: Supervisor | None = None) -> None:
         """Apply every file change since the last poll. A file whose change cannot be applied is
         tried again next time; the others go ahead, then the first failure is raised."""
-        found = _scan(self.path)
+        found = scan_manifest_files(self.path)
         first = not self._seen and not self._synced
-        changed = [p for p, sig in sorted(found.items()) if self._seen.get(p) != sig]
-        removed = sorted(self._seen.keys() - found.keys())
-        self._unparsed = (self._unparsed | ({*changed} - self._seen.keys())) - set(removed)
+        changed = sorted(Path(p) for p, sig in found.items() if self._seen.get(p) != sig)
+        removed = sorted(Path(p) for p in self._seen.keys() - found.keys())
+        self._unparsed |= {p for p in changed if str(p) not in self._seen}
+        self._unparsed -= set(removed)
         failed: list[tuple[Path, Exception]] = []
         for path in removed + changed:
             try:
-                self._reload(sink, path, found.get(path), quiet=first)
+                self._reload(sink, path, found.get(str(path)), quiet=first)
             except Exception as exc:  # one file's failure must not hold back the others
                 failed.append((path, exc))
         if first and found:
@@ -100,7 +90,7 @@ class ManifestSource:
             try:
                 manifests = load_file(path)
             except ManifestParseError as exc:
-                self._seen[path] = signature  # retried once the file changes again
+                self._seen[str(path)] = signature  # retried once the file changes again
                 log.error(
                     "manifest_unparsable",
                     file=str(path),
@@ -121,9 +111,9 @@ class ManifestSource:
             self.index.replace(path, previous)  # not applied: the next poll tries again
             raise
         if signature is None:
-            self._seen.pop(path, None)
+            self._seen.pop(str(path), None)
         else:
-            self._seen[path] = signature
+            self._seen[str(path)] = signature
         self._unparsed.discard(path)
         if not quiet:
             log.info(
