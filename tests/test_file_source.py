@@ -255,3 +255,18 @@ def test_an_object_the_converter_raises_on_is_skipped_and_the_rest_applied(
     assert state.service_keys() == {NamespacedName("default", "good")}
     assert [(e.obj, e.field) for e in errors] == [("Service default/bad", "(object)")]
     assert "KeyError" in errors[0].problem
+
+
+def test_no_kind_is_synced_before_every_file_parsed_once(
+    tmp_path: Path, stop: threading.Event
+) -> None:
+    write(tmp_path / "a.yaml", service("a", "10.96.0.1"))
+    (tmp_path / "b.yaml").write_text("kind: [\n")
+    sink = RecordingSink()
+    start(tmp_path, sink, stop)
+    assert wait_for(lambda: sink.cluster_ips() == {"a": "10.96.0.1"})
+    time.sleep(10 * POLL)
+    assert sink.synced_kinds == set()  # rules from a partial view would drop b's services
+    write(tmp_path / "b.yaml", service("b", "10.96.0.2"))
+    assert wait_for(lambda: sink.synced_kinds == {"Node", "Service", "EndpointSlice"})
+    assert sink.cluster_ips() == {"a": "10.96.0.1", "b": "10.96.0.2"}
