@@ -1,9 +1,13 @@
 """`/healthz` and `/livez` on healthzBindAddress, with kube-proxy's semantics and JSON.
 
 kproxy is unhealthy when an update was queued more than `timeout` (2 x syncPeriod) ago and no
-sync has succeeded since. `/healthz` also answers 503 while the Node is being deleted or carries
-the cluster autoscaler's ToBeDeletedByClusterAutoscaler taint, so load balancers drain it first;
-`/livez` ignores that, so the kubelet does not restart a draining agent.
+sync has succeeded since, and (beyond kube-proxy) while a source of objects reports a problem: its
+thread ended, or it has not been current for too long. Then the rules may be right for a cluster
+that no longer exists, and `/livez` failing makes the kubelet restart the agent.
+
+`/healthz` also answers 503 while the Node is being deleted or carries the cluster autoscaler's
+ToBeDeletedByClusterAutoscaler taint, so load balancers drain it first; `/livez` ignores that, so
+the kubelet does not restart a draining agent.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ class ProxyHealth:
         self.timeout = timeout
         self.clock = clock
         self.node_eligible = True
+        # The sources' problems (none while they are current); wired in by the agent.
+        self.source_problems: Callable[[], list[str]] = list
         self._lock = threading.Lock()
         self._last_updated = dict.fromkeys(families, 0.0)
         self._oldest_queued = dict.fromkeys(families, 0.0)
@@ -69,13 +75,15 @@ class ProxyHealth:
                 for f in self._last_updated
             }
             last = max(self._last_updated.values())
-        healthy = all(bool(v["healthy"]) for v in families.values())
+        problems = self.source_problems()
+        healthy = all(bool(v["healthy"]) for v in families.values()) and not problems
         body: dict[str, object] = {
             "lastUpdated": _iso(last),
             "currentTime": _iso(now),
             "nodeEligible": self.node_eligible,
             "healthy": healthy,
             "status": families,
+            "sources": {"healthy": not problems, "problems": problems},
         }
         return healthy, body
 

@@ -1,12 +1,14 @@
 """Feeding Kubernetes objects into ClusterState. Shared by the file source and the API watch.
 
 Each function converts one object; an invalid object raises InvalidObjectError (naming object and
-field) after removing whatever the state held for it, so the rest of the cluster is unaffected."""
+field) after removing whatever the state held for it, so the rest of the cluster is unaffected.
+That holds for any exception the converter raises: one object the converter cannot handle must
+never stop a source from delivering the others."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from kproxy.errors import InvalidObjectError
 from kproxy.model.convert import (
@@ -18,16 +20,34 @@ from kproxy.model.node import NodeInfo
 from kproxy.model.service import NamespacedName
 from kproxy.state.cluster import ClusterState
 
+T = TypeVar("T")
+
 
 def object_key(obj: Mapping[str, Any]) -> NamespacedName:
-    meta = obj.get("metadata") or {}
+    meta = obj.get("metadata")
+    if not isinstance(meta, Mapping):
+        meta = {}
     return NamespacedName(str(meta.get("namespace") or "default"), str(meta.get("name") or ""))
+
+
+def _convert(kind: str, build: Callable[[Mapping[str, Any]], T], obj: Mapping[str, Any]) -> T:
+    try:
+        return build(obj)
+    except InvalidObjectError:
+        raise
+    except Exception as exc:  # a converter bug costs this one object, never the source
+        key = object_key(obj)
+        raise InvalidObjectError(
+            f"{kind} {key.namespace}/{key.name}",
+            "(object)",
+            f"could not be converted ({type(exc).__name__}: {exc}); skipped",
+        ) from exc
 
 
 def update_service(state: ClusterState, obj: Mapping[str, Any]) -> None:
     key = object_key(obj)
     try:
-        ports = build_service_ports(obj)
+        ports = _convert("Service", build_service_ports, obj)
     except InvalidObjectError:
         state.delete_service(key)
         raise
@@ -40,7 +60,7 @@ def update_service(state: ClusterState, obj: Mapping[str, Any]) -> None:
 def update_endpoint_slice(state: ClusterState, obj: Mapping[str, Any]) -> None:
     key = object_key(obj)
     try:
-        info = build_endpoint_slice(obj)
+        info = _convert("EndpointSlice", build_endpoint_slice, obj)
     except InvalidObjectError:
         state.delete_slice(key)
         raise
@@ -54,7 +74,7 @@ def node_for(name: str, objects: list[dict[str, Any]]) -> NodeInfo:
     """The Node named `name` among `objects`, or a bare NodeInfo when it is not there."""
     for obj in objects:
         if object_key(obj).name == name:
-            return build_node(obj)
+            return _convert("Node", build_node, obj)
     return NodeInfo(name=name)
 
 
@@ -105,6 +125,25 @@ def replace_all(kind: str, objs: Sequence[Mapping[str, Any]]) -> Mutation:
                 state.delete_service(key)
         else:
             for key in state.slice_keys() - keys:
+                state.delete_slice(key)
+        return apply_each(state)
+
+    return mutate
+
+
+def set_objects(kind: str, objects: Mapping[NamespacedName, Mapping[str, Any] | None]) -> Mutation:
+    """Set these Services (or EndpointSlices) to these objects and remove those mapped to None;
+    every other object stays as it is. A change to one manifest file is one of these."""
+    update = update_service if kind == "Service" else update_endpoint_slice
+    present = [obj for obj in objects.values() if obj is not None]
+    gone = [key for key, obj in objects.items() if obj is None]
+    apply_each = _each(present, update)
+
+    def mutate(state: ClusterState) -> list[InvalidObjectError]:
+        for key in gone:
+            if kind == "Service":
+                state.delete_service(key)
+            else:
                 state.delete_slice(key)
         return apply_each(state)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import TypeVar
 
@@ -28,11 +28,12 @@ from kproxy.model.node import NodeInfo
 from kproxy.plan.ruleset import node_port_ips, node_ports_match_all
 from kproxy.sync.loop import Snapshot, StateBox, SyncLoop, udp_changed
 from kproxy.watch.sink import Sink
+from kproxy.watch.supervisor import Supervisor, source_problems
 
 log = structlog.get_logger("kproxy")
 
-# Starts a source's threads, reporting into the sink until the event is set.
-SourceStarter = Callable[[Sink, threading.Event], object]
+# Starts a source's supervised threads, reporting into the sink until the event is set.
+SourceStarter = Callable[[Sink, threading.Event], Sequence[Supervisor]]
 
 
 def _stop_on_signals(stop: threading.Event, wake: threading.Event) -> None:
@@ -127,7 +128,10 @@ def run_agent(
             metrics=config.metrics_bind_address,
         )
         try:
-            start_source(box, stop)
+            sources = start_source(box, stop)
+            # A source is stale after the health timeout (each may allow itself longer: an idle
+            # API watch); health then fails, as it does for a sync owed too long.
+            health.source_problems = source_problems(sources, health.timeout)
             loop.run(stop)
         finally:
             service_health.close()

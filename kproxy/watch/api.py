@@ -10,7 +10,6 @@ reported, so the rules in the kernel stay as they are.
 from __future__ import annotations
 
 import json
-import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,16 +18,22 @@ from typing import Any
 import structlog
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
 
 from kproxy.errors import ConfigError
 from kproxy.state.ingest import Mutation, remove, replace_all, set_node, upsert
 from kproxy.watch.sink import ENDPOINT_SLICE, NODE, SERVICE, Sink
+from kproxy.watch.supervisor import Backoff, Supervisor
 
 log = structlog.get_logger("kproxy.watch")
 
 # Upstream's informers skip objects meant for another proxy, and headless services.
 PROXY_LABEL_SELECTOR = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
 WATCH_TIMEOUT_SECONDS = 300
+# The longest a healthy reflector can go without news: a watch on a quiet cluster may carry no
+# event and, where the server sends no bookmarks, nothing at all until it ends (then the relist
+# counts). Health allows this long before calling an API source stale.
+IDLE_WATCH_SECONDS = WATCH_TIMEOUT_SECONDS + 60.0
 
 
 def api_client(kubeconfig: str | None) -> client.ApiClient:
@@ -48,22 +53,6 @@ def api_client(kubeconfig: str | None) -> client.ApiClient:
 
 
 @dataclass
-class Backoff:
-    """Capped exponential backoff with jitter."""
-
-    initial: float = 0.5
-    cap: float = 30.0
-    current: float = 0.0
-
-    def next(self) -> float:
-        self.current = min(self.cap, self.current * 2 if self.current else self.initial)
-        return self.current * random.uniform(0.8, 1.2)
-
-    def reset(self) -> None:
-        self.current = 0.0
-
-
-@dataclass
 class Resource:
     kind: str
     list_fn: Callable[..., Any]
@@ -73,45 +62,37 @@ class Resource:
 
 
 class Reflector:
-    """List and watch one resource, reporting into the sink, until stopped."""
+    """List and watch one resource, reporting into the sink: the body of a supervised thread."""
 
-    def __init__(self, resource: Resource, sink: Sink, stop: threading.Event) -> None:
+    def __init__(self, resource: Resource, sink: Sink) -> None:
         self.resource = resource
         self.sink = sink
-        self.stop = stop
-        self.backoff = Backoff()
 
-    def run(self) -> None:
+    def run(self, supervisor: Supervisor) -> None:
+        """One list and watch. Returns when the watch ends (the supervisor then lists again at
+        once, which also catches anything a bookmark-less gap could have lost) or expires;
+        raises on any other error (the supervisor logs it and backs off)."""
+        try:
+            version = self._list(supervisor)
+            self._watch(version, supervisor)
+        except ApiException as exc:
+            if exc.status != 410:
+                raise
+            log.info("watch_expired", kind=self.resource.kind)  # history compacted: list again
+
+    def _list(self, supervisor: Supervisor) -> str:
         kind = self.resource.kind
-        while not self.stop.is_set():
-            try:
-                version = self._list()
-                self._watch(version)
-            except ApiException as exc:
-                if exc.status == 410:
-                    log.info("watch_expired", kind=kind)
-                    continue  # history compacted: list again
-                self._wait(f"API error {exc.status}: {exc.reason}")
-            except Exception as exc:  # connection refused, reset, timeouts: keep trying
-                self._wait(f"{type(exc).__name__}: {exc}")
-
-    def _wait(self, error: str) -> None:
-        delay = self.backoff.next()
-        log.warning("watch_failed", kind=self.resource.kind, error=error, retry_in=round(delay, 2))
-        self.stop.wait(delay)
-
-    def _list(self) -> str:
         response = self.resource.list_fn(**self.resource.selectors, _preload_content=False)
         body = json.loads(response.data)
-        self.sink.apply(self.resource.kind, self.resource.on_list(body.get("items") or []))
-        self.sink.synced(self.resource.kind)
-        self.backoff.reset()
+        supervisor.handling = f"{kind} list"
+        self.sink.apply(kind, self.resource.on_list(body.get("items") or []))
+        self.sink.synced(kind)
+        supervisor.handling = None
+        supervisor.current()
         version: str = body["metadata"]["resourceVersion"]
         return version
 
-    def _watch(self, version: str) -> None:
-        """Watch from `version`; returns when the server ends the stream (then the caller
-        lists again, which also catches anything a bookmark-less gap could have lost)."""
+    def _watch(self, version: str, supervisor: Supervisor) -> None:
         w = watch.Watch()
         stream = w.stream(
             self.resource.list_fn,
@@ -122,13 +103,22 @@ class Reflector:
             **self.resource.selectors,
         )
         for event in stream:
-            if self.stop.is_set():
+            if supervisor.stop.is_set():
                 w.stop()
                 return
             kind, raw = event["type"], event["raw_object"]
             if kind in ("ADDED", "MODIFIED", "DELETED"):
+                supervisor.handling = f"{self.resource.kind} {_name(raw)}"
                 self.sink.apply(self.resource.kind, self.resource.on_event(kind, raw))
-            self.backoff.reset()
+                supervisor.handling = None
+            supervisor.current()  # an event or a bookmark: the watch is alive and up to date
+
+
+def _name(obj: Any) -> str:
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    if not isinstance(meta, dict):
+        return "?"
+    return f"{meta.get('namespace') or ''}/{meta.get('name') or '?'}".lstrip("/")
 
 
 def _object_event(kind: str) -> Callable[[str, dict[str, Any]], Mutation]:
@@ -169,13 +159,17 @@ class ApiSource:
             ),
         ]
 
-    def start(self, sink: Sink, stop: threading.Event) -> list[threading.Thread]:
-        threads = []
-        for resource in self.resources:
-            reflector = Reflector(resource, sink, stop)
-            thread = threading.Thread(
-                target=reflector.run, daemon=True, name=f"watch-{resource.kind}"
-            )
-            thread.start()
-            threads.append(thread)
-        return threads
+    def start(self, sink: Sink, stop: threading.Event) -> list[Supervisor]:
+        return [
+            Supervisor(
+                f"watch-{resource.kind}",
+                Reflector(resource, sink).run,
+                stop,
+                backoff=Backoff(),
+                transient=(ApiException, HTTPError, OSError),
+                transient_event="watch_failed",
+                min_silence=IDLE_WATCH_SECONDS,
+                context={"kind": resource.kind},
+            ).start()
+            for resource in self.resources
+        ]

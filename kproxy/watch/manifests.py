@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ class Manifests:
             for i, item in enumerate(obj["items"]):
                 self.add(_with_kind(item, kind), f"{where} items[{i}]")
             return
-        if kind not in KINDS:
+        if not isinstance(kind, str) or kind not in KINDS:
             self.warnings.append(f"{where}: kind {kind!r} is not used by kproxy; ignored")
             return
         if obj.get("apiVersion") not in KINDS[kind]:
@@ -66,30 +67,83 @@ def _with_kind(item: Any, list_kind: str) -> Any:
 
 
 def manifest_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+    return sorted(Path(p) for p in scan_manifest_files(path))
+
+
+def scan_manifest_files(path: Path) -> dict[str, tuple[int, int]]:
+    """Every manifest file under `path` (itself if a file) with its (mtime_ns, size). One stat
+    per file and plain strings (a Path costs more than the stat): the file source runs this
+    every poll, over thousands of files."""
     if path.is_file():
-        return [path]
-    raise ManifestError(f"--manifests {path}: no such file or directory")
+        st = path.stat()
+        return {str(path): (st.st_mtime_ns, st.st_size)}
+    if not path.is_dir():
+        raise ManifestError(f"--manifests {path}: no such file or directory")
+    found: dict[str, tuple[int, int]] = {}
+    _walk(str(path), found, set())
+    return found
+
+
+def _walk(directory: str, found: dict[str, tuple[int, int]], seen: set[tuple[int, int]]) -> None:
+    # Symlinked directories are followed (a ConfigMap volume is made of them), each once.
+    try:
+        st = os.stat(directory)
+        if (st.st_dev, st.st_ino) in seen:
+            return
+        seen.add((st.st_dev, st.st_ino))
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return  # removed while being read: gone
+    for entry in entries:
+        try:
+            if entry.is_dir():
+                _walk(entry.path, found, seen)
+            elif entry.name.endswith(SUFFIXES) and entry.is_file():
+                est = entry.stat()
+                found[entry.path] = (est.st_mtime_ns, est.st_size)
+        except FileNotFoundError:
+            continue
+
+
+class ManifestParseError(ManifestError):
+    """One manifest file that cannot be read or parsed: names the file and, where known, the
+    line (1-based)."""
+
+    def __init__(self, file: Path, line: int | None, problem: str) -> None:
+        super().__init__(f"{file}: {f'line {line}' if line else '?'}: {problem}")
+        self.file = file
+        self.line = line
+        self.problem = problem
 
 
 def _documents(path: Path) -> Iterator[Any]:
     try:
         text = path.read_text()
-    except OSError as exc:
-        raise ManifestError(f"{path}: cannot read ({exc.strerror})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ManifestParseError(path, None, f"cannot read ({reason})") from exc
     try:
         if path.suffix == ".json":
             yield json.loads(text)
         else:
             yield from (doc for doc in yaml.load_all(text, Loader=_YAML_LOADER) if doc is not None)
     except json.JSONDecodeError as exc:
-        raise ManifestError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from exc
+        raise ManifestParseError(path, exc.lineno, f"invalid JSON ({exc.msg})") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else "?"
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ManifestError(f"{path}: {where}: invalid YAML ({problem})") from exc
+        line = mark.line + 1 if mark is not None else None
+        raise ManifestParseError(path, line, f"invalid YAML ({problem})") from exc
+    except RecursionError as exc:  # absurdly deep nesting: the constructor recurses per level
+        raise ManifestParseError(path, None, "nested too deeply") from exc
+
+
+def load_file(file: Path) -> Manifests:
+    """The objects of one manifest file; ManifestParseError if it does not parse."""
+    found = Manifests()
+    for i, doc in enumerate(_documents(file)):
+        found.add(doc, f"{file} document {i + 1}")
+    return found
 
 
 def load_manifests(path: str | Path) -> Manifests:
@@ -97,6 +151,9 @@ def load_manifests(path: str | Path) -> Manifests:
     ManifestError naming the file and line; a document of another kind is only a warning."""
     found = Manifests()
     for file in manifest_files(Path(path)):
-        for i, doc in enumerate(_documents(file)):
-            found.add(doc, f"{file} document {i + 1}")
+        one = load_file(file)
+        found.services += one.services
+        found.endpoint_slices += one.endpoint_slices
+        found.nodes += one.nodes
+        found.warnings += one.warnings
     return found

@@ -1,0 +1,160 @@
+"""The file source after a one-file edit: from the write to the change being in the cluster state
+(what the sync loop then picks up), at N services, for `kproxy run --manifests`.
+
+    python -m bench.file_change --services 10000
+
+Two layouts: every Service with its EndpointSlice in a file of its own, and one big file of N-1
+services plus one small file with the measured one. In each, the measured service's file is
+rewritten `--changes` times (a new endpoint each time), and three ways of delivering that change
+are timed in the same run:
+
+- full reload (the baseline): what the file source did before re-reading only changed files:
+  signature every file, parse every file, replace every Service and EndpointSlice;
+- incremental: ManifestSource.poll, which parses only the changed file and touches only its
+  objects;
+- API event: the same change arriving as one watch event (decode the object, upsert it): the
+  work of the API path, without the network.
+
+It prints medians and the ratios full/incremental and incremental/API, and how many services each
+reports as changed (what decides a partial sync). No root needed; the files live in a temporary
+directory removed on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from integration.agent_harness import slice_object
+from integration.manifests import service_manifest
+from kproxy.logs import configure_logging
+from kproxy.state.cluster import ClusterState
+from kproxy.state.ingest import Mutation, combine, replace_all, set_node, upsert
+from kproxy.watch.files import ManifestSource
+from kproxy.watch.manifests import load_manifests, manifest_files
+from kproxy.watch.sink import ENDPOINT_SLICE, SERVICE
+
+NODE = "node-1"
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+class StateSink:
+    def __init__(self) -> None:
+        self.state = ClusterState()
+
+    def apply(self, kind: str, mutation: Mutation) -> None:
+        mutation(self.state)
+
+    def synced(self, kind: str) -> None:
+        pass
+
+
+def objects(i: int, endpoint: str) -> list[dict[str, Any]]:
+    ip = f"10.{97 + i // 65536}.{i // 256 % 256}.{i % 256}"
+    return [service_manifest(f"svc-{i}", ip, 80, 8080), slice_object(f"svc-{i}", [endpoint], 8080)]
+
+
+def dump(path: Path, docs: list[dict[str, Any]]) -> None:
+    path.write_text(yaml.dump_all(docs, Dumper=_DUMPER))
+
+
+def build(root: Path, services: int, layout: str) -> Path:
+    """The manifests; returns the measured service's file."""
+    if layout == "separate":
+        for i in range(services):
+            dump(root / f"svc-{i:05d}.yaml", objects(i, "10.200.0.1"))
+        return root / f"svc-{services - 1:05d}.yaml"
+    dump(root / "big.yaml", [o for i in range(services - 1) for o in objects(i, "10.200.0.1")])
+    dump(root / "small.yaml", objects(services - 1, "10.200.0.1"))
+    return root / "small.yaml"
+
+
+def full_reload(root: Path, sink: StateSink) -> None:
+    """The file source's old reload: signature of every file, parse all, replace everything."""
+    for f in manifest_files(root):
+        f.stat()
+    manifests = load_manifests(root)
+    mutation = combine(
+        set_node(NODE, manifests.nodes),
+        replace_all(SERVICE, manifests.services),
+        replace_all(ENDPOINT_SLICE, manifests.endpoint_slices),
+    )
+    sink.apply(SERVICE, mutation)
+
+
+def timed(fn: Callable[[], None]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def measure(root: Path, args: argparse.Namespace, layout: str) -> dict[str, float]:
+    measured = build(root, args.services, layout)
+    source = ManifestSource(str(root), NODE)
+    incremental, baseline = StateSink(), StateSink()
+    api = StateSink()
+    source.poll(incremental)
+    full_reload(root, baseline)
+    everything = load_manifests(root)
+    api.apply(SERVICE, replace_all(SERVICE, everything.services))
+    api.apply(ENDPOINT_SLICE, replace_all(ENDPOINT_SLICE, everything.endpoint_slices))
+    for sink in (incremental, baseline, api):
+        sink.state.take_changes()
+    times: dict[str, list[float]] = {"full": [], "incremental": [], "api": []}
+    changed: dict[str, int] = {}
+    for k in range(args.changes):
+        docs = objects(args.services - 1, f"10.201.0.{k + 2}")
+        dump(measured, docs)
+        event = json.dumps(docs[1]).encode()
+        times["full"].append(timed(lambda: full_reload(root, baseline)))
+        times["incremental"].append(timed(lambda: source.poll(incremental)))
+
+        def api_event(raw: bytes = event) -> None:
+            api.apply(ENDPOINT_SLICE, upsert(ENDPOINT_SLICE, json.loads(raw)))
+
+        times["api"].append(timed(api_event))
+        for name, sink in (("full", baseline), ("incremental", incremental), ("api", api)):
+            changed[name] = len(sink.state.take_changes())
+    for name, sink in (("full", baseline), ("incremental", incremental)):
+        assert sink.state.endpoints_map() == api.state.endpoints_map(), name
+    result = {name: statistics.median(values) for name, values in times.items()}
+    print(
+        f"{layout:>8}: full reload {result['full'] * 1000:8.1f} ms, "
+        f"incremental {result['incremental'] * 1000:7.2f} ms, "
+        f"API event {result['api'] * 1000:6.3f} ms; "
+        f"full / incremental {result['full'] / result['incremental']:7.0f}x, "
+        f"incremental / API {result['incremental'] / result['api']:6.1f}x; "
+        f"services reported changed: {changed}",
+        flush=True,
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.file_change",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--services", type=int, default=10000)
+    parser.add_argument("--changes", type=int, default=5)
+    args = parser.parse_args(argv)
+    configure_logging("warning")
+    print(f"{args.services} services, {args.changes} one-file changes each (medians)")
+    for layout in ("separate", "big+small"):
+        with tempfile.TemporaryDirectory(prefix="kproxy-files-") as root:
+            measure(Path(root), args, layout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
