@@ -30,7 +30,7 @@ def test_service_ports_carry_name_protocol_and_default_tcp() -> None:
 @pytest.mark.parametrize(
     ("spec", "field"),
     [
-        ({"clusterIP": "10.96.0.300"}, "spec.clusterIPs[0]"),
+        ({"clusterIP": "10.96.0.300"}, "spec.clusterIP"),
         ({"ports": [{"port": 70000}]}, "spec.ports[0].port"),
         ({"ports": [{"port": "http"}]}, "spec.ports[0].port"),
         ({"ports": [{"port": 53, "protocol": "ICMP"}]}, "spec.ports[0].protocol"),
@@ -109,10 +109,15 @@ def test_slice_conditions_default_as_the_api_defines() -> None:
     assert info.ports[0].port == 5353
 
 
-def test_slice_with_bad_address_is_invalid() -> None:
-    with pytest.raises(InvalidObjectError) as info:
-        build_endpoint_slice(slice_([{"addresses": ["10.0.0.999"]}]))
-    assert info.value.field == "endpoints[0].addresses[0]"
+def test_slice_with_bad_address_skips_only_that_endpoint() -> None:
+    info = build_endpoint_slice(
+        slice_([{"addresses": ["10.0.0.999"]}, {"addresses": ["10.0.0.2"]}])
+    )
+    assert info is not None
+    assert [e.ip for e in info.endpoints] == ["10.0.0.2"]
+    (skipped,) = info.skipped
+    assert skipped.obj == "EndpointSlice kube-system/dns-abc"
+    assert skipped.field == "endpoints[0].addresses[0]"
 
 
 def test_fqdn_and_unlabelled_slices_are_ignored() -> None:
