@@ -43,7 +43,11 @@ def read_tables(family: int = 4, tables: tuple[str, ...] = TABLES) -> dict[str, 
     for table in tables:
         try:
             proc = subprocess.run(
-                [_save_command(family), "-t", table], capture_output=True, text=True, check=False
+                [_save_command(family), "-t", table],
+                capture_output=True,
+                text=True,
+                errors="replace",  # another program's comment may hold any byte; never written back
+                check=False,
             )
         except FileNotFoundError:
             raise DataplaneError(

@@ -1,307 +1,279 @@
 """The one converter from Kubernetes objects (camelCase dicts, as the API and `kubectl get -o
 yaml` give them) to kproxy's model. Nothing downstream sees a raw object.
 
-Each function raises InvalidObjectError naming the object and the field when the object cannot be
-programmed; the caller skips that object and keeps going.
+Any JSON value may sit in any field. Each function either returns valid model values or raises
+InvalidObjectError naming the object and the field; the caller skips that object and keeps going.
+Names are checked as the API server checks them, so no control character reaches a rule comment.
 """
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from datetime import datetime
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
-from kproxy.errors import InvalidObjectError
-from kproxy.model.endpoint import Endpoint
+from kproxy.model.addresses import parse_cidr, parse_ip
+from kproxy.model.fields import (
+    FieldReader,
+    is_dns1035_label,
+    is_dns1123_label,
+    is_dns1123_subdomain,
+    is_iana_svc_name,
+    show,
+)
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import NamespacedName, Protocol, ServicePort, ServicePortName
+from kproxy.model.slices import EndpointSliceInfo, EndpointSlicePort, build_slice_contents
+
+__all__ = [
+    "EndpointSliceInfo",
+    "EndpointSlicePort",
+    "build_endpoint_slice",
+    "build_node",
+    "build_service_ports",
+    "object_ref",
+]
 
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 HEADLESS_LABEL = "service.kubernetes.io/headless"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
-TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 AUTOSCALER_TAINT = "ToBeDeletedByClusterAutoscaler"
 DEFAULT_AFFINITY_SECONDS = 10800
+_SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
+_POLICIES = ("Cluster", "Local")
+_AFFINITIES = ("None", "ClientIP")
+_IP_MODES = ("VIP", "Proxy")
+_PROTOCOLS = tuple(p.value for p in Protocol)
 
 
-@dataclass(frozen=True, slots=True)
-class EndpointSlicePort:
-    name: str
-    port: int
-    protocol: Protocol
+def _printable_name(value: Any) -> str:
+    return value if isinstance(value, str) and is_dns1123_subdomain(value) else show(value)
 
 
-@dataclass(frozen=True, slots=True)
-class EndpointSliceInfo:
-    """What kproxy keeps of one EndpointSlice."""
-
-    key: NamespacedName
-    service: NamespacedName
-    address_type: str
-    ports: tuple[EndpointSlicePort, ...]
-    endpoints: tuple[Endpoint, ...]
-    # When the change behind this version of the slice happened (epoch seconds), if known.
-    trigger_time: float | None = field(default=None, compare=False)
-
-
-def object_ref(obj: Mapping[str, Any]) -> str:
-    """`Kind namespace/name`, for messages."""
-    meta = obj.get("metadata") or {}
+def object_ref(obj: Any, kind: str) -> str:
+    """`Kind namespace/name`, for messages; safe to print whatever the object holds."""
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+    meta = meta if isinstance(meta, Mapping) else {}
     ns = meta.get("namespace") or "default"
-    return f"{obj.get('kind', 'object')} {ns}/{meta.get('name', '?')}"
+    return f"{kind} {_printable_name(ns)}/{_printable_name(meta.get('name', '?'))}"
 
 
-def _meta(obj: Mapping[str, Any]) -> tuple[NamespacedName, Mapping[str, str]]:
-    meta = obj.get("metadata")
-    if not isinstance(meta, Mapping) or not meta.get("name"):
-        raise InvalidObjectError(object_ref(obj), "metadata.name", "missing")
-    labels = meta.get("labels") or {}
-    if not isinstance(labels, Mapping):
-        raise InvalidObjectError(object_ref(obj), "metadata.labels", "must be a mapping")
-    return NamespacedName(str(meta.get("namespace") or "default"), str(meta["name"])), labels
+@dataclass(frozen=True, slots=True)
+class _Meta:
+    key: NamespacedName
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    deleting: bool
 
 
-def is_proxied(obj: Mapping[str, Any]) -> bool:
+def _metadata(
+    reader: FieldReader, obj: Any, valid_name: Callable[[str], bool], rule: str, namespaced: bool
+) -> _Meta:
+    if not isinstance(obj, Mapping):
+        raise reader.fail("(object)", f"must be a mapping, not {show(obj)}")
+    meta = reader.mapping(obj.get("metadata"), "metadata")
+    name = reader.string(meta.get("name"), "metadata.name")
+    if not name:
+        raise reader.fail("metadata.name", "missing")
+    if not valid_name(name):
+        raise reader.fail("metadata.name", f"{show(name)} is not a valid {rule}")
+    namespace = "default"
+    if namespaced:
+        namespace = reader.string(meta.get("namespace"), "metadata.namespace") or "default"
+        if not is_dns1123_label(namespace):
+            raise reader.fail(
+                "metadata.namespace", f"{show(namespace)} is not a valid DNS-1123 label"
+            )
+    return _Meta(
+        NamespacedName(namespace, name),
+        reader.labels(meta.get("labels"), "metadata.labels"),
+        reader.labels(meta.get("annotations"), "metadata.annotations"),
+        bool(meta.get("deletionTimestamp")),
+    )
+
+
+def _is_proxied(labels: Mapping[str, str]) -> bool:
     """False for objects upstream's informers filter out by label."""
-    labels = (obj.get("metadata") or {}).get("labels") or {}
     return SERVICE_PROXY_NAME_LABEL not in labels and HEADLESS_LABEL not in labels
 
 
-def _ip(value: Any, ref: str, field: str) -> str:
-    try:
-        return str(ipaddress.ip_address(str(value).strip()))
-    except ValueError:
-        raise InvalidObjectError(ref, field, f"{value!r} is not an IP address") from None
+def _cluster_ips(reader: FieldReader, spec: Mapping[str, Any]) -> tuple[str, ...]:
+    values = reader.sequence(spec.get("clusterIPs"), "spec.clusterIPs")
+    paths = [f"spec.clusterIPs[{i}]" for i in range(len(values))]
+    if not values:
+        single = reader.string(spec.get("clusterIP"), "spec.clusterIP")
+        values, paths = ([single], ["spec.clusterIP"]) if single else ([], [])
+    if not values or (values[0] == "None" and len(values) == 1):
+        return ()  # headless, or not allocated yet
+    ips = tuple(parse_ip(reader, v, path) for v, path in zip(values, paths, strict=True))
+    if len(ips) > 2 or (len(ips) == 2 and (":" in ips[0]) == (":" in ips[1])):
+        raise reader.fail("spec.clusterIPs", "must be at most one IPv4 and one IPv6 address")
+    return ips
 
 
-def _port(value: Any, ref: str, field: str, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidObjectError(ref, field, f"{value!r} is not a port number")
-    low = 0 if allow_zero else 1
-    if not low <= value <= 65535:
-        raise InvalidObjectError(ref, field, f"{value} is out of range {low}-65535")
-    return value
-
-
-def _protocol(value: Any, ref: str, field: str) -> Protocol:
-    try:
-        return Protocol(value or "TCP")
-    except ValueError:
-        raise InvalidObjectError(ref, field, f"{value!r} is not TCP, UDP or SCTP") from None
-
-
-def _cluster_ips(spec: Mapping[str, Any], ref: str) -> tuple[str, ...]:
-    ips = spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
-    if not isinstance(ips, Sequence) or isinstance(ips, str):
-        raise InvalidObjectError(ref, "spec.clusterIPs", "must be a list")
-    if any(str(ip) == "None" for ip in ips):
-        return ()
-    return tuple(_ip(ip, ref, f"spec.clusterIPs[{i}]") for i, ip in enumerate(ips))
-
-
-def _affinity_seconds(spec: Mapping[str, Any], ref: str) -> int | None:
-    if spec.get("sessionAffinity", "None") != "ClientIP":
+def _affinity_seconds(reader: FieldReader, spec: Mapping[str, Any]) -> int | None:
+    if reader.choice(spec.get("sessionAffinity"), "spec.sessionAffinity", _AFFINITIES) == "None":
         return None
-    cfg = ((spec.get("sessionAffinityConfig") or {}).get("clientIP")) or {}
-    seconds = cfg.get("timeoutSeconds", DEFAULT_AFFINITY_SECONDS)
-    if isinstance(seconds, bool) or not isinstance(seconds, int) or not 0 < seconds <= 86400:
-        raise InvalidObjectError(
-            ref, "spec.sessionAffinityConfig.clientIP.timeoutSeconds", f"{seconds!r} not in 1-86400"
-        )
-    return seconds
+    config = reader.mapping(spec.get("sessionAffinityConfig"), "spec.sessionAffinityConfig")
+    path = "spec.sessionAffinityConfig.clientIP"
+    client = reader.mapping(config.get("clientIP"), path)
+    seconds = client.get("timeoutSeconds")
+    return reader.integer(seconds, path + ".timeoutSeconds", 1, 86400, DEFAULT_AFFINITY_SECONDS)
 
 
-def _ip_list(values: Any, ref: str, field: str) -> tuple[str, ...]:
-    if values is None:
-        return ()
-    if not isinstance(values, Sequence) or isinstance(values, str):
-        raise InvalidObjectError(ref, field, "must be a list")
-    return tuple(_ip(v, ref, f"{field}[{i}]") for i, v in enumerate(values))
+def _ip_list(reader: FieldReader, values: Any, path: str) -> tuple[str, ...]:
+    items = reader.sequence(values, path)
+    return tuple(parse_ip(reader, v, f"{path}[{i}]") for i, v in enumerate(items))
 
 
-def _source_ranges(spec: Mapping[str, Any], ref: str) -> tuple[str, ...]:
-    ranges = []
-    for i, value in enumerate(spec.get("loadBalancerSourceRanges") or []):
-        try:
-            ranges.append(str(ipaddress.ip_network(str(value).strip(), strict=False)))
-        except ValueError:
-            raise InvalidObjectError(
-                ref, f"spec.loadBalancerSourceRanges[{i}]", f"{value!r} is not a CIDR"
-            ) from None
-    return tuple(ranges)
-
-
-def _load_balancer_ips(obj: Mapping[str, Any], ref: str) -> tuple[str, ...]:
+def _load_balancer_ips(reader: FieldReader, obj: Mapping[str, Any]) -> tuple[str, ...]:
     """Ingress IPs a VIP-mode load balancer sends to the node; `ipMode: Proxy` ones are the load
     balancer's own business and are skipped, as upstream does."""
-    ingress = ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+    status = reader.mapping(obj.get("status"), "status")
+    lb = reader.mapping(status.get("loadBalancer"), "status.loadBalancer")
     ips = []
-    for i, entry in enumerate(ingress):
-        if not isinstance(entry, Mapping) or not entry.get("ip"):
-            continue
-        if entry.get("ipMode", "VIP") != "VIP":
-            continue
-        ips.append(_ip(entry["ip"], ref, f"status.loadBalancer.ingress[{i}].ip"))
+    for i, item in enumerate(reader.sequence(lb.get("ingress"), "status.loadBalancer.ingress")):
+        path = f"status.loadBalancer.ingress[{i}]"
+        entry = reader.mapping(item, path)
+        mode = reader.choice(entry.get("ipMode"), path + ".ipMode", _IP_MODES)
+        if entry.get("ip") in (None, ""):
+            continue  # a hostname-only ingress
+        # The API only checks that ingress IPs are IPs.
+        ip = parse_ip(reader, entry["ip"], path + ".ip", special_ok=True)
+        if mode == "VIP":
+            ips.append(ip)
     return tuple(ips)
 
 
-def build_service_ports(obj: Mapping[str, Any]) -> list[ServicePort]:
-    """The ServicePorts of a Service; empty for services kube-proxy does not proxy (headless,
-    ExternalName, labelled for another proxy)."""
-    ref = object_ref({**obj, "kind": "Service"})
-    name, _ = _meta(obj)
-    spec = obj.get("spec")
-    if not isinstance(spec, Mapping):
-        raise InvalidObjectError(ref, "spec", "missing")
-    svc_type = spec.get("type") or "ClusterIP"
-    if not is_proxied(obj) or svc_type == "ExternalName":
-        return []
-    cluster_ips = _cluster_ips(spec, ref)
-    if not cluster_ips:
-        return []
-    affinity = _affinity_seconds(spec, ref)
-    external_ips = _ip_list(spec.get("externalIPs"), ref, "spec.externalIPs")
+def _shared_port(reader: FieldReader, obj: Mapping[str, Any], name: NamespacedName) -> ServicePort:
+    """What every port of the service has in common (name and port filled in per port)."""
+    spec = reader.mapping(obj.get("spec"), "spec")
+    svc_type = reader.choice(spec.get("type"), "spec.type", _SERVICE_TYPES)
+    affinity = _affinity_seconds(reader, spec)
+    external_ips = _ip_list(reader, spec.get("externalIPs"), "spec.externalIPs")
+    etp = reader.choice(spec.get("externalTrafficPolicy"), "spec.externalTrafficPolicy", _POLICIES)
+    itp = reader.choice(spec.get("internalTrafficPolicy"), "spec.internalTrafficPolicy", _POLICIES)
+    ranges = reader.sequence(spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")
     # Upstream's ExternallyAccessible: only these types take external traffic policy.
     externally_accessible = svc_type in ("LoadBalancer", "NodePort") or bool(external_ips)
-    etp_local = externally_accessible and spec.get("externalTrafficPolicy") == "Local"
+    etp_local = externally_accessible and etp == "Local"
     health_check_port = 0
     if svc_type == "LoadBalancer" and etp_local:
-        health_check_port = _port(
-            spec.get("healthCheckNodePort", 0), ref, "spec.healthCheckNodePort", True
+        health_check_port = reader.integer(
+            spec.get("healthCheckNodePort"), "spec.healthCheckNodePort", 0, 65535, 0
         )
-    shared = ServicePort(
+    return ServicePort(
         name=ServicePortName(name, "", Protocol.TCP),
-        cluster_ips=cluster_ips,
+        cluster_ips=_cluster_ips(reader, spec),
         port=0,
         session_affinity_seconds=affinity,
         external_ips=external_ips,
-        load_balancer_ips=_load_balancer_ips(obj, ref),
-        load_balancer_source_ranges=_source_ranges(spec, ref),
+        load_balancer_ips=_load_balancer_ips(reader, obj),
+        load_balancer_source_ranges=tuple(
+            parse_cidr(reader, v, f"spec.loadBalancerSourceRanges[{i}]")
+            for i, v in enumerate(ranges)
+        ),
         external_policy_local=etp_local,
-        internal_policy_local=spec.get("internalTrafficPolicy") == "Local",
+        internal_policy_local=itp == "Local",
         health_check_node_port=health_check_port,
     )
-    ports = spec.get("ports") or []
-    if not isinstance(ports, Sequence):
-        raise InvalidObjectError(ref, "spec.ports", "must be a list")
-    result = []
-    for i, p in enumerate(ports):
-        if not isinstance(p, Mapping):
-            raise InvalidObjectError(ref, f"spec.ports[{i}]", "must be a mapping")
-        protocol = _protocol(p.get("protocol"), ref, f"spec.ports[{i}].protocol")
+
+
+def _ports(reader: FieldReader, spec: Mapping[str, Any], shared: ServicePort) -> list[ServicePort]:
+    result: list[ServicePort] = []
+    seen: dict[object, str] = {}  # port name, (port, protocol), (nodePort, protocol) -> path
+
+    def once(what: object, path: str, problem: str) -> None:
+        if what in seen:
+            raise reader.fail(path, f"{problem} (as {seen[what]})")
+        seen[what] = path
+
+    for i, item in enumerate(reader.sequence(spec.get("ports"), "spec.ports")):
+        path = f"spec.ports[{i}]"
+        p = reader.mapping(item, path)
+        port_name = reader.string(p.get("name"), path + ".name")
+        if port_name and not is_iana_svc_name(port_name):
+            raise reader.fail(path + ".name", f"{show(port_name)} is not a valid IANA_SVC_NAME")
+        protocol = Protocol(reader.choice(p.get("protocol"), path + ".protocol", _PROTOCOLS))
+        port = reader.integer(p.get("port"), path + ".port", 1, 65535)
+        node_port = reader.integer(p.get("nodePort"), path + ".nodePort", 0, 65535, 0)
+        once(("name", port_name), path + ".name", f"duplicate port name {show(port_name)}")
+        once(("port", port, protocol), path + ".port", f"duplicate port {port}/{protocol.value}")
+        if node_port:
+            problem = f"duplicate node port {node_port}/{protocol.value}"
+            once(("nodePort", node_port, protocol), path + ".nodePort", problem)
         result.append(
             replace(
                 shared,
-                name=ServicePortName(name, str(p.get("name") or ""), protocol),
-                port=_port(p.get("port"), ref, f"spec.ports[{i}].port"),
-                node_port=_port(p.get("nodePort", 0), ref, f"spec.ports[{i}].nodePort", True),
+                name=ServicePortName(shared.name.service, port_name, protocol),
+                port=port,
+                node_port=node_port,
             )
         )
     return result
 
 
-def _conditions(ep: Mapping[str, Any]) -> tuple[bool, bool, bool]:
-    cond = ep.get("conditions") or {}
-    ready = cond.get("ready")
-    serving = cond.get("serving")
-    terminating = cond.get("terminating")
-    # Unset conditions mean ready and serving, not terminating (EndpointSlice API semantics).
-    return (
-        ready is not False,
-        (ready is not False) if serving is None else bool(serving),
-        bool(terminating),
+def build_service_ports(obj: Any) -> list[ServicePort]:
+    """The ServicePorts of a Service; empty for services kube-proxy does not proxy (headless,
+    ExternalName, labelled for another proxy)."""
+    reader = FieldReader(object_ref(obj, "Service"))
+    meta = _metadata(reader, obj, is_dns1035_label, "DNS-1035 label", namespaced=True)
+    spec = obj.get("spec")
+    if spec is None:
+        raise reader.fail("spec", "missing")
+    spec = reader.mapping(spec, "spec")
+    if not _is_proxied(meta.labels):
+        return []
+    if reader.choice(spec.get("type"), "spec.type", _SERVICE_TYPES) == "ExternalName":
+        return []
+    shared = _shared_port(reader, obj, meta.key)
+    if not shared.cluster_ips:
+        return []
+    return _ports(reader, spec, shared)
+
+
+def build_endpoint_slice(obj: Any) -> EndpointSliceInfo | None:
+    """The slice, or None when it carries nothing kproxy uses (FQDN slices, no service label).
+    An endpoint with a bad field is left out and reported in the result's `skipped`."""
+    reader = FieldReader(object_ref(obj, "EndpointSlice"))
+    meta = _metadata(reader, obj, is_dns1123_subdomain, "DNS-1123 subdomain", namespaced=True)
+    address_type = reader.string(obj.get("addressType"), "addressType")
+    service = meta.labels.get(SERVICE_NAME_LABEL, "")
+    # A label value that cannot be a Service name belongs to no service kproxy programs.
+    if not is_dns1035_label(service) or address_type not in ("IPv4", "IPv6"):
+        return None
+    if not _is_proxied(meta.labels):
+        return None
+    return build_slice_contents(
+        reader, obj, meta.key, NamespacedName(meta.key.namespace, service), meta.annotations
     )
 
 
-def build_endpoint_slice(obj: Mapping[str, Any]) -> EndpointSliceInfo | None:
-    """The slice, or None when it carries nothing kproxy uses (FQDN slices, no service label)."""
-    ref = object_ref({**obj, "kind": "EndpointSlice"})
-    key, labels = _meta(obj)
-    service = labels.get(SERVICE_NAME_LABEL)
-    address_type = obj.get("addressType")
-    if not service or address_type not in ("IPv4", "IPv6") or not is_proxied(obj):
-        return None
-    ports = []
-    for i, p in enumerate(obj.get("ports") or []):
-        if not isinstance(p, Mapping) or not p.get("port"):
-            continue
-        ports.append(
-            EndpointSlicePort(
-                name=str(p.get("name") or ""),
-                port=_port(p["port"], ref, f"ports[{i}].port"),
-                protocol=_protocol(p.get("protocol"), ref, f"ports[{i}].protocol"),
-            )
-        )
-    endpoints = []
-    for i, ep in enumerate(obj.get("endpoints") or []):
-        addresses = ep.get("addresses") if isinstance(ep, Mapping) else None
-        if not addresses:
-            raise InvalidObjectError(ref, f"endpoints[{i}].addresses", "missing")
-        ip = _ip(addresses[0], ref, f"endpoints[{i}].addresses[0]")
-        if ipaddress.ip_address(ip).version != (4 if address_type == "IPv4" else 6):
-            raise InvalidObjectError(
-                ref, f"endpoints[{i}].addresses[0]", f"{ip} is not {address_type}"
-            )
-        ready, serving, terminating = _conditions(ep)
-        hints = ep.get("hints") or {}
-        endpoints.append(
-            Endpoint(
-                ip=ip,
-                port=0,
-                ready=ready,
-                serving=serving,
-                terminating=terminating,
-                node_name=str(ep.get("nodeName") or ""),
-                zone_hints=tuple(str(z.get("name")) for z in hints.get("forZones") or []),
-                node_hints=tuple(str(n.get("name")) for n in hints.get("forNodes") or []),
-            )
-        )
-    return EndpointSliceInfo(
-        key=key,
-        service=NamespacedName(key.namespace, str(service)),
-        address_type=str(address_type),
-        ports=tuple(ports),
-        endpoints=tuple(endpoints),
-        trigger_time=_trigger_time(obj),
-    )
-
-
-def _trigger_time(obj: Mapping[str, Any]) -> float | None:
-    value = ((obj.get("metadata") or {}).get("annotations") or {}).get(TRIGGER_TIME_ANNOTATION)
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None  # a bad annotation only costs the latency metric
-
-
-def build_node(obj: Mapping[str, Any]) -> NodeInfo:
-    ref = object_ref({**obj, "kind": "Node"})
-    key, labels = _meta(obj)
-    spec = obj.get("spec") or {}
-    cidrs = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
-    for i, cidr in enumerate(cidrs):
-        try:
-            ipaddress.ip_network(str(cidr), strict=False)
-        except ValueError:
-            raise InvalidObjectError(
-                ref, f"spec.podCIDRs[{i}]", f"{cidr!r} is not a CIDR"
-            ) from None
+def build_node(obj: Any) -> NodeInfo:
+    reader = FieldReader(object_ref(obj, "Node"))
+    meta = _metadata(reader, obj, is_dns1123_subdomain, "DNS-1123 subdomain", namespaced=False)
+    spec = reader.mapping(obj.get("spec"), "spec")
+    cidrs = reader.sequence(spec.get("podCIDRs"), "spec.podCIDRs")
+    paths = [f"spec.podCIDRs[{i}]" for i in range(len(cidrs))]
+    if not cidrs and spec.get("podCIDR") is not None:
+        cidrs, paths = [spec["podCIDR"]], ["spec.podCIDR"]
+    pod_cidrs = tuple(parse_cidr(reader, c, path) for c, path in zip(cidrs, paths, strict=True))
+    status = reader.mapping(obj.get("status"), "status")
     primary = []
-    for i, addr in enumerate((obj.get("status") or {}).get("addresses") or []):
-        if isinstance(addr, Mapping) and addr.get("type") == "InternalIP":
-            primary.append(_ip(addr.get("address"), ref, f"status.addresses[{i}].address"))
-    taints = spec.get("taints") or []
-    draining = bool((obj.get("metadata") or {}).get("deletionTimestamp")) or any(
-        isinstance(t, Mapping) and t.get("key") == AUTOSCALER_TAINT for t in taints
-    )
+    for i, item in enumerate(reader.sequence(status.get("addresses"), "status.addresses")):
+        addr = reader.mapping(item, f"status.addresses[{i}]")
+        if reader.string(addr.get("type"), f"status.addresses[{i}].type") == "InternalIP":
+            path = f"status.addresses[{i}].address"
+            primary.append(parse_ip(reader, addr.get("address"), path, special_ok=True))
+    autoscaler_taint = False
+    for i, item in enumerate(reader.sequence(spec.get("taints"), "spec.taints")):
+        taint = reader.mapping(item, f"spec.taints[{i}]")
+        key = reader.string(taint.get("key"), f"spec.taints[{i}].key")
+        autoscaler_taint = autoscaler_taint or key == AUTOSCALER_TAINT
     return NodeInfo(
-        name=key.name,
-        labels=dict(labels),
-        pod_cidrs=tuple(str(c) for c in cidrs),
+        name=meta.key.name,
+        labels=meta.labels,
+        pod_cidrs=pod_cidrs,
         primary_ips=tuple(primary),
-        draining=draining,
+        draining=meta.deleting or autoscaler_taint,
     )

@@ -17,8 +17,10 @@ MAX_CHAIN_NAME = 28
 
 @lru_cache(maxsize=1 << 18)
 def _hash16(text: str) -> str:
-    # 16 base32 characters are exactly the first 10 bytes of the digest.
-    return base64.b32encode(hashlib.sha256(text.encode()).digest()[:10]).decode()
+    # 16 base32 characters are exactly the first 10 bytes of the digest. The converter lets only
+    # ASCII names through; surrogatepass keeps a stray lone surrogate from raising here.
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+    return base64.b32encode(digest[:10]).decode()
 
 
 @lru_cache(maxsize=1 << 16)

@@ -48,12 +48,16 @@ class _Word:
         return self.quoted or not (self.text == "!" or self.text.startswith("-"))
 
 
+# What separates words for iptables-restore; other whitespace (VT, FF, NEL, ...) is word text.
+_BLANKS = frozenset(" \t\n")
+
+
 def _split_words(line: str) -> list[_Word]:
-    """Split like iptables-restore: whitespace separates, double quotes group, `\\x` escapes x."""
+    """Split like iptables-restore: blanks separate, double quotes group, `\\x` escapes x."""
     words: list[_Word] = []
     i, n = 0, len(line)
     while i < n:
-        if line[i].isspace():
+        if line[i] in _BLANKS:
             i += 1
             continue
         start = i
@@ -61,7 +65,7 @@ def _split_words(line: str) -> list[_Word]:
             text, i = _read_quoted(line, i + 1)
             words.append(_Word(text, line[start:i], True))
             continue
-        while i < n and not line[i].isspace():
+        while i < n and line[i] not in _BLANKS:
             i += 1
         words.append(_Word(line[start:i], line[start:i], False))
     return words
@@ -189,7 +193,7 @@ def _str_or_none(value: str | bool | None) -> str | None:
 
 def parse_rule(line: str) -> tuple[str, Rule]:
     """`-A CHAIN ...` -> (CHAIN, Rule). Raises ValueError for a line the IR cannot hold."""
-    words = _split_words(line.strip())
+    words = _split_words(line.strip(" \t\r\n"))
     if len(words) < 2 or words[0].raw != "-A" or not words[1].is_value:
         raise ValueError(f"cannot parse rule {line!r}: expected '-A CHAIN ...'")
     return words[1].text, _RuleParser(line, words[2:]).parse()

@@ -24,9 +24,8 @@ T = TypeVar("T")
 
 
 def object_key(obj: Mapping[str, Any]) -> NamespacedName:
-    meta = obj.get("metadata")
-    if not isinstance(meta, Mapping):
-        meta = {}
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+    meta = meta if isinstance(meta, Mapping) else {}  # a malformed object keys as "default/"
     return NamespacedName(str(meta.get("namespace") or "default"), str(meta.get("name") or ""))
 
 
@@ -44,7 +43,7 @@ def _convert(kind: str, build: Callable[[Mapping[str, Any]], T], obj: Mapping[st
         ) from exc
 
 
-def update_service(state: ClusterState, obj: Mapping[str, Any]) -> None:
+def update_service(state: ClusterState, obj: Mapping[str, Any]) -> list[InvalidObjectError]:
     key = object_key(obj)
     try:
         ports = _convert("Service", build_service_ports, obj)
@@ -55,9 +54,11 @@ def update_service(state: ClusterState, obj: Mapping[str, Any]) -> None:
         state.set_service(key, ports)
     else:
         state.delete_service(key)
+    return []
 
 
-def update_endpoint_slice(state: ClusterState, obj: Mapping[str, Any]) -> None:
+def update_endpoint_slice(state: ClusterState, obj: Mapping[str, Any]) -> list[InvalidObjectError]:
+    """Returns the slice's skipped endpoints, one error each."""
     key = object_key(obj)
     try:
         info = _convert("EndpointSlice", build_endpoint_slice, obj)
@@ -66,8 +67,9 @@ def update_endpoint_slice(state: ClusterState, obj: Mapping[str, Any]) -> None:
         raise
     if info is None:
         state.delete_slice(key)
-    else:
-        state.set_slice(info)
+        return []
+    state.set_slice(info)
+    return list(info.skipped)
 
 
 def node_for(name: str, objects: list[dict[str, Any]]) -> NodeInfo:
@@ -82,13 +84,14 @@ Mutation = Callable[[ClusterState], list[InvalidObjectError]]
 
 
 def _each(
-    objs: Iterable[Mapping[str, Any]], update: Callable[[ClusterState, Mapping[str, Any]], None]
+    objs: Iterable[Mapping[str, Any]],
+    update: Callable[[ClusterState, Mapping[str, Any]], list[InvalidObjectError]],
 ) -> Mutation:
     def mutate(state: ClusterState) -> list[InvalidObjectError]:
         errors = []
         for obj in objs:
             try:
-                update(state, obj)
+                errors.extend(update(state, obj))
             except InvalidObjectError as exc:
                 errors.append(exc)
         return errors
