@@ -30,14 +30,14 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from kproxy.dataplane.kernel_image import ImageMatch, TableImage, read_image
+from kproxy.dataplane.iptables.kernel_image import ImageMatch, TableImage, read_image
 from kproxy.model.config import ProxyConfig
 from kproxy.model.convert import EndpointSliceInfo, EndpointSlicePort
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import NamespacedName, Protocol, ServicePort, ServicePortName
-from kproxy.plan import naming
-from kproxy.plan.ruleset import build_ruleset
+from kproxy.plan.iptables import naming
+from kproxy.plan.iptables.ruleset import build_ruleset
 from kproxy.rules.ir import Ruleset
 from kproxy.rules.render import render_rule, render_table
 from kproxy.state.cluster import ClusterState
@@ -134,7 +134,7 @@ def changed_ips(services: int, endpoints: int, round_: int) -> list[str]:
 
 def run_kproxy(services: int, endpoints: int) -> dict[str, float]:
     """kproxy's figures, in a process that does nothing else, so its peak RSS is kproxy's."""
-    from kproxy.dataplane.iptables import IptablesDataplane
+    from kproxy.dataplane.iptables.backend import IptablesDataplane
     from kproxy.health.healthz import ProxyHealth
     from kproxy.health.metrics import ProxyMetrics
     from kproxy.sync.loop import StateBox, SyncLoop

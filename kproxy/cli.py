@@ -14,13 +14,13 @@ import structlog
 import yaml
 
 from kproxy.dataplane.base import ApplyResult
-from kproxy.dataplane.diff import owned_part
-from kproxy.dataplane.families import open_dataplanes
 from kproxy.dataplane.host import (
     prepare_host,
     with_host_facts,
 )
-from kproxy.dataplane.iptables import read_tables
+from kproxy.dataplane.iptables.backend import read_tables
+from kproxy.dataplane.iptables.diff import owned_part
+from kproxy.dataplane.iptables.families import open_dataplanes
 from kproxy.errors import ConfigError, InvalidObjectError, KproxyError
 from kproxy.logs import LEVELS, configure_logging
 from kproxy.model.config import FLAG_FIELDS, ProxyConfig, with_flags

@@ -12,7 +12,7 @@ from kproxy.model.config import ProxyConfig
 from kproxy.model.convert import build_endpoint_slice, build_service_ports
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import NamespacedName
-from kproxy.plan.ruleset import build_ruleset
+from kproxy.plan.iptables.ruleset import build_ruleset
 from kproxy.rules.ir import Ruleset
 from kproxy.rules.render import render_ruleset
 from kproxy.state.cluster import ClusterState

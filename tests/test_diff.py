@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import scenarios
 
-from kproxy.dataplane.diff import (
+from kproxy.dataplane.iptables.diff import (
     is_owned_chain,
     owned_part,
     plan_cleanup,
     plan_table_changes,
 )
-from kproxy.dataplane.fake import FakeDataplane
+from kproxy.dataplane.iptables.fake import FakeDataplane
 from kproxy.rules import fragments as f
 from kproxy.rules.ir import Chain, JumpRule, Rule, Table
 from kproxy.rules.render import render_rule

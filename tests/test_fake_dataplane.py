@@ -7,8 +7,8 @@ import pytest
 import scenarios
 
 from kproxy.dataplane.base import Dataplane
-from kproxy.dataplane.diff import is_owned_chain, owned_part, plan_table_changes
-from kproxy.dataplane.fake import FakeDataplane
+from kproxy.dataplane.iptables.diff import is_owned_chain, owned_part, plan_table_changes
+from kproxy.dataplane.iptables.fake import FakeDataplane
 from kproxy.errors import DataplaneError
 from kproxy.rules import fragments as f
 from kproxy.rules.ir import Chain, JumpRule, Rule, Ruleset, Table, Target

@@ -22,7 +22,7 @@ from kproxy.errors import InvalidObjectError
 from kproxy.model.config import ProxyConfig
 from kproxy.model.convert import build_endpoint_slice, build_node, build_service_ports
 from kproxy.model.node import NodeInfo
-from kproxy.plan.ruleset import build_node_ruleset
+from kproxy.plan.iptables.ruleset import build_node_ruleset
 from kproxy.rules.ir import BUILTIN_CHAINS
 from kproxy.rules.render import render_rule, render_ruleset
 from kproxy.rules.saved import parse_save

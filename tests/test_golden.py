@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import scenarios
 
-from kproxy.plan import naming
-from kproxy.plan.ruleset import LARGE_CLUSTER_ENDPOINTS
+from kproxy.plan.iptables import naming
+from kproxy.plan.iptables.ruleset import LARGE_CLUSTER_ENDPOINTS
 from kproxy.rules.render import render_ruleset
 
 GOLDEN = Path(__file__).parent / "golden"

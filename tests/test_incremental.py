@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 from scenarios import Scenario
 from test_properties import CNI, clusters
 
-from kproxy.dataplane.fake import FakeDataplane
+from kproxy.dataplane.iptables.fake import FakeDataplane
 from kproxy.model.convert import build_endpoint_slice, build_service_ports
 from kproxy.model.service import NamespacedName
-from kproxy.plan.ruleset import PlanCache, build_ruleset
+from kproxy.plan.iptables.ruleset import PlanCache, build_ruleset
 from kproxy.state.cluster import ClusterState
 from kproxy.state.ingest import object_key
 

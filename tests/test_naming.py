@@ -3,7 +3,7 @@ from hypothesis import strategies as st
 
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.service import NamespacedName, Protocol, ServicePortName
-from kproxy.plan import naming
+from kproxy.plan.iptables import naming
 
 
 def spn(ns: str, name: str, port: str, proto: Protocol) -> ServicePortName:

@@ -10,8 +10,8 @@ from scenarios import Scenario, endpoint, endpoint_slice, service, service_port,
 
 from kproxy.model.config import ProxyConfig
 from kproxy.model.node import NodeInfo
-from kproxy.plan import naming
-from kproxy.plan.ruleset import LARGE_CLUSTER_ENDPOINTS, build_ruleset
+from kproxy.plan.iptables import naming
+from kproxy.plan.iptables.ruleset import LARGE_CLUSTER_ENDPOINTS, build_ruleset
 from kproxy.rules.ir import Chain, Rule, Ruleset, Table
 from kproxy.rules.render import render_rule
 

@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Any
 
-from kproxy.dataplane.fake import FakeDataplane
+from kproxy.dataplane.iptables.fake import FakeDataplane
 from kproxy.health.healthz import ProxyHealth
 from kproxy.health.metrics import ProxyMetrics
 from kproxy.model.config import ProxyConfig

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import scenarios
 
-from kproxy.plan import naming
+from kproxy.plan.iptables import naming
 from kproxy.rules import fragments as f
 from kproxy.rules.ir import Chain, JumpRule, Match, Rule, Ruleset, Table, Target
 from kproxy.rules.trace import (

@@ -6,7 +6,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kproxy.dataplane.diff import TableChanges
+from kproxy.dataplane.iptables.diff import TableChanges
 from kproxy.rules.ir import Ruleset
 from kproxy.rules.saved import SavedTable
 

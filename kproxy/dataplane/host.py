@@ -14,7 +14,7 @@ from pyroute2 import IPRoute
 
 from kproxy.model.config import ProxyConfig
 from kproxy.model.node import NodeInfo
-from kproxy.plan.ruleset import needs_route_localnet
+from kproxy.plan.iptables.ruleset import needs_route_localnet
 
 log = structlog.get_logger("kproxy.dataplane")
 PROC_SYS = Path("/proc/sys")

@@ -54,7 +54,7 @@ def read_legacy_chains(table: str, family: int = 4) -> frozenset[str]:
         return frozenset()
     if table not in existing:
         return frozenset()
-    from kproxy.dataplane.iptables import load_iptc
+    from kproxy.dataplane.iptables.backend import load_iptc
 
     iptc = load_iptc()
     # autocommit=False: a refresh with autocommit on would commit (rewrite) the table.

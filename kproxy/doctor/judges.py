@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from kproxy.dataplane.diff import is_owned_chain
+from kproxy.dataplane.iptables.diff import is_owned_chain
 from kproxy.doctor.facts import (
     HINT_CHAINS,
     IPVS_CHAINS,
@@ -18,7 +18,7 @@ from kproxy.doctor.facts import (
     RouteLookup,
 )
 from kproxy.model.config import ProxyConfig
-from kproxy.plan.naming import SERVICE_CHAIN_PREFIXES, is_service_chain
+from kproxy.plan.iptables.naming import SERVICE_CHAIN_PREFIXES, is_service_chain
 
 Status = Literal["ok", "warn", "fail"]
 

@@ -17,15 +17,15 @@ import structlog
 from prometheus_client import start_http_server
 
 from kproxy.dataplane.conntrack import delete_stale_udp_flows
-from kproxy.dataplane.families import open_dataplanes
 from kproxy.dataplane.host import prepare_host, tune_node, with_host_facts
+from kproxy.dataplane.iptables.families import open_dataplanes
 from kproxy.errors import ConfigError
 from kproxy.health.healthz import ProxyHealth, serve_health
 from kproxy.health.metrics import ProxyMetrics
 from kproxy.health.service_health import ServiceHealthServers
 from kproxy.model.config import ProxyConfig, parse_bind_address
 from kproxy.model.node import NodeInfo
-from kproxy.plan.ruleset import node_port_ips, node_ports_match_all
+from kproxy.plan.iptables.ruleset import node_port_ips, node_ports_match_all
 from kproxy.sync.loop import Snapshot, StateBox, SyncLoop, udp_changed
 from kproxy.watch.sink import Sink
 from kproxy.watch.supervisor import Supervisor, source_problems

@@ -24,7 +24,7 @@ from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import NamespacedName, Protocol, ServicePort, ServicePortName
-from kproxy.plan.ruleset import PlanCache, build_node_ruleset
+from kproxy.plan.iptables.ruleset import PlanCache, build_node_ruleset
 from kproxy.rules.ir import Ruleset
 from kproxy.state.cluster import ClusterState
 from kproxy.state.ingest import Mutation

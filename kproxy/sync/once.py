@@ -10,7 +10,7 @@ from kproxy.dataplane.base import ApplyResult, Dataplane
 from kproxy.errors import InvalidObjectError
 from kproxy.model.config import ProxyConfig
 from kproxy.model.node import NodeInfo
-from kproxy.plan.ruleset import build_node_ruleset
+from kproxy.plan.iptables.ruleset import build_node_ruleset
 from kproxy.rules.ir import Ruleset
 from kproxy.state.cluster import ClusterState
 from kproxy.state.ingest import combine, replace_all

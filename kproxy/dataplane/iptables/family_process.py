@@ -31,7 +31,7 @@ def _serve(conn: Connection, family: int, lock_timeout: float) -> None:
 
 
 def _serve_requests(conn: Connection, family: int, lock_timeout: float) -> None:
-    from kproxy.dataplane.iptables import IptablesDataplane
+    from kproxy.dataplane.iptables.backend import IptablesDataplane
 
     try:
         dataplane = IptablesDataplane(family=family, lock_timeout=lock_timeout)

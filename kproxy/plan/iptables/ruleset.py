@@ -12,9 +12,14 @@ from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import ServicePort, ServicePortName
-from kproxy.plan import naming
-from kproxy.plan.local_traffic import build_local_detector
-from kproxy.plan.service_rules import PlanContext, SharedChains, of_family, plan_service_port
+from kproxy.plan.iptables import naming
+from kproxy.plan.iptables.local_traffic import build_local_detector
+from kproxy.plan.iptables.service_rules import (
+    PlanContext,
+    SharedChains,
+    of_family,
+    plan_service_port,
+)
 from kproxy.rules import fragments as f
 from kproxy.rules.ir import Chain, JumpRule, Match, Rule, Ruleset, Table
 

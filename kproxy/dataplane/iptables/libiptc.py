@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from kproxy.dataplane.diff import TableChanges
-from kproxy.dataplane.entries import EntryCompiler
-from kproxy.dataplane.kernel_image import ImageMatch, TableImage, read_image
-from kproxy.dataplane.lock import HeldLock
+from kproxy.dataplane.iptables.diff import TableChanges
+from kproxy.dataplane.iptables.entries import EntryCompiler
+from kproxy.dataplane.iptables.kernel_image import ImageMatch, TableImage, read_image
+from kproxy.dataplane.iptables.lock import HeldLock
 from kproxy.rules.ir import Table
 
 

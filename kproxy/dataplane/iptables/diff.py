@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kproxy.plan.naming import is_service_chain
+from kproxy.plan.iptables.naming import is_service_chain
 from kproxy.rules.ir import BUILTIN_CHAINS, Chain, JumpRule, Table
 from kproxy.rules.parse import parse_rule
 from kproxy.rules.render import render_rule

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.service import ServicePort, ServicePortName
-from kproxy.plan import naming
 from kproxy.plan.endpoints import categorize_endpoints
-from kproxy.plan.local_traffic import LocalDetector
+from kproxy.plan.iptables import naming
+from kproxy.plan.iptables.local_traffic import LocalDetector
 from kproxy.rules import fragments as f
 from kproxy.rules.ir import Chain, Match, Rule, Target
 

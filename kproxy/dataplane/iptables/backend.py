@@ -16,15 +16,15 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from kproxy.dataplane.base import ApplyResult
-from kproxy.dataplane.diff import (
+from kproxy.dataplane.iptables.diff import (
     TableChanges,
     plan_cleanup,
     plan_table_changes,
     plan_table_changes_from,
 )
-from kproxy.dataplane.kernel_image import TableImage, fingerprint, read_image
-from kproxy.dataplane.libiptc import KeptTable, LibiptcTables
-from kproxy.dataplane.lock import HeldLock, xtables_lock
+from kproxy.dataplane.iptables.kernel_image import TableImage, fingerprint, read_image
+from kproxy.dataplane.iptables.libiptc import KeptTable, LibiptcTables
+from kproxy.dataplane.iptables.lock import HeldLock, xtables_lock
 from kproxy.errors import DataplaneError
 from kproxy.rules.ir import Ruleset, Table
 from kproxy.rules.saved import SavedTable, parse_save

@@ -18,13 +18,13 @@ from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
 
 from kproxy.dataplane.base import ApplyResult
-from kproxy.dataplane.diff import (
+from kproxy.dataplane.iptables.backend import TABLES
+from kproxy.dataplane.iptables.diff import (
     TableChanges,
     plan_cleanup,
     plan_table_changes,
     plan_table_changes_from,
 )
-from kproxy.dataplane.iptables import TABLES
 from kproxy.errors import DataplaneError
 from kproxy.rules.ir import (
     BUILTIN_CHAINS,

@@ -1,0 +1,1 @@
+"""The iptables mode's planner: kube-proxy's iptables-mode chains as a Ruleset."""
