@@ -135,8 +135,10 @@ def changed_ips(services: int, endpoints: int, round_: int) -> list[str]:
 def run_kproxy(services: int, endpoints: int) -> dict[str, float]:
     """kproxy's figures, in a process that does nothing else, so its peak RSS is kproxy's."""
     from kproxy.dataplane.iptables.backend import IptablesDataplane
+    from kproxy.dataplane.iptables.node import IptablesNode
     from kproxy.health.healthz import ProxyHealth
     from kproxy.health.metrics import ProxyMetrics
+    from kproxy.plan.iptables.planner import IptablesPlanner
     from kproxy.sync.loop import StateBox, SyncLoop
 
     config = ProxyConfig(cluster_cidrs=("10.128.0.0/10",))
@@ -148,7 +150,8 @@ def run_kproxy(services: int, endpoints: int) -> dict[str, float]:
     def fresh_loop() -> SyncLoop:
         box = StateBox("bench-node", health, metrics)
         box.state = state
-        return SyncLoop(box, config, {4: dataplane}, metrics, health)
+        node = IptablesNode({4: dataplane}, write_sysctls=lambda sysctls: None)
+        return SyncLoop(box, config, IptablesPlanner(config), node, metrics, health)
 
     # (d) planning alone, with cold caches, as the agent's first sync plans.
     loop = fresh_loop()

@@ -13,23 +13,17 @@ import click
 import structlog
 import yaml
 
-from kproxy.dataplane.base import ApplyResult
 from kproxy.dataplane.host import (
-    prepare_host,
     with_host_facts,
 )
-from kproxy.dataplane.iptables.backend import read_tables
-from kproxy.dataplane.iptables.diff import owned_part
-from kproxy.dataplane.iptables.families import open_dataplanes
 from kproxy.errors import ConfigError, InvalidObjectError, KproxyError
 from kproxy.logs import LEVELS, configure_logging
 from kproxy.model.config import FLAG_FIELDS, ProxyConfig, with_flags
 from kproxy.model.node import NodeInfo
-from kproxy.rules.render import render_ruleset
-from kproxy.rules.saved import render_saved
 from kproxy.state.ingest import node_for
 from kproxy.sync.agent import SourceStarter, run_agent
-from kproxy.sync.once import plan_state, state_from_manifests, sync_once
+from kproxy.sync.modes import proxy_mode
+from kproxy.sync.once import state_from_manifests, sync_once
 from kproxy.watch.files import ManifestSource
 from kproxy.watch.manifests import Manifests, load_manifests
 
@@ -142,16 +136,9 @@ def sync(
     manifests = read_manifests(manifests_path)
     node, config = _node_and_config(manifests, config_path, hostname)
     state = state_from_manifests(manifests, _report_invalid)
-    with open_dataplanes(lock_timeout) as dataplanes:  # refuses first when not root
-        prepare_host(config)
-        report = sync_once(state, with_host_facts(node), config, dataplanes)
-    log.info(
-        "sync_completed",
-        node=node.name,
-        changed=report.result.changed,
-        chains_written=report.result.chains_written,
-        seconds=round(report.seconds, 3),
-    )
+    mode = proxy_mode(config)
+    with mode.open_dataplane(lock_timeout) as dataplane:  # refuses first when not root
+        report = sync_once(state, with_host_facts(node), config, mode, dataplane)
     click.echo(report.summary(time.monotonic() - started))
 
 
@@ -175,13 +162,17 @@ def dump(
 ) -> None:
     """Print kproxy's chains in iptables-save format."""
     if manifests_path is None:
-        tables = read_tables(int(family))
-        text = render_saved({name: owned_part(t) for name, t in tables.items()})
+        config = load_config_file(config_path)
+        text = proxy_mode(config).read_live(int(family))
     else:
         manifests = read_manifests(manifests_path)
         node, config = _node_and_config(manifests, config_path, hostname)
         state = state_from_manifests(manifests, _report_invalid)
-        text = render_ruleset(plan_state(state, with_host_facts(node), config, int(family)))
+        mode = proxy_mode(config)
+        plan = mode.planner(config).plan(
+            state.services_map(), state.endpoints_map(), with_host_facts(node), (int(family),)
+        )
+        text = mode.render_plan(plan, int(family))
     sys.stdout.write(text)
 
 
@@ -189,10 +180,8 @@ def dump(
 @click.option("--lock-timeout", type=float, default=5.0, show_default=True)
 def cleanup(lock_timeout: float) -> None:
     """Remove every chain and jump rule kproxy or kube-proxy (iptables mode) created."""
-    result = ApplyResult()
-    with open_dataplanes(lock_timeout) as dataplanes:
-        for dataplane in dataplanes.values():
-            result.tables.extend(dataplane.cleanup().tables)
+    with proxy_mode(ProxyConfig()).open_dataplane(lock_timeout) as dataplane:
+        result = dataplane.cleanup()
     removed_jumps = sum(len(p) for t in result.tables for p in t.remove_jumps.values())
     click.echo(f"removed {result.chains_removed} chains and {removed_jumps} jump rules")
 

@@ -1,6 +1,6 @@
-from kproxy.dataplane.conntrack import Flow, serving_sources, stale_flows
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.service import NamespacedName, Protocol, ServicePort, ServicePortName
+from kproxy.plan.conntrack import Flow, serving_sources, stale_flows
 
 DNS = ServicePortName(NamespacedName("kube-system", "kube-dns"), "dns", Protocol.UDP)
 DNS_TCP = ServicePortName(NamespacedName("kube-system", "kube-dns"), "dns-tcp", Protocol.TCP)

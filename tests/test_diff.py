@@ -6,12 +6,12 @@ import pytest
 import scenarios
 
 from kproxy.dataplane.iptables.diff import (
-    is_owned_chain,
     owned_part,
     plan_cleanup,
     plan_table_changes,
 )
 from kproxy.dataplane.iptables.fake import FakeDataplane
+from kproxy.plan.iptables.chains import is_owned_chain
 from kproxy.rules import fragments as f
 from kproxy.rules.ir import Chain, JumpRule, Rule, Table
 from kproxy.rules.render import render_rule

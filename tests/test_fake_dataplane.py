@@ -7,9 +7,10 @@ import pytest
 import scenarios
 
 from kproxy.dataplane.base import Dataplane
-from kproxy.dataplane.iptables.diff import is_owned_chain, owned_part, plan_table_changes
+from kproxy.dataplane.iptables.diff import owned_part, plan_table_changes
 from kproxy.dataplane.iptables.fake import FakeDataplane
 from kproxy.errors import DataplaneError
+from kproxy.plan.iptables.chains import is_owned_chain
 from kproxy.rules import fragments as f
 from kproxy.rules.ir import Chain, JumpRule, Rule, Ruleset, Table, Target
 from kproxy.rules.parse import parse_rule, parse_ruleset

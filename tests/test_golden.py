@@ -2,7 +2,8 @@
 
 After a deliberate change to the planner or renderer, regenerate with
 `KPROXY_UPDATE_GOLDEN=1 .venv/bin/pytest tests/test_golden.py` and review the diff line by line
-against shared/reference/kube-proxy-iptables.md before keeping it."""
+against upstream kube-proxy's iptables proxier (chain order, jump order, comments) before keeping
+it."""
 
 from __future__ import annotations
 

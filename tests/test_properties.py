@@ -11,12 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scenarios import Obj, Scenario, endpoint, endpoint_slice, service_port, slice_port
 
-from kproxy.dataplane.iptables.diff import is_owned_chain, plan_table_changes
+from kproxy.dataplane.iptables.diff import plan_table_changes
 from kproxy.dataplane.iptables.fake import FakeDataplane
 from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.node import NodeInfo
 from kproxy.plan.iptables import naming
+from kproxy.plan.iptables.chains import is_owned_chain
 from kproxy.plan.iptables.ruleset import build_ruleset
 from kproxy.rules.ir import STANDARD_TARGETS, Ruleset
 from kproxy.rules.parse import parse_rule, parse_table

@@ -8,12 +8,14 @@ import time
 from typing import Any
 
 from kproxy.dataplane.iptables.fake import FakeDataplane
+from kproxy.dataplane.iptables.node import IptablesNode
 from kproxy.health.healthz import ProxyHealth
 from kproxy.health.metrics import ProxyMetrics
 from kproxy.model.config import ProxyConfig
 from kproxy.model.service import NamespacedName
+from kproxy.plan.iptables.planner import IptablesPlanner
 from kproxy.state.ingest import remove, replace_all, set_node, upsert
-from kproxy.sync.loop import StateBox, SyncLoop, udp_changed
+from kproxy.sync.loop import StateBox, SyncLoop
 from kproxy.watch.sink import ENDPOINT_SLICE, NODE, SERVICE
 
 
@@ -46,7 +48,8 @@ def agent(config: ProxyConfig | None = None) -> tuple[StateBox, SyncLoop, FakeDa
     health = ProxyHealth(timeout=2 * config.sync_period)
     box = StateBox("node-a", health, metrics)
     fake = FakeDataplane()
-    loop = SyncLoop(box, config, {4: fake}, metrics, health)
+    node = IptablesNode({4: fake}, write_sysctls=lambda sysctls: None)
+    loop = SyncLoop(box, config, IptablesPlanner(config), node, metrics, health)
     return box, loop, fake
 
 
@@ -148,16 +151,18 @@ def test_invalid_object_is_counted_and_the_rest_applied() -> None:
 
 def test_udp_changes_trigger_conntrack_cleanup_and_tcp_ones_do_not() -> None:
     box, loop, _ = agent()
-    seen: list[bool] = []
-    loop.after_sync = lambda snapshot: seen.append(udp_changed(snapshot))
+    cleanups: list[dict[int, Any]] = []
+    loop.clean_conntrack = lambda serving: cleanups.append(dict(serving)) or 0
     box.apply(SERVICE, upsert(SERVICE, service("dns", "10.96.0.10", "UDP")))
     box.apply(SERVICE, upsert(SERVICE, service("web", "10.96.0.5")))
     assert loop.sync()
+    assert cleanups[-1] == {4: {("10.96.0.10", 80): frozenset()}}  # nothing may answer yet
     box.apply(ENDPOINT_SLICE, upsert(ENDPOINT_SLICE, endpoint_slice("web", ["10.0.0.1"])))
     assert loop.sync()
+    assert len(cleanups) == 1  # a TCP change leaves conntrack alone
     box.apply(SERVICE, remove(SERVICE, service("dns", "10.96.0.10", "UDP")))
     assert loop.sync()
-    assert seen == [True, False, True]
+    assert len(cleanups) == 2 and cleanups[-1] == {4: {}}
     assert NamespacedName("default", "dns")  # keys are namespaced
 
 
@@ -170,7 +175,7 @@ def test_a_sync_with_nothing_changed_reuses_the_last_plan_and_commits_nothing() 
     commits = fake.commits
     assert loop.sync()
     assert fake.commits == commits
-    assert loop.plan(loop._take_snapshot())[4] is first[4]
+    assert loop.plan(loop._take_snapshot()).kernel[4] is first.kernel[4]
     # A change plans again.
     box.apply(ENDPOINT_SLICE, upsert(ENDPOINT_SLICE, endpoint_slice("web", ["10.0.0.2"])))
     assert loop.sync()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from kproxy.dataplane.iptables.diff import TableChanges
+from kproxy.plan.node_plan import NodePlan
 from kproxy.rules.ir import Ruleset
 from kproxy.rules.saved import SavedTable
 
@@ -40,6 +41,24 @@ class ApplyResult:
     @property
     def changed(self) -> bool:
         return any(not t.empty for t in self.tables)
+
+
+class ModeDataplane(Protocol):
+    """A proxy mode's dataplane for the whole node: it carries out that mode's NodePlan."""
+
+    mode: str
+
+    @property
+    def families(self) -> tuple[int, ...]: ...
+
+    def reading_ahead(self) -> AbstractContextManager[None]: ...
+
+    def apply(self, plan: NodePlan[Any], full: bool) -> ApplyResult:
+        """Make the node hold `plan`. A full apply compares with what the kernel holds; a
+        partial one may start from what this dataplane applied last."""
+        ...
+
+    def cleanup(self) -> ApplyResult: ...
 
 
 class Dataplane(Protocol):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +15,6 @@ from pyroute2 import IPRoute
 
 from kproxy.model.config import ProxyConfig
 from kproxy.model.node import NodeInfo
-from kproxy.plan.iptables.ruleset import needs_route_localnet
 
 log = structlog.get_logger("kproxy.dataplane")
 PROC_SYS = Path("/proc/sys")
@@ -62,10 +62,11 @@ def with_host_facts(node: NodeInfo) -> NodeInfo:
     )
 
 
-def prepare_host(config: ProxyConfig) -> None:
-    """Sysctls the rules rely on, in this network namespace."""
-    if needs_route_localnet(config) and write_sysctl(ROUTE_LOCALNET, "1"):
-        log.info("sysctl_set", name=ROUTE_LOCALNET, value="1", reason="localhost NodePorts")
+def apply_sysctls(sysctls: Iterable[tuple[str, str]]) -> None:
+    """Set the sysctls a node plan asks for, in this network namespace."""
+    for name, value in sysctls:
+        if write_sysctl(name, value):
+            log.info("sysctl_set", name=name, value=value, reason="the rules rely on it")
 
 
 CONNTRACK_TIMEOUTS = {

@@ -8,7 +8,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from kproxy.dataplane.iptables.diff import is_owned_chain
 from kproxy.doctor.facts import (
     HINT_CHAINS,
     IPVS_CHAINS,
@@ -18,6 +17,7 @@ from kproxy.doctor.facts import (
     RouteLookup,
 )
 from kproxy.model.config import ProxyConfig
+from kproxy.plan.iptables.chains import is_owned_chain
 from kproxy.plan.iptables.naming import SERVICE_CHAIN_PREFIXES, is_service_chain
 
 Status = Literal["ok", "warn", "fail"]

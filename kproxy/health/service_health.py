@@ -69,6 +69,12 @@ class ServiceHealthServers:
         with self._lock:
             self._endpoints = dict(counts)
 
+    def sync_addresses(self, addresses: tuple[str, ...]) -> None:
+        """Listen on these addresses from now on; every server restarts when they change."""
+        if tuple(addresses) != tuple(self.listen_addresses):
+            self.close()
+            self.listen_addresses = tuple(addresses)
+
     def sync_services(self, ports: Mapping[NamespacedName, int]) -> None:
         """Start servers for new services or ports, stop those no longer wanted."""
         for key in list(self._servers):

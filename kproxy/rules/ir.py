@@ -146,10 +146,6 @@ class Ruleset:
 
     family: int
     tables: tuple[Table, ...] = field(default_factory=tuple)
-    # Service ports with a Local traffic policy and endpoints, none of them on this node
-    # (upstream's sync_proxy_rules_no_local_endpoints_total): facts for metrics, not rules.
-    no_local_internal: int = field(default=0, compare=False)
-    no_local_external: int = field(default=0, compare=False)
 
     def table(self, name: str) -> Table | None:
         for t in self.tables:

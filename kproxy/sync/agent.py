@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import TypeVar
@@ -17,16 +16,15 @@ import structlog
 from prometheus_client import start_http_server
 
 from kproxy.dataplane.conntrack import delete_stale_udp_flows
-from kproxy.dataplane.host import prepare_host, tune_node, with_host_facts
-from kproxy.dataplane.iptables.families import open_dataplanes
+from kproxy.dataplane.host import tune_node, with_host_facts
+from kproxy.dataplane.iptables.node import open_iptables_node
 from kproxy.errors import ConfigError
 from kproxy.health.healthz import ProxyHealth, serve_health
 from kproxy.health.metrics import ProxyMetrics
 from kproxy.health.service_health import ServiceHealthServers
 from kproxy.model.config import ProxyConfig, parse_bind_address
-from kproxy.model.node import NodeInfo
-from kproxy.plan.iptables.ruleset import node_port_ips, node_ports_match_all
-from kproxy.sync.loop import Snapshot, StateBox, SyncLoop, udp_changed
+from kproxy.plan.iptables.planner import IptablesPlanner
+from kproxy.sync.loop import StateBox, SyncLoop
 from kproxy.watch.sink import Sink
 from kproxy.watch.supervisor import Supervisor, source_problems
 
@@ -46,26 +44,6 @@ def _stop_on_signals(stop: threading.Event, wake: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def _conntrack_cleanup(
-    metrics: ProxyMetrics, families: tuple[int, ...]
-) -> Callable[[Snapshot], None]:
-    def after_sync(snapshot: Snapshot) -> None:
-        if not udp_changed(snapshot):
-            return
-        started = time.monotonic()
-        try:
-            deleted = delete_stale_udp_flows(snapshot.services, snapshot.endpoints, families)
-        except Exception as exc:  # conntrack trouble must not stop rule syncing
-            log.error("conntrack_cleanup_failed", error=str(exc))
-            return
-        metrics.conntrack_duration.observe(time.monotonic() - started)
-        metrics.conntrack_deleted.inc(len(deleted))
-        if deleted:
-            log.info("conntrack_flows_deleted", count=len(deleted))
-
-    return after_sync
-
-
 T = TypeVar("T")
 
 
@@ -81,43 +59,34 @@ def _listen(field: str, value: str, start: Callable[[tuple[str, int]], T]) -> T:
         ) from exc
 
 
-def _health_check_addresses(config: ProxyConfig, node: NodeInfo) -> tuple[str, ...]:
-    """Where healthCheckNodePort servers listen: every address, or the NodePort addresses."""
-    if node_ports_match_all(config, 4):
-        return ("0.0.0.0",)
-    return tuple(node_port_ips(config, node, 4) + node_port_ips(config, node, 6))
-
-
 def run_agent(
     config: ProxyConfig, node_name: str, start_source: SourceStarter, lock_timeout: float
 ) -> None:
     stop = threading.Event()
     metrics = ProxyMetrics()
-    with open_dataplanes(lock_timeout) as dataplanes:
-        families = tuple(sorted(dataplanes))
+    with open_iptables_node(lock_timeout) as dataplane:
+        families = dataplane.families
         health = ProxyHealth(timeout=2 * config.sync_period, families=families)
         health.queued()  # nothing is programmed yet: the first sync is owed
-        prepare_host(config)
         tune_node(config)
         healthz = serve_health(
             parse_bind_address(config.healthz_bind_address, "healthz"), health, metrics
         )
         host, port = parse_bind_address(config.metrics_bind_address, "metrics")
         metrics_server, _ = start_http_server(port, host, registry=metrics.registry)
-        service_health = ServiceHealthServers(
-            _health_check_addresses(config, with_host_facts(NodeInfo(name=node_name))),
-            proxy_healthy=lambda: health.status()[0],
-        )
+        # Its addresses come with each plan (they depend on the Node and nodePortAddresses).
+        service_health = ServiceHealthServers((), proxy_healthy=lambda: health.status()[0])
         box = StateBox(node_name, health, metrics)
         _stop_on_signals(stop, box.changed)
         loop = SyncLoop(
             box=box,
             config=config,
-            dataplanes=dataplanes,
+            planner=IptablesPlanner(config),
+            dataplane=dataplane,
             metrics=metrics,
             health=health,
             host_facts=with_host_facts,
-            after_sync=_conntrack_cleanup(metrics, families),
+            clean_conntrack=lambda serving: len(delete_stale_udp_flows(serving)),
             service_health=service_health,
         )
         log.info(

@@ -1,5 +1,5 @@
 """The agent's sync loop: coalesce changes, honour minSyncPeriod and syncPeriod, and run each sync
-as three named steps: plan, apply, report.
+as named steps for whichever proxy mode the node runs: plan, apply, clean conntrack, report.
 
 Sources (API watches or manifest files) report into a StateBox from their own threads; the loop
 owns the dataplane (python-iptables is not thread-safe) and is the only writer of rules.
@@ -10,12 +10,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import structlog
 
-from kproxy.dataplane.base import ApplyResult, Dataplane
+from kproxy.dataplane.base import ApplyResult, ModeDataplane
 from kproxy.errors import KproxyError
 from kproxy.health.healthz import ProxyHealth
 from kproxy.health.metrics import ProxyMetrics
@@ -24,8 +25,8 @@ from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import NamespacedName, Protocol, ServicePort, ServicePortName
-from kproxy.plan.iptables.ruleset import PlanCache, build_node_ruleset
-from kproxy.rules.ir import Ruleset
+from kproxy.plan.conntrack import UdpServing
+from kproxy.plan.node_plan import NodePlan, Planner
 from kproxy.state.cluster import ClusterState
 from kproxy.state.ingest import Mutation
 from kproxy.sync.gcpause import gc_paused
@@ -89,6 +90,13 @@ class StateBox:
             return {SERVICE, ENDPOINT_SLICE} <= self._synced
 
 
+class SyncOutcome(NamedTuple):
+    snapshot: Snapshot
+    plan: NodePlan[Any]
+    result: ApplyResult
+    seconds: float
+
+
 @dataclass
 class Snapshot:
     services: dict[ServicePortName, ServicePort]
@@ -101,21 +109,24 @@ class Snapshot:
 
 @dataclass
 class SyncLoop:
+    """Drives one proxy mode: its planner makes a NodePlan, its dataplane carries it out."""
+
     box: StateBox
     config: ProxyConfig
-    dataplanes: Mapping[int, Dataplane]
+    planner: Planner[Any]
+    dataplane: ModeDataplane
     metrics: ProxyMetrics
     health: ProxyHealth
     host_facts: Callable[[NodeInfo], NodeInfo] = lambda node: node
-    after_sync: Callable[[Snapshot], None] = lambda snapshot: None
+    # Deletes stale UDP flows (per family: what may still answer); returns how many.
+    clean_conntrack: Callable[[Mapping[int, UdpServing]], int] | None = None
     service_health: ServiceHealthServers | None = None
     started_at: float = field(default_factory=time.time)
     _needs_full: bool = True
     _last_end: float = 0.0
     _last_full: float = 0.0
-    _plan_caches: dict[int, PlanCache] = field(default_factory=dict)
-    # The last successful plan and what it was made from: reused while nothing changed.
-    _last_plan: tuple[NodeInfo, dict[int, Ruleset]] | None = None
+    # The last successful plan and the node it was made for: reused while nothing changed.
+    _last_plan: tuple[NodeInfo, NodePlan[Any]] | None = None
 
     def run(self, stop: threading.Event) -> None:
         """Sync until `stop` is set: after changes (no sooner than minSyncPeriod after the last
@@ -132,38 +143,48 @@ class SyncLoop:
             self.box.changed.clear()
             self.sync()
 
-    def sync(self) -> bool:
-        """One sync: plan, apply, report. Returns whether it succeeded."""
+    def sync(self) -> SyncOutcome | None:
+        """One sync; a failure is logged and kept for the retry (the changes stay owed)."""
+        try:
+            return self.sync_or_raise()
+        except KproxyError:
+            return None
+
+    def sync_or_raise(self) -> SyncOutcome:
+        """One sync: plan, apply, clean conntrack, report. `kproxy sync --once` is one call."""
         snapshot = self._take_snapshot()
         started = time.monotonic()
         try:
             with gc_paused(), self._reading_ahead(snapshot):
-                rulesets = self.plan(snapshot)
-                results = self.apply(rulesets, snapshot.full)
+                plan = self.plan(snapshot)
+                result = self.apply(plan, snapshot.full)
         except KproxyError as exc:
-            self._needs_full = True
-            self._last_plan = None
-            self.metrics.restore_failures.inc()
-            if not snapshot.full:
-                self.metrics.partial_restore_failures.inc()
-            log.error("sync_failed", error=str(exc), full_sync=snapshot.full)
-            with self.box.lock:  # the changes were taken: keep them for the retry
-                self.box.state.restore_changes(snapshot.changed)
-            self.box.changed.set()
-            self._last_end = time.monotonic()
-            return False
-        self.report(snapshot, rulesets, results, time.monotonic() - started)
+            self._failed(snapshot, exc)
+            raise
+        self.clean_stale_flows(snapshot, plan)
+        outcome = SyncOutcome(snapshot, plan, result, time.monotonic() - started)
+        self.report(outcome)
         self._last_end = time.monotonic()
-        return True
+        return outcome
 
-    def _reading_ahead(self, snapshot: Snapshot) -> ExitStack:
-        """A partial sync with changes will commit from kept copies: let each dataplane read
-        the kernel's proof while the plan is made."""
-        stack = ExitStack()
+    def _failed(self, snapshot: Snapshot, exc: KproxyError) -> None:
+        self._needs_full = True
+        self._last_plan = None
+        self.metrics.restore_failures.inc()
+        if not snapshot.full:
+            self.metrics.partial_restore_failures.inc()
+        log.error("sync_failed", error=str(exc), full_sync=snapshot.full)
+        with self.box.lock:  # the changes were taken: keep them for the retry
+            self.box.state.restore_changes(snapshot.changed)
+        self.box.changed.set()
+        self._last_end = time.monotonic()
+
+    def _reading_ahead(self, snapshot: Snapshot) -> AbstractContextManager[None]:
+        """A partial sync with changes will commit from kept copies: let the dataplane read the
+        kernel's proof while the plan is made."""
         if snapshot.changed and not snapshot.full:
-            for dataplane in self.dataplanes.values():
-                stack.enter_context(dataplane.reading_ahead())
-        return stack
+            return self.dataplane.reading_ahead()
+        return nullcontext()
 
     def _take_snapshot(self) -> Snapshot:
         self.metrics.service_changes_pending.set(0)
@@ -184,98 +205,69 @@ class SyncLoop:
         snapshot.node = self.host_facts(snapshot.node)
         return snapshot
 
-    def plan(self, snapshot: Snapshot) -> dict[int, Ruleset]:
+    def plan(self, snapshot: Snapshot) -> NodePlan[Any]:
         last = self._last_plan
         if last is not None and not snapshot.changed and last[0] == snapshot.node:
-            return last[1]  # nothing changed: the same rulesets (the dataplane then skips them)
-        return {
-            family: build_node_ruleset(
-                snapshot.services,
-                snapshot.endpoints,
-                snapshot.node,
-                self.config,
-                family,
-                self._plan_caches.setdefault(family, PlanCache()),
-            )
-            for family in self.dataplanes
-        }
+            return last[1]  # nothing changed: the same plan (the dataplane then skips it)
+        families = self.dataplane.families
+        return self.planner.plan(snapshot.services, snapshot.endpoints, snapshot.node, families)
 
-    def apply(self, rulesets: Mapping[int, Ruleset], full: bool) -> dict[int, ApplyResult]:
-        return {family: self.dataplanes[family].apply(rs, full) for family, rs in rulesets.items()}
+    def apply(self, plan: NodePlan[Any], full: bool) -> ApplyResult:
+        return self.dataplane.apply(plan, full)
 
-    def report(
-        self,
-        snapshot: Snapshot,
-        rulesets: Mapping[int, Ruleset],
-        results: Mapping[int, ApplyResult],
-        seconds: float,
-    ) -> None:
+    def clean_stale_flows(self, snapshot: Snapshot, plan: NodePlan[Any]) -> None:
+        if self.clean_conntrack is None or not udp_changed(snapshot):
+            return
+        started = time.monotonic()
+        try:
+            deleted = self.clean_conntrack(plan.udp_serving)
+        except Exception as exc:  # conntrack trouble must not stop rule syncing
+            log.error("conntrack_cleanup_failed", error=str(exc))
+            return
+        self.metrics.conntrack_duration.observe(time.monotonic() - started)
+        self.metrics.conntrack_deleted.inc(deleted)
+        if deleted:
+            log.info("conntrack_flows_deleted", count=deleted)
+
+    def report(self, outcome: SyncOutcome) -> None:
+        snapshot, plan, result, seconds = outcome
         self._needs_full = False
-        self._last_plan = (snapshot.node, dict(rulesets))
+        self._last_plan = (snapshot.node, plan)
         if snapshot.full:
             self._last_full = time.monotonic()
         # A partial sync turns full where a table changed behind kproxy's back and was read.
-        full = snapshot.full or any(r.read_kernel for r in results.values())
+        full = snapshot.full or result.read_kernel
         m = self.metrics
         m.sync_duration.observe(seconds)
         (m.full_sync_duration if full else m.partial_sync_duration).observe(seconds)
         m.last_sync.set_to_current_time()
-        for family in results:
+        for family in plan.families:
             self.health.updated(family)
         for table in ("filter", "nat"):
-            written = sum(
-                t.rules_written for r in results.values() for t in r.tables if t.table == table
-            )
+            written = sum(t.rules_written for t in result.tables if t.table == table)
             m.rules_last.labels(table=table).set(written)
-            owned = sum(
-                len(t.jumps) + sum(len(c.rules) for c in t.chains)
-                for rs in rulesets.values()
-                for t in rs.tables
-                if t.name == table
-            )
-            m.rules_total.labels(table=table).set(owned)
-        for policy, count in (
-            ("internal", sum(rs.no_local_internal for rs in rulesets.values())),
-            ("external", sum(rs.no_local_external for rs in rulesets.values())),
-        ):
-            m.no_local_endpoints.labels(traffic_policy=policy).set(count)
+            m.rules_total.labels(table=table).set(plan.stats.rules.get(table, 0))
+        m.no_local_endpoints.labels(traffic_policy="internal").set(plan.stats.no_local_internal)
+        m.no_local_endpoints.labels(traffic_policy="external").set(plan.stats.no_local_external)
         now = time.time()
         for trigger in snapshot.trigger_times:
             if trigger >= self.started_at:
                 m.network_programming.observe(max(0.0, now - trigger))
-        self._sync_service_health(snapshot)
-        self.after_sync(snapshot)
+        if self.service_health is not None:
+            self.service_health.sync_addresses(plan.health_check_addresses)
+            self.service_health.sync_services({h.service: h.port for h in plan.health_checks})
+            self.service_health.sync_endpoints(
+                {h.service: h.local_endpoints for h in plan.health_checks}
+            )
         log.info(
             "sync_completed",
+            mode=plan.mode,
             full_sync=full,
             changed_services=len(snapshot.changed),
-            chains_written=sum(r.chains_written for r in results.values()),
-            chains_removed=sum(r.chains_removed for r in results.values()),
+            chains_written=result.chains_written,
+            chains_removed=result.chains_removed,
             seconds=round(seconds, 3),
         )
-
-    def _sync_service_health(self, snapshot: Snapshot) -> None:
-        if self.service_health is None:
-            return
-        ports = {
-            spn.service: sp.health_check_node_port
-            for spn, sp in snapshot.services.items()
-            if sp.health_check_node_port
-        }
-        local = {
-            key: len(
-                {
-                    ep.ip
-                    for spn, eps in snapshot.endpoints.items()
-                    if spn.service == key
-                    for ep in eps
-                    if ep.ready and ep.node_name == snapshot.node.name
-                }
-            )
-            for key in ports
-        }
-        self.service_health.sync_services(ports)
-        self.service_health.sync_endpoints(local)
 
 
 def udp_changed(snapshot: Snapshot) -> bool:

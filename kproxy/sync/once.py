@@ -1,20 +1,20 @@
-"""One sync: plan, apply, report. `kproxy sync --once` runs it once; the agent's loop repeats it."""
+"""`kproxy sync --once`: one call of the agent's own sync (SyncLoop), over manifests."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from kproxy.dataplane.base import ApplyResult, Dataplane
+from kproxy.dataplane.base import ApplyResult, ModeDataplane
 from kproxy.errors import InvalidObjectError
+from kproxy.health.healthz import ProxyHealth
+from kproxy.health.metrics import ProxyMetrics
 from kproxy.model.config import ProxyConfig
 from kproxy.model.node import NodeInfo
-from kproxy.plan.iptables.ruleset import build_node_ruleset
-from kproxy.rules.ir import Ruleset
 from kproxy.state.cluster import ClusterState
 from kproxy.state.ingest import combine, replace_all
-from kproxy.sync.gcpause import gc_paused
+from kproxy.sync.loop import StateBox, SyncLoop
+from kproxy.sync.modes import ProxyMode
 from kproxy.watch.manifests import Manifests
 from kproxy.watch.sink import ENDPOINT_SLICE, SERVICE
 
@@ -60,30 +60,27 @@ def state_from_manifests(
     return state
 
 
-def plan_state(state: ClusterState, node: NodeInfo, config: ProxyConfig, family: int) -> Ruleset:
-    return build_node_ruleset(state.services_map(), state.endpoints_map(), node, config, family)
-
-
 def sync_once(
     state: ClusterState,
     node: NodeInfo,
     config: ProxyConfig,
-    dataplanes: Mapping[int, Dataplane],
+    mode: ProxyMode,
+    dataplane: ModeDataplane,
 ) -> SyncReport:
-    """Plan and apply every family; IPv4 and IPv6 are separate rulesets and commits."""
-    started = time.monotonic()
-    services = state.services_map()
-    endpoints = state.endpoints_map()
-    result = ApplyResult()
-    with gc_paused():
-        for family, dataplane in sorted(dataplanes.items()):
-            ruleset = build_node_ruleset(services, endpoints, node, config, family)
-            result.tables.extend(dataplane.apply(ruleset).tables)
+    """The agent's sync, once, over `state`: the same SyncLoop steps, a full sync (nothing is
+    trusted before the first one). Raises what the sync raised."""
+    health, metrics = ProxyHealth(timeout=2 * config.sync_period), ProxyMetrics()
+    box = StateBox(node.name, health, metrics)
+    state.node = node
+    box.state = state
+    loop = SyncLoop(box, config, mode.planner(config), dataplane, metrics, health)
+    outcome = loop.sync_or_raise()
+    services, endpoints = outcome.snapshot.services, outcome.snapshot.endpoints
     return SyncReport(
         services=len({spn.service for spn in services}),
         service_ports=len(services),
         endpoints=sum(len(endpoints.get(spn, ())) for spn in services),
         addresses=len({ep.ip for spn in services for ep in endpoints.get(spn, ())}),
-        result=result,
-        seconds=time.monotonic() - started,
+        result=outcome.result,
+        seconds=outcome.seconds,
     )

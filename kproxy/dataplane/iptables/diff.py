@@ -9,35 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kproxy.plan.iptables.naming import is_service_chain
+from kproxy.plan.iptables.chains import is_owned_chain, is_written_chain
 from kproxy.rules.ir import BUILTIN_CHAINS, Chain, JumpRule, Table
 from kproxy.rules.parse import parse_rule
 from kproxy.rules.render import render_rule
 from kproxy.rules.saved import SavedTable
-
-# Top-level chains kproxy (and upstream kube-proxy's iptables mode) creates and owns outright.
-TOP_LEVEL_CHAINS = frozenset(
-    {
-        "KUBE-SERVICES",
-        "KUBE-EXTERNAL-SERVICES",
-        "KUBE-FORWARD",
-        "KUBE-NODEPORTS",
-        "KUBE-POSTROUTING",
-        "KUBE-MARK-MASQ",
-        "KUBE-PROXY-FIREWALL",
-        "KUBE-PROXY-CANARY",
-    }
-)
-
-
-# Chains kproxy writes but never deletes: kubelet creates the same KUBE-FIREWALL and relies on it.
-SHARED_CHAINS = frozenset({"KUBE-FIREWALL"})
-
-
-def is_owned_chain(name: str) -> bool:
-    """Chains kproxy may create, rewrite and delete. KUBE-FIREWALL is shared with kubelet and
-    KUBE-KUBELET-CANARY/KUBE-IPTABLES-HINT are kubelet's, so they are not."""
-    return name in TOP_LEVEL_CHAINS or is_service_chain(name)
 
 
 @dataclass
@@ -150,15 +126,13 @@ def owned_part(current: SavedTable) -> SavedTable:
     builtins = BUILTIN_CHAINS.get(current.name, ())
     part = SavedTable(current.name)
     for chain in builtins:
-        jumps = [line for line in current.chains.get(chain, []) if _jumps_to(line, _written)]
+        jumps = [
+            line for line in current.chains.get(chain, []) if _jumps_to(line, is_written_chain)
+        ]
         if jumps:
             part.policies[chain] = current.policies.get(chain, "ACCEPT")
             part.chains[chain] = jumps
     for name in sorted(current.chains):
-        if name not in builtins and _written(name):
+        if name not in builtins and is_written_chain(name):
             part.chains[name] = list(current.chains[name])
     return part
-
-
-def _written(name: str) -> bool:
-    return is_owned_chain(name) or name in SHARED_CHAINS

@@ -1,6 +1,6 @@
 """build_ruleset: the whole desired ruleset of one address family, as a pure function of the
 services, their endpoints, the node and the config. Rule order and content follow upstream
-kube-proxy's iptables mode (see shared/reference/kube-proxy-iptables.md)."""
+kube-proxy's iptables mode: its proxier's chain layout, jump order, comments and probabilities."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import ServicePort, ServicePortName
+from kproxy.plan.iptables import chains as c
 from kproxy.plan.iptables import naming
 from kproxy.plan.iptables.local_traffic import build_local_detector
 from kproxy.plan.iptables.service_rules import (
@@ -47,25 +48,25 @@ def _jump_rules(
     external = "kubernetes externally-visible service portals"
     firewall = "kubernetes load balancer firewall"
     filter_jumps = [
-        _jump("INPUT", "KUBE-EXTERNAL-SERVICES", external, new),
-        _jump("FORWARD", "KUBE-EXTERNAL-SERVICES", external, new),
-        _jump("INPUT", "KUBE-NODEPORTS", "kubernetes health check service ports"),
-        _jump("FORWARD", "KUBE-SERVICES", portals, new),
-        _jump("OUTPUT", "KUBE-SERVICES", portals, new),
-        _jump("FORWARD", "KUBE-FORWARD", "kubernetes forwarding rules"),
-        _jump("INPUT", "KUBE-PROXY-FIREWALL", firewall, new),
-        _jump("OUTPUT", "KUBE-PROXY-FIREWALL", firewall, new),
-        _jump("FORWARD", "KUBE-PROXY-FIREWALL", firewall, new),
+        _jump("INPUT", c.KUBE_EXTERNAL_SERVICES, external, new),
+        _jump("FORWARD", c.KUBE_EXTERNAL_SERVICES, external, new),
+        _jump("INPUT", c.KUBE_NODEPORTS, "kubernetes health check service ports"),
+        _jump("FORWARD", c.KUBE_SERVICES, portals, new),
+        _jump("OUTPUT", c.KUBE_SERVICES, portals, new),
+        _jump("FORWARD", c.KUBE_FORWARD, "kubernetes forwarding rules"),
+        _jump("INPUT", c.KUBE_PROXY_FIREWALL, firewall, new),
+        _jump("OUTPUT", c.KUBE_PROXY_FIREWALL, firewall, new),
+        _jump("FORWARD", c.KUBE_PROXY_FIREWALL, firewall, new),
     ]
     if _localhost_nodeports(family, config):
         filter_jumps += [
-            _jump("INPUT", "KUBE-FIREWALL", None),
-            _jump("OUTPUT", "KUBE-FIREWALL", None),
+            _jump("INPUT", c.KUBE_FIREWALL, None),
+            _jump("OUTPUT", c.KUBE_FIREWALL, None),
         ]
     nat_jumps = (
-        _jump("OUTPUT", "KUBE-SERVICES", portals),
-        _jump("PREROUTING", "KUBE-SERVICES", portals),
-        _jump("POSTROUTING", "KUBE-POSTROUTING", "kubernetes postrouting rules"),
+        _jump("OUTPUT", c.KUBE_SERVICES, portals),
+        _jump("PREROUTING", c.KUBE_SERVICES, portals),
+        _jump("POSTROUTING", c.KUBE_POSTROUTING, "kubernetes postrouting rules"),
     )
     return tuple(filter_jumps), nat_jumps
 
@@ -124,7 +125,7 @@ def node_port_ips(config: ProxyConfig, node: NodeInfo, family: int) -> list[str]
 def _nodeports_tail(config: ProxyConfig, node: NodeInfo, family: int) -> list[Rule]:
     """The last rules of nat KUBE-SERVICES: which destinations are NodePort addresses."""
     text = f.comment(NODEPORTS_TAIL_COMMENT)
-    target = f.jump("KUBE-NODEPORTS")
+    target = f.jump(c.KUBE_NODEPORTS)
     if node_ports_match_all(config, family, node):
         exclude_loopback = family == 6 or not config.localhost_nodeports
         return [
@@ -146,9 +147,9 @@ def _nodeports_tail(config: ProxyConfig, node: NodeInfo, family: int) -> list[Ru
 def _static_nat_chains(config: ProxyConfig) -> list[Chain]:
     value = config.masquerade_value
     return [
-        Chain("KUBE-MARK-MASQ", (Rule(target=f.set_mark(value, value)),)),
+        Chain(c.KUBE_MARK_MASQ, (Rule(target=f.set_mark(value, value)),)),
         Chain(
-            "KUBE-POSTROUTING",
+            c.KUBE_POSTROUTING,
             (
                 Rule(matches=(f.mark(config.masquerade_mark, invert=True),), target=f.RETURN),
                 Rule(target=f.set_mark(value, "0x0")),
@@ -165,7 +166,7 @@ def _forward_chain(config: ProxyConfig, node: NodeInfo) -> Chain:
     # With nf_conntrack_tcp_be_liberal set, INVALID packets are the admin's choice to keep.
     invalid = () if node.tcp_be_liberal else (Rule(matches=(f.ctstate("INVALID"),), target=f.DROP),)
     return Chain(
-        "KUBE-FORWARD",
+        c.KUBE_FORWARD,
         (
             *invalid,
             Rule(
@@ -186,7 +187,7 @@ def _forward_chain(config: ProxyConfig, node: NodeInfo) -> Chain:
 def _localnet_firewall() -> Chain:
     """Kubelet's martian guard for route_localnet (CVE-2020-8558), which kube-proxy also writes."""
     return Chain(
-        "KUBE-FIREWALL",
+        c.KUBE_FIREWALL,
         (
             Rule(
                 src=LOOPBACK[4],
@@ -229,16 +230,16 @@ class PlanCache:
         return part
 
 
-def build_ruleset(
+def plan_ruleset(
     services: Mapping[ServicePortName, ServicePort],
     endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]],
     node: NodeInfo,
     config: ProxyConfig,
     family: int = 4,
     cache: PlanCache | None = None,
-) -> Ruleset:
-    """The complete kproxy-owned ruleset for one family. Pure: same input, same output (with or
-    without a cache)."""
+) -> RulesetPlan:
+    """The complete kproxy-owned ruleset for one family, with its facts for metrics. Pure: same
+    input, same output (with or without a cache)."""
     # Upstream runs one proxier per family, so only this family's endpoints count.
     total_endpoints = sum(
         1
@@ -279,38 +280,51 @@ def build_ruleset(
     nat = Table(
         "nat",
         chains=(
-            Chain("KUBE-SERVICES", (*out.nat_services, *_nodeports_tail(config, node, family))),
-            Chain("KUBE-NODEPORTS", tuple(out.nat_nodeports)),
+            Chain(c.KUBE_SERVICES, (*out.nat_services, *_nodeports_tail(config, node, family))),
+            Chain(c.KUBE_NODEPORTS, tuple(out.nat_nodeports)),
             *_static_nat_chains(config),
             *out.service_chains,
         ),
         jumps=nat_jumps,
     )
     filter_chains = [
-        Chain("KUBE-SERVICES", tuple(out.filter_services)),
-        Chain("KUBE-EXTERNAL-SERVICES", tuple(out.filter_external)),
+        Chain(c.KUBE_SERVICES, tuple(out.filter_services)),
+        Chain(c.KUBE_EXTERNAL_SERVICES, tuple(out.filter_external)),
         _forward_chain(config, node),
-        Chain("KUBE-NODEPORTS", tuple(out.filter_nodeports)),
-        Chain("KUBE-PROXY-FIREWALL", tuple(out.filter_firewall)),
+        Chain(c.KUBE_NODEPORTS, tuple(out.filter_nodeports)),
+        Chain(c.KUBE_PROXY_FIREWALL, tuple(out.filter_firewall)),
     ]
     if _localhost_nodeports(family, config):
         filter_chains.append(_localnet_firewall())
     filter_table = Table("filter", chains=tuple(filter_chains), jumps=filter_jumps)
-    return Ruleset(
-        family=family,
-        tables=(filter_table, nat),
-        no_local_internal=out.no_local_internal,
-        no_local_external=out.no_local_external,
-    )
+    ruleset = Ruleset(family=family, tables=(filter_table, nat))
+    return RulesetPlan(ruleset, out.no_local_internal, out.no_local_external)
 
 
-CANARY_CHAIN = "KUBE-PROXY-CANARY"
+@dataclass(frozen=True, slots=True)
+class RulesetPlan:
+    ruleset: Ruleset
+    # Service ports with a Local policy and no endpoint on this node (for metrics).
+    no_local_internal: int = 0
+    no_local_external: int = 0
+
+
+def build_ruleset(
+    services: Mapping[ServicePortName, ServicePort],
+    endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]],
+    node: NodeInfo,
+    config: ProxyConfig,
+    family: int = 4,
+    cache: PlanCache | None = None,
+) -> Ruleset:
+    """The complete kproxy-owned ruleset for one family."""
+    return plan_ruleset(services, endpoints, node, config, family, cache).ruleset
 
 
 def with_canaries(ruleset: Ruleset) -> Ruleset:
     """The ruleset plus the empty canary chains the agent watches in mangle, nat and filter: when
     they vanish, something flushed the tables and everything is rewritten."""
-    canary = Chain(CANARY_CHAIN)
+    canary = Chain(c.KUBE_PROXY_CANARY)
     tables = [replace(t, chains=(*t.chains, canary)) for t in ruleset.tables]
     if ruleset.table("mangle") is None:
         tables.append(Table("mangle", chains=(canary,)))
@@ -329,3 +343,16 @@ def build_node_ruleset(
     The one definition `sync --once`, the agent and `dump --manifests` share, so a dump predicts
     exactly what a sync leaves."""
     return with_canaries(build_ruleset(services, endpoints, node, config, family, cache))
+
+
+def plan_node_ruleset(
+    services: Mapping[ServicePortName, ServicePort],
+    endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]],
+    node: NodeInfo,
+    config: ProxyConfig,
+    family: int = 4,
+    cache: PlanCache | None = None,
+) -> RulesetPlan:
+    """build_node_ruleset, with the plan's facts for metrics."""
+    planned = plan_ruleset(services, endpoints, node, config, family, cache)
+    return replace(planned, ruleset=with_canaries(planned.ruleset))

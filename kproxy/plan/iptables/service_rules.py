@@ -11,6 +11,7 @@ from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.service import ServicePort, ServicePortName
 from kproxy.plan.endpoints import categorize_endpoints
+from kproxy.plan.iptables import chains as c
 from kproxy.plan.iptables import naming
 from kproxy.plan.iptables.local_traffic import LocalDetector
 from kproxy.rules import fragments as f
@@ -259,7 +260,7 @@ def _clusterip_masquerade(ctx: PlanContext, port: _Port) -> Rule | None:
     """First rule of the internal chain: masquerade everything (masqueradeAll) or what does not
     come from pods (a local-traffic detector is configured); else none."""
     name = port.text
-    rule = port.to(port.cluster_ip, f"{name} cluster IP", f.jump("KUBE-MARK-MASQ"))
+    rule = port.to(port.cluster_ip, f"{name} cluster IP", f.jump(c.KUBE_MARK_MASQ))
     if ctx.config.masquerade_all:
         return rule
     if ctx.detector.implemented:
@@ -271,7 +272,7 @@ def _external_chain(ctx: PlanContext, port: _Port, has_external: bool) -> Chain:
     """KUBE-EXT: masquerade (Cluster policy) or short-circuit pod and host traffic (Local)."""
     spn, name = port.spn, port.text
     svc = f.jump(naming.service_chain(spn))
-    mark = f.jump("KUBE-MARK-MASQ")
+    mark = f.jump(c.KUBE_MARK_MASQ)
     rules: list[Rule] = []
     if not port.sp.external_policy_local:
         text = f"masquerade traffic for {name} external destinations"
@@ -342,7 +343,7 @@ def _endpoint_chain(ctx: PlanContext, port: _Port, ep: Endpoint) -> Chain:
     return Chain(
         sep,
         (
-            Rule(src=f.cidr(ep.ip), matches=text, target=f.jump("KUBE-MARK-MASQ")),
+            Rule(src=f.cidr(ep.ip), matches=text, target=f.jump(c.KUBE_MARK_MASQ)),
             Rule(
                 protocol=port.proto,
                 matches=(*text, *affinity, f.protocol_match(port.proto)),

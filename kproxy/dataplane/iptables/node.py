@@ -1,0 +1,66 @@
+"""The iptables mode's dataplane for a whole node: it carries out an iptables NodePlan, one
+family's Ruleset per family dataplane (IPv4 in this process, IPv6 in one of its own), after the
+plan's sysctls."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+
+from kproxy.dataplane.base import ApplyResult, Dataplane
+from kproxy.dataplane.host import apply_sysctls
+from kproxy.dataplane.iptables.backend import read_tables
+from kproxy.dataplane.iptables.diff import owned_part
+from kproxy.dataplane.iptables.families import open_dataplanes
+from kproxy.plan.node_plan import NodePlan
+from kproxy.rules.ir import Ruleset
+from kproxy.rules.saved import render_saved
+
+SysctlWriter = Callable[[Iterable[tuple[str, str]]], None]
+
+
+class IptablesNode:
+    mode = "iptables"
+
+    def __init__(
+        self, dataplanes: Mapping[int, Dataplane], write_sysctls: SysctlWriter = apply_sysctls
+    ) -> None:
+        self.dataplanes = dataplanes
+        self.write_sysctls = write_sysctls
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        return tuple(sorted(self.dataplanes))
+
+    @contextmanager
+    def reading_ahead(self) -> Iterator[None]:
+        with ExitStack() as stack:
+            for dataplane in self.dataplanes.values():
+                stack.enter_context(dataplane.reading_ahead())
+            yield
+
+    def apply(self, plan: NodePlan[Mapping[int, Ruleset]], full: bool) -> ApplyResult:
+        """Sysctls first (the rules rely on them), then each family's tables."""
+        self.write_sysctls(plan.sysctls)
+        result = ApplyResult()
+        for family, ruleset in sorted(plan.kernel.items()):
+            result.tables.extend(self.dataplanes[family].apply(ruleset, full).tables)
+        return result
+
+    def cleanup(self) -> ApplyResult:
+        result = ApplyResult()
+        for dataplane in self.dataplanes.values():
+            result.tables.extend(dataplane.cleanup().tables)
+        return result
+
+
+def read_iptables_live(family: int) -> str:
+    """What the kernel holds of kproxy's (and kube-proxy's) chains, as iptables-save text."""
+    tables = read_tables(family)
+    return render_saved({name: owned_part(t) for name, t in tables.items()})
+
+
+@contextmanager
+def open_iptables_node(lock_timeout: float) -> Iterator[IptablesNode]:
+    with open_dataplanes(lock_timeout) as dataplanes:
+        yield IptablesNode(dataplanes)
