@@ -41,11 +41,13 @@ class ManifestSource:
         node_name: str,
         poll_seconds: float = 1.0,
         full_scan_seconds: float = FULL_SCAN_SECONDS,
+        use_inotify: bool = True,
     ) -> None:
         self.path = Path(path)
         self.node_name = node_name
         self.poll_seconds = poll_seconds  # the scan interval without inotify; liveness with it
         self.full_scan_seconds = full_scan_seconds
+        self.use_inotify = use_inotify
         self._mode = ""
         self.index = ManifestIndex()
         self._seen: dict[str, Signature] = {}
@@ -80,6 +82,9 @@ class ManifestSource:
     def _open_watch(self) -> TreeWatch | None:
         """A watch over PATH, or None where inotify cannot tell of every change (PATH a single
         file or missing, inotify not available): then PATH is polled."""
+        if not self.use_inotify:
+            self._report_mode("poll", "inotify not wanted")
+            return None
         if not self.path.is_dir():
             self._report_mode("poll", "not a directory")
             return None
