@@ -401,7 +401,7 @@ def test_an_overflowed_event_queue_falls_back_to_a_full_scan(
     assert counted.scans >= 1 and counted.parsed == ["svc-2.yaml"]
 
 
-@pytest.mark.parametrize("why", ["a single file", "no inotify"])
+@pytest.mark.parametrize("why", ["a single file", "no inotify", "on NFS"])
 def test_without_inotify_the_path_is_polled(
     tmp_path: Path, stop: threading.Event, monkeypatch: pytest.MonkeyPatch, why: str
 ) -> None:
@@ -412,6 +412,9 @@ def test_without_inotify_the_path_is_polled(
             raise inotify_module.InotifyError("inotify_init1 failed (Too many open files)")
 
         monkeypatch.setattr(files_module, "Inotify", unavailable)
+    if why == "on NFS":
+        mountinfo = f"40 22 0:35 / {tmp_path} rw - nfs4 server:/export rw\n"
+        monkeypatch.setattr(files_module, "_read_mountinfo", lambda: mountinfo)
     write(tmp_path / "all.yaml", service("web", "10.96.0.1"))
     sink = RecordingSink()
     with capture_logs() as logs:

@@ -24,6 +24,7 @@ from kproxy.watch.inotify import (
     InotifyEvent,
     TreeChanges,
     TreeWatch,
+    blind_filesystem,
     parse_events,
 )
 
@@ -204,3 +205,28 @@ def test_events_of_a_watch_removed_since_are_ignored(tmp_path: Path) -> None:
         assert watch.changes(0) == TreeChanges()
     finally:
         inotify.close()
+
+
+MOUNTINFO = """\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+40 22 0:35 / /srv/shared rw,relatime shared:20 - nfs4 server:/export rw,vers=4.2
+41 22 0:36 / /srv/my\\040files rw master:3 - fuse.sshfs host:/ rw
+42 40 0:37 / /srv/shared/local rw - tmpfs tmpfs rw
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "blind"),
+    [
+        ("/srv/shared/manifests", "nfs4"),
+        ("/srv/shared", "nfs4"),
+        ("/srv/sharedx", None),  # a sibling with a longer name is on /
+        ("/srv/shared/local/m", None),  # the innermost mount decides
+        ("/srv/my files/m", "fuse.sshfs"),
+        ("/etc/kproxy", None),
+    ],
+)
+def test_filesystems_whose_remote_changes_have_no_events_are_known(
+    path: str, blind: str | None
+) -> None:
+    assert blind_filesystem(path, MOUNTINFO) == blind

@@ -21,7 +21,13 @@ import structlog
 
 from kproxy.errors import ManifestError
 from kproxy.state.ingest import Mutation, combine, set_node, set_objects
-from kproxy.watch.inotify import Inotify, InotifyError, TreeChanges, TreeWatch
+from kproxy.watch.inotify import (
+    Inotify,
+    InotifyError,
+    TreeChanges,
+    TreeWatch,
+    blind_filesystem,
+)
 from kproxy.watch.manifest_index import FileChange, FileObjects, ManifestIndex
 from kproxy.watch.manifests import SUFFIXES, ManifestParseError, load_file, scan_manifest_files
 from kproxy.watch.sink import ENDPOINT_SLICE, NODE, SERVICE, Sink
@@ -87,6 +93,10 @@ class ManifestSource:
             return None
         if not self.path.is_dir():
             self._report_mode("poll", "not a directory")
+            return None
+        blind = blind_filesystem(str(self.path), _read_mountinfo())
+        if blind is not None:
+            self._report_mode("poll", f"on {blind}, changes made elsewhere have no events")
             return None
         try:
             return TreeWatch(str(self.path), _is_manifest, Inotify())
@@ -236,6 +246,13 @@ def _kind_of(change: FileChange) -> str:
 
 def _is_manifest(name: str) -> bool:
     return name.endswith(SUFFIXES)
+
+
+def _read_mountinfo() -> str:
+    try:
+        return Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return ""  # no /proc: nothing known against inotify
 
 
 def _signature(path: str) -> Signature | None:

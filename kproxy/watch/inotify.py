@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import re
 import select
 import struct
 from collections.abc import Callable, Iterator
@@ -44,6 +45,9 @@ DIRECTORY_EVENTS = (
     | IN_DELETE_SELF
     | IN_MOVE_SELF
 )
+# Filesystems where a change made elsewhere (another host, a FUSE daemon) never reaches inotify.
+BLIND_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "9p", "ceph", "glusterfs", "lustre", "afs")
+_OCTAL = re.compile(r"\\([0-7]{3})")
 _HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then name[len]
 _READ_SIZE = 64 * 1024
 
@@ -71,6 +75,22 @@ def parse_events(buf: bytes) -> list[InotifyEvent]:
         offset += length
         events.append(InotifyEvent(wd, mask, cookie, os.fsdecode(raw)))
     return events
+
+
+def blind_filesystem(path: str, mountinfo: str) -> str | None:
+    """The type of the filesystem holding `path` (per /proc/self/mountinfo's text) if inotify
+    cannot see every change on it, else None."""
+    real = os.path.realpath(path)
+    best, kind = "", ""
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if "-" not in fields[6:]:
+            continue
+        mount = _OCTAL.sub(lambda m: chr(int(m[1], 8)), fields[4])  # \040 is a space
+        under = real == mount or real.startswith(mount.rstrip("/") + "/")
+        if under and len(mount) >= len(best):
+            best, kind = mount, fields[fields.index("-", 6) + 1]
+    return kind if kind in BLIND_FILESYSTEMS or kind.startswith("fuse") else None
 
 
 def _libc() -> ctypes.CDLL:
