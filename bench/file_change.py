@@ -16,17 +16,28 @@ are timed in the same run:
   work of the API path, without the network.
 
 It prints medians and the ratios full/incremental and incremental/API, and how many services each
-reports as changed (what decides a partial sync). No root needed; the files live in a temporary
-directory removed on exit.
+reports as changed (what decides a partial sync).
+
+Then the source runs as the agent runs it (its own thread, `poll_seconds` 1 s) and the time from
+the start of a one-file write to the mutation reaching the sink is measured, `--live-changes`
+times, each write after a random pause (so the poll is caught at any point of its interval):
+
+- inotify: the change noticed by its event, only that file re-read;
+- poll: the source without inotify, noticing the change by its stat scan every second.
+
+Both against the same API event. No root needed; the files live in a temporary directory
+removed on exit.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +53,7 @@ from kproxy.state.ingest import Mutation, combine, replace_all, set_node, upsert
 from kproxy.watch.files import ManifestSource
 from kproxy.watch.manifests import load_manifests, manifest_files
 from kproxy.watch.sink import ENDPOINT_SLICE, SERVICE
+from kproxy.watch.supervisor import Supervisor
 
 NODE = "node-1"
 _DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
@@ -76,6 +88,84 @@ def build(root: Path, services: int, layout: str) -> Path:
     dump(root / "big.yaml", [o for i in range(services - 1) for o in objects(i, "10.200.0.1")])
     dump(root / "small.yaml", objects(services - 1, "10.200.0.1"))
     return root / "small.yaml"
+
+
+class ArrivalSink:
+    """Passes mutations on to `inner` and notes when the first one after `expect()` arrived."""
+
+    def __init__(self, inner: StateSink) -> None:
+        self.inner = inner
+        self.arrived = threading.Event()
+        self.at = 0.0
+
+    def expect(self) -> None:
+        self.arrived.clear()
+
+    def apply(self, kind: str, mutation: Mutation) -> None:
+        self.inner.apply(kind, mutation)
+        if not self.arrived.is_set():
+            self.at = time.perf_counter()
+            self.arrived.set()
+
+    def synced(self, kind: str) -> None:
+        pass
+
+
+def write_to_sink(
+    source: ManifestSource, sink: StateSink, measured: Path, args: argparse.Namespace, base: int
+) -> tuple[list[float], list[float]]:
+    """Seconds from the start of each one-file write to its mutation in the sink, the source
+    running in its own thread as in the agent, and of that the write itself."""
+    arrival = ArrivalSink(sink)
+    stop = threading.Event()
+    supervisor = Supervisor("files", lambda sup: source.run(arrival, sup), stop)
+    thread = threading.Thread(target=supervisor.run, daemon=True)
+    thread.start()
+    rng = random.Random(base)
+    latencies, writes = [], []
+    try:
+        time.sleep(source.poll_seconds * 2)  # the first scan (nothing changed) is done
+        for k in range(args.live_changes):
+            time.sleep(rng.uniform(0, source.poll_seconds))
+            docs = objects(args.services - 1, f"10.202.{base}.{k + 2}")
+            arrival.expect()
+            started = time.perf_counter()
+            dump(measured, docs)
+            writes.append(time.perf_counter() - started)
+            if not arrival.arrived.wait(30):
+                raise RuntimeError("the change never reached the sink")
+            latencies.append(arrival.at - started)
+    finally:
+        stop.set()
+        thread.join()
+    return latencies, writes
+
+
+def live(
+    root: Path,
+    source: ManifestSource,
+    sink: StateSink,
+    measured: Path,
+    args: argparse.Namespace,
+    layout: str,
+    api: float,
+) -> None:
+    result = {}
+    writes: list[float] = []
+    for base, use_inotify in ((1, True), (2, False)):
+        source.use_inotify = use_inotify
+        times, wrote = write_to_sink(source, sink, measured, args, base)
+        result["inotify" if use_inotify else "poll"] = statistics.median(times)
+        writes += wrote
+    print(
+        f"{layout:>8}: write -> sink: inotify {result['inotify'] * 1000:7.2f} ms, "
+        f"poll {result['poll'] * 1000:7.1f} ms (the write itself "
+        f"{statistics.median(writes) * 1000:.2f} ms), API event {api * 1000:6.3f} ms; "
+        f"poll / inotify {result['poll'] / result['inotify']:6.0f}x, "
+        f"inotify / API {result['inotify'] / api:6.1f}x, "
+        f"poll / API {result['poll'] / api:7.0f}x",
+        flush=True,
+    )
 
 
 def full_reload(root: Path, sink: StateSink) -> None:
@@ -136,6 +226,7 @@ def measure(root: Path, args: argparse.Namespace, layout: str) -> dict[str, floa
         f"services reported changed: {changed}",
         flush=True,
     )
+    live(root, source, incremental, measured, args, layout, result["api"])
     return result
 
 
@@ -147,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--services", type=int, default=10000)
     parser.add_argument("--changes", type=int, default=5)
+    parser.add_argument("--live-changes", type=int, default=10, help="writes timed to the sink")
     args = parser.parse_args(argv)
     configure_logging("warning")
     print(f"{args.services} services, {args.changes} one-file changes each (medians)")

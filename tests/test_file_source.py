@@ -14,12 +14,15 @@ import pytest
 import yaml
 from structlog.testing import capture_logs
 
+import kproxy.watch.files as files_module
+import kproxy.watch.inotify as inotify_module
 import kproxy.watch.manifests as manifests_module
 from kproxy.errors import InvalidObjectError
 from kproxy.model.service import NamespacedName
 from kproxy.state.cluster import ClusterState
 from kproxy.state.ingest import Mutation
 from kproxy.watch.files import ManifestSource
+from kproxy.watch.supervisor import Supervisor
 
 T = TypeVar("T")
 POLL = 0.02
@@ -270,3 +273,161 @@ def test_no_kind_is_synced_before_every_file_parsed_once(
     write(tmp_path / "b.yaml", service("b", "10.96.0.2"))
     assert wait_for(lambda: sink.synced_kinds == {"Node", "Service", "EndpointSlice"})
     assert sink.cluster_ips() == {"a": "10.96.0.1", "b": "10.96.0.2"}
+
+
+class Counted:
+    """How often the source scanned the whole tree, and which files it parsed."""
+
+    def __init__(self) -> None:
+        self.scans = 0
+        self.parsed: list[str] = []
+
+    def reset(self) -> None:
+        self.scans = 0
+        del self.parsed[:]
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> Counted:
+    counts = Counted()
+    real_scan = files_module.scan_manifest_files
+    real_documents = manifests_module._documents
+
+    def scan(path: Path) -> dict[str, tuple[int, int]]:
+        counts.scans += 1
+        return real_scan(path)
+
+    def documents(path: Path) -> Iterator[Any]:
+        counts.parsed.append(path.name)
+        return real_documents(path)
+
+    monkeypatch.setattr(files_module, "scan_manifest_files", scan)
+    monkeypatch.setattr(manifests_module, "_documents", documents)
+    return counts
+
+
+def start_watching(path: Path, sink: RecordingSink, stop: threading.Event) -> Supervisor:
+    # A full scan only at start: anything later must come from events.
+    source = ManifestSource(str(path), "node-a", poll_seconds=POLL, full_scan_seconds=3600)
+    return source.start(sink, stop)[0]
+
+
+def many_files(root: Path, count: int = 50) -> None:
+    for i in range(count):
+        write(root / f"svc-{i}.yaml", service(f"svc-{i}", f"10.96.1.{i}"))
+
+
+def test_a_write_renamed_into_place_is_applied_without_a_scan(
+    tmp_path: Path, stop: threading.Event, counted: Counted
+) -> None:
+    many_files(tmp_path)
+    sink = RecordingSink()
+    start_watching(tmp_path, sink, stop)
+    assert wait_for(lambda: len(sink.cluster_ips()) == 50 and sink.synced_kinds)
+    assert counted.scans == 1
+    counted.reset()
+    write(tmp_path / "svc-7.yaml", service("svc-7", "10.96.2.7"))  # a temporary name, renamed
+    assert wait_for(lambda: sink.cluster_ips()["svc-7"] == "10.96.2.7")
+    (tmp_path / "svc-8.yaml").write_text(yaml.safe_dump(service("svc-8", "10.96.2.8")))
+    assert wait_for(lambda: sink.cluster_ips()["svc-8"] == "10.96.2.8")
+    assert (counted.scans, counted.parsed) == (0, ["svc-7.yaml", "svc-8.yaml"])
+
+
+def test_a_deleted_file_takes_its_objects_without_a_scan(
+    tmp_path: Path, stop: threading.Event, counted: Counted
+) -> None:
+    many_files(tmp_path, 5)
+    sink = RecordingSink()
+    start_watching(tmp_path, sink, stop)
+    assert wait_for(lambda: len(sink.cluster_ips()) == 5)
+    counted.reset()
+    (tmp_path / "svc-3.yaml").unlink()
+    assert wait_for(lambda: "svc-3" not in sink.cluster_ips())
+    assert len(sink.cluster_ips()) == 4 and (counted.scans, counted.parsed) == (0, [])
+
+
+def test_a_file_half_written_is_read_only_once_closed(
+    tmp_path: Path, stop: threading.Event, counted: Counted
+) -> None:
+    sink = RecordingSink()
+    start_watching(tmp_path, sink, stop)
+    assert wait_for(lambda: sink.synced_kinds)
+    text = yaml.safe_dump(service("web", "10.96.0.1"))
+    with (tmp_path / "web.yaml").open("w") as f:
+        f.write(text[:20])
+        f.flush()
+        time.sleep(10 * POLL)
+        assert counted.parsed == []
+        f.write(text[20:])
+    assert wait_for(lambda: sink.cluster_ips() == {"web": "10.96.0.1"})
+    assert counted.parsed == ["web.yaml"]
+
+
+def test_a_new_subdirectory_is_watched(
+    tmp_path: Path, stop: threading.Event, counted: Counted
+) -> None:
+    sink = RecordingSink()
+    start_watching(tmp_path, sink, stop)
+    assert wait_for(lambda: sink.synced_kinds)
+    (tmp_path / "team").mkdir()
+    write(tmp_path / "team" / "web.yaml", service("web", "10.96.0.1"))
+    assert wait_for(lambda: sink.cluster_ips() == {"web": "10.96.0.1"})
+    write(tmp_path / "team" / "web.yaml", service("web", "10.96.0.2"))
+    assert wait_for(lambda: sink.cluster_ips() == {"web": "10.96.0.2"})
+    assert counted.scans == 1  # the one at start
+
+
+def test_an_overflowed_event_queue_falls_back_to_a_full_scan(
+    tmp_path: Path, stop: threading.Event, counted: Counted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    overflow = threading.Event()
+
+    class Overflowing(inotify_module.Inotify):
+        def read(self) -> list[inotify_module.InotifyEvent]:
+            events = super().read()
+            if overflow.is_set():  # what the kernel sends once its queue was full
+                events = [inotify_module.InotifyEvent(-1, inotify_module.IN_Q_OVERFLOW, 0, "")]
+            return events
+
+    monkeypatch.setattr(files_module, "Inotify", Overflowing)
+    many_files(tmp_path, 5)
+    sink = RecordingSink()
+    start_watching(tmp_path, sink, stop)
+    assert wait_for(lambda: len(sink.cluster_ips()) == 5)
+    counted.reset()
+    overflow.set()
+    write(tmp_path / "svc-2.yaml", service("svc-2", "10.96.2.2"))  # its own event lost
+    assert wait_for(lambda: sink.cluster_ips()["svc-2"] == "10.96.2.2")
+    assert counted.scans >= 1 and counted.parsed == ["svc-2.yaml"]
+
+
+@pytest.mark.parametrize("why", ["a single file", "no inotify", "on NFS"])
+def test_without_inotify_the_path_is_polled(
+    tmp_path: Path, stop: threading.Event, monkeypatch: pytest.MonkeyPatch, why: str
+) -> None:
+    path = tmp_path / "all.yaml" if why == "a single file" else tmp_path
+    if why == "no inotify":
+
+        def unavailable() -> None:
+            raise inotify_module.InotifyError("inotify_init1 failed (Too many open files)")
+
+        monkeypatch.setattr(files_module, "Inotify", unavailable)
+    if why == "on NFS":
+        mountinfo = f"40 22 0:35 / {tmp_path} rw - nfs4 server:/export rw\n"
+        monkeypatch.setattr(files_module, "_read_mountinfo", lambda: mountinfo)
+    write(tmp_path / "all.yaml", service("web", "10.96.0.1"))
+    sink = RecordingSink()
+    with capture_logs() as logs:
+        start(path, sink, stop)
+        assert wait_for(lambda: sink.cluster_ips() == {"web": "10.96.0.1"})
+    write(tmp_path / "all.yaml", service("web", "10.96.0.2"))
+    assert wait_for(lambda: sink.cluster_ips() == {"web": "10.96.0.2"})
+    assert [e["mode"] for e in logs if e["event"] == "manifests_followed"] == ["poll"]
+
+
+def test_an_idle_watched_source_stays_current(tmp_path: Path, stop: threading.Event) -> None:
+    sink = RecordingSink()
+    supervisor = start_watching(tmp_path, sink, stop)
+    assert wait_for(lambda: sink.synced_kinds)
+    time.sleep(20 * POLL)  # longer than the timeout below, and no event meanwhile
+    assert supervisor.problem(timeout=10 * POLL) is None

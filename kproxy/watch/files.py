@@ -1,7 +1,7 @@
 """The file source for `kproxy run --manifests PATH`: the same objects as the API gives, read from
-manifests. It polls PATH, re-reads only the files whose (mtime, size) changed, and applies one
-mutation per changed file that touches only the objects that file changed, so the sync after a
-one-file edit is partial however many files there are.
+manifests. It follows PATH with inotify where it can (polling where it cannot), re-reads only the
+files that changed, and applies one mutation per changed file that touches only the objects that
+file changed, so the sync after a one-file edit is partial however many files there are.
 
 A file that fails to parse keeps its last good objects (an error names the file and line); a
 deleted file takes its objects with it. No rule is written before every file has parsed once, so
@@ -10,15 +10,26 @@ a broken file at start-up never removes the rules a previous agent wrote for its
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import structlog
 
 from kproxy.errors import ManifestError
 from kproxy.state.ingest import Mutation, combine, set_node, set_objects
+from kproxy.watch.inotify import (
+    Inotify,
+    InotifyError,
+    TreeChanges,
+    TreeWatch,
+    blind_filesystem,
+)
 from kproxy.watch.manifest_index import FileChange, FileObjects, ManifestIndex
-from kproxy.watch.manifests import ManifestParseError, load_file, scan_manifest_files
+from kproxy.watch.manifests import SUFFIXES, ManifestParseError, load_file, scan_manifest_files
 from kproxy.watch.sink import ENDPOINT_SLICE, NODE, SERVICE, Sink
 from kproxy.watch.supervisor import Backoff, Supervisor
 
@@ -26,13 +37,24 @@ log = structlog.get_logger("kproxy.watch")
 
 Signature = tuple[int, int]  # (mtime_ns, size)
 BACKOFF_CAP = 10.0  # a directory that comes back is noticed within this long
+FULL_SCAN_SECONDS = 30.0  # with inotify: a full scan this often, in case an event was missed
 
 
 class ManifestSource:
-    def __init__(self, path: str, node_name: str, poll_seconds: float = 1.0) -> None:
+    def __init__(
+        self,
+        path: str,
+        node_name: str,
+        poll_seconds: float = 1.0,
+        full_scan_seconds: float = FULL_SCAN_SECONDS,
+        use_inotify: bool = True,
+    ) -> None:
         self.path = Path(path)
         self.node_name = node_name
-        self.poll_seconds = poll_seconds
+        self.poll_seconds = poll_seconds  # the scan interval without inotify; liveness with it
+        self.full_scan_seconds = full_scan_seconds
+        self.use_inotify = use_inotify
+        self._mode = ""
         self.index = ManifestIndex()
         self._seen: dict[str, Signature] = {}
         self._unparsed: set[Path] = set()  # never parsed yet: hold the first sync back
@@ -51,29 +73,114 @@ class ManifestSource:
         return [supervisor.start()]
 
     def run(self, sink: Sink, supervisor: Supervisor) -> None:
-        """Poll until stopped; every complete poll shows the source current."""
+        """Follow PATH until stopped. Every look that left nothing unapplied shows the source
+        current; one that failed raises, and the next run starts with a full scan."""
+        watch = self._open_watch()
+        try:
+            if watch is None:
+                self._run_polling(sink, supervisor)
+            else:
+                self._run_watching(sink, supervisor, watch)
+        finally:
+            if watch is not None:
+                watch.inotify.close()
+
+    def _open_watch(self) -> TreeWatch | None:
+        """A watch over PATH, or None where inotify cannot tell of every change (PATH a single
+        file or missing, inotify not available): then PATH is polled."""
+        if not self.use_inotify:
+            self._report_mode("poll", "inotify not wanted")
+            return None
+        if not self.path.is_dir():
+            self._report_mode("poll", "not a directory")
+            return None
+        blind = blind_filesystem(str(self.path), _read_mountinfo())
+        if blind is not None:
+            self._report_mode("poll", f"on {blind}, changes made elsewhere have no events")
+            return None
+        try:
+            return TreeWatch(str(self.path), _is_manifest, Inotify())
+        except InotifyError as exc:
+            self._report_mode("poll", str(exc))
+            return None
+
+    def _run_polling(self, sink: Sink, supervisor: Supervisor) -> None:
         while not supervisor.stop.is_set():
             self.poll(sink, supervisor)
             supervisor.current()
             supervisor.stop.wait(self.poll_seconds)
 
+    def _run_watching(self, sink: Sink, supervisor: Supervisor, watch: TreeWatch) -> None:
+        """Re-read the files inotify names as they change; a full scan first (after the watches
+        are in place, so nothing changed in between is lost), whenever the events cannot tell,
+        and every full_scan_seconds in case they missed something."""
+        changes = TreeChanges(rescan=True)
+        next_scan = 0.0
+        try:
+            while not supervisor.stop.is_set():
+                if changes.rescan or time.monotonic() >= next_scan:
+                    watch.rewatch()
+                    self._report_mode("inotify", f"{len(watch.watched())} directories")
+                    self.poll(sink, supervisor)
+                    next_scan = time.monotonic() + self.full_scan_seconds
+                elif changes.paths:
+                    self.reload(sink, changes.paths, supervisor)
+                supervisor.current()
+                # Woken by an event at once; otherwise in time to show the source current.
+                wait = min(self.poll_seconds, max(0.0, next_scan - time.monotonic()))
+                changes = watch.changes(wait)
+        except InotifyError as exc:  # out of watches while the tree grew: poll from now on
+            self._report_mode("poll", str(exc))
+            self._run_polling(sink, supervisor)
+
+    def _report_mode(self, mode: str, reason: str) -> None:
+        if mode != self._mode:
+            log.info("manifests_followed", path=str(self.path), mode=mode, reason=reason)
+            self._mode = mode
+
     def poll(self, sink: Sink, supervisor: Supervisor | None = None) -> None:
-        """Apply every file change since the last poll. A file whose change cannot be applied is
-        tried again next time; the others go ahead, then the first failure is raised."""
+        """A full scan: apply every file change since the last one. A file whose change cannot
+        be applied is tried again by the next scan; the others go ahead, then the first failure
+        is raised."""
         found = scan_manifest_files(self.path)
         first = not self._seen and not self._synced
-        changed = sorted(Path(p) for p, sig in found.items() if self._seen.get(p) != sig)
-        removed = sorted(Path(p) for p in self._seen.keys() - found.keys())
-        self._unparsed |= {p for p in changed if str(p) not in self._seen}
-        self._unparsed -= set(removed)
-        failed: list[tuple[Path, Exception]] = []
-        for path in removed + changed:
-            try:
-                self._reload(sink, path, found.get(str(path)), quiet=first)
-            except Exception as exc:  # one file's failure must not hold back the others
-                failed.append((path, exc))
+        changed = [p for p, sig in found.items() if self._seen.get(p) != sig]
+        removed = list(self._seen.keys() - found.keys())
+        self._apply(sink, removed + changed, found, first, supervisor)
         if first and found:
             log.info("manifests_loaded", path=str(self.path), files=len(found))
+
+    def reload(
+        self, sink: Sink, paths: Iterable[str], supervisor: Supervisor | None = None
+    ) -> None:
+        """Apply the changes of these files only (each re-read, whatever its signature: two
+        writes within one clock tick can leave it the same)."""
+        found: dict[str, Signature] = {}
+        known: list[str] = []
+        for path in paths:
+            signature = _signature(path)
+            if signature is not None:
+                found[path] = signature
+            if signature is not None or path in self._seen:
+                known.append(path)  # a file made and removed unseen is no change
+        self._apply(sink, known, found, False, supervisor)
+
+    def _apply(
+        self,
+        sink: Sink,
+        paths: list[str],
+        found: dict[str, Signature],
+        quiet: bool,
+        supervisor: Supervisor | None,
+    ) -> None:
+        self._unparsed |= {Path(p) for p in paths if p in found and p not in self._seen}
+        self._unparsed -= {Path(p) for p in paths if p not in found}
+        failed: list[tuple[Path, Exception]] = []
+        for path in sorted(Path(p) for p in paths):
+            try:
+                self._reload(sink, path, found.get(str(path)), quiet)
+            except Exception as exc:  # one file's failure must not hold back the others
+                failed.append((path, exc))
         if not self._synced and not self._unparsed:
             for kind in (NODE, SERVICE, ENDPOINT_SLICE):
                 sink.synced(kind)
@@ -135,3 +242,23 @@ def _kind_of(change: FileChange) -> str:
     if change.nodes is not None:
         return NODE
     return SERVICE if change.objects.get(SERVICE) else ENDPOINT_SLICE
+
+
+def _is_manifest(name: str) -> bool:
+    return name.endswith(SUFFIXES)
+
+
+def _read_mountinfo() -> str:
+    try:
+        return Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return ""  # no /proc: nothing known against inotify
+
+
+def _signature(path: str) -> Signature | None:
+    """As the scan would record it; None for a file that is gone (or is no regular file)."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return (st.st_mtime_ns, st.st_size) if stat.S_ISREG(st.st_mode) else None
