@@ -13,15 +13,16 @@ from typing import Any
 import yaml
 
 from kproxy.errors import ManifestError
+from kproxy.model.kinds import Kind
 
 SUFFIXES = (".yaml", ".yml", ".json")
 # libyaml's parser when PyYAML was built with it: several times faster on large manifests.
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 # kind -> the apiVersions kproxy understands for it.
-KINDS = {
-    "Service": ("v1",),
-    "EndpointSlice": ("discovery.k8s.io/v1",),
-    "Node": ("v1",),
+KINDS: dict[str, tuple[str, ...]] = {  # keyed by Kind, looked up by any string
+    Kind.SERVICE: ("v1",),
+    Kind.ENDPOINT_SLICE: ("discovery.k8s.io/v1",),
+    Kind.NODE: ("v1",),
 }
 
 
@@ -52,9 +53,11 @@ class Manifests:
                 f"(expected {' or '.join(KINDS[kind])}); ignored"
             )
             return
-        target = {"Service": self.services, "EndpointSlice": self.endpoint_slices}.get(
-            kind, self.nodes
-        )
+        target = {
+            Kind.SERVICE: self.services,
+            Kind.ENDPOINT_SLICE: self.endpoint_slices,
+            Kind.NODE: self.nodes,
+        }[Kind(kind)]
         target.append(dict(obj))
 
 
