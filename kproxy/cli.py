@@ -31,7 +31,7 @@ from kproxy.state.ingest import node_for
 from kproxy.sync.agent import SourceStarter, run_agent
 from kproxy.sync.once import plan_state, state_from_manifests, sync_once
 from kproxy.watch.files import ManifestSource
-from kproxy.watch.manifests import Manifests, load_manifests
+from kproxy.watch.manifests import Manifests, load_manifests, log_ignored_documents
 
 log = structlog.get_logger("kproxy")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -66,8 +66,7 @@ def resolve_hostname(flag: str | None, config: ProxyConfig) -> str:
 
 def read_manifests(path: str) -> Manifests:
     manifests = load_manifests(path)
-    for warning in manifests.warnings:
-        log.warning("manifest_document_ignored", reason=warning)
+    log_ignored_documents(manifests)
     return manifests
 
 

@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
 import yaml
 
 from kproxy.errors import ManifestError
 from kproxy.model.kinds import Kind
 
+log = structlog.get_logger("kproxy.watch")
 SUFFIXES = (".yaml", ".yml", ".json")
 # libyaml's parser when PyYAML was built with it: several times faster on large manifests.
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -59,6 +61,12 @@ class Manifests:
             Kind.NODE: self.nodes,
         }[Kind(kind)]
         target.append(dict(obj))
+
+
+def log_ignored_documents(manifests: Manifests, **context: str) -> None:
+    """One warning per ignored document (`context`, such as file=, is bound to each)."""
+    for warning in manifests.warnings:
+        log.warning("manifest_document_ignored", reason=warning, **context)
 
 
 def _with_kind(item: Any, list_kind: str) -> Any:

@@ -15,6 +15,7 @@ from kproxy.model.service import ServicePort, ServicePortName
 from kproxy.plan.iptables import naming
 from kproxy.plan.iptables.local_traffic import build_local_detector
 from kproxy.plan.iptables.service_rules import (
+    ZERO_CIDR,
     PlanContext,
     SharedChains,
     of_family,
@@ -72,9 +73,6 @@ def _jump_rules(
 
 def _localhost_nodeports(family: int, config: ProxyConfig) -> bool:
     return family == 4 and config.localhost_nodeports
-
-
-ZERO_CIDR = {4: "0.0.0.0/0", 6: "::/0"}
 
 
 def node_port_cidrs(
@@ -308,8 +306,8 @@ CANARY_CHAIN = "KUBE-PROXY-CANARY"
 
 
 def with_canaries(ruleset: Ruleset) -> Ruleset:
-    """The ruleset plus the empty canary chains the agent watches in mangle, nat and filter: when
-    they vanish, something flushed the tables and everything is rewritten."""
+    """The ruleset plus an empty canary chain in mangle, nat and filter, as kube-proxy creates
+    (tools look for it to see that a proxy runs). Nothing in kproxy watches it."""
     canary = Chain(CANARY_CHAIN)
     tables = [replace(t, chains=(*t.chains, canary)) for t in ruleset.tables]
     if ruleset.table("mangle") is None:
