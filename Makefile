@@ -27,6 +27,7 @@ lint: venv
 	$(VENV)/bin/ruff check kproxy tests integration bench
 	$(VENV)/bin/ruff format --check kproxy tests integration bench
 	$(VENV)/bin/mypy kproxy
+	$(VENV)/bin/lint-imports  # the layer contracts in setup.cfg
 
 unit: venv
 	$(VENV)/bin/pytest -q tests

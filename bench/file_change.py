@@ -48,11 +48,11 @@ import yaml
 from integration.agent_harness import slice_object
 from integration.manifests import service_manifest
 from kproxy.logs import configure_logging
+from kproxy.model.kinds import Kind
 from kproxy.state.cluster import ClusterState
 from kproxy.state.ingest import Mutation, combine, replace_all, set_node, upsert
 from kproxy.watch.files import ManifestSource
 from kproxy.watch.manifests import load_manifests, manifest_files
-from kproxy.watch.sink import ENDPOINT_SLICE, SERVICE
 from kproxy.watch.supervisor import Supervisor
 
 NODE = "node-1"
@@ -63,10 +63,10 @@ class StateSink:
     def __init__(self) -> None:
         self.state = ClusterState()
 
-    def apply(self, kind: str, mutation: Mutation) -> None:
+    def apply(self, mutation: Mutation) -> None:
         mutation(self.state)
 
-    def synced(self, kind: str) -> None:
+    def synced(self, kind: Kind) -> None:
         pass
 
 
@@ -101,13 +101,13 @@ class ArrivalSink:
     def expect(self) -> None:
         self.arrived.clear()
 
-    def apply(self, kind: str, mutation: Mutation) -> None:
-        self.inner.apply(kind, mutation)
+    def apply(self, mutation: Mutation) -> None:
+        self.inner.apply(mutation)
         if not self.arrived.is_set():
             self.at = time.perf_counter()
             self.arrived.set()
 
-    def synced(self, kind: str) -> None:
+    def synced(self, kind: Kind) -> None:
         pass
 
 
@@ -175,10 +175,10 @@ def full_reload(root: Path, sink: StateSink) -> None:
     manifests = load_manifests(root)
     mutation = combine(
         set_node(NODE, manifests.nodes),
-        replace_all(SERVICE, manifests.services),
-        replace_all(ENDPOINT_SLICE, manifests.endpoint_slices),
+        replace_all(Kind.SERVICE, manifests.services),
+        replace_all(Kind.ENDPOINT_SLICE, manifests.endpoint_slices),
     )
-    sink.apply(SERVICE, mutation)
+    sink.apply(mutation)
 
 
 def timed(fn: Callable[[], None]) -> float:
@@ -195,8 +195,8 @@ def measure(root: Path, args: argparse.Namespace, layout: str) -> dict[str, floa
     source.poll(incremental)
     full_reload(root, baseline)
     everything = load_manifests(root)
-    api.apply(SERVICE, replace_all(SERVICE, everything.services))
-    api.apply(ENDPOINT_SLICE, replace_all(ENDPOINT_SLICE, everything.endpoint_slices))
+    api.apply(replace_all(Kind.SERVICE, everything.services))
+    api.apply(replace_all(Kind.ENDPOINT_SLICE, everything.endpoint_slices))
     for sink in (incremental, baseline, api):
         sink.state.take_changes()
     times: dict[str, list[float]] = {"full": [], "incremental": [], "api": []}
@@ -209,7 +209,7 @@ def measure(root: Path, args: argparse.Namespace, layout: str) -> dict[str, floa
         times["incremental"].append(timed(lambda: source.poll(incremental)))
 
         def api_event(raw: bytes = event) -> None:
-            api.apply(ENDPOINT_SLICE, upsert(ENDPOINT_SLICE, json.loads(raw)))
+            api.apply(upsert(Kind.ENDPOINT_SLICE, json.loads(raw)))
 
         times["api"].append(timed(api_event))
         for name, sink in (("full", baseline), ("incremental", incremental), ("api", api)):

@@ -25,7 +25,7 @@ from kproxy.sync.agent import SourceStarter, run_agent
 from kproxy.sync.modes import proxy_mode
 from kproxy.sync.once import state_from_manifests, sync_once
 from kproxy.watch.files import ManifestSource
-from kproxy.watch.manifests import Manifests, load_manifests
+from kproxy.watch.manifests import Manifests, load_manifests, log_ignored_documents
 
 log = structlog.get_logger("kproxy")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -60,8 +60,7 @@ def resolve_hostname(flag: str | None, config: ProxyConfig) -> str:
 
 def read_manifests(path: str) -> Manifests:
     manifests = load_manifests(path)
-    for warning in manifests.warnings:
-        log.warning("manifest_document_ignored", reason=warning)
+    log_ignored_documents(manifests)
     return manifests
 
 

@@ -41,7 +41,7 @@ class RecordingSink:
         self.synced_kinds: set[str] = set()
         self.applies = 0
 
-    def apply(self, kind: str, mutation: Mutation) -> None:
+    def apply(self, mutation: Mutation) -> None:
         with self.lock:
             if self.failures:
                 self.failures -= 1

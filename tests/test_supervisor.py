@@ -17,10 +17,10 @@ from structlog.testing import capture_logs
 
 from kproxy.health.healthz import ProxyHealth, serve_health
 from kproxy.health.metrics import ProxyMetrics
+from kproxy.model.kinds import Kind
 from kproxy.state.cluster import ClusterState
 from kproxy.state.ingest import Mutation, replace_all, upsert
 from kproxy.watch.api import Reflector, Resource
-from kproxy.watch.sink import SERVICE
 from kproxy.watch.supervisor import Backoff, Supervisor, source_problems
 
 FAST = Backoff(initial=0.001, cap=0.01)
@@ -141,13 +141,13 @@ class FailingSink:
         self.failures = failures
         self.state = ClusterState()
 
-    def apply(self, kind: str, mutation: Mutation) -> None:
+    def apply(self, mutation: Mutation) -> None:
         if self.failures:
             self.failures -= 1
             raise RuntimeError("sink exploded")
         mutation(self.state)
 
-    def synced(self, kind: str) -> None:
+    def synced(self, kind: Kind) -> None:
         pass
 
 
@@ -166,7 +166,9 @@ def test_a_reflector_whose_sink_raises_is_retried_and_names_what_it_handled() ->
         return type("Response", (), {"data": json.dumps(body)})()
 
     sink = FailingSink(failures=2)
-    resource = Resource(SERVICE, list_fn, {}, lambda items: replace_all(SERVICE, items), upsert)
+    resource = Resource(
+        Kind.SERVICE, list_fn, {}, lambda items: replace_all(Kind.SERVICE, items), upsert
+    )
     with capture_logs() as logs:
         sup = Supervisor(
             "watch-Service",

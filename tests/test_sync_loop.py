@@ -12,11 +12,11 @@ from kproxy.dataplane.iptables.node import IptablesNode
 from kproxy.health.healthz import ProxyHealth
 from kproxy.health.metrics import ProxyMetrics
 from kproxy.model.config import ProxyConfig
+from kproxy.model.kinds import Kind
 from kproxy.model.service import NamespacedName
 from kproxy.plan.iptables.planner import IptablesPlanner
 from kproxy.state.ingest import remove, replace_all, set_node, upsert
 from kproxy.sync.loop import StateBox, SyncLoop
-from kproxy.watch.sink import ENDPOINT_SLICE, NODE, SERVICE
 
 
 def service(name: str, ip: str, protocol: str = "TCP") -> dict[str, Any]:
@@ -60,15 +60,15 @@ def sample(loop: SyncLoop, name: str, labels: dict[str, str] | None = None) -> f
 
 def test_no_rules_before_services_and_slices_are_listed() -> None:
     box, loop, fake = agent(ProxyConfig(sync_period=0.05, min_sync_period=0))
-    box.apply(SERVICE, replace_all(SERVICE, [service("web", "10.96.0.5")]))
-    box.synced(SERVICE)
+    box.apply(replace_all(Kind.SERVICE, [service("web", "10.96.0.5")]))
+    box.synced(Kind.SERVICE)
     stop = threading.Event()
     thread = threading.Thread(target=loop.run, args=(stop,))
     thread.start()
     time.sleep(0.3)
     assert fake.commits == 0  # slices not listed yet
-    box.apply(ENDPOINT_SLICE, replace_all(ENDPOINT_SLICE, [endpoint_slice("web", ["10.0.0.1"])]))
-    box.synced(ENDPOINT_SLICE)
+    box.apply(replace_all(Kind.ENDPOINT_SLICE, [endpoint_slice("web", ["10.0.0.1"])]))
+    box.synced(Kind.ENDPOINT_SLICE)
     deadline = time.monotonic() + 5
     while fake.commits == 0 and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -80,10 +80,10 @@ def test_no_rules_before_services_and_slices_are_listed() -> None:
 
 def test_failed_apply_keeps_changes_and_next_sync_is_full() -> None:
     box, loop, fake = agent()
-    box.apply(SERVICE, upsert(SERVICE, service("web", "10.96.0.5")))
-    box.apply(ENDPOINT_SLICE, upsert(ENDPOINT_SLICE, endpoint_slice("web", ["10.0.0.1"])))
+    box.apply(upsert(Kind.SERVICE, service("web", "10.96.0.5")))
+    box.apply(upsert(Kind.ENDPOINT_SLICE, endpoint_slice("web", ["10.0.0.1"])))
     assert loop.sync()
-    box.apply(ENDPOINT_SLICE, upsert(ENDPOINT_SLICE, endpoint_slice("web", ["10.0.0.2"])))
+    box.apply(upsert(Kind.ENDPOINT_SLICE, endpoint_slice("web", ["10.0.0.2"])))
     fake.fail_next_commit()
     assert not loop.sync()
     assert sample(loop, "kubeproxy_sync_proxy_rules_iptables_restore_failures_total") == 1
@@ -114,10 +114,10 @@ def test_programming_latency_observed_for_changes_after_start() -> None:
     loop.started_at = time.time() - 10
     just_now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 2))
     long_ago = "2020-01-01T00:00:00Z"
-    box.apply(SERVICE, upsert(SERVICE, service("web", "10.96.0.5")))
-    box.apply(ENDPOINT_SLICE, upsert(ENDPOINT_SLICE, endpoint_slice("web", ["10.0.0.1"], just_now)))
-    box.apply(ENDPOINT_SLICE, upsert(SERVICE, service("old", "10.96.0.6")))
-    box.apply(ENDPOINT_SLICE, upsert(ENDPOINT_SLICE, endpoint_slice("old", ["10.0.0.9"], long_ago)))
+    box.apply(upsert(Kind.SERVICE, service("web", "10.96.0.5")))
+    box.apply(upsert(Kind.ENDPOINT_SLICE, endpoint_slice("web", ["10.0.0.1"], just_now)))
+    box.apply(upsert(Kind.SERVICE, service("old", "10.96.0.6")))
+    box.apply(upsert(Kind.ENDPOINT_SLICE, endpoint_slice("old", ["10.0.0.9"], long_ago)))
     assert loop.sync()
     name = "kubeproxy_network_programming_duration_seconds"
     assert sample(loop, f"{name}_count") == 1  # the change from before start is not counted
@@ -127,23 +127,23 @@ def test_programming_latency_observed_for_changes_after_start() -> None:
 def test_node_label_change_forces_a_full_sync_and_draining_node_is_not_eligible() -> None:
     box, loop, _ = agent()
     node = {"metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "z1"}}}
-    box.apply(NODE, set_node("node-a", [node]))
+    box.apply(set_node("node-a", [node]))
     assert loop.sync()  # first sync: full
     assert loop.sync()  # nothing changed: partial
     node["metadata"]["labels"] = {"topology.kubernetes.io/zone": "z2"}
-    box.apply(NODE, set_node("node-a", [node]))
+    box.apply(set_node("node-a", [node]))
     assert loop.sync()
     assert sample(loop, "kubeproxy_sync_full_proxy_rules_duration_seconds_count") == 2
     assert sample(loop, "kubeproxy_sync_partial_proxy_rules_duration_seconds_count") == 1
     node["spec"] = {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]}
-    box.apply(NODE, set_node("node-a", [node]))
+    box.apply(set_node("node-a", [node]))
     assert box.health.node_eligible is False
 
 
 def test_invalid_object_is_counted_and_the_rest_applied() -> None:
     box, loop, fake = agent()
     bad = service("bad", "10.96.0.300")
-    box.apply(SERVICE, replace_all(SERVICE, [bad, service("good", "10.96.0.7")]))
+    box.apply(replace_all(Kind.SERVICE, [bad, service("good", "10.96.0.7")]))
     assert sample(loop, "kproxy_invalid_objects_skipped_total", {"kind": "Service"}) == 1
     assert loop.sync()
     assert "default/good:p has no endpoints" in fake.dump()
@@ -153,14 +153,14 @@ def test_udp_changes_trigger_conntrack_cleanup_and_tcp_ones_do_not() -> None:
     box, loop, _ = agent()
     cleanups: list[dict[int, Any]] = []
     loop.clean_conntrack = lambda serving: cleanups.append(dict(serving)) or 0
-    box.apply(SERVICE, upsert(SERVICE, service("dns", "10.96.0.10", "UDP")))
-    box.apply(SERVICE, upsert(SERVICE, service("web", "10.96.0.5")))
+    box.apply(upsert(Kind.SERVICE, service("dns", "10.96.0.10", "UDP")))
+    box.apply(upsert(Kind.SERVICE, service("web", "10.96.0.5")))
     assert loop.sync()
     assert cleanups[-1] == {4: {("10.96.0.10", 80): frozenset()}}  # nothing may answer yet
-    box.apply(ENDPOINT_SLICE, upsert(ENDPOINT_SLICE, endpoint_slice("web", ["10.0.0.1"])))
+    box.apply(upsert(Kind.ENDPOINT_SLICE, endpoint_slice("web", ["10.0.0.1"])))
     assert loop.sync()
     assert len(cleanups) == 1  # a TCP change leaves conntrack alone
-    box.apply(SERVICE, remove(SERVICE, service("dns", "10.96.0.10", "UDP")))
+    box.apply(remove(Kind.SERVICE, service("dns", "10.96.0.10", "UDP")))
     assert loop.sync()
     assert len(cleanups) == 2 and cleanups[-1] == {4: {}}
     assert NamespacedName("default", "dns")  # keys are namespaced
@@ -168,8 +168,8 @@ def test_udp_changes_trigger_conntrack_cleanup_and_tcp_ones_do_not() -> None:
 
 def test_a_sync_with_nothing_changed_reuses_the_last_plan_and_commits_nothing() -> None:
     box, loop, fake = agent()
-    box.apply(SERVICE, upsert(SERVICE, service("web", "10.96.0.5")))
-    box.apply(ENDPOINT_SLICE, upsert(ENDPOINT_SLICE, endpoint_slice("web", ["10.0.0.1"])))
+    box.apply(upsert(Kind.SERVICE, service("web", "10.96.0.5")))
+    box.apply(upsert(Kind.ENDPOINT_SLICE, endpoint_slice("web", ["10.0.0.1"])))
     assert loop.sync()
     first = loop.plan(loop._take_snapshot())
     commits = fake.commits
@@ -177,6 +177,6 @@ def test_a_sync_with_nothing_changed_reuses_the_last_plan_and_commits_nothing() 
     assert fake.commits == commits
     assert loop.plan(loop._take_snapshot()).kernel[4] is first.kernel[4]
     # A change plans again.
-    box.apply(ENDPOINT_SLICE, upsert(ENDPOINT_SLICE, endpoint_slice("web", ["10.0.0.2"])))
+    box.apply(upsert(Kind.ENDPOINT_SLICE, endpoint_slice("web", ["10.0.0.2"])))
     assert loop.sync()
     assert fake.commits > commits and "10.0.0.2:8080" in fake.dump()

@@ -86,6 +86,22 @@ def in_host_network_namespace() -> bool:
         return False
 
 
+def machine_cpus() -> int:
+    """The machine's CPUs, not only those this process may run on: nf_conntrack_max is one table
+    for the whole host, and kube-proxy counts them so too (a CPU-pinned pod would otherwise size
+    the host's table by its own share)."""
+    return os.cpu_count() or len(os.sched_getaffinity(0))
+
+
+def conntrack_max_target(max_per_core: int | None, minimum: int | None, cpus: int) -> int | None:
+    """The nf_conntrack_max kproxy wants at least: `max_per_core` per CPU, never below `minimum`.
+    None when max_per_core is unset (0 in the config): the node's limit is left, min included,
+    as kube-proxy leaves it. The agent and `kproxy doctor` both judge by this."""
+    if not max_per_core:
+        return None
+    return max(max_per_core * cpus, minimum or 0)
+
+
 def tune_node(config: ProxyConfig) -> None:
     """What kube-proxy sets when it starts: its OOM score and the conntrack sysctls.
 
@@ -98,9 +114,9 @@ def tune_node(config: ProxyConfig) -> None:
         seconds = getattr(conntrack, attr)
         if seconds is not None:
             _sysctl_best_effort(name, str(int(seconds)))
-    if conntrack.max_per_core is None and conntrack.min is None:
+    wanted = conntrack_max_target(conntrack.max_per_core, conntrack.min, machine_cpus())
+    if wanted is None:
         return
-    wanted = max((conntrack.max_per_core or 0) * (os.cpu_count() or 1), conntrack.min or 0)
     if not in_host_network_namespace():
         log.info("conntrack_max_left", reason="not the host's network namespace", wanted=wanted)
         return

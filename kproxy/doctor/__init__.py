@@ -1,7 +1,7 @@
 """`kproxy doctor`: what kproxy needs from the node and does not set up itself.
 
-Each check reads facts of the network namespace it runs in (python-iptables for the legacy tables,
-pyroute2 for links, routes and nftables, /proc for sysctls and processes), then judges them in a
+Each check reads facts of the network namespace it runs in (the legacy tables, nftables, links and
+routes through the dataplane's readers, sysctls and processes from /proc), then judges them in a
 pure function, so the verdicts can be tested without a kernel. Nothing here writes anything: the
 legacy tables are only opened when /proc says they already exist, since opening one creates it.
 """
@@ -9,19 +9,17 @@ legacy tables are only opened when /proc says they already exist, since opening 
 from __future__ import annotations
 
 import ipaddress
-import os
 from collections.abc import Callable
 
+from kproxy.dataplane.host import machine_cpus
 from kproxy.dataplane.host import read_sysctl as _read_proc_sysctl
+from kproxy.dataplane.readers import read_links, read_nft_chains, read_routes
 from kproxy.doctor.facts import (
     DEFAULT_SERVICE_CIDR,
     HINT_CHAINS,
     IPVS_INTERFACE,
     read_all_legacy_chains,
-    read_links,
-    read_nft_chains,
     read_proxy_processes,
-    read_routes,
 )
 from kproxy.doctor.judges import (
     Check,
@@ -64,8 +62,7 @@ def _service_route(cidr: str) -> Check:
 
 def _conntrack(limits: ConntrackLimits) -> Check:
     current = read_sysctl("net.netfilter.nf_conntrack_max")
-    cores = len(os.sched_getaffinity(0))
-    return judge_conntrack(int(current) if current else None, cores, limits)
+    return judge_conntrack(int(current) if current else None, machine_cpus(), limits)
 
 
 def _uses_ipv6(config: ProxyConfig, service_cidr: str) -> bool:

@@ -8,15 +8,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from kproxy.dataplane.host import conntrack_max_target
+from kproxy.dataplane.readers import RouteLookup
 from kproxy.doctor.facts import (
     HINT_CHAINS,
     IPVS_CHAINS,
     IPVS_INTERFACE,
     NFT_PROXY_TABLE,
     ProxyProcess,
-    RouteLookup,
 )
-from kproxy.model.config import ProxyConfig
+from kproxy.model.config import ConntrackConfig, ProxyConfig
 from kproxy.plan.iptables.chains import is_owned_chain
 from kproxy.plan.iptables.naming import SERVICE_CHAIN_PREFIXES, is_service_chain
 
@@ -31,12 +32,16 @@ class Check:
     advice: str = ""
 
 
+_CONNTRACK_DEFAULTS = ConntrackConfig()
+
+
 @dataclass(frozen=True)
 class ConntrackLimits:
-    """KubeProxyConfiguration's conntrack.maxPerCore and conntrack.min (kube-proxy's defaults)."""
+    """KubeProxyConfiguration's conntrack.maxPerCore and conntrack.min, 0 for unset; the defaults
+    are the config's."""
 
-    max_per_core: int = 32768
-    min: int = 131072
+    max_per_core: int = _CONNTRACK_DEFAULTS.max_per_core or 0
+    min: int = _CONNTRACK_DEFAULTS.min or 0
 
 
 def conntrack_limits(config: ProxyConfig) -> ConntrackLimits:
@@ -143,9 +148,9 @@ def judge_bridge_nf_call(bridges: list[str], value: str | None) -> Check:
 
 def judge_conntrack(current: int | None, cores: int, limits: ConntrackLimits) -> Check:
     name = "conntrack-max"
-    if limits.max_per_core == 0:
+    wanted = conntrack_max_target(limits.max_per_core, limits.min, cores)
+    if wanted is None:
         return Check(name, "ok", "conntrack.maxPerCore is 0: the node's own limit is kept")
-    wanted = max(limits.max_per_core * cores, limits.min)
     formula = f"max({limits.max_per_core} x {cores} cores, {limits.min}) = {wanted}"
     if current is None:
         return Check(

@@ -39,6 +39,12 @@ def _special(ip: IPAddress) -> str | None:
     return None
 
 
+def ip_family(address: str) -> int:
+    """4 or 6 for an address or CIDR already validated (as every one past the converter is):
+    only IPv6 text holds a colon, so no parsing is needed."""
+    return 6 if ":" in address else 4
+
+
 def parse_ip(reader: FieldReader, value: Any, path: str, *, special_ok: bool = False) -> str:
     """An IP address in canonical form. Zone indexes (`fe80::1%lo`), IPv4-mapped and
     IPv4-compatible IPv6 addresses are refused; unspecified, loopback and link-local ones too

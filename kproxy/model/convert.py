@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from kproxy.model.addresses import parse_cidr, parse_ip
+from kproxy.model.addresses import ip_family, parse_cidr, parse_ip
 from kproxy.model.fields import (
     FieldReader,
     is_dns1035_label,
@@ -106,7 +106,7 @@ def _cluster_ips(reader: FieldReader, spec: Mapping[str, Any]) -> tuple[str, ...
     if not values or (values[0] == "None" and len(values) == 1):
         return ()  # headless, or not allocated yet
     ips = tuple(parse_ip(reader, v, path) for v, path in zip(values, paths, strict=True))
-    if len(ips) > 2 or (len(ips) == 2 and (":" in ips[0]) == (":" in ips[1])):
+    if len(ips) > 2 or (len(ips) == 2 and ip_family(ips[0]) == ip_family(ips[1])):
         raise reader.fail("spec.clusterIPs", "must be at most one IPv4 and one IPv6 address")
     return ips
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kproxy.model.addresses import ip_family
+
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
@@ -20,8 +22,8 @@ class Endpoint:
 
     def __str__(self) -> str:
         """`ip:port`, `[ip]:port` for IPv6, as Go's net.JoinHostPort writes it."""
-        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+        return f"[{self.ip}]:{self.port}" if self.family == 6 else f"{self.ip}:{self.port}"
 
     @property
     def family(self) -> int:
-        return 6 if ":" in self.ip else 4  # ip is validated and normalised on the way in
+        return ip_family(self.ip)

@@ -6,17 +6,18 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 
+from kproxy.model.addresses import ip_family
 from kproxy.rules.ir import Match, Opt, Target
 
 # libxt_statistic keeps a probability as a 31-bit fraction and prints it with 11 decimals.
-_STATISTIC_SCALE = 0x80000000
+STATISTIC_SCALE = 0x80000000
 
 
 def cidr(address: str) -> str:
     """`10.0.0.1` -> `10.0.0.1/32`; CIDRs are normalised to their network address. Addresses
     arrive normalised from the model, so the common case needs no parsing."""
     if "/" not in address:
-        return address + ("/128" if ":" in address else "/32")
+        return address + ("/128" if ip_family(address) == 6 else "/32")
     return _network(address)
 
 
@@ -40,8 +41,8 @@ def probability(n: int) -> str:
     """The probability of picking the first of n remaining endpoints: upstream writes 1/n with 10
     decimals; this is that value as the kernel stores and prints it."""
     written = float(f"{1.0 / n:0.10f}")
-    stored = int(written * _STATISTIC_SCALE + 0.5)
-    return f"{stored / _STATISTIC_SCALE:.11f}"
+    stored = int(written * STATISTIC_SCALE + 0.5)
+    return f"{stored / STATISTIC_SCALE:.11f}"
 
 
 @lru_cache(maxsize=1024)

@@ -21,11 +21,11 @@ from kproxy.rules.ir import (
     Table,
     Target,
 )
+from kproxy.rules.render import QUOTED_OPTIONS
 from kproxy.rules.saved import SavedTable, parse_save
 
-# Options whose values the renderer prints through its quoting helper (see render.py); their value
-# is always exactly one word, unescaped here. Other options keep their words as printed.
-_QUOTED_OPTIONS = frozenset({"comment"})
+# A QUOTED_OPTIONS value is always exactly one word, unescaped here. Other options keep their
+# words as printed.
 
 # `-s`/`-d`/`-i`/`-o`: the Rule fields holding the value and its inversion.
 _ADDRESS_FIELDS = {
@@ -158,7 +158,7 @@ class _RuleParser:
         raise self.fail(f"option {flag} outside a match or target")
 
     def option_value(self, name: str) -> str:
-        if name in _QUOTED_OPTIONS:
+        if name in QUOTED_OPTIONS:
             return self.next_word(f"value of --{name}").text
         raws = []
         while self.pos < len(self.words) and self.words[self.pos].is_value:

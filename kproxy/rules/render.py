@@ -13,7 +13,7 @@ from kproxy.rules.ir import BUILTIN_CHAINS, Match, Opt, Rule, Ruleset, Table, Ta
 _NO_QUOTE = frozenset("_-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _ESCAPED = frozenset("\"\\'")
 # Options whose values iptables-save prints through its quoting helper.
-_QUOTED_OPTIONS = frozenset({"comment"})
+QUOTED_OPTIONS = frozenset({"comment"})
 
 
 def render_string(value: str) -> str:
@@ -30,8 +30,8 @@ def _render_opts(opts: Iterable[Opt], out: list[str]) -> None:
         if opt.invert:
             out.append("!")
         out.append("--" + opt.name)
-        if opt.value or opt.name in _QUOTED_OPTIONS:
-            value = render_string(opt.value) if opt.name in _QUOTED_OPTIONS else opt.value
+        if opt.value or opt.name in QUOTED_OPTIONS:
+            value = render_string(opt.value) if opt.name in QUOTED_OPTIONS else opt.value
             out.append(value)
 
 

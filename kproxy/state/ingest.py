@@ -8,7 +8,8 @@ never stop a source from delivering the others."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
 from kproxy.errors import InvalidObjectError
 from kproxy.model.convert import (
@@ -16,6 +17,7 @@ from kproxy.model.convert import (
     build_node,
     build_service_ports,
 )
+from kproxy.model.kinds import Kind
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import NamespacedName
 from kproxy.state.cluster import ClusterState
@@ -29,7 +31,7 @@ def object_key(obj: Mapping[str, Any]) -> NamespacedName:
     return NamespacedName(str(meta.get("namespace") or "default"), str(meta.get("name") or ""))
 
 
-def _convert(kind: str, build: Callable[[Mapping[str, Any]], T], obj: Mapping[str, Any]) -> T:
+def _convert(kind: Kind, build: Callable[[Mapping[str, Any]], T], obj: Mapping[str, Any]) -> T:
     try:
         return build(obj)
     except InvalidObjectError:
@@ -46,7 +48,7 @@ def _convert(kind: str, build: Callable[[Mapping[str, Any]], T], obj: Mapping[st
 def update_service(state: ClusterState, obj: Mapping[str, Any]) -> list[InvalidObjectError]:
     key = object_key(obj)
     try:
-        ports = _convert("Service", build_service_ports, obj)
+        ports = _convert(Kind.SERVICE, build_service_ports, obj)
     except InvalidObjectError:
         state.delete_service(key)
         raise
@@ -61,7 +63,7 @@ def update_endpoint_slice(state: ClusterState, obj: Mapping[str, Any]) -> list[I
     """Returns the slice's skipped endpoints, one error each."""
     key = object_key(obj)
     try:
-        info = _convert("EndpointSlice", build_endpoint_slice, obj)
+        info = _convert(Kind.ENDPOINT_SLICE, build_endpoint_slice, obj)
     except InvalidObjectError:
         state.delete_slice(key)
         raise
@@ -76,87 +78,146 @@ def node_for(name: str, objects: list[dict[str, Any]]) -> NodeInfo:
     """The Node named `name` among `objects`, or a bare NodeInfo when it is not there."""
     for obj in objects:
         if object_key(obj).name == name:
-            return _convert("Node", build_node, obj)
+            return _convert(Kind.NODE, build_node, obj)
     return NodeInfo(name=name)
 
 
-Mutation = Callable[[ClusterState], list[InvalidObjectError]]
+Change = Callable[[ClusterState], list[InvalidObjectError]]
 
 
-def _each(
-    objs: Iterable[Mapping[str, Any]],
-    update: Callable[[ClusterState, Mapping[str, Any]], list[InvalidObjectError]],
-) -> Mutation:
-    def mutate(state: ClusterState) -> list[InvalidObjectError]:
+@dataclass(frozen=True)
+class KindChange:
+    """A change to objects of one kind; it returns the objects it skipped."""
+
+    kind: Kind
+    change: Change
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """A change to the cluster state, made of changes to one kind each, applied together so no
+    sync sees half of it. A sink counts each part's skipped objects under that part's kind."""
+
+    parts: tuple[KindChange, ...]
+
+    @property
+    def kinds(self) -> frozenset[Kind]:
+        return frozenset(part.kind for part in self.parts)
+
+    def apply_to(self, state: ClusterState) -> list[tuple[Kind, InvalidObjectError]]:
+        """Apply every part; returns each skipped object with its kind."""
+        return [(part.kind, exc) for part in self.parts for exc in part.change(state)]
+
+    def __call__(self, state: ClusterState) -> list[InvalidObjectError]:
+        return [exc for _, exc in self.apply_to(state)]
+
+
+@dataclass(frozen=True)
+class _KeyedKind:
+    """How objects of a kind the state keeps by namespace/name enter and leave it."""
+
+    kind: Kind
+    update: Callable[[ClusterState, Mapping[str, Any]], list[InvalidObjectError]]
+    delete: Callable[[ClusterState, NamespacedName], None]
+    keys: Callable[[ClusterState], set[NamespacedName]]
+
+
+_KEYED = {
+    Kind.SERVICE: _KeyedKind(
+        Kind.SERVICE, update_service, ClusterState.delete_service, ClusterState.service_keys
+    ),
+    Kind.ENDPOINT_SLICE: _KeyedKind(
+        Kind.ENDPOINT_SLICE,
+        update_endpoint_slice,
+        ClusterState.delete_slice,
+        ClusterState.slice_keys,
+    ),
+}
+KeyedKind = Literal[Kind.SERVICE, Kind.ENDPOINT_SLICE]
+KEYED_KINDS: tuple[KeyedKind, ...] = (Kind.SERVICE, Kind.ENDPOINT_SLICE)
+
+
+def _keyed(kind: KeyedKind) -> _KeyedKind:
+    """Refuses a Node (the state holds one, set whole by set_node) and anything not a Kind; a
+    caller without types may pass the kind's string."""
+    try:
+        return _KEYED[Kind(kind)]
+    except (KeyError, ValueError):
+        raise ValueError(
+            f"{kind!r} is not Service or EndpointSlice; a Node is set with set_node"
+        ) from None
+
+
+def _each(objs: Iterable[Mapping[str, Any]], keyed: _KeyedKind) -> Change:
+    def change(state: ClusterState) -> list[InvalidObjectError]:
         errors = []
         for obj in objs:
             try:
-                errors.extend(update(state, obj))
+                errors.extend(keyed.update(state, obj))
             except InvalidObjectError as exc:
                 errors.append(exc)
         return errors
 
-    return mutate
+    return change
 
 
-def upsert(kind: str, obj: Mapping[str, Any]) -> Mutation:
+def _one(kind: Kind, change: Change) -> Mutation:
+    return Mutation((KindChange(kind, change),))
+
+
+def upsert(kind: KeyedKind, obj: Mapping[str, Any]) -> Mutation:
     """Add or update one Service or EndpointSlice."""
-    return _each([obj], update_service if kind == "Service" else update_endpoint_slice)
+    keyed = _keyed(kind)
+    return _one(keyed.kind, _each([obj], keyed))
 
 
-def remove(kind: str, obj: Mapping[str, Any]) -> Mutation:
+def remove(kind: KeyedKind, obj: Mapping[str, Any]) -> Mutation:
+    keyed = _keyed(kind)
     key = object_key(obj)
 
-    def mutate(state: ClusterState) -> list[InvalidObjectError]:
-        if kind == "Service":
-            state.delete_service(key)
-        else:
-            state.delete_slice(key)
+    def change(state: ClusterState) -> list[InvalidObjectError]:
+        keyed.delete(state, key)
         return []
 
-    return mutate
+    return _one(keyed.kind, change)
 
 
-def replace_all(kind: str, objs: Sequence[Mapping[str, Any]]) -> Mutation:
+def replace_all(kind: KeyedKind, objs: Sequence[Mapping[str, Any]]) -> Mutation:
     """Make the state hold exactly these Services (or EndpointSlices): a (re)list."""
+    keyed = _keyed(kind)
     keys = {object_key(o) for o in objs}
-    apply_each = _each(objs, update_service if kind == "Service" else update_endpoint_slice)
+    apply_each = _each(objs, keyed)
 
-    def mutate(state: ClusterState) -> list[InvalidObjectError]:
-        if kind == "Service":
-            for key in state.service_keys() - keys:
-                state.delete_service(key)
-        else:
-            for key in state.slice_keys() - keys:
-                state.delete_slice(key)
+    def change(state: ClusterState) -> list[InvalidObjectError]:
+        for key in keyed.keys(state) - keys:
+            keyed.delete(state, key)
         return apply_each(state)
 
-    return mutate
+    return _one(keyed.kind, change)
 
 
-def set_objects(kind: str, objects: Mapping[NamespacedName, Mapping[str, Any] | None]) -> Mutation:
+def set_objects(
+    kind: KeyedKind, objects: Mapping[NamespacedName, Mapping[str, Any] | None]
+) -> Mutation:
     """Set these Services (or EndpointSlices) to these objects and remove those mapped to None;
-    every other object stays as it is. A change to one manifest file is one of these."""
-    update = update_service if kind == "Service" else update_endpoint_slice
+    every other object stays as it is. A change to one manifest file is one of these per kind."""
+    keyed = _keyed(kind)
     present = [obj for obj in objects.values() if obj is not None]
     gone = [key for key, obj in objects.items() if obj is None]
-    apply_each = _each(present, update)
+    apply_each = _each(present, keyed)
 
-    def mutate(state: ClusterState) -> list[InvalidObjectError]:
+    def change(state: ClusterState) -> list[InvalidObjectError]:
         for key in gone:
-            if kind == "Service":
-                state.delete_service(key)
-            else:
-                state.delete_slice(key)
+            keyed.delete(state, key)
         return apply_each(state)
 
-    return mutate
+    return _one(keyed.kind, change)
 
 
 def set_node(name: str, objs: Sequence[Mapping[str, Any]]) -> Mutation:
     """The state's Node becomes the object named `name` among `objs` (or a bare one)."""
 
-    def mutate(state: ClusterState) -> list[InvalidObjectError]:
+    def change(state: ClusterState) -> list[InvalidObjectError]:
         try:
             state.node = node_for(name, [dict(o) for o in objs])
         except InvalidObjectError as exc:
@@ -164,13 +225,9 @@ def set_node(name: str, objs: Sequence[Mapping[str, Any]]) -> Mutation:
             return [exc]
         return []
 
-    return mutate
+    return _one(Kind.NODE, change)
 
 
 def combine(*mutations: Mutation) -> Mutation:
     """Several mutations applied as one, so no sync sees half of them."""
-
-    def mutate(state: ClusterState) -> list[InvalidObjectError]:
-        return [exc for mutation in mutations for exc in mutation(state)]
-
-    return mutate
+    return Mutation(tuple(part for mutation in mutations for part in mutation.parts))

@@ -23,6 +23,7 @@ from kproxy.health.metrics import ProxyMetrics
 from kproxy.health.service_health import ServiceHealthServers
 from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
+from kproxy.model.kinds import Kind
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import NamespacedName, Protocol, ServicePort, ServicePortName
 from kproxy.plan.conntrack import UdpServing
@@ -30,7 +31,6 @@ from kproxy.plan.node_plan import NodePlan, Planner
 from kproxy.state.cluster import ClusterState
 from kproxy.state.ingest import Mutation
 from kproxy.sync.gcpause import gc_paused
-from kproxy.watch.sink import ENDPOINT_SLICE, NODE, SERVICE
 
 log = structlog.get_logger("kproxy.sync")
 
@@ -49,22 +49,22 @@ class StateBox:
         self.changed = threading.Event()
         self.health = health
         self.metrics = metrics
-        self._synced: set[str] = set()
+        self._synced: set[Kind] = set()
         self._node_labels: dict[str, str] | None = None
         self.node_labels_changed = False
 
-    def apply(self, kind: str, mutation: Mutation) -> None:
+    def apply(self, mutation: Mutation) -> None:
         with self.lock:
-            errors = mutation(self.state)
-            if kind == NODE:
+            skipped = mutation.apply_to(self.state)
+            if Kind.NODE in mutation.kinds:
                 self._note_node(self.state.node)
-        for exc in errors:
-            self.metrics.objects_skipped.labels(kind=kind).inc()
+        for kind, exc in skipped:
+            self.metrics.objects_skipped.labels(kind=kind.value).inc()
             log.warning("object_skipped", object=exc.obj, field=exc.field, problem=exc.problem)
-        if kind == SERVICE:
+        if Kind.SERVICE in mutation.kinds:
             self.metrics.service_changes_total.inc()
             self.metrics.service_changes_pending.inc()
-        elif kind == ENDPOINT_SLICE:
+        if Kind.ENDPOINT_SLICE in mutation.kinds:
             self.metrics.endpoint_changes_total.inc()
             self.metrics.endpoint_changes_pending.inc()
         self.metrics.last_queued.set_to_current_time()
@@ -78,7 +78,7 @@ class StateBox:
         self._node_labels = labels
         self.health.node_eligible = not (node and node.draining)
 
-    def synced(self, kind: str) -> None:
+    def synced(self, kind: Kind) -> None:
         with self.lock:
             self._synced.add(kind)
         self.changed.set()
@@ -87,7 +87,7 @@ class StateBox:
     def ready(self) -> bool:
         """No rule is written before Services and EndpointSlices have been listed once."""
         with self.lock:
-            return {SERVICE, ENDPOINT_SLICE} <= self._synced
+            return {Kind.SERVICE, Kind.ENDPOINT_SLICE} <= self._synced
 
 
 class SyncOutcome(NamedTuple):

@@ -10,13 +10,13 @@ from kproxy.errors import InvalidObjectError
 from kproxy.health.healthz import ProxyHealth
 from kproxy.health.metrics import ProxyMetrics
 from kproxy.model.config import ProxyConfig
+from kproxy.model.kinds import Kind
 from kproxy.model.node import NodeInfo
 from kproxy.state.cluster import ClusterState
 from kproxy.state.ingest import combine, replace_all
 from kproxy.sync.loop import StateBox, SyncLoop
 from kproxy.sync.modes import ProxyMode
 from kproxy.watch.manifests import Manifests
-from kproxy.watch.sink import ENDPOINT_SLICE, SERVICE
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,8 @@ def state_from_manifests(
     through `on_invalid` and left out."""
     state = ClusterState()
     load = combine(
-        replace_all(SERVICE, manifests.services),
-        replace_all(ENDPOINT_SLICE, manifests.endpoint_slices),
+        replace_all(Kind.SERVICE, manifests.services),
+        replace_all(Kind.ENDPOINT_SLICE, manifests.endpoint_slices),
     )
     for exc in load(state):
         on_invalid(exc)

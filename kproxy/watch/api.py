@@ -21,8 +21,9 @@ from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
 from kproxy.errors import ConfigError
-from kproxy.state.ingest import Mutation, remove, replace_all, set_node, upsert
-from kproxy.watch.sink import ENDPOINT_SLICE, NODE, SERVICE, Sink
+from kproxy.model.kinds import Kind
+from kproxy.state.ingest import KeyedKind, Mutation, remove, replace_all, set_node, upsert
+from kproxy.watch.sink import Sink
 from kproxy.watch.supervisor import Backoff, Supervisor
 
 log = structlog.get_logger("kproxy.watch")
@@ -54,7 +55,7 @@ def api_client(kubeconfig: str | None) -> client.ApiClient:
 
 @dataclass
 class Resource:
-    kind: str
+    kind: Kind
     list_fn: Callable[..., Any]
     selectors: dict[str, str]
     on_list: Callable[[list[dict[str, Any]]], Mutation]
@@ -85,7 +86,7 @@ class Reflector:
         response = self.resource.list_fn(**self.resource.selectors, _preload_content=False)
         body = json.loads(response.data)
         supervisor.handling = f"{kind} list"
-        self.sink.apply(kind, self.resource.on_list(body.get("items") or []))
+        self.sink.apply(self.resource.on_list(body.get("items") or []))
         self.sink.synced(kind)
         supervisor.handling = None
         supervisor.current()
@@ -106,10 +107,10 @@ class Reflector:
             if supervisor.stop.is_set():
                 w.stop()
                 return
-            kind, raw = event["type"], event["raw_object"]
-            if kind in ("ADDED", "MODIFIED", "DELETED"):
+            change, raw = event["type"], event["raw_object"]
+            if change in ("ADDED", "MODIFIED", "DELETED"):
                 supervisor.handling = f"{self.resource.kind} {_name(raw)}"
-                self.sink.apply(self.resource.kind, self.resource.on_event(kind, raw))
+                self.sink.apply(self.resource.on_event(change, raw))
                 supervisor.handling = None
             supervisor.current()  # an event or a bookmark: the watch is alive and up to date
 
@@ -121,7 +122,7 @@ def _name(obj: Any) -> str:
     return f"{meta.get('namespace') or ''}/{meta.get('name') or '?'}".lstrip("/")
 
 
-def _object_event(kind: str) -> Callable[[str, dict[str, Any]], Mutation]:
+def _object_event(kind: KeyedKind) -> Callable[[str, dict[str, Any]], Mutation]:
     def to_mutation(event: str, obj: dict[str, Any]) -> Mutation:
         return remove(kind, obj) if event == "DELETED" else upsert(kind, obj)
 
@@ -137,21 +138,21 @@ class ApiSource:
         node_selector = {"field_selector": f"metadata.name={node_name}"}
         self.resources = [
             Resource(
-                SERVICE,
+                Kind.SERVICE,
                 core.list_service_for_all_namespaces,
                 {"label_selector": PROXY_LABEL_SELECTOR},
-                lambda items: replace_all(SERVICE, items),
-                _object_event(SERVICE),
+                lambda items: replace_all(Kind.SERVICE, items),
+                _object_event(Kind.SERVICE),
             ),
             Resource(
-                ENDPOINT_SLICE,
+                Kind.ENDPOINT_SLICE,
                 discovery.list_endpoint_slice_for_all_namespaces,
                 {"label_selector": PROXY_LABEL_SELECTOR},
-                lambda items: replace_all(ENDPOINT_SLICE, items),
-                _object_event(ENDPOINT_SLICE),
+                lambda items: replace_all(Kind.ENDPOINT_SLICE, items),
+                _object_event(Kind.ENDPOINT_SLICE),
             ),
             Resource(
-                NODE,
+                Kind.NODE,
                 core.list_node,
                 node_selector,
                 lambda items: set_node(node_name, items),

@@ -20,6 +20,7 @@ from pathlib import Path
 import structlog
 
 from kproxy.errors import ManifestError
+from kproxy.model.kinds import Kind
 from kproxy.state.ingest import Mutation, combine, set_node, set_objects
 from kproxy.watch.inotify import (
     Inotify,
@@ -30,7 +31,7 @@ from kproxy.watch.inotify import (
 )
 from kproxy.watch.manifest_index import FileChange, FileObjects, ManifestIndex
 from kproxy.watch.manifests import SUFFIXES, ManifestParseError, load_file, scan_manifest_files
-from kproxy.watch.sink import ENDPOINT_SLICE, NODE, SERVICE, Sink
+from kproxy.watch.sink import Sink
 from kproxy.watch.supervisor import Backoff, Supervisor
 
 log = structlog.get_logger("kproxy.watch")
@@ -182,7 +183,7 @@ class ManifestSource:
             except Exception as exc:  # one file's failure must not hold back the others
                 failed.append((path, exc))
         if not self._synced and not self._unparsed:
-            for kind in (NODE, SERVICE, ENDPOINT_SLICE):
+            for kind in (Kind.NODE, Kind.SERVICE, Kind.ENDPOINT_SLICE):
                 sink.synced(kind)
             self._synced = True
         if failed:
@@ -213,7 +214,7 @@ class ManifestSource:
         change = self.index.replace(path, new)
         try:
             if not change.empty:
-                sink.apply(_kind_of(change), self._mutation(change))
+                sink.apply(self._mutation(change))
         except Exception:
             self.index.replace(path, previous)  # not applied: the next poll tries again
             raise
@@ -234,14 +235,6 @@ class ManifestSource:
         if change.nodes is not None:
             parts.append(set_node(self.node_name, change.nodes))
         return combine(*parts)
-
-
-def _kind_of(change: FileChange) -> str:
-    """The kind a sink is told about: NODE when the Node may have changed (its labels are then
-    checked); otherwise the kind of the objects changed."""
-    if change.nodes is not None:
-        return NODE
-    return SERVICE if change.objects.get(SERVICE) else ENDPOINT_SLICE
 
 
 def _is_manifest(name: str) -> bool:

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kproxy.model.kinds import Kind
 from kproxy.model.service import NamespacedName
-from kproxy.state.ingest import object_key
+from kproxy.state.ingest import KEYED_KINDS, KeyedKind, object_key
 from kproxy.watch.manifests import Manifests
-from kproxy.watch.sink import ENDPOINT_SLICE, SERVICE
 
 Object = dict[str, Any]
 
@@ -36,8 +36,8 @@ class FileObjects:
             tuple(manifests.nodes),
         )
 
-    def by_kind(self, kind: str) -> Mapping[NamespacedName, Object]:
-        return self.services if kind == SERVICE else self.endpoint_slices
+    def by_kind(self, kind: KeyedKind) -> Mapping[NamespacedName, Object]:
+        return self.services if kind is Kind.SERVICE else self.endpoint_slices
 
 
 EMPTY = FileObjects()
@@ -48,7 +48,7 @@ class FileChange:
     """What replacing one file's objects changes: per kind, each key whose winning object
     differs (None: no file defines it any more), and the nodes of all files if they changed."""
 
-    objects: dict[str, dict[NamespacedName, Object | None]]
+    objects: dict[KeyedKind, dict[NamespacedName, Object | None]]
     nodes: list[Object] | None
 
     @property
@@ -60,7 +60,7 @@ class ManifestIndex:
     def __init__(self) -> None:
         self._files: dict[Path, FileObjects] = {}
         # (kind, key) -> the files defining it, so a change resolves only its own keys.
-        self._holders: dict[tuple[str, NamespacedName], set[Path]] = {}
+        self._holders: dict[tuple[KeyedKind, NamespacedName], set[Path]] = {}
 
     def files(self) -> set[Path]:
         return set(self._files)
@@ -74,7 +74,7 @@ class ManifestIndex:
         new_objects = new or EMPTY
         keys = {
             kind: old.by_kind(kind).keys() | new_objects.by_kind(kind).keys()
-            for kind in (SERVICE, ENDPOINT_SLICE)
+            for kind in KEYED_KINDS
         }
         before = {kind: {k: self._winner(kind, k) for k in ks} for kind, ks in keys.items()}
         self._store(path, old, new)
@@ -89,7 +89,7 @@ class ManifestIndex:
         return change
 
     def _store(self, path: Path, old: FileObjects, new: FileObjects | None) -> None:
-        for kind in (SERVICE, ENDPOINT_SLICE):
+        for kind in KEYED_KINDS:
             for key in old.by_kind(kind):
                 holders = self._holders[(kind, key)]
                 holders.discard(path)
@@ -102,7 +102,7 @@ class ManifestIndex:
         else:
             self._files[path] = new
 
-    def _winner(self, kind: str, key: NamespacedName) -> Object | None:
+    def _winner(self, kind: KeyedKind, key: NamespacedName) -> Object | None:
         holders = self._holders.get((kind, key))
         if not holders:
             return None

@@ -10,18 +10,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
 import yaml
 
 from kproxy.errors import ManifestError
+from kproxy.model.kinds import Kind
 
+log = structlog.get_logger("kproxy.watch")
 SUFFIXES = (".yaml", ".yml", ".json")
 # libyaml's parser when PyYAML was built with it: several times faster on large manifests.
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 # kind -> the apiVersions kproxy understands for it.
-KINDS = {
-    "Service": ("v1",),
-    "EndpointSlice": ("discovery.k8s.io/v1",),
-    "Node": ("v1",),
+KINDS: dict[str, tuple[str, ...]] = {  # keyed by Kind, looked up by any string
+    Kind.SERVICE: ("v1",),
+    Kind.ENDPOINT_SLICE: ("discovery.k8s.io/v1",),
+    Kind.NODE: ("v1",),
 }
 
 
@@ -52,10 +55,18 @@ class Manifests:
                 f"(expected {' or '.join(KINDS[kind])}); ignored"
             )
             return
-        target = {"Service": self.services, "EndpointSlice": self.endpoint_slices}.get(
-            kind, self.nodes
-        )
+        target = {
+            Kind.SERVICE: self.services,
+            Kind.ENDPOINT_SLICE: self.endpoint_slices,
+            Kind.NODE: self.nodes,
+        }[Kind(kind)]
         target.append(dict(obj))
+
+
+def log_ignored_documents(manifests: Manifests, **context: str) -> None:
+    """One warning per ignored document (`context`, such as file=, is bound to each)."""
+    for warning in manifests.warnings:
+        log.warning("manifest_document_ignored", reason=warning, **context)
 
 
 def _with_kind(item: Any, list_kind: str) -> Any:

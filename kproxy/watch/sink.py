@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from kproxy.model.kinds import Kind
 from kproxy.state.ingest import Mutation
-
-SERVICE = "Service"
-ENDPOINT_SLICE = "EndpointSlice"
-NODE = "Node"
 
 
 class Sink(Protocol):
-    def apply(self, kind: str, mutation: Mutation) -> None:
-        """Apply a change of `kind` to the cluster state (under the sink's lock)."""
+    def apply(self, mutation: Mutation) -> None:
+        """Apply a change to the cluster state (under the sink's lock); the mutation names the
+        kinds it changes."""
 
-    def synced(self, kind: str) -> None:
+    def synced(self, kind: Kind) -> None:
         """Every object of `kind` has been listed once."""

@@ -23,12 +23,13 @@ from functools import lru_cache
 from types import ModuleType
 from typing import Any
 
+from kproxy.model.addresses import ip_family
+from kproxy.rules.fragments import STATISTIC_SCALE
 from kproxy.rules.ir import Match, Opt, Rule, Target
 
 COMMENT_SIZE = 256  # xt_comment_info.comment
 RECENT_NAME_SIZE = 200  # xt_recent_mtinfo.name
 TARGET_NAME_SIZE = 29  # xt_entry_target.u.user.name
-STATISTIC_SCALE = 0x80000000
 
 Encoder = Callable[[str], bytes]
 
@@ -82,7 +83,7 @@ def _u32(value: str) -> bytes:
 def _network(cidr: str) -> tuple[bytes, bytes]:
     """(address, mask) bytes of a canonical CIDR such as `10.0.0.1/32` (as rules carry them)."""
     address, _, length = cidr.partition("/")
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    family = socket.AF_INET6 if ip_family(address) == 6 else socket.AF_INET
     packed = socket.inet_pton(family, address)
     bits = len(packed) * 8
     prefix = int(length) if length else bits
@@ -103,7 +104,7 @@ def _split_destination(value: str) -> tuple[bytes, bytes]:
     """(address, port) bytes of a DNAT destination `ip:port` or `[ip6]:port`."""
     host, _, port = value.rpartition(":")
     host = host.strip("[]")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    family = socket.AF_INET6 if ip_family(host) == 6 else socket.AF_INET
     return socket.inet_pton(family, host), struct.pack("!H", int(port))
 
 

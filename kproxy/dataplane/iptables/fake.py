@@ -26,6 +26,7 @@ from kproxy.dataplane.iptables.diff import (
     plan_table_changes_from,
 )
 from kproxy.errors import DataplaneError
+from kproxy.plan.iptables.naming import MAX_CHAIN_NAME
 from kproxy.rules.ir import (
     BUILTIN_CHAINS,
     EXTENSION_TARGETS,
@@ -37,8 +38,6 @@ from kproxy.rules.ir import (
 from kproxy.rules.parse import parse_rule
 from kproxy.rules.render import render_rule
 from kproxy.rules.saved import SavedTable, parse_save, render_saved
-
-MAX_CHAIN_NAME = 28  # libiptc: XT_EXTENSION_MAXNAMELEN - 1
 
 # Target extensions a stock kernel knows (besides the ones kproxy writes).
 KNOWN_TARGETS = (

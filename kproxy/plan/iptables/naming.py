@@ -12,7 +12,7 @@ from kproxy.model.service import ServicePortName
 
 # Prefixes of chains that belong to one service port or endpoint.
 SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-")
-MAX_CHAIN_NAME = 28
+MAX_CHAIN_NAME = 28  # libiptc: XT_EXTENSION_MAXNAMELEN - 1
 
 
 @lru_cache(maxsize=1 << 18)

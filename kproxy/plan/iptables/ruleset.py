@@ -16,6 +16,7 @@ from kproxy.plan.iptables import chains as c
 from kproxy.plan.iptables import naming
 from kproxy.plan.iptables.local_traffic import build_local_detector
 from kproxy.plan.iptables.service_rules import (
+    ZERO_CIDR,
     PlanContext,
     SharedChains,
     of_family,
@@ -73,9 +74,6 @@ def _jump_rules(
 
 def _localhost_nodeports(family: int, config: ProxyConfig) -> bool:
     return family == 4 and config.localhost_nodeports
-
-
-ZERO_CIDR = {4: "0.0.0.0/0", 6: "::/0"}
 
 
 def node_port_cidrs(
@@ -322,8 +320,8 @@ def build_ruleset(
 
 
 def with_canaries(ruleset: Ruleset) -> Ruleset:
-    """The ruleset plus the empty canary chains the agent watches in mangle, nat and filter: when
-    they vanish, something flushed the tables and everything is rewritten."""
+    """The ruleset plus an empty canary chain in mangle, nat and filter, as kube-proxy creates
+    (tools look for it to see that a proxy runs). Nothing in kproxy watches it."""
     canary = Chain(c.KUBE_PROXY_CANARY)
     tables = [replace(t, chains=(*t.chains, canary)) for t in ruleset.tables]
     if ruleset.table("mangle") is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from kproxy.model.addresses import ip_family
 from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.service import ServicePort, ServicePortName
@@ -17,7 +18,7 @@ from kproxy.plan.iptables.local_traffic import LocalDetector
 from kproxy.rules import fragments as f
 from kproxy.rules.ir import Chain, Match, Rule, Target
 
-ZERO_CIDRS = ("0.0.0.0/0", "::/0")
+ZERO_CIDR = {4: "0.0.0.0/0", 6: "::/0"}  # every address of a family
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +62,7 @@ class SharedChains:
 
 def of_family(addresses: tuple[str, ...], family: int) -> tuple[str, ...]:
     """The addresses or CIDRs (validated on the way in) of one family."""
-    return tuple(a for a in addresses if (":" in a) == (family == 6))
+    return tuple(a for a in addresses if ip_family(a) == family)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +116,7 @@ def _port_view(sp: ServicePort, family: int) -> _Port | None:
     if not cluster_ips:
         return None
     ranges = of_family(sp.load_balancer_source_ranges, family)
-    if any(r in ZERO_CIDRS for r in ranges):
+    if ZERO_CIDR[family] in ranges:
         ranges = ()  # an all-addresses range means no filtering
     return _Port(
         sp=sp,
