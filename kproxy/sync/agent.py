@@ -10,6 +10,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from socketserver import BaseServer
 from types import FrameType
 from typing import TypeVar
 
@@ -76,9 +78,34 @@ def _listen(field: str, value: str, start: Callable[[tuple[str, int]], T]) -> T:
         return start(address)
     except OSError as exc:
         raise ConfigError(
-            f"{field} {value}: cannot listen ({exc.strerror}); is kube-proxy (or another kproxy) "
-            "still running on this node? Stop it, or choose another address in the config"
+            f"cannot listen ({exc.strerror}); is kube-proxy (or another kproxy) still running on "
+            "this node? Stop it, or choose another address in the config",
+            field,
+            where=f"{field} {value}",
         ) from exc
+
+
+def _stop(server: BaseServer) -> None:
+    server.shutdown()
+    server.server_close()  # frees the port at once, for a restart in the same process
+
+
+def _start_servers(
+    config: ProxyConfig, health: ProxyHealth, metrics: ProxyMetrics, servers: ExitStack
+) -> None:
+    """/healthz and /metrics, each stopped when `servers` closes (also when the next fails)."""
+    healthz = _listen(
+        "healthzBindAddress",
+        config.healthz_bind_address,
+        lambda address: serve_health(address, health, metrics),
+    )
+    servers.callback(_stop, healthz)
+    metrics_server = _listen(
+        "metricsBindAddress",
+        config.metrics_bind_address,
+        lambda address: start_http_server(address[1], address[0], registry=metrics.registry)[0],
+    )
+    servers.callback(_stop, metrics_server)
 
 
 def _health_check_addresses(config: ProxyConfig, node: NodeInfo) -> tuple[str, ...]:
@@ -93,21 +120,18 @@ def run_agent(
 ) -> None:
     stop = threading.Event()
     metrics = ProxyMetrics()
-    with open_dataplanes(lock_timeout) as dataplanes:
+    with open_dataplanes(lock_timeout) as dataplanes, ExitStack() as servers:
         families = tuple(sorted(dataplanes))
         health = ProxyHealth(timeout=2 * config.sync_period, families=families)
         health.queued()  # nothing is programmed yet: the first sync is owed
         prepare_host(config)
         tune_node(config)
-        healthz = serve_health(
-            parse_bind_address(config.healthz_bind_address, "healthz"), health, metrics
-        )
-        host, port = parse_bind_address(config.metrics_bind_address, "metrics")
-        metrics_server, _ = start_http_server(port, host, registry=metrics.registry)
+        _start_servers(config, health, metrics, servers)
         service_health = ServiceHealthServers(
             _health_check_addresses(config, with_host_facts(NodeInfo(name=node_name))),
             proxy_healthy=lambda: health.status()[0],
         )
+        servers.callback(service_health.close)
         box = StateBox(node_name, health, metrics)
         _stop_on_signals(stop, box.changed)
         loop = SyncLoop(
@@ -127,14 +151,9 @@ def run_agent(
             healthz=config.healthz_bind_address,
             metrics=config.metrics_bind_address,
         )
-        try:
-            sources = start_source(box, stop)
-            # A source is stale after the health timeout (each may allow itself longer: an idle
-            # API watch); health then fails, as it does for a sync owed too long.
-            health.source_problems = source_problems(sources, health.timeout)
-            loop.run(stop)
-        finally:
-            service_health.close()
-            healthz.shutdown()
-            metrics_server.shutdown()
+        sources = start_source(box, stop)
+        # A source is stale after the health timeout (each may allow itself longer: an idle
+        # API watch); health then fails, as it does for a sync owed too long.
+        health.source_problems = source_problems(sources, health.timeout)
+        loop.run(stop)
     log.info("agent_stopped", rules="left in place")
