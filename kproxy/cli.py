@@ -121,6 +121,16 @@ def common_options(fn: F) -> F:
     return fn
 
 
+lock_timeout_option = click.option(
+    "--lock-timeout",
+    type=float,
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for /run/xtables.lock (XTABLES_LOCKFILE moves it) before giving up.",
+)
+
+
 @click.group()
 @click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True)
 def cli(log_level: str) -> None:
@@ -129,7 +139,7 @@ def cli(log_level: str) -> None:
 
 
 @cli.command()
-@click.option("--once", is_flag=True, help="Program the tables once and exit.")
+@click.option("--once", is_flag=True, required=True, help="Program the tables once and exit.")
 @click.option(
     "--manifests",
     "manifests_path",
@@ -137,13 +147,7 @@ def cli(log_level: str) -> None:
     type=click.Path(exists=True),
     help="YAML/JSON file or directory with Services, EndpointSlices and Nodes.",
 )
-@click.option(
-    "--lock-timeout",
-    type=float,
-    default=5.0,
-    show_default=True,
-    help="Seconds to wait for /run/xtables.lock.",
-)
+@lock_timeout_option
 @common_options
 def sync(
     once: bool,
@@ -203,7 +207,7 @@ def dump(
 
 
 @cli.command()
-@click.option("--lock-timeout", type=float, default=5.0, show_default=True)
+@lock_timeout_option
 def cleanup(lock_timeout: float) -> None:
     """Remove every chain and jump rule kproxy or kube-proxy (iptables mode) created."""
     result = ApplyResult()
@@ -268,11 +272,11 @@ def given_flags(params: Mapping[str, Any]) -> dict[str, Any]:
 )
 @click.option(
     "--kubeconfig",
-    type=click.Path(dir_okay=False),
+    type=click.Path(exists=True, dir_okay=False),
     help="Kubeconfig file; default: the config's clientConnection.kubeconfig, in-cluster "
     "credentials, KUBECONFIG or ~/.kube/config.",
 )
-@click.option("--lock-timeout", type=float, default=5.0, show_default=True)
+@lock_timeout_option
 @click.option("--cleanup", "cleanup_only", is_flag=True, help="Remove the rules and exit.")
 @click.option("--v", "verbosity", type=int, default=None, help="kube-proxy's log verbosity.")
 @kube_proxy_flags

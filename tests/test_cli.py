@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -200,3 +201,17 @@ def test_boolean_flags_take_go_forms_only() -> None:
         result = CliRunner().invoke(cli, ["run", f"--masquerade-all={value}", "--cleanup"])
         assert result.exit_code == 2, value
         assert f"{value!r} is not a boolean; use true or false (1, t," in result.stderr
+
+
+def test_help_shows_once_required_and_explains_lock_timeout() -> None:
+    sync_help = CliRunner().invoke(cli, ["sync", "--help"]).stdout
+    assert re.search(r"--once .*\[required\]", sync_help)
+    for command in ("sync", "cleanup", "run"):
+        text = CliRunner().invoke(cli, [command, "--help"]).stdout
+        assert "--lock-timeout SECONDS" in text and "/run/xtables.lock" in text, command
+
+
+def test_a_missing_kubeconfig_is_named() -> None:
+    result = CliRunner().invoke(cli, ["run", "--kubeconfig", "/nonexistent/kubeconfig"])
+    assert result.exit_code == 2
+    assert "'/nonexistent/kubeconfig' does not exist" in result.stderr
