@@ -18,6 +18,7 @@ from kproxy.dataplane.diff import owned_part
 from kproxy.dataplane.families import open_dataplanes
 from kproxy.dataplane.host import (
     prepare_host,
+    route_localnet_left,
     with_host_facts,
 )
 from kproxy.dataplane.iptables import read_tables
@@ -216,6 +217,11 @@ def cleanup(lock_timeout: float) -> None:
             result.tables.extend(dataplane.cleanup().tables)
     removed_jumps = sum(len(p) for t in result.tables for p in t.remove_jumps.values())
     click.echo(f"removed {result.chains_removed} chains and {removed_jumps} jump rules")
+    if route_localnet_left():
+        click.echo(
+            "left net.ipv4.conf.all.route_localnet=1 (another program may need it; KUBE-FIREWALL "
+            "still guards it): `sysctl -w net.ipv4.conf.all.route_localnet=0` if nothing does"
+        )
 
 
 class GoBool(click.ParamType[bool]):
