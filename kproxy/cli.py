@@ -248,7 +248,7 @@ def kube_proxy_flags(fn: F) -> F:
     for f in reversed(FIELDS):
         if f.flag is None or f.flag in _COMMON_FLAGS:
             continue
-        help_text = f"{f.help} ({f.path})"
+        help_text = f"{f.help.rstrip('.')} ({f.path})."
         if f.flag_type is bool:  # as Go's flags: `--masquerade-all` or `--masquerade-all=false`
             option = click.option(
                 f.flag, type=GoBool(), is_flag=False, flag_value=True, default=None, help=help_text
