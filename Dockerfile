@@ -1,4 +1,4 @@
-# kproxy's container image: `make image` (docker build -t kproxy:dev .). Not built in CI.
+# kproxy's container image: `make image` (docker build -t kproxy:latest .). Not built in CI.
 #
 # Why Debian 12 (bookworm): python-iptables drives libiptc and libxtables directly, and it breaks
 # on iptables 1.8.11 (match parameters such as `--dport` are refused: ldx/python-iptables#353).

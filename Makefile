@@ -45,8 +45,11 @@ bench: venv
 	$(PY) -m bench.sync_bench --services 10000
 
 # The container image (needs a container engine; not built in CI, the Dockerfile is linted there).
+# The tag is the one daemonset/kustomization.yaml and daemonset.yaml name, so a locally loaded
+# image (kind load docker-image kproxy:latest) runs as it is; tests/test_daemonset.py checks this.
+IMAGE ?= kproxy:latest
 image:
-	docker build -t kproxy:dev .
+	docker build -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

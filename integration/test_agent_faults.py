@@ -221,3 +221,15 @@ def test_healthz_turns_503_while_syncs_stall_and_200_after(node: AgentNode) -> N
         if line.startswith("kubeproxy_sync_proxy_rules_iptables_restore_failures_total ")
     ]
     assert failures and float(failures[0].split()[1]) >= 1, failures
+
+
+def test_a_second_agent_on_a_busy_healthz_port_says_so_and_exits(node: AgentNode) -> None:
+    _web(node, "192.168.1.10")
+    first = node.start_agent()
+    second = node.start_agent(wait=False)
+    assert second.proc.wait(timeout=60) == 1
+    log = second.log_path.read_text()
+    assert f"kproxy: error: healthzBindAddress 0.0.0.0:{HEALTHZ_PORT}: cannot listen" in log
+    assert "another kproxy" in log and "Traceback" not in log
+    assert first.proc.poll() is None  # the first agent is untouched
+    assert node.http_get(HEALTHZ_PORT, "/healthz")[0] == 200

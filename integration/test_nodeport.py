@@ -125,3 +125,20 @@ def test_client_ip_affinity_holds_through_a_node_port(cluster: Cluster) -> None:
     assert result.failed == 0, result
     # Without affinity, 30 connections all landing on one of two endpoints: p = 2e-9.
     assert len(result.answers) == 1, result
+
+
+def test_cleanup_leaves_route_localnet_on_and_says_so(cluster: Cluster) -> None:
+    web = cluster.backend("web-1", "192.168.1.10", TARGET)
+    cluster.service("web", VIP, PORT, [web], TARGET, node_port=NODE_PORT)
+    cluster.sync()
+
+    said = cluster.kproxy("cleanup").splitlines()
+
+    assert said[0].startswith("removed ") and said[1].startswith(
+        "left net.ipv4.conf.all.route_localnet=1"
+    ), said
+    assert cluster.node.run("cat", ROUTE_LOCALNET).stdout.strip() == "1"
+    # The guard that makes it safe stays (kubelet's chain as much as kproxy's).
+    assert ":KUBE-FIREWALL" in cluster.node.run("iptables-legacy-save", "-t", "filter").stdout
+    cluster.node.run("sysctl", "-qw", "net.ipv4.conf.all.route_localnet=0")
+    assert len(cluster.kproxy("cleanup").splitlines()) == 1  # nothing to say when it is off

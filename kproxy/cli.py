@@ -14,11 +14,20 @@ import structlog
 import yaml
 
 from kproxy.dataplane.host import (
+    route_localnet_left,
     with_host_facts,
 )
-from kproxy.errors import ConfigError, InvalidObjectError, KproxyError
+from kproxy.errors import (
+    ConfigError,
+    InvalidObjectError,
+    KproxyError,
+    at_line,
+    describe_yaml_error,
+)
 from kproxy.logs import LEVELS, configure_logging
-from kproxy.model.config import FLAG_FIELDS, ProxyConfig, with_flags
+from kproxy.model.config import ProxyConfig, with_flags
+from kproxy.model.config_fields import BY_FLAG, FIELDS, suggest_field
+from kproxy.model.config_values import GO_FALSE, GO_TRUE, parse_go_bool
 from kproxy.model.node import NodeInfo
 from kproxy.state.ingest import node_for
 from kproxy.sync.agent import SourceStarter, run_agent
@@ -34,14 +43,19 @@ F = TypeVar("F", bound=Callable[..., Any])
 def read_config_doc(path: str | None) -> dict[str, Any]:
     if path is None:
         return {}
+    where = f"--config {path}"
     try:
         doc = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"--config {path}: cannot read ({exc.strerror})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"cannot read ({reason})", where=where) from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--config {path}: invalid YAML ({exc})") from exc
+        line, problem = describe_yaml_error(exc)
+        raise ConfigError(at_line(line, problem), where=where) from exc
+    except RecursionError as exc:  # absurdly deep nesting: the constructor recurses per level
+        raise ConfigError("nested too deeply", where=where) from exc
     if doc is not None and not isinstance(doc, dict):
-        raise ConfigError(f"--config {path}: expected a KubeProxyConfiguration mapping")
+        raise ConfigError("expected a KubeProxyConfiguration mapping", where=where)
     return doc or {}
 
 
@@ -49,7 +63,11 @@ def load_config_file(path: str | None, flags: Mapping[str, Any] | None = None) -
     """The config file (if any) with explicitly given kube-proxy flags laid over it."""
     config, ignored = with_flags(read_config_doc(path), flags or {})
     for field in ignored:
-        log.warning("config_field_ignored", field=field, file=path)
+        suggestion = suggest_field(field)
+        if suggestion:
+            log.warning("config_field_ignored", field=field, file=path, did_you_mean=suggestion)
+        else:
+            log.warning("config_field_ignored", field=field, file=path)
     return config
 
 
@@ -97,6 +115,16 @@ def common_options(fn: F) -> F:
     return fn
 
 
+lock_timeout_option = click.option(
+    "--lock-timeout",
+    type=float,
+    default=5.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for /run/xtables.lock (XTABLES_LOCKFILE moves it) before giving up.",
+)
+
+
 @click.group()
 @click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True)
 def cli(log_level: str) -> None:
@@ -105,7 +133,7 @@ def cli(log_level: str) -> None:
 
 
 @cli.command()
-@click.option("--once", is_flag=True, help="Program the tables once and exit.")
+@click.option("--once", is_flag=True, required=True, help="Program the tables once and exit.")
 @click.option(
     "--manifests",
     "manifests_path",
@@ -113,13 +141,7 @@ def cli(log_level: str) -> None:
     type=click.Path(exists=True),
     help="YAML/JSON file or directory with Services, EndpointSlices and Nodes.",
 )
-@click.option(
-    "--lock-timeout",
-    type=float,
-    default=5.0,
-    show_default=True,
-    help="Seconds to wait for /run/xtables.lock.",
-)
+@lock_timeout_option
 @common_options
 def sync(
     once: bool,
@@ -176,53 +198,62 @@ def dump(
 
 
 @cli.command()
-@click.option("--lock-timeout", type=float, default=5.0, show_default=True)
+@lock_timeout_option
 def cleanup(lock_timeout: float) -> None:
     """Remove every chain and jump rule kproxy or kube-proxy (iptables mode) created."""
     with proxy_mode(ProxyConfig()).open_dataplane(lock_timeout) as dataplane:
         result = dataplane.cleanup()
     removed_jumps = sum(len(p) for t in result.tables for p in t.remove_jumps.values())
     click.echo(f"removed {result.chains_removed} chains and {removed_jumps} jump rules")
+    if route_localnet_left():
+        click.echo(
+            "left net.ipv4.conf.all.route_localnet=1 (another program may need it; KUBE-FIREWALL "
+            "still guards it): `sysctl -w net.ipv4.conf.all.route_localnet=0` if nothing does"
+        )
+
+
+class GoBool(click.ParamType[bool]):
+    """A boolean in Go's forms only (strconv.ParseBool), as kube-proxy's flags take them."""
+
+    name = "boolean"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> bool:
+        if isinstance(value, bool):
+            return value
+        parsed = parse_go_bool(str(value))
+        if parsed is None:
+            forms = ", ".join(GO_TRUE + GO_FALSE)
+            self.fail(f"{value!r} is not a boolean; use true or false ({forms})", param, ctx)
+        return parsed
+
+
+# Declared by common_options, as sync and dump take it too.
+_COMMON_FLAGS = ("--hostname-override",)
 
 
 def kube_proxy_flags(fn: F) -> F:
     """kube-proxy's own flags, under the same names, so its DaemonSet's command line works."""
-    specs: list[tuple[str, Any, str]] = [
-        ("--cluster-cidr", str, "Pod network CIDR(s), comma-separated (clusterCIDR)."),
-        ("--masquerade-all", bool, "Masquerade all Service traffic (iptables.masqueradeAll)."),
-        ("--iptables-sync-period", str, "Longest wait between syncs (iptables.syncPeriod)."),
-        ("--iptables-min-sync-period", str, "Shortest wait between syncs (minSyncPeriod)."),
-        ("--iptables-masquerade-bit", int, "fwmark bit for SNAT, 0-31 (masqueradeBit)."),
-        ("--iptables-localhost-nodeports", bool, "NodePorts on 127.0.0.1 (localhostNodePorts)."),
-        ("--nodeport-addresses", str, "CIDRs or 'primary', comma-separated."),
-        ("--healthz-bind-address", str, "host:port of /healthz and /livez."),
-        ("--metrics-bind-address", str, "host:port of /metrics."),
-        ("--bind-address", str, "The node's IP when the Node object gives none."),
-        ("--detect-local-mode", str, "How pod traffic is recognised (detectLocalMode)."),
-        ("--proxy-mode", str, "Only 'iptables' is implemented (mode)."),
-        ("--oom-score-adj", int, "OOM score of the process (oomScoreAdj)."),
-    ]
-    for flag, kind, help_text in reversed(specs):
-        if kind is bool:  # as Go's flags: `--masquerade-all` or `--masquerade-all=false`
+    for f in reversed(FIELDS):
+        if f.flag is None or f.flag in _COMMON_FLAGS:
+            continue
+        help_text = f"{f.help.rstrip('.')} ({f.path})."
+        if f.flag_type is bool:  # as Go's flags: `--masquerade-all` or `--masquerade-all=false`
             option = click.option(
-                flag, type=click.BOOL, is_flag=False, flag_value=True, default=None, help=help_text
+                f.flag, type=GoBool(), is_flag=False, flag_value=True, default=None, help=help_text
             )
         else:
-            option = click.option(flag, type=kind, default=None, help=help_text)
+            option = click.option(f.flag, type=f.flag_type, default=None, help=help_text)
         fn = option(fn)
     return fn
 
 
 def given_flags(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The kube-proxy flags given on the command line, as KubeProxyConfiguration values."""
+    """The kube-proxy flags given on the command line, by flag name."""
     flags: dict[str, Any] = {}
-    for flag in FLAG_FIELDS:
+    for flag in BY_FLAG:
         value = params.get(flag[2:].replace("-", "_"))
-        if value is None:
-            continue
-        if flag == "--nodeport-addresses":
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        flags[flag] = value
+        if value is not None:
+            flags[flag] = value
     return flags
 
 
@@ -235,11 +266,11 @@ def given_flags(params: Mapping[str, Any]) -> dict[str, Any]:
 )
 @click.option(
     "--kubeconfig",
-    type=click.Path(dir_okay=False),
+    type=click.Path(exists=True, dir_okay=False),
     help="Kubeconfig file; default: the config's clientConnection.kubeconfig, in-cluster "
     "credentials, KUBECONFIG or ~/.kube/config.",
 )
-@click.option("--lock-timeout", type=float, default=5.0, show_default=True)
+@lock_timeout_option
 @click.option("--cleanup", "cleanup_only", is_flag=True, help="Remove the rules and exit.")
 @click.option("--v", "verbosity", type=int, default=None, help="kube-proxy's log verbosity.")
 @kube_proxy_flags
@@ -309,7 +340,8 @@ def main() -> None:
     except click.Abort:
         sys.exit(130)
     except KproxyError as exc:
-        log.error("command_failed", error=str(exc))
+        # Said once, as a plain line like click's usage errors: a log line as well only repeated
+        # it. Whatever led up to it was logged where it happened.
         click.echo(f"kproxy: error: {exc}", err=True)
         sys.exit(1)
 

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,62 @@ def test_bad_flag_value_names_the_flag(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert "--iptables-masquerade-bit: 40 must be an integer from 0 to 31" in proc.stderr
+
+
+def _kproxy(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kproxy.cli", *args], capture_output=True, text=True, check=False
+    )
+
+
+def test_a_fatal_error_is_said_once(tmp_path: Path) -> None:
+    config = write(tmp_path, "kind: KubeProxyConfiguration\nmode: ipvs\n", "config.yaml")
+    proc = _kproxy("dump", "--manifests", write(tmp_path, MANIFESTS), "--config", config)
+    assert proc.returncode == 1
+    assert proc.stderr.count("is not supported") == 1, proc.stderr
+
+
+def test_invalid_config_yaml_names_the_file_and_line(tmp_path: Path) -> None:
+    config = write(tmp_path, "kind: KubeProxyConfiguration\niptables:\n  a: 1\n b: [\n", "c.yaml")
+    result = CliRunner().invoke(
+        cli, ["dump", "--manifests", write(tmp_path, MANIFESTS), "--config", config]
+    )
+    assert result.exit_code == 1
+    message = str(result.exception)
+    assert message.startswith(f"--config {config}: line 4: invalid YAML (")
+    assert "\n" not in message and "unicode string" not in message
+
+
+def test_a_misspelt_field_is_named_with_the_near_one(tmp_path: Path) -> None:
+    config = write(tmp_path, "kind: KubeProxyConfiguration\nclusterCidr: 10.0.0.0/8\n", "c.yaml")
+    result = CliRunner().invoke(
+        cli, ["dump", "--manifests", write(tmp_path, MANIFESTS), "--config", config]
+    )
+    assert result.exit_code == 0, result.output
+    assert '"did_you_mean": "clusterCIDR"' in result.stderr
+
+
+def test_boolean_flags_take_go_forms_only() -> None:
+    assert _run_flags(["--masquerade-all"]) == {"--masquerade-all": True}
+    assert _run_flags(["--masquerade-all=F"]) == {"--masquerade-all": False}
+    assert _run_flags(["--iptables-localhost-nodeports=TRUE"]) == {
+        "--iptables-localhost-nodeports": True
+    }
+    for value in ("yes", "maybe", "on", ""):
+        result = CliRunner().invoke(cli, ["run", f"--masquerade-all={value}", "--cleanup"])
+        assert result.exit_code == 2, value
+        assert f"{value!r} is not a boolean; use true or false (1, t," in result.stderr
+
+
+def test_help_shows_once_required_and_explains_lock_timeout() -> None:
+    sync_help = CliRunner().invoke(cli, ["sync", "--help"]).stdout
+    assert re.search(r"--once .*\[required\]", sync_help)
+    for command in ("sync", "cleanup", "run"):
+        text = CliRunner().invoke(cli, [command, "--help"]).stdout
+        assert "--lock-timeout SECONDS" in text and "/run/xtables.lock" in text, command
+
+
+def test_a_missing_kubeconfig_is_named() -> None:
+    result = CliRunner().invoke(cli, ["run", "--kubeconfig", "/nonexistent/kubeconfig"])
+    assert result.exit_code == 2
+    assert "'/nonexistent/kubeconfig' does not exist" in result.stderr

@@ -5,6 +5,7 @@ least-privilege RBAC, a DaemonSet set up as a node proxy must be, and a ConfigMa
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -306,3 +307,15 @@ def test_config_is_a_kube_proxy_configuration_kproxy_accepts(
     assert config.healthz_bind_address == "0.0.0.0:10256"
     assert config.metrics_bind_address == "127.0.0.1:10249"
     assert doc["conntrack"] == {"maxPerCore": 32768, "min": 131072}
+
+
+def test_make_image_builds_the_tag_the_daemonset_runs() -> None:
+    makefile = (DAEMONSET_DIR.parent / "Makefile").read_text()
+    built = re.search(r"^IMAGE \?= (\S+)$", makefile, re.MULTILINE)
+    assert built is not None and "docker build -t $(IMAGE) ." in makefile
+    kustomization = yaml.safe_load((DAEMONSET_DIR / "kustomization.yaml").read_text())
+    (image,) = [i for i in kustomization["images"] if i["name"] == "kproxy"]
+    assert built.group(1) == f"{image['newName']}:{image['newTag']}"
+    daemonset = yaml.safe_load((DAEMONSET_DIR / "daemonset.yaml").read_text())
+    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == built.group(1)

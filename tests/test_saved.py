@@ -151,3 +151,11 @@ def test_rendered_comments_read_back_as_one_line(comment: str) -> None:
     line = render_rule("X", rule)
     assert parse_save(f"*nat\n:X - [0:0]\n{line}\nCOMMIT\n")["nat"].chains["X"] == [line]
     assert parse_rule(line) == ("X", rule)
+
+
+def test_a_rule_left_open_reads_back_the_same_after_the_lines_it_could_not_read() -> None:
+    # Found by the property below: rendered after the unparsed line, the open quote ran into it.
+    text = '*nat\ny" -j KUBE-SERVICES\n-A PREROUTING -m comment --comment "x\\"\nCOMMIT\n'
+    tables = parse_save(text)
+    assert tables["nat"].unparsed == ['y" -j KUBE-SERVICES']
+    assert parse_save(render_saved(tables)) == tables

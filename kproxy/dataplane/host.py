@@ -69,6 +69,14 @@ def apply_sysctls(sysctls: Iterable[tuple[str, str]]) -> None:
             log.info("sysctl_set", name=name, value=value, reason="the rules rely on it")
 
 
+def route_localnet_left() -> bool:
+    """Whether route_localnet is on, which cleanup leaves as it is (as `kube-proxy --cleanup`
+    does): nothing records whether kproxy or another program turned it on, and another may rely
+    on it. Left on, it is still guarded: cleanup keeps KUBE-FIREWALL, which drops packets to
+    127.0.0.0/8 that did not come from loopback."""
+    return read_sysctl(ROUTE_LOCALNET) == "1"
+
+
 CONNTRACK_TIMEOUTS = {
     "tcp_established_timeout": "net/netfilter/nf_conntrack_tcp_timeout_established",
     "tcp_close_wait_timeout": "net/netfilter/nf_conntrack_tcp_timeout_close_wait",

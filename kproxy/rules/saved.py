@@ -103,14 +103,14 @@ def parse_save(text: str) -> dict[str, SavedTable]:
 
 
 def render_saved(tables: dict[str, SavedTable]) -> str:
-    """SavedTables back to iptables-save text (user chains declared, rules verbatim, unparsed
-    lines last), tables in the same order as planned rulesets render."""
+    """SavedTables back to iptables-save text (user chains declared, unparsed lines, rules
+    verbatim), tables in the same order as planned rulesets render."""
     out = []
     for table in sorted(tables.values(), key=lambda t: table_rank(t.name)):
         out.append(f"*{table.name}")
         out.extend(f":{name} - [0:0]" for name in table.chains if name not in table.policies)
+        out.extend(table.unparsed)  # first: a rule's quote left open must not run into them
         for lines in table.chains.values():
             out.extend(lines)
-        out.extend(table.unparsed)
         out.append("COMMIT")
     return "\n".join(out) + "\n" if out else ""

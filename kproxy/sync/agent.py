@@ -9,6 +9,8 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from socketserver import BaseServer
 from types import FrameType
 from typing import TypeVar
 
@@ -17,14 +19,13 @@ from prometheus_client import start_http_server
 
 from kproxy.dataplane.conntrack import delete_stale_udp_flows
 from kproxy.dataplane.host import tune_node, with_host_facts
-from kproxy.dataplane.iptables.node import open_iptables_node
 from kproxy.errors import ConfigError
 from kproxy.health.healthz import ProxyHealth, serve_health
 from kproxy.health.metrics import ProxyMetrics
 from kproxy.health.service_health import ServiceHealthServers
 from kproxy.model.config import ProxyConfig, parse_bind_address
-from kproxy.plan.iptables.planner import IptablesPlanner
 from kproxy.sync.loop import StateBox, SyncLoop
+from kproxy.sync.modes import proxy_mode
 from kproxy.watch.sink import Sink
 from kproxy.watch.supervisor import Supervisor, source_problems
 
@@ -54,9 +55,34 @@ def _listen(field: str, value: str, start: Callable[[tuple[str, int]], T]) -> T:
         return start(address)
     except OSError as exc:
         raise ConfigError(
-            f"{field} {value}: cannot listen ({exc.strerror}); is kube-proxy (or another kproxy) "
-            "still running on this node? Stop it, or choose another address in the config"
+            f"cannot listen ({exc.strerror}); is kube-proxy (or another kproxy) still running on "
+            "this node? Stop it, or choose another address in the config",
+            field,
+            where=f"{field} {value}",
         ) from exc
+
+
+def _stop(server: BaseServer) -> None:
+    server.shutdown()
+    server.server_close()  # frees the port at once, for a restart in the same process
+
+
+def _start_servers(
+    config: ProxyConfig, health: ProxyHealth, metrics: ProxyMetrics, servers: ExitStack
+) -> None:
+    """/healthz and /metrics, each stopped when `servers` closes (also when the next fails)."""
+    healthz = _listen(
+        "healthzBindAddress",
+        config.healthz_bind_address,
+        lambda address: serve_health(address, health, metrics),
+    )
+    servers.callback(_stop, healthz)
+    metrics_server = _listen(
+        "metricsBindAddress",
+        config.metrics_bind_address,
+        lambda address: start_http_server(address[1], address[0], registry=metrics.registry)[0],
+    )
+    servers.callback(_stop, metrics_server)
 
 
 def run_agent(
@@ -64,24 +90,22 @@ def run_agent(
 ) -> None:
     stop = threading.Event()
     metrics = ProxyMetrics()
-    with open_iptables_node(lock_timeout) as dataplane:
+    mode = proxy_mode(config)
+    with mode.open_dataplane(lock_timeout) as dataplane, ExitStack() as servers:
         families = dataplane.families
         health = ProxyHealth(timeout=2 * config.sync_period, families=families)
         health.queued()  # nothing is programmed yet: the first sync is owed
         tune_node(config)
-        healthz = serve_health(
-            parse_bind_address(config.healthz_bind_address, "healthz"), health, metrics
-        )
-        host, port = parse_bind_address(config.metrics_bind_address, "metrics")
-        metrics_server, _ = start_http_server(port, host, registry=metrics.registry)
+        _start_servers(config, health, metrics, servers)
         # Its addresses come with each plan (they depend on the Node and nodePortAddresses).
         service_health = ServiceHealthServers((), proxy_healthy=lambda: health.status()[0])
+        servers.callback(service_health.close)
         box = StateBox(node_name, health, metrics)
         _stop_on_signals(stop, box.changed)
         loop = SyncLoop(
             box=box,
             config=config,
-            planner=IptablesPlanner(config),
+            planner=mode.planner(config),
             dataplane=dataplane,
             metrics=metrics,
             health=health,
@@ -96,14 +120,9 @@ def run_agent(
             healthz=config.healthz_bind_address,
             metrics=config.metrics_bind_address,
         )
-        try:
-            sources = start_source(box, stop)
-            # A source is stale after the health timeout (each may allow itself longer: an idle
-            # API watch); health then fails, as it does for a sync owed too long.
-            health.source_problems = source_problems(sources, health.timeout)
-            loop.run(stop)
-        finally:
-            service_health.close()
-            healthz.shutdown()
-            metrics_server.shutdown()
+        sources = start_source(box, stop)
+        # A source is stale after the health timeout (each may allow itself longer: an idle
+        # API watch); health then fails, as it does for a sync owed too long.
+        health.source_problems = source_problems(sources, health.timeout)
+        loop.run(stop)
     log.info("agent_stopped", rules="left in place")

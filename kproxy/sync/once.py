@@ -19,30 +19,40 @@ from kproxy.sync.modes import ProxyMode
 from kproxy.watch.manifests import Manifests
 
 
+def _count(n: int, noun: str, plural: str | None = None) -> str:
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 @dataclass(frozen=True)
 class SyncReport:
     services: int
     service_ports: int
-    endpoints: int
-    addresses: int
+    endpoints: int  # ready endpoints, per service port
+    addresses: int  # distinct IPs of the ready endpoints
     result: ApplyResult
     seconds: float
+    not_ready: int = 0  # endpoints listed but not ready (serving-terminating, or neither)
 
     def summary(self, seconds: float | None = None) -> str:
-        """One line; `seconds` overrides the sync's own time (e.g. with process start-up)."""
+        """One line. The time is the sync's own, as its `sync_completed` log says; `seconds`,
+        when given, is the whole command's (with process start-up), shown beside it."""
+        not_ready = f", {self.not_ready} not ready" if self.not_ready else ""
         head = (
-            f"synced {self.services} services ({self.service_ports} ports), "
-            f"{self.endpoints} endpoints ({self.addresses} addresses): "
+            f"synced {_count(self.services, 'service')} "
+            f"({_count(self.service_ports, 'port')}), "
+            f"{_count(self.endpoints, 'ready endpoint')} "
+            f"({_count(self.addresses, 'address', 'addresses')}){not_ready}: "
         )
         r = self.result
         if not r.changed:
-            body = f"no changes, {r.chains_unchanged} chains already up to date"
+            body = f"no changes, {_count(r.chains_unchanged, 'chain')} already up to date"
         else:
             body = (
-                f"wrote {r.chains_written} chains ({r.rules_written} rules), "
-                f"removed {r.chains_removed} chains, {r.chains_unchanged} unchanged"
+                f"wrote {_count(r.chains_written, 'chain')} ({_count(r.rules_written, 'rule')}), "
+                f"removed {_count(r.chains_removed, 'chain')}, {r.chains_unchanged} unchanged"
             )
-        return f"{head}{body}, in {self.seconds if seconds is None else seconds:.2f}s"
+        total = "" if seconds is None else f" ({seconds:.2f}s with start-up)"
+        return f"{head}{body}, in {self.seconds:.2f}s{total}"
 
 
 def state_from_manifests(
@@ -79,8 +89,9 @@ def sync_once(
     return SyncReport(
         services=len({spn.service for spn in services}),
         service_ports=len(services),
-        endpoints=sum(len(endpoints.get(spn, ())) for spn in services),
-        addresses=len({ep.ip for spn in services for ep in endpoints.get(spn, ())}),
+        endpoints=sum(ep.ready for spn in services for ep in endpoints.get(spn, ())),
+        addresses=len({ep.ip for spn in services for ep in endpoints.get(spn, ()) if ep.ready}),
         result=outcome.result,
         seconds=outcome.seconds,
+        not_ready=sum(not ep.ready for spn in services for ep in endpoints.get(spn, ())),
     )

@@ -1,0 +1,158 @@
+"""Parsers of KubeProxyConfiguration values. Each takes the raw value and the field's path (for
+the error) and returns the value kproxy keeps, or raises ConfigError naming the field."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable
+from typing import Any
+
+from kproxy.errors import ConfigError
+
+# (raw value, the field's path) -> the value kept.
+Parser = Callable[[Any, str], Any]
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s|us|µs|ns)")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+# strconv.ParseBool's forms, which kube-proxy's boolean flags accept; nothing else.
+GO_TRUE = ("1", "t", "T", "TRUE", "true", "True")
+GO_FALSE = ("0", "f", "F", "FALSE", "false", "False")
+
+
+def parse_duration(value: Any, field: str) -> float:
+    """A Go duration string (`30s`, `1m0s`, `500ms`) in seconds; negative ones are refused."""
+    text = str(value).strip()
+    sign, body = (text[0], text[1:]) if text[:1] in ("-", "+") else ("", text)
+    pos, total = 0, 0.0
+    for m in _DURATION_PART.finditer(body):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+        pos = m.end()
+    if not body or pos != len(body):
+        raise ConfigError(f"{value!r} is not a duration such as 30s or 1m0s", field)
+    if sign == "-" and total:
+        raise ConfigError(f"{value!r} is negative; give 0s or more", field)
+    return total
+
+
+def parse_go_bool(text: str) -> bool | None:
+    """True or False for one of Go's boolean forms, None for anything else."""
+    if text in GO_TRUE:
+        return True
+    return False if text in GO_FALSE else None
+
+
+def parse_cidrs(value: Any, field: str) -> tuple[str, ...]:
+    """Comma-separated CIDRs, normalised (host bits cleared)."""
+    cidrs = []
+    for part in str(value).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            cidrs.append(str(ipaddress.ip_network(part, strict=False)))
+        except ValueError as exc:
+            raise ConfigError(f"{part!r} is not a CIDR ({exc})", field) from exc
+    return tuple(cidrs)
+
+
+def parse_bit(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 31:
+        raise ConfigError(f"{value!r} must be an integer from 0 to 31", field)
+    return value
+
+
+def parse_bool(value: Any, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{value!r} must be true or false", field)
+    return value
+
+
+def parse_text(value: Any, field: str) -> str:
+    return str(value)
+
+
+def parse_node_port_addresses(value: Any, field: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError("expected a list of CIDRs or 'primary'", field)
+    result: list[str] = []
+    for i, item in enumerate(value):
+        if item == "primary":
+            result.append("primary")
+        else:
+            result.extend(parse_cidrs(item, f"{field}[{i}]"))
+    return tuple(result)
+
+
+def parse_bind_address(value: str, field: str) -> tuple[str, int]:
+    """`host:port` (`[v6]:port`, or `:port` for all addresses) as (host, port)."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not sep or not 0 <= number <= 65535:
+        raise ConfigError(f"{value!r} is not an address:port", field)
+    return host, number
+
+
+def parse_listen_address(value: Any, field: str) -> str:
+    """A bind address kept as text (the servers parse it again when they start)."""
+    parse_bind_address(str(value), field)
+    return str(value)
+
+
+def parse_node_ip(value: Any, field: str) -> str:
+    """kube-proxy's bindAddress: an IP, where 0.0.0.0 and :: name no address ("")."""
+    try:
+        address = ipaddress.ip_address(str(value))
+    except ValueError:
+        raise ConfigError(f"{value!r} is not an IP address", field) from None
+    return "" if address.is_unspecified else str(address)
+
+
+def parse_oom_score_adj(value: Any, field: str) -> int | None:
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or not -1000 <= value <= 1000
+    ):
+        raise ConfigError(f"{value!r} must be -1000..1000", field)
+    score: int | None = value
+    return score
+
+
+def parse_conntrack_count(value: Any, field: str) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{value!r} must be an integer >= 0", field)
+    return value or None  # 0 leaves the kernel's value, as upstream
+
+
+def parse_conntrack_timeout(value: Any, field: str) -> float | None:
+    return parse_duration(value, field) or None  # 0s leaves the kernel's value, as upstream
+
+
+def expect(wanted: str) -> Parser:
+    """A parser that accepts only `wanted` (kind, apiVersion)."""
+
+    def check(value: Any, field: str) -> None:
+        if value != wanted:
+            raise ConfigError(f"{value!r}, expected {wanted}", field)
+
+    return check
+
+
+def one_of(choices: tuple[str, ...]) -> Parser:
+    def check(value: Any, field: str) -> str:
+        if value not in choices:
+            raise ConfigError(f"{value!r} is not one of {', '.join(choices)}", field)
+        return str(value)
+
+    return check
+
+
+def parse_mode(value: Any, field: str) -> None:
+    if value != "iptables":
+        raise ConfigError(f"{value!r} is not supported; kproxy implements iptables mode", field)
