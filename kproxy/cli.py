@@ -152,8 +152,6 @@ def sync(
 ) -> None:
     """Program this network namespace's netfilter tables from manifests."""
     started = time.monotonic()
-    if not once:
-        raise click.UsageError("sync needs --once (it programs the tables once and exits)")
     manifests = read_manifests(manifests_path)
     node, config = _node_and_config(manifests, config_path, hostname)
     state = state_from_manifests(manifests, _report_invalid)

@@ -30,7 +30,13 @@ from kproxy.watch.inotify import (
     blind_filesystem,
 )
 from kproxy.watch.manifest_index import FileChange, FileObjects, ManifestIndex
-from kproxy.watch.manifests import SUFFIXES, ManifestParseError, load_file, scan_manifest_files
+from kproxy.watch.manifests import (
+    SUFFIXES,
+    ManifestParseError,
+    load_file,
+    log_ignored_documents,
+    scan_manifest_files,
+)
 from kproxy.watch.sink import Sink
 from kproxy.watch.supervisor import Backoff, Supervisor
 
@@ -207,8 +213,7 @@ class ManifestSource:
                     kept="last good objects" if path in self.index.files() else "none",
                 )
                 return
-            for warning in manifests.warnings:
-                log.warning("manifest_document_ignored", file=str(path), reason=warning)
+            log_ignored_documents(manifests, file=str(path))
             new = FileObjects.of(manifests)
         previous = self.index.get(path) if path in self.index.files() else None
         change = self.index.replace(path, new)
