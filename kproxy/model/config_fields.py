@@ -1,5 +1,6 @@
 """The one table of KubeProxyConfiguration fields kproxy reads. It drives parsing, kube-proxy's
-command-line flags, the warning for every other field, and the README's table of fields."""
+command-line flags, the warning for every other field, and the table of fields in
+docs/configuration.md."""
 
 from __future__ import annotations
 
@@ -60,8 +61,8 @@ class Field:
     path: str  # dotted, e.g. `iptables.masqueradeBit`
     attr: str | None  # ProxyConfig attribute (`conntrack.min` for ConntrackConfig); None: checked
     parse: Parser
-    default: str  # as the README shows it
-    doc: str  # the README's "what kproxy does with it"
+    default: str  # as docs/configuration.md shows it
+    doc: str  # docs/configuration.md's "what kproxy does with it"
     flag: str | None = None  # kube-proxy's flag for it
     help: str = ""  # the flag's help text
     flag_type: type = str  # str, int or bool: what the command line gives
