@@ -10,6 +10,7 @@ reported, so the rules in the kernel stay as they are.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,12 +46,26 @@ def api_client(kubeconfig: str | None) -> client.ApiClient:
             return client.ApiClient()
         except config.ConfigException:
             pass
+    for path in _kubeconfig_paths(kubeconfig):
+        if not os.path.isfile(path):
+            # The client would only say "Invalid kube-config file. No configuration found."
+            raise ConfigError(f"kubeconfig {path} does not exist (or is not a file)")
     try:
         api: client.ApiClient = config.new_client_from_config(config_file=kubeconfig)
         return api
     except (config.ConfigException, OSError) as exc:
         where = kubeconfig or "KUBECONFIG / ~/.kube/config"
         raise ConfigError(f"no usable Kubernetes credentials in {where}: {exc}") from exc
+
+
+def _kubeconfig_paths(kubeconfig: str | None) -> list[str]:
+    """The file that must exist: the one named (flag or clientConnection.kubeconfig), else the
+    one KUBECONFIG names. A KUBECONFIG list is merged by the client, which skips missing files;
+    with neither, the client's own default applies."""
+    if kubeconfig:
+        return [kubeconfig]
+    listed = [p for p in os.environ.get("KUBECONFIG", "").split(os.pathsep) if p]
+    return listed if len(listed) == 1 else []
 
 
 @dataclass
