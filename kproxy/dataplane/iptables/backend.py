@@ -165,9 +165,12 @@ class IptablesDataplane:
         if kept is not None:
             changes = plan_table_changes_from(desired, kept.applied)
             if changes is not None and self._kept_copy_holds(desired.name, changes, kept, images):
-                if not changes.empty:
-                    self._write(changes)
-                return changes
+                try:
+                    if not changes.empty:
+                        self._write(changes)
+                    return changes
+                except _Refused:
+                    pass  # a writer without the lock came in between: read the kernel instead
         return self._commit(desired.name, lambda saved: plan_table_changes(desired, saved))
 
     def _kept_copy_holds(

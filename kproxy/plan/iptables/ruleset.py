@@ -340,7 +340,7 @@ def build_node_ruleset(
     """What kproxy writes on a node for one family: the planned rules and the canary chains.
     The one definition `sync --once`, the agent and `dump --manifests` share, so a dump predicts
     exactly what a sync leaves."""
-    return with_canaries(build_ruleset(services, endpoints, node, config, family, cache))
+    return plan_node_ruleset(services, endpoints, node, config, family, cache).ruleset
 
 
 def plan_node_ruleset(
