@@ -100,3 +100,7 @@ def test_userspace_golden(name: str) -> None:
         return
     assert path.exists(), f"{path} missing: generate it with KPROXY_UPDATE_GOLDEN=1 and review it"
     assert text == path.read_text()
+
+
+def test_every_userspace_golden_file_has_a_case() -> None:
+    assert {p.stem for p in GOLDEN.glob("userspace_*.rules")} <= set(GOLDEN_CASES)
