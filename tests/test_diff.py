@@ -11,7 +11,7 @@ from kproxy.dataplane.iptables.diff import (
     plan_table_changes,
 )
 from kproxy.dataplane.iptables.fake import FakeDataplane
-from kproxy.plan.iptables.chains import is_owned_chain
+from kproxy.plan.iptables.chains import is_cleanup_chain, is_owned_chain
 from kproxy.rules import fragments as f
 from kproxy.rules.ir import Chain, JumpRule, Rule, Table
 from kproxy.rules.render import render_rule
@@ -180,3 +180,59 @@ def test_second_plan_after_applying_a_scenario_is_empty(name: str) -> None:
     dp.apply(ruleset)
     for table in ruleset.tables:
         assert plan_table_changes(table, dp.read()[table.name]).empty
+
+
+PORTALS = '-m comment --comment "handle ClusterIPs; NOTE: this must be before the NodePort rules"'
+NODEPORTS = (
+    "-m addrtype --dst-type LOCAL -m comment --comment "
+    '"handle service NodePorts; NOTE: this must be the last rule in the chain"'
+)
+USERSPACE_LEFTOVERS = f"""*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:KUBE-NODEPORT-CONTAINER - [0:0]
+:KUBE-NODEPORT-HOST - [0:0]
+:KUBE-PORTALS-CONTAINER - [0:0]
+:KUBE-PORTALS-HOST - [0:0]
+:KUBE-SERVICES - [0:0]
+-A PREROUTING {PORTALS} -j KUBE-PORTALS-CONTAINER
+-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A PREROUTING -j CNI-HOSTPORT-DNAT
+-A PREROUTING {NODEPORTS} -j KUBE-NODEPORT-CONTAINER
+-A OUTPUT {PORTALS} -j KUBE-PORTALS-HOST
+-A OUTPUT {NODEPORTS} -j KUBE-NODEPORT-HOST
+-A KUBE-PORTALS-CONTAINER -d 172.30.0.1/32 -p tcp -m tcp --dport 443 -j REDIRECT --to-ports 36001
+COMMIT
+"""
+
+
+def test_cleanup_removes_the_userspace_modes_leftovers_too() -> None:
+    changes = plan_cleanup(parse_save(USERSPACE_LEFTOVERS)["nat"])
+    assert changes.remove_jumps == {"PREROUTING": [0, 1, 3], "OUTPUT": [0, 1]}
+    assert changes.delete == [
+        "KUBE-NODEPORT-CONTAINER",
+        "KUBE-NODEPORT-HOST",
+        "KUBE-PORTALS-CONTAINER",
+        "KUBE-PORTALS-HOST",
+        "KUBE-SERVICES",
+    ]
+
+
+def test_cleanup_removes_the_userspace_filter_chain() -> None:
+    text = (
+        "*filter\n:INPUT ACCEPT [0:0]\n:KUBE-NODEPORT-NON-LOCAL - [0:0]\n"
+        '-A INPUT -m comment --comment "Ensure that non-local NodePort traffic can flow"'
+        " -j KUBE-NODEPORT-NON-LOCAL\nCOMMIT\n"
+    )
+    changes = plan_cleanup(parse_save(text)["filter"])
+    assert changes.remove_jumps == {"INPUT": [0]}
+    assert changes.delete == ["KUBE-NODEPORT-NON-LOCAL"]
+
+
+@pytest.mark.parametrize("name", ["KUBE-PORTALS-CONTAINER", "KUBE-NODEPORT-NON-LOCAL"])
+def test_a_sync_does_not_own_the_userspace_chains(name: str) -> None:
+    # The iptables mode's sync must not delete them while built-in chains still jump there.
+    assert not is_owned_chain(name)
+    assert is_cleanup_chain(name)

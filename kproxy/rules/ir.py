@@ -28,7 +28,7 @@ def table_rank(name: str) -> int:
 STANDARD_TARGETS = frozenset({"ACCEPT", "DROP", "RETURN", "QUEUE"})
 
 # Target extensions kproxy writes; anything else in a target position is a chain name.
-EXTENSION_TARGETS = frozenset({"DNAT", "SNAT", "MASQUERADE", "MARK", "REJECT"})
+EXTENSION_TARGETS = frozenset({"DNAT", "SNAT", "MASQUERADE", "MARK", "REJECT", "REDIRECT"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +115,8 @@ class Chain:
 
 @dataclass(frozen=True, slots=True)
 class JumpRule:
-    """A rule kproxy keeps at the top of a built-in chain (e.g. nat OUTPUT -> KUBE-SERVICES).
+    """A rule kproxy keeps at the top of a built-in chain (e.g. nat OUTPUT -> KUBE-SERVICES), or
+    at its bottom when `append` (the userspace mode's NodePort jumps must come last).
 
     Built-in chains are shared with kubelet, the CNI and the administrator, so kproxy only ensures
     its own jump rules there and never rewrites the chain.
@@ -123,6 +124,7 @@ class JumpRule:
 
     chain: str
     rule: Rule
+    append: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,10 +75,12 @@ def render_table(table: Table) -> str:
     lines = [f"*{table.name}"]
     chains = sorted(table.chains, key=lambda c: c.name)
     lines.extend(f":{c.name} - [0:0]" for c in chains)
-    # Each jump is inserted at the top of its chain, so the kernel holds them in reverse order.
+    # Each jump is inserted at the top of its chain, so the kernel holds them in reverse order;
+    # appended ones follow in their own order (other programs' rules may sit in between).
     for builtin in BUILTIN_CHAINS.get(table.name, ()):
         jumps = [j for j in table.jumps if j.chain == builtin]
-        lines.extend(render_rule(j.chain, j.rule) for j in reversed(jumps))
+        lines.extend(render_rule(j.chain, j.rule) for j in reversed(jumps) if not j.append)
+        lines.extend(render_rule(j.chain, j.rule) for j in jumps if j.append)
     for chain in chains:
         lines.extend(render_rule(chain.name, rule) for rule in chain.rules)
     lines.append("COMMIT")

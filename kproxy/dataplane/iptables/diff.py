@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kproxy.plan.iptables.chains import is_owned_chain, is_written_chain
+from kproxy.plan.iptables.chains import is_cleanup_chain, is_owned_chain, is_written_chain
 from kproxy.rules.ir import BUILTIN_CHAINS, Chain, JumpRule, Table
 from kproxy.rules.parse import parse_rule
 from kproxy.rules.render import render_rule
@@ -95,18 +95,18 @@ def plan_table_changes_from(desired: Table, applied: Table) -> TableChanges | No
 
 
 def plan_cleanup(current: SavedTable) -> TableChanges:
-    """Remove every owned chain and every rule in a built-in chain that jumps to one."""
+    """Remove every chain of either mode and every rule in a built-in chain that jumps to one."""
     changes = TableChanges(current.name)
     builtins = BUILTIN_CHAINS.get(current.name, ())
     for chain in builtins:
         positions = [
             i
             for i, line in enumerate(current.chains.get(chain, []))
-            if _jumps_to(line, is_owned_chain)
+            if _jumps_to(line, is_cleanup_chain)
         ]
         if positions:
             changes.remove_jumps[chain] = positions
-    changes.delete = sorted(n for n in current.chains if n not in builtins and is_owned_chain(n))
+    changes.delete = sorted(n for n in current.chains if n not in builtins and is_cleanup_chain(n))
     return changes
 
 

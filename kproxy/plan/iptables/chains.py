@@ -4,6 +4,7 @@ planner that writes them and by the dataplane that decides what it may delete.""
 from __future__ import annotations
 
 from kproxy.plan.iptables.naming import is_service_chain
+from kproxy.plan.userspace.chains import is_userspace_chain
 
 # Top-level chains kproxy (and upstream kube-proxy's iptables mode) creates and owns outright.
 KUBE_SERVICES = "KUBE-SERVICES"
@@ -42,3 +43,10 @@ def is_owned_chain(name: str) -> bool:
 def is_written_chain(name: str) -> bool:
     """Chains kproxy writes: its own and the shared ones (what `dump` shows)."""
     return is_owned_chain(name) or name in SHARED_CHAINS
+
+
+def is_cleanup_chain(name: str) -> bool:
+    """Chains `kproxy cleanup` removes: every mode's, so a node left by either mode (or by
+    upstream's userspace proxier) is clean. A sync never deletes the other mode's chains: their
+    jump rules would still reference them."""
+    return is_owned_chain(name) or is_userspace_chain(name)

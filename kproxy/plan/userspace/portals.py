@@ -1,0 +1,194 @@
+"""The portal rules in front of the userspace mode's listeners, as a pure function of the
+listeners and the proxy ports they got when bound (known only after binding).
+
+Chains, jump positions, match order, targets and comments follow upstream kube-proxy's userspace
+proxier, so either implementation's cleanup removes the other's rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from kproxy.model.config import ProxyConfig
+from kproxy.model.endpoint import Endpoint
+from kproxy.model.node import NodeInfo
+from kproxy.model.service import Protocol, ServicePortName
+from kproxy.plan.iptables.naming import spn_text
+from kproxy.plan.userspace import chains as c
+from kproxy.rules import fragments as f
+from kproxy.rules.ir import Chain, JumpRule, Match, Opt, Rule, Ruleset, Table, Target
+
+WILDCARD = {4: "0.0.0.0", 6: "::"}
+LOOPBACK_PREFIX = {4: "127.", 6: "::1"}
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """One proxy socket: a service port of one family, where it binds and where it sends."""
+
+    name: ServicePortName
+    family: int
+    bind_address: str  # the family's wildcard, or bindAddress
+    cluster_ip: str
+    port: int
+    external_ips: tuple[str, ...] = ()
+    load_balancer_ips: tuple[str, ...] = ()
+    node_port: int = 0
+    # Chosen by plan/endpoints.py as the iptables mode chooses them: ClusterIP traffic follows
+    # internalTrafficPolicy, NodePort/externalIP/LB traffic externalTrafficPolicy.
+    internal_endpoints: tuple[Endpoint, ...] = ()
+    external_endpoints: tuple[Endpoint, ...] = ()
+    affinity_seconds: int | None = None  # ClientIP affinity timeout; None for no affinity
+    # (address, port) sockets held but never served, so nothing else takes a port a portal
+    # answers on: "" is every address (NodePorts).
+    held_ports: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def protocol(self) -> Protocol:
+        return self.name.protocol
+
+    def endpoints_for(self, original_destination: str) -> tuple[Endpoint, ...]:
+        """The endpoints for a client that addressed `original_destination` (SO_ORIGINAL_DST)."""
+        if original_destination == self.cluster_ip:
+            return self.internal_endpoints
+        return self.external_endpoints
+
+
+def is_wildcard(address: str) -> bool:
+    return address in ("", *WILDCARD.values())
+
+
+def host_ip(node: NodeInfo, config: ProxyConfig, family: int) -> str | None:
+    """Where host traffic is DNATed: bindAddress when set, else the node's primary address of the
+    family, else its first non-loopback local one (upstream: the default route's interface)."""
+    if not is_wildcard(config.bind_address):
+        return config.bind_address if _family(config.bind_address) == family else None
+    for address in (*node.primary_ips, *node.local_addresses):
+        if _family(address) == family and not address.startswith(LOOPBACK_PREFIX[family]):
+            return address
+    return None
+
+
+def _family(address: str) -> int:
+    return 6 if ":" in address else 4
+
+
+def _host_port(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if _family(address) == 6 else f"{address}:{port}"
+
+
+def _portal(
+    listener: Listener,
+    dport: int,
+    target: Target,
+    address: str | None = None,
+    *extra: Match,
+) -> Rule:
+    """Upstream's common match: comment, protocol, port, [-d address], extra matches."""
+    proto = listener.protocol.lower
+    return Rule(
+        dst=f.cidr(address) if address else None,
+        protocol=proto,
+        matches=(f.comment(spn_text(listener.name)), f.protocol_match(proto, dport), *extra),
+        target=target,
+    )
+
+
+PHYSDEV_NOT_BRIDGED = Match("physdev", (Opt("physdev-is-in", invert=True),))
+DST_LOCAL = f.addrtype("LOCAL")
+NEW_STATE = Match("state", (Opt("state", "NEW"),))
+
+
+@dataclass
+class _PortalChains:
+    container: list[Rule]
+    host: list[Rule]
+    nodeport_container: list[Rule]
+    nodeport_host: list[Rule]
+    non_local: list[Rule]
+
+
+def _container_target(listener: Listener, proxy_port: int) -> Target:
+    """REDIRECT when bound to the wildcard (replies leave by the interface the packet came in
+    on), else DNAT to the one address the listener has."""
+    if is_wildcard(listener.bind_address):
+        return Target("REDIRECT", (Opt("to-ports", str(proxy_port)),))
+    return f.dnat(_host_port(listener.bind_address, proxy_port))
+
+
+def _add_listener(
+    out: _PortalChains, listener: Listener, proxy_port: int, host: str | None
+) -> None:
+    into = _container_target(listener, proxy_port)
+    to_host = f.dnat(_host_port(host, proxy_port)) if host else None
+    port = listener.port
+    for ip in (listener.cluster_ip,):
+        out.container.append(_portal(listener, port, into, ip))
+        if to_host:
+            out.host.append(_portal(listener, port, to_host, ip))
+    for ip in listener.external_ips:
+        out.container.append(_portal(listener, port, into, ip, PHYSDEV_NOT_BRIDGED))
+        out.container.append(_portal(listener, port, into, ip, DST_LOCAL))
+        if to_host:
+            out.host.append(_portal(listener, port, to_host, ip, DST_LOCAL))
+    for ip in listener.load_balancer_ips:
+        out.container.append(_portal(listener, port, into, ip))
+        if to_host:
+            out.host.append(_portal(listener, port, to_host, ip))
+    if listener.node_port:
+        out.nodeport_container.append(_portal(listener, listener.node_port, into))
+        if to_host:
+            out.nodeport_host.append(_portal(listener, listener.node_port, to_host))
+        out.non_local.append(_portal(listener, proxy_port, f.ACCEPT, None, NEW_STATE))
+
+
+def _jump(chain: str, target: str, text: str, append: bool = False, *extra: Match) -> JumpRule:
+    rule = Rule(matches=(*extra, f.comment(text)), target=f.jump(target))
+    return JumpRule(chain, rule, append=append)
+
+
+def portal_jumps() -> tuple[tuple[JumpRule, ...], tuple[JumpRule, ...]]:
+    """(nat, filter) jumps from built-in chains: the portal ones first in PREROUTING/OUTPUT, the
+    NodePort ones last (an LB IP configured as a local address must hit its portal, not an
+    unrelated NodePort of the same number)."""
+    nat = (
+        _jump("PREROUTING", c.PORTALS_CONTAINER, c.PORTALS_COMMENT),
+        _jump("OUTPUT", c.PORTALS_HOST, c.PORTALS_COMMENT),
+        _jump("PREROUTING", c.NODEPORT_CONTAINER, c.NODEPORTS_COMMENT, True, DST_LOCAL),
+        _jump("OUTPUT", c.NODEPORT_HOST, c.NODEPORTS_COMMENT, True, DST_LOCAL),
+    )
+    filter_ = (_jump("INPUT", c.NODEPORT_NON_LOCAL, c.NON_LOCAL_COMMENT),)
+    return nat, filter_
+
+
+def build_portal_ruleset(
+    listeners: tuple[Listener, ...],
+    proxy_ports: Mapping[ServicePortName, int],
+    node: NodeInfo,
+    config: ProxyConfig,
+    family: int,
+) -> Ruleset:
+    """The five chains and their jumps for the listeners of one family that are bound (in
+    `proxy_ports`); a listener without a proxy port gets no rules."""
+    host = host_ip(node, config, family)
+    out = _PortalChains([], [], [], [], [])
+    for listener in sorted(listeners, key=lambda lis: str(lis.name)):
+        proxy_port = proxy_ports.get(listener.name)
+        if listener.family == family and proxy_port:
+            _add_listener(out, listener, proxy_port, host)
+    nat_jumps, filter_jumps = portal_jumps()
+    nat = Table(
+        "nat",
+        (
+            Chain(c.PORTALS_CONTAINER, tuple(out.container)),
+            Chain(c.PORTALS_HOST, tuple(out.host)),
+            Chain(c.NODEPORT_CONTAINER, tuple(out.nodeport_container)),
+            Chain(c.NODEPORT_HOST, tuple(out.nodeport_host)),
+        ),
+        nat_jumps,
+    )
+    filter_table = Table(
+        "filter", (Chain(c.NODEPORT_NON_LOCAL, tuple(out.non_local)),), filter_jumps
+    )
+    return Ruleset(family, (filter_table, nat))

@@ -1,0 +1,106 @@
+"""Golden tests of the userspace mode: scenario -> the portal rules as iptables-save text, compared
+with tests/golden/userspace_*.rules.
+
+After a deliberate change, regenerate with
+`KPROXY_UPDATE_GOLDEN=1 .venv/bin/pytest tests/test_userspace_golden.py` and review the diff line
+by line against upstream's userspace proxier (chains, jump positions, match order, targets,
+comments) before keeping it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import scenarios
+from scenarios import (
+    NODE,
+    NODE_IP,
+    Scenario,
+    endpoint,
+    endpoint_slice,
+    service,
+    service_port,
+    slice_port,
+)
+
+from kproxy.model.node import NodeInfo
+from kproxy.plan.userspace.planner import UserspacePlanner
+from kproxy.rules.render import render_ruleset
+
+GOLDEN = Path(__file__).parent / "golden"
+UPDATE = os.environ.get("KPROXY_UPDATE_GOLDEN") == "1"
+FIRST_PROXY_PORT = 36000
+
+
+def portals() -> Scenario:
+    """A LoadBalancer TCP service (externalIP, LB IP, NodePort) and a UDP ClusterIP service."""
+    web = service(
+        "web",
+        "172.30.0.10",
+        [service_port(80, "http", node_port=30080)],
+        namespace="ns1",
+        type="LoadBalancer",
+        externalIPs=["192.0.2.10"],
+        lb_ingress=["198.51.100.10"],
+    )
+    dns = service("dns", "172.30.0.53", [service_port(53, "dns", protocol="UDP")], namespace="ns1")
+    return Scenario(
+        services=[web, dns],
+        slices=[
+            endpoint_slice(
+                "web", "web-a", [slice_port(8080, "http")], [endpoint("10.20.0.1")], namespace="ns1"
+            ),
+            endpoint_slice(
+                "dns",
+                "dns-a",
+                [slice_port(53, "dns", "UDP")],
+                [endpoint("10.20.0.2")],
+                namespace="ns1",
+            ),
+        ],
+        config=scenarios.CLUSTER_CIDR,
+        node=NodeInfo(NODE, local_addresses=(NODE_IP, "127.0.0.1"), primary_ips=(NODE_IP,)),
+    )
+
+
+def render(scenario: Scenario) -> str:
+    state = scenario.state()
+    plan = UserspacePlanner(scenario.config).plan(
+        state.services_map(), state.endpoints_map(), scenario.node, (4,)
+    )
+    part = plan.kernel.families[4]
+    ports = {lis.name: FIRST_PROXY_PORT + i for i, lis in enumerate(part.listeners)}
+    return render_ruleset(part.ruleset(ports))
+
+
+BIND_IP = "192.168.1.20"
+
+
+def bound_to_node_ip() -> Scenario:
+    """bindAddress is a second address of the node: container and host traffic DNAT to it."""
+    scenario = portals()
+    node = replace(scenario.node, local_addresses=(*scenario.node.local_addresses, BIND_IP))
+    return replace(scenario, config=replace(scenario.config, bind_address=BIND_IP), node=node)
+
+
+GOLDEN_CASES = {
+    "userspace_wildcard": lambda: render(portals()),
+    "userspace_bind_address": lambda: render(bound_to_node_ip()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
+def test_userspace_golden(name: str) -> None:
+    text = GOLDEN_CASES[name]()
+    path = GOLDEN / f"{name}.rules"
+    if UPDATE:
+        path.write_text(text)
+        return
+    assert path.exists(), f"{path} missing: generate it with KPROXY_UPDATE_GOLDEN=1 and review it"
+    assert text == path.read_text()
+
+
+def test_every_userspace_golden_file_has_a_case() -> None:
+    assert {p.stem for p in GOLDEN.glob("userspace_*.rules")} <= set(GOLDEN_CASES)
