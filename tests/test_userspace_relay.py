@@ -224,3 +224,62 @@ def test_udp_without_endpoints_drops_and_a_removed_port_closes(relay: Relay) -> 
     relay.sync({})
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind((LOOPBACK, port))  # the port is free again
+
+
+def test_many_concurrent_bulk_connections_arrive_intact(relay: Relay) -> None:
+    server = TcpServer("s")
+    port = relay.sync({"svc": tcp(server.addr)}).ports["svc"]
+    payloads = [bytes([i]) * (200_000 + i * 7919) for i in range(24)]
+    replies: dict[int, bytes] = {}
+
+    def one(i: int) -> None:
+        replies[i] = request(port, payloads[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(payloads))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert all(replies[i] == b"s:" + p for i, p in enumerate(payloads))
+    wait_until(lambda: relay.counters()["svc"]["active_connections"] == 0)
+    assert relay.counters()["svc"]["bytes_to_endpoint"] == sum(map(len, payloads))
+
+
+def test_an_endpoint_reset_resets_the_client() -> None:
+    with socket.socket() as listener:
+        listener.bind((LOOPBACK, 0))
+        listener.listen(1)
+        relay = Relay(rng=NoShuffle())
+        relay.start()
+        try:
+            spec = tcp((LOOPBACK, listener.getsockname()[1]))
+            port = relay.sync({"svc": spec}).ports["svc"]
+            with socket.create_connection((LOOPBACK, port), timeout=3) as client:
+                backend, _ = listener.accept()
+                client.sendall(b"hi")
+                assert backend.recv(2) == b"hi"  # the relay is past its dial: relaying now
+                backend.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+                backend.close()
+                with pytest.raises(ConnectionResetError):
+                    client.recv(10)
+        finally:
+            relay.stop()
+
+
+def test_stop_ends_open_connections_and_forgets_removed_counters() -> None:
+    server = TcpServer("s", mode="echo")
+    relay = Relay()
+    relay.start()
+    port = relay.sync({"svc": tcp(server.addr)}).ports["svc"]
+    with socket.create_connection((LOOPBACK, port), timeout=3) as sock:
+        sock.sendall(b"a")
+        assert sock.recv(1) == b"a"
+        relay.sync({})
+        assert "svc" in relay.counters()  # its connection still runs
+        relay.stop()
+        assert not relay.alive()
+        assert sock.recv(1) in (b"",)  # closed by the stop, not left hanging
+    relay.start()
+    relay.sync({})
+    assert relay.counters() == {}
+    relay.stop()

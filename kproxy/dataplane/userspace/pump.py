@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import os
 import socket
@@ -137,20 +136,3 @@ async def copy_pump(src: socket.socket, dst: socket.socket, count: Count) -> Non
             return
         await loop.sock_sendall(dst, data)
         count(len(data))
-
-
-def splice_works(sock: socket.socket) -> bool:
-    """Whether this kernel splices from this kind of socket (a zero-length probe)."""
-    if not HAS_SPLICE:
-        return False
-    r, w = _open_pipe()
-    try:
-        os.splice(sock.fileno(), w, 0, flags=os.SPLICE_F_NONBLOCK)
-    except BlockingIOError:
-        return True
-    except OSError as exc:
-        return exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
-    finally:
-        os.close(r)
-        os.close(w)
-    return True

@@ -128,6 +128,10 @@ class Relay:
                 result.errors[key] = str(exc)
         for running in self._running.values():
             running.listener.balancer.sweep_affinity()
+        # A removed service port's counters stay while its connections run, then go.
+        for key in [k for k, c in self._counters.items() if k not in wanted]:
+            if self._counters[key].active_connections == 0:
+                del self._counters[key]
         return result
 
     def _ensure(self, key: ListenerKey, spec: ListenerSpec) -> int:
