@@ -283,3 +283,20 @@ def test_stop_ends_open_connections_and_forgets_removed_counters() -> None:
     relay.sync({})
     assert relay.counters() == {}
     relay.stop()
+
+
+def test_a_connection_without_a_pipe_falls_back_to_copying(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kproxy.dataplane.userspace import pump
+
+    def no_pipe() -> tuple[int, int]:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(pump, "_open_pipe", no_pipe)
+    server = TcpServer("s")
+    relay = Relay(use_splice=True)
+    relay.start()
+    try:
+        port = relay.sync({"svc": tcp(server.addr)}).ports["svc"]
+        assert request(port, b"x" * 100_000) == b"s:" + b"x" * 100_000
+    finally:
+        relay.stop()

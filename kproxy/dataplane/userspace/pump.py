@@ -119,7 +119,12 @@ class _SpliceDirection:
 
 async def splice_pump(src: socket.socket, dst: socket.socket, count: Count) -> None:
     """Move bytes until src reaches EOF (returns) or either side fails (raises OSError)."""
-    direction = _SpliceDirection(src, dst, count)
+    try:
+        direction = _SpliceDirection(src, dst, count)
+    except OSError:
+        # No pipe to be had (EMFILE): this connection still works, through a buffer.
+        await copy_pump(src, dst, count)
+        return
     try:
         direction.start()
         await direction.done

@@ -6,7 +6,9 @@ on the relay's loop, so the listeners, balancers and counters need no locks."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import resource
 import socket
 import threading
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -75,6 +77,7 @@ class Relay:
     def start(self) -> None:
         if self._thread is not None:
             return
+        raise_open_files_limit()
         loop = asyncio.new_event_loop()
         self._loop = loop
         self._thread = threading.Thread(
@@ -113,7 +116,13 @@ class Relay:
             coro.close()
             raise DataplaneError("relay is not started (call Relay.start() first)")
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        return future.result(SYNC_TIMEOUT)
+        try:
+            return future.result(SYNC_TIMEOUT)
+        except TimeoutError:
+            future.cancel()
+            raise DataplaneError(
+                f"relay loop did not answer within {SYNC_TIMEOUT:g} s (alive: {self.alive()})"
+            ) from None
 
     # -- the loop's side ---------------------------------------------------------------------
 
@@ -182,6 +191,15 @@ class Relay:
         for task in list(self._connections):
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
+
+
+def raise_open_files_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: a spliced connection holds six descriptors (two
+    sockets, two pipes), so the usual soft 1024 would cap the relay near 170 connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _bind(spec: ListenerSpec, port: int) -> socket.socket:
