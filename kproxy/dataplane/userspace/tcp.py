@@ -143,6 +143,9 @@ class TcpListener:
     def close(self) -> None:
         if self._accepting is not None:
             self._accepting.cancel()
+        # Unregister now: the cancelled accept would unregister the fd number later, and a new
+        # listener opened in the same sync may have been given that number by then.
+        asyncio.get_running_loop().remove_reader(self.sock.fileno())
         self.sock.close()
 
     async def _accept_loop(self) -> None:
