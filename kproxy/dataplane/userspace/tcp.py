@@ -1,0 +1,178 @@
+"""TCP service ports: accept, dial an endpoint with upstream's retries, relay both ways."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kproxy.dataplane.userspace.balancer import EndpointAddr, LoadBalancerRR, NoEndpointsError
+from kproxy.dataplane.userspace.pump import Count, copy_pump, splice_pump
+from kproxy.dataplane.userspace.spec import ServicePortCounters
+
+
+@dataclass(frozen=True)
+class TcpOptions:
+    dial_timeouts: Sequence[float]
+    use_splice: bool
+
+
+def family_of(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
+def reset_close(sock: socket.socket) -> None:
+    """Close with RST (linger 0): the peer sees a reset at once, never a hang or a clean EOF."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def _pick(
+    balancer: LoadBalancerRR, client_ip: str, reset: bool, failed: set[EndpointAddr]
+) -> EndpointAddr:
+    """The next endpoint, skipping ones this dial already failed on while others remain.
+
+    Other connections advance the same rotation, so upstream's plain "next" can hand a retry
+    the endpoint that just failed; trying each endpoint before repeating one is what the
+    retry is for."""
+    endpoint = balancer.next_endpoint(client_ip, reset=reset)
+    for _ in range(len(balancer.endpoints)):
+        if endpoint not in failed:
+            break
+        endpoint = balancer.next_endpoint(client_ip, reset=True)
+    return endpoint
+
+
+async def dial_endpoint(
+    balancer: LoadBalancerRR,
+    client_ip: str,
+    options: TcpOptions,
+    counters: ServicePortCounters,
+) -> socket.socket | None:
+    """A connected socket to an endpoint, or None when there is none or every attempt failed.
+
+    A refusal fails at once and the next endpoint is tried; a silent endpoint costs one timeout."""
+    loop = asyncio.get_running_loop()
+    failed: set[EndpointAddr] = set()
+    for attempt, timeout in enumerate(options.dial_timeouts):
+        try:
+            endpoint = _pick(balancer, client_ip, attempt > 0, failed)
+        except NoEndpointsError:
+            return None
+        sock = socket.socket(family_of(endpoint[0]), socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, endpoint), timeout)
+        except (OSError, TimeoutError):
+            sock.close()
+            counters.dial_failures += 1
+            failed.add(endpoint)
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    return None
+
+
+async def relay_connection(
+    client: socket.socket,
+    backend: socket.socket,
+    counters: ServicePortCounters,
+    use_splice: bool,
+) -> None:
+    """Both directions until both reached EOF; an error in either resets both sides.
+
+    Half-close is propagated (one side's EOF becomes SHUT_WR on the other), which upstream
+    did not do: a client that shuts down writing still gets its reply."""
+    pump = splice_pump if use_splice else copy_pump
+
+    def to_endpoint(n: int) -> None:
+        counters.bytes_to_endpoint += n
+
+    def to_client(n: int) -> None:
+        counters.bytes_to_client += n
+
+    async def direction(src: socket.socket, dst: socket.socket, count: Count) -> None:
+        await pump(src, dst, count)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    for sock in (client, backend):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(direction(client, backend, to_endpoint))
+            group.create_task(direction(backend, client, to_client))
+    except* OSError:
+        reset_close(client)
+        reset_close(backend)
+    finally:
+        client.close()
+        backend.close()
+
+
+class TcpListener:
+    """One listening socket; every accepted connection is served by a task of its own, so a slow
+    dial never holds up the next accept (upstream dialled inside its accept loop)."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        balancer: LoadBalancerRR,
+        counters: ServicePortCounters,
+        options: TcpOptions,
+        connections: set[asyncio.Task[None]],
+    ) -> None:
+        self.sock = sock
+        self.balancer = balancer
+        self.counters = counters
+        self._options = options
+        # Owned by the relay, not by this listener: connections outlive a closed listener.
+        self._connections = connections
+        self._accepting: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._accepting = asyncio.get_running_loop().create_task(self._accept_loop())
+
+    def close(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+        # Unregister now: the cancelled accept would unregister the fd number later, and a new
+        # listener opened in the same sync may have been given that number by then.
+        asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(self.sock)
+            except OSError:
+                # EMFILE and friends: back off briefly instead of exiting as upstream did.
+                await asyncio.sleep(0.05)
+                continue
+            conn.setblocking(False)
+            task = loop.create_task(self._serve(conn, str(addr[0])))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    async def _serve(self, conn: socket.socket, client_ip: str) -> None:
+        counters = self.counters
+        counters.connections_total += 1
+        counters.active_connections += 1
+        try:
+            backend = await dial_endpoint(self.balancer, client_ip, self._options, counters)
+            if backend is None:
+                counters.no_endpoint_rejects += 1
+                reset_close(conn)
+                return
+            await relay_connection(conn, backend, counters, self._options.use_splice)
+        finally:
+            counters.active_connections -= 1
+            conn.close()

@@ -1,0 +1,156 @@
+"""UDP service ports: one socket per service port, one connected socket per client address."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+from kproxy.dataplane.userspace.balancer import LoadBalancerRR, NoEndpointsError
+from kproxy.dataplane.userspace.spec import ServicePortCounters
+
+# Larger than any datagram (65507 bytes of IPv4 payload, 65527 of IPv6): nothing is truncated.
+DATAGRAM_MAX = 65536
+SOCKET_BUFFER = 1 << 22
+# Datagrams read per wakeup, so one busy client does not starve the loop's other work.
+BATCH = 64
+
+ClientAddr = tuple[str, int]
+
+
+def size_buffers(sock: socket.socket) -> None:
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+
+
+class _Mapping:
+    """One client's flow to one endpoint; it ends after the idle timeout without traffic."""
+
+    def __init__(self, owner: UdpListener, client: ClientAddr, backend: socket.socket) -> None:
+        self._owner = owner
+        self.client = client
+        self.backend = backend
+        self._loop = asyncio.get_running_loop()
+        self.last_active = self._loop.time()
+        self._timer = self._loop.call_later(owner.idle_timeout, self._check_idle)
+        self._loop.add_reader(backend.fileno(), self._on_reply)
+
+    def touch(self) -> None:
+        self.last_active = self._loop.time()
+
+    def _check_idle(self) -> None:
+        # Rearm lazily instead of rescheduling on every datagram: one timer per idle period.
+        left = self.last_active + self._owner.idle_timeout - self._loop.time()
+        if left > 0:
+            self._timer = self._loop.call_later(left, self._check_idle)
+        else:
+            self._owner.drop_mapping(self)
+
+    def _on_reply(self) -> None:
+        for _ in range(BATCH):
+            try:
+                data = self.backend.recv(DATAGRAM_MAX)
+            except BlockingIOError:
+                return
+            except OSError:
+                # ICMP port unreachable and the like: the next datagram starts afresh.
+                self._owner.drop_mapping(self)
+                return
+            self.touch()
+            self._owner.send_to_client(data, self.client)
+
+    def close(self) -> None:
+        if self.backend.fileno() < 0:
+            return
+        self._timer.cancel()
+        self._loop.remove_reader(self.backend.fileno())
+        self.backend.close()
+
+
+class UdpListener:
+    """Replies leave from the service socket, so the client's NAT reverses them to VIP:port."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        balancer: LoadBalancerRR,
+        counters: ServicePortCounters,
+        idle_timeout: float,
+    ) -> None:
+        self.sock = sock
+        self.balancer = balancer
+        self.counters = counters
+        self.idle_timeout = idle_timeout
+        self._mappings: dict[ClientAddr, _Mapping] = {}
+
+    def start(self) -> None:
+        size_buffers(self.sock)
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._on_datagram)
+
+    def close(self) -> None:
+        # As upstream: closing the service socket ends every client mapping at once.
+        asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        for mapping in list(self._mappings.values()):
+            self.drop_mapping(mapping)
+        self.sock.close()
+
+    def _on_datagram(self) -> None:
+        for _ in range(BATCH):
+            try:
+                data, addr = self.sock.recvfrom(DATAGRAM_MAX)
+            except BlockingIOError:
+                return
+            except OSError:
+                continue
+            self._forward(data, (str(addr[0]), int(addr[1])))
+
+    def _forward(self, data: bytes, client: ClientAddr) -> None:
+        mapping = self._mappings.get(client) or self._open_mapping(client)
+        if mapping is None:
+            self.counters.udp_datagrams_dropped += 1
+            return
+        try:
+            mapping.backend.send(data)
+        except OSError:
+            self.counters.udp_datagrams_dropped += 1
+            return
+        mapping.touch()
+        self.counters.bytes_to_endpoint += len(data)
+
+    def _open_mapping(self, client: ClientAddr) -> _Mapping | None:
+        try:
+            endpoint = self.balancer.next_endpoint(client[0])
+        except NoEndpointsError:
+            self.counters.no_endpoint_rejects += 1
+            return None
+        family = socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET
+        backend = socket.socket(family, socket.SOCK_DGRAM)
+        backend.setblocking(False)
+        size_buffers(backend)
+        try:
+            backend.connect(endpoint)
+        except OSError:
+            backend.close()
+            self.counters.dial_failures += 1
+            return None
+        mapping = _Mapping(self, client, backend)
+        self._mappings[client] = mapping
+        self.counters.udp_mappings += 1
+        self.counters.active_connections += 1
+        return mapping
+
+    def drop_mapping(self, mapping: _Mapping) -> None:
+        if self._mappings.get(mapping.client) is mapping:
+            del self._mappings[mapping.client]
+            self.counters.active_connections -= 1
+        mapping.close()
+
+    def send_to_client(self, data: bytes, client: ClientAddr) -> None:
+        try:
+            self.sock.sendto(data, client)
+        except OSError:
+            # A full socket buffer drops the reply, as the network would.
+            self.counters.udp_datagrams_dropped += 1
+            return
+        self.counters.bytes_to_client += len(data)
