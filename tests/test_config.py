@@ -149,9 +149,9 @@ def test_flag_errors_name_the_flag_by_the_error_field() -> None:
         ("iptable", "iptables"),
         ("featureGates", None),
         ("configSyncPeriod", None),
-        ("portRange", None),
+        ("showHiddenMetricsForVersion", None),
         ("clientConnection.qps", None),
-        ("udpIdleTimeout", None),
+        ("winkernel", None),
     ],
 )
 def test_an_ignored_field_near_a_known_one_gets_a_suggestion(

@@ -60,6 +60,9 @@ class ProxyConfig:
     healthz_bind_address: str = "0.0.0.0:10256"
     metrics_bind_address: str = "127.0.0.1:10249"
     detect_local_mode: str = "ClusterCIDR"
+    mode: str = "iptables"  # or "userspace"
+    port_range: str = ""  # userspace listeners: "begin-end", or "" for any port
+    udp_idle_timeout: float = 0.25
     bridge_interface: str = ""
     interface_name_prefix: str = ""
     # The node's IP when the Node object does not say (kube-proxy's bindAddress); "" for none.

@@ -24,6 +24,7 @@ from kproxy.model.config_values import (
     parse_node_ip,
     parse_node_port_addresses,
     parse_oom_score_adj,
+    parse_port_range,
     parse_text,
 )
 
@@ -75,9 +76,21 @@ FIELDS: tuple[Field, ...] = (
     Field("apiVersion", None, expect(API_VERSION), f"`{API_VERSION}`", "the only one accepted"),
     Field("kind", None, expect(KIND), f"`{KIND}`", "the only one accepted"),
     Field(
-        "mode", None, parse_mode, "`iptables`",
-        "`\"\"` and `iptables` are accepted; `ipvs`, `nftables`, `kernelspace` are refused",
-        "--proxy-mode", "Only 'iptables' is implemented.", keeps_default=is_empty,
+        "mode", "mode", parse_mode, "`iptables`",
+        "`\"\"` and `iptables` (netfilter DNAT) or `userspace` (kproxy relays each connection); "
+        "`ipvs`, `nftables`, `kernelspace` are refused",
+        "--proxy-mode", "iptables or userspace.", keeps_default=is_empty,
+    ),
+    Field(
+        "portRange", "port_range", parse_port_range, "none",
+        "userspace mode: the ports its listeners bind (`begin-end` or `begin+size`); empty lets "
+        "the kernel choose",
+        "--proxy-port-range", "Ports the userspace listeners use.", keeps_default=is_empty,
+    ),
+    Field(
+        "udpIdleTimeout", "udp_idle_timeout", parse_duration, "`250ms`",
+        "userspace mode: how long a UDP client mapping lives without traffic",
+        "--udp-timeout", "Idle time of a userspace UDP mapping.", keeps_default=is_empty,
     ),
     Field(
         "clusterCIDR", "cluster_cidrs", parse_cidrs, "none",

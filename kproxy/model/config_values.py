@@ -153,6 +153,29 @@ def one_of(choices: tuple[str, ...]) -> Parser:
     return check
 
 
-def parse_mode(value: Any, field: str) -> None:
-    if value != "iptables":
-        raise ConfigError(f"{value!r} is not supported; kproxy implements iptables mode", field)
+PROXY_MODES = ("iptables", "userspace")
+
+
+def parse_mode(value: Any, field: str) -> str:
+    if value not in PROXY_MODES:
+        raise ConfigError(
+            f"{value!r} is not supported; kproxy implements {' and '.join(PROXY_MODES)}", field
+        )
+    return str(value)
+
+
+def parse_port_range(value: Any, field: str) -> str:
+    """kube-proxy's portRange: `begin-end` or `begin+size` (inclusive), or empty for any port."""
+    text = str(value).strip()
+    if not text:
+        return ""
+    begin, sep, rest = text.partition("-") if "-" in text else text.partition("+")
+    try:
+        low, high = int(begin), int(rest)
+    except ValueError:
+        raise ConfigError(f"{value!r} is not a port range such as 30000-30100", field) from None
+    if sep == "+":
+        high = low + high - 1
+    if not (1 <= low <= high <= 65535):
+        raise ConfigError(f"{value!r} is not a range of ports 1-65535", field)
+    return f"{low}-{high}"

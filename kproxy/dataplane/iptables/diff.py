@@ -60,11 +60,20 @@ def plan_table_changes(desired: Table, current: SavedTable | None) -> TableChang
         else:
             changes.unchanged += 1
     builtins = set(BUILTIN_CHAINS.get(desired.name, ()))
+    # Every mode's chains are kproxy's: a mode switch deletes the other mode's chains, and the
+    # jumps to them from the built-in chains in the same commit (the kernel refuses to delete a
+    # chain still jumped to), after the new mode's rules are in: one atomic commit per table.
     changes.delete = sorted(
         name
         for name in current.chains
-        if name not in builtins and is_owned_chain(name) and name not in wanted
+        if name not in builtins and is_cleanup_chain(name) and name not in wanted
     )
+    gone = set(changes.delete)
+    for builtin in sorted(builtins):
+        lines = current.chains.get(builtin, [])
+        positions = [i for i, line in enumerate(lines) if _jumps_to(line, gone.__contains__)]
+        if positions:
+            changes.remove_jumps[builtin] = positions
     for jump in desired.jumps:
         if render_rule(jump.chain, jump.rule) not in current.chains.get(jump.chain, []):
             changes.insert_jumps.append(jump)

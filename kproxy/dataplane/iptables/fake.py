@@ -196,7 +196,7 @@ def _create_chain(table: SavedTable, name: str) -> None:
 
 
 def _execute(changes: TableChanges, table: SavedTable) -> SavedTable:
-    """The changes applied to `table` in the order IptablesDataplane._write applies them."""
+    """The changes applied to `table` in the order LibiptcTables.write applies them."""
     for builtin, positions in changes.remove_jumps.items():
         lines = _existing(table, builtin)
         for pos in sorted(positions, reverse=True):
@@ -217,7 +217,11 @@ def _execute(changes: TableChanges, table: SavedTable) -> SavedTable:
             raise _refuse(table, f"cannot delete chain {name}: still referenced from {users}")
         del table.chains[name]
     for jump in changes.insert_jumps:
-        _existing(table, jump.chain).insert(0, render_rule(jump.chain, jump.rule))
+        lines, line = _existing(table, jump.chain), render_rule(jump.chain, jump.rule)
+        if jump.append:
+            lines.append(line)
+        else:
+            lines.insert(0, line)
     return table
 
 

@@ -111,9 +111,13 @@ class LibiptcTables:
         for name in changes.delete:
             table.delete_chain(name)
         for jump in changes.insert_jumps:
-            entry = self.entries.entry(jump.rule)
-            if lib.iptc_insert_entry(jump.chain.encode(), entry, 0, handle) != 1:
-                raise iptc.IPTCError(f"can't insert into chain {jump.chain}: {table.strerror()}")
+            entry, into = self.entries.entry(jump.rule), jump.chain.encode()
+            if jump.append:  # e.g. the userspace mode's NodePort jumps, which must come last
+                done = lib.iptc_append_entry(into, entry, handle)
+            else:
+                done = lib.iptc_insert_entry(into, entry, 0, handle)
+            if done != 1:
+                raise iptc.IPTCError(f"can't add to chain {jump.chain}: {table.strerror()}")
         table.commit()
 
     def keep(self, applied: dict[str, Table], lock: HeldLock) -> None:
