@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -150,15 +152,29 @@ def sync(
     config_path: str | None,
     hostname: str | None,
 ) -> None:
-    """Program this network namespace's netfilter tables from manifests."""
+    """Program this network namespace's netfilter tables from manifests.
+
+    In userspace mode (`mode: userspace` in --config) it programs the portals and then relays
+    connections in the foreground until SIGTERM or Ctrl-C: it does not return before that."""
     started = time.monotonic()
     manifests = read_manifests(manifests_path)
     node, config = _node_and_config(manifests, config_path, hostname)
     state = state_from_manifests(manifests, _report_invalid)
     mode = proxy_mode(config)
-    with mode.open_dataplane(lock_timeout) as dataplane:  # refuses first when not root
+    with mode.open_dataplane(config, lock_timeout) as dataplane:  # refuses first if not root
         report = sync_once(state, with_host_facts(node), config, mode, dataplane)
-    click.echo(report.summary(time.monotonic() - started))
+        click.echo(report.summary(time.monotonic() - started))
+        if mode.serves_in_process:
+            click.echo("relaying connections (userspace mode) until SIGTERM or Ctrl-C", err=True)
+            _wait_for_stop_signal()
+
+
+def _wait_for_stop_signal() -> None:
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
 
 
 @cli.command()
@@ -199,7 +215,7 @@ def dump(
 @lock_timeout_option
 def cleanup(lock_timeout: float) -> None:
     """Remove every chain and jump rule kproxy or kube-proxy (iptables mode) created."""
-    with proxy_mode(ProxyConfig()).open_dataplane(lock_timeout) as dataplane:
+    with proxy_mode(ProxyConfig()).open_dataplane(ProxyConfig(), lock_timeout) as dataplane:
         result = dataplane.cleanup()
     removed_jumps = sum(len(p) for t in result.tables for p in t.remove_jumps.values())
     click.echo(f"removed {result.chains_removed} chains and {removed_jumps} jump rules")

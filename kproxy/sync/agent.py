@@ -91,7 +91,7 @@ def run_agent(
     stop = threading.Event()
     metrics = ProxyMetrics()
     mode = proxy_mode(config)
-    with mode.open_dataplane(lock_timeout) as dataplane, ExitStack() as servers:
+    with mode.open_dataplane(config, lock_timeout) as dataplane, ExitStack() as servers:
         families = dataplane.families
         health = ProxyHealth(timeout=2 * config.sync_period, families=families)
         health.queued()  # nothing is programmed yet: the first sync is owed

@@ -11,29 +11,46 @@ from typing import Any
 
 from kproxy.dataplane.base import ModeDataplane
 from kproxy.dataplane.iptables.node import open_iptables_node, read_iptables_live
+from kproxy.dataplane.userspace.node import open_userspace_node
 from kproxy.model.config import ProxyConfig
 from kproxy.plan.iptables.planner import IptablesPlanner, render_iptables_plan
 from kproxy.plan.node_plan import NodePlan, Planner
+from kproxy.plan.userspace.planner import UserspacePlanner, render_userspace_plan
 
 
 @dataclass(frozen=True)
 class ProxyMode:
     name: str
     planner: Callable[[ProxyConfig], Planner[Any]]
-    open_dataplane: Callable[[float], AbstractContextManager[ModeDataplane]]
+    open_dataplane: Callable[[ProxyConfig, float], AbstractContextManager[ModeDataplane]]
     # What `dump --manifests` prints for one family: the plan as the mode's own tools show it;
     # and what plain `dump` prints: what the kernel holds of the mode's, in the same form.
     render_plan: Callable[[NodePlan[Any], int], str]
     read_live: Callable[[int], str]
+    # Its data path runs inside the kproxy process (the userspace relay): `sync --once` then
+    # keeps serving until SIGTERM instead of returning.
+    serves_in_process: bool = False
 
 
 MODES = {
     "iptables": ProxyMode(
-        "iptables", IptablesPlanner, open_iptables_node, render_iptables_plan, read_iptables_live
+        "iptables",
+        IptablesPlanner,
+        lambda config, lock_timeout: open_iptables_node(lock_timeout),
+        render_iptables_plan,
+        read_iptables_live,
+    ),
+    "userspace": ProxyMode(
+        "userspace",
+        UserspacePlanner,
+        open_userspace_node,
+        render_userspace_plan,
+        read_iptables_live,
+        serves_in_process=True,
     ),
 }
 
 
 def proxy_mode(config: ProxyConfig) -> ProxyMode:
-    """The mode a node runs. Only iptables exists yet (`mode: ""` means iptables, as upstream)."""
-    return MODES["iptables"]
+    """The mode a node runs (`mode: ""` means iptables, as upstream)."""
+    return MODES[config.mode or "iptables"]

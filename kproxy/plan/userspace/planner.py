@@ -24,6 +24,7 @@ from kproxy.plan.userspace.portals import (
     is_wildcard,
 )
 from kproxy.rules.ir import Ruleset
+from kproxy.rules.render import render_ruleset
 
 MODE = "userspace"
 SCTP_REASON = "SCTP is not supported by the userspace mode"
@@ -231,3 +232,10 @@ def _rule_counts(parts: Mapping[int, UserspaceFamily]) -> dict[str, int]:
         for family, part in parts.items()
     }
     return count_rules(rulesets)
+
+
+def render_userspace_plan(plan: UserspacePlan, family: int) -> str:
+    """One family's portal rules as `dump --manifests` prints them: the listeners are not bound
+    there, so each shows proxy port 0 where the relay's port will be."""
+    part = plan.kernel.families[family]
+    return render_ruleset(part.ruleset({lis.name: 0 for lis in part.listeners}))

@@ -175,7 +175,7 @@ def build_portal_ruleset(
     out = _PortalChains([], [], [], [], [])
     for listener in sorted(listeners, key=lambda lis: str(lis.name)):
         proxy_port = proxy_ports.get(listener.name)
-        if listener.family == family and proxy_port:
+        if listener.family == family and proxy_port is not None:
             _add_listener(out, listener, proxy_port, host)
     nat_jumps, filter_jumps = portal_jumps()
     nat = Table(
