@@ -7,7 +7,7 @@ is one atomic change per table."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -15,6 +15,7 @@ import structlog
 
 from kproxy.dataplane.base import ApplyResult, Dataplane
 from kproxy.dataplane.iptables.families import open_dataplanes
+from kproxy.dataplane.iptables.node import IptablesNode
 from kproxy.dataplane.userspace.relay import Relay
 from kproxy.dataplane.userspace.spec import ListenerSpec
 from kproxy.model.config import ProxyConfig
@@ -50,20 +51,17 @@ class UserspaceNode:
     mode = "userspace"
 
     def __init__(self, dataplanes: Mapping[int, Dataplane], relays: Mapping[int, Relay]) -> None:
-        self.dataplanes = dataplanes
+        # The portal rules go through the iptables mode's node dataplane (no sysctls needed).
+        self.rules = IptablesNode(dataplanes, write_sysctls=lambda sysctls: None)
         self.relays = relays
         self._warned: set[Any] = set()
 
     @property
     def families(self) -> tuple[int, ...]:
-        return tuple(sorted(self.dataplanes))
+        return self.rules.families
 
-    @contextmanager
-    def reading_ahead(self) -> Iterator[None]:
-        with ExitStack() as stack:
-            for dataplane in self.dataplanes.values():
-                stack.enter_context(dataplane.reading_ahead())
-            yield
+    def reading_ahead(self) -> AbstractContextManager[None]:
+        return self.rules.reading_ahead()
 
     def apply(self, plan: NodePlan[UserspaceKernel], full: bool) -> ApplyResult:
         for skipped in plan.kernel.skipped:
@@ -82,14 +80,11 @@ class UserspaceNode:
                     self._warned.add((family, key, error))
                     log.warning("listener_failed", service=str(key), family=family, error=error)
             ruleset = portal_ruleset(part, synced.ports)
-            result.tables.extend(self.dataplanes[family].apply(ruleset, full).tables)
+            result.tables.extend(self.rules.dataplanes[family].apply(ruleset, full).tables)
         return result
 
     def cleanup(self) -> ApplyResult:
-        result = ApplyResult()
-        for dataplane in self.dataplanes.values():
-            result.tables.extend(dataplane.cleanup().tables)
-        return result
+        return self.rules.cleanup()
 
     def counters(self) -> dict[int, dict[Any, dict[str, int]]]:
         return {family: relay.counters() for family, relay in self.relays.items()}
