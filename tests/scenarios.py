@@ -5,7 +5,9 @@ Tests import this module as `scenarios` (pytest puts tests/ on sys.path)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kproxy.model.config import ProxyConfig
@@ -393,3 +395,17 @@ SCENARIOS = {
     "masquerade_all": masquerade_all,
     "dual_stack": dual_stack,
 }
+
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def assert_golden(name: str, text: str) -> None:
+    """`text` equals tests/golden/NAME.rules; with KPROXY_UPDATE_GOLDEN=1 it is written there
+    instead, to be reviewed as a diff."""
+    path = GOLDEN / f"{name}.rules"
+    if os.environ.get("KPROXY_UPDATE_GOLDEN") == "1":
+        path.write_text(text)
+        return
+    assert path.exists(), f"{path} missing: generate it with KPROXY_UPDATE_GOLDEN=1 and review it"
+    assert text == path.read_text()

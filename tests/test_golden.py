@@ -7,9 +7,7 @@ it."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import scenarios
@@ -18,8 +16,7 @@ from kproxy.plan.iptables import naming
 from kproxy.plan.iptables.ruleset import LARGE_CLUSTER_ENDPOINTS
 from kproxy.rules.render import render_ruleset
 
-GOLDEN = Path(__file__).parent / "golden"
-UPDATE = os.environ.get("KPROXY_UPDATE_GOLDEN") == "1"
+GOLDEN = scenarios.GOLDEN
 
 
 def large_cluster_excerpt() -> str:
@@ -72,13 +69,7 @@ GOLDEN_CASES: dict[str, Callable[[], str]] = {
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
 def test_golden(name: str) -> None:
-    text = GOLDEN_CASES[name]()
-    path = GOLDEN / f"{name}.rules"
-    if UPDATE:
-        path.write_text(text)
-        return
-    assert path.exists(), f"{path} missing: generate it with KPROXY_UPDATE_GOLDEN=1 and review it"
-    assert text == path.read_text()
+    scenarios.assert_golden(name, GOLDEN_CASES[name]())
 
 
 def test_large_cluster_scenario_is_past_the_threshold() -> None:

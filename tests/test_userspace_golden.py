@@ -8,9 +8,7 @@ comments) before keeping it."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import scenarios
@@ -29,8 +27,7 @@ from kproxy.model.node import NodeInfo
 from kproxy.plan.userspace.planner import UserspacePlanner
 from kproxy.rules.render import render_ruleset
 
-GOLDEN = Path(__file__).parent / "golden"
-UPDATE = os.environ.get("KPROXY_UPDATE_GOLDEN") == "1"
+GOLDEN = scenarios.GOLDEN
 FIRST_PROXY_PORT = 36000
 
 
@@ -93,13 +90,7 @@ GOLDEN_CASES = {
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
 def test_userspace_golden(name: str) -> None:
-    text = GOLDEN_CASES[name]()
-    path = GOLDEN / f"{name}.rules"
-    if UPDATE:
-        path.write_text(text)
-        return
-    assert path.exists(), f"{path} missing: generate it with KPROXY_UPDATE_GOLDEN=1 and review it"
-    assert text == path.read_text()
+    scenarios.assert_golden(name, GOLDEN_CASES[name]())
 
 
 def test_every_userspace_golden_file_has_a_case() -> None:
