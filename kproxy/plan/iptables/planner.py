@@ -17,7 +17,8 @@ from kproxy.plan.iptables.ruleset import (
     needs_route_localnet,
     node_port_ips,
     node_ports_match_all,
-    plan_node_ruleset,
+    plan_ruleset,
+    with_canaries,
 )
 from kproxy.plan.node_plan import NodePlan, PlanStats, plan_health_checks
 from kproxy.rules.ir import Ruleset
@@ -45,8 +46,8 @@ class IptablesPlanner:
         no_local = [0, 0]
         for family in families:
             cache = self._caches.setdefault(family, PlanCache())
-            planned = plan_node_ruleset(services, endpoints, node, self.config, family, cache)
-            rulesets[family] = planned.ruleset
+            planned = plan_ruleset(services, endpoints, node, self.config, family, cache)
+            rulesets[family] = with_canaries(planned.ruleset)
             no_local[0] += planned.no_local_internal
             no_local[1] += planned.no_local_external
         return NodePlan(

@@ -337,20 +337,6 @@ def build_node_ruleset(
     family: int = 4,
     cache: PlanCache | None = None,
 ) -> Ruleset:
-    """What kproxy writes on a node for one family: the planned rules and the canary chains.
-    The one definition `sync --once`, the agent and `dump --manifests` share, so a dump predicts
-    exactly what a sync leaves."""
-    return plan_node_ruleset(services, endpoints, node, config, family, cache).ruleset
-
-
-def plan_node_ruleset(
-    services: Mapping[ServicePortName, ServicePort],
-    endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]],
-    node: NodeInfo,
-    config: ProxyConfig,
-    family: int = 4,
-    cache: PlanCache | None = None,
-) -> RulesetPlan:
-    """build_node_ruleset, with the plan's facts for metrics."""
-    planned = plan_ruleset(services, endpoints, node, config, family, cache)
-    return replace(planned, ruleset=with_canaries(planned.ruleset))
+    """What kproxy writes on a node for one family: the planned rules and the canary chains, as
+    IptablesPlanner builds them (it also keeps plan_ruleset's facts for metrics)."""
+    return with_canaries(build_ruleset(services, endpoints, node, config, family, cache))
