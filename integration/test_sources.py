@@ -16,6 +16,7 @@ import yaml
 
 from integration.agent_harness import (
     HEALTHZ_PORT,
+    Agent,
     AgentNode,
     agent_node,
     slice_object,
@@ -24,6 +25,7 @@ from integration.agent_harness import (
     wait_until,
 )
 from integration.manifests import service_manifest
+from integration.netns import Pod
 
 VIP = "10.96.0.10"
 PORT = 80
@@ -54,9 +56,9 @@ def livez(node: AgentNode) -> tuple[int, dict[str, Any]]:
     return status, json.loads(body)
 
 
-def test_watcher_survives_a_slice_that_crashed_it_and_later_edits_reach_traffic(
-    node: AgentNode, tmp_path: Path
-) -> None:
+def web_agent(node: AgentNode, tmp_path: Path) -> tuple[Pod, Pod, Path, Agent]:
+    """Two backends and a client; `kproxy run --manifests DIR` serving web from web-a. Returns
+    web-b (for the edit), the client, the manifest directory and the agent."""
     a = node.backend("web-a", "192.168.1.10", TARGET)
     b = node.backend("web-b", "192.168.2.10", TARGET)
     client = node.client("client", "192.168.9.9")
@@ -65,6 +67,13 @@ def test_watcher_survives_a_slice_that_crashed_it_and_later_edits_reach_traffic(
     web(manifests / "web.yaml", a.ip)
     agent = node.start_agent("--manifests", str(manifests))
     assert wait_for_nat(node, f"--to-destination {a.ip}:{TARGET}")
+    return b, client, manifests, agent
+
+
+def test_watcher_survives_a_slice_that_crashed_it_and_later_edits_reach_traffic(
+    node: AgentNode, tmp_path: Path
+) -> None:
+    b, client, manifests, agent = web_agent(node, tmp_path)
 
     # `conditions: "true"`: a string where a mapping belongs, which made the converter raise.
     crashing = slice_object("other", ["192.168.3.10"], TARGET)
@@ -89,14 +98,7 @@ def test_watcher_survives_a_slice_that_crashed_it_and_later_edits_reach_traffic(
 def test_livez_fails_while_the_manifests_cannot_be_read_and_recovers(
     node: AgentNode, tmp_path: Path
 ) -> None:
-    a = node.backend("web-a", "192.168.1.10", TARGET)
-    b = node.backend("web-b", "192.168.2.10", TARGET)
-    client = node.client("client", "192.168.9.9")
-    manifests = tmp_path / "manifests"
-    manifests.mkdir()
-    web(manifests / "web.yaml", a.ip)
-    agent = node.start_agent("--manifests", str(manifests))
-    assert wait_for_nat(node, f"--to-destination {a.ip}:{TARGET}")
+    b, client, manifests, agent = web_agent(node, tmp_path)
     assert livez(node)[0] == 200
 
     # The directory goes away (an unmounted volume): every poll fails from now on.
