@@ -1,6 +1,6 @@
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.service import NamespacedName, Protocol, ServicePort, ServicePortName
-from kproxy.plan.conntrack import Flow, serving_sources, stale_flows
+from kproxy.plan.conntrack import Flow, serving_sources, stale_flows, with_removed
 
 DNS = ServicePortName(NamespacedName("kube-system", "kube-dns"), "dns", Protocol.UDP)
 DNS_TCP = ServicePortName(NamespacedName("kube-system", "kube-dns"), "dns-tcp", Protocol.TCP)
@@ -47,3 +47,12 @@ def test_only_the_udp_ports_endpoints_count_as_serving() -> None:
     assert ("10.96.0.10", 53) in allowed()
     assert allowed()[("10.96.0.10", 53)] == frozenset({"10.244.1.5", "10.244.2.5"})
     assert stale_flows([Flow("10.96.0.10", 53, "10.244.9.9")], allowed()) != []
+
+
+def test_flows_to_a_removed_udp_service_are_stale_whatever_answers() -> None:
+    before = allowed()
+    now = {key: sources for key, sources in before.items() if key != ("10.96.0.10", 53)}
+    flows = [Flow("10.96.0.10", 53, "10.244.1.5"), Flow("192.0.2.9", 53, "10.244.1.5")]
+    assert stale_flows(flows, now) == []  # forgotten: nobody would delete them
+    stale = stale_flows(flows, with_removed(before, now))
+    assert [(f.orig_dst, f.reply_src) for f in stale] == [("10.96.0.10", "10.244.1.5")]

@@ -162,7 +162,8 @@ def test_udp_changes_trigger_conntrack_cleanup_and_tcp_ones_do_not() -> None:
     assert len(cleanups) == 1  # a TCP change leaves conntrack alone
     box.apply(remove(Kind.SERVICE, service("dns", "10.96.0.10", "UDP")))
     assert loop.sync()
-    assert len(cleanups) == 2 and cleanups[-1] == {4: {}}
+    # The removed service's address stays in, with nothing allowed to answer: its flows go.
+    assert len(cleanups) == 2 and cleanups[-1] == {4: {("10.96.0.10", 80): frozenset()}}
     assert NamespacedName("default", "dns")  # keys are namespaced
 
 

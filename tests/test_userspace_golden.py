@@ -68,7 +68,7 @@ def render(scenario: Scenario) -> str:
         state.services_map(), state.endpoints_map(), scenario.node, (4,)
     )
     part = plan.kernel.families[4]
-    ports = {lis.name: FIRST_PROXY_PORT + i for i, lis in enumerate(part.listeners)}
+    ports = {lis.key: FIRST_PROXY_PORT + i for i, lis in enumerate(part.listeners)}
     return render_ruleset(part.ruleset(ports))
 
 

@@ -14,7 +14,8 @@ from kproxy.model.config import ProxyConfig
 from kproxy.model.service import Protocol
 from kproxy.plan.endpoints import categorize_endpoints
 from kproxy.plan.userspace.planner import SCTP_REASON, UserspacePlan, UserspacePlanner
-from kproxy.plan.userspace.portals import host_ip
+from kproxy.plan.userspace.portals import Scope, host_ip
+from kproxy.rules.render import render_ruleset
 
 
 def plan(scenario: scenarios.Scenario, families: tuple[int, ...] = (4,)) -> UserspacePlan:
@@ -59,26 +60,41 @@ def test_endpoints_are_the_iptables_modes_choice(scenario: scenarios.Scenario) -
         every = categorize_endpoints(eps, NODE, scenario.node.zone, True, True)
         internal = every.local if sp.internal_policy_local else every.cluster
         external = every.local if sp.external_policy_local else every.cluster
-        assert lis.internal_endpoints == internal
-        exposed = bool(sp.node_port or sp.external_ips or sp.load_balancer_ips)
-        assert lis.external_endpoints == (external if exposed else ())
-        assert lis.endpoints_for(lis.cluster_ip) == internal
+        assert lis.endpoints == (external if lis.scope is Scope.EXTERNAL else internal)
+        if lis.scope is Scope.ALL:  # one listener serves both: the policies agree
+            assert not (sp.node_port or sp.external_ips) or internal == external
 
 
 def test_terminating_fallback_and_topology_narrow_the_endpoints() -> None:
     fallback = plan(scenarios.terminating_fallback()).kernel.families[4].listeners[0]
-    assert fallback.internal_endpoints and all(ep.terminating for ep in fallback.internal_endpoints)
+    assert fallback.endpoints and all(ep.terminating for ep in fallback.endpoints)
     zonal = plan(scenarios.topology()).kernel.families[4].listeners[0]
-    assert sorted(ep.ip for ep in zonal.internal_endpoints) == ["10.30.0.1", "10.30.0.3"]
+    assert sorted(ep.ip for ep in zonal.endpoints) == ["10.30.0.1", "10.30.0.3"]
 
 
-def test_external_local_policy_sends_external_traffic_to_local_endpoints_only() -> None:
-    lb = plan(scenarios.external(etp="Local")).kernel.families[4].listeners[0]
-    assert [ep.ip for ep in lb.endpoints_for("198.51.100.10")] == ["10.20.0.1"]
-    assert len(lb.endpoints_for(lb.cluster_ip)) == 2
+def test_differing_policies_give_external_traffic_a_listener_of_its_own() -> None:
+    scenario = scenarios.external(etp="Local")
+    internal, external = plan(scenario).kernel.families[4].listeners
+    assert (internal.scope, external.scope) == (Scope.INTERNAL, Scope.EXTERNAL)
+    assert len(internal.endpoints) == 2
+    assert [ep.ip for ep in external.endpoints] == ["10.20.0.1"]
+    # Each listener's portals: the ClusterIP to the internal one, the rest to the external one.
+    ports = {internal.key: 41000, external.key: 42000}
+    text = render_ruleset(plan(scenario).kernel.families[4].ruleset(ports))
+    cluster_lines = [line for line in text.splitlines() if f"-d {internal.cluster_ip}/32" in line]
+    assert cluster_lines and all("41000" in line for line in cluster_lines), cluster_lines
+    other = [line for line in text.splitlines() if "42000" in line]
+    assert other and not any(internal.cluster_ip in line for line in other), other
+    assert internal.held_ports == () and external.held_ports == (("", internal.node_port),)
     nothing = plan(scenarios.external(etp="Local", local_endpoint=False))
-    assert nothing.kernel.families[4].listeners[0].external_endpoints == ()
+    assert nothing.kernel.families[4].listeners[1].endpoints == ()
     assert nothing.stats.no_local_external == 1
+
+
+def test_agreeing_policies_share_one_listener() -> None:
+    for scenario in (scenarios.external(), scenarios.external(itp="Local", etp="Local")):
+        listeners = plan(scenario).kernel.families[4].listeners
+        assert [lis.scope for lis in listeners] == [Scope.ALL]
 
 
 def sctp_and_udp() -> scenarios.Scenario:
@@ -130,8 +146,8 @@ def test_families_split_addresses_and_endpoints() -> None:
     assert v4 and v6
     assert all(":" not in lis.cluster_ip and lis.bind_address == "0.0.0.0" for lis in v4)
     assert all(":" in lis.cluster_ip and lis.bind_address == "::" for lis in v6)
-    assert all(ep.family == 6 for lis in v6 for ep in lis.internal_endpoints)
-    assert all(ep.family == 4 for lis in v4 for ep in lis.internal_endpoints)
+    assert all(ep.family == 6 for lis in v6 for ep in lis.endpoints)
+    assert all(ep.family == 4 for lis in v4 for ep in lis.endpoints)
 
 
 def test_a_specific_bind_address_serves_its_family_only() -> None:
@@ -185,7 +201,7 @@ def test_health_checks_are_planned() -> None:
 
 def test_the_same_input_gives_the_same_plan() -> None:
     first, second = plan(portals()), plan(portals())
-    ports = {lis.name: 40000 for lis in first.kernel.families[4].listeners}
+    ports = {lis.key: 40000 for lis in first.kernel.families[4].listeners}
     assert first.kernel.families[4].ruleset(ports) == second.kernel.families[4].ruleset(ports)
 
 

@@ -54,6 +54,17 @@ def serving_sources(
     return allowed
 
 
+def with_removed(
+    previous: UdpServing, current: UdpServing
+) -> dict[tuple[str, int], frozenset[str]]:
+    """`current`, plus every UDP service address a previous sync served and this one does not,
+    with nothing allowed to answer: a flow to a removed UDP service (or userspace portal) is
+    stale whatever answers it, or its client keeps reaching the old endpoint (or proxy port)."""
+    allowed = {key: frozenset[str]() for key in previous}
+    allowed.update(current)
+    return allowed
+
+
 def stale_flows(flows: Iterable[Flow], allowed: UdpServing) -> list[Flow]:
     """Flows to a UDP service address whose replies come from anything but a serving endpoint."""
     stale = []

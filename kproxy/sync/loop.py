@@ -26,7 +26,7 @@ from kproxy.model.endpoint import Endpoint
 from kproxy.model.kinds import Kind
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import NamespacedName, Protocol, ServicePort, ServicePortName
-from kproxy.plan.conntrack import UdpServing
+from kproxy.plan.conntrack import UdpServing, with_removed
 from kproxy.plan.node_plan import NodePlan, Planner
 from kproxy.state.cluster import ClusterState
 from kproxy.state.ingest import Mutation
@@ -218,9 +218,16 @@ class SyncLoop:
     def clean_stale_flows(self, snapshot: Snapshot, plan: NodePlan[Any]) -> None:
         if self.clean_conntrack is None or not udp_changed(snapshot):
             return
+        serving = plan.udp_serving
+        if self._last_plan is not None:  # the previous plan's: its removed services go too
+            before = self._last_plan[1].udp_serving
+            serving = {
+                family: with_removed(before.get(family, {}), serving.get(family, {}))
+                for family in plan.families
+            }
         started = time.monotonic()
         try:
-            deleted = self.clean_conntrack(plan.udp_serving)
+            deleted = self.clean_conntrack(serving)
         except Exception as exc:  # conntrack trouble must not stop rule syncing
             log.error("conntrack_cleanup_failed", error=str(exc))
             return

@@ -28,14 +28,12 @@ log = structlog.get_logger("kproxy.dataplane")
 
 
 def listener_spec(listener: Listener) -> ListenerSpec:
-    """What the relay needs of a planned listener. Every connection gets the ClusterIP's
-    endpoints (internalTrafficPolicy); the external policy needs the original destination of
-    each connection, which the relay does not read yet."""
+    """What the relay needs of a planned listener."""
     return ListenerSpec(
         listener.protocol,
         listener.bind_address,
         0,
-        tuple((ep.ip, ep.port) for ep in listener.internal_endpoints),
+        tuple((ep.ip, ep.port) for ep in listener.endpoints),
         listener.affinity_seconds,
     )
 
@@ -73,7 +71,7 @@ class UserspaceNode:
         result = ApplyResult()
         for family, part in sorted(plan.kernel.families.items()):
             synced = self.relays[family].sync(
-                {lis.name: listener_spec(lis) for lis in part.listeners}
+                {lis.key: listener_spec(lis) for lis in part.listeners}
             )
             for key, error in synced.errors.items():
                 if (family, key, error) not in self._warned:

@@ -19,6 +19,8 @@ from kproxy.plan.node_plan import NodePlan, PlanStats, plan_health_checks
 from kproxy.plan.userspace.portals import (
     WILDCARD,
     Listener,
+    ListenerKey,
+    Scope,
     build_portal_ruleset,
     host_ip,
     is_wildcard,
@@ -47,7 +49,7 @@ class UserspaceFamily:
     node: NodeInfo
     config: ProxyConfig
 
-    def ruleset(self, proxy_ports: Mapping[ServicePortName, int]) -> Ruleset:
+    def ruleset(self, proxy_ports: Mapping[ListenerKey, int]) -> Ruleset:
         return build_portal_ruleset(
             self.listeners, proxy_ports, self.node, self.config, self.family
         )
@@ -66,6 +68,7 @@ UserspacePlan = NodePlan[UserspaceKernel]
 class _Selection:
     internal: tuple[Endpoint, ...]
     external: tuple[Endpoint, ...]
+    exposed: bool  # has a NodePort, externalIPs or LB IPs of this family
     no_local_internal: bool
     no_local_external: bool
 
@@ -93,6 +96,7 @@ def select_endpoints(
     return _Selection(
         internal,
         external,
+        externally,
         cats.has_any and itp_local and not cats.local,
         cats.has_any and externally and etp_local and not cats.local,
     )
@@ -101,20 +105,26 @@ def select_endpoints(
 def _held_ports(listener: Listener, node: NodeInfo) -> tuple[tuple[str, int], ...]:
     """Upstream holds a NodePort on every address, and a portal port on a portal IP that is one
     of the node's addresses."""
-    held = [("", listener.node_port)] if listener.node_port else []
+    held = [("", listener.node_port)] if listener.node_port and listener.serves_external else []
     local = set(node.local_addresses)
-    for ip in (listener.cluster_ip, *listener.external_ips, *listener.load_balancer_ips):
+    ips = [listener.cluster_ip] if listener.serves_internal else []
+    if listener.serves_external:
+        ips += [*listener.external_ips, *listener.load_balancer_ips]
+    for ip in ips:
         if ip in local and (ip, listener.port) not in held:
             held.append((ip, listener.port))
     return tuple(held)
 
 
-def plan_listener(
+def plan_listeners(
     sp: ServicePort, selection: _Selection, bind_address: str, node: NodeInfo, family: int
-) -> Listener | None:
+) -> tuple[Listener, ...]:
+    """One listener for the service port, or two when its traffic policies choose different
+    endpoints for ClusterIP and for external traffic (upstream's userspace mode ignored
+    externalTrafficPolicy; the iptables mode honours it, and so does this one)."""
     cluster_ips = of_family(sp.cluster_ips, family)
     if not cluster_ips:
-        return None  # headless, or not of this family
+        return ()  # headless, or not of this family
     listener = Listener(
         name=sp.name,
         family=family,
@@ -124,11 +134,16 @@ def plan_listener(
         external_ips=of_family(sp.external_ips, family),
         load_balancer_ips=of_family(sp.load_balancer_ips, family),
         node_port=sp.node_port,
-        internal_endpoints=selection.internal,
-        external_endpoints=selection.external,
+        endpoints=selection.internal,
         affinity_seconds=sp.session_affinity_seconds,
     )
-    return replace(listener, held_ports=_held_ports(listener, node))
+    scoped: tuple[Listener, ...] = (listener,)
+    if selection.exposed and sp.internal_policy_local != sp.external_policy_local:
+        scoped = (
+            replace(listener, scope=Scope.INTERNAL),
+            replace(listener, scope=Scope.EXTERNAL, endpoints=selection.external),
+        )
+    return tuple(replace(lis, held_ports=_held_ports(lis, node)) for lis in scoped)
 
 
 def bind_address(config: ProxyConfig, family: int) -> str | None:
@@ -211,7 +226,7 @@ class UserspacePlanner:
         address = bind_address(self.config, family)
         if address is None:
             return ()
-        listeners = []
+        listeners: list[Listener] = []
         for spn in sorted(services, key=str):
             sp = services[spn]
             if sp.protocol is Protocol.SCTP or not of_family(sp.cluster_ips, family):
@@ -219,16 +234,14 @@ class UserspacePlanner:
             selection = select_endpoints(sp, endpoints.get(spn, ()), node, family)
             no_local[0] += selection.no_local_internal
             no_local[1] += selection.no_local_external
-            listener = plan_listener(sp, selection, address, node, family)
-            if listener is not None:
-                listeners.append(listener)
+            listeners.extend(plan_listeners(sp, selection, address, node, family))
         return tuple(listeners)
 
 
 def _rule_counts(parts: Mapping[int, UserspaceFamily]) -> dict[str, int]:
     """Rules per table once every listener is bound (the count does not depend on the ports)."""
     rulesets = {
-        family: part.ruleset({lis.name: 1 for lis in part.listeners})
+        family: part.ruleset({lis.key: 1 for lis in part.listeners})
         for family, part in parts.items()
     }
     return count_rules(rulesets)
@@ -238,4 +251,4 @@ def render_userspace_plan(plan: UserspacePlan, family: int) -> str:
     """One family's portal rules as `dump --manifests` prints them: the listeners are not bound
     there, so each shows proxy port 0 where the relay's port will be."""
     part = plan.kernel.families[family]
-    return render_ruleset(part.ruleset({lis.name: 0 for lis in part.listeners}))
+    return render_ruleset(part.ruleset({lis.key: 0 for lis in part.listeners}))

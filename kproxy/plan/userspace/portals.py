@@ -7,6 +7,7 @@ proxier, so either implementation's cleanup removes the other's rules.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -23,6 +24,21 @@ WILDCARD = {4: "0.0.0.0", 6: "::"}
 LOOPBACK_PREFIX = {4: "127.", 6: "::1"}
 
 
+class Scope(enum.Enum):
+    """Which of a service port's addresses a listener serves. A service port has one listener
+    (ALL) unless its two traffic policies choose different endpoints: then ClusterIP traffic
+    (INTERNAL) and NodePort/externalIP/LB traffic (EXTERNAL) get a listener each, so that the
+    portal a connection came through decides its endpoints, for TCP and UDP alike."""
+
+    ALL = "all"
+    INTERNAL = "internal"
+    EXTERNAL = "external"
+
+
+# What a bound proxy port is known by: the service port and the scope of its listener.
+ListenerKey = tuple[ServicePortName, Scope]
+
+
 @dataclass(frozen=True, slots=True)
 class Listener:
     """One proxy socket: a service port of one family, where it binds and where it sends."""
@@ -37,8 +53,8 @@ class Listener:
     node_port: int = 0
     # Chosen by plan/endpoints.py as the iptables mode chooses them: ClusterIP traffic follows
     # internalTrafficPolicy, NodePort/externalIP/LB traffic externalTrafficPolicy.
-    internal_endpoints: tuple[Endpoint, ...] = ()
-    external_endpoints: tuple[Endpoint, ...] = ()
+    endpoints: tuple[Endpoint, ...] = ()
+    scope: Scope = Scope.ALL
     affinity_seconds: int | None = None  # ClientIP affinity timeout; None for no affinity
     # (address, port) sockets held but never served, so nothing else takes a port a portal
     # answers on: "" is every address (NodePorts).
@@ -48,11 +64,17 @@ class Listener:
     def protocol(self) -> Protocol:
         return self.name.protocol
 
-    def endpoints_for(self, original_destination: str) -> tuple[Endpoint, ...]:
-        """The endpoints for a client that addressed `original_destination` (SO_ORIGINAL_DST)."""
-        if original_destination == self.cluster_ip:
-            return self.internal_endpoints
-        return self.external_endpoints
+    @property
+    def key(self) -> ListenerKey:
+        return (self.name, self.scope)
+
+    @property
+    def serves_internal(self) -> bool:
+        return self.scope is not Scope.EXTERNAL
+
+    @property
+    def serves_external(self) -> bool:
+        return self.scope is not Scope.INTERNAL
 
 
 def is_wildcard(address: str) -> bool:
@@ -123,10 +145,12 @@ def _add_listener(
     into = _container_target(listener, proxy_port)
     to_host = f.dnat(_host_port(host, proxy_port)) if host else None
     port = listener.port
-    for ip in (listener.cluster_ip,):
-        out.container.append(_portal(listener, port, into, ip))
+    if listener.serves_internal:
+        out.container.append(_portal(listener, port, into, listener.cluster_ip))
         if to_host:
-            out.host.append(_portal(listener, port, to_host, ip))
+            out.host.append(_portal(listener, port, to_host, listener.cluster_ip))
+    if not listener.serves_external:
+        return
     for ip in listener.external_ips:
         out.container.append(_portal(listener, port, into, ip, PHYSDEV_NOT_BRIDGED))
         out.container.append(_portal(listener, port, into, ip, DST_LOCAL))
@@ -164,7 +188,7 @@ def portal_jumps() -> tuple[tuple[JumpRule, ...], tuple[JumpRule, ...]]:
 
 def build_portal_ruleset(
     listeners: tuple[Listener, ...],
-    proxy_ports: Mapping[ServicePortName, int],
+    proxy_ports: Mapping[ListenerKey, int],
     node: NodeInfo,
     config: ProxyConfig,
     family: int,
@@ -173,8 +197,10 @@ def build_portal_ruleset(
     `proxy_ports`); a listener without a proxy port gets no rules."""
     host = host_ip(node, config, family)
     out = _PortalChains([], [], [], [], [])
-    for listener in sorted(listeners, key=lambda lis: str(lis.name)):
-        proxy_port = proxy_ports.get(listener.name)
+    for listener in sorted(
+        listeners, key=lambda lis: (str(lis.name), list(Scope).index(lis.scope))
+    ):
+        proxy_port = proxy_ports.get(listener.key)
         if listener.family == family and proxy_port is not None:
             _add_listener(out, listener, proxy_port, host)
     nat_jumps, filter_jumps = portal_jumps()
