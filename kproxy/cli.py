@@ -34,7 +34,7 @@ from kproxy.model.node import NodeInfo
 from kproxy.state.ingest import node_for
 from kproxy.sync.agent import SourceStarter, run_agent
 from kproxy.sync.modes import proxy_mode
-from kproxy.sync.once import state_from_manifests, sync_once
+from kproxy.sync.once import once_loop, state_from_manifests, sync_once
 from kproxy.watch.files import ManifestSource
 from kproxy.watch.manifests import Manifests, load_manifests, log_ignored_documents
 
@@ -162,11 +162,13 @@ def sync(
     state = state_from_manifests(manifests, _report_invalid)
     mode = proxy_mode(config)
     with mode.open_dataplane(config, lock_timeout) as dataplane:  # refuses first if not root
-        report = sync_once(state, with_host_facts(node), config, mode, dataplane)
+        loop = once_loop(state, with_host_facts(node), config, mode, dataplane)
+        report = sync_once(loop)
         click.echo(report.summary(time.monotonic() - started))
         if mode.serves_in_process:
             click.echo("relaying connections (userspace mode) until SIGTERM or Ctrl-C", err=True)
             _wait_for_stop_signal()
+            mode.on_stop(loop)
 
 
 def _wait_for_stop_signal() -> None:

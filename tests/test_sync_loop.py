@@ -172,11 +172,11 @@ def test_a_sync_with_nothing_changed_reuses_the_last_plan_and_commits_nothing() 
     box.apply(upsert(Kind.SERVICE, service("web", "10.96.0.5")))
     box.apply(upsert(Kind.ENDPOINT_SLICE, endpoint_slice("web", ["10.0.0.1"])))
     assert loop.sync()
-    first = loop.plan(loop._take_snapshot())
+    first = loop.plan(loop.take_snapshot())
     commits = fake.commits
     assert loop.sync()
     assert fake.commits == commits
-    assert loop.plan(loop._take_snapshot()).kernel[4] is first.kernel[4]
+    assert loop.plan(loop.take_snapshot()).kernel[4] is first.kernel[4]
     # A change plans again.
     box.apply(upsert(Kind.ENDPOINT_SLICE, endpoint_slice("web", ["10.0.0.2"])))
     assert loop.sync()

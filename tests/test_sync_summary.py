@@ -6,7 +6,7 @@ from kproxy.dataplane.iptables.node import IptablesNode
 from kproxy.model.config import ProxyConfig
 from kproxy.model.node import NodeInfo
 from kproxy.sync.modes import MODES
-from kproxy.sync.once import state_from_manifests, sync_once
+from kproxy.sync.once import once_loop, state_from_manifests, sync_once
 from kproxy.watch.manifests import load_manifests
 
 ONE_SERVICE = """\
@@ -38,7 +38,9 @@ def _sync(tmp_path: Path, dataplane: FakeDataplane) -> str:
     path.write_text(ONE_SERVICE)
     state = state_from_manifests(load_manifests(path), lambda exc: None)
     node = IptablesNode({4: dataplane}, write_sysctls=lambda sysctls: None)
-    report = sync_once(state, NodeInfo(name="node-1"), ProxyConfig(), MODES["iptables"], node)
+    report = sync_once(
+        once_loop(state, NodeInfo(name="node-1"), ProxyConfig(), MODES["iptables"], node)
+    )
     text = report.summary()
     assert text.endswith(f"in {report.seconds:.2f}s")  # the time its sync_completed log gives
     assert report.summary(report.seconds + 1.0).endswith(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from kproxy.dataplane.iptables.diff import TableChanges
 from kproxy.plan.node_plan import NodePlan
@@ -59,6 +59,19 @@ class ModeDataplane(Protocol):
         ...
 
     def cleanup(self) -> ApplyResult: ...
+
+    def problems(self) -> list[str]:
+        """What health must report: a part of the data path that stopped working."""
+        ...
+
+
+@runtime_checkable
+class RelayStats(Protocol):
+    """A dataplane that relays connections itself (the userspace mode) and counts them."""
+
+    def service_port_counters(self) -> dict[str, dict[str, int]]:
+        """Per service port (its name as kube-proxy prints it), the relay's counters."""
+        ...
 
 
 class Dataplane(Protocol):

@@ -1,8 +1,9 @@
 """`/healthz` and `/livez` on healthzBindAddress, with kube-proxy's semantics and JSON.
 
 kproxy is unhealthy when an update was queued more than `timeout` (2 x syncPeriod) ago and no
-sync has succeeded since, and (beyond kube-proxy) while a source of objects reports a problem: its
-thread ended, or it has not been current for too long. Then the rules may be right for a cluster
+sync has succeeded since, and (beyond kube-proxy) while a source of objects reports a problem (its
+thread ended, or it has not been current for too long) or the dataplane does (the userspace
+relay's thread ended). Then the rules may be right for a cluster
 that no longer exists, and `/livez` failing makes the kubelet restart the agent.
 
 `/healthz` also answers 503 while the Node is being deleted or carries the cluster autoscaler's
@@ -40,8 +41,10 @@ class ProxyHealth:
         self.timeout = timeout
         self.clock = clock
         self.node_eligible = True
-        # The sources' problems (none while they are current); wired in by the agent.
+        # The sources' problems (none while they are current), and the dataplane's (a relay
+        # thread that ended); wired in by the agent.
         self.source_problems: Callable[[], list[str]] = list
+        self.dataplane_problems: Callable[[], list[str]] = list
         self._lock = threading.Lock()
         self._last_updated = dict.fromkeys(families, 0.0)
         self._oldest_queued = dict.fromkeys(families, 0.0)
@@ -76,7 +79,9 @@ class ProxyHealth:
             }
             last = max(self._last_updated.values())
         problems = self.source_problems()
-        healthy = all(bool(v["healthy"]) for v in families.values()) and not problems
+        broken = self.dataplane_problems()
+        healthy = all(bool(v["healthy"]) for v in families.values())
+        healthy = healthy and not problems and not broken
         body: dict[str, object] = {
             "lastUpdated": _iso(last),
             "currentTime": _iso(now),
@@ -84,6 +89,7 @@ class ProxyHealth:
             "healthy": healthy,
             "status": families,
             "sources": {"healthy": not problems, "problems": problems},
+            "dataplane": {"healthy": not broken, "problems": broken},
         }
         return healthy, body
 

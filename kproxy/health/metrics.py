@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 # kube-proxy's sync histograms: exponential from 1 ms, doubling, 15 buckets.
 SYNC_BUCKETS = tuple(0.001 * 2**i for i in range(15))
@@ -127,3 +131,58 @@ class ProxyMetrics:
             ["kind"],
             registry=r,
         )
+
+    def watch_relay(self, read: Callable[[], Mapping[str, Mapping[str, int]]]) -> None:
+        """Export the userspace relay's own counters, read from `read` at each scrape."""
+        self.registry.register(RelayCollector(read))
+
+
+# (metric, help, counter name in the relay, is a counter) per exported series.
+RELAY_SERIES = (
+    ("active_connections", "TCP connections being relayed now", "active_connections", False),
+    ("connections", "TCP connections accepted", "connections_total", True),
+    (
+        "endpoint_dial_failures",
+        "Dials to an endpoint that failed or timed out",
+        "dial_failures",
+        True,
+    ),
+    (
+        "no_endpoint_rejects",
+        "Connections reset because the service had no endpoint",
+        "no_endpoint_rejects",
+        True,
+    ),
+    ("udp_mappings", "UDP clients with a live mapping to an endpoint", "udp_mappings", False),
+    (
+        "udp_datagrams_dropped",
+        "UDP datagrams that could not be relayed",
+        "udp_datagrams_dropped",
+        True,
+    ),
+)
+
+
+class RelayCollector(Collector):
+    """The relay's counters per service port, under kproxy_userspace_*."""
+
+    def __init__(self, read: Callable[[], Mapping[str, Mapping[str, int]]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[Metric]:
+        counters = self.read()
+        for name, help_text, key, is_counter in RELAY_SERIES:
+            kind = CounterMetricFamily if is_counter else GaugeMetricFamily
+            family = kind(f"kproxy_userspace_{name}", help_text, labels=["service_port"])
+            for service_port, values in sorted(counters.items()):
+                family.add_metric([service_port], values.get(key, 0))
+            yield family
+        relayed = CounterMetricFamily(
+            "kproxy_userspace_bytes",
+            "Bytes relayed, by direction",
+            labels=["service_port", "direction"],
+        )
+        for service_port, values in sorted(counters.items()):
+            relayed.add_metric([service_port, "to_endpoint"], values.get("bytes_to_endpoint", 0))
+            relayed.add_metric([service_port, "to_client"], values.get("bytes_to_client", 0))
+        yield relayed

@@ -1,7 +1,8 @@
 """`kproxy run`: the long-running agent. It wires a source (API watches or manifest files), the
 state box, the sync loop, the dataplanes, conntrack cleanup and the health/metrics servers, and
-runs until SIGTERM/SIGINT. Stopping leaves the rules in place: traffic must not stop because the
-agent is restarting or being upgraded.
+runs until SIGTERM/SIGINT. Stopping leaves working rules in place: traffic must not stop because
+the agent is restarting or being upgraded (the userspace mode, whose relay stops with the
+process, first hands its portals over to the iptables mode's rules: sync/handover.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TypeVar
 import structlog
 from prometheus_client import start_http_server
 
+from kproxy.dataplane.base import RelayStats
 from kproxy.dataplane.conntrack import delete_stale_udp_flows
 from kproxy.dataplane.host import tune_node, with_host_facts
 from kproxy.errors import ConfigError
@@ -124,5 +126,9 @@ def run_agent(
         # A source is stale after the health timeout (each may allow itself longer: an idle
         # API watch); health then fails, as it does for a sync owed too long.
         health.source_problems = source_problems(sources, health.timeout)
+        health.dataplane_problems = dataplane.problems
+        if isinstance(dataplane, RelayStats):
+            metrics.watch_relay(dataplane.service_port_counters)
         loop.run(stop)
-    log.info("agent_stopped", rules="left in place")
+        mode.on_stop(loop)
+    log.info("agent_stopped", mode=mode.name)

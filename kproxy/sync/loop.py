@@ -152,7 +152,7 @@ class SyncLoop:
 
     def sync_or_raise(self) -> SyncOutcome:
         """One sync: plan, apply, clean conntrack, report. `kproxy sync --once` is one call."""
-        snapshot = self._take_snapshot()
+        snapshot = self.take_snapshot()
         started = time.monotonic()
         try:
             with gc_paused(), self._reading_ahead(snapshot):
@@ -186,7 +186,7 @@ class SyncLoop:
             return self.dataplane.reading_ahead()
         return nullcontext()
 
-    def _take_snapshot(self) -> Snapshot:
+    def take_snapshot(self) -> Snapshot:
         self.metrics.service_changes_pending.set(0)
         self.metrics.endpoint_changes_pending.set(0)
         with self.box.lock:

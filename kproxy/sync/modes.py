@@ -16,6 +16,8 @@ from kproxy.model.config import ProxyConfig
 from kproxy.plan.iptables.planner import IptablesPlanner, render_iptables_plan
 from kproxy.plan.node_plan import NodePlan, Planner
 from kproxy.plan.userspace.planner import UserspacePlanner, render_userspace_plan
+from kproxy.sync.handover import hand_over_to_iptables
+from kproxy.sync.loop import SyncLoop
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,9 @@ class ProxyMode:
     # Its data path runs inside the kproxy process (the userspace relay): `sync --once` then
     # keeps serving until SIGTERM instead of returning.
     serves_in_process: bool = False
+    # What the agent does as it stops, after its last sync: by default nothing (the rules stay,
+    # so traffic does not stop while the agent restarts); see sync/handover.py.
+    on_stop: Callable[[SyncLoop], None] = lambda loop: None
 
 
 MODES = {
@@ -47,6 +52,7 @@ MODES = {
         render_userspace_plan,
         read_iptables_live,
         serves_in_process=True,
+        on_stop=hand_over_to_iptables,
     ),
 }
 

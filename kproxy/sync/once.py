@@ -70,20 +70,24 @@ def state_from_manifests(
     return state
 
 
-def sync_once(
+def once_loop(
     state: ClusterState,
     node: NodeInfo,
     config: ProxyConfig,
     mode: ProxyMode,
     dataplane: ModeDataplane,
-) -> SyncReport:
-    """The agent's sync, once, over `state`: the same SyncLoop steps, a full sync (nothing is
-    trusted before the first one). Raises what the sync raised."""
+) -> SyncLoop:
+    """The agent's own SyncLoop over `state`, for one sync (and the mode's stop after it)."""
     health, metrics = ProxyHealth(timeout=2 * config.sync_period), ProxyMetrics()
     box = StateBox(node.name, health, metrics)
     state.node = node
     box.state = state
-    loop = SyncLoop(box, config, mode.planner(config), dataplane, metrics, health)
+    return SyncLoop(box, config, mode.planner(config), dataplane, metrics, health)
+
+
+def sync_once(loop: SyncLoop) -> SyncReport:
+    """The agent's sync, once: the same SyncLoop steps, a full sync (nothing is trusted before
+    the first one). Raises what the sync raised."""
     outcome = loop.sync_or_raise()
     services, endpoints = outcome.snapshot.services, outcome.snapshot.endpoints
     return SyncReport(

@@ -47,6 +47,9 @@ class IptablesNode:
             result.tables.extend(self.dataplanes[family].apply(ruleset, full).tables)
         return result
 
+    def problems(self) -> list[str]:
+        return []  # the kernel's tables are the data path: nothing of ours runs to fail
+
     def cleanup(self) -> ApplyResult:
         result = ApplyResult()
         for dataplane in self.dataplanes.values():

@@ -6,7 +6,8 @@ is one atomic change per table."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from typing import Any
@@ -15,7 +16,9 @@ import structlog
 
 from kproxy.dataplane.base import ApplyResult, Dataplane
 from kproxy.dataplane.iptables.families import open_dataplanes
-from kproxy.dataplane.iptables.node import IptablesNode
+from kproxy.dataplane.host import apply_sysctls
+from kproxy.dataplane.iptables.node import IptablesNode, SysctlWriter
+from kproxy.dataplane.userspace.holds import HeldPort, PortHolds
 from kproxy.dataplane.userspace.relay import Relay
 from kproxy.dataplane.userspace.spec import ListenerSpec
 from kproxy.model.config import ProxyConfig
@@ -45,13 +48,27 @@ def portal_ruleset(part: UserspaceFamily, ports: Mapping[Any, int]) -> Ruleset:
     return replace(ruleset, tables=(*ruleset.tables, Table("mangle")))
 
 
+def service_port_of(key: Hashable) -> str:
+    """The service port a relay key (a planned listener's ListenerKey) belongs to."""
+    return str(key[0]) if isinstance(key, tuple) else str(key)
+
+
 class UserspaceNode:
     mode = "userspace"
 
-    def __init__(self, dataplanes: Mapping[int, Dataplane], relays: Mapping[int, Relay]) -> None:
+    def __init__(
+        self,
+        dataplanes: Mapping[int, Dataplane],
+        relays: Mapping[int, Relay],
+        write_sysctls: SysctlWriter = apply_sysctls,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         # The portal rules go through the iptables mode's node dataplane (no sysctls needed).
         self.rules = IptablesNode(dataplanes, write_sysctls=lambda sysctls: None)
         self.relays = relays
+        self.holds = {family: PortHolds() for family in relays}
+        self.write_sysctls = write_sysctls  # the iptables mode's, at hand-over
+        self.clock = clock
         self._warned: set[Any] = set()
 
     @property
@@ -62,30 +79,74 @@ class UserspaceNode:
         return self.rules.reading_ahead()
 
     def apply(self, plan: NodePlan[UserspaceKernel], full: bool) -> ApplyResult:
+        """Per family: the listeners first (the rules need their ports), then the portal rules,
+        then the ports held for them."""
         for skipped in plan.kernel.skipped:
-            if skipped.name not in self._warned:
-                self._warned.add(skipped.name)
-                log.warning(
-                    "service_port_skipped", service=str(skipped.name), reason=skipped.reason
-                )
+            self._warn_once("service_port_skipped", skipped.name, skipped.reason)
         result = ApplyResult()
         for family, part in sorted(plan.kernel.families.items()):
             synced = self.relays[family].sync(
                 {lis.key: listener_spec(lis) for lis in part.listeners}
             )
             for key, error in synced.errors.items():
-                if (family, key, error) not in self._warned:
-                    self._warned.add((family, key, error))
-                    log.warning("listener_failed", service=str(key), family=family, error=error)
+                self._warn_once("listener_failed", service_port_of(key), error, family=family)
             ruleset = portal_ruleset(part, synced.ports)
             result.tables.extend(self.rules.dataplanes[family].apply(ruleset, full).tables)
+            held = [
+                HeldPort(lis.protocol, family, address, port)
+                for lis in part.listeners
+                for address, port in lis.held_ports
+            ]
+            for port, error in self.holds[family].sync(held).items():
+                self._warn_once("port_hold_failed", port, error, family=family)
         return result
+
+    def _warn_once(self, event: str, subject: object, problem: str, **keys: Any) -> None:
+        if (event, subject, problem) not in self._warned:
+            self._warned.add((event, subject, problem))
+            log.warning(event, service=str(subject), problem=problem, **keys)
 
     def cleanup(self) -> ApplyResult:
         return self.rules.cleanup()
 
-    def counters(self) -> dict[int, dict[Any, dict[str, int]]]:
-        return {family: relay.counters() for family, relay in self.relays.items()}
+    def problems(self) -> list[str]:
+        return [
+            f"the IPv{family} userspace relay's thread has stopped"
+            for family, relay in sorted(self.relays.items())
+            if not relay.alive()
+        ]
+
+    def service_port_counters(self) -> dict[str, dict[str, int]]:
+        """Summed over families and listeners, per service port."""
+        totals: dict[str, dict[str, int]] = {}
+        for relay in self.relays.values():
+            for key, values in relay.counters().items():
+                total = totals.setdefault(service_port_of(key), {})
+                for counter, value in values.items():
+                    total[counter] = total.get(counter, 0) + value
+        return totals
+
+    def hand_over(self, plan: NodePlan[Mapping[int, Ruleset]]) -> ApplyResult:
+        """Replace the portals with the iptables mode's rules for the same services, in one
+        commit per table, before the relay stops: connections keep working after the process
+        has gone (and the next agent, of either mode, takes over from rules that work)."""
+        node = IptablesNode(self.rules.dataplanes, self.write_sysctls)
+        result = node.apply(plan, full=True)
+        for holds in self.holds.values():
+            holds.close()
+        return result
+
+    def drain(self, timeout: float) -> int:
+        """Wait until the relay has no connection left, at most `timeout` seconds; returns how
+        many were still open."""
+        deadline = self.clock() + timeout
+        while True:
+            active = sum(
+                v.get("active_connections", 0) for v in self.service_port_counters().values()
+            )
+            if not active or self.clock() >= deadline:
+                return active
+            time.sleep(0.05)
 
 
 @contextmanager
@@ -95,10 +156,13 @@ def open_userspace_node(config: ProxyConfig, lock_timeout: float) -> Iterator[Us
             family: Relay(port_range=config.port_range, udp_idle_timeout=config.udp_idle_timeout)
             for family in dataplanes
         }
+        node = UserspaceNode(dataplanes, relays)
         try:
             for relay in relays.values():
                 relay.start()
-            yield UserspaceNode(dataplanes, relays)
+            yield node
         finally:
+            for holds in node.holds.values():
+                holds.close()
             for relay in relays.values():
                 relay.stop()
