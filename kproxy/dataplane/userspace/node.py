@@ -15,8 +15,8 @@ from typing import Any
 import structlog
 
 from kproxy.dataplane.base import ApplyResult, Dataplane
-from kproxy.dataplane.iptables.families import open_dataplanes
 from kproxy.dataplane.host import apply_sysctls
+from kproxy.dataplane.iptables.families import open_dataplanes
 from kproxy.dataplane.iptables.node import IptablesNode, SysctlWriter
 from kproxy.dataplane.userspace.holds import HeldPort, PortHolds
 from kproxy.dataplane.userspace.relay import Relay

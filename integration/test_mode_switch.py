@@ -1,0 +1,41 @@
+"""Switching a node between the iptables and the userspace mode in place, under a client that
+never stops connecting: the new mode's rules replace the old one's in one commit per table, and
+a stopping userspace agent first hands its portals over to iptables-mode rules, so not one
+connection fails and no chain of the other mode is left behind."""
+
+from __future__ import annotations
+
+import time
+
+from integration.agent_harness import Poller, summarize
+from integration.conftest import Cluster
+from integration.netns import stop
+from integration.test_userspace import PORT, TARGET, USERSPACE_CHAINS, VIP, userspace_proxy
+
+
+def test_iptables_to_userspace_to_iptables_fails_no_connection(cluster: Cluster) -> None:
+    backends = [cluster.backend(f"web-{i}", f"192.168.{i}.10", TARGET) for i in (1, 2)]
+    client = cluster.pod("client", "192.168.9.9")
+    cluster.service("web", VIP, PORT, backends, TARGET)
+    cluster.sync()  # the iptables mode
+    poller = Poller(client.ns.name, VIP, PORT, interval=0.005).start()
+    try:
+        time.sleep(1.0)
+        with userspace_proxy(cluster) as proxy:  # iptables -> userspace
+            time.sleep(1.5)
+            during = cluster.node.run("iptables-legacy-save").stdout
+            err = stop(proxy)  # SIGTERM: the portals are handed over, then the relay stops
+        time.sleep(1.0)
+        after_stop = cluster.node.run("iptables-legacy-save").stdout
+        summary = cluster.sync()  # the iptables agent takes over the node
+        time.sleep(1.0)
+    finally:
+        attempts = poller.stop()
+    failed = [a for a in attempts if not a.ok]
+    assert len(attempts) > 200 and not failed, (summarize(failed), err)
+    assert {a.outcome for a in attempts} == {"web-1", "web-2"}
+    assert all(chain in during for chain in USERSPACE_CHAINS) and "KUBE-SVC-" not in during
+    for tables in (after_stop, cluster.node.run("iptables-legacy-save").stdout):
+        assert not any(chain in tables for chain in USERSPACE_CHAINS), tables
+        assert "KUBE-SVC-" in tables
+    assert "wrote 0 chains" in summary or "no changes" in summary, summary
