@@ -12,6 +12,7 @@ A freshly spawned process per family starts with an empty registry; IPv4 runs in
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from multiprocessing.connection import Connection
@@ -24,6 +25,11 @@ from kproxy.rules.saved import SavedTable
 
 
 def _serve(conn: Connection, family: int, lock_timeout: float) -> None:
+    # The child serves its parent until the parent closes the pipe. A SIGTERM or Ctrl-C sent to
+    # the whole process group is the parent's to act on: it may still have rules to write as it
+    # stops (the userspace mode's hand-over).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         _serve_requests(conn, family, lock_timeout)
     except (BrokenPipeError, EOFError, KeyboardInterrupt):
@@ -92,7 +98,10 @@ class FamilyProcess:
 
     def _call(self, request: str, arg: Any = None) -> Any:
         self._ensure_started()
-        self._conn.send((request, arg))
+        try:
+            self._conn.send((request, arg))
+        except OSError:
+            raise DataplaneError("the IPv6 dataplane process exited unexpectedly") from None
         return self._call_reply(self._receive())
 
     def read(self) -> dict[str, SavedTable]:
