@@ -3,15 +3,25 @@
 Reads the manifests in integration/scenarios/demo/ (default/my-nginx, kube-system/kube-dns and
 default/kubernetes, as `kubectl get -o yaml` prints them) and integration/scenarios/ingress/ (an
 ingress-nginx controller exposed as NodePort 30189, and an Ingress sending /testpath to my-nginx),
-builds the node in network namespaces with one namespace per endpoint pod (see netns.py), runs
-`kproxy sync --once` in the node, then sends requests to the Service VIPs from a client pod and
-shows which endpoint answered each. Then a client outside the node fetches /testpath through the
-ingress NodePort: the controller pod (a small HTTP proxy, see traffic.py) forwards it to the
-my-nginx ClusterIP, and the demo shows which my-nginx endpoint answered. Prints the chains kproxy
-wrote, and deletes every namespace it made, whatever happens.
+builds the node in network namespaces with one namespace per endpoint pod (see netns.py), and
+shows two pictures of the same scenario, one after the other:
 
-Exit status: 0 when every my-nginx endpoint answered (directly and through the ingress) and DNS
-answered, 1 otherwise, 2 when it cannot run (not root, kproxy not installed).
+1. the userspace mode: `kproxy sync --once` with `mode: userspace` programs the portals and
+   relays in the foreground; its relay accepts each connection and dials the endpoints in turn
+   (round robin), so every endpoint sees the node's address as the source;
+2. the iptables mode: the relay is stopped, `kproxy sync --once` switches the node in place
+   (deleting the portal chains), and netfilter DNATs each connection to an endpoint picked at
+   random, so every endpoint sees the client's own address.
+
+In each picture a client pod sends requests to the Service VIPs; the demo shows which endpoint
+answered each request and which source address each endpoint saw. After the second, a client
+outside the node fetches /testpath through the ingress NodePort: the controller pod (a small
+HTTP proxy, see traffic.py) forwards it to the my-nginx ClusterIP, and the demo shows which
+my-nginx endpoint answered. Prints the chains kproxy wrote, and deletes every namespace it made,
+whatever happens.
+
+Exit status: 0 when every my-nginx endpoint answered in both pictures (and through the ingress)
+and DNS answered, 1 otherwise, 2 when it cannot run (not root, kproxy not installed).
 """
 
 from __future__ import annotations
@@ -19,10 +29,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +47,9 @@ from integration.netns import (
     Namespace,
     Topology,
     kproxy_path,
+    read_line,
     run_kproxy,
+    stop,
     topology,
 )
 from integration.traffic import ProbeResult, probe, start_http_proxy, start_server
@@ -152,15 +166,26 @@ def _nginx_endpoints(backends: list[Backend]) -> dict[str, str]:
     return {b.name: b.ip for b in backends if (port, "TCP") in b.ports and b.name != "node"}
 
 
+def _seen_by(result: ProbeResult) -> dict[str, list[str]]:
+    """Endpoint -> the source addresses it saw, in order of first appearance."""
+    seen: dict[str, list[str]] = {}
+    for answer, source in zip(result.sequence, result.seen, strict=True):
+        if source and source not in seen.setdefault(answer, []):
+            seen[answer].append(source)
+    return seen
+
+
 def _show_tally(title: str, result: ProbeResult, expected: dict[str, str]) -> bool:
-    """Print each answer and how many each my-nginx endpoint got; True when all of them
-    answered and nothing failed."""
-    for i, answer in enumerate(result.sequence, 1):
-        print(f"  request {i:2}: {answer}")
+    """Print each answer (and the source address that endpoint saw), then how many each my-nginx
+    endpoint got and from where; True when all of them answered and nothing failed."""
+    for i, (answer, source) in enumerate(zip(result.sequence, result.seen, strict=True), 1):
+        print(f"  request {i:2}: {answer}" + (f", which saw {source}" if source else ""))
     tally = Counter(result.answers)
+    seen = _seen_by(result)
     print(f"\n== tally for {title}")
     for pod, ip in sorted(expected.items()):
-        print(f"  {pod} ({ip}:{NGINX[2]}): {tally[pod]} of {REQUESTS}")
+        saw = ", ".join(seen.get(pod, [])) or "-"
+        print(f"  {pod} ({ip}:{NGINX[2]}): {tally[pod]} of {REQUESTS}, saw {saw}")
     if result.failed:
         print(f"  failed: {result.failed} (refused {result.refused}, timeout {result.timeout})")
     silent = sorted(pod for pod in expected if tally[pod] == 0)
@@ -169,11 +194,13 @@ def _show_tally(title: str, result: ProbeResult, expected: dict[str, str]) -> bo
     return not silent and not result.failed
 
 
-def show_nginx(client: Namespace, backends: list[Backend]) -> bool:
+def show_nginx(client: Namespace, backends: list[Backend], mode: str, why: str) -> bool:
     name, vip, port = NGINX
     print(f"\n== {REQUESTS} HTTP requests from pod {CLIENT_POD} ({CLIENT_IP}) to {vip}:{port}")
     result = probe(client, vip, port, "tcp", count=REQUESTS, http=True)
-    return _show_tally(name, result, _nginx_endpoints(backends))
+    ok = _show_tally(f"{name} ({mode} mode)", result, _nginx_endpoints(backends))
+    print(f"  why: {why}")
+    return ok
 
 
 def show_ingress(
@@ -200,6 +227,77 @@ def show_single(client: Namespace, service: tuple[str, str, int], proto: str) ->
     return result.answered == 1
 
 
+def show_services(client: Namespace) -> bool:
+    """kube-dns over UDP and TCP, and the API server's Service; True when each answered."""
+    ok = show_single(client, DNS, "udp")
+    ok = show_single(client, DNS, "tcp") and ok
+    return show_single(client, API, "tcp") and ok
+
+
+USERSPACE_WHY = (
+    "kproxy's relay accepted each connection and dialled the endpoints in turn (round robin), "
+    f"so every endpoint saw the node's address {NODE_IP}, not the client's"
+)
+IPTABLES_WHY = (
+    "netfilter DNATed each connection to an endpoint it picked at random (statistic "
+    f"--probability), and DNAT rewrites only the destination: every endpoint saw the client's "
+    f"own address {CLIENT_IP}"
+)
+
+
+def write_userspace_config(path: Path) -> Path:
+    """`mode: userspace`, listening on the node's address: a routed topology like this one has
+    no address on the pod veths for the wildcard's REDIRECT (see test_userspace.py)."""
+    doc = {
+        "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+        "kind": "KubeProxyConfiguration",
+        "mode": "userspace",
+        "bindAddress": NODE_IP,
+    }
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+@contextmanager
+def userspace_relay(topo: Topology, sync: Sequence[str], lock_file: Path) -> Iterator[None]:
+    """`kproxy sync --once` in userspace mode, which prints its summary and then relays in the
+    foreground: running until the block ends, then stopped with SIGTERM."""
+    argv = [str(kproxy_path()), "--log-level", "warning", *sync]
+    proc: subprocess.Popen[str] = topo.spawn(
+        topo.node, argv, env={"XTABLES_LOCKFILE": str(lock_file)}
+    )
+    try:
+        print(read_line(proc, timeout=60.0))
+        yield
+    finally:
+        stop(proc)
+        print("\n(relay stopped with SIGTERM; its portal rules stay until the next sync)")
+
+
+def userspace_picture(
+    topo: Topology, client: Namespace, backends: list[Backend], sync: list[str], workdir: Path
+) -> bool:
+    config = write_userspace_config(workdir / "kube-proxy-userspace.yaml")
+    print("\n=== picture 1 of 2: the userspace mode (kproxy's relay picks the endpoint)")
+    print(
+        f"$ kproxy {' '.join(sync)} --config {config}   # mode: userspace, bindAddress: {NODE_IP}"
+    )
+    with userspace_relay(topo, [*sync, "--config", str(config)], workdir / "xtables.lock"):
+        ok = show_nginx(client, backends, "userspace", USERSPACE_WHY)
+        ok = show_services(client) and ok
+    return ok
+
+
+def iptables_picture(
+    topo: Topology, client: Namespace, backends: list[Backend], sync: list[str], lock_file: Path
+) -> bool:
+    print("\n=== picture 2 of 2: the iptables mode (netfilter picks the endpoint)")
+    print(f"$ kproxy {' '.join(sync)}   # the default mode; switches the node in place")
+    print(run_kproxy(topo.node, *sync, lock_file=lock_file).stdout, end="")
+    ok = show_nginx(client, backends, "iptables", IPTABLES_WHY)
+    return show_services(client) and ok
+
+
 def run_demo(workdir: Path) -> bool:
     lock_file = workdir / "xtables.lock"
     scenarios = (SCENARIO, INGRESS_SCENARIO)
@@ -216,13 +314,10 @@ def run_demo(workdir: Path) -> bool:
         client = topo.add_pod(CLIENT_POD, CLIENT_IP)
 
         sync = ["sync", "--once", "--manifests", str(manifests), "--hostname-override", NODE_NAME]
-        print(f"\n$ kproxy {' '.join(sync)}")
         print(f"  ({manifests} holds {', '.join(str(s) for s in scenarios)})")
-        print(run_kproxy(topo.node, *sync, lock_file=lock_file).stdout, end="")
 
-        ok = show_nginx(client.ns, backends)
-        ok = show_single(client.ns, DNS, "udp") and ok
-        ok = show_single(client.ns, API, "tcp") and ok
+        ok = userspace_picture(topo, client.ns, backends, sync, workdir)
+        ok = iptables_picture(topo, client.ns, backends, sync, lock_file) and ok
         ok = show_ingress(topo.outside, backends, controller, routes) and ok
 
         print("\n$ kproxy dump   # the chains now in the node's tables")

@@ -3,6 +3,8 @@
     python -m integration.traffic serve --name web-1 --port 8080 --proto tcp [--family both]
     python -m integration.traffic probe --target 10.96.0.10 --port 80 --proto tcp --count 100
     python -m integration.traffic http-proxy --listen 80 --route /testpath=http://10.104.164.89:80
+    python -m integration.traffic serve --name web-1 --port 8080 --reply-after-eof
+    python -m integration.traffic half-close --target 10.96.0.10 --port 80 --size 100000
 
 The server answers each TCP connection and each UDP datagram with one line, `NAME PEER_IP`, so
 the client learns which endpoint answered and which source address that endpoint saw (its own,
@@ -12,6 +14,11 @@ on IPv4 (`--family 4`, the default), IPv6 or both; the probe takes either kind o
 `http-proxy` is a minimal ingress controller: it forwards each HTTP request whose path starts with
 a route's prefix to that route's upstream (a Service VIP, so the node's rules pick the endpoint)
 and relays the upstream's answer unchanged; other paths get 404, an unreachable upstream 502.
+
+With `--reply-after-eof` the server instead reads each TCP connection to its end (the client's
+SHUT_WR) and only then answers, with `NAME PEER_IP LENGTH` and every byte it read, each
+connection in a thread of its own (so one held open does not hold up the others); `half-close`
+is its client: it sends SIZE bytes, shuts down writing and reads the whole reply.
 
 `probe` opens one new connection (TCP) or one new socket (UDP) per attempt, so every attempt is a
 new conntrack flow that the Service's rules balance afresh, and prints one JSON object: answers
@@ -31,6 +38,7 @@ import json
 import selectors
 import socket
 import sys
+import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,6 +53,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 READY = "ready"
 _MAX_REPLY = 4096
 _HTTP_REQUEST_END = b"\r\n\r\n"
+# How long a --reply-after-eof connection may stay silent: long enough for a test to hold one
+# open across a resync of the agent.
+_EOF_WAIT = 120.0
 
 
 # --- server -----------------------------------------------------------------------------------
@@ -88,6 +99,21 @@ _WILDCARD = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
 FAMILIES = {"4": (socket.AF_INET,), "6": (socket.AF_INET6,), "both": tuple(_WILDCARD)}
 
 
+def _serve_after_eof(conn: socket.socket, name: str) -> None:
+    """Read to the client's EOF, then answer with `NAME PEER_IP LENGTH` and the bytes read."""
+    with conn:
+        conn.settimeout(_EOF_WAIT)
+        try:
+            peer = conn.getpeername()[0]
+            data = bytearray()
+            while chunk := conn.recv(1 << 16):
+                data += chunk
+            conn.sendall(f"{name} {peer} {len(data)}\n".encode() + bytes(data))
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # a client that gave up; the next one matters
+
+
 def _listen(family: socket.AddressFamily, kind: socket.SocketKind, port: int) -> socket.socket:
     sock = socket.socket(family, kind)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -101,10 +127,16 @@ def _listen(family: socket.AddressFamily, kind: socket.SocketKind, port: int) ->
 
 
 def serve(
-    name: str, port: int, protos: Sequence[str], http: bool = False, family: str = "4"
+    name: str,
+    port: int,
+    protos: Sequence[str],
+    http: bool = False,
+    family: str = "4",
+    reply_after_eof: bool = False,
 ) -> NoReturn:
     """Answer forever on `port` for each protocol in `protos`, on the wildcard address of each
-    family (`4`, `6` or `both`); prints READY once bound."""
+    family (`4`, `6` or `both`); prints READY once bound. With `reply_after_eof`, TCP connections
+    are answered by _serve_after_eof, each in a thread."""
     sel = selectors.DefaultSelector()
     for proto in protos:
         kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
@@ -117,7 +149,12 @@ def serve(
             assert isinstance(ready, socket.socket)
             if key.data == "tcp":
                 conn, _ = ready.accept()
-                _serve_tcp_connection(conn, name, http)
+                if reply_after_eof:
+                    threading.Thread(
+                        target=_serve_after_eof, args=(conn, name), daemon=True
+                    ).start()
+                else:
+                    _serve_tcp_connection(conn, name, http)
             else:
                 _, addr = ready.recvfrom(_MAX_REPLY)
                 ready.sendto(_answer(name, addr[0]), addr)
@@ -194,7 +231,8 @@ def http_proxy(port: int, routes: Mapping[str, tuple[str, int]]) -> NoReturn:
 @dataclass
 class ProbeResult:
     """What `count` attempts met. `sequence` holds, per attempt, the answering backend's name or
-    the failure (`refused`, `timeout`, or an errno name)."""
+    the failure (`refused`, `timeout`, or an errno name); `seen`, per attempt, the source address
+    the backend saw ("" for a failed attempt)."""
 
     answers: dict[str, int] = field(default_factory=dict)
     sources: dict[str, int] = field(default_factory=dict)
@@ -202,6 +240,7 @@ class ProbeResult:
     timeout: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     sequence: list[str] = field(default_factory=list)
+    seen: list[str] = field(default_factory=list)
 
     @property
     def answered(self) -> int:
@@ -276,10 +315,11 @@ def run_probe(
     answers: Counter[str] = Counter()
     sources: Counter[str] = Counter()
     failures: Counter[str] = Counter()
-    sequence = []
+    sequence, seen = [], []
     for _ in range(count):
         outcome, source = _attempt(target, port, proto, timeout, http, path)
         sequence.append(outcome)
+        seen.append(source or "")
         if source is None:
             failures[outcome] += 1
         else:
@@ -287,8 +327,39 @@ def run_probe(
             sources[source] += 1
     refused, timeout_count = failures.pop("refused", 0), failures.pop("timeout", 0)
     return ProbeResult(
-        dict(answers), dict(sources), refused, timeout_count, dict(failures), sequence
+        dict(answers), dict(sources), refused, timeout_count, dict(failures), sequence, seen
     )
+
+
+@dataclass
+class HalfCloseReply:
+    """What a --reply-after-eof server answered: its name, the source address it saw, how many
+    bytes it read, and whether the bytes it sent back are exactly the ones sent (`echoed`)."""
+
+    name: str
+    source: str
+    length: int
+    echoed: bool
+
+
+def read_reply_after_eof(sock: socket.socket, sent: bytes) -> HalfCloseReply:
+    """Shut down writing on a connection to a --reply-after-eof server, then read its whole
+    answer."""
+    sock.shutdown(socket.SHUT_WR)
+    data = bytearray()
+    while chunk := sock.recv(1 << 16):
+        data += chunk
+    head, _, body = bytes(data).partition(b"\n")
+    name, source, length = head.decode(errors="replace").split()
+    return HalfCloseReply(name, source, int(length), body == sent)
+
+
+def half_close_exchange(target: str, port: int, size: int, timeout: float) -> HalfCloseReply:
+    """Connect, send `size` bytes, shut down writing and read the whole reply."""
+    payload = bytes(i % 251 for i in range(size))  # not all zeroes: a shifted copy differs
+    with socket.create_connection((target, port), timeout=timeout) as sock:
+        sock.sendall(payload)
+        return read_reply_after_eof(sock, payload)
 
 
 # --- running them in namespaces ---------------------------------------------------------------
@@ -317,11 +388,14 @@ def start_server(
     proto: str = "tcp",
     http: bool = False,
     family: str = "4",
+    reply_after_eof: bool = False,
 ) -> Popen[str]:
     """A server answering as `name` in `ns` on IPv4, IPv6 or both (`family`), already listening
-    when this returns; the topology kills it on close."""
+    when this returns; the topology kills it on close. `reply_after_eof`: see the module doc."""
     args = ["serve", "--name", name, "--port", str(port), "--proto", proto, "--family", family]
-    return _start(topo, ns, f"server {name}", [*args, *(["--http"] if http else [])])
+    args += ["--http"] if http else []
+    args += ["--reply-after-eof"] if reply_after_eof else []
+    return _start(topo, ns, f"server {name}", args)
 
 
 def start_http_proxy(
@@ -356,6 +430,15 @@ def probe(
     return ProbeResult(**data)
 
 
+def half_close(
+    ns: Namespace, target: str, port: int, size: int, timeout: float = 5.0
+) -> HalfCloseReply:
+    """One half_close_exchange from inside `ns`."""
+    args = ["half-close", "--target", target, "--port", str(port), "--size", str(size)]
+    proc = ns.run(*_module_argv(*args, "--timeout", str(timeout)), env=_ENV, timeout=30 + timeout)
+    return HalfCloseReply(**json.loads(proc.stdout))
+
+
 # --- command line -----------------------------------------------------------------------------
 
 
@@ -372,6 +455,11 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--proto", choices=("tcp", "udp", "both"), default="tcp")
     srv.add_argument("--http", action="store_true", help="answer TCP as an HTTP/1.0 server")
     srv.add_argument("--family", choices=tuple(FAMILIES), default="4", help="IPv4, IPv6 or both")
+    srv.add_argument(
+        "--reply-after-eof",
+        action="store_true",
+        help="read each TCP connection to its end, then answer `NAME PEER_IP LENGTH` + the bytes",
+    )
     prb = sub.add_parser("probe", help="connect COUNT times and print a JSON summary")
     prb.add_argument("--target", required=True)
     prb.add_argument("--port", type=int, required=True)
@@ -380,6 +468,11 @@ def _parser() -> argparse.ArgumentParser:
     prb.add_argument("--timeout", type=float, default=1.0, help="seconds per attempt")
     prb.add_argument("--http", action="store_true", help="send an HTTP/1.0 GET first")
     prb.add_argument("--path", default="/", help="the path to GET with --http")
+    hcl = sub.add_parser("half-close", help="send SIZE bytes, SHUT_WR, read the whole reply")
+    hcl.add_argument("--target", required=True)
+    hcl.add_argument("--port", type=int, required=True)
+    hcl.add_argument("--size", type=int, default=100_000)
+    hcl.add_argument("--timeout", type=float, default=5.0, help="seconds per socket operation")
     prx = sub.add_parser("http-proxy", help="forward HTTP requests by path prefix")
     prx.add_argument("--listen", type=int, required=True, metavar="PORT")
     prx.add_argument(
@@ -397,9 +490,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         protos = ("tcp", "udp") if args.proto == "both" else (args.proto,)
-        serve(args.name, args.port, protos, args.http, args.family)  # until killed
+        serve(args.name, args.port, protos, args.http, args.family, args.reply_after_eof)
     if args.command == "http-proxy":
         http_proxy(args.listen, dict(args.route))  # until killed
+    if args.command == "half-close":
+        reply = half_close_exchange(args.target, args.port, args.size, args.timeout)
+        json.dump(asdict(reply), sys.stdout)
+        sys.stdout.write("\n")
+        return 0
     result = run_probe(
         args.target, args.port, args.proto, args.count, args.timeout, args.http, args.path
     )
