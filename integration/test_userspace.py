@@ -156,13 +156,15 @@ def test_nodeport_answers_a_client_beyond_the_node(cluster: Cluster, proto: str)
     assert result.sources == {NODE_IP: 20}, result  # the relay dialled, not the outside client
 
 
-def test_a_service_without_endpoints_refuses_at_once(cluster: Cluster) -> None:
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_a_service_without_endpoints_refuses_at_once(cluster: Cluster, proto: str) -> None:
     client = cluster.pod("client", "192.168.9.9")
-    cluster.service("web", VIP, PORT, [], TARGET)
+    cluster.service("web", VIP, PORT, [], TARGET, protocol=proto.upper())
     with userspace_proxy(cluster):
-        result = probe(client.ns, VIP, PORT, "tcp", count=10, timeout=2.0)
-    # The relay accepts, finds no endpoint and closes with a reset: the client is told at once
-    # (a refusal or a reset), never left waiting for a timeout.
+        result = probe(client.ns, VIP, PORT, proto, count=10, timeout=2.0)
+    # TCP: the relay accepts, finds no endpoint and closes with a reset. UDP: the relay's socket
+    # refuses, so the kernel answers ICMP port unreachable. Either way the client is told at
+    # once, never left waiting for a timeout.
     assert result.timeout == 0 and result.answered == 0, result
     assert result.refused + result.errors.get("ECONNRESET", 0) == 10, result
 

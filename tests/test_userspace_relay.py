@@ -216,11 +216,20 @@ def test_udp_mapping_per_client_expires_when_idle(relay: Relay) -> None:
         assert relay.counters()["dns"]["udp_mappings"] == 3
 
 
-def test_udp_without_endpoints_drops_and_a_removed_port_closes(relay: Relay) -> None:
+def test_udp_without_endpoints_is_refused_and_a_removed_port_closes(relay: Relay) -> None:
+    echo = UdpEcho("dns-1")
     port = relay.sync({"dns": ListenerSpec(UDP, LOOPBACK)}).ports["dns"]
     with udp_client() as sock:
+        sock.connect((LOOPBACK, port))
+        sock.send(b"q")
+        with pytest.raises(ConnectionRefusedError):  # ICMP port unreachable, at once
+            sock.recv(100)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe, pytest.raises(OSError):
+        probe.bind((LOOPBACK, port))  # still the relay's port while it refuses
+    assert relay.sync({"dns": ListenerSpec(UDP, LOOPBACK, 0, (echo.addr,))}).ports["dns"] == port
+    with udp_client() as sock:
         sock.sendto(b"q", (LOOPBACK, port))
-        wait_until(lambda: relay.counters()["dns"]["udp_datagrams_dropped"] == 1)
+        assert sock.recv(100).startswith(b"dns-1")  # endpoints back: served on the same port
     relay.sync({})
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind((LOOPBACK, port))  # the port is free again

@@ -148,6 +148,7 @@ class Relay:
         if running is not None and running.spec.same_listener(spec):
             # Only endpoints or affinity changed: the socket and its connections stay.
             running.listener.balancer.set_endpoints(spec.endpoints, spec.affinity_seconds)
+            running.listener.endpoints_changed()
             running.spec = spec
             return running.port
         if running is not None:

@@ -140,6 +140,9 @@ class TcpListener:
     def start(self) -> None:
         self._accepting = asyncio.get_running_loop().create_task(self._accept_loop())
 
+    def endpoints_changed(self) -> None:
+        """Nothing to do: a connection finds the balancer empty and is reset at once."""
+
     def close(self) -> None:
         if self._accepting is not None:
             self._accepting.cancel()

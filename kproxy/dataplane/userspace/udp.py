@@ -69,7 +69,12 @@ class _Mapping:
 
 
 class UdpListener:
-    """Replies leave from the service socket, so the client's NAT reverses them to VIP:port."""
+    """Replies leave from the service socket, so the client's NAT reverses them to VIP:port.
+
+    Without endpoints the service socket is connected to its own address: the kernel then
+    delivers no client's datagram to it and answers each with ICMP port unreachable, which the
+    client's NAT reverses, so a UDP client is refused at once, as by the iptables mode's REJECT,
+    while the port stays bound. Endpoints coming back rebind a fresh socket on the same port."""
 
     def __init__(
         self,
@@ -83,10 +88,43 @@ class UdpListener:
         self.counters = counters
         self.idle_timeout = idle_timeout
         self._mappings: dict[ClientAddr, _Mapping] = {}
+        self._bound: tuple[str, int] = tuple(sock.getsockname()[:2])  # before any connect
+        self._refusing = False
 
     def start(self) -> None:
         size_buffers(self.sock)
         asyncio.get_running_loop().add_reader(self.sock.fileno(), self._on_datagram)
+        self.endpoints_changed()
+
+    def endpoints_changed(self) -> None:
+        """After the balancer's endpoints changed: refuse while there are none."""
+        empty = not self.balancer.endpoints
+        if empty and not self._refusing:
+            host, port = self._bound
+            if host in ("0.0.0.0", "::"):
+                host = "::1" if self.sock.family == socket.AF_INET6 else "127.0.0.1"
+            with contextlib.suppress(OSError):
+                self.sock.connect((host, port))
+                self._refusing = True
+        elif not empty and self._refusing:
+            self._rebind()
+
+    def _rebind(self) -> None:
+        loop = asyncio.get_running_loop()
+        fresh = socket.socket(self.sock.family, socket.SOCK_DGRAM)
+        fresh.setblocking(False)
+        loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        try:
+            fresh.bind(self._bound)
+        except OSError:  # taken in between: the listener refuses until the next sync
+            fresh.close()
+            self.sock = socket.socket(self.sock.family, socket.SOCK_DGRAM)
+            return
+        size_buffers(fresh)
+        self.sock = fresh
+        self._refusing = False
+        loop.add_reader(fresh.fileno(), self._on_datagram)
 
     def close(self) -> None:
         # As upstream: closing the service socket ends every client mapping at once.
