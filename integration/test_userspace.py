@@ -231,3 +231,28 @@ def _table(save: str, table: str) -> str:
 
 def _jumps_to(save: str, table: str, chain: str) -> str:
     return "\n".join(line for line in _table(save, table).splitlines() if f"-j {chain}" in line)
+
+
+def test_external_policy_local_sends_nodeport_traffic_to_local_endpoints_only(
+    cluster: Cluster,
+) -> None:
+    local = cluster.backend("web-1", "192.168.1.10", TARGET)
+    remote = cluster.backend("web-2", "192.168.2.10", TARGET)
+    client = cluster.pod("client", "192.168.9.9")
+    cluster.service(
+        "web",
+        VIP,
+        PORT,
+        [local, remote],
+        TARGET,
+        node_port=NODE_PORT,
+        external_policy="Local",
+        remote=[remote.name],
+    )
+    with userspace_proxy(cluster):
+        outside = probe(cluster.outside, NODE_IP, NODE_PORT, "tcp", count=10)
+        inside = probe(client.ns, VIP, PORT, "tcp", count=10)
+    # The NodePort's portals go to a listener of their own, with the external policy's
+    # endpoints; the ClusterIP's keep both (internalTrafficPolicy Cluster).
+    assert outside.failed == 0 and outside.answers == {"web-1": 10}, outside
+    assert inside.failed == 0 and inside.answers == {"web-1": 5, "web-2": 5}, inside
