@@ -103,3 +103,37 @@ def test_an_endpoint_change_moves_new_connections_and_an_open_one_keeps_streamin
     # whole answer came back through the relay.
     assert (kept.name, kept.source, kept.length) == ("web-a", NODE_IP, 400_000), kept
     assert kept.echoed, kept
+
+
+CLIENT_PORT = 40053  # the UDP client's fixed source port: one conntrack flow for all its datagrams
+
+
+def test_a_removed_udp_service_loses_its_flows_to_the_relay(node: AgentNode) -> None:
+    dns = node.backend("dns-1", "192.168.1.53", 53, "udp")
+    client = node.client("client", "192.168.9.9")
+    node.api.create("Service", service_manifest("dns", VIP, 53, 53, "UDP"))
+    node.api.create("EndpointSlice", slice_object("dns", [dns.ip], 53, "UDP"))
+    agent = node.start_agent()
+    poller = node.poller(
+        client, VIP, 53, proto="udp", interval=0.05, timeout=0.5, source_port=CLIENT_PORT
+    )
+
+    def to_relay() -> list[dict[str, str]]:
+        """The client's flow while it is NATed to the relay's port on the node."""
+        return [
+            e
+            for e in node.conntrack_udp()
+            if e["orig_dst"] == VIP
+            and e["orig_sport"] == str(CLIENT_PORT)
+            and e["reply_src"] == NODE_IP
+        ]
+
+    assert wait_until(to_relay, timeout=10), node.conntrack_udp()
+    node.api.delete("EndpointSlice", slice_object("dns", [dns.ip], 53, "UDP"))
+    node.api.delete("Service", service_manifest("dns", VIP, 53, 53, "UDP"))
+    # Without the cleanup the client's datagrams would keep the flow, and keep reaching a proxy
+    # port that the relay may give to another service next.
+    deleted = wait_until(lambda: agent.events("conntrack_flows_deleted"), timeout=CHANGE_BOUND)
+    assert deleted and deleted[-1]["count"] >= 1, agent.log_tail()
+    assert wait_until(lambda: not to_relay(), timeout=5), node.conntrack_udp()
+    poller.stop()
