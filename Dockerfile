@@ -21,8 +21,9 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 # The runtime image: the legacy iptables libraries python-iptables loads (libip4tc2, libip6tc2,
 # libxtables12), the iptables package for its extensions (libxt_*.so) and iptables-legacy-save,
-# which kproxy reads the tables with; conntrack and iproute2 for debugging on the node; kmod for
-# the modprobe python-iptables runs at import.
+# which kproxy reads the tables with; conntrack, iproute2 and nftables (`nft list table ip
+# kube-proxy` in nftables mode) for debugging on the node; kmod for the modprobe python-iptables
+# runs at import.
 FROM python:3.11-slim-bookworm
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -34,6 +35,7 @@ RUN apt-get update \
         libip4tc2 \
         libip6tc2 \
         libxtables12 \
+        nftables \
     && rm -rf /var/lib/apt/lists/* /usr/share/doc/* /usr/share/man/* \
     && update-alternatives --set iptables /usr/sbin/iptables-legacy \
     && update-alternatives --set ip6tables /usr/sbin/ip6tables-legacy

@@ -2,12 +2,13 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := iptables libip4tc2 libip6tc2 libxtables12 conntrack iproute2 gcc
+DEB_PACKAGES := iptables libip4tc2 libip6tc2 libxtables12 conntrack iproute2 nftables gcc
 
 .PHONY: deps venv lint unit integration test demo bench image clean
 
 # Debian packages: the legacy iptables libraries python-iptables drives, the iptables-legacy-save
-# reader, conntrack and iproute2 for the network-namespace tests.
+# reader, conntrack, iproute2 and nft (the nftables mode's test oracle) for the network-namespace
+# tests.
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
