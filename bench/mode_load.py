@@ -232,9 +232,10 @@ class _Client:
     def begin(self) -> None:
         kind = self.loop.kind
         if kind == "udp":
-            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self.sock.setblocking(False)
-            self.sock.connect(self.target)
+            if self.sock is None:  # one socket (one source port) per client, as a resolver
+                self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                self.sock.setblocking(False)
+                self.sock.connect(self.target)
             self._ask_udp()
         elif kind == "connect" or self.sock is None:
             self._connect()
