@@ -55,6 +55,8 @@ class _SpliceDirection:
         self._src, self._dst = src.fileno(), dst.fileno()
         self._count = count
         self._pipe_r, self._pipe_w = _open_pipe()
+        # A splice shorter than this emptied src; a full one may have left bytes behind.
+        self._capacity = min(CHUNK, fcntl.fcntl(self._pipe_w, fcntl.F_GETPIPE_SZ))
         self._pending = 0
         self.done: asyncio.Future[None] = self._loop.create_future()
 
@@ -104,6 +106,11 @@ class _SpliceDirection:
                     self._finish(None)
                     return
                 self._pending = n
+                if n < self._capacity:
+                    # Nothing left to read now: skip the splice that would only fail with
+                    # EAGAIN (a syscall and an exception per message on request/reply traffic).
+                    # The reader stays registered, so bytes arriving meanwhile wake us again.
+                    break
             self._drain()
         except OSError as exc:
             self._finish(exc)
