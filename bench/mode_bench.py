@@ -1,7 +1,8 @@
 """The userspace mode against the iptables mode, through one ClusterIP, in one run.
 
-    python -m bench.mode_bench              # as root; about 2 minutes
-    python -m bench.mode_bench --quick      # shorter windows, about 40 s
+    python -m bench.mode_bench              # as root; 2 rounds of 2-second windows, ~2.5 min
+    python -m bench.mode_bench --quick      # one round of 1-second windows, about 45 s
+    python -m bench.mode_bench --rounds 3 --seconds 3 --endpoints 1
 
 It builds a node in network namespaces (integration/netns.py): two endpoint pods running
 bench/mode_load.py's servers, a client pod, and three services: `bench-bulk` (a sink),
@@ -9,8 +10,11 @@ bench/mode_load.py's servers, a client pod, and three services: `bench-bulk` (a 
 times, with the same load: first directly against the pod IPs (no service: the baseline the added
 latency is counted from), then through the ClusterIP in the iptables mode (`kproxy sync --once`),
 then through the same ClusterIP in the userspace mode (`kproxy sync --once` with `mode: userspace`,
-which programs the portals and relays in the foreground until SIGTERM). Printed per figure: the
-three values and the ratio userspace/iptables; for latencies also what each mode adds to direct.
+which programs the portals and relays in the foreground until SIGTERM). A round is those three
+passes; each further round switches the node back to the iptables mode in place and repeats them.
+Printed per figure: each mode's best round (interference on a shared machine only ever slows a
+window down), the ratio userspace/iptables of those and of every round; for latencies also what
+each mode adds to the direct path.
 
 Figures, at 1 and 64 concurrent clients: bulk TCP throughput; new connections per second
 (connect, one 64-byte request and reply, close) and their connect-to-reply latency; requests per
@@ -252,6 +256,10 @@ def _collect(proc: subprocess.Popen[str], timeout: float) -> dict[str, object]:
 # --- report ------------------------------------------------------------------------------------
 
 
+def _div(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
 def _ratio(us: float, ipt: float) -> str:
     return f"{us / ipt:6.2f}" if ipt else "   n/a"
 
@@ -278,13 +286,13 @@ def render(results: Results) -> list[str]:
         ipt_runs, us_runs = results[("iptables", figure)], results[("userspace", figure)]
         if figure.kind == "bulk":
             rounds = [
-                b.throughput_mb() / a.throughput_mb()
+                _div(b.throughput_mb(), a.throughput_mb())
                 for a, b in zip(ipt_runs, us_runs, strict=True)
             ]
             values = d.throughput_mb(), i.throughput_mb(), u.throughput_mb()
             rows.append(_row(f"{figure.label} MB/s", *values) + _rounds(rounds))
             continue
-        rounds = [b.rate() / a.rate() for a, b in zip(ipt_runs, us_runs, strict=True)]
+        rounds = [_div(b.rate(), a.rate()) for a, b in zip(ipt_runs, us_runs, strict=True)]
         unit = "conn/s" if figure.kind == "connect" else "req/s"
         rows.append(_row(f"{figure.label} {unit}", d.rate(), i.rate(), u.rate()) + _rounds(rounds))
         what = "connect+reply" if figure.kind == "connect" else "round trip"
@@ -297,8 +305,8 @@ def render(results: Results) -> list[str]:
     rows += [
         "",
         "CPU in the best rounds, % of one core: client processes / servers / relay; the",
-        "machine's two cores busy (anything: kernel, other work); the relay's CPU per operation",
-        "(per MB for bulk); failed operations (timeouts, resets, lost datagrams):",
+        "machine's two cores busy (anything: kernel, other work); failed operations (timeouts,",
+        "resets, lost datagrams); the relay's CPU per operation (per MB for bulk):",
     ]
     for figure in FIGURES:
         parts = []
@@ -308,8 +316,9 @@ def render(results: Results) -> list[str]:
                 cpu = f"{m.client_cpu:4.0%}/{m.server_cpu:4.0%}/{m.relay_cpu:4.0%}"
                 parts.append(f"{mode[:3]} {cpu} {m.machine_busy:4.0%} err {m.errors}")
                 if mode == "userspace":
-                    per = m.bytes / 1e6 if figure.kind == "bulk" else m.ops
-                    parts[-1] += f", relay {m.relay_cpu * m.wall / max(per, 1) * 1e6:.0f} us/op"
+                    bulk = figure.kind == "bulk"
+                    per, unit = (m.bytes / 1e6, "MB") if bulk else (m.ops, "op")
+                    parts[-1] += f", relay {m.relay_cpu * m.wall / max(per, 1) * 1e6:.0f} us/{unit}"
         rows.append(f"  {figure.label:33}" + "  ".join(parts))
     return rows
 
