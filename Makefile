@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEB_PACKAGES := iptables libip4tc2 libip6tc2 libxtables12 conntrack iproute2 nftables gcc
 
-.PHONY: deps venv lint unit integration test demo bench image clean
+.PHONY: deps venv lint unit integration test demo bench bench-modes image clean
 
 # Debian packages: the legacy iptables libraries python-iptables drives, the iptables-legacy-save
 # reader, conntrack, iproute2 and nft (the nftables mode's test oracle) for the network-namespace
@@ -44,6 +44,10 @@ demo: venv
 
 bench: venv
 	$(PY) -m bench.sync_bench --services 10000
+
+# The userspace mode against the iptables mode through one ClusterIP (root; about 2.5 minutes).
+bench-modes: venv
+	$(PY) -m bench.mode_bench
 
 # The container image (needs a container engine; not built in CI, the Dockerfile is linted there).
 # The tag is the one daemonset/kustomization.yaml and daemonset.yaml name, so a locally loaded

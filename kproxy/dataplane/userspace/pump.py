@@ -6,7 +6,6 @@ Python objects; the plain recv/send loop is the fallback where splice is missing
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import os
 import socket
@@ -38,12 +37,21 @@ async def _wait(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> Non
         remove(fd)
 
 
-def _open_pipe() -> tuple[int, int]:
+def _open_pipe() -> tuple[int, int, int]:
+    """A non-blocking pipe: its read end, write end and capacity in bytes."""
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    # A bigger pipe means fewer wakeups per megabyte; the default 64 KiB is the fallback.
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    return r, w
+    try:
+        # A bigger pipe means fewer wakeups per megabyte; the default is the fallback (64 KiB,
+        # or less once the user is over pipe-user-pages-soft).
+        try:
+            size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+    except BaseException:
+        os.close(r)
+        os.close(w)
+        raise
+    return r, w, size
 
 
 class _SpliceDirection:
@@ -54,7 +62,9 @@ class _SpliceDirection:
         self._loop = asyncio.get_running_loop()
         self._src, self._dst = src.fileno(), dst.fileno()
         self._count = count
-        self._pipe_r, self._pipe_w = _open_pipe()
+        self._pipe_r, self._pipe_w, size = _open_pipe()
+        # A splice shorter than this emptied src; a full one may have left bytes behind.
+        self._capacity = min(CHUNK, size)
         self._pending = 0
         self.done: asyncio.Future[None] = self._loop.create_future()
 
@@ -104,6 +114,11 @@ class _SpliceDirection:
                     self._finish(None)
                     return
                 self._pending = n
+                if n < self._capacity:
+                    # Nothing left to read now: skip the splice that would only fail with
+                    # EAGAIN (a syscall and an exception per message on request/reply traffic).
+                    # The reader stays registered, so bytes arriving meanwhile wake us again.
+                    break
             self._drain()
         except OSError as exc:
             self._finish(exc)
