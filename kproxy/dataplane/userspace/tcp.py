@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import struct
 from collections.abc import Sequence
@@ -12,6 +13,9 @@ from dataclasses import dataclass
 from kproxy.dataplane.userspace.balancer import EndpointAddr, LoadBalancerRR, NoEndpointsError
 from kproxy.dataplane.userspace.pump import Count, copy_pump, splice_pump
 from kproxy.dataplane.userspace.spec import ServicePortCounters
+
+ACCEPT_BATCH = 64
+ACCEPT_BACKOFF = 0.05
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,38 @@ def _pick(
     return endpoint
 
 
+async def connect(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, endpoint: EndpointAddr, timeout: float
+) -> None:
+    """A non-blocking connect that fails with OSError, or TimeoutError after `timeout` seconds:
+    one future and one timer (asyncio.wait_for would add a task per dial)."""
+    try:
+        sock.connect(endpoint)
+        return
+    except BlockingIOError:
+        pass  # EINPROGRESS: the handshake goes on
+    fd = sock.fileno()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def finish(error: BaseException | None) -> None:
+        if not done.done():
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+    loop.add_writer(fd, finish, None)
+    timer = loop.call_later(timeout, finish, TimeoutError(f"connect to {endpoint} timed out"))
+    try:
+        await done
+    finally:
+        loop.remove_writer(fd)
+        timer.cancel()
+    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        raise OSError(error, os.strerror(error))
+
+
 async def dial_endpoint(
     balancer: LoadBalancerRR,
     client_ip: str,
@@ -66,7 +102,7 @@ async def dial_endpoint(
         sock = socket.socket(family_of(endpoint[0]), socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, endpoint), timeout)
+            await connect(loop, sock, endpoint, timeout)
         except (OSError, TimeoutError):
             sock.close()
             counters.dial_failures += 1
@@ -135,35 +171,41 @@ class TcpListener:
         self._options = options
         # Owned by the relay, not by this listener: connections outlive a closed listener.
         self._connections = connections
-        self._accepting: asyncio.Task[None] | None = None
+        self._backoff: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
-        self._accepting = asyncio.get_running_loop().create_task(self._accept_loop())
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._on_acceptable)
 
     def endpoints_changed(self) -> None:
         """Nothing to do: a connection finds the balancer empty and is reset at once."""
 
     def close(self) -> None:
-        if self._accepting is not None:
-            self._accepting.cancel()
-        # Unregister now: the cancelled accept would unregister the fd number later, and a new
-        # listener opened in the same sync may have been given that number by then.
+        if self._backoff is not None:
+            self._backoff.cancel()
         asyncio.get_running_loop().remove_reader(self.sock.fileno())
         self.sock.close()
 
-    async def _accept_loop(self) -> None:
+    def _on_acceptable(self) -> None:
+        """Accept what is queued (a bounded batch per wakeup), a task per connection."""
         loop = asyncio.get_running_loop()
-        while True:
+        for _ in range(ACCEPT_BATCH):
             try:
-                conn, addr = await loop.sock_accept(self.sock)
+                conn, addr = self.sock.accept()
+            except BlockingIOError:
+                return
             except OSError:
                 # EMFILE and friends: back off briefly instead of exiting as upstream did.
-                await asyncio.sleep(0.05)
-                continue
+                loop.remove_reader(self.sock.fileno())
+                self._backoff = loop.call_later(ACCEPT_BACKOFF, self._resume)
+                return
             conn.setblocking(False)
             task = loop.create_task(self._serve(conn, str(addr[0])))
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
+
+    def _resume(self) -> None:
+        self._backoff = None
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._on_acceptable)
 
     async def _serve(self, conn: socket.socket, client_ip: str) -> None:
         counters = self.counters
