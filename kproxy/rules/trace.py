@@ -6,7 +6,10 @@ order (each was inserted at the top: the last listed runs first), then their pol
 
 Probability matches ask a `choose` callback; `possible_outcomes` explores both branches of each.
 xt_recent lists live in an explicit RecentState so that session affinity can be tested. A match or
-target the tracer does not know raises TraceError rather than being guessed."""
+target the tracer does not know raises TraceError rather than being guessed; with `lenient` (for
+live tables, where other programs' rules use any extension) such a rule is recorded in
+`TraceResult.skipped` instead: an unknown match never matches, an unknown target lets the packet
+go on to the next rule."""
 
 from __future__ import annotations
 
@@ -27,6 +30,10 @@ _MAX_DEPTH = 64
 
 class TraceError(ValueError):
     """The ruleset uses something the tracer cannot evaluate."""
+
+
+class _Unknown(TraceError):
+    """One rule uses an extension the tracer does not implement (skipped when lenient)."""
 
 
 class Verdict(enum.StrEnum):
@@ -84,6 +91,9 @@ class TraceResult:
     masqueraded: bool  # source NAT (MASQUERADE/SNAT) in nat POSTROUTING
     visited: tuple[tuple[str, str, int], ...]  # (table, chain, index) of every rule that matched
     mark: int  # the packet mark at the end
+    # (table, chain, index, why) of every rule `lenient` passed without evaluating it.
+    skipped: tuple[tuple[str, str, int, str], ...] = ()
+    redirected: bool = False  # the DNAT was a REDIRECT to the node itself
 
 
 class TraceOptions(TypedDict, total=False):
@@ -91,6 +101,7 @@ class TraceOptions(TypedDict, total=False):
     recent: RecentState  # xt_recent lists; trace_packet updates it in place
     now: float  # seconds, for recent --seconds
     policies: Mapping[tuple[str, str], str]  # (table, built-in chain) -> "ACCEPT" | "DROP"
+    lenient: bool  # record rules using unknown extensions in `skipped` instead of raising
 
 
 @dataclass
@@ -103,9 +114,12 @@ class _State:
     choose: Choose
     recent: RecentState
     now: float
+    lenient: bool = False
     dnat: tuple[str, int] | None = None
+    redirected: bool = False
     masqueraded: bool = False
     visited: list[tuple[str, str, int]] = field(default_factory=list)
+    skipped: list[tuple[str, str, int, str]] = field(default_factory=list)
 
 
 def seeded_choice(seed: int = 0) -> Choose:
@@ -130,11 +144,18 @@ def trace_packet(
         choose=choose or seeded_choice(),
         recent=options.get("recent", RecentState()),
         now=options.get("now", 0.0),
+        lenient=options.get("lenient", False),
     )
     flow = _run_path(state, hook, options.get("policies", {}))
     verdict = _VERDICTS.get(flow, Verdict.ACCEPTED)
     return TraceResult(
-        verdict, state.dnat, state.masqueraded, tuple(state.visited), state.packet.mark
+        verdict,
+        state.dnat,
+        state.masqueraded,
+        tuple(state.visited),
+        state.packet.mark,
+        tuple(state.skipped),
+        state.redirected,
     )
 
 
@@ -152,7 +173,7 @@ def _run_path(state: _State, hook: Hook, policies: Mapping[tuple[str, str], str]
     flow = run("nat", hook)
     if flow in (_Flow.DROP, _Flow.REJECT):
         return flow
-    if hook == "PREROUTING" and state.packet.dst in state.local:
+    if hook == "PREROUTING" and (state.redirected or state.packet.dst in state.local):
         return run("filter", "INPUT")  # routed to the node itself: not forwarded
     flow = run("filter", "FORWARD" if hook == "PREROUTING" else "OUTPUT")
     if flow in (_Flow.DROP, _Flow.REJECT):
@@ -173,10 +194,16 @@ def _run_chain(state: _State, table: Table, chain: str, rules: Sequence[Rule], d
     if depth > _MAX_DEPTH:
         raise TraceError(f"chain {chain} nested deeper than {_MAX_DEPTH}: a loop?")
     for index, rule in enumerate(rules):
-        if not _rule_matches(state, rule):
+        try:
+            if not _rule_matches(state, rule):
+                continue
+            state.visited.append((table.name, chain, index))
+            flow = _run_target(state, table, rule.target, depth)
+        except _Unknown as exc:
+            if not state.lenient:
+                raise TraceError(str(exc)) from None
+            state.skipped.append((table.name, chain, index, str(exc)))
             continue
-        state.visited.append((table.name, chain, index))
-        flow = _run_target(state, table, rule.target, depth)
         if flow is not _Flow.NEXT:
             return flow
     return _Flow.RETURN
@@ -209,16 +236,22 @@ def _run_extension(state: _State, target: Target) -> _Flow:
         state.packet = replace(state.packet, dst=ip, dport=port)
         state.dnat = (ip, port)
         return _Flow.ACCEPT
+    if target.name == "REDIRECT":
+        to_port = int(_opt(target, "to-ports").split("-")[0])
+        loopback = "::1" if ":" in state.packet.dst else "127.0.0.1"
+        state.packet = replace(state.packet, dst=loopback, dport=to_port)
+        state.dnat, state.redirected = (loopback, to_port), True
+        return _Flow.ACCEPT
     if target.name in ("MASQUERADE", "SNAT"):
         state.masqueraded = True
         return _Flow.ACCEPT
-    raise TraceError(f"the tracer does not implement target {target.name}")
+    raise _Unknown(f"the tracer does not implement target {target.name}")
 
 
 def _opt(item: Target | Match, name: str) -> str:
     opt = item.get(name)
     if opt is None:
-        raise TraceError(f"{item.name} without --{name}")
+        raise _Unknown(f"{item.name} without --{name}")
     return opt.value
 
 
@@ -272,7 +305,7 @@ def _rule_matches(state: _State, rule: Rule) -> bool:
 
 
 def _unknown_match(state: _State, match: Match) -> bool:
-    raise TraceError(f"the tracer does not implement match {match.name}")
+    raise _Unknown(f"the tracer does not implement match {match.name}")
 
 
 def _port_ok(port: int, opt: Opt | None) -> bool:
@@ -294,7 +327,7 @@ def _match_ports(state: _State, match: Match) -> bool:
 
 def _match_statistic(state: _State, match: Match) -> bool:
     if _opt(match, "mode") != "random":
-        raise TraceError("the tracer implements statistic --mode random only")
+        raise _Unknown("the tracer implements statistic --mode random only")
     probability = float(_opt(match, "probability"))
     hit = probability >= 1.0 or (probability > 0.0 and state.choose(probability))
     return hit != any(o.invert for o in match.opts)
@@ -306,19 +339,26 @@ def _match_mark(state: _State, match: Match) -> bool:
 
 
 def _match_conntrack(state: _State, match: Match) -> bool:
-    states = {"NEW"} | ({"DNAT"} if state.dnat else set())
+    """`-m conntrack --ctstate` and the older `-m state --state`: the packet starts a NEW
+    connection, DNATed once a DNAT rule ran."""
+    states = {"NEW"} | ({"DNAT"} if state.dnat and not state.redirected else set())
     for opt in match.opts:
-        if opt.name != "ctstate":
-            raise TraceError(f"the tracer does not implement conntrack --{opt.name}")
+        if opt.name not in ("ctstate", "state"):
+            raise _Unknown(f"the tracer does not implement conntrack --{opt.name}")
         if bool(states & set(opt.value.split(","))) == opt.invert:
             return False
     return True
 
 
+def _match_physdev(state: _State, match: Match) -> bool:
+    """The tracer's packets never cross a bridge: every `--physdev-*` condition is false."""
+    return all(opt.invert for opt in match.opts)
+
+
 def _match_addrtype(state: _State, match: Match) -> bool:
     for opt in match.opts:
         if opt.name not in ("src-type", "dst-type") or opt.value != "LOCAL":
-            raise TraceError(f"the tracer implements addrtype --src/dst-type LOCAL only: {opt}")
+            raise _Unknown(f"the tracer implements addrtype --src/dst-type LOCAL only: {opt}")
         address = state.packet.src if opt.name == "src-type" else state.packet.dst
         if (address in state.local) == opt.invert:
             return False
@@ -339,7 +379,7 @@ def _match_recent(state: _State, match: Match) -> bool:
         if hit and match.get("update"):
             state.recent.record(list_name, address, state.now)
     else:
-        raise TraceError("the tracer implements recent --set/--rcheck/--update only")
+        raise _Unknown("the tracer implements recent --set/--rcheck/--update only")
     return hit != any(o.invert for o in match.opts)
 
 
@@ -351,19 +391,52 @@ _MATCHES: dict[str, Callable[[_State, Match], bool]] = {
     "statistic": _match_statistic,
     "mark": _match_mark,
     "conntrack": _match_conntrack,
+    "state": _match_conntrack,
+    "physdev": _match_physdev,
     "addrtype": _match_addrtype,
     "recent": _match_recent,
 }
 
 
-def _scripted(prefix: tuple[bool, ...], taken: list[bool]) -> Choose:
-    """A `choose` that replays `prefix` and then says no, appending every answer to `taken`."""
+def _scripted(prefix: tuple[bool, ...], taken: list[tuple[bool, float]]) -> Choose:
+    """A `choose` that replays `prefix` and then says no, appending every answer (with the
+    probability it was asked with) to `taken`."""
 
     def choose(probability: float) -> bool:
-        taken.append(prefix[len(taken)] if len(taken) < len(prefix) else False)
-        return taken[-1]
+        answer = prefix[len(taken)] if len(taken) < len(prefix) else False
+        taken.append((answer, probability))
+        return answer
 
     return choose
+
+
+def weighted_outcomes(
+    ruleset: Ruleset,
+    packet: Packet,
+    hook: Hook,
+    *,
+    max_paths: int = 10_000,
+    **options: Unpack[TraceOptions],
+) -> list[tuple[float, TraceResult]]:
+    """One (share, TraceResult) per way the probability matches can fall, the shares summing
+    to 1; `recent` is left unchanged."""
+    results: list[tuple[float, TraceResult]] = []
+    pending: list[tuple[bool, ...]] = [()]
+    while pending:
+        if len(results) >= max_paths:
+            raise TraceError(f"more than {max_paths} paths through the ruleset")
+        prefix, taken = pending.pop(), list[tuple[bool, float]]()
+        run_options = TraceOptions(**options)
+        run_options["recent"] = options.get("recent", RecentState()).copy()
+        result = trace_packet(ruleset, packet, hook, choose=_scripted(prefix, taken), **run_options)
+        share = 1.0
+        for answer, probability in taken:
+            share *= probability if answer else 1.0 - probability
+        results.append((share, result))
+        # Every decision made past the replayed prefix was a no: try a yes there too.
+        answers = [answer for answer, _ in taken]
+        pending.extend((*answers[:i], True) for i in range(len(prefix), len(answers)))
+    return results
 
 
 def possible_outcomes(
@@ -375,20 +448,10 @@ def possible_outcomes(
     **options: Unpack[TraceOptions],
 ) -> list[TraceResult]:
     """One TraceResult per way the probability matches can fall; `recent` is left unchanged."""
-    results: list[TraceResult] = []
-    pending: list[tuple[bool, ...]] = [()]
-    while pending:
-        if len(results) >= max_paths:
-            raise TraceError(f"more than {max_paths} paths through the ruleset")
-        prefix, taken = pending.pop(), list[bool]()
-        run_options = TraceOptions(**options)
-        run_options["recent"] = options.get("recent", RecentState()).copy()
-        results.append(
-            trace_packet(ruleset, packet, hook, choose=_scripted(prefix, taken), **run_options)
-        )
-        # Every decision made past the replayed prefix was a no: try a yes there too.
-        pending.extend((*taken[:i], True) for i in range(len(prefix), len(taken)))
-    return results
+    return [
+        result
+        for _, result in weighted_outcomes(ruleset, packet, hook, max_paths=max_paths, **options)
+    ]
 
 
 def possible_destinations(
