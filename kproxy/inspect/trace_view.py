@@ -32,12 +32,12 @@ def _ending(b: Branch) -> Hop | None:
 
 
 def _why_verdict(b: Branch) -> str:
+    if b.stopped_by is not None:
+        return b.stopped_by
     hop = _ending(b)
     if hop is None:
-        return "the chain's policy"
-    if not hop.kproxy:
-        return f"another program's rule: {hop.rule}"
-    return hop.rule
+        return "a built-in chain's policy"
+    return hop.rule if hop.kproxy else f"another program's rule: {hop.rule}"
 
 
 def _outcome_lines(e: Explanation) -> list[str]:
@@ -169,6 +169,7 @@ def _branch_json(b: Branch) -> dict[str, Any]:
         "masqueraded": b.masqueraded,
         "masqueradeReason": b.masquerade_reason,
         "relay": relay,
+        "stoppedBy": b.stopped_by,
         "hops": [
             {
                 "table": h.table,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -77,6 +78,9 @@ class Branch:
     entry: str | None = None  # how the service was reached: "cluster IP", "node port", ...
     relay: Relay | None = None
     skipped: tuple[str, ...] = ()  # rules passed without evaluating them, with why
+    # What rejected or dropped it: a rule's text (`[not kproxy's] ...` for another program's),
+    # or a built-in chain's DROP policy.
+    stopped_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,7 @@ def explain_packet(
         policies=tables.policies,
         lenient=True,
     )
-    branches = tuple(_branch(tables, share, result) for share, result in outcomes)
+    branches = tuple(_branch(tables, hook, share, result) for share, result in outcomes)
     branches = tuple(sorted(branches, key=lambda b: (-b.share, b.destination or "")))
     return Explanation(
         packet=packet,
@@ -166,7 +170,7 @@ def _is_kproxy(tables: TraceTables, chain: str, rule: Rule) -> bool:
     return rule.target is not None and rule.target.name in tables.kproxy_chains
 
 
-def _branch(tables: TraceTables, share: float, result: TraceResult) -> Branch:
+def _branch(tables: TraceTables, hook: Hook, share: float, result: TraceResult) -> Branch:
     hops: list[Hop] = []
     rules: list[tuple[str, Rule, bool]] = []
     for table, chain, index in result.visited:
@@ -193,7 +197,31 @@ def _branch(tables: TraceTables, share: float, result: TraceResult) -> Branch:
         entry=entry,
         relay=relay,
         skipped=skipped,
+        stopped_by=_stopped_by(tables, hook, hops)
+        if result.verdict is not Verdict.ACCEPTED
+        else None,
     )
+
+
+_PATHS = {
+    "PREROUTING": (("nat", "PREROUTING"), ("filter", "INPUT"), ("filter", "FORWARD")),
+    "OUTPUT": (("nat", "OUTPUT"), ("filter", "OUTPUT")),
+}
+
+
+def _stopped_by(tables: TraceTables, hook: Hook, hops: list[Hop]) -> str:
+    """The rule that rejected or dropped the packet, or the built-in chain's policy."""
+    if (
+        hops
+        and hops[-1].rule.endswith(("-j DROP", "-j REJECT"))
+        or (hops and " -j REJECT " in hops[-1].rule)
+    ):
+        hop = hops[-1]
+        return hop.rule if hop.kproxy else f"another program's rule: {hop.rule}"
+    for table, chain in _PATHS[hook]:
+        if tables.policies.get((table, chain)) == "DROP":
+            return f"the DROP policy of {table} {chain}"
+    return hops[-1].rule if hops else "a built-in chain's policy"
 
 
 def _relay(tables: TraceTables, service: str | None, entry: str | None) -> Relay | None:
