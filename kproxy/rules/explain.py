@@ -211,11 +211,7 @@ _PATHS = {
 
 def _stopped_by(tables: TraceTables, hook: Hook, hops: list[Hop]) -> str:
     """The rule that rejected or dropped the packet, or the built-in chain's policy."""
-    if (
-        hops
-        and hops[-1].rule.endswith(("-j DROP", "-j REJECT"))
-        or (hops and " -j REJECT " in hops[-1].rule)
-    ):
+    if hops and re.search(r" -j (DROP|REJECT)\b", hops[-1].rule):
         hop = hops[-1]
         return hop.rule if hop.kproxy else f"another program's rule: {hop.rule}"
     for table, chain in _PATHS[hook]:

@@ -1,0 +1,223 @@
+"""`kproxy trace`, `kproxy dump --diff` and `kproxy status` against real tables in a network
+namespace: the trace's verdict agrees with what real traffic does there."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from integration.agent_harness import HEALTHZ_PORT, agent_node
+from integration.conftest import Cluster
+from integration.manifests import NODE_NAME, service_manifest
+from integration.netns import NODE_IP, OUTSIDE_IP, run_kproxy
+from integration.traffic import probe
+
+VIP = "10.96.100.10"
+PORT = 80
+TARGET = 8080
+CLIENT = "192.168.9.9"
+
+
+def trace(cluster: Cluster, *args: str) -> dict[str, Any]:
+    """`kproxy trace ... --output json` on the node's live tables."""
+    config = ["--config", str(cluster.config_file)] if cluster.config_file else []
+    out = cluster.kproxy("trace", *args, *config, "--output", "json")
+    doc: dict[str, Any] = json.loads(out)
+    return doc
+
+
+def destinations(doc: dict[str, Any]) -> set[str]:
+    return {d["destination"] for d in doc["destinations"]}
+
+
+def test_dnat_shares_agree_with_traffic_and_masquerade(cluster: Cluster) -> None:
+    backends = [cluster.backend(f"web-{i}", f"192.168.{i}.10", TARGET) for i in (1, 2)]
+    client = cluster.pod("client", CLIENT)
+    cluster.configure(cluster_cidr="192.168.0.0/16")
+    cluster.service("web", VIP, PORT, backends, TARGET, node_port=30080)
+    cluster.sync()
+
+    pod = trace(cluster, "tcp", f"{VIP}:{PORT}", "--from", CLIENT)
+    assert pod["outcome"] == "dnat" and pod["origin"] == "pod"
+    assert pod["service"].startswith("default/web")
+    assert destinations(pod) == {"192.168.1.10:8080", "192.168.2.10:8080"}
+    assert [round(d["share"], 3) for d in pod["destinations"]] == [0.5, 0.5]
+    assert pod["masqueraded"] is False
+    result = probe(client.ns, VIP, PORT, "tcp", count=40)
+    assert set(result.answers) == {"web-1", "web-2"}
+    assert set(result.sources) == {CLIENT}  # not masqueraded, as the trace said
+
+    outside = trace(cluster, "tcp", f"{NODE_IP}:30080", "--from", OUTSIDE_IP)
+    assert outside["outcome"] == "dnat" and outside["origin"] == "outside"
+    assert outside["masqueraded"] is True
+    reasons = {b["masqueradeReason"] for b in outside["branches"]}
+    assert reasons == {
+        "it came in through a node port, external IP or load-balancer IP (policy Cluster)"
+    }
+    seen = probe(cluster.outside, NODE_IP, 30080, "tcp", count=10)
+    assert seen.failed == 0, seen
+    assert OUTSIDE_IP not in seen.sources  # masqueraded, as the trace said
+
+    node = trace(cluster, "tcp", f"{VIP}:{PORT}")
+    assert node["origin"] == "node" and node["hook"] == "OUTPUT"
+    assert destinations(node) == destinations(pod)
+
+
+def test_reject_without_endpoints_agrees_with_traffic(cluster: Cluster) -> None:
+    client = cluster.pod("client", CLIENT)
+    cluster.service("empty", VIP, PORT, [], TARGET)
+    cluster.sync()
+
+    doc = trace(cluster, "tcp", f"{VIP}:{PORT}", "--from", CLIENT)
+    assert doc["outcome"] == "rejected"
+    assert "has no endpoints" in doc["branches"][0]["stoppedBy"]
+    assert probe(client.ns, VIP, PORT, "tcp", count=2).refused == 2
+
+
+def test_drop_for_local_policy_without_local_endpoint(cluster: Cluster) -> None:
+    remote = cluster.backend("web-1", "192.168.1.10", TARGET)
+    cluster.service(
+        "local",
+        VIP,
+        PORT,
+        [remote],
+        TARGET,
+        node_port=30081,
+        external_policy="Local",
+        remote={"web-1"},
+    )
+    cluster.sync()
+
+    doc = trace(cluster, "tcp", f"{NODE_IP}:30081", "--from", OUTSIDE_IP)
+    assert doc["outcome"] == "dropped"
+    assert "has no local endpoints" in doc["branches"][0]["stoppedBy"]
+    result = probe(cluster.outside, NODE_IP, 30081, "tcp", count=1, timeout=0.5)
+    assert result.timeout == 1, result  # dropped: no answer, no refusal
+
+
+def test_affinity_agrees_with_traffic(cluster: Cluster) -> None:
+    backends = [cluster.backend(f"web-{i}", f"192.168.{i}.10", TARGET) for i in (1, 2)]
+    client = cluster.pod("client", CLIENT)
+    cluster.service("sticky", VIP, PORT, backends, TARGET, affinity=True)
+    cluster.sync()
+
+    doc = trace(cluster, "tcp", f"{VIP}:{PORT}", "--from", CLIENT)
+    assert doc["affinitySeconds"] == 10800
+    assert len(doc["destinations"]) == 2
+    assert len(probe(client.ns, VIP, PORT, "tcp", count=20).answers) == 1
+
+
+def test_untouched_and_accepted_name_the_other_programs_rules(cluster: Cluster) -> None:
+    backend = cluster.backend("web-1", "192.168.1.10", TARGET)
+    client = cluster.pod("client", CLIENT)
+    cluster.service("web", VIP, PORT, [backend], TARGET)
+    cluster.sync()
+    cluster.iptables(
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-s",
+        CLIENT,
+        "-p",
+        "tcp",
+        "--dport",
+        "9",
+        "-m",
+        "comment",
+        "--comment",
+        "a CNI hostport",
+        "-j",
+        "ACCEPT",
+    )
+    cluster.iptables("-A", "FORWARD", "-p", "udp", "--dport", "9", "-j", "DROP")
+
+    doc = trace(cluster, "tcp", f"192.168.1.10:{TARGET}", "--from", CLIENT)
+    assert doc["outcome"] == "not-a-service"
+    assert destinations(doc) == set()
+    text = cluster.kproxy("trace", "tcp", "192.168.1.10:9", "--from", CLIENT)
+    assert "not a Service" in text
+    assert (
+        "-A PREROUTING -s 192.168.9.9/32 -p tcp -m tcp --dport 9 -m comment "
+        '--comment "a CNI hostport" -j ACCEPT' in text
+    )
+
+    dropped = trace(cluster, "udp", "192.168.1.10:9", "--from", CLIENT)
+    assert dropped["outcome"] == "dropped"
+    assert dropped["branches"][0]["stoppedBy"].startswith("another program's rule: -A FORWARD")
+    assert probe(client.ns, "192.168.1.10", TARGET, "tcp", count=1).answers == {"web-1": 1}
+
+
+def test_ipv6_trace_agrees_with_traffic(cluster: Cluster) -> None:
+    cluster.topo.enable_ipv6()
+    backends = [
+        cluster.backend(f"web-{i}", f"192.168.{i}.10", TARGET, ip6=f"fd00:10::{i}") for i in (1, 2)
+    ]
+    cluster.service("web", VIP, PORT, backends, TARGET, cluster_ip6="fd00:96::10")
+    cluster.sync()
+
+    doc = trace(cluster, "tcp", f"[fd00:96::10]:{PORT}", "--from", "fd00:31::1")
+    assert doc["family"] == 6 and doc["outcome"] == "dnat"
+    assert destinations(doc) == {"[fd00:10::1]:8080", "[fd00:10::2]:8080"}
+    result = probe(cluster.outside, "fd00:96::10", PORT, "tcp", count=20)
+    assert set(result.answers) == {"web-1", "web-2"}
+
+
+def test_dump_diff_is_empty_after_a_sync_and_shows_the_edited_service(cluster: Cluster) -> None:
+    backends = [cluster.backend(f"web-{i}", f"192.168.{i}.10", TARGET) for i in (1, 2)]
+    cluster.service("web", VIP, PORT, backends, TARGET)
+    cluster.service("other", "10.96.100.11", PORT, backends, TARGET)
+    cluster.sync()
+    args = ["dump", "--diff", "--manifests", str(cluster.manifests)]
+    args += ["--hostname-override", NODE_NAME, "--family", "4"]
+
+    same = run_kproxy(cluster.node, *args, lock_file=cluster.lock_file, check=False)
+    assert (same.returncode, same.stdout) == (0, "")
+
+    cluster.service("web", VIP, PORT, backends[:1], TARGET)  # web loses an endpoint
+    changed = run_kproxy(cluster.node, *args, lock_file=cluster.lock_file, check=False)
+    assert changed.returncode == 1, changed.stderr
+    headers = [line for line in changed.stdout.splitlines() if line.startswith("# ")]
+    assert headers[0] == "# the next sync would change 2 chains: 1 removed, 1 rewritten"
+    diff_lines = [line for line in changed.stdout.splitlines() if line[:1] in "+-"]
+    assert diff_lines and all(
+        "default/web" in line or line.startswith(("---", "+++")) for line in diff_lines
+    )
+    assert "default/other" not in changed.stdout
+
+
+def test_status_against_a_running_agent(tmp_path: Path) -> None:
+    with agent_node("status", tmp_path, with_api=False) as node:
+        manifests = tmp_path / "manifests"
+        manifests.mkdir()
+        good = service_manifest("web", VIP, PORT, TARGET)
+        bad = service_manifest("broken", "10.96.100.12", PORT, TARGET)
+        bad["spec"]["ports"][0]["protocol"] = "ICMP"
+        (manifests / "svc.yaml").write_text(yaml.safe_dump_all([good, bad]))
+        node.start_agent("--manifests", str(manifests))
+
+        out = run_kproxy(
+            node.node,
+            "status",
+            "--address",
+            f"127.0.0.1:{HEALTHZ_PORT}",
+            "--output",
+            "json",
+            lock_file=node.lock_file,
+        ).stdout
+        body = json.loads(out)
+        assert body["mode"] == "iptables"
+        assert body["lastSync"]["full"] is True
+        assert body["syncs"]["count"] >= 1
+        assert body["programmed"]["services"] == 1
+        assert [s["object"] for s in body["skipped"]] == ["Service default/broken"]
+        assert body["sources"] and body["sources"][0]["problem"] is None
+
+        text = run_kproxy(
+            node.node, "status", "--config", str(node.config_file), lock_file=node.lock_file
+        ).stdout
+        assert "Service default/broken: spec.ports[0].protocol:" in text
+        assert "last sync:" in text and "none yet" not in text
