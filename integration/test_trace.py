@@ -13,6 +13,8 @@ from integration.agent_harness import HEALTHZ_PORT, agent_node
 from integration.conftest import Cluster
 from integration.manifests import NODE_NAME, service_manifest
 from integration.netns import NODE_IP, OUTSIDE_IP, run_kproxy
+from integration.test_userspace import _config as userspace_config
+from integration.test_userspace import userspace_proxy
 from integration.traffic import probe
 
 VIP = "10.96.100.10"
@@ -221,3 +223,48 @@ def test_status_against_a_running_agent(tmp_path: Path) -> None:
         ).stdout
         assert "Service default/broken: spec.ports[0].protocol:" in text
         assert "last sync:" in text and "none yet" not in text
+
+
+def test_userspace_trace_ends_at_the_relay_and_dump_diff_knows_its_ports(
+    cluster: Cluster,
+) -> None:
+    backends = [cluster.backend(f"web-{i}", f"192.168.{i}.10", TARGET) for i in (1, 2)]
+    client = cluster.pod("client", CLIENT)
+    cluster.service("web", VIP, PORT, backends, TARGET)
+    with userspace_proxy(cluster):
+        config = userspace_config(cluster, "userspace")
+        out = cluster.kproxy("trace", "tcp", f"{VIP}:{PORT}", "--from", CLIENT, "--config", config)
+        doc = json.loads(
+            cluster.kproxy(
+                "trace",
+                "tcp",
+                f"{VIP}:{PORT}",
+                "--from",
+                CLIENT,
+                "--config",
+                config,
+                "--output",
+                "json",
+            )
+        )
+        args = ["dump", "--diff", "--manifests", str(cluster.manifests), "--config", config]
+        diff = run_kproxy(
+            cluster.node,
+            *args,
+            "--hostname-override",
+            NODE_NAME,
+            "--family",
+            "4",
+            lock_file=cluster.lock_file,
+            check=False,
+        )
+        result = probe(client.ns, VIP, PORT, "tcp", count=10)
+
+    assert doc["outcome"] == "relayed"
+    port = int(doc["branches"][0]["destination"].rsplit(":", 1)[1])
+    assert port > 0
+    assert f"relayed by kproxy's userspace listener on port {port}" in out
+    assert f"-j DNAT --to-destination {NODE_IP}:{port}" in out
+    assert (diff.returncode, diff.stdout) == (0, ""), diff.stdout
+    assert set(result.answers) == {"web-1", "web-2"}
+    assert set(result.sources) == {NODE_IP}  # the relay connects from the node, as said

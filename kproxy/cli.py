@@ -121,12 +121,19 @@ def _node_and_config(
     return node, config
 
 
+# The DaemonSet sets it, so `kubectl exec ds/kproxy -- kproxy status` (or trace, dump) reads
+# the agent's own config.
+CONFIG_ENV = "KPROXY_CONFIG"
+
+
 def common_options(fn: F) -> F:
     fn = click.option(
         "--config",
         "config_path",
         type=click.Path(dir_okay=False),
-        help="A KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1).",
+        envvar=CONFIG_ENV,
+        help="A KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1); default: "
+        f"${CONFIG_ENV} (the DaemonSet sets it to its config).",
     )(fn)
     fn = click.option(
         "--hostname-override",
