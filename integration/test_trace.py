@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from integration.agent_harness import HEALTHZ_PORT, agent_node
+from integration.agent_harness import HEALTHZ_PORT, agent_node, slice_object
 from integration.conftest import Cluster
 from integration.manifests import NODE_NAME, service_manifest
 from integration.netns import NODE_IP, OUTSIDE_IP, run_kproxy
@@ -268,3 +268,29 @@ def test_userspace_trace_ends_at_the_relay_and_dump_diff_knows_its_ports(
     assert (diff.returncode, diff.stdout) == (0, ""), diff.stdout
     assert set(result.answers) == {"web-1", "web-2"}
     assert set(result.sources) == {NODE_IP}  # the relay connects from the node, as said
+
+
+def test_dump_diff_from_the_api_server(tmp_path: Path) -> None:
+    """Without --manifests, `dump --diff` lists the objects through the kubeconfig, as the
+    agent would; an edit made while the agent is stopped is exactly what it shows."""
+    with agent_node("apidiff", tmp_path) as node:
+        a = node.backend("web-1", "192.168.1.10", TARGET)
+        b = node.backend("web-2", "192.168.2.10", TARGET)
+        node.api.create("Service", service_manifest("web", VIP, PORT, TARGET))
+        node.api.create("Service", service_manifest("other", "10.96.100.11", PORT, TARGET))
+        node.api.create("EndpointSlice", slice_object("web", [a.ip, b.ip], TARGET))
+        node.api.create("EndpointSlice", slice_object("other", [a.ip], TARGET))
+        agent = node.start_agent()
+        agent.wait_for_event("sync_completed", count=2)
+        agent.terminate()  # the rules stay; nothing syncs the edit below
+        args = ["dump", "--diff", "--kubeconfig", str(node.kubeconfig)]
+        args += ["--hostname-override", NODE_NAME, "--family", "4"]
+
+        same = run_kproxy(node.node, *args, lock_file=node.lock_file, check=False)
+        assert (same.returncode, same.stdout) == (0, ""), same.stdout + same.stderr
+
+        node.api.update("EndpointSlice", slice_object("web", [a.ip], TARGET))
+        changed = run_kproxy(node.node, *args, lock_file=node.lock_file, check=False)
+        assert changed.returncode == 1, changed.stderr
+        assert "default/web" in changed.stdout and "default/other" not in changed.stdout
+        assert "--to-destination 192.168.2.10:8080" in changed.stdout

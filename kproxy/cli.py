@@ -223,8 +223,15 @@ def _wait_for_stop_signal() -> None:
     "--diff",
     "show_diff",
     is_flag=True,
-    help="Print what the next sync of --manifests would change in this node's tables, as a "
-    "unified diff per chain; exit 1 when anything would change.",
+    help="Print what the next sync would change in this node's tables, as a unified diff per "
+    "chain, for --manifests or (without it) the objects the API server holds; exit 1 when "
+    "anything would change.",
+)
+@click.option(
+    "--kubeconfig",
+    type=click.Path(exists=True, dir_okay=False),
+    help="With --diff and no --manifests: the kubeconfig (default as `run`: the config's "
+    "clientConnection.kubeconfig, in-cluster credentials, KUBECONFIG or ~/.kube/config).",
 )
 @lock_timeout_option
 @common_options
@@ -232,15 +239,14 @@ def dump(
     manifests_path: str | None,
     family: str | None,
     show_diff: bool,
+    kubeconfig: str | None,
     lock_timeout: float,
     config_path: str | None,
     hostname: str | None,
 ) -> None:
     """Print kproxy's chains in iptables-save format."""
     if show_diff:
-        if manifests_path is None:
-            raise click.UsageError("--diff compares the live tables with --manifests PATH")
-        _dump_diff(manifests_path, family, lock_timeout, config_path, hostname)
+        _dump_diff(manifests_path, kubeconfig, family, lock_timeout, config_path, hostname)
         return
     if manifests_path is None:
         config = load_config_file(config_path)
@@ -258,7 +264,8 @@ def dump(
 
 
 def _dump_diff(
-    manifests_path: str,
+    manifests_path: str | None,
+    kubeconfig: str | None,
     family: str | None,
     lock_timeout: float,
     config_path: str | None,
@@ -266,7 +273,14 @@ def _dump_diff(
 ) -> None:
     from kproxy.inspect.diff_cmd import diff_next_sync, render_diffs
 
-    manifests = read_manifests(manifests_path)
+    if manifests_path is not None:
+        manifests = read_manifests(manifests_path)
+    else:
+        from kproxy.watch.api import ApiSource, api_client
+
+        config = load_config_file(config_path)
+        api = api_client(kubeconfig or config.kubeconfig or None)
+        manifests = ApiSource(api, resolve_hostname(hostname, config)).list_once()
     node, config = _node_and_config(manifests, config_path, hostname)
     state = state_from_manifests(manifests, _report_invalid)
     families = (int(family),) if family else node_families()
