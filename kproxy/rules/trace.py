@@ -18,22 +18,15 @@ import ipaddress
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 from typing import Literal, TypedDict, Unpack
 
-from kproxy.rules.ir import Match, Opt, Rule, Ruleset, Table, Target
+from kproxy.rules.ir import Rule, Ruleset, Table, Target
+from kproxy.rules.trace_matches import TraceError as TraceError
+from kproxy.rules.trace_matches import UnknownExtension, opt_value, rule_matches, value_mask
 
 Hook = Literal["PREROUTING", "OUTPUT"]
 Choose = Callable[[float], bool]
 _MAX_DEPTH = 64
-
-
-class TraceError(ValueError):
-    """The ruleset uses something the tracer cannot evaluate."""
-
-
-class _Unknown(TraceError):
-    """One rule uses an extension the tracer does not implement (skipped when lenient)."""
 
 
 class Verdict(enum.StrEnum):
@@ -195,11 +188,11 @@ def _run_chain(state: _State, table: Table, chain: str, rules: Sequence[Rule], d
         raise TraceError(f"chain {chain} nested deeper than {_MAX_DEPTH}: a loop?")
     for index, rule in enumerate(rules):
         try:
-            if not _rule_matches(state, rule):
+            if not rule_matches(state, rule):
                 continue
             state.visited.append((table.name, chain, index))
             flow = _run_target(state, table, rule.target, depth)
-        except _Unknown as exc:
+        except UnknownExtension as exc:
             if not state.lenient:
                 raise TraceError(str(exc)) from None
             state.skipped.append((table.name, chain, index, str(exc)))
@@ -228,16 +221,16 @@ def _run_extension(state: _State, target: Target) -> _Flow:
     if target.name == "REJECT":
         return _Flow.REJECT
     if target.name == "MARK":
-        value, mask = _value_mask(_opt(target, "set-xmark"))
+        value, mask = value_mask(opt_value(target, "set-xmark"))
         state.packet = replace(state.packet, mark=(state.packet.mark & ~mask & 0xFFFFFFFF) ^ value)
         return _Flow.NEXT
     if target.name == "DNAT":
-        ip, port = _parse_destination(_opt(target, "to-destination"), state.packet.dport)
+        ip, port = _parse_destination(opt_value(target, "to-destination"), state.packet.dport)
         state.packet = replace(state.packet, dst=ip, dport=port)
         state.dnat = (ip, port)
         return _Flow.ACCEPT
     if target.name == "REDIRECT":
-        to_port = int(_opt(target, "to-ports").split("-")[0])
+        to_port = int(opt_value(target, "to-ports").split("-")[0])
         loopback = "::1" if ":" in state.packet.dst else "127.0.0.1"
         state.packet = replace(state.packet, dst=loopback, dport=to_port)
         state.dnat, state.redirected = (loopback, to_port), True
@@ -245,19 +238,7 @@ def _run_extension(state: _State, target: Target) -> _Flow:
     if target.name in ("MASQUERADE", "SNAT"):
         state.masqueraded = True
         return _Flow.ACCEPT
-    raise _Unknown(f"the tracer does not implement target {target.name}")
-
-
-def _opt(item: Target | Match, name: str) -> str:
-    opt = item.get(name)
-    if opt is None:
-        raise _Unknown(f"{item.name} without --{name}")
-    return opt.value
-
-
-def _value_mask(text: str) -> tuple[int, int]:
-    value, _, mask = text.partition("/")
-    return int(value, 0), int(mask or "0xffffffff", 0)
+    raise UnknownExtension(f"the tracer does not implement target {target.name}")
 
 
 def _parse_destination(text: str, dport: int) -> tuple[str, int]:
@@ -270,132 +251,6 @@ def _parse_destination(text: str, dport: int) -> tuple[str, int]:
     else:
         host, port = text, ""
     return str(ipaddress.ip_address(host)), int(port) if port else dport
-
-
-@lru_cache(maxsize=4096)
-def _network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    return ipaddress.ip_network(cidr, strict=False)
-
-
-def _in_cidr(address: str, cidr: str | None, invert: bool) -> bool:
-    if cidr is None:
-        return True
-    return (ipaddress.ip_address(address) in _network(cidr)) != invert
-
-
-def _iface_ok(iface: str | None, pattern: str | None, invert: bool) -> bool:
-    if pattern is None:
-        return True
-    name = iface or ""
-    return (name.startswith(pattern[:-1]) if pattern.endswith("+") else name == pattern) != invert
-
-
-def _rule_matches(state: _State, rule: Rule) -> bool:
-    p = state.packet
-    if rule.protocol is not None and rule.protocol not in ("all", p.protocol.lower()):
-        return False
-    return (
-        _in_cidr(p.src, rule.src, rule.src_invert)
-        and _in_cidr(p.dst, rule.dst, rule.dst_invert)
-        and _iface_ok(p.in_iface, rule.in_iface, rule.in_invert)
-        and _iface_ok(p.out_iface, rule.out_iface, rule.out_invert)
-        # In order, stopping at the first miss: recent --set has effects.
-        and all(_MATCHES.get(m.name, _unknown_match)(state, m) for m in rule.matches)
-    )
-
-
-def _unknown_match(state: _State, match: Match) -> bool:
-    raise _Unknown(f"the tracer does not implement match {match.name}")
-
-
-def _port_ok(port: int, opt: Opt | None) -> bool:
-    if opt is None:
-        return True
-    low, _, high = opt.value.partition(":")
-    hit = int(low or 0) <= port <= int(high or low or 65535)
-    return hit != opt.invert
-
-
-def _match_ports(state: _State, match: Match) -> bool:
-    p = state.packet
-    return (
-        match.name == p.protocol.lower()
-        and _port_ok(p.dport, match.get("dport"))
-        and _port_ok(p.sport, match.get("sport"))
-    )
-
-
-def _match_statistic(state: _State, match: Match) -> bool:
-    if _opt(match, "mode") != "random":
-        raise _Unknown("the tracer implements statistic --mode random only")
-    probability = float(_opt(match, "probability"))
-    hit = probability >= 1.0 or (probability > 0.0 and state.choose(probability))
-    return hit != any(o.invert for o in match.opts)
-
-
-def _match_mark(state: _State, match: Match) -> bool:
-    value, mask = _value_mask(_opt(match, "mark"))
-    return ((state.packet.mark & mask) == value) != any(o.invert for o in match.opts)
-
-
-def _match_conntrack(state: _State, match: Match) -> bool:
-    """`-m conntrack --ctstate` and the older `-m state --state`: the packet starts a NEW
-    connection, DNATed once a DNAT rule ran."""
-    states = {"NEW"} | ({"DNAT"} if state.dnat and not state.redirected else set())
-    for opt in match.opts:
-        if opt.name not in ("ctstate", "state"):
-            raise _Unknown(f"the tracer does not implement conntrack --{opt.name}")
-        if bool(states & set(opt.value.split(","))) == opt.invert:
-            return False
-    return True
-
-
-def _match_physdev(state: _State, match: Match) -> bool:
-    """The tracer's packets never cross a bridge: every `--physdev-*` condition is false."""
-    return all(opt.invert for opt in match.opts)
-
-
-def _match_addrtype(state: _State, match: Match) -> bool:
-    for opt in match.opts:
-        if opt.name not in ("src-type", "dst-type") or opt.value != "LOCAL":
-            raise _Unknown(f"the tracer implements addrtype --src/dst-type LOCAL only: {opt}")
-        address = state.packet.src if opt.name == "src-type" else state.packet.dst
-        if (address in state.local) == opt.invert:
-            return False
-    return True
-
-
-def _match_recent(state: _State, match: Match) -> bool:
-    name, mask, seconds = match.get("name"), match.get("mask"), match.get("seconds")
-    list_name = name.value if name else "DEFAULT"
-    ip = ipaddress.ip_address(state.packet.dst if match.get("rdest") else state.packet.src)
-    address = str(type(ip)(int(ip) & int(type(ip)(mask.value)))) if mask else str(ip)
-    if match.get("set"):
-        state.recent.record(list_name, address, state.now)
-        hit = True
-    elif match.get("rcheck") or match.get("update"):
-        limit = float(seconds.value) if seconds else None
-        hit = state.recent.seen(list_name, address, limit, state.now)
-        if hit and match.get("update"):
-            state.recent.record(list_name, address, state.now)
-    else:
-        raise _Unknown("the tracer implements recent --set/--rcheck/--update only")
-    return hit != any(o.invert for o in match.opts)
-
-
-_MATCHES: dict[str, Callable[[_State, Match], bool]] = {
-    "comment": lambda state, match: True,
-    "tcp": _match_ports,
-    "udp": _match_ports,
-    "sctp": _match_ports,
-    "statistic": _match_statistic,
-    "mark": _match_mark,
-    "conntrack": _match_conntrack,
-    "state": _match_conntrack,
-    "physdev": _match_physdev,
-    "addrtype": _match_addrtype,
-    "recent": _match_recent,
-}
 
 
 def _scripted(prefix: tuple[bool, ...], taken: list[tuple[bool, float]]) -> Choose:
