@@ -87,6 +87,14 @@ def test_a_sync_and_a_skipped_object_are_served_and_printed() -> None:
     assert "files: current" in text
 
 
+def test_a_skipped_service_programmed_later_is_no_longer_listed() -> None:
+    status = SyncStatus("iptables", (4,))
+    status.skipped("Service", "Service ns1/svc1", "spec.clusterIP", "not an IP")
+    status.skipped("Service", "Service default/broken", "spec.clusterIP", "not an IP")
+    assert _loop(status).sync() is not None  # programs ns1/svc1
+    assert [s["object"] for s in status.body({}, 60.0)["skipped"]] == ["Service default/broken"]
+
+
 def test_a_failed_sync_is_the_last_error() -> None:
     status = SyncStatus("iptables", (4,))
     status.failed("writing table nat failed: boom", full=False)

@@ -304,7 +304,8 @@ def report_status(status: SyncStatus, outcome: SyncOutcome, full: bool) -> None:
         "endpoints": sum(ep.ready for spn in services for ep in endpoints.get(spn, ())),
         "rules": dict(plan.stats.rules),
     }
-    status.synced(facts, programmed, seconds)
+    valid = frozenset(f"Service {spn.service}" for spn in services)
+    status.synced(facts, programmed, seconds, valid)
 
 
 def udp_changed(snapshot: Snapshot) -> bool:

@@ -50,8 +50,18 @@ class SyncStatus:
         self._last_error: dict[str, Any] | None = None
         self._skipped: dict[str, dict[str, Any]] = {}
 
-    def synced(self, facts: dict[str, Any], programmed: dict[str, Any], seconds: float) -> None:
+    def synced(
+        self,
+        facts: dict[str, Any],
+        programmed: dict[str, Any],
+        seconds: float,
+        valid: frozenset[str] = frozenset(),
+    ) -> None:
+        """A successful sync; `valid` names objects it programmed (`Service ns/name`): one that
+        was skipped before has been fixed since, and is no longer listed."""
         with self._lock:
+            for obj in valid & self._skipped.keys():
+                del self._skipped[obj]
             self._syncs += 1
             self._durations.append(seconds)
             self._last_sync = {"at": _iso(self.clock()), "seconds": round(seconds, 4), **facts}
