@@ -4,6 +4,7 @@ namespace: the trace's verdict agrees with what real traffic does there."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,9 @@ import yaml
 
 from integration.agent_harness import HEALTHZ_PORT, agent_node, slice_object
 from integration.conftest import Cluster
+from integration.demo import INGRESS_SCENARIO as INGRESS_SEED
+from integration.demo import SCENARIO as SEED
+from integration.demo import read_backends, start_backends
 from integration.manifests import NODE_NAME, service_manifest
 from integration.netns import NODE_IP, OUTSIDE_IP, run_kproxy
 from integration.test_userspace import _config as userspace_config
@@ -294,3 +298,32 @@ def test_dump_diff_from_the_api_server(tmp_path: Path) -> None:
         assert changed.returncode == 1, changed.stderr
         assert "default/web" in changed.stdout and "default/other" not in changed.stdout
         assert "--to-destination 192.168.2.10:8080" in changed.stdout
+
+
+def test_seed_scenario_traces_agree_with_traffic(cluster: Cluster) -> None:
+    """The demo and ingress scenarios, served for real: my-nginx from a pod, kube-dns over UDP,
+    the ingress NodePort from outside; each trace names what the traffic then meets."""
+    for path in (*sorted(SEED.glob("*.yaml")), *sorted(INGRESS_SEED.glob("*.yaml"))):
+        shutil.copy(path, cluster.manifests / f"{path.parent.name}-{path.name}")
+    start_backends(cluster.topo, read_backends(SEED) + read_backends(INGRESS_SEED))
+    client = cluster.pod("client", CLIENT)
+    cluster.sync()
+
+    nginx = trace(cluster, "tcp", "10.104.164.89:80", "--from", CLIENT)
+    assert nginx["service"] == "default/my-nginx"
+    assert destinations(nginx) == {"192.168.183.140:80", "192.168.224.7:80"}
+    web = probe(client.ns, "10.104.164.89", 80, "tcp", count=20, http=True)
+    assert set(web.answers) == {"my-nginx-1", "my-nginx-2"}, web
+    assert web.sources == {CLIENT: 20}  # not masqueraded, as the trace said
+
+    dns = trace(cluster, "udp", "10.96.0.10:53", "--from", CLIENT)
+    assert (dns["service"], destinations(dns)) == ("kube-system/kube-dns:dns", {"192.168.1.2:53"})
+    assert probe(client.ns, "10.96.0.10", 53, "udp", count=5).answers == {"coredns-1": 5}
+
+    ingress = trace(cluster, "tcp", f"{NODE_IP}:30189", "--from", OUTSIDE_IP)
+    assert ingress["service"] == "ingress-nginx/ingress-nginx-controller:http"
+    assert destinations(ingress) == {"192.168.235.20:80"}
+    assert ingress["masqueraded"] is True
+    outside = probe(cluster.outside, NODE_IP, 30189, "tcp", count=5, http=True)
+    assert outside.failed == 0, outside
+    assert OUTSIDE_IP not in outside.sources
