@@ -14,7 +14,7 @@ import scenarios
 from click.testing import CliRunner
 
 from kproxy.cli import cli
-from kproxy.errors import InvalidObjectError
+from kproxy.errors import DataplaneError, InvalidObjectError
 from kproxy.inspect.trace_cmd import TraceInputError, TraceRequest, explain, trace_planned
 from kproxy.inspect.trace_view import render_trace, trace_json
 from kproxy.model.config import ProxyConfig
@@ -298,3 +298,10 @@ def test_cli_trace_with_manifests_needs_no_root() -> None:
     doc = json.loads(result.output)
     assert doc["service"] == "kube-system/kube-dns:dns"
     assert doc["destinations"] == [{"destination": "192.168.1.2:53", "share": 1.0}]
+
+
+def test_live_trace_without_root_says_to_use_manifests(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    result = CliRunner().invoke(cli, ["trace", "tcp", "10.96.0.1:443", "--node-address", NODE_IP])
+    assert isinstance(result.exception, DataplaneError)
+    assert "needs root" in str(result.exception) and "--manifests" in str(result.exception)

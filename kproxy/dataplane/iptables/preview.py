@@ -8,12 +8,14 @@ The snapshot is read under the xtables lock, so it never straddles one of the ag
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from kproxy.dataplane.iptables.backend import TABLES, read_tables
 from kproxy.dataplane.iptables.diff import plan_table_changes
-from kproxy.dataplane.iptables.lock import xtables_lock
+from kproxy.dataplane.iptables.lock import lock_path, xtables_lock
+from kproxy.errors import DataplaneError
 from kproxy.rules.ir import BUILTIN_CHAINS, Ruleset
 from kproxy.rules.render import render_rule
 from kproxy.rules.saved import SavedTable
@@ -21,8 +23,16 @@ from kproxy.rules.saved import SavedTable
 
 def read_snapshot(family: int, lock_timeout: float) -> dict[str, SavedTable]:
     """Every table kproxy writes, read while holding the xtables lock."""
-    with xtables_lock(lock_timeout):
-        return read_tables(family, TABLES)
+    if os.geteuid() != 0:
+        raise DataplaneError(
+            "reading the live tables needs root (CAP_NET_ADMIN); without root, give "
+            "--manifests PATH to work on what kproxy would write instead"
+        )
+    try:
+        with xtables_lock(lock_timeout):
+            return read_tables(family, TABLES)
+    except OSError as exc:
+        raise DataplaneError(f"cannot take the xtables lock {lock_path()}: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)
