@@ -89,7 +89,7 @@ def _masquerade_lines(e: Explanation) -> list[str]:
         return []
     reasons = sorted({b.masquerade_reason for b in nat if b.masqueraded and b.masquerade_reason})
     if all(b.masqueraded for b in nat):
-        return [f"masqueraded (the endpoint sees the node's address): {r}" for r in reasons]
+        return [f"masqueraded (the server sees the node's address): {r}" for r in reasons]
     if not any(b.masqueraded for b in nat):
         if nat[0].outcome is Outcome.RELAYED:
             return ["the relay connects from the node: the endpoint sees the node's address"]
