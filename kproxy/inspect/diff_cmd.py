@@ -3,7 +3,7 @@ for a mode that writes objects rather than chains)."""
 
 from __future__ import annotations
 
-from kproxy.dataplane.iptables.preview import ChainDiff
+from kproxy.dataplane.base import ChainDiff
 from kproxy.model.config import ProxyConfig
 from kproxy.model.node import NodeInfo
 from kproxy.state.cluster import ClusterState

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from kproxy.errors import KproxyError
 from kproxy.model.config import ProxyConfig
 from kproxy.model.node import NodeInfo
-from kproxy.rules.explain import Explanation, TraceTables, explain_packet
+from kproxy.rules.explain import Explanation, Traceable
 from kproxy.rules.trace import Hook, Packet, TraceError
 from kproxy.state.cluster import ClusterState
 from kproxy.sync.modes import proxy_mode
@@ -63,19 +63,6 @@ def _in_any(address: str, cidrs: Iterable[str]) -> bool:
     return False
 
 
-def endpoint_addresses(tables: TraceTables) -> set[str]:
-    """The endpoints the tables DNAT to: a source among them is a pod."""
-    found = set()
-    for table in tables.ruleset.tables:
-        for chain in table.chains:
-            for rule in chain.rules:
-                opt = rule.target.get("to-destination") if rule.target else None
-                if opt is not None:
-                    host = opt.value.rsplit(":", 1)[0].strip("[]")
-                    found.add(host)
-    return found
-
-
 def node_source(local_addresses: Sequence[str], family: int) -> str:
     """The source the node's own connection gets: its first address of the family that is
     not loopback (the kernel picks by route; for a VIP that is the default route's)."""
@@ -112,7 +99,7 @@ def plan_origin(
 
 def explain(
     request: TraceRequest,
-    tables: TraceTables,
+    tables: Traceable,
     local_addresses: Sequence[str],
     pod_ranges: Sequence[str] = (),
 ) -> Explanation:
@@ -121,12 +108,12 @@ def explain(
         raise TraceInputError(f"protocol {request.protocol!r}: use tcp, udp or sctp")
     dst, port = parse_destination(request.destination)
     hook, src, origin = plan_origin(
-        request, local_addresses, pod_ranges, endpoint_addresses(tables)
+        request, local_addresses, pod_ranges, tables.endpoint_addresses()
     )
     in_iface = request.in_interface if hook == "PREROUTING" else None
     packet = Packet(src, dst, request.protocol.lower(), port, in_iface=in_iface)
     try:
-        return explain_packet(tables, packet, hook, origin, local_addresses)
+        return tables.explain(packet, hook, origin, local_addresses)
     except TraceError as exc:
         raise TraceInputError(f"cannot trace: {exc}") from exc
 

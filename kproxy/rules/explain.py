@@ -14,6 +14,7 @@ import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from kproxy.rules.ir import Rule, Ruleset, Table
 from kproxy.rules.render import render_rule
@@ -46,6 +47,34 @@ class TraceTables:
     # Rule lines of other programs the rule IR cannot hold: never evaluated, named in the answer.
     unreadable: tuple[str, ...] = ()
     source: str = "planned"  # "live" or "planned": said in the output
+
+    def explain(
+        self, packet: Packet, hook: Hook, origin: str, local_addresses: Iterable[str]
+    ) -> Explanation:
+        return explain_packet(self, packet, hook, origin, local_addresses)
+
+    def endpoint_addresses(self) -> set[str]:
+        """The addresses the tables DNAT to: a source among them is a pod."""
+        found = set()
+        for table in self.ruleset.tables:
+            for chain in table.chains:
+                for rule in chain.rules:
+                    opt = rule.target.get("to-destination") if rule.target else None
+                    if opt is not None:
+                        found.add(opt.value.rsplit(":", 1)[0].strip("[]"))
+        return found
+
+
+class Traceable(Protocol):
+    """What a proxy mode hands `kproxy trace` for one family (ProxyMode.trace_live/trace_plan).
+    TraceTables is the x_tables modes'; a mode with tables of another kind (nftables) walks
+    them itself and answers with the same Explanation: hops are (table, chain, rule text, why)."""
+
+    def explain(
+        self, packet: Packet, hook: Hook, origin: str, local_addresses: Iterable[str]
+    ) -> Explanation: ...
+
+    def endpoint_addresses(self) -> set[str]: ...
 
 
 class Outcome(enum.StrEnum):

@@ -3,10 +3,13 @@
 
 A mode plugs in through three callables on its ProxyMode (sync/modes.py):
 
-- `trace_live(family, lock_timeout) -> TraceTables`: the kernel's tables in one snapshot, every
+- `trace_live(family, lock_timeout) -> Traceable`: the kernel's tables in one snapshot, every
   program's rules included, with which chains are the mode's;
-- `trace_plan(plan, family) -> TraceTables`: what the mode would write for a NodePlan;
+- `trace_plan(plan, family) -> Traceable`: what the mode would write for a NodePlan;
 - `diff(plan, family, lock_timeout) -> list[ChainDiff]`: what the next sync would change.
+
+Both x_tables modes answer with TraceTables (rules/explain.py), which the shared tracer walks; a
+mode with tables of another kind implements Traceable itself.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from kproxy.dataplane.iptables.preview import ChainDiff, plan_chain_diffs, read_snapshot
+from kproxy.dataplane.base import ChainDiff
+from kproxy.dataplane.iptables.preview import plan_chain_diffs, read_snapshot
 from kproxy.plan.iptables.chains import is_written_chain
 from kproxy.plan.iptables.naming import spn_text
 from kproxy.plan.node_plan import NodePlan

@@ -9,15 +9,14 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from kproxy.dataplane.base import ModeDataplane
+from kproxy.dataplane.base import ChainDiff, ModeDataplane
 from kproxy.dataplane.iptables.node import open_iptables_node, read_iptables_live
-from kproxy.dataplane.iptables.preview import ChainDiff
 from kproxy.dataplane.userspace.node import open_userspace_node
 from kproxy.model.config import ProxyConfig
 from kproxy.plan.iptables.planner import IptablesPlanner, render_iptables_plan
 from kproxy.plan.node_plan import NodePlan, Planner
 from kproxy.plan.userspace.planner import UserspacePlanner, render_userspace_plan
-from kproxy.rules.explain import TraceTables
+from kproxy.rules.explain import Traceable
 from kproxy.sync.handover import hand_over_to_iptables
 from kproxy.sync.inspection import (
     iptables_diff,
@@ -40,8 +39,8 @@ class ProxyMode:
     read_live: Callable[[int], str]
     # For `kproxy trace` (sync/inspection.py): one family's tables for the tracer, read from
     # the kernel in one snapshot (family, lock timeout), or as planned.
-    trace_live: Callable[[int, float], TraceTables]
-    trace_plan: Callable[[NodePlan[Any], int], TraceTables]
+    trace_live: Callable[[int, float], Traceable]
+    trace_plan: Callable[[NodePlan[Any], int], Traceable]
     # For `kproxy dump --diff`: what the next sync of a plan would change, per chain or object.
     diff: Callable[[NodePlan[Any], int, float], list[ChainDiff]]
     # Its data path runs inside the kproxy process (the userspace relay): `sync --once` then

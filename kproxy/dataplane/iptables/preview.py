@@ -10,8 +10,8 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 
+from kproxy.dataplane.base import ChainDiff
 from kproxy.dataplane.iptables.backend import TABLES, read_tables
 from kproxy.dataplane.iptables.diff import plan_table_changes
 from kproxy.dataplane.iptables.lock import lock_path, xtables_lock
@@ -33,15 +33,6 @@ def read_snapshot(family: int, lock_timeout: float) -> dict[str, SavedTable]:
             return read_tables(family, TABLES)
     except OSError as exc:
         raise DataplaneError(f"cannot take the xtables lock {lock_path()}: {exc}") from exc
-
-
-@dataclass(frozen=True, slots=True)
-class ChainDiff:
-    family: int
-    table: str
-    chain: str
-    change: str  # "added", "removed" or "rewritten"
-    lines: tuple[str, ...]  # a unified diff, `---`/`+++` headers first
 
 
 def plan_chain_diffs(desired: Ruleset, current: Mapping[str, SavedTable]) -> list[ChainDiff]:
