@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import signal
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,6 +18,8 @@ import structlog
 import yaml
 
 from kproxy.dataplane.host import (
+    ipv6_supported,
+    read_local_addresses,
     route_localnet_left,
     with_host_facts,
 )
@@ -84,6 +88,22 @@ def read_manifests(path: str) -> Manifests:
     return manifests
 
 
+def read_all_manifests(paths: Sequence[str]) -> Manifests:
+    """Several files or directories as one set of objects."""
+    merged = Manifests()
+    for path in paths:
+        one = read_manifests(path)
+        merged.services += one.services
+        merged.endpoint_slices += one.endpoint_slices
+        merged.nodes += one.nodes
+    return merged
+
+
+def node_families() -> tuple[int, ...]:
+    """The families the agent programs here: IPv4, and IPv6 where the namespace has it."""
+    return (4, 6) if ipv6_supported() else (4,)
+
+
 def _report_invalid(exc: InvalidObjectError) -> None:
     log.warning("object_skipped", object=exc.obj, field=exc.field, problem=exc.problem)
 
@@ -101,12 +121,19 @@ def _node_and_config(
     return node, config
 
 
+# The DaemonSet sets it, so `kubectl exec ds/kproxy -- kproxy status` (or trace, dump) reads
+# the agent's own config.
+CONFIG_ENV = "KPROXY_CONFIG"
+
+
 def common_options(fn: F) -> F:
     fn = click.option(
         "--config",
         "config_path",
         type=click.Path(dir_okay=False),
-        help="A KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1).",
+        envvar=CONFIG_ENV,
+        help="A KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1); default: "
+        f"${CONFIG_ENV} (the DaemonSet sets it to its config).",
     )(fn)
     fn = click.option(
         "--hostname-override",
@@ -189,28 +216,77 @@ def _wait_for_stop_signal() -> None:
 @click.option(
     "--family",
     type=click.Choice(["4", "6"]),
-    default="4",
-    show_default=True,
-    help="IPv4 (iptables) or IPv6 (ip6tables) rules.",
+    default=None,
+    help="IPv4 (iptables) or IPv6 (ip6tables) rules [default: 4; with --diff, both].",
 )
+@click.option(
+    "--diff",
+    "show_diff",
+    is_flag=True,
+    help="Print what the next sync would change in this node's tables, as a unified diff per "
+    "chain, for --manifests or (without it) the objects the API server holds; exit 1 when "
+    "anything would change.",
+)
+@click.option(
+    "--kubeconfig",
+    type=click.Path(exists=True, dir_okay=False),
+    help="With --diff and no --manifests: the kubeconfig (default as `run`: the config's "
+    "clientConnection.kubeconfig, in-cluster credentials, KUBECONFIG or ~/.kube/config).",
+)
+@lock_timeout_option
 @common_options
 def dump(
-    manifests_path: str | None, family: str, config_path: str | None, hostname: str | None
+    manifests_path: str | None,
+    family: str | None,
+    show_diff: bool,
+    kubeconfig: str | None,
+    lock_timeout: float,
+    config_path: str | None,
+    hostname: str | None,
 ) -> None:
     """Print kproxy's chains in iptables-save format."""
+    if show_diff:
+        _dump_diff(manifests_path, kubeconfig, family, lock_timeout, config_path, hostname)
+        return
     if manifests_path is None:
         config = load_config_file(config_path)
-        text = proxy_mode(config).read_live(int(family))
+        text = proxy_mode(config).read_live(int(family or 4))
     else:
         manifests = read_manifests(manifests_path)
         node, config = _node_and_config(manifests, config_path, hostname)
         state = state_from_manifests(manifests, _report_invalid)
         mode = proxy_mode(config)
         plan = mode.planner(config).plan(
-            state.services_map(), state.endpoints_map(), with_host_facts(node), (int(family),)
+            state.services_map(), state.endpoints_map(), with_host_facts(node), (int(family or 4),)
         )
-        text = mode.render_plan(plan, int(family))
+        text = mode.render_plan(plan, int(family or 4))
     sys.stdout.write(text)
+
+
+def _dump_diff(
+    manifests_path: str | None,
+    kubeconfig: str | None,
+    family: str | None,
+    lock_timeout: float,
+    config_path: str | None,
+    hostname: str | None,
+) -> None:
+    from kproxy.inspect.diff_cmd import diff_next_sync, render_diffs
+
+    if manifests_path is not None:
+        manifests = read_manifests(manifests_path)
+    else:
+        from kproxy.watch.api import ApiSource, api_client
+
+        config = load_config_file(config_path)
+        api = api_client(kubeconfig or config.kubeconfig or None)
+        manifests = ApiSource(api, resolve_hostname(hostname, config)).list_once()
+    node, config = _node_and_config(manifests, config_path, hostname)
+    state = state_from_manifests(manifests, _report_invalid)
+    families = (int(family),) if family else node_families()
+    diffs = diff_next_sync(state, with_host_facts(node), config, families, lock_timeout)
+    sys.stdout.write(render_diffs(diffs))
+    sys.exit(1 if diffs else 0)
 
 
 @cli.command()
@@ -345,6 +421,98 @@ def doctor(config_path: str | None, service_cidr: str | None) -> None:
     checks = run_checks(load_config_file(config_path), service_cidr)
     click.echo(render_report(checks), nl=False)
     sys.exit(exit_code(checks))
+
+
+@cli.command()
+@click.argument("protocol", type=click.Choice(["tcp", "udp", "sctp"], case_sensitive=False))
+@click.argument("destination", metavar="DST:PORT")
+@click.option(
+    "--from",
+    "source",
+    metavar="SRC",
+    help="The client's address: a pod's or an outside client's (the packet enters nat "
+    "PREROUTING), or one of the node's own (nat OUTPUT). Default: the node itself.",
+)
+@click.option(
+    "--in-interface",
+    metavar="IF",
+    help="The interface the packet arrives on (for detectLocalMode BridgeInterface or "
+    "InterfaceNamePrefix).",
+)
+@click.option(
+    "--manifests",
+    "manifests_paths",
+    multiple=True,
+    type=click.Path(exists=True),
+    help="Trace through what kproxy would write for these objects (no root needed) instead of "
+    "the live tables; may be given more than once.",
+)
+@click.option(
+    "--node-address",
+    "node_addresses",
+    multiple=True,
+    metavar="IP",
+    help="The node's own addresses (repeatable); default: this network namespace's.",
+)
+@click.option("--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@lock_timeout_option
+@common_options
+def trace(
+    protocol: str,
+    destination: str,
+    source: str | None,
+    in_interface: str | None,
+    manifests_paths: tuple[str, ...],
+    node_addresses: tuple[str, ...],
+    output: str,
+    lock_timeout: float,
+    config_path: str | None,
+    hostname: str | None,
+) -> None:
+    """Where a connection from SRC to DST:PORT goes through this node's rules, and why."""
+    from kproxy.inspect.trace_cmd import TraceRequest, trace_live, trace_planned
+    from kproxy.inspect.trace_view import render_trace, trace_json
+
+    request = TraceRequest(protocol, destination, source, in_interface)
+    if manifests_paths:
+        manifests = read_all_manifests(manifests_paths)
+        node, config = _node_and_config(manifests, config_path, hostname)
+        state = state_from_manifests(manifests, _report_invalid)
+        local = node_addresses or read_local_addresses()
+        node = dataclasses.replace(node, local_addresses=tuple(local))
+        explanation = trace_planned(request, state, node, config)
+    else:
+        config = load_config_file(config_path)
+        local = node_addresses or read_local_addresses()
+        node = NodeInfo(name=resolve_hostname(hostname, config))
+        explanation = trace_live(request, config, local, node, lock_timeout)
+    if output == "json":
+        click.echo(json.dumps(trace_json(explanation), indent=2))
+    else:
+        click.echo(render_trace(explanation), nl=False)
+
+
+@cli.command()
+@click.option(
+    "--address",
+    metavar="HOST:PORT",
+    help="The agent's healthz server; default: the config's healthzBindAddress (a wildcard "
+    "address asks 127.0.0.1).",
+)
+@click.option("--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), help="The agent's config."
+)
+def status(address: str | None, output: str, config_path: str | None) -> None:
+    """What the running agent reports: mode, last sync, durations, skipped objects, sources."""
+    from kproxy.inspect.status_cmd import fetch_status, render_status, status_url
+
+    config = load_config_file(config_path)
+    body = fetch_status(status_url(address or config.healthz_bind_address))
+    if output == "json":
+        click.echo(json.dumps(body, indent=2))
+    else:
+        click.echo(render_status(body), nl=False)
 
 
 def main() -> None:

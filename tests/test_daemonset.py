@@ -249,6 +249,8 @@ def test_host_paths_are_mounted_as_for_kube_proxy(
 def test_node_name_comes_from_the_downward_api(container: dict[str, Any]) -> None:
     env = {e["name"]: e for e in container["env"]}
     assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    # The debugging commands run through `kubectl exec` read the agent's config.
+    assert f"--config={env['KPROXY_CONFIG']['value']}" in container["command"]
     assert "--hostname-override=$(NODE_NAME)" in container["command"]
     assert container["command"][:2] == ["kproxy", "run"]
 

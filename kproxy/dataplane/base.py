@@ -43,6 +43,18 @@ class ApplyResult:
         return any(not t.empty for t in self.tables)
 
 
+@dataclass(frozen=True, slots=True)
+class ChainDiff:
+    """What the next sync would change in one chain (or, for a mode that writes objects rather
+    than chains, one object): `kproxy dump --diff` prints `lines`."""
+
+    family: int
+    table: str
+    chain: str
+    change: str  # "added", "removed" or "rewritten"
+    lines: tuple[str, ...]  # a unified diff, `---`/`+++` headers first
+
+
 class ModeDataplane(Protocol):
     """A proxy mode's dataplane for the whole node: it carries out that mode's NodePlan."""
 

@@ -1,4 +1,5 @@
-"""`/healthz` and `/livez` on healthzBindAddress, with kube-proxy's semantics and JSON.
+"""`/healthz` and `/livez` on healthzBindAddress, with kube-proxy's semantics and JSON; and
+kproxy's own read-only `/statusz` (what `kproxy status` shows; see docs/debugging.md).
 
 kproxy is unhealthy when an update was queued more than `timeout` (2 x syncPeriod) ago and no
 sync has succeeded since, and (beyond kube-proxy) while a source of objects reports a problem (its
@@ -45,6 +46,9 @@ class ProxyHealth:
         # thread that ended); wired in by the agent.
         self.source_problems: Callable[[], list[str]] = list
         self.dataplane_problems: Callable[[], list[str]] = list
+        # The agent's facts for /statusz (sync/status.py), given /healthz's body; wired in by
+        # the agent. Read-only: nothing a request sends changes anything.
+        self.statusz: Callable[[dict[str, object]], dict[str, object]] = lambda health: health
         self._lock = threading.Lock()
         self._last_updated = dict.fromkeys(families, 0.0)
         self._oldest_queued = dict.fromkeys(families, 0.0)
@@ -106,10 +110,13 @@ class _Handler(JsonHandler):
 
     def do_GET(self) -> None:
         path = self.path.split("?")[0]
-        if path not in ("/healthz", "/livez"):
+        if path not in ("/healthz", "/livez", "/statusz"):
             self.send_error(404)
             return
         healthy, body = self.server.health.status()
+        if path == "/statusz":
+            self.send_json(200, self.server.health.statusz(body))
+            return
         if path == "/healthz":
             ok = healthy and self.server.health.node_eligible
             counter = self.server.metrics.healthz

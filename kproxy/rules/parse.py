@@ -226,3 +226,20 @@ def parse_table(saved: SavedTable) -> Table:
 def parse_ruleset(text: str, family: int) -> Ruleset:
     """Every table of iptables-save text as one Ruleset of the given family (4 or 6)."""
     return Ruleset(family, tuple(parse_table(saved) for saved in parse_save(text).values()))
+
+
+def parse_table_leniently(saved: SavedTable) -> tuple[Table, list[str]]:
+    """parse_table for a table other programs write too: a rule line the IR cannot hold is
+    left out and returned, verbatim, beside the table (with the table's unparsed lines)."""
+    readable = SavedTable(saved.name, dict(saved.policies))
+    unreadable = list(saved.unparsed)
+    for name, lines in saved.chains.items():
+        kept = readable.chains.setdefault(name, [])
+        for line in lines:
+            try:
+                parse_rule(line)
+            except ValueError:
+                unreadable.append(line)
+            else:
+                kept.append(line)
+    return parse_table(readable), unreadable

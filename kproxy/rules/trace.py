@@ -6,7 +6,10 @@ order (each was inserted at the top: the last listed runs first), then their pol
 
 Probability matches ask a `choose` callback; `possible_outcomes` explores both branches of each.
 xt_recent lists live in an explicit RecentState so that session affinity can be tested. A match or
-target the tracer does not know raises TraceError rather than being guessed."""
+target the tracer does not know raises TraceError rather than being guessed; with `lenient` (for
+live tables, where other programs' rules use any extension) such a rule is recorded in
+`TraceResult.skipped` instead: an unknown match never matches, an unknown target lets the packet
+go on to the next rule."""
 
 from __future__ import annotations
 
@@ -15,18 +18,15 @@ import ipaddress
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 from typing import Literal, TypedDict, Unpack
 
-from kproxy.rules.ir import Match, Opt, Rule, Ruleset, Table, Target
+from kproxy.rules.ir import Rule, Ruleset, Table, Target
+from kproxy.rules.trace_matches import TraceError as TraceError
+from kproxy.rules.trace_matches import UnknownExtension, opt_value, rule_matches, value_mask
 
 Hook = Literal["PREROUTING", "OUTPUT"]
 Choose = Callable[[float], bool]
 _MAX_DEPTH = 64
-
-
-class TraceError(ValueError):
-    """The ruleset uses something the tracer cannot evaluate."""
 
 
 class Verdict(enum.StrEnum):
@@ -84,6 +84,9 @@ class TraceResult:
     masqueraded: bool  # source NAT (MASQUERADE/SNAT) in nat POSTROUTING
     visited: tuple[tuple[str, str, int], ...]  # (table, chain, index) of every rule that matched
     mark: int  # the packet mark at the end
+    # (table, chain, index, why) of every rule `lenient` passed without evaluating it.
+    skipped: tuple[tuple[str, str, int, str], ...] = ()
+    redirected: bool = False  # the DNAT was a REDIRECT to the node itself
 
 
 class TraceOptions(TypedDict, total=False):
@@ -91,6 +94,7 @@ class TraceOptions(TypedDict, total=False):
     recent: RecentState  # xt_recent lists; trace_packet updates it in place
     now: float  # seconds, for recent --seconds
     policies: Mapping[tuple[str, str], str]  # (table, built-in chain) -> "ACCEPT" | "DROP"
+    lenient: bool  # record rules using unknown extensions in `skipped` instead of raising
 
 
 @dataclass
@@ -103,9 +107,12 @@ class _State:
     choose: Choose
     recent: RecentState
     now: float
+    lenient: bool = False
     dnat: tuple[str, int] | None = None
+    redirected: bool = False
     masqueraded: bool = False
     visited: list[tuple[str, str, int]] = field(default_factory=list)
+    skipped: list[tuple[str, str, int, str]] = field(default_factory=list)
 
 
 def seeded_choice(seed: int = 0) -> Choose:
@@ -130,11 +137,18 @@ def trace_packet(
         choose=choose or seeded_choice(),
         recent=options.get("recent", RecentState()),
         now=options.get("now", 0.0),
+        lenient=options.get("lenient", False),
     )
     flow = _run_path(state, hook, options.get("policies", {}))
     verdict = _VERDICTS.get(flow, Verdict.ACCEPTED)
     return TraceResult(
-        verdict, state.dnat, state.masqueraded, tuple(state.visited), state.packet.mark
+        verdict,
+        state.dnat,
+        state.masqueraded,
+        tuple(state.visited),
+        state.packet.mark,
+        tuple(state.skipped),
+        state.redirected,
     )
 
 
@@ -152,7 +166,7 @@ def _run_path(state: _State, hook: Hook, policies: Mapping[tuple[str, str], str]
     flow = run("nat", hook)
     if flow in (_Flow.DROP, _Flow.REJECT):
         return flow
-    if hook == "PREROUTING" and state.packet.dst in state.local:
+    if hook == "PREROUTING" and (state.redirected or state.packet.dst in state.local):
         return run("filter", "INPUT")  # routed to the node itself: not forwarded
     flow = run("filter", "FORWARD" if hook == "PREROUTING" else "OUTPUT")
     if flow in (_Flow.DROP, _Flow.REJECT):
@@ -173,10 +187,16 @@ def _run_chain(state: _State, table: Table, chain: str, rules: Sequence[Rule], d
     if depth > _MAX_DEPTH:
         raise TraceError(f"chain {chain} nested deeper than {_MAX_DEPTH}: a loop?")
     for index, rule in enumerate(rules):
-        if not _rule_matches(state, rule):
+        try:
+            if not rule_matches(state, rule):
+                continue
+            state.visited.append((table.name, chain, index))
+            flow = _run_target(state, table, rule.target, depth)
+        except UnknownExtension as exc:
+            if not state.lenient:
+                raise TraceError(str(exc)) from None
+            state.skipped.append((table.name, chain, index, str(exc)))
             continue
-        state.visited.append((table.name, chain, index))
-        flow = _run_target(state, table, rule.target, depth)
         if flow is not _Flow.NEXT:
             return flow
     return _Flow.RETURN
@@ -201,30 +221,24 @@ def _run_extension(state: _State, target: Target) -> _Flow:
     if target.name == "REJECT":
         return _Flow.REJECT
     if target.name == "MARK":
-        value, mask = _value_mask(_opt(target, "set-xmark"))
+        value, mask = value_mask(opt_value(target, "set-xmark"))
         state.packet = replace(state.packet, mark=(state.packet.mark & ~mask & 0xFFFFFFFF) ^ value)
         return _Flow.NEXT
     if target.name == "DNAT":
-        ip, port = _parse_destination(_opt(target, "to-destination"), state.packet.dport)
+        ip, port = _parse_destination(opt_value(target, "to-destination"), state.packet.dport)
         state.packet = replace(state.packet, dst=ip, dport=port)
         state.dnat = (ip, port)
+        return _Flow.ACCEPT
+    if target.name == "REDIRECT":
+        to_port = int(opt_value(target, "to-ports").split("-")[0])
+        loopback = "::1" if ":" in state.packet.dst else "127.0.0.1"
+        state.packet = replace(state.packet, dst=loopback, dport=to_port)
+        state.dnat, state.redirected = (loopback, to_port), True
         return _Flow.ACCEPT
     if target.name in ("MASQUERADE", "SNAT"):
         state.masqueraded = True
         return _Flow.ACCEPT
-    raise TraceError(f"the tracer does not implement target {target.name}")
-
-
-def _opt(item: Target | Match, name: str) -> str:
-    opt = item.get(name)
-    if opt is None:
-        raise TraceError(f"{item.name} without --{name}")
-    return opt.value
-
-
-def _value_mask(text: str) -> tuple[int, int]:
-    value, _, mask = text.partition("/")
-    return int(value, 0), int(mask or "0xffffffff", 0)
+    raise UnknownExtension(f"the tracer does not implement target {target.name}")
 
 
 def _parse_destination(text: str, dport: int) -> tuple[str, int]:
@@ -239,131 +253,45 @@ def _parse_destination(text: str, dport: int) -> tuple[str, int]:
     return str(ipaddress.ip_address(host)), int(port) if port else dport
 
 
-@lru_cache(maxsize=4096)
-def _network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    return ipaddress.ip_network(cidr, strict=False)
-
-
-def _in_cidr(address: str, cidr: str | None, invert: bool) -> bool:
-    if cidr is None:
-        return True
-    return (ipaddress.ip_address(address) in _network(cidr)) != invert
-
-
-def _iface_ok(iface: str | None, pattern: str | None, invert: bool) -> bool:
-    if pattern is None:
-        return True
-    name = iface or ""
-    return (name.startswith(pattern[:-1]) if pattern.endswith("+") else name == pattern) != invert
-
-
-def _rule_matches(state: _State, rule: Rule) -> bool:
-    p = state.packet
-    if rule.protocol is not None and rule.protocol not in ("all", p.protocol.lower()):
-        return False
-    return (
-        _in_cidr(p.src, rule.src, rule.src_invert)
-        and _in_cidr(p.dst, rule.dst, rule.dst_invert)
-        and _iface_ok(p.in_iface, rule.in_iface, rule.in_invert)
-        and _iface_ok(p.out_iface, rule.out_iface, rule.out_invert)
-        # In order, stopping at the first miss: recent --set has effects.
-        and all(_MATCHES.get(m.name, _unknown_match)(state, m) for m in rule.matches)
-    )
-
-
-def _unknown_match(state: _State, match: Match) -> bool:
-    raise TraceError(f"the tracer does not implement match {match.name}")
-
-
-def _port_ok(port: int, opt: Opt | None) -> bool:
-    if opt is None:
-        return True
-    low, _, high = opt.value.partition(":")
-    hit = int(low or 0) <= port <= int(high or low or 65535)
-    return hit != opt.invert
-
-
-def _match_ports(state: _State, match: Match) -> bool:
-    p = state.packet
-    return (
-        match.name == p.protocol.lower()
-        and _port_ok(p.dport, match.get("dport"))
-        and _port_ok(p.sport, match.get("sport"))
-    )
-
-
-def _match_statistic(state: _State, match: Match) -> bool:
-    if _opt(match, "mode") != "random":
-        raise TraceError("the tracer implements statistic --mode random only")
-    probability = float(_opt(match, "probability"))
-    hit = probability >= 1.0 or (probability > 0.0 and state.choose(probability))
-    return hit != any(o.invert for o in match.opts)
-
-
-def _match_mark(state: _State, match: Match) -> bool:
-    value, mask = _value_mask(_opt(match, "mark"))
-    return ((state.packet.mark & mask) == value) != any(o.invert for o in match.opts)
-
-
-def _match_conntrack(state: _State, match: Match) -> bool:
-    states = {"NEW"} | ({"DNAT"} if state.dnat else set())
-    for opt in match.opts:
-        if opt.name != "ctstate":
-            raise TraceError(f"the tracer does not implement conntrack --{opt.name}")
-        if bool(states & set(opt.value.split(","))) == opt.invert:
-            return False
-    return True
-
-
-def _match_addrtype(state: _State, match: Match) -> bool:
-    for opt in match.opts:
-        if opt.name not in ("src-type", "dst-type") or opt.value != "LOCAL":
-            raise TraceError(f"the tracer implements addrtype --src/dst-type LOCAL only: {opt}")
-        address = state.packet.src if opt.name == "src-type" else state.packet.dst
-        if (address in state.local) == opt.invert:
-            return False
-    return True
-
-
-def _match_recent(state: _State, match: Match) -> bool:
-    name, mask, seconds = match.get("name"), match.get("mask"), match.get("seconds")
-    list_name = name.value if name else "DEFAULT"
-    ip = ipaddress.ip_address(state.packet.dst if match.get("rdest") else state.packet.src)
-    address = str(type(ip)(int(ip) & int(type(ip)(mask.value)))) if mask else str(ip)
-    if match.get("set"):
-        state.recent.record(list_name, address, state.now)
-        hit = True
-    elif match.get("rcheck") or match.get("update"):
-        limit = float(seconds.value) if seconds else None
-        hit = state.recent.seen(list_name, address, limit, state.now)
-        if hit and match.get("update"):
-            state.recent.record(list_name, address, state.now)
-    else:
-        raise TraceError("the tracer implements recent --set/--rcheck/--update only")
-    return hit != any(o.invert for o in match.opts)
-
-
-_MATCHES: dict[str, Callable[[_State, Match], bool]] = {
-    "comment": lambda state, match: True,
-    "tcp": _match_ports,
-    "udp": _match_ports,
-    "sctp": _match_ports,
-    "statistic": _match_statistic,
-    "mark": _match_mark,
-    "conntrack": _match_conntrack,
-    "addrtype": _match_addrtype,
-    "recent": _match_recent,
-}
-
-
-def _scripted(prefix: tuple[bool, ...], taken: list[bool]) -> Choose:
-    """A `choose` that replays `prefix` and then says no, appending every answer to `taken`."""
+def _scripted(prefix: tuple[bool, ...], taken: list[tuple[bool, float]]) -> Choose:
+    """A `choose` that replays `prefix` and then says no, appending every answer (with the
+    probability it was asked with) to `taken`."""
 
     def choose(probability: float) -> bool:
-        taken.append(prefix[len(taken)] if len(taken) < len(prefix) else False)
-        return taken[-1]
+        answer = prefix[len(taken)] if len(taken) < len(prefix) else False
+        taken.append((answer, probability))
+        return answer
 
     return choose
+
+
+def weighted_outcomes(
+    ruleset: Ruleset,
+    packet: Packet,
+    hook: Hook,
+    *,
+    max_paths: int = 10_000,
+    **options: Unpack[TraceOptions],
+) -> list[tuple[float, TraceResult]]:
+    """One (share, TraceResult) per way the probability matches can fall, the shares summing
+    to 1; `recent` is left unchanged."""
+    results: list[tuple[float, TraceResult]] = []
+    pending: list[tuple[bool, ...]] = [()]
+    while pending:
+        if len(results) >= max_paths:
+            raise TraceError(f"more than {max_paths} paths through the ruleset")
+        prefix, taken = pending.pop(), list[tuple[bool, float]]()
+        run_options = TraceOptions(**options)
+        run_options["recent"] = options.get("recent", RecentState()).copy()
+        result = trace_packet(ruleset, packet, hook, choose=_scripted(prefix, taken), **run_options)
+        share = 1.0
+        for answer, probability in taken:
+            share *= probability if answer else 1.0 - probability
+        results.append((share, result))
+        # Every decision made past the replayed prefix was a no: try a yes there too.
+        answers = [answer for answer, _ in taken]
+        pending.extend((*answers[:i], True) for i in range(len(prefix), len(answers)))
+    return results
 
 
 def possible_outcomes(
@@ -375,20 +303,10 @@ def possible_outcomes(
     **options: Unpack[TraceOptions],
 ) -> list[TraceResult]:
     """One TraceResult per way the probability matches can fall; `recent` is left unchanged."""
-    results: list[TraceResult] = []
-    pending: list[tuple[bool, ...]] = [()]
-    while pending:
-        if len(results) >= max_paths:
-            raise TraceError(f"more than {max_paths} paths through the ruleset")
-        prefix, taken = pending.pop(), list[bool]()
-        run_options = TraceOptions(**options)
-        run_options["recent"] = options.get("recent", RecentState()).copy()
-        results.append(
-            trace_packet(ruleset, packet, hook, choose=_scripted(prefix, taken), **run_options)
-        )
-        # Every decision made past the replayed prefix was a no: try a yes there too.
-        pending.extend((*taken[:i], True) for i in range(len(prefix), len(taken)))
-    return results
+    return [
+        result
+        for _, result in weighted_outcomes(ruleset, packet, hook, max_paths=max_paths, **options)
+    ]
 
 
 def possible_destinations(

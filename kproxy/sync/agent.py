@@ -28,6 +28,7 @@ from kproxy.health.service_health import ServiceHealthServers
 from kproxy.model.config import ProxyConfig, parse_bind_address
 from kproxy.sync.loop import StateBox, SyncLoop
 from kproxy.sync.modes import proxy_mode
+from kproxy.sync.status import SyncStatus
 from kproxy.watch.sink import Sink
 from kproxy.watch.supervisor import Supervisor, source_problems
 
@@ -103,6 +104,8 @@ def run_agent(
         service_health = ServiceHealthServers((), proxy_healthy=lambda: health.status()[0])
         servers.callback(service_health.close)
         box = StateBox(node_name, health, metrics)
+        box.status = status = SyncStatus(mode.name, families)
+        health.statusz = lambda body: status.body(body, health.timeout)
         _stop_on_signals(stop, box.changed)
         loop = SyncLoop(
             box=box,
@@ -114,6 +117,7 @@ def run_agent(
             host_facts=with_host_facts,
             clean_conntrack=lambda serving: len(delete_stale_udp_flows(serving)),
             service_health=service_health,
+            status=status,
         )
         log.info(
             "agent_started",
@@ -126,6 +130,7 @@ def run_agent(
         # A source is stale after the health timeout (each may allow itself longer: an idle
         # API watch); health then fails, as it does for a sync owed too long.
         health.source_problems = source_problems(sources, health.timeout)
+        status.sources = sources
         health.dataplane_problems = dataplane.problems
         if isinstance(dataplane, RelayStats):
             metrics.watch_relay(dataplane.service_port_counters)

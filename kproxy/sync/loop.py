@@ -31,6 +31,7 @@ from kproxy.plan.node_plan import NodePlan, Planner
 from kproxy.state.cluster import ClusterState
 from kproxy.state.ingest import Mutation
 from kproxy.sync.gcpause import gc_paused
+from kproxy.sync.status import SyncStatus
 
 log = structlog.get_logger("kproxy.sync")
 
@@ -52,6 +53,7 @@ class StateBox:
         self._synced: set[Kind] = set()
         self._node_labels: dict[str, str] | None = None
         self.node_labels_changed = False
+        self.status: SyncStatus | None = None  # /statusz lists the skipped objects
 
     def apply(self, mutation: Mutation) -> None:
         with self.lock:
@@ -61,6 +63,8 @@ class StateBox:
         for kind, exc in skipped:
             self.metrics.objects_skipped.labels(kind=kind.value).inc()
             log.warning("object_skipped", object=exc.obj, field=exc.field, problem=exc.problem)
+            if self.status is not None:
+                self.status.skipped(kind.value, exc.obj, exc.field, exc.problem)
         if Kind.SERVICE in mutation.kinds:
             self.metrics.service_changes_total.inc()
             self.metrics.service_changes_pending.inc()
@@ -121,6 +125,7 @@ class SyncLoop:
     # Deletes stale UDP flows (per family: what may still answer); returns how many.
     clean_conntrack: Callable[[Mapping[int, UdpServing]], int] | None = None
     service_health: ServiceHealthServers | None = None
+    status: SyncStatus | None = None  # what /statusz reports of the syncs
     started_at: float = field(default_factory=time.time)
     _needs_full: bool = True
     _last_end: float = 0.0
@@ -174,6 +179,8 @@ class SyncLoop:
         if not snapshot.full:
             self.metrics.partial_restore_failures.inc()
         log.error("sync_failed", error=str(exc), full_sync=snapshot.full)
+        if self.status is not None:
+            self.status.failed(str(exc), snapshot.full)
         with self.box.lock:  # the changes were taken: keep them for the retry
             self.box.state.restore_changes(snapshot.changed)
         self.box.changed.set()
@@ -266,6 +273,8 @@ class SyncLoop:
             self.service_health.sync_endpoints(
                 {h.service: h.local_endpoints for h in plan.health_checks}
             )
+        if self.status is not None:
+            report_status(self.status, outcome, full)
         log.info(
             "sync_completed",
             mode=plan.mode,
@@ -275,6 +284,28 @@ class SyncLoop:
             chains_removed=result.chains_removed,
             seconds=round(seconds, 3),
         )
+
+
+def report_status(status: SyncStatus, outcome: SyncOutcome, full: bool) -> None:
+    """The sync's facts for /statusz: what it changed, and what is programmed now."""
+    snapshot, plan, result, seconds = outcome
+    services, endpoints = snapshot.services, snapshot.endpoints
+    facts = {
+        "full": full,
+        "changedServices": len(snapshot.changed),
+        "changed": result.changed,
+        "chainsWritten": result.chains_written,
+        "chainsRemoved": result.chains_removed,
+        "rulesWritten": result.rules_written,
+    }
+    programmed = {
+        "services": len({spn.service for spn in services}),
+        "servicePorts": len(services),
+        "endpoints": sum(ep.ready for spn in services for ep in endpoints.get(spn, ())),
+        "rules": dict(plan.stats.rules),
+    }
+    valid = frozenset(f"Service {spn.service}" for spn in services)
+    status.synced(facts, programmed, seconds, valid)
 
 
 def udp_changed(snapshot: Snapshot) -> bool:

@@ -9,14 +9,22 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from kproxy.dataplane.base import ModeDataplane
+from kproxy.dataplane.base import ChainDiff, ModeDataplane
 from kproxy.dataplane.iptables.node import open_iptables_node, read_iptables_live
 from kproxy.dataplane.userspace.node import open_userspace_node
 from kproxy.model.config import ProxyConfig
 from kproxy.plan.iptables.planner import IptablesPlanner, render_iptables_plan
 from kproxy.plan.node_plan import NodePlan, Planner
 from kproxy.plan.userspace.planner import UserspacePlanner, render_userspace_plan
+from kproxy.rules.explain import Traceable
 from kproxy.sync.handover import hand_over_to_iptables
+from kproxy.sync.inspection import (
+    iptables_diff,
+    iptables_plan_tables,
+    read_live_tables,
+    userspace_diff,
+    userspace_plan_tables,
+)
 from kproxy.sync.loop import SyncLoop
 
 
@@ -29,6 +37,12 @@ class ProxyMode:
     # and what plain `dump` prints: what the kernel holds of the mode's, in the same form.
     render_plan: Callable[[NodePlan[Any], int], str]
     read_live: Callable[[int], str]
+    # For `kproxy trace` (sync/inspection.py): one family's tables for the tracer, read from
+    # the kernel in one snapshot (family, lock timeout), or as planned.
+    trace_live: Callable[[int, float], Traceable]
+    trace_plan: Callable[[NodePlan[Any], int], Traceable]
+    # For `kproxy dump --diff`: what the next sync of a plan would change, per chain or object.
+    diff: Callable[[NodePlan[Any], int, float], list[ChainDiff]]
     # Its data path runs inside the kproxy process (the userspace relay): `sync --once` then
     # keeps serving until SIGTERM instead of returning.
     serves_in_process: bool = False
@@ -44,6 +58,9 @@ MODES = {
         lambda config, lock_timeout: open_iptables_node(lock_timeout),
         render_iptables_plan,
         read_iptables_live,
+        read_live_tables,
+        iptables_plan_tables,
+        iptables_diff,
     ),
     "userspace": ProxyMode(
         "userspace",
@@ -51,6 +68,9 @@ MODES = {
         open_userspace_node,
         render_userspace_plan,
         read_iptables_live,
+        read_live_tables,
+        userspace_plan_tables,
+        userspace_diff,
         serves_in_process=True,
         on_stop=hand_over_to_iptables,
     ),

@@ -21,9 +21,10 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
-from kproxy.errors import ConfigError
+from kproxy.errors import ConfigError, KproxyError
 from kproxy.model.kinds import Kind
 from kproxy.state.ingest import KeyedKind, Mutation, remove, replace_all, set_node, upsert
+from kproxy.watch.manifests import Manifests
 from kproxy.watch.sink import Sink
 from kproxy.watch.supervisor import Backoff, Supervisor
 
@@ -66,6 +67,10 @@ def _kubeconfig_paths(kubeconfig: str | None) -> list[str]:
         return [kubeconfig]
     listed = [p for p in os.environ.get("KUBECONFIG", "").split(os.pathsep) if p]
     return listed if len(listed) == 1 else []
+
+
+class ApiListError(KproxyError):
+    """The API server did not answer a list."""
 
 
 @dataclass
@@ -174,6 +179,26 @@ class ApiSource:
                 lambda event, obj: set_node(node_name, [] if event == "DELETED" else [obj]),
             ),
         ]
+
+    def list_once(self) -> Manifests:
+        """One list of each resource, as the agent's reflectors start (`dump --diff`)."""
+        found = Manifests()
+        into = {
+            Kind.SERVICE: found.services,
+            Kind.ENDPOINT_SLICE: found.endpoint_slices,
+            Kind.NODE: found.nodes,
+        }
+        for resource in self.resources:
+            try:
+                response = resource.list_fn(**resource.selectors, _preload_content=False)
+                items = json.loads(response.data).get("items") or []
+            except (ApiException, HTTPError, OSError, ValueError) as exc:
+                raise ApiListError(
+                    f"cannot list {resource.kind} from the API server ({exc}); check "
+                    "--kubeconfig and that the API server is reachable"
+                ) from None
+            into[resource.kind].extend(items)
+        return found
 
     def start(self, sink: Sink, stop: threading.Event) -> list[Supervisor]:
         return [

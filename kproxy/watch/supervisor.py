@@ -73,6 +73,7 @@ class Supervisor:
         self.clock = clock
         self.handling: str | None = None
         self.failures = 0
+        self.runs = 0  # calls of `body`: every one after the first is a reconnect or retry
         self.last_error = ""
         self._last_current = clock()
         self._thread: threading.Thread | None = None
@@ -90,6 +91,7 @@ class Supervisor:
 
     def run(self) -> None:
         while not self.stop.is_set():
+            self.runs += 1
             try:
                 self.body(self)
             except Exception as exc:  # a source thread never ends on an error: log, back off
@@ -110,6 +112,9 @@ class Supervisor:
         else:
             log.error("source_failed", exc_info=exc, **fields)
         self.stop.wait(delay)
+
+    def seconds_since_current(self) -> float:
+        return self.clock() - self._last_current
 
     def problem(self, timeout: float) -> str | None:
         """Why this source cannot be trusted to be current, or None: its thread ended, or it has

@@ -1,0 +1,1 @@
+"""Read-only views for operators: `kproxy trace`, `kproxy dump --diff`, `kproxy status`."""
