@@ -64,6 +64,7 @@ class Cluster:
         self.manifests.mkdir()
         self.lock_file = workdir / "xtables.lock"
         self.config_file: Path | None = None
+        self.mode = "iptables"  # the proxy mode configure() writes and sync() runs
 
     # --- pods and servers
 
@@ -130,7 +131,7 @@ class Cluster:
         doc: dict[str, Any] = {
             "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
             "kind": "KubeProxyConfiguration",
-            "mode": "iptables",
+            "mode": self.mode,
             "iptables": {"masqueradeAll": masquerade_all, "masqueradeBit": 14},
         }
         if cluster_cidr:
@@ -174,6 +175,8 @@ class Cluster:
 
     def sync(self) -> str:
         """`kproxy sync --once` as node NODE_NAME; returns its one-line summary."""
+        if self.config_file is None and self.mode != "iptables":
+            self.configure()
         args = ["sync", "--once", "--manifests", str(self.manifests)]
         args += ["--hostname-override", NODE_NAME]
         if self.config_file is not None:

@@ -11,9 +11,12 @@ from typing import Any
 
 from kproxy.dataplane.base import ModeDataplane
 from kproxy.dataplane.iptables.node import open_iptables_node, read_iptables_live
+from kproxy.dataplane.nftables.mode import open_nftables_mode
+from kproxy.dataplane.nftables.node import read_nftables_live
 from kproxy.dataplane.userspace.node import open_userspace_node
 from kproxy.model.config import ProxyConfig
 from kproxy.plan.iptables.planner import IptablesPlanner, render_iptables_plan
+from kproxy.plan.nftables.planner import NftablesPlanner, render_nftables_plan
 from kproxy.plan.node_plan import NodePlan, Planner
 from kproxy.plan.userspace.planner import UserspacePlanner, render_userspace_plan
 
@@ -39,6 +42,13 @@ MODES = {
         lambda config, lock_timeout: open_iptables_node(lock_timeout),
         render_iptables_plan,
         read_iptables_live,
+    ),
+    "nftables": ProxyMode(
+        "nftables",
+        NftablesPlanner,
+        lambda config, lock_timeout: open_nftables_mode(lock_timeout),
+        render_nftables_plan,
+        read_nftables_live,
     ),
     "userspace": ProxyMode(
         "userspace",
