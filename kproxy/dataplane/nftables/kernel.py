@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from kproxy.dataplane.nftables import encode as e
 from kproxy.dataplane.nftables.delta import NFPROTO, TableDelta
 from kproxy.dataplane.nftables.netlink import NftNetlink
-from kproxy.plan.nftables.ir import Element, NftTable
+from kproxy.plan.nftables.ir import Chain, Element, NamedSet, NftTable
 
 NFT_MSG_GETTABLE = 1
 NFT_MSG_GETCHAIN = 4
@@ -43,6 +43,44 @@ class KernelTable:
     chains: dict[str, list[tuple[bytes, bytes]]] = field(default_factory=dict)
     sets: set[str] = field(default_factory=set)
     elements: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
+    chain_hooks: dict[str, tuple[bytes, ...]] = field(default_factory=dict)
+    set_definitions: dict[str, tuple[bytes, ...]] = field(default_factory=dict)
+
+
+# The attributes that define a chain's hook and a set's kind: these cannot be changed in
+# place, so a difference in them means writing the table afresh.
+_CHAIN_HOOK_ATTRS = (7, 4)  # type, hook (number and priority)
+_SET_ATTRS = (3, 4, 5, 6, 11, 13)  # flags, key type and length, data type, timeout, user data
+
+
+def _pick(attrs: dict[int, bytes], kinds: tuple[int, ...]) -> tuple[bytes, ...]:
+    return tuple(
+        _hook(attrs[k])
+        if k == 4 and kinds == _CHAIN_HOOK_ATTRS and k in attrs
+        else attrs.get(k, b"")
+        for k in kinds
+    )
+
+
+_ZERO_FLAGS = {3: bytes(4)}  # the kernel leaves out a set's flags when there are none
+
+
+def _set_pick(attrs: dict[int, bytes]) -> tuple[bytes, ...]:
+    return _pick({**_ZERO_FLAGS, **attrs}, _SET_ATTRS)
+
+
+def _hook(data: bytes) -> bytes:
+    hook = dict(iter_attrs(data))
+    return hook.get(1, b"") + hook.get(2, b"")
+
+
+def chain_hook(table: str, chain: Chain) -> tuple[bytes, ...]:
+    """What the kernel dumps of `chain`'s hook, from kproxy's own encoding of it."""
+    return _pick(dict(iter_attrs(e.chain_attrs(table, chain))), _CHAIN_HOOK_ATTRS)
+
+
+def set_definition(table: str, named: NamedSet) -> tuple[bytes, ...]:
+    return _set_pick(dict(iter_attrs(e.set_attrs(table, named, 0))))
 
 
 def read_generation(nl: NftNetlink) -> int:
@@ -72,13 +110,18 @@ def read_kernel_table(
     for msg in nl.dump(NFT_MSG_GETCHAIN, fam, table):
         attrs = dict(iter_attrs(msg.attrs))
         out.chains.setdefault(_name(attrs[3]), [])
+        out.chain_hooks[_name(attrs[3])] = _pick(attrs, _CHAIN_HOOK_ATTRS)
     for msg in nl.dump(NFT_MSG_GETRULE, fam, table):
         attrs = dict(iter_attrs(msg.attrs))
         chain = _name(attrs[2])
         out.chains.setdefault(chain, []).append((attrs.get(4, b""), attrs.get(7, b"")))
     for msg in nl.dump(NFT_MSG_GETSET, fam, table):
         attrs = dict(iter_attrs(msg.attrs))
-        out.sets.add(_name(attrs[2]))
+        name = _name(attrs[2])
+        if name.startswith("__"):
+            continue  # an anonymous set (of another writer's rule): it goes with its rule
+        out.sets.add(name)
+        out.set_definitions[name] = _set_pick(attrs)
     for set_name in sorted(out.sets - skip_elements):
         found: dict[bytes, bytes] = {}
         for msg in nl.dump(NFT_MSG_GETSETELEM, fam, table + e.text(2, set_name)):
@@ -102,8 +145,22 @@ def _element_data(element: Element) -> bytes:
     return e.verdict_data(element.verdict)
 
 
+def definitions_match(desired: NftTable, kernel: KernelTable) -> bool:
+    """The kernel's chains of kproxy's have kproxy's hooks, and its sets kproxy's definitions
+    (else only writing the table afresh repairs it)."""
+    for chain in desired.chains:
+        have = kernel.chain_hooks.get(chain.name)
+        if have is not None and have != chain_hook(desired.name, chain):
+            return False
+    return all(
+        kernel.set_definitions.get(s.name, definition) == definition
+        for s in desired.sets
+        for definition in (set_definition(desired.name, s),)
+    )
+
+
 def diff_kernel(desired: NftTable, kernel: KernelTable) -> TableDelta:
-    """The changes that turn what the kernel holds into `desired`."""
+    """The changes that turn what the kernel holds into `desired` (definitions matching)."""
     family = desired.family
     delta = TableDelta(family, desired.name, read_kernel=True)
     wanted_sets = {s.name: s for s in desired.sets}

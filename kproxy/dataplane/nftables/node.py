@@ -31,6 +31,7 @@ from kproxy.dataplane.nftables.delta import (
 )
 from kproxy.dataplane.nftables.encode import text
 from kproxy.dataplane.nftables.kernel import (
+    definitions_match,
     diff_kernel,
     read_generation,
     read_kernel_table,
@@ -144,20 +145,24 @@ class NftablesNode:
 
     def _delta(self, table: NftTable, read_kernel: bool) -> TableDelta:
         image = self._images.get(table.family)
-        if image is None:
-            return full_delta(table)  # kproxy's first write in this process: start clean
-        if not read_kernel:
+        if image is not None and not read_kernel:
             return diff_tables(table, image)
+        # A full sync, another program's commit since kproxy's, or kproxy's first in this
+        # process (a restart keeps the table, and the affinity sets, when they are right).
         dynamic = frozenset(s.name for s in table.sets if s.dynamic)
         kernel = read_kernel_table(self.nl, table.family, table.name, dynamic)
-        if kernel is None:
-            log.warning("table_recreated", table=f"{table.nft_family} {table.name}")
-            return full_delta(table)
+        name = f"{table.nft_family} {table.name}"
+        if kernel is None or not definitions_match(table, kernel):
+            if image is not None:
+                log.warning("table_recreated", table=name)
+            delta = full_delta(table)
+            delta.read_kernel = True
+            return delta
         delta = diff_kernel(table, kernel)
-        if not delta.empty:
+        if image is not None and not delta.empty:
             log.warning(
                 "table_repaired",
-                table=f"{table.nft_family} {table.name}",
+                table=name,
                 chains=len(delta.add_chains) + len(delta.rewrite_chains) + len(delta.delete_chains),
             )
         return delta
