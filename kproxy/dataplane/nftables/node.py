@@ -108,6 +108,7 @@ class NftablesNode:
         self.nl = nl
         self._families = families
         self._images: dict[int, TableImage] = {}
+        self._applied: dict[int, NftTable] = {}  # the planned tables last committed
         self._generation: int | None = None  # what kproxy's last commit left, if known
         self._after_first_commit: Callable[[], None] | None = after_first_commit
 
@@ -130,6 +131,7 @@ class NftablesNode:
                 self.nl.transact(messages)
             except OSError as exc:
                 self._images.clear()  # unknown state: the next sync reads the kernel
+                self._applied.clear()
                 self._generation = None
                 raise DataplaneError(f"nftables transaction refused: {exc}") from exc
         after = read_generation(self.nl)
@@ -138,6 +140,7 @@ class NftablesNode:
         self._generation = after if ours else None
         for family, table in plan.kernel.items():
             self._images[family] = TableImage.of(table)
+            self._applied[family] = table
         if self._after_first_commit is not None:
             hook, self._after_first_commit = self._after_first_commit, None
             hook()
@@ -146,6 +149,8 @@ class NftablesNode:
     def _delta(self, table: NftTable, read_kernel: bool) -> TableDelta:
         image = self._images.get(table.family)
         if image is not None and not read_kernel:
+            if self._applied.get(table.family) is table:  # the loop's plan of no change
+                return TableDelta(table.family, table.name, unchanged_chains=len(image.chains))
             return diff_tables(table, image)
         # A full sync, another program's commit since kproxy's, or kproxy's first in this
         # process (a restart keeps the table, and the affinity sets, when they are right).
@@ -179,6 +184,7 @@ class NftablesNode:
                     NftTableChanges(f"{NFT_FAMILY_NAMES[family]} {naming.TABLE}", delete=["*"])
                 )
         self._images.clear()
+        self._applied.clear()
         self._generation = None
         return result
 

@@ -45,8 +45,9 @@ FIREWALL_IPS = "firewall-ips"
 
 
 def _hash_and_truncate(text: str) -> str:
+    # 8 base32 characters are exactly the digest's first 5 bytes.
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
-    name = base64.b32encode(digest).decode()[:8] + "-" + text
+    name = base64.b32encode(digest[:5]).decode() + "-" + text
     limit = MAX_NAME - _LONGEST_PREFIX
     return name if len(name) <= limit else name[: limit - 3] + "..."
 
@@ -77,6 +78,7 @@ def firewall_chain(spn: ServicePortName) -> str:
     return "firewall-" + port_base(spn)
 
 
+@lru_cache(maxsize=1 << 18)
 def endpoint_base(spn: ServicePortName, ep: Endpoint) -> str:
     # nft's parser takes no ":" in a name, so an IPv6 address is written with "." instead,
     # keeping the listed table loadable with `nft -f`.
