@@ -23,7 +23,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from bench.sync_bench import (
     REPEATS,
@@ -67,21 +67,15 @@ def run_kproxy(services: int, endpoints: int) -> dict[str, float]:
     commit_seconds: list[float] = []
     encode_seconds: list[float] = []
     transact = nl.transact
-    messages = nft_delta.delta_messages
 
-    def timed_transact(msgs: list[nft_delta.Msg]) -> None:
+    def timed_transact(msgs: Iterable[nft_delta.Msg]) -> bool:
         started = time.perf_counter()
-        transact(msgs)
-        commit_seconds.append(time.perf_counter() - started)
-
-    def timed_messages(*args: object) -> list[nft_delta.Msg]:
-        started = time.perf_counter()
-        out = messages(*args)  # type: ignore[arg-type]
-        encode_seconds.append(time.perf_counter() - started)
-        return out
+        sent = transact(msgs)
+        commit_seconds.append(nl.last_commit_seconds if sent else 0.0)
+        encode_seconds.append(time.perf_counter() - started - commit_seconds[-1])
+        return sent
 
     nl.transact = timed_transact  # type: ignore[method-assign]
-    setattr(sys.modules["kproxy.dataplane.nftables.node"], "delta_messages", timed_messages)
 
     def fresh_loop() -> SyncLoop:
         box = StateBox("bench-node", health, metrics)

@@ -202,7 +202,7 @@ def test_a_second_sync_of_the_same_plan_sends_nothing() -> None:
     table = scenarios.affinity().nft_table()
 
     assert diff_tables(table, TableImage.of(table)).empty
-    assert delta_messages(diff_tables(table, TableImage.of(table)), iter(range(1, 99))) == []
+    assert list(delta_messages(diff_tables(table, TableImage.of(table)), iter(range(1, 99)))) == []
 
 
 def test_one_endpoint_more_rewrites_only_that_service() -> None:

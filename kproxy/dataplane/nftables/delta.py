@@ -5,7 +5,7 @@ transaction."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from kproxy.dataplane.nftables import encode as e
@@ -147,41 +147,29 @@ def _table_msgs(family: int, name: str, comment: str | None) -> list[Msg]:
     ]
 
 
-def _rules(fam: int, table: str, chains: Iterable[Chain], family: int) -> list[Msg]:
-    flags = NLM_F_CREATE | NLM_F_APPEND
-    return [
-        (NFT_MSG_NEWRULE, flags, fam, e.rule_attrs(table, chain.name, rule, family))
-        for chain in chains
-        for rule in chain.rules
-    ]
-
-
-def delta_messages(delta: TableDelta, set_ids: Iterable[int]) -> list[Msg]:
+def delta_messages(delta: TableDelta, set_ids: Iterator[int]) -> Iterator[Msg]:
     """Flush what changes, delete what goes (elements before the chains they point to), add
     sets, chains, rules and elements, then delete the chains nothing points to any more."""
     fam, table, family = NFPROTO[delta.family], delta.table, delta.family
-    out: list[Msg] = []
     if delta.recreate:
-        out.extend(_table_msgs(family, table, delta.comment))
+        yield from _table_msgs(family, table, delta.comment)
     for name in (*(c.name for c in delta.rewrite_chains), *delta.delete_chains):
-        out.append((NFT_MSG_DELRULE, 0, fam, e.text(1, table) + e.text(2, name)))
+        yield (NFT_MSG_DELRULE, 0, fam, e.text(1, table) + e.text(2, name))
     for name, elements in delta.delete_elements.items():
         for attrs in e.element_batches(table, name, elements, with_data=False):
-            out.append((NFT_MSG_DELSETELEM, 0, fam, attrs))
-    out.extend((NFT_MSG_DELSET, 0, fam, e.set_name_attrs(table, n)) for n in delta.delete_sets)
-    ids = iter(set_ids)
-    out.extend(
-        (NFT_MSG_NEWSET, NLM_F_CREATE, fam, e.set_attrs(table, s, next(ids)))
-        for s in delta.add_sets
-    )
-    out.extend(
-        (NFT_MSG_NEWCHAIN, NLM_F_CREATE, fam, e.chain_attrs(table, c)) for c in delta.add_chains
-    )
-    out.extend(_rules(fam, table, (*delta.add_chains, *delta.rewrite_chains), family))
+            yield (NFT_MSG_DELSETELEM, 0, fam, attrs)
+    for set_name in delta.delete_sets:
+        yield (NFT_MSG_DELSET, 0, fam, e.set_name_attrs(table, set_name))
+    for s in delta.add_sets:
+        yield (NFT_MSG_NEWSET, NLM_F_CREATE, fam, e.set_attrs(table, s, next(set_ids)))
+    for chain in delta.add_chains:
+        yield (NFT_MSG_NEWCHAIN, NLM_F_CREATE, fam, e.chain_attrs(table, chain))
+    flags = NLM_F_CREATE | NLM_F_APPEND
+    for chain in (*delta.add_chains, *delta.rewrite_chains):
+        for rule in chain.rules:
+            yield (NFT_MSG_NEWRULE, flags, fam, e.rule_attrs(table, chain.name, rule, family))
     for name, elements in delta.add_elements.items():
         for attrs in e.element_batches(table, name, elements):
-            out.append((NFT_MSG_NEWSETELEM, NLM_F_CREATE, fam, attrs))
-    out.extend(
-        (NFT_MSG_DELCHAIN, 0, fam, e.chain_name_attrs(table, n)) for n in delta.delete_chains
-    )
-    return out
+            yield (NFT_MSG_NEWSETELEM, NLM_F_CREATE, fam, attrs)
+    for chain_name in delta.delete_chains:
+        yield (NFT_MSG_DELCHAIN, 0, fam, e.chain_name_attrs(table, chain_name))

@@ -274,7 +274,6 @@ def _udata(kind: int, value: str) -> bytes:
     return bytes([kind, len(data)]) + data
 
 
-@lru_cache(maxsize=1 << 18)
 def encode_rule(rule: Rule, family: int) -> tuple[bytes, bytes]:
     """(expressions, user data) of a rule: the parts a dump of it returns."""
     exprs = b"".join(_statement(s, family) for s in rule.statements)

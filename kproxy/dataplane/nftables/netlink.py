@@ -11,7 +11,8 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 NETLINK_NETFILTER = 12
@@ -103,6 +104,7 @@ class NftNetlink:
         self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)  # errors without the message
         self.sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
         self._seq = 1
+        self.last_commit_seconds = 0.0  # the kernel's part of the last transaction
 
     def close(self) -> None:
         self.sock.close()
@@ -117,23 +119,32 @@ class NftNetlink:
         self._seq += 1
         return self._seq
 
-    def transact(self, messages: list[tuple[int, int, int, bytes]]) -> None:
+    def transact(self, messages: Iterable[tuple[int, int, int, bytes]]) -> bool:
         """Send (type, flags, family, attrs) messages as one batch transaction and wait for the
-        kernel's verdict on it: nothing of it applies unless all of it does."""
-        if not messages:
-            return
+        kernel's verdict on it: nothing of it applies unless all of it does. The batch is
+        built in one buffer as the messages come (no list of them is kept). False when there
+        was nothing to send."""
         begin = self.next_seq()
-        parts = [_batch_marker(NFNL_MSG_BATCH_BEGIN, begin)]
+        buf = bytearray(_batch_marker(NFNL_MSG_BATCH_BEGIN, begin))
         last = begin
-        for i, (msg_type, flags, family, attrs) in enumerate(messages):
+        last_offset = -1
+        for msg_type, flags, family, attrs in messages:
             last = self.next_seq()
-            ack = NLM_F_ACK if i == len(messages) - 1 else 0
-            parts.append(nfgen_message(msg_type, flags | NLM_F_REQUEST | ack, last, family, attrs))
-        parts.append(_batch_marker(NFNL_MSG_BATCH_END, self.next_seq()))
-        data = b"".join(parts)
-        self.sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(data) + 65536)
-        self.sock.send(data)
+            last_offset = len(buf)
+            buf += nfgen_message(msg_type, flags | NLM_F_REQUEST, last, family, attrs)
+        if last_offset < 0:
+            return False
+        # Only the last message asks for an ack: it comes after every error of the batch.
+        flags_at = last_offset + 6
+        flags = struct.unpack_from("<H", buf, flags_at)[0]
+        struct.pack_into("<H", buf, flags_at, flags | NLM_F_ACK)
+        buf += _batch_marker(NFNL_MSG_BATCH_END, self.next_seq())
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(buf) + 65536)
+        started = time.perf_counter()
+        self.sock.send(buf)
         self._wait_ack(begin, last)
+        self.last_commit_seconds = time.perf_counter() - started
+        return True
 
     def _wait_ack(self, begin: int, last: int) -> None:
         first_error: NetlinkError | None = None

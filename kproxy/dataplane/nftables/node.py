@@ -125,22 +125,23 @@ class NftablesNode:
         deltas = [
             self._delta(table, full or moved) for _family, table in sorted(plan.kernel.items())
         ]
-        messages = [m for d in deltas for m in delta_messages(d, self._set_ids())]
-        if messages:
-            try:
-                self.nl.transact(messages)
-            except OSError as exc:
-                self._images.clear()  # unknown state: the next sync reads the kernel
-                self._applied.clear()
-                self._generation = None
-                raise DataplaneError(f"nftables transaction refused: {exc}") from exc
+        set_ids = iter(range(1, 1 << 31))
+        messages = (m for d in deltas for m in delta_messages(d, set_ids))
+        try:
+            sent = self.nl.transact(messages)
+        except OSError as exc:
+            self._images.clear()  # unknown state: the next sync reads the kernel
+            self._applied.clear()
+            self._generation = None
+            raise DataplaneError(f"nftables transaction refused: {exc}") from exc
         after = read_generation(self.nl)
         # Only our own commit in between: the generation moved by exactly one (or not at all).
-        ours = after == before + (1 if messages else 0)
+        ours = after == before + (1 if sent else 0)
         self._generation = after if ours else None
         for family, table in plan.kernel.items():
-            self._images[family] = TableImage.of(table)
-            self._applied[family] = table
+            if self._applied.get(family) is not table:
+                self._images[family] = TableImage.of(table)
+                self._applied[family] = table
         if self._after_first_commit is not None:
             hook, self._after_first_commit = self._after_first_commit, None
             hook()
@@ -171,9 +172,6 @@ class NftablesNode:
                 chains=len(delta.add_chains) + len(delta.rewrite_chains) + len(delta.delete_chains),
             )
         return delta
-
-    def _set_ids(self) -> Iterator[int]:
-        return iter(range(1, 1 << 31))
 
     def cleanup(self) -> ApplyResult:
         """Delete both families' `kube-proxy` tables (kproxy's, or upstream's leftovers)."""

@@ -78,16 +78,19 @@ def firewall_chain(spn: ServicePortName) -> str:
     return "firewall-" + port_base(spn)
 
 
-@lru_cache(maxsize=1 << 18)
 def endpoint_base(spn: ServicePortName, ep: Endpoint) -> str:
     # nft's parser takes no ":" in a name, so an IPv6 address is written with "." instead,
     # keeping the listed table loadable with `nft -f`.
     return _hash_and_truncate(f"{_port_text(spn)}__{ep.ip.replace(':', '.')}/{ep.port}")
 
 
+ENDPOINT_PREFIX = "endpoint-"
+AFFINITY_PREFIX = "affinity-"
+
+
 def endpoint_chain(spn: ServicePortName, ep: Endpoint) -> str:
-    return "endpoint-" + endpoint_base(spn, ep)
+    return ENDPOINT_PREFIX + endpoint_base(spn, ep)
 
 
 def affinity_set(spn: ServicePortName, ep: Endpoint) -> str:
-    return "affinity-" + endpoint_base(spn, ep)
+    return AFFINITY_PREFIX + endpoint_base(spn, ep)

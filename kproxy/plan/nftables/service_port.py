@@ -105,6 +105,8 @@ def plan_port_part(ctx: NftContext, sp: ServicePort, endpoints: tuple[Endpoint, 
         if not policy.has_external:
             elements.append((n.NO_ENDPOINT_NODEPORTS, Element(key, no_endpoints)))
 
+    # Each endpoint's name part, hashed once (by identity: the categories share the objects).
+    bases = {id(ep): n.endpoint_base(spn, ep) for ep in cats.reachable}
     chains: list[Chain] = []
     if cats.has_any and port.externally_accessible:
         chains.append(_external_chain(ctx, port, policy.has_external))
@@ -117,11 +119,11 @@ def plan_port_part(ctx: NftContext, sp: ServicePort, endpoints: tuple[Endpoint, 
     ):
         if eps and wanted:
             head = (masq,) if masq is not None and name == internal else ()
-            chains.append(Chain(name, head + _balance(port, eps)))
-    chains.extend(_endpoint_chain(port, ep) for ep in cats.reachable)
+            chains.append(Chain(name, head + _balance(port, eps, bases)))
+    chains.extend(_endpoint_chain(port, ep, bases[id(ep)]) for ep in cats.reachable)
     return PortPart(
         chains=tuple(chains),
-        sets=_affinity_sets(port, cats.reachable),
+        sets=_affinity_sets(port, cats.reachable, bases),
         elements=tuple(elements),
         no_local_internal=int(policy.no_local_internal),
         no_local_external=int(policy.no_local_external),
@@ -190,36 +192,37 @@ def _cidr(text: str) -> str:
     return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
 
 
-def _balance(port: PortView, endpoints: tuple[Endpoint, ...]) -> tuple[Rule, ...]:
+def _balance(
+    port: PortView, endpoints: tuple[Endpoint, ...], bases: dict[int, str]
+) -> tuple[Rule, ...]:
     """Affinity lookups, then the probability cascade, the last endpoint unconditional."""
-    spn = port.sp.name
+    names = [bases[id(ep)] for ep in endpoints]
     rules: list[Rule] = []
     if port.sp.session_affinity_seconds is not None:
         rules.extend(
             Rule(
                 (
-                    Lookup((Key.SADDR,), n.affinity_set(spn, ep)),
-                    _goto(n.endpoint_chain(spn, ep)),
+                    Lookup((Key.SADDR,), n.AFFINITY_PREFIX + base),
+                    _goto(n.ENDPOINT_PREFIX + base),
                 )
             )
-            for ep in endpoints
+            for base in names
         )
-    count = len(endpoints)
-    for i, ep in enumerate(endpoints):
+    count = len(names)
+    for i, base in enumerate(names):
         pick: tuple[Statement, ...] = (NumgenZero(count - i),) if i < count - 1 else ()
-        rules.append(Rule((*pick, _goto(n.endpoint_chain(spn, ep)))))
+        rules.append(Rule((*pick, _goto(n.ENDPOINT_PREFIX + base))))
     return tuple(rules)
 
 
-def _endpoint_chain(port: PortView, ep: Endpoint) -> Chain:
+def _endpoint_chain(port: PortView, ep: Endpoint, base: str) -> Chain:
     """Masquerade hairpin traffic, remember the client for affinity, DNAT."""
-    spn = port.sp.name
-    proto = spn.protocol.lower
+    proto = port.sp.name.protocol.lower
     affinity: tuple[Rule, ...] = ()
     if port.sp.session_affinity_seconds is not None:
-        affinity = (Rule((Update(n.affinity_set(spn, ep), Key.SADDR),)),)
+        affinity = (Rule((Update(n.AFFINITY_PREFIX + base, Key.SADDR),)),)
     return Chain(
-        n.endpoint_chain(spn, ep),
+        n.ENDPOINT_PREFIX + base,
         (
             Rule((Match(Key.SADDR, ep.ip), MARK_MASQ)),
             *affinity,
@@ -228,13 +231,15 @@ def _endpoint_chain(port: PortView, ep: Endpoint) -> Chain:
     )
 
 
-def _affinity_sets(port: PortView, endpoints: tuple[Endpoint, ...]) -> tuple[NamedSet, ...]:
+def _affinity_sets(
+    port: PortView, endpoints: tuple[Endpoint, ...], bases: dict[int, str]
+) -> tuple[NamedSet, ...]:
     seconds = port.sp.session_affinity_seconds
     if seconds is None:
         return ()
     return tuple(
         NamedSet(
-            n.affinity_set(port.sp.name, ep),
+            n.AFFINITY_PREFIX + bases[id(ep)],
             (ADDRESS_TYPE[port.family],),
             flags=("dynamic", "timeout"),
             timeout=seconds,
