@@ -34,6 +34,7 @@ RUN apt-get update \
         libip4tc2 \
         libip6tc2 \
         libxtables12 \
+        nftables \
     && rm -rf /var/lib/apt/lists/* /usr/share/doc/* /usr/share/man/* \
     && update-alternatives --set iptables /usr/sbin/iptables-legacy \
     && update-alternatives --set ip6tables /usr/sbin/ip6tables-legacy

@@ -2,12 +2,12 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := iptables libip4tc2 libip6tc2 libxtables12 conntrack iproute2 gcc
+DEB_PACKAGES := iptables libip4tc2 libip6tc2 libxtables12 conntrack iproute2 nftables gcc
 
 .PHONY: deps venv lint unit integration test demo bench image clean
 
 # Debian packages: the legacy iptables libraries python-iptables drives, the iptables-legacy-save
-# reader, conntrack and iproute2 for the network-namespace tests.
+# reader, conntrack and iproute2 for the network-namespace tests, nft as the nftables mode's oracle.
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -43,6 +43,7 @@ demo: venv
 
 bench: venv
 	$(PY) -m bench.sync_bench --services 10000
+	$(PY) -m bench.nft_bench --services 10000
 
 # The container image (needs a container engine; not built in CI, the Dockerfile is linted there).
 # The tag is the one daemonset/kustomization.yaml and daemonset.yaml name, so a locally loaded

