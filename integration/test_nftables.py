@@ -6,13 +6,14 @@ test checks the netlink writer against `nft -f` of the rendered text."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 
 import pytest
 
 from integration.conftest import Cluster
 from integration.netns import NODE_IP, NODE_IP6, Namespace
-from integration.traffic import probe
+from integration.traffic import ProbeResult, probe
 
 VIP, VIP6 = "10.96.100.10", "fd00:96::10"
 PORT = 80
@@ -204,6 +205,28 @@ def test_switching_iptables_nftables_iptables_leaves_no_leftovers(cluster: Clust
     assert "kube-proxy" not in _tables(cluster.node)
     assert _kube_chains(cluster)
     assert probe(client.ns, VIP, PORT, "tcp", count=20).failed == 0
+
+
+def test_switching_modes_under_a_client_loop_fails_no_connection(cluster: Cluster) -> None:
+    backends = [cluster.backend(f"web-{i}", f"192.168.{i}.10", TARGET) for i in (1, 2)]
+    client = cluster.pod("client", CLIENT_IP)
+    cluster.service("web", VIP, PORT, backends, TARGET)
+    cluster.sync()
+    results: list[ProbeResult] = []
+    loop = threading.Thread(
+        target=lambda: results.append(probe(client.ns, VIP, PORT, "tcp", count=600))
+    )
+    loop.start()
+    try:
+        for mode in ("nftables", "iptables", "nftables"):
+            cluster.mode = mode
+            cluster.configure()
+            cluster.sync()
+    finally:
+        loop.join()
+
+    assert results[0].failed == 0, results[0]
+    assert set(results[0].answers) == {"web-1", "web-2"}, results[0]
 
 
 def test_cleanup_removes_both_tables(nft_cluster: Cluster) -> None:
