@@ -22,7 +22,7 @@ from integration.manifests import NODE_NAME, endpoint_slice_manifest, service_ma
 from integration.netns import Namespace, Pod, Topology, run_kproxy, topology
 from integration.traffic import start_server
 
-_TOOLS = ("ip", "iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore")
+_TOOLS = ("ip", "iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore", "nft")
 # The node kproxy programs (--hostname-override), and another one: endpoints whose nodeName is
 # REMOTE_NODE count as remote for traffic policies, though the simulated node still routes to them.
 
@@ -38,7 +38,8 @@ def _require_root_and_tools() -> None:
     missing = [tool for tool in _TOOLS if shutil.which(tool) is None]
     if missing:
         pytest.fail(
-            f"missing tools {', '.join(missing)}: install iproute2 and iptables (`make deps`)",
+            f"missing tools {', '.join(missing)}: install iproute2, iptables and nftables "
+            "(`make deps`)",
             pytrace=False,
         )
 
@@ -64,6 +65,7 @@ class Cluster:
         self.manifests.mkdir()
         self.lock_file = workdir / "xtables.lock"
         self.config_file: Path | None = None
+        self.mode = "iptables"  # the proxy mode configure() writes and sync() runs
 
     # --- pods and servers
 
@@ -130,7 +132,7 @@ class Cluster:
         doc: dict[str, Any] = {
             "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
             "kind": "KubeProxyConfiguration",
-            "mode": "iptables",
+            "mode": self.mode,
             "iptables": {"masqueradeAll": masquerade_all, "masqueradeBit": 14},
         }
         if cluster_cidr:
@@ -174,6 +176,8 @@ class Cluster:
 
     def sync(self) -> str:
         """`kproxy sync --once` as node NODE_NAME; returns its one-line summary."""
+        if self.config_file is None and self.mode != "iptables":
+            self.configure()
         args = ["sync", "--once", "--manifests", str(self.manifests)]
         args += ["--hostname-override", NODE_NAME]
         if self.config_file is not None:

@@ -23,6 +23,7 @@ from kproxy.dataplane.host import (
     route_localnet_left,
     with_host_facts,
 )
+from kproxy.dataplane.nftables.node import delete_nftables_tables
 from kproxy.errors import (
     ConfigError,
     InvalidObjectError,
@@ -292,11 +293,15 @@ def _dump_diff(
 @cli.command()
 @lock_timeout_option
 def cleanup(lock_timeout: float) -> None:
-    """Remove every chain and jump rule kproxy or kube-proxy (iptables mode) created."""
+    """Remove every chain and jump rule kproxy or kube-proxy (iptables mode) created, and both
+    families' `kube-proxy` nftables tables (the nftables mode's, kproxy's or upstream's)."""
     with proxy_mode(ProxyConfig()).open_dataplane(ProxyConfig(), lock_timeout) as dataplane:
         result = dataplane.cleanup()
     removed_jumps = sum(len(p) for t in result.tables for p in t.remove_jumps.values())
     click.echo(f"removed {result.chains_removed} chains and {removed_jumps} jump rules")
+    tables = delete_nftables_tables()  # the nftables mode's, kproxy's or upstream's
+    if tables:
+        click.echo(f"removed {tables} nftables table{'s' if tables > 1 else ''} (kube-proxy)")
     if route_localnet_left():
         click.echo(
             "left net.ipv4.conf.all.route_localnet=1 (another program may need it; KUBE-FIREWALL "

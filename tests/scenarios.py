@@ -15,6 +15,9 @@ from kproxy.model.convert import build_endpoint_slice, build_service_ports
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import NamespacedName
 from kproxy.plan.iptables.ruleset import build_ruleset
+from kproxy.plan.nftables.ir import NftTable
+from kproxy.plan.nftables.render import render_nft_table
+from kproxy.plan.nftables.table import build_nft_table
 from kproxy.rules.ir import Ruleset
 from kproxy.rules.render import render_ruleset
 from kproxy.state.cluster import ClusterState
@@ -142,6 +145,16 @@ class Scenario:
 
     def render(self, family: int = 4) -> str:
         return render_ruleset(self.ruleset(family))
+
+    def nft_table(self, family: int = 4) -> NftTable:
+        state = self.state()
+        return build_nft_table(
+            state.services_map(), state.endpoints_map(), self.node, self.config, family
+        )
+
+    def render_nft(self, family: int = 4) -> str:
+        """The nftables mode's table, as `nft list table` prints it."""
+        return render_nft_table(self.nft_table(family))
 
 
 CLUSTER_CIDR = ProxyConfig(cluster_cidrs=("10.0.0.0/8",))
@@ -400,10 +413,10 @@ SCENARIOS = {
 GOLDEN = Path(__file__).parent / "golden"
 
 
-def assert_golden(name: str, text: str) -> None:
-    """`text` equals tests/golden/NAME.rules; with KPROXY_UPDATE_GOLDEN=1 it is written there
-    instead, to be reviewed as a diff."""
-    path = GOLDEN / f"{name}.rules"
+def assert_golden(name: str, text: str, suffix: str = ".rules") -> None:
+    """`text` equals tests/golden/NAME.rules (or NAME + suffix); with KPROXY_UPDATE_GOLDEN=1 it
+    is written there instead, to be reviewed as a diff."""
+    path = GOLDEN / f"{name}{suffix}"
     if os.environ.get("KPROXY_UPDATE_GOLDEN") == "1":
         path.write_text(text)
         return

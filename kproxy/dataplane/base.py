@@ -2,21 +2,42 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from kproxy.dataplane.iptables.diff import TableChanges
 from kproxy.plan.node_plan import NodePlan
 from kproxy.rules.ir import Ruleset
 from kproxy.rules.saved import SavedTable
+
+
+class TableReport(Protocol):
+    """What one table's apply did (iptables: TableChanges; nftables: NftTableChanges)."""
+
+    @property
+    def table(self) -> str: ...
+    @property
+    def write(self) -> Sequence[object]: ...
+    @property
+    def delete(self) -> Sequence[str]: ...
+    @property
+    def remove_jumps(self) -> Mapping[str, list[int]]: ...
+    @property
+    def unchanged(self) -> int: ...
+    @property
+    def read_kernel(self) -> bool: ...
+    @property
+    def rules_written(self) -> int: ...
+    @property
+    def empty(self) -> bool: ...
 
 
 @dataclass
 class ApplyResult:
     """What one apply did, summed over its tables."""
 
-    tables: list[TableChanges] = field(default_factory=list)
+    tables: list[TableReport] = field(default_factory=list)
 
     @property
     def chains_written(self) -> int:

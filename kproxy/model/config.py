@@ -60,7 +60,7 @@ class ProxyConfig:
     healthz_bind_address: str = "0.0.0.0:10256"
     metrics_bind_address: str = "127.0.0.1:10249"
     detect_local_mode: str = "ClusterCIDR"
-    mode: str = "iptables"  # or "userspace"
+    mode: str = "iptables"  # or "userspace", "nftables"
     port_range: str = ""  # userspace listeners: "begin-end", or "" for any port
     udp_idle_timeout: float = 0.25
     bridge_interface: str = ""

@@ -77,9 +77,10 @@ FIELDS: tuple[Field, ...] = (
     Field("kind", None, expect(KIND), f"`{KIND}`", "the only one accepted"),
     Field(
         "mode", "mode", parse_mode, "`iptables`",
-        "`\"\"` and `iptables` (netfilter DNAT) or `userspace` (kproxy relays each connection); "
-        "`ipvs`, `nftables`, `kernelspace` are refused",
-        "--proxy-mode", "iptables or userspace.", keeps_default=is_empty,
+        "`\"\"` and `iptables` (netfilter DNAT), `nftables` (one nftables table per family, "
+        "written over netlink) or `userspace` (kproxy relays each connection); `ipvs` and "
+        "`kernelspace` are refused",
+        "--proxy-mode", "iptables, nftables or userspace.", keeps_default=is_empty,
     ),
     Field(
         "portRange", "port_range", parse_port_range, "none",

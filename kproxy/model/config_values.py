@@ -153,13 +153,13 @@ def one_of(choices: tuple[str, ...]) -> Parser:
     return check
 
 
-PROXY_MODES = ("iptables", "userspace")
+PROXY_MODES = ("iptables", "userspace", "nftables")
 
 
 def parse_mode(value: Any, field: str) -> str:
     if value not in PROXY_MODES:
         raise ConfigError(
-            f"{value!r} is not supported; kproxy implements {' and '.join(PROXY_MODES)}", field
+            f"{value!r} is not supported; kproxy implements {', '.join(PROXY_MODES)}", field
         )
     return str(value)
 

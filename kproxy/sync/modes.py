@@ -11,9 +11,12 @@ from typing import Any
 
 from kproxy.dataplane.base import ChainDiff, ModeDataplane
 from kproxy.dataplane.iptables.node import open_iptables_node, read_iptables_live
+from kproxy.dataplane.nftables.mode import open_nftables_mode
+from kproxy.dataplane.nftables.node import read_nftables_live
 from kproxy.dataplane.userspace.node import open_userspace_node
 from kproxy.model.config import ProxyConfig
 from kproxy.plan.iptables.planner import IptablesPlanner, render_iptables_plan
+from kproxy.plan.nftables.planner import NftablesPlanner, render_nftables_plan
 from kproxy.plan.node_plan import NodePlan, Planner
 from kproxy.plan.userspace.planner import UserspacePlanner, render_userspace_plan
 from kproxy.rules.explain import Traceable
@@ -21,6 +24,7 @@ from kproxy.sync.handover import hand_over_to_iptables
 from kproxy.sync.inspection import (
     iptables_diff,
     iptables_plan_tables,
+    nftables_not_traced,
     read_live_tables,
     userspace_diff,
     userspace_plan_tables,
@@ -61,6 +65,16 @@ MODES = {
         read_live_tables,
         iptables_plan_tables,
         iptables_diff,
+    ),
+    "nftables": ProxyMode(
+        "nftables",
+        NftablesPlanner,
+        lambda config, lock_timeout: open_nftables_mode(lock_timeout),
+        render_nftables_plan,
+        read_nftables_live,
+        nftables_not_traced,
+        nftables_not_traced,
+        nftables_not_traced,
     ),
     "userspace": ProxyMode(
         "userspace",

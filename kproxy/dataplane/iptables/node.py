@@ -12,6 +12,7 @@ from kproxy.dataplane.host import apply_sysctls
 from kproxy.dataplane.iptables.backend import read_tables
 from kproxy.dataplane.iptables.diff import owned_part
 from kproxy.dataplane.iptables.families import open_dataplanes
+from kproxy.dataplane.nftables.node import delete_nftables_tables
 from kproxy.plan.node_plan import NodePlan
 from kproxy.rules.ir import Ruleset
 from kproxy.rules.saved import render_saved
@@ -23,10 +24,16 @@ class IptablesNode:
     mode = "iptables"
 
     def __init__(
-        self, dataplanes: Mapping[int, Dataplane], write_sysctls: SysctlWriter = apply_sysctls
+        self,
+        dataplanes: Mapping[int, Dataplane],
+        write_sysctls: SysctlWriter = apply_sysctls,
+        after_first_commit: Callable[[], object] | None = None,
     ) -> None:
         self.dataplanes = dataplanes
         self.write_sysctls = write_sysctls
+        # Run once, after this process's first commit: removes the nftables mode's tables when a
+        # node switches back (the iptables rules are in by then, so traffic never falls through).
+        self._after_first_commit = after_first_commit
 
     @property
     def families(self) -> tuple[int, ...]:
@@ -45,6 +52,9 @@ class IptablesNode:
         result = ApplyResult()
         for family, ruleset in sorted(plan.kernel.items()):
             result.tables.extend(self.dataplanes[family].apply(ruleset, full).tables)
+        if self._after_first_commit is not None:
+            hook, self._after_first_commit = self._after_first_commit, None
+            hook()
         return result
 
     def problems(self) -> list[str]:
@@ -66,4 +76,4 @@ def read_iptables_live(family: int) -> str:
 @contextmanager
 def open_iptables_node(lock_timeout: float) -> Iterator[IptablesNode]:
     with open_dataplanes(lock_timeout) as dataplanes:
-        yield IptablesNode(dataplanes)
+        yield IptablesNode(dataplanes, after_first_commit=delete_nftables_tables)

@@ -7,18 +7,17 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from kproxy.model.addresses import ip_family
 from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.service import ServicePort, ServicePortName
-from kproxy.plan.endpoints import categorize_endpoints
 from kproxy.plan.iptables import chains as c
 from kproxy.plan.iptables import naming
 from kproxy.plan.iptables.local_traffic import LocalDetector
+from kproxy.plan.port_policy import ZERO_CIDR, decide_port_policy, of_family, view_port
 from kproxy.rules import fragments as f
 from kproxy.rules.ir import Chain, Match, Rule, Target
 
-ZERO_CIDR = {4: "0.0.0.0/0", 6: "::/0"}  # every address of a family
+__all__ = ["ZERO_CIDR", "PlanContext", "SharedChains", "of_family", "plan_service_port"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,11 +57,6 @@ class SharedChains:
         self.service_chains.extend(other.service_chains)
         self.no_local_internal += other.no_local_internal
         self.no_local_external += other.no_local_external
-
-
-def of_family(addresses: tuple[str, ...], family: int) -> tuple[str, ...]:
-    """The addresses or CIDRs (validated on the way in) of one family."""
-    return tuple(a for a in addresses if ip_family(a) == family)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,48 +105,29 @@ class _Port:
         )
 
 
-def _port_view(sp: ServicePort, family: int) -> _Port | None:
-    cluster_ips = of_family(sp.cluster_ips, family)
-    if not cluster_ips:
-        return None
-    ranges = of_family(sp.load_balancer_source_ranges, family)
-    if ZERO_CIDR[family] in ranges:
-        ranges = ()  # an all-addresses range means no filtering
-    return _Port(
-        sp=sp,
-        family=family,
-        cluster_ip=cluster_ips[0],
-        external_ips=of_family(sp.external_ips, family),
-        lb_ips=of_family(sp.load_balancer_ips, family),
-        source_ranges=ranges,
-    )
-
-
 def plan_service_port(
     ctx: PlanContext, sp: ServicePort, endpoints: tuple[Endpoint, ...], out: SharedChains
 ) -> None:
     """Add the rules of one service port to `out`."""
-    port = _port_view(sp, ctx.family)
-    if port is None:
+    view = view_port(sp, ctx.family)
+    if view is None:
         return
-    itp_local, etp_local = sp.internal_policy_local, sp.external_policy_local
-    uses_cluster = not itp_local or port.externally_accessible
-    uses_local = itp_local or (etp_local and port.externally_accessible)
-    cats = categorize_endpoints(
-        [ep for ep in endpoints if ep.family == ctx.family],
-        ctx.node_name,
-        ctx.zone,
-        uses_cluster=uses_cluster,
-        uses_local=uses_local,
+    port = _Port(
+        sp=sp,
+        family=ctx.family,
+        cluster_ip=view.cluster_ip,
+        external_ips=view.external_ips,
+        lb_ips=view.lb_ips,
+        source_ranges=view.source_ranges,
     )
-    has_internal = cats.has_any and (not itp_local or bool(cats.local))
-    has_external = cats.has_any and (not etp_local or bool(cats.local))
-    if cats.has_any and not has_internal:
-        out.no_local_internal += 1
-    if cats.has_any and not has_external:
-        out.no_local_external += 1
+    itp_local = sp.internal_policy_local
+    policy = decide_port_policy(view, endpoints, ctx.node_name, ctx.zone)
+    cats, uses_cluster, uses_local = policy.cats, policy.uses_cluster, policy.uses_local
+    has_internal, has_external = policy.has_internal, policy.has_external
+    out.no_local_internal += policy.no_local_internal
+    out.no_local_external += policy.no_local_external
     internal_chain = (naming.local_service_chain if itp_local else naming.service_chain)(port.spn)
-    uses_fw = cats.has_any and bool(port.lb_ips) and bool(port.source_ranges)
+    uses_fw = policy.uses_firewall
 
     _entry_rules(ctx, port, cats.has_any, has_internal, has_external, internal_chain, uses_fw, out)
     masq = _clusterip_masquerade(ctx, port) if has_internal else None

@@ -1,0 +1,198 @@
+"""kproxy's nftables mode against upstream's iptables-legacy-restore, measured in one run.
+
+    python -m bench.nft_bench --services 10000             # what `make bench` adds
+    python -m bench.nft_bench --services 1000 5000 10000 20000
+
+Each size runs in a fresh network namespace (`unshare -n`). For N ClusterIP services with E
+endpoints each, kproxy runs as the agent does (SyncLoop, NftablesPlanner, the netlink dataplane)
+in a process of its own, and the baseline (bench/sync_bench.py's) afterwards in another:
+
+  (a) cold start from an empty ruleset vs `iptables-legacy-restore` of the equivalent table;
+  (b) one service's endpoints changed vs upstream's `iptables-legacy-restore --noflush` of the
+      top-level chains and that service's chains;
+  (c) nothing changed (kproxy's whole sync: plan, diff, generation check);
+  (d) where (a) goes: planning, encoding, and the kernel's commit of the one transaction;
+  (e) peak RSS of the kproxy process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+
+from bench.sync_bench import (
+    REPEATS,
+    best,
+    build_state,
+    changed_ips,
+    endpoint_ip,
+    restore,
+    slice_for,
+)
+from kproxy.model.config import ProxyConfig
+from kproxy.model.node import NodeInfo
+from kproxy.model.service import NamespacedName
+from kproxy.plan.iptables.ruleset import build_ruleset
+from kproxy.rules.render import render_table
+
+
+def prepare_baseline(services: int, endpoints: int) -> None:
+    """The iptables table the baseline's partial restores start from (untimed): what the
+    iptables mode would hold at this size."""
+    config = ProxyConfig(cluster_cidrs=("10.128.0.0/10",))
+    state = build_state(services, endpoints)
+    ruleset = build_ruleset(state.services_map(), state.endpoints_map(), NodeInfo("n"), config)
+    restore("".join(render_table(t) for t in ruleset.tables), noflush=True)
+
+
+def run_kproxy(services: int, endpoints: int) -> dict[str, float]:
+    from kproxy.dataplane.nftables import delta as nft_delta
+    from kproxy.dataplane.nftables.netlink import NftNetlink
+    from kproxy.dataplane.nftables.node import NftablesNode, delete_table
+    from kproxy.health.healthz import ProxyHealth
+    from kproxy.health.metrics import ProxyMetrics
+    from kproxy.plan.nftables.planner import NftablesPlanner
+    from kproxy.sync.loop import StateBox, SyncLoop
+
+    config = ProxyConfig(cluster_cidrs=("10.128.0.0/10",))
+    state = build_state(services, endpoints)
+    health, metrics = ProxyHealth(timeout=60), ProxyMetrics()
+    nl = NftNetlink()
+    figures: dict[str, float] = {}
+    commit_seconds: list[float] = []
+    encode_seconds: list[float] = []
+    transact = nl.transact
+
+    def timed_transact(msgs: Iterable[nft_delta.Msg]) -> bool:
+        started = time.perf_counter()
+        sent = transact(msgs)
+        commit_seconds.append(nl.last_commit_seconds if sent else 0.0)
+        encode_seconds.append(time.perf_counter() - started - commit_seconds[-1])
+        return sent
+
+    nl.transact = timed_transact  # type: ignore[method-assign]
+
+    def fresh_loop() -> SyncLoop:
+        box = StateBox("bench-node", health, metrics)
+        box.state = state
+        node = NftablesNode(nl, (4,))
+        return SyncLoop(box, config, NftablesPlanner(config), node, metrics, health)
+
+    loop = fresh_loop()
+    snapshot = loop._take_snapshot()
+    started = time.perf_counter()
+    loop.plan(snapshot)
+    figures["plan"] = time.perf_counter() - started
+
+    def kproxy_full() -> float:
+        delete_table(nl, 4)
+        state.restore_changes({NamespacedName("bench", f"svc-{i}") for i in range(services)})
+        commit_seconds.clear()
+        encode_seconds.clear()
+        took = _timed(fresh_loop().sync)
+        figures["full_commit"] = sum(commit_seconds)
+        figures["full_encode"] = sum(encode_seconds)
+        return took
+
+    figures["full_kproxy"] = best(kproxy_full)
+    loop = fresh_loop()
+    assert loop.sync()
+    times = []
+    for round_ in range(REPEATS):
+        state.set_slice(slice_for(services // 2, changed_ips(services, endpoints, round_)))
+        commit_seconds.clear()
+        times.append(_timed(loop.sync))
+        figures["change_commit"] = sum(commit_seconds)
+    figures["change_kproxy"] = min(times)
+    figures["nochange_kproxy"] = best(lambda: _timed(loop.sync))
+    figures["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    state.set_slice(
+        slice_for(services // 2, [endpoint_ip(services // 2, j) for j in range(endpoints)])
+    )
+    assert loop.sync()
+    delete_table(nl, 4)
+    return figures
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def measure(services: int, endpoints: int) -> dict[str, float]:
+    mine = f"{sys.executable} -m bench.nft_bench --services {services} --endpoints {endpoints}"
+    base = f"{sys.executable} -m bench.sync_bench --services {services} --endpoints {endpoints}"
+    proc = subprocess.run(
+        [
+            "unshare",
+            "-n",
+            "sh",
+            "-c",
+            f"{mine} --inner kproxy && {mine} --inner prepare && {base} --inner baseline",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark at {services} services failed:\n{proc.stderr[-3000:]}")
+    figures: dict[str, float] = {}
+    for line in proc.stdout.strip().splitlines():
+        if line.startswith("{"):
+            figures.update(json.loads(line))
+    return figures
+
+
+def report(services: int, endpoints: int, f: dict[str, float]) -> None:
+    print(f"\n== nftables mode, {services} services x {endpoints} endpoints")
+    rows = [
+        ("(a) cold start", f["full_kproxy"], f["full_baseline"], "restore"),
+        ("(b) one service changed", f["change_kproxy"], f["change_baseline"], "restore --noflush"),
+    ]
+    for name, mine, base, what in rows:
+        print(f"{name:26} kproxy {mine:7.3f}s   {what} {base:7.3f}s   ratio {mine / base:5.3f}")
+    print(f"{'(c) nothing changed':26} kproxy {f['nochange_kproxy'] * 1000:7.1f} ms")
+    print(
+        f"{'(d) cold start is':26} plan {f['plan']:.3f}s, encode {f['full_encode']:.3f}s,"
+        f" kernel commit {f['full_commit']:.3f}s; a change commits in"
+        f" {f['change_commit'] * 1000:.1f} ms"
+    )
+    print(f"{'(e) peak RSS':26} {f['rss_mb']:7.1f} MB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--services", type=int, nargs="+", default=[10000])
+    parser.add_argument("--endpoints", type=int, default=5)
+    parser.add_argument("--inner", choices=("kproxy", "prepare"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inner == "prepare":
+        prepare_baseline(args.services[0], args.endpoints)
+        return
+    if args.inner:
+        print(json.dumps(run_kproxy(args.services[0], args.endpoints)))
+        return
+    results = {n: measure(n, args.endpoints) for n in args.services}
+    for n, f in results.items():
+        report(n, args.endpoints, f)
+    print("\nservices   cold: kproxy/restore    change: kproxy/noflush    nochange ms  RSS MB")
+    for n, f in results.items():
+        cold, change = (
+            f["full_kproxy"] / f["full_baseline"],
+            f["change_kproxy"] / f["change_baseline"],
+        )
+        print(
+            f"{n:8}   {f['full_kproxy']:6.3f}/{f['full_baseline']:<6.3f} {cold:5.2f}x"
+            f"   {f['change_kproxy']:6.3f}/{f['change_baseline']:<6.3f} {change:5.3f}x"
+            f"   {f['nochange_kproxy'] * 1000:8.1f}  {f['rss_mb']:6.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

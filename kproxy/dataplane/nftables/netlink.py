@@ -1,0 +1,201 @@
+"""A plain nfnetlink socket for nf_tables: one batch transaction per send, dumps filtered to one
+table, the ruleset generation.
+
+The batch is built by encode.py as bytes: pyroute2's message classes encode about 1 ms per rule
+here, which would make a 10,000-service cold start take minutes; pyroute2 is used where that
+cost does not matter (reading the generation, dropping tables at cleanup)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFNL_MSG_BATCH_BEGIN = 0x10
+NFNL_MSG_BATCH_END = 0x11
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_REQUEST = 0x1
+NLM_F_MULTI = 0x2
+NLM_F_ACK = 0x4
+NLM_F_DUMP = 0x300
+NLM_F_CREATE = 0x400
+NLM_F_APPEND = 0x800
+NLA_F_NESTED = 0x8000
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+SOL_NETLINK = 270
+NETLINK_EXT_ACK = 11
+NETLINK_CAP_ACK = 10
+RCVBUF = 16 << 20
+
+_HEADER = struct.Struct("<IHHII")
+_NFGEN = struct.Struct("<BBH")  # family, version, res_id (big-endian, written as such)
+
+
+class NetlinkError(OSError):
+    """The kernel refused a message of a batch (or the whole commit)."""
+
+    def __init__(self, code: int, seq: int, what: str) -> None:
+        super().__init__(code, f"{os.strerror(code)} ({what})")
+        self.seq = seq
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    type: int
+    flags: int
+    seq: int
+    payload: bytes  # after the netlink header
+
+    @property
+    def family(self) -> int:
+        return self.payload[0] if self.payload else 0
+
+    @property
+    def attrs(self) -> bytes:
+        """The attributes after the nfgenmsg header."""
+        return self.payload[4:]
+
+    @property
+    def error(self) -> int:
+        """An NLMSG_ERROR's errno (0 for an ack)."""
+        return -int(struct.unpack_from("<i", self.payload, 0)[0])
+
+
+def nfgen_message(msg_type: int, flags: int, seq: int, family: int, attrs: bytes) -> bytes:
+    length = 20 + len(attrs)
+    return (
+        _HEADER.pack(length, (NFNL_SUBSYS_NFTABLES << 8) | msg_type, flags, seq, 0)
+        + _NFGEN.pack(family, 0, 0)
+        + attrs
+    )
+
+
+def _batch_marker(msg_type: int, seq: int) -> bytes:
+    return _HEADER.pack(20, msg_type, NLM_F_REQUEST, seq, 0) + struct.pack(
+        "<BBH", 0, 0, socket.htons(NFNL_SUBSYS_NFTABLES)
+    )
+
+
+def iter_messages(data: bytes) -> Iterator[Message]:
+    offset = 0
+    while offset + 16 <= len(data):
+        length, msg_type, flags, seq, _pid = _HEADER.unpack_from(data, offset)
+        if length < 16:
+            break
+        yield Message(msg_type, flags, seq, data[offset + 16 : offset + length])
+        offset += (length + 3) & ~3
+
+
+class NftNetlink:
+    """One NETLINK_NETFILTER socket; not thread-safe (the sync loop is its only user)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self.sock.bind((0, 0))
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)  # errors without the message
+        self.sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
+        self._seq = 1
+        self.last_commit_seconds = 0.0  # the kernel's part of the last transaction
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> NftNetlink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def transact(self, messages: Iterable[tuple[int, int, int, bytes]]) -> bool:
+        """Send (type, flags, family, attrs) messages as one batch transaction and wait for the
+        kernel's verdict on it: nothing of it applies unless all of it does. The batch is
+        built in one buffer as the messages come (no list of them is kept). False when there
+        was nothing to send."""
+        begin = self.next_seq()
+        buf = bytearray(_batch_marker(NFNL_MSG_BATCH_BEGIN, begin))
+        last = begin
+        last_offset = -1
+        for msg_type, flags, family, attrs in messages:
+            last = self.next_seq()
+            last_offset = len(buf)
+            buf += nfgen_message(msg_type, flags | NLM_F_REQUEST, last, family, attrs)
+        if last_offset < 0:
+            return False
+        # Only the last message asks for an ack: it comes after every error of the batch.
+        flags_at = last_offset + 6
+        flags = struct.unpack_from("<H", buf, flags_at)[0]
+        struct.pack_into("<H", buf, flags_at, flags | NLM_F_ACK)
+        buf += _batch_marker(NFNL_MSG_BATCH_END, self.next_seq())
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(buf) + 65536)
+        started = time.perf_counter()
+        self.sock.send(buf)
+        self._wait_ack(begin, last)
+        self.last_commit_seconds = time.perf_counter() - started
+        return True
+
+    def _wait_ack(self, begin: int, last: int) -> None:
+        first_error: NetlinkError | None = None
+        while True:
+            data = self.sock.recv(RCVBUF)
+            for msg in iter_messages(data):
+                if msg.type != NLMSG_ERROR:
+                    continue
+                code = msg.error
+                if code and first_error is None:
+                    first_error = NetlinkError(code, msg.seq, f"message {msg.seq - begin}")
+                # The last message's ack (or error) comes after every other error; a failed
+                # commit is reported against the batch's first message.
+                if msg.seq in (last, begin):
+                    if first_error is not None:
+                        raise first_error
+                    return
+
+    def dump(self, msg_type: int, family: int, attrs: bytes) -> list[Message]:
+        """A filtered dump (e.g. the rules of one table)."""
+        seq = self.next_seq()
+        self.sock.send(nfgen_message(msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, family, attrs))
+        out: list[Message] = []
+        while True:
+            data = self.sock.recv(RCVBUF)
+            for msg in iter_messages(data):
+                if msg.seq != seq:
+                    continue
+                if msg.type == NLMSG_DONE:
+                    return out
+                if msg.type == NLMSG_ERROR:
+                    code = msg.error
+                    if code == 0:
+                        return out
+                    if code == errno.EINTR:
+                        return self.dump(msg_type, family, attrs)  # the ruleset changed mid-dump
+                    raise NetlinkError(code, seq, "dump")
+                out.append(msg)
+
+    def request(self, msg_type: int, family: int, attrs: bytes) -> Message | None:
+        """One get request (e.g. the generation); None when the object does not exist."""
+        seq = self.next_seq()
+        self.sock.send(nfgen_message(msg_type, NLM_F_REQUEST, seq, family, attrs))
+        while True:
+            data = self.sock.recv(RCVBUF)
+            for msg in iter_messages(data):
+                if msg.seq != seq:
+                    continue
+                if msg.type == NLMSG_ERROR:
+                    code = msg.error
+                    if code == errno.ENOENT:
+                        return None
+                    raise NetlinkError(code, seq, "get")
+                return msg

@@ -1,0 +1,231 @@
+"""The nftables mode's dataplane for a whole node: both families' `kube-proxy` tables in ONE
+netlink batch transaction per sync, carrying only what changed since kproxy's last commit.
+
+Foreign changes: nf_tables keeps one generation counter for the whole ruleset. kproxy reads it
+before each sync; if it moved since kproxy's own commit, some program committed something, so
+kproxy re-reads its own table (and only that table) and repairs it in the same transaction.
+No other table is ever read or written."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import structlog
+
+from kproxy.dataplane.base import ApplyResult
+from kproxy.dataplane.nftables.delta import (
+    NFPROTO,
+    NFT_FAMILY_NAMES,
+    NFT_MSG_DELTABLE,
+    TableDelta,
+    TableImage,
+    delta_messages,
+    diff_tables,
+    full_delta,
+)
+from kproxy.dataplane.nftables.encode import text
+from kproxy.dataplane.nftables.kernel import (
+    definitions_match,
+    diff_kernel,
+    read_generation,
+    read_kernel_table,
+    table_exists,
+)
+from kproxy.dataplane.nftables.netlink import NftNetlink
+from kproxy.errors import DataplaneError
+from kproxy.plan.nftables import naming
+from kproxy.plan.nftables.ir import NftTable
+from kproxy.plan.node_plan import NodePlan
+
+log = structlog.get_logger("kproxy.dataplane")
+MIN_KERNEL = (5, 13)
+
+
+class KernelTooOldError(DataplaneError):
+    """The kernel lacks what the nftables mode relies on (as upstream checks it)."""
+
+
+def check_kernel(release: str | None = None) -> None:
+    """Refuse kernels older than 5.13, as upstream's nftables mode does."""
+    release = release or os.uname().release
+    found = re.match(r"(\d+)\.(\d+)", release)
+    version = (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+    if version < MIN_KERNEL:
+        raise KernelTooOldError(
+            f"the nftables proxy mode needs kernel >= {MIN_KERNEL[0]}.{MIN_KERNEL[1]}, this node"
+            f" runs {release}: use `mode: iptables` on this node"
+        )
+
+
+@dataclass
+class NftTableChanges:
+    """One family's table in an ApplyResult (the shape the sync loop and `sync --once` read)."""
+
+    table: str
+    write: list[str] = field(default_factory=list)  # chains added or rewritten
+    delete: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    read_kernel: bool = False
+    rules_written: int = 0
+    elements_changed: int = 0
+    remove_jumps: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.write or self.delete or self.elements_changed)
+
+    @classmethod
+    def of(cls, delta: TableDelta) -> NftTableChanges:
+        written = [*delta.add_chains, *delta.rewrite_chains]
+        return cls(
+            table=f"{NFT_FAMILY_NAMES[delta.family]} {delta.table}",
+            write=[c.name for c in written],
+            delete=list(delta.delete_chains),
+            unchanged=delta.unchanged_chains,
+            read_kernel=delta.read_kernel,
+            rules_written=sum(len(c.rules) for c in written),
+            elements_changed=sum(len(v) for v in delta.add_elements.values())
+            + sum(len(v) for v in delta.delete_elements.values())
+            + (1 if delta.recreate or delta.add_sets or delta.delete_sets else 0),
+        )
+
+
+class NftablesNode:
+    mode = "nftables"
+
+    def __init__(
+        self,
+        nl: NftNetlink,
+        families: tuple[int, ...],
+        after_first_commit: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.nl = nl
+        self._families = families
+        self._images: dict[int, TableImage] = {}
+        self._applied: dict[int, NftTable] = {}  # the planned tables last committed
+        self._generation: int | None = None  # what kproxy's last commit left, if known
+        self._after_first_commit: Callable[[], None] | None = after_first_commit
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        return self._families
+
+    def reading_ahead(self) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def apply(self, plan: NodePlan[Mapping[int, NftTable]], full: bool) -> ApplyResult:
+        before = read_generation(self.nl)
+        moved = self._generation is None or before != self._generation
+        deltas = [
+            self._delta(table, full or moved) for _family, table in sorted(plan.kernel.items())
+        ]
+        set_ids = iter(range(1, 1 << 31))
+        messages = (m for d in deltas for m in delta_messages(d, set_ids))
+        try:
+            sent = self.nl.transact(messages)
+        except OSError as exc:
+            self._images.clear()  # unknown state: the next sync reads the kernel
+            self._applied.clear()
+            self._generation = None
+            raise DataplaneError(f"nftables transaction refused: {exc}") from exc
+        after = read_generation(self.nl)
+        # Only our own commit in between: the generation moved by exactly one (or not at all).
+        ours = after == before + (1 if sent else 0)
+        self._generation = after if ours else None
+        for family, table in plan.kernel.items():
+            if self._applied.get(family) is not table:
+                self._images[family] = TableImage.of(table)
+                self._applied[family] = table
+        if self._after_first_commit is not None:
+            hook, self._after_first_commit = self._after_first_commit, None
+            hook()
+        return ApplyResult(tables=[NftTableChanges.of(d) for d in deltas])
+
+    def _delta(self, table: NftTable, read_kernel: bool) -> TableDelta:
+        image = self._images.get(table.family)
+        if image is not None and not read_kernel:
+            if self._applied.get(table.family) is table:  # the loop's plan of no change
+                return TableDelta(table.family, table.name, unchanged_chains=len(image.chains))
+            return diff_tables(table, image)
+        # A full sync, another program's commit since kproxy's, or kproxy's first in this
+        # process (a restart keeps the table, and the affinity sets, when they are right).
+        dynamic = frozenset(s.name for s in table.sets if s.dynamic)
+        kernel = read_kernel_table(self.nl, table.family, table.name, dynamic)
+        name = f"{table.nft_family} {table.name}"
+        if kernel is None or not definitions_match(table, kernel):
+            if image is not None:
+                log.warning("table_recreated", table=name)
+            delta = full_delta(table)
+            delta.read_kernel = True
+            return delta
+        delta = diff_kernel(table, kernel)
+        if image is not None and not delta.empty:
+            log.warning(
+                "table_repaired",
+                table=name,
+                chains=len(delta.add_chains) + len(delta.rewrite_chains) + len(delta.delete_chains),
+            )
+        return delta
+
+    def problems(self) -> list[str]:
+        return []  # the kernel's table is the data path: nothing of ours runs to fail
+
+    def cleanup(self) -> ApplyResult:
+        """Delete both families' `kube-proxy` tables (kproxy's, or upstream's leftovers)."""
+        result = ApplyResult()
+        for family in (4, 6):
+            if delete_table(self.nl, family):
+                result.tables.append(
+                    NftTableChanges(f"{NFT_FAMILY_NAMES[family]} {naming.TABLE}", delete=["*"])
+                )
+        self._images.clear()
+        self._applied.clear()
+        self._generation = None
+        return result
+
+
+def delete_table(nl: NftNetlink, family: int, name: str = naming.TABLE) -> bool:
+    """Delete one table if it exists; True when it did."""
+    if not table_exists(nl, family, name):
+        return False
+    nl.transact([(NFT_MSG_DELTABLE, 0, NFPROTO[family], text(1, name))])
+    return True
+
+
+def delete_nftables_tables() -> int:
+    """Remove the nftables mode's tables (after the iptables mode took over): how many."""
+    with NftNetlink() as nl:
+        return sum(delete_table(nl, family) for family in (4, 6))
+
+
+def read_nftables_live(family: int) -> str:
+    """What the kernel holds of kproxy's table, as `nft list table` prints it (by the nft binary
+    when the node has one; nothing when there is no table)."""
+    with NftNetlink() as nl:
+        if not table_exists(nl, family, naming.TABLE):
+            return ""
+    nft = shutil.which("nft")
+    if nft is None:
+        raise DataplaneError("reading the live table needs the nft binary; use dump --manifests")
+    out = subprocess.run(
+        [nft, "list", "table", NFT_FAMILY_NAMES[family], naming.TABLE],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout
+
+
+@contextmanager
+def open_nftables_node(
+    families: tuple[int, ...], after_first_commit: Callable[[], None] = lambda: None
+) -> Iterator[NftablesNode]:
+    check_kernel()
+    with NftNetlink() as nl:
+        yield NftablesNode(nl, families, after_first_commit)

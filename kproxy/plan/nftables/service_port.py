@@ -1,0 +1,249 @@
+"""One service port's part of the nftables table, for one family: the map elements that lead its
+addresses into its chains (or to a drop/reject), and its own chains and affinity sets.
+
+Endpoint choice is a cascade of `numgen random mod (N-i) 0 goto endpoint-i` rules rather than
+upstream's anonymous `numgen ... vmap {}` per service: the same probabilities, but the kernel
+binds no anonymous set per service, which makes a cold start of 10,000 services load in seconds
+instead of minutes (see the note on the nftables mode).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from kproxy.model.config import ProxyConfig
+from kproxy.model.endpoint import Endpoint
+from kproxy.model.service import ServicePort
+from kproxy.plan.iptables.local_traffic import LocalDetector
+from kproxy.plan.nftables import naming as n
+from kproxy.plan.nftables.ir import (
+    Chain,
+    Dnat,
+    Element,
+    FibLocal,
+    Key,
+    Lookup,
+    Match,
+    NamedSet,
+    NumgenZero,
+    PortMatch,
+    Rule,
+    Statement,
+    Update,
+    Verdict,
+)
+from kproxy.plan.port_policy import PortView, decide_port_policy, view_port
+
+AFFINITY_SET_SIZE = 65535  # what nft gives a dynamic set without a size
+ADDRESS_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
+
+MARK_MASQ = Verdict("jump", n.MARK_FOR_MASQUERADE)
+DROP = Verdict("drop")
+TO_REJECT = Verdict("goto", n.REJECT_CHAIN)
+
+
+@dataclass(frozen=True, slots=True)
+class NftContext:
+    """What every service port's part depends on besides the port itself."""
+
+    family: int
+    config: ProxyConfig
+    node_name: str
+    zone: str
+    detector: LocalDetector
+    node_ip: str | None  # this family's primary node IP, for loadBalancerSourceRanges
+
+
+@dataclass(frozen=True, slots=True)
+class PortPart:
+    chains: tuple[Chain, ...] = ()
+    sets: tuple[NamedSet, ...] = ()
+    elements: tuple[tuple[str, Element], ...] = ()  # (map or set name, element)
+    no_local_internal: int = 0
+    no_local_external: int = 0
+
+
+def _goto(chain: str) -> Verdict:
+    return Verdict("goto", chain)
+
+
+def _ip_key(port: PortView, ip: str) -> tuple[str, ...]:
+    return (ip, port.sp.name.protocol.lower, str(port.sp.port))
+
+
+def plan_port_part(ctx: NftContext, sp: ServicePort, endpoints: tuple[Endpoint, ...]) -> PortPart:
+    port = view_port(sp, ctx.family)
+    if port is None:
+        return PortPart()
+    policy = decide_port_policy(port, endpoints, ctx.node_name, ctx.zone)
+    cats, spn = policy.cats, sp.name
+    internal = n.local_chain(spn) if sp.internal_policy_local else n.service_chain(spn)
+    external = n.external_chain(spn)
+    no_endpoints = TO_REJECT if not cats.has_any else DROP
+    elements: list[tuple[str, Element]] = [(n.CLUSTER_IPS, Element((port.cluster_ip,)))]
+    if policy.has_internal:
+        elements.append((n.SERVICE_IPS, Element(_ip_key(port, port.cluster_ip), _goto(internal))))
+    else:
+        elements.append(
+            (n.NO_ENDPOINT_SERVICES, Element(_ip_key(port, port.cluster_ip), no_endpoints))
+        )
+    for ip in (*port.external_ips, *port.lb_ips):
+        if cats.has_any:
+            elements.append((n.SERVICE_IPS, Element(_ip_key(port, ip), _goto(external))))
+        if not policy.has_external:
+            elements.append((n.NO_ENDPOINT_SERVICES, Element(_ip_key(port, ip), no_endpoints)))
+    if policy.uses_firewall:
+        firewall = _goto(n.firewall_chain(spn))
+        elements.extend(
+            (n.FIREWALL_IPS, Element(_ip_key(port, ip), firewall)) for ip in port.lb_ips
+        )
+    if sp.node_port:
+        key = (spn.protocol.lower, str(sp.node_port))
+        if cats.has_any:
+            elements.append((n.SERVICE_NODEPORTS, Element(key, _goto(external))))
+        if not policy.has_external:
+            elements.append((n.NO_ENDPOINT_NODEPORTS, Element(key, no_endpoints)))
+
+    # Each endpoint's name part, hashed once (by identity: the categories share the objects).
+    bases = {id(ep): n.endpoint_base(spn, ep) for ep in cats.reachable}
+    chains: list[Chain] = []
+    if cats.has_any and port.externally_accessible:
+        chains.append(_external_chain(ctx, port, policy.has_external))
+    if policy.uses_firewall:
+        chains.append(_firewall_chain(ctx, port))
+    masq = _clusterip_masquerade(ctx, port) if policy.has_internal else None
+    for name, eps, wanted in (
+        (n.service_chain(spn), cats.cluster, policy.uses_cluster),
+        (n.local_chain(spn), cats.local, policy.uses_local),
+    ):
+        if eps and wanted:
+            head = (masq,) if masq is not None and name == internal else ()
+            chains.append(Chain(name, head + _balance(port, eps, bases)))
+    chains.extend(_endpoint_chain(port, ep, bases[id(ep)]) for ep in cats.reachable)
+    return PortPart(
+        chains=tuple(chains),
+        sets=_affinity_sets(port, cats.reachable, bases),
+        elements=tuple(elements),
+        no_local_internal=int(policy.no_local_internal),
+        no_local_external=int(policy.no_local_external),
+    )
+
+
+def _if_local(detector: LocalDetector, negate: bool) -> Match | None:
+    """The local-traffic detector as a match: pod traffic, or (negate) everything else."""
+    if detector.source_cidr is not None:
+        return Match(Key.SADDR, detector.source_cidr, negate)
+    if detector.in_iface is not None:
+        return Match(Key.IIFNAME, detector.in_iface, negate)
+    return None
+
+
+def _clusterip_masquerade(ctx: NftContext, port: PortView) -> Rule | None:
+    """Masquerade ClusterIP traffic that does not come from pods (or all of it, masqueradeAll)."""
+    to_vip: tuple[Statement, ...] = (
+        Match(Key.DADDR, port.cluster_ip),
+        PortMatch(port.sp.name.protocol.lower, port.sp.port),
+    )
+    if ctx.config.masquerade_all:
+        return Rule((*to_vip, MARK_MASQ))
+    not_local = _if_local(ctx.detector, negate=True)
+    return Rule((*to_vip, not_local, MARK_MASQ)) if not_local is not None else None
+
+
+def _external_chain(ctx: NftContext, port: PortView, has_external: bool) -> Chain:
+    """Masquerade external traffic (Cluster policy), or short-circuit pod and host traffic to the
+    cluster-wide chain and keep the client's address for the rest (Local policy)."""
+    spn = port.sp.name
+    to_service = _goto(n.service_chain(spn))
+    rules: list[Rule] = []
+    if not port.sp.external_policy_local:
+        rules.append(Rule((MARK_MASQ,), "masquerade traffic for external destinations"))
+    else:
+        pods = _if_local(ctx.detector, negate=False)
+        if pods is not None:
+            rules.append(Rule((pods, to_service), "short-circuit pod traffic"))
+        local = FibLocal(Key.SADDR)
+        rules.append(Rule((local, MARK_MASQ), "masquerade local traffic"))
+        rules.append(Rule((local, to_service), "short-circuit local traffic"))
+    if has_external:
+        local_policy = port.sp.external_policy_local
+        rules.append(Rule((_goto(n.local_chain(spn) if local_policy else n.service_chain(spn)),)))
+    return Chain(n.external_chain(spn), tuple(rules))
+
+
+def _firewall_chain(ctx: NftContext, port: PortView) -> Chain:
+    """Reached before DNAT for a LoadBalancer IP: allowed sources return, the rest is dropped."""
+    allowed = list(port.source_ranges)
+    node_ip = ctx.node_ip
+    if node_ip is not None and any(
+        ipaddress.ip_address(node_ip) in ipaddress.ip_network(r) for r in port.source_ranges
+    ):
+        # A VIP bound on the node makes node-originated traffic carry the VIP as its source.
+        allowed.extend(port.lb_ips)
+    rules = [Rule((Match(Key.SADDR, _cidr(r)), Verdict("return"))) for r in allowed]
+    rules.append(Rule((DROP,), "other traffic is dropped"))
+    return Chain(n.firewall_chain(port.sp.name), tuple(rules))
+
+
+def _cidr(text: str) -> str:
+    """A host CIDR as a bare address, as nft lists it."""
+    net = ipaddress.ip_network(text, strict=False)
+    return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
+
+
+def _balance(
+    port: PortView, endpoints: tuple[Endpoint, ...], bases: dict[int, str]
+) -> tuple[Rule, ...]:
+    """Affinity lookups, then the probability cascade, the last endpoint unconditional."""
+    names = [bases[id(ep)] for ep in endpoints]
+    rules: list[Rule] = []
+    if port.sp.session_affinity_seconds is not None:
+        rules.extend(
+            Rule(
+                (
+                    Lookup((Key.SADDR,), n.AFFINITY_PREFIX + base),
+                    _goto(n.ENDPOINT_PREFIX + base),
+                )
+            )
+            for base in names
+        )
+    count = len(names)
+    for i, base in enumerate(names):
+        pick: tuple[Statement, ...] = (NumgenZero(count - i),) if i < count - 1 else ()
+        rules.append(Rule((*pick, _goto(n.ENDPOINT_PREFIX + base))))
+    return tuple(rules)
+
+
+def _endpoint_chain(port: PortView, ep: Endpoint, base: str) -> Chain:
+    """Masquerade hairpin traffic, remember the client for affinity, DNAT."""
+    proto = port.sp.name.protocol.lower
+    affinity: tuple[Rule, ...] = ()
+    if port.sp.session_affinity_seconds is not None:
+        affinity = (Rule((Update(n.AFFINITY_PREFIX + base, Key.SADDR),)),)
+    return Chain(
+        n.ENDPOINT_PREFIX + base,
+        (
+            Rule((Match(Key.SADDR, ep.ip), MARK_MASQ)),
+            *affinity,
+            Rule((Match(Key.L4PROTO, proto), Dnat(ep.ip, ep.port))),
+        ),
+    )
+
+
+def _affinity_sets(
+    port: PortView, endpoints: tuple[Endpoint, ...], bases: dict[int, str]
+) -> tuple[NamedSet, ...]:
+    seconds = port.sp.session_affinity_seconds
+    if seconds is None:
+        return ()
+    return tuple(
+        NamedSet(
+            n.AFFINITY_PREFIX + bases[id(ep)],
+            (ADDRESS_TYPE[port.family],),
+            flags=("dynamic", "timeout"),
+            timeout=seconds,
+            size=AFFINITY_SET_SIZE,
+        )
+        for ep in endpoints
+    )

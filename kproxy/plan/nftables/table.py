@@ -1,0 +1,302 @@
+"""build_nft_table: one family's whole `kube-proxy` table, as a pure function of the services,
+their endpoints, the node and the config. The layout (base chains, hooks and numeric
+priorities, shared chains, sets and maps, and their names) is upstream's nftables proxier's."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from kproxy.model.config import ProxyConfig
+from kproxy.model.endpoint import Endpoint
+from kproxy.model.node import NodeInfo
+from kproxy.model.service import ServicePort, ServicePortName
+from kproxy.plan.iptables.local_traffic import build_local_detector
+from kproxy.plan.iptables.naming import spn_sort_key
+from kproxy.plan.iptables.ruleset import node_port_cidrs
+from kproxy.plan.nftables import naming as n
+from kproxy.plan.nftables.ir import (
+    Chain,
+    CtStateNew,
+    Element,
+    FibLocal,
+    Hook,
+    Key,
+    Lookup,
+    MarkClear,
+    MarkSet,
+    Masquerade,
+    Match,
+    NamedSet,
+    NftTable,
+    Reject,
+    Rule,
+    Verdict,
+    Vmap,
+)
+from kproxy.plan.nftables.service_port import (
+    ADDRESS_TYPE,
+    NftContext,
+    PortPart,
+    plan_port_part,
+)
+from kproxy.plan.port_policy import ZERO_CIDR, of_family
+
+DSTNAT = -100
+SRCNAT = 100
+LOOPBACK = {4: "127.0.0.0/8", 6: "::1"}
+IP_PROTO_PORT = (Key.DADDR, Key.L4PROTO, Key.DPORT)
+PROTO_PORT = (Key.L4PROTO, Key.DPORT)
+
+
+def _maps(family: int) -> tuple[NamedSet, ...]:
+    addr = ADDRESS_TYPE[family]
+    ip_port = (addr, "inet_proto", "inet_service")
+    port = ("inet_proto", "inet_service")
+    return (
+        NamedSet(n.CLUSTER_IPS, (addr,), comment="Active ClusterIPs"),
+        NamedSet(n.NODEPORT_IPS, (addr,), comment="IPs that accept NodePort traffic"),
+        NamedSet(
+            n.SERVICE_IPS,
+            ip_port,
+            verdict_map=True,
+            comment="ClusterIP, ExternalIP and LoadBalancer IP traffic",
+        ),
+        NamedSet(n.SERVICE_NODEPORTS, port, verdict_map=True, comment="NodePort traffic"),
+        NamedSet(
+            n.NO_ENDPOINT_SERVICES,
+            ip_port,
+            verdict_map=True,
+            comment="vmap to drop or reject packets to services with no endpoints",
+        ),
+        NamedSet(
+            n.NO_ENDPOINT_NODEPORTS,
+            port,
+            verdict_map=True,
+            comment="vmap to drop or reject packets to service nodeports with no endpoints",
+        ),
+        NamedSet(
+            n.FIREWALL_IPS,
+            ip_port,
+            verdict_map=True,
+            comment="destinations that are subject to LoadBalancerSourceRanges",
+        ),
+    )
+
+
+def _jump_if_new(chain: str) -> Rule:
+    return Rule((CtStateNew(), Verdict("jump", chain)))
+
+
+def _base_chains() -> tuple[Chain, ...]:
+    """Filter chains just before DNAT (they see the service address), NAT chains at the usual
+    priorities, and the post-DNAT firewall check for locally originated traffic."""
+    before_dnat = DSTNAT - 10
+    return (
+        Chain(
+            n.FILTER_PREROUTING,
+            (_jump_if_new(n.FIREWALL_CHECK),),
+            Hook("filter", "prerouting", before_dnat),
+        ),
+        Chain(
+            n.FILTER_INPUT,
+            (_jump_if_new(n.NODEPORT_ENDPOINTS_CHECK), _jump_if_new(n.SERVICE_ENDPOINTS_CHECK)),
+            Hook("filter", "input", before_dnat),
+        ),
+        Chain(
+            n.FILTER_FORWARD,
+            (_jump_if_new(n.SERVICE_ENDPOINTS_CHECK), _jump_if_new(n.CLUSTER_IPS_CHECK)),
+            Hook("filter", "forward", before_dnat),
+        ),
+        Chain(
+            n.FILTER_OUTPUT,
+            (_jump_if_new(n.SERVICE_ENDPOINTS_CHECK), _jump_if_new(n.CLUSTER_IPS_CHECK)),
+            Hook("filter", "output", before_dnat),
+        ),
+        Chain(
+            n.FILTER_OUTPUT_POST_DNAT,
+            (_jump_if_new(n.FIREWALL_CHECK),),
+            Hook("filter", "output", DSTNAT + 10),
+        ),
+        Chain(
+            n.NAT_PREROUTING,
+            (Rule((Verdict("jump", n.SERVICES),)),),
+            Hook("nat", "prerouting", DSTNAT),
+        ),
+        Chain(n.NAT_OUTPUT, (Rule((Verdict("jump", n.SERVICES),)),), Hook("nat", "output", DSTNAT)),
+        Chain(
+            n.NAT_POSTROUTING,
+            (Rule((Verdict("jump", n.MASQUERADING),)),),
+            Hook("nat", "postrouting", SRCNAT),
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class NodePorts:
+    """Where NodePorts answer: every local address but loopback, or these addresses."""
+
+    match_all: bool
+    ips: tuple[str, ...] = ()
+
+
+def plan_node_ports(config: ProxyConfig, node: NodeInfo, family: int) -> NodePorts:
+    """nodePortAddresses; unset means the node's primary addresses, as upstream's nftables mode
+    (the iptables mode's default is every address). Loopback never takes NodePorts here."""
+    if not config.node_port_addresses:
+        config = replace(config, node_port_addresses=("primary",))
+    cidrs = node_port_cidrs(config, family, node)
+    if ZERO_CIDR[family] in cidrs:
+        return NodePorts(match_all=True)
+    nets = [ipaddress.ip_network(c) for c in cidrs]
+    chosen = {str(net.network_address) for net in nets if net.prefixlen == net.max_prefixlen}
+    chosen.update(
+        ip
+        for ip in of_family(node.local_addresses, family)
+        if any(ipaddress.ip_address(ip) in net for net in nets)
+    )
+    usable = (ip for ip in chosen if not ipaddress.ip_address(ip).is_loopback)
+    return NodePorts(False, tuple(sorted(usable, key=ipaddress.ip_address)))
+
+
+def _shared_chains(config: ProxyConfig, family: int, node_ports: NodePorts) -> tuple[Chain, ...]:
+    mark = 1 << config.masquerade_bit
+
+    def to_nodeports(map_name: str) -> Rule:
+        if node_ports.match_all:
+            where = (FibLocal(Key.DADDR), Match(Key.DADDR, LOOPBACK[family], negate=True))
+            return Rule((*where, Vmap(PROTO_PORT, map_name)))
+        return Rule((Lookup((Key.DADDR,), n.NODEPORT_IPS), Vmap(PROTO_PORT, map_name)))
+
+    return (
+        Chain(
+            n.CLUSTER_IPS_CHECK,
+            (
+                Rule(
+                    (Lookup((Key.DADDR,), n.CLUSTER_IPS), Reject()),
+                    "Reject traffic to invalid ports of ClusterIPs",
+                ),
+            ),
+        ),
+        Chain(n.FIREWALL_CHECK, (Rule((Vmap(IP_PROTO_PORT, n.FIREWALL_IPS),)),)),
+        Chain(n.MARK_FOR_MASQUERADE, (Rule((MarkSet("|", mark),)),)),
+        Chain(
+            n.MASQUERADING,
+            (
+                Rule((MarkClear(mark), Verdict("return"))),
+                Rule((MarkSet("^", mark),)),
+                Rule((Masquerade(),)),
+            ),
+        ),
+        Chain(n.NODEPORT_ENDPOINTS_CHECK, (to_nodeports(n.NO_ENDPOINT_NODEPORTS),)),
+        Chain(
+            n.REJECT_CHAIN,
+            (Rule((Reject(),)),),
+            comment="helper for @no-endpoint-services / @no-endpoint-nodeports",
+        ),
+        Chain(n.SERVICE_ENDPOINTS_CHECK, (Rule((Vmap(IP_PROTO_PORT, n.NO_ENDPOINT_SERVICES),)),)),
+        Chain(
+            n.SERVICES,
+            (Rule((Vmap(IP_PROTO_PORT, n.SERVICE_IPS),)), to_nodeports(n.SERVICE_NODEPORTS)),
+        ),
+    )
+
+
+@dataclass
+class NftPlanCache:
+    """Each service port's part from the previous plan, reused while the port, its endpoints and
+    the context are unchanged. It never changes what build_nft_table returns, only how fast."""
+
+    context: NftContext | None = None
+    ports: dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...], PortPart]] = field(
+        default_factory=dict
+    )
+
+    def part_of(self, ctx: NftContext, sp: ServicePort, eps: tuple[Endpoint, ...]) -> PortPart:
+        hit = self.ports.get(sp.name)
+        if hit is not None and (hit[0] is sp or hit[0] == sp) and (hit[1] is eps or hit[1] == eps):
+            return hit[2]
+        part = plan_port_part(ctx, sp, eps)
+        self.ports[sp.name] = (sp, eps, part)
+        return part
+
+
+def _node_ip(config: ProxyConfig, node: NodeInfo, family: int) -> str | None:
+    ips = (
+        of_family(node.primary_ips, family)
+        or of_family((config.bind_address,) if config.bind_address else (), family)
+        or tuple(
+            ip
+            for ip in of_family(node.local_addresses, family)
+            if not ipaddress.ip_address(ip).is_loopback
+        )
+    )
+    return ips[0] if ips else None
+
+
+@dataclass(frozen=True)
+class TablePlan:
+    table: NftTable
+    no_local_internal: int = 0
+    no_local_external: int = 0
+
+
+def plan_nft_table(
+    services: Mapping[ServicePortName, ServicePort],
+    endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]],
+    node: NodeInfo,
+    config: ProxyConfig,
+    family: int = 4,
+    cache: NftPlanCache | None = None,
+) -> TablePlan:
+    ctx = NftContext(
+        family=family,
+        config=config,
+        node_name=node.name,
+        zone=node.zone,
+        detector=build_local_detector(config, node, family),
+        node_ip=_node_ip(config, node, family),
+    )
+    cache = cache if cache is not None else NftPlanCache()
+    if cache.context != ctx:
+        cache.context = ctx
+        cache.ports.clear()
+    node_ports = plan_node_ports(config, node, family)
+    maps = _maps(family)
+    elements: dict[str, dict[tuple[str, ...], Element]] = {m.name: {} for m in maps}
+    if not node_ports.match_all:
+        elements[n.NODEPORT_IPS] = {(ip,): Element((ip,)) for ip in node_ports.ips}
+    sets: list[NamedSet] = []
+    chains: list[Chain] = []
+    no_local = [0, 0]
+    for spn in sorted(services, key=spn_sort_key):
+        part = cache.part_of(ctx, services[spn], endpoints.get(spn, ()))
+        for name, element in part.elements:
+            # Two services claiming one address and port: the first (in name order) wins.
+            elements[name].setdefault(element.key, element)
+        sets.extend(part.sets)
+        chains.extend(part.chains)
+        no_local[0] += part.no_local_internal
+        no_local[1] += part.no_local_external
+    for gone in cache.ports.keys() - services.keys():
+        del cache.ports[gone]
+    table = NftTable(
+        family=family,
+        name=n.TABLE,
+        comment=n.TABLE_COMMENT,
+        sets=(*maps, *sets),
+        elements={name: frozenset(e.values()) for name, e in elements.items() if e},
+        chains=(*_base_chains(), *_shared_chains(config, family, node_ports), *chains),
+    )
+    return TablePlan(table, no_local[0], no_local[1])
+
+
+def build_nft_table(
+    services: Mapping[ServicePortName, ServicePort],
+    endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]],
+    node: NodeInfo,
+    config: ProxyConfig,
+    family: int = 4,
+) -> NftTable:
+    return plan_nft_table(services, endpoints, node, config, family).table
