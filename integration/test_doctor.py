@@ -34,6 +34,7 @@ from kproxy.errors import ConfigError
 from kproxy.model.config import ProxyConfig, parse_config
 
 CHECK_NAMES = [
+    "proxy-mode",
     "iptables-backend",
     "service-route",
     "ip-forward",
@@ -53,7 +54,8 @@ from kproxy.doctor import exit_code, render_report, run_checks
 from kproxy.doctor.judges import ConntrackLimits
 from kproxy.model.config import ProxyConfig
 args = json.loads(sys.argv[1])
-checks = run_checks(ProxyConfig(), args["service_cidr"], ConntrackLimits(*args["conntrack"]))
+config = dataclasses.replace(ProxyConfig(), mode=args["mode"])
+checks = run_checks(config, args["service_cidr"], ConntrackLimits(*args["conntrack"]))
 json.dump({"checks": [dataclasses.asdict(c) for c in checks],
            "report": render_report(checks), "exit": exit_code(checks)}, sys.stdout)
 """
@@ -230,12 +232,14 @@ def doctor(
     ns: Namespace,
     service_cidr: str | None = None,
     conntrack: tuple[int, int] = SMALL_CONNTRACK,
+    mode: str = "",
 ) -> tuple[dict[str, Check], str, int]:
     """Run the doctor inside `ns`: its checks by name, its report and its exit code."""
-    args = json.dumps({"service_cidr": service_cidr, "conntrack": conntrack})
+    args = json.dumps({"service_cidr": service_cidr, "conntrack": conntrack, "mode": mode})
     out = json.loads(ns.run(sys.executable, "-c", DOCTOR, args).stdout)
     checks = [Check(**c) for c in out["checks"]]
-    assert [c.name for c in checks] == CHECK_NAMES
+    expected = [n for n in CHECK_NAMES if mode != "nftables" or n != "iptables-backend"]
+    assert [c.name for c in checks] == expected
     return {c.name: c for c in checks}, out["report"], out["exit"]
 
 
@@ -276,6 +280,7 @@ def test_bare_namespace_has_no_route_and_no_forwarding(namespaces: Namespaces) -
     checks, report, code = doctor(namespaces.new())
 
     assert statuses(checks) == {
+        "proxy-mode": "ok",  # legacy x_tables here, as the default iptables mode needs
         "iptables-backend": "warn",  # no kubelet here: nothing to tell the backend by
         "service-route": "fail",
         "ip-forward": "fail",
@@ -540,3 +545,21 @@ def test_conntrack_limits_are_read_from_the_config() -> None:
 def test_service_cidr_must_be_a_cidr() -> None:
     with pytest.raises(ConfigError, match="--service-cidr"):
         run_checks(ProxyConfig(), "10.96.0.0/33")
+
+
+def test_nftables_mode_suits_a_node_whose_kubelet_uses_iptables_nft(namespaces: Namespaces) -> None:
+    ns = namespaces.new()
+    add_nft_chain(ns, "mangle", "KUBE-IPTABLES-HINT")  # kubelet on iptables-nft
+    add_nft_chain(ns, "kube-proxy")  # an nftables mode table, and no proxy running
+
+    legacy = doctor(ns)[0]
+    nftables = doctor(ns, mode="nftables")[0]
+
+    assert legacy["proxy-mode"].status == "warn" and "iptables-nft" in legacy["proxy-mode"].detail
+    assert legacy["proxy-mode"].advice == "use `mode: nftables`"
+    assert nftables["proxy-mode"].status == "ok" and "kubelet uses iptables-nft" in (
+        nftables["proxy-mode"].detail
+    )
+    leftovers = nftables["kube-proxy-leftovers"]
+    assert leftovers.status == "fail" and "ip kube-proxy" in leftovers.detail
+    assert leftovers.advice.startswith("run `kproxy cleanup`")

@@ -5,6 +5,7 @@ since opening one creates it."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Iterable
@@ -20,6 +21,18 @@ class RouteLookup:
     address: str
     route: str | None  # "via 192.0.2.1 dev eth0", or None when there is none
     error: str = ""
+
+
+def read_legacy_available() -> bool:
+    """Whether this kernel has legacy x_tables: /proc lists their tables once ip_tables is loaded
+    (python-iptables loads it on import)."""
+    names = PROC / "net" / "ip_tables_names"
+    if not names.exists():
+        from kproxy.dataplane.iptables.backend import load_iptc
+
+        with contextlib.suppress(Exception):  # no library, no module: no legacy tables either
+            load_iptc()
+    return names.exists()
 
 
 def read_legacy_chains(table: str, family: int = 4) -> frozenset[str]:

@@ -9,11 +9,17 @@ legacy tables are only opened when /proc says they already exist, since opening 
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Callable
 
 from kproxy.dataplane.host import machine_cpus
 from kproxy.dataplane.host import read_sysctl as _read_proc_sysctl
-from kproxy.dataplane.readers import read_links, read_nft_chains, read_routes
+from kproxy.dataplane.readers import (
+    read_legacy_available,
+    read_links,
+    read_nft_chains,
+    read_routes,
+)
 from kproxy.doctor.facts import (
     DEFAULT_SERVICE_CIDR,
     HINT_CHAINS,
@@ -30,6 +36,7 @@ from kproxy.doctor.judges import (
     judge_conntrack,
     judge_forwarding,
     judge_leftovers,
+    judge_proxy_mode,
     judge_proxy_processes,
     judge_service_route,
 )
@@ -70,6 +77,26 @@ def _uses_ipv6(config: ProxyConfig, service_cidr: str) -> bool:
     return any(ipaddress.ip_network(c, strict=False).version == 6 for c in cidrs)
 
 
+def __legacy_hints() -> set[str]:
+    """kubelet's hint chains in the legacy mangle tables."""
+    return set(HINT_CHAINS) & read_all_legacy_chains()
+
+
+def __nft_hints() -> set[str]:
+    """kubelet's hint chains in nftables' mangle tables (iptables-nft)."""
+    return {c for _, t, c in read_nft_chains() if t == "mangle" and c in HINT_CHAINS}
+
+
+def _legacy_hints() -> set[str]:
+    """kubelet's hint chains in the legacy mangle tables."""
+    return set(HINT_CHAINS) & read_all_legacy_chains()
+
+
+def _nft_hints() -> set[str]:
+    """kubelet's hint chains in nftables' mangle tables (iptables-nft)."""
+    return {c for _, t, c in read_nft_chains() if t == "mangle" and c in HINT_CHAINS}
+
+
 def run_checks(
     config: ProxyConfig,
     service_cidr: str | None = None,
@@ -86,12 +113,21 @@ def run_checks(
     forward = "net.ipv4.ip_forward"
     checks = [
         _guarded(
-            "iptables-backend",
-            lambda: judge_backend(
-                set(HINT_CHAINS) & read_all_legacy_chains(),
-                {c for _, t, c in read_nft_chains() if t == "mangle" and c in HINT_CHAINS},
+            "proxy-mode",
+            lambda: judge_proxy_mode(
+                config.mode,
+                os.uname().release,
+                read_legacy_available(),
+                _legacy_hints(),
+                _nft_hints(),
             ),
         ),
+    ]
+    if config.mode != "nftables":  # the nftables mode writes no legacy table
+        checks.append(
+            _guarded("iptables-backend", lambda: judge_backend(_legacy_hints(), _nft_hints()))
+        )
+    checks += [
         _guarded("service-route", lambda: _service_route(cidr)),
         _guarded("ip-forward", lambda: judge_forwarding(forward, read_sysctl(forward))),
     ]
@@ -114,7 +150,11 @@ def run_checks(
         _guarded(
             "kube-proxy-leftovers",
             lambda: judge_leftovers(
-                read_all_legacy_chains(), read_nft_chains(), read_links(), read_proxy_processes()
+                read_all_legacy_chains(),
+                read_nft_chains(),
+                read_links(),
+                read_proxy_processes(),
+                config.mode,
             ),
         ),
         _guarded("kube-proxy-process", lambda: judge_proxy_processes(read_proxy_processes())),

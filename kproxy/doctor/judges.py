@@ -3,12 +3,14 @@ tested without a kernel."""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 from kproxy.dataplane.host import conntrack_max_target
+from kproxy.dataplane.nftables.node import MIN_KERNEL as NFT_MIN_KERNEL
 from kproxy.dataplane.readers import RouteLookup
 from kproxy.doctor.facts import (
     HINT_CHAINS,
@@ -68,9 +70,10 @@ def judge_backend(legacy: Iterable[str], nft: Iterable[str]) -> Check:
             f"kubelet's {_names(nft)} in the nftables mangle table: this node's iptables "
             "is iptables-nft, but kproxy writes the legacy tables (libiptc), so its rules would "
             "run beside kubelet's and the CNI plugin's instead of with them",
-            "switch the node to iptables-legacy (`update-alternatives --set iptables "
+            "run kproxy in `mode: nftables` here (its own table, beside kubelet's iptables-nft "
+            "rules); or switch the node to iptables-legacy (`update-alternatives --set iptables "
             "/usr/sbin/iptables-legacy`, the same for ip6tables) and reboot it, so kubelet and "
-            "the CNI plugin recreate their rules in the legacy tables; or keep kube-proxy here",
+            "the CNI plugin recreate their rules in the legacy tables",
         )
     if legacy and nft:
         return Check(
@@ -96,6 +99,51 @@ def judge_backend(legacy: Iterable[str], nft: Iterable[str]) -> Check:
         "check that `iptables --version` on the node says `(legacy)`: kproxy writes the legacy "
         "tables",
     )
+
+
+def kernel_version(release: str) -> tuple[int, int]:
+    found = re.match(r"(\d+)\.(\d+)", release)
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+
+
+def judge_proxy_mode(
+    mode: str, kernel_release: str, legacy_tables: bool, legacy: Iterable[str], nft: Iterable[str]
+) -> Check:
+    """Which proxy mode suits this node, against the one configured. `legacy_tables`: the kernel
+    has legacy x_tables; `legacy`/`nft`: kubelet's hint chains found in each backend."""
+    name = "proxy-mode"
+    mode = mode or "iptables"
+    nft_ok = kernel_version(kernel_release) >= NFT_MIN_KERNEL
+    kubelet_nft = bool(set(nft)) and not set(legacy)
+    minimum = ".".join(map(str, NFT_MIN_KERNEL))
+    if mode == "nftables":
+        if not nft_ok:
+            return Check(
+                name,
+                "fail",
+                f"mode nftables needs kernel >= {minimum}; this node runs {kernel_release}",
+                "use `mode: iptables` on this node",
+            )
+        why = "kubelet uses iptables-nft" if kubelet_nft else "its own table, beside any other"
+        return Check(name, "ok", f"mode nftables suits this node (kernel {kernel_release}; {why})")
+    if not legacy_tables:
+        advice = "use `mode: nftables`" if nft_ok else f"upgrade the kernel to >= {minimum}"
+        return Check(
+            name,
+            "fail",
+            f"this kernel has no legacy x_tables (ip_tables), which mode {mode} writes",
+            advice,
+        )
+    if kubelet_nft:
+        advice = "use `mode: nftables`" if nft_ok else "see iptables-backend"
+        return Check(
+            name,
+            "warn",
+            f"kubelet uses iptables-nft, so mode {mode}'s legacy rules run beside its rules",
+            advice,
+        )
+    also = f"; mode nftables would suit it too (kernel {kernel_release})" if nft_ok else ""
+    return Check(name, "ok", f"mode {mode} suits this node (legacy x_tables{also})")
 
 
 def judge_service_route(cidr: str, lookups: list[RouteLookup]) -> Check:
@@ -178,25 +226,35 @@ def _summarise(chains: list[str]) -> str:
     return ", ".join([*top, *(f"{n} {p}*" for p, n in sorted(per_service.items()))])
 
 
+@dataclass(frozen=True)
+class _Leftovers:
+    """What `kproxy cleanup` removes, per kind of tables: "legacy" (the iptables and userspace
+    modes' chains) and "nftables" (the `kube-proxy` tables); and what only `kube-proxy --cleanup`
+    does, by its --proxy-mode."""
+
+    cleanable: dict[str, str]
+    other: dict[str, str]
+
+
 def _leftover_parts(
     chains: frozenset[str], nft: frozenset[tuple[str, str, str]], links: Iterable[str]
-) -> tuple[list[str], dict[str, str]]:
-    """What `kproxy cleanup` removes, as phrases; and what it does not, by the --proxy-mode
-    whose `kube-proxy --cleanup` does."""
+) -> _Leftovers:
     owned = sorted(c for c in chains if is_owned_chain(c))
-    cleanable = [f"kube-proxy chains in the legacy tables ({_summarise(owned)})"] if owned else []
+    cleanable = {}
+    if owned:
+        cleanable["legacy"] = f"kube-proxy chains in the legacy tables ({_summarise(owned)})"
+    nft_tables = sorted({f"{fam} {table}" for fam, table, _ in nft if table == NFT_PROXY_TABLE})
+    if nft_tables:
+        cleanable["nftables"] = f"nftables mode tables ({', '.join(nft_tables)})"
     other = {}
     ipvs = sorted(chains & IPVS_CHAINS)
     if IPVS_INTERFACE in links or ipvs:
         found = [IPVS_INTERFACE] if IPVS_INTERFACE in links else []
         other["ipvs"] = f"IPVS mode state ({', '.join(found + ipvs)})"
-    nft_tables = sorted({f"{fam} {table}" for fam, table, _ in nft if table == NFT_PROXY_TABLE})
-    if nft_tables:
-        other["nftables"] = f"nftables mode tables ({', '.join(nft_tables)})"
     nft_chains = sorted({c for _, _, c in nft if c and is_owned_chain(c)})
     if nft_chains:
         other["iptables"] = f"kube-proxy chains in iptables-nft tables ({_summarise(nft_chains)})"
-    return cleanable, other
+    return _Leftovers(cleanable, other)
 
 
 def judge_leftovers(
@@ -204,25 +262,36 @@ def judge_leftovers(
     nft: frozenset[tuple[str, str, str]],
     links: Iterable[str],
     proxies: list[ProxyProcess],
+    mode: str = "",
 ) -> Check:
-    """`chains`: legacy chain names; `nft`: read_nft_chains(); `links`: interface names."""
+    """`chains`: legacy chain names; `nft`: read_nft_chains(); `links`: interface names; `mode`:
+    the configured proxy mode, whose own rules a running proxy keeps up to date."""
     name = "kube-proxy-leftovers"
-    cleanable, other = _leftover_parts(chains, nft, set(links))
+    found = _leftover_parts(chains, nft, set(links))
     running = " and ".join(sorted({p.program for p in proxies}))
-    if not cleanable and not other:
+    kept = "nftables" if mode == "nftables" else "legacy"
+    if not found.cleanable and not found.other:
         return Check(name, "ok", "no kube-proxy rules or IPVS state")
-    if running and not other:
-        return Check(name, "ok", f"{cleanable[0]}, kept up to date by the running {running}")
+    stale = {kind: text for kind, text in found.cleanable.items() if kind != kept or not running}
+    if running and not stale and not found.other:
+        return Check(
+            name, "ok", f"{found.cleanable[kept]}, kept up to date by the running {running}"
+        )
     advice = []
-    if cleanable and not running:
-        advice.append("run `kproxy cleanup` (or start kproxy, which takes these chains over)")
-    if other:
-        modes = " and ".join(f"--proxy-mode={mode}" for mode in sorted(other))
+    if stale and not running:
+        advice.append("run `kproxy cleanup` (or start kproxy, which takes these over)")
+    elif stale:
+        advice.append(
+            f"the running {running} (mode {mode or 'iptables'}) removes the other mode's rules "
+            "at its first sync: restart it, or stop it and run `kproxy cleanup`"
+        )
+    if found.other:
+        modes = " and ".join(f"--proxy-mode={m}" for m in sorted(found.other))
         advice.append(
             f"stop kube-proxy, then run `kube-proxy --cleanup` once with {modes} (from the "
-            "kube-proxy image): kproxy cleanup only removes chains from the legacy tables"
+            "kube-proxy image): kproxy cleanup does not remove IPVS state or iptables-nft chains"
         )
-    detail = "found " + "; ".join([*cleanable, *other.values()])
+    detail = "found " + "; ".join([*stale.values(), *found.other.values()])
     if not running:
         detail += ", and no proxy runs in this namespace"
     return Check(name, "fail", detail, "; ".join(advice))
