@@ -24,7 +24,7 @@ from kproxy.sync.handover import hand_over_to_iptables
 from kproxy.sync.inspection import (
     iptables_diff,
     iptables_plan_tables,
-    nftables_not_traced,
+    nftables_plan_tables,
     read_live_tables,
     userspace_diff,
     userspace_plan_tables,
@@ -72,9 +72,9 @@ MODES = {
         lambda config, lock_timeout: open_nftables_mode(lock_timeout),
         render_nftables_plan,
         read_nftables_live,
-        nftables_not_traced,
-        nftables_not_traced,
-        nftables_not_traced,
+        nftables_plan_tables,
+        nftables_plan_tables,
+        nftables_plan_tables,
     ),
     "userspace": ProxyMode(
         "userspace",
