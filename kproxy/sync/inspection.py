@@ -22,8 +22,6 @@ from kproxy.dataplane.base import ChainDiff
 from kproxy.dataplane.iptables.preview import plan_chain_diffs, read_snapshot
 from kproxy.plan.iptables.chains import is_written_chain
 from kproxy.plan.iptables.naming import spn_text
-from kproxy.plan.nftables.ir import NftTable
-from kproxy.plan.nftables.trace import NftTraceTables
 from kproxy.plan.node_plan import NodePlan
 from kproxy.plan.userspace import chains as userspace_chains
 from kproxy.plan.userspace.planner import UserspaceFamily
@@ -141,14 +139,3 @@ def userspace_diff(plan: NodePlan[Any], family: int, lock_timeout: float) -> lis
     part: UserspaceFamily = plan.kernel.families[family]
     saved = read_snapshot(family, lock_timeout)
     return plan_chain_diffs(part.ruleset(live_proxy_ports(part, saved)), saved)
-
-
-NFT_WALKED = (
-    "walks kproxy's nftables table only (its base chains by hook and priority); other"
-    " programs' nftables tables and any x_tables rules are not walked"
-)
-
-
-def nftables_plan_tables(plan: NodePlan[Any], family: int) -> NftTraceTables:
-    table: NftTable = plan.kernel[family]
-    return NftTraceTables(table, notes=(NFT_WALKED,))

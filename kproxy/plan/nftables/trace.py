@@ -241,9 +241,15 @@ def _run_rule(w: _Walk, chain: Chain, rule: Rule, depth: int) -> _Flow:
     hopped = False
 
     def hop() -> None:
-        actions = [f"remembers the client in @{s.set_name}" for s in rule.statements if isinstance(s, Update)]
+        actions = [
+            f"remembers the client in @{s.set_name}"
+            for s in rule.statements
+            if isinstance(s, Update)
+        ]
         text = render_rule(rule, w.family)
-        w.hops.append(Hop(n.TABLE, chain.name, text, tuple(why + actions) or ("every packet",), True))
+        w.hops.append(
+            Hop(n.TABLE, chain.name, text, tuple(why + actions) or ("every packet",), True)
+        )
 
     for stmt in rule.statements:
         if isinstance(stmt, Vmap):
@@ -349,6 +355,17 @@ def _run_path(w: _Walk, hook: Hook) -> _Flow:
     return _Flow.ACCEPT
 
 
+def _scripted(prefix: tuple[bool, ...], taken: list[tuple[bool, float]]) -> Callable[[float], bool]:
+    """Answers `prefix`, then no; every answer (and its probability) goes to `taken`."""
+
+    def choose(probability: float) -> bool:
+        answer = prefix[len(taken)] if len(taken) < len(prefix) else False
+        taken.append((answer, probability))
+        return answer
+
+    return choose
+
+
 def _walks(
     tables: NftTraceTables, packet: Packet, hook: Hook, local: frozenset[str]
 ) -> list[tuple[float, _Walk, _Flow]]:
@@ -360,13 +377,7 @@ def _walks(
         if len(out) >= _MAX_PATHS:
             raise TraceError(f"more than {_MAX_PATHS} paths through the table")
         prefix, taken = pending.pop(), list[tuple[bool, float]]()
-
-        def choose(probability: float, prefix: tuple[bool, ...] = prefix) -> bool:
-            answer = prefix[len(taken)] if len(taken) < len(prefix) else False
-            taken.append((answer, probability))
-            return answer
-
-        w = _Walk(tables, packet, local, choose)
+        w = _Walk(tables, packet, local, _scripted(prefix, taken))
         flow = _run_path(w, hook)
         share = 1.0
         for answer, probability in taken:
