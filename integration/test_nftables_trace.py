@@ -104,6 +104,20 @@ def test_dump_diff_is_empty_after_a_sync_and_names_the_edited_service(nft: Clust
     same = run_kproxy(nft.node, *args, lock_file=nft.lock_file, check=False)
     assert (same.returncode, same.stdout, same.stderr) == (0, "", "")
 
+    # A rule another program put into kproxy's table: never evaluated, named, and the next
+    # sync's repair shows as a rewrite of its chain.
+    nft.node.run("nft", "insert rule ip kube-proxy services counter")
+    doc = trace(nft, "tcp", f"{VIP}:{PORT}", "--from", CLIENT)
+    assert [line.split(" (")[0] for line in doc["unreadable"]] == [
+        "chain services: a rule that is not kproxy's"
+    ]
+    assert doc["outcome"] == "dnat"
+    foreign = run_kproxy(nft.node, *args, lock_file=nft.lock_file, check=False)
+    assert foreign.returncode == 1, foreign.stderr
+    assert "# rewritten: ip kube-proxy chain services" in foreign.stdout
+    assert "-\t\t# a rule kproxy cannot read (handle " in foreign.stdout
+    nft.sync()
+
     nft.service("web", VIP, PORT, backends[:1], TARGET)  # web loses an endpoint
     changed = run_kproxy(nft.node, *args, lock_file=nft.lock_file, check=False)
     assert changed.returncode == 1, changed.stderr
