@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 
 from kproxy.dataplane.nftables import encode as e
 from kproxy.dataplane.nftables.kernel import iter_attrs
@@ -64,12 +65,16 @@ def text_of(value: bytes) -> str:
     return value.rstrip(b"\0").decode("utf-8", "surrogateescape")
 
 
+@lru_cache(maxsize=1 << 16)
+def _parse_expr(element: bytes) -> Expr:
+    """One expression (cached: a load, a protocol comparison or a verdict recurs in most
+    rules; never mutated)."""
+    attrs = dict(iter_attrs(element))
+    return Expr(text_of(attrs.get(1, b"")), dict(iter_attrs(attrs.get(2, b""))))
+
+
 def parse_exprs(data: bytes) -> list[Expr]:
-    out = []
-    for _kind, element in iter_attrs(data):
-        attrs = dict(iter_attrs(element))
-        out.append(Expr(text_of(attrs.get(1, b"")), dict(iter_attrs(attrs.get(2, b"")))))
-    return out
+    return [_parse_expr(element) for _kind, element in iter_attrs(data)]
 
 
 def _load_key(x: Expr, family: int) -> Key | None:
