@@ -42,7 +42,9 @@ def _why_verdict(b: Branch) -> str:
 
 def _outcome_lines(e: Explanation) -> list[str]:
     main = max(e.branches, key=lambda b: b.share)
-    name = e.service or "?"
+    # The nftables mode's no-endpoint maps name no service: say the address instead.
+    p = e.packet
+    name = e.service or (f"[{p.dst}]:{p.dport}" if e.family == 6 else f"{p.dst}:{p.dport}")
     entry = f" ({main.entry})" if main.entry else ""
     kind = main.outcome
     if kind is Outcome.DNAT:
@@ -137,7 +139,7 @@ def _walk_lines(e: Explanation) -> list[str]:
 
 
 def render_trace(e: Explanation) -> str:
-    lines = [_header(e), *_outcome_lines(e), *_masquerade_lines(e)]
+    lines = [_header(e), *e.notes, *_outcome_lines(e), *_masquerade_lines(e)]
     foreign = e.foreign_rules()
     if foreign:
         lines.append("rules of other programs it passed:")
@@ -211,5 +213,6 @@ def trace_json(e: Explanation) -> dict[str, Any]:
         "masqueraded": _masqueraded(e),
         "foreignRules": e.foreign_rules(),
         "unreadable": list(e.unreadable),
+        "notes": list(e.notes),
         "branches": [_branch_json(b) for b in e.branches],
     }

@@ -122,6 +122,7 @@ class Explanation:
     branches: tuple[Branch, ...]
     affinity_seconds: int | None = None
     unreadable: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # what the walk covered and what not, said under the header
 
     @property
     def outcome(self) -> Outcome:

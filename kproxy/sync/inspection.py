@@ -20,7 +20,6 @@ from typing import Any
 
 from kproxy.dataplane.base import ChainDiff
 from kproxy.dataplane.iptables.preview import plan_chain_diffs, read_snapshot
-from kproxy.errors import KproxyError
 from kproxy.plan.iptables.chains import is_written_chain
 from kproxy.plan.iptables.naming import spn_text
 from kproxy.plan.node_plan import NodePlan
@@ -140,8 +139,3 @@ def userspace_diff(plan: NodePlan[Any], family: int, lock_timeout: float) -> lis
     part: UserspaceFamily = plan.kernel.families[family]
     saved = read_snapshot(family, lock_timeout)
     return plan_chain_diffs(part.ruleset(live_proxy_ports(part, saved)), saved)
-
-
-def nftables_not_traced(*_: object) -> Any:
-    """Until the nftables tracer lands: one clear error instead of a wrong walk."""
-    raise KproxyError("kproxy trace and dump --diff do not read the nftables mode's table yet")

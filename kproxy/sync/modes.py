@@ -24,12 +24,12 @@ from kproxy.sync.handover import hand_over_to_iptables
 from kproxy.sync.inspection import (
     iptables_diff,
     iptables_plan_tables,
-    nftables_not_traced,
     read_live_tables,
     userspace_diff,
     userspace_plan_tables,
 )
 from kproxy.sync.loop import SyncLoop
+from kproxy.sync.nft_inspection import nftables_diff, nftables_live_tables, nftables_plan_tables
 
 
 @dataclass(frozen=True)
@@ -72,9 +72,9 @@ MODES = {
         lambda config, lock_timeout: open_nftables_mode(lock_timeout),
         render_nftables_plan,
         read_nftables_live,
-        nftables_not_traced,
-        nftables_not_traced,
-        nftables_not_traced,
+        nftables_live_tables,
+        nftables_plan_tables,
+        nftables_diff,
     ),
     "userspace": ProxyMode(
         "userspace",
