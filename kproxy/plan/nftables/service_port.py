@@ -62,6 +62,7 @@ class PortPart:
     elements: tuple[tuple[str, Element], ...] = ()  # (map or set name, element)
     no_local_internal: int = 0
     no_local_external: int = 0
+    rules: int = 0
 
 
 def _goto(chain: str) -> Verdict:
@@ -122,6 +123,7 @@ def plan_port_part(ctx: NftContext, sp: ServicePort, endpoints: tuple[Endpoint, 
             chains.append(Chain(name, head + _balance(port, eps, bases)))
     chains.extend(_endpoint_chain(port, ep, bases[id(ep)]) for ep in cats.reachable)
     return PortPart(
+        rules=sum(len(c.rules) for c in chains),
         chains=tuple(chains),
         sets=_affinity_sets(port, cats.reachable, bases),
         elements=tuple(elements),
