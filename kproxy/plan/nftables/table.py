@@ -90,7 +90,7 @@ def _jump_if_new(chain: str) -> Rule:
 
 def _base_chains() -> tuple[Chain, ...]:
     """Filter chains just before DNAT (they see the service address), NAT chains at the usual
-    priorities, and the post-DNAT firewall check for locally originated traffic."""
+    priorities, and a post-DNAT check of the node's own traffic."""
     before_dnat = DSTNAT - 10
     return (
         Chain(
@@ -110,12 +110,14 @@ def _base_chains() -> tuple[Chain, ...]:
         ),
         Chain(
             n.FILTER_OUTPUT,
-            (_jump_if_new(n.SERVICE_ENDPOINTS_CHECK), _jump_if_new(n.CLUSTER_IPS_CHECK)),
+            (_jump_if_new(n.SERVICE_ENDPOINTS_CHECK), _jump_if_new(n.FIREWALL_CHECK)),
             Hook("filter", "output", before_dnat),
         ),
+        # The node's own traffic is DNATed in this same hook: only after that does an address
+        # still being a ClusterIP mean a port no service has.
         Chain(
             n.FILTER_OUTPUT_POST_DNAT,
-            (_jump_if_new(n.FIREWALL_CHECK),),
+            (_jump_if_new(n.CLUSTER_IPS_CHECK),),
             Hook("filter", "output", DSTNAT + 10),
         ),
         Chain(
