@@ -13,7 +13,7 @@ from kproxy.model.service import ServicePortName
 
 TABLE = "kube-proxy"
 TABLE_COMMENT = "rules for kube-proxy"
-MAX_NAME = 256  # NFT_NAME_MAXLEN - 1, for chains and sets
+MAX_NAME = 255  # NFT_NAME_MAXLEN (256) less the NUL, for chains and sets
 _LONGEST_PREFIX = len("affinity-")
 
 # Base chains.
