@@ -39,6 +39,7 @@ from kproxy.model.node import NodeInfo
 from kproxy.model.service import NamespacedName
 from kproxy.plan.iptables.ruleset import build_ruleset
 from kproxy.rules.render import render_table
+from kproxy.sync.gcpause import gc_paused
 
 
 def prepare_baseline(services: int, endpoints: int) -> None:
@@ -86,7 +87,8 @@ def run_kproxy(services: int, endpoints: int) -> dict[str, float]:
     loop = fresh_loop()
     snapshot = loop._take_snapshot()
     started = time.perf_counter()
-    loop.plan(snapshot)
+    with gc_paused():  # as SyncLoop.sync plans
+        loop.plan(snapshot)
     figures["plan"] = time.perf_counter() - started
 
     def kproxy_full() -> float:

@@ -260,3 +260,13 @@ def test_the_rule_count_is_the_tables() -> None:
     )
 
     assert plan.stats.rules["kube-proxy"] == sum(len(c.rules) for c in plan.kernel[4].chains)
+
+
+def test_chain_hashes_are_base32_of_sha256() -> None:
+    import base64
+    import hashlib
+
+    text = "ns/web/tcp/http"
+    expected = base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:8]
+
+    assert n.port_base(spn("web")) == f"{expected}-{text}"
