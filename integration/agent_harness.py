@@ -409,12 +409,15 @@ class Agent:
 
 
 def agent_config(
-    sync_period: str = "2s", min_sync_period: str = "0s", extra: JSON | None = None
+    sync_period: str = "2s",
+    min_sync_period: str = "0s",
+    extra: JSON | None = None,
+    mode: str = "iptables",
 ) -> JSON:
     return {
         "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
         "kind": "KubeProxyConfiguration",
-        "mode": "iptables",
+        "mode": mode,
         "healthzBindAddress": f"0.0.0.0:{HEALTHZ_PORT}",
         "metricsBindAddress": f"0.0.0.0:{METRICS_PORT}",
         "iptables": {"syncPeriod": sync_period, "minSyncPeriod": min_sync_period},
@@ -451,8 +454,10 @@ class AgentNode:
         self.worker(self.node).call(self.api.start)
         self.api.write_kubeconfig(self.kubeconfig)
 
-    def configure(self, sync_period: str = "2s", min_sync_period: str = "0s") -> None:
-        doc = agent_config(sync_period, min_sync_period)
+    def configure(
+        self, sync_period: str = "2s", min_sync_period: str = "0s", mode: str = "iptables"
+    ) -> None:
+        doc = agent_config(sync_period, min_sync_period, mode=mode)
         self.config_file.write_text(yaml.safe_dump(doc))
 
     def backend(self, name: str, ip: str, port: int, proto: str = "tcp") -> Pod:

@@ -199,8 +199,20 @@ class Cluster:
         return "\n".join(re.sub(r"\[\d+:\d+\]$", "[0:0]", line) for line in lines) + "\n"
 
 
+# Runs a test in each proxy mode that programs netfilter rules of its own (`@BOTH_MODES`, or
+# `pytestmark = BOTH_MODES` for a whole module): the `cluster` fixture takes the mode.
+BOTH_MODES = pytest.mark.parametrize("proxy_mode", ["iptables", "nftables"])
+
+
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
+def proxy_mode() -> str:
+    return "iptables"
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, proxy_mode: str) -> Iterator[Cluster]:
     """A fresh simulated node with no pods yet; everything is removed after the test."""
     with topology() as topo:
-        yield Cluster(topo, tmp_path)
+        node = Cluster(topo, tmp_path)
+        node.mode = proxy_mode
+        yield node

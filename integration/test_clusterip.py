@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from integration.conftest import Cluster
+from integration.conftest import BOTH_MODES, Cluster
 from integration.traffic import probe
 
 VIP = "10.96.100.10"
 PORT = 80
 TARGET = 8080
+
+
+pytestmark = BOTH_MODES
 
 
 def test_tcp_clusterip_reaches_every_endpoint_evenly(cluster: Cluster) -> None:

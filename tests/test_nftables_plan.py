@@ -251,3 +251,22 @@ def test_kernels_older_than_5_13_are_refused_with_a_clear_error(release: str, ok
         return
     with pytest.raises(KernelTooOldError, match=r"needs kernel >= 5\.13.*mode: iptables"):
         check_kernel(release)
+
+
+def test_the_rule_count_is_the_tables() -> None:
+    state = scenarios.external(etp="Local").state()
+    plan = NftablesPlanner(ProxyConfig()).plan(
+        state.services_map(), state.endpoints_map(), NODE, (4,)
+    )
+
+    assert plan.stats.rules["kube-proxy"] == sum(len(c.rules) for c in plan.kernel[4].chains)
+
+
+def test_chain_hashes_are_base32_of_sha256() -> None:
+    import base64
+    import hashlib
+
+    text = "ns/web/tcp/http"
+    expected = base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:8]
+
+    assert n.port_base(spn("web")) == f"{expected}-{text}"

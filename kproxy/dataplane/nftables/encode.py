@@ -158,8 +158,39 @@ def _load_keys(keys: tuple[Key, ...], family: int) -> bytes:
     return b"".join(out)
 
 
+def _split_tail(encoded: bytes, size: int) -> tuple[bytes, bytes]:
+    """An expression whose innermost last attribute is a `size`-byte value, split around that
+    value. Every enclosing length depends only on the size, so another value of the same size
+    can be spliced in: most rules differ from each other only in an address or a chain name."""
+    pad = _PAD[(4 + size) % 4]
+    return encoded[: len(encoded) - size - len(pad)], pad
+
+
+@lru_cache(maxsize=64)
+def _cmp_template(op: int, size: int) -> tuple[bytes, bytes]:
+    return _split_tail(_expr("cmp", u32(1, REG_1), u32(2, op), _data(3, bytes(size))), size)
+
+
+@lru_cache(maxsize=64)
+def _immediate_template(dreg: int, size: int) -> tuple[bytes, bytes]:
+    return _split_tail(_expr("immediate", u32(1, dreg), _data(2, bytes(size))), size)
+
+
+def _immediate(dreg: int, value: bytes) -> bytes:
+    prefix, pad = _immediate_template(dreg, len(value))
+    return prefix + value + pad
+
+
+@lru_cache(maxsize=4)
+def _nat(family: int) -> bytes:
+    """DNAT to the address in reg 1 and the port in reg 2."""
+    regs = (u32(3, REG_1), u32(4, REG_1), u32(5, REG_2), u32(6, REG_2))
+    return _expr("nat", u32(1, 1), u32(2, _NFPROTO[family]), *regs, u32(7, 3))
+
+
 def _cmp(op: int, value: bytes) -> bytes:
-    return _expr("cmp", u32(1, REG_1), u32(2, op), _data(3, value))
+    prefix, pad = _cmp_template(op, len(value))
+    return prefix + value + pad
 
 
 def _bitwise(mask: bytes, xor: bytes) -> bytes:
@@ -218,8 +249,22 @@ def verdict_data(v: Verdict) -> bytes:
     return _verdict_data(v)
 
 
-def encode_verdict(v: Verdict) -> bytes:
+def _encode_verdict_slow(v: Verdict) -> bytes:
     return _expr("immediate", u32(1, REG_VERDICT), nest(2, _verdict_data(v)))
+
+
+@lru_cache(maxsize=1024)
+def _verdict_template(kind: str, size: int) -> tuple[bytes, bytes]:
+    blank = Verdict(kind, "x" * (size - 1))
+    return _split_tail(_encode_verdict_slow(blank), size)
+
+
+def encode_verdict(v: Verdict) -> bytes:
+    if v.chain is None:
+        return _encode_verdict_slow(v)
+    name = v.chain.encode("utf-8", "surrogateescape") + b"\0"
+    prefix, pad = _verdict_template(v.kind, len(name))
+    return prefix + name + pad
 
 
 _SHARED = (PortMatch, CtStateNew, FibLocal, MarkClear, NumgenZero, Reject, Masquerade, MarkSet)
@@ -276,18 +321,9 @@ def _encode_statement(stmt: Statement, family: int) -> bytes:
         case Dnat(ip, port):
             address = socket.inet_pton(socket.AF_INET if family == 4 else socket.AF_INET6, ip)
             return (
-                _expr("immediate", u32(1, REG_1), _data(2, address))
-                + _expr("immediate", u32(1, REG_2), _data(2, struct.pack(">H", port)))
-                + _expr(
-                    "nat",
-                    u32(1, 1),
-                    u32(2, _NFPROTO[family]),
-                    u32(3, REG_1),
-                    u32(4, REG_1),
-                    u32(5, REG_2),
-                    u32(6, REG_2),
-                    u32(7, 3),
-                )
+                _immediate(REG_1, address)
+                + _immediate(REG_2, struct.pack(">H", port))
+                + _nat(family)
             )
         case Masquerade():
             return _expr("masq", u32(1, 0x10))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 class Key(enum.Enum):
@@ -80,9 +81,9 @@ class Vmap:
     map_name: str
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """`jump X`, `goto X`, `return`, `drop`, `accept`."""
+class Verdict(NamedTuple):
+    """`jump X`, `goto X`, `return`, `drop`, `accept`. A tuple: tens of thousands of map
+    elements hold one, and the diff hashes them all."""
 
     kind: str
     chain: str | None = None
@@ -163,8 +164,7 @@ class Chain:
     comment: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Element:
+class Element(NamedTuple):
     """A set element (`key` fields joined by ` . `), and for a verdict map its verdict."""
 
     key: tuple[str, ...]

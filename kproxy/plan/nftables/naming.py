@@ -4,7 +4,6 @@ port's chains (`...__ip/port` for an endpoint's), so operators' knowledge carrie
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from functools import lru_cache
 
@@ -13,7 +12,7 @@ from kproxy.model.service import ServicePortName
 
 TABLE = "kube-proxy"
 TABLE_COMMENT = "rules for kube-proxy"
-MAX_NAME = 256  # NFT_NAME_MAXLEN - 1, for chains and sets
+MAX_NAME = 255  # NFT_NAME_MAXLEN (256) less the NUL, for chains and sets
 _LONGEST_PREFIX = len("affinity-")
 
 # Base chains.
@@ -44,10 +43,20 @@ NO_ENDPOINT_NODEPORTS = "no-endpoint-nodeports"
 FIREWALL_IPS = "firewall-ips"
 
 
+_BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+
+
+def _base32_40(data: bytes) -> str:
+    """The base32 text of 5 bytes (8 characters), as base64.b32encode writes it, without its
+    pure-Python loop (this runs once per endpoint)."""
+    value = int.from_bytes(data[:5], "big")
+    return "".join(_BASE32[(value >> shift) & 31] for shift in range(35, -1, -5))
+
+
 def _hash_and_truncate(text: str) -> str:
     # 8 base32 characters are exactly the digest's first 5 bytes.
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
-    name = base64.b32encode(digest[:5]).decode() + "-" + text
+    name = _base32_40(digest) + "-" + text
     limit = MAX_NAME - _LONGEST_PREFIX
     return name if len(name) <= limit else name[: limit - 3] + "..."
 

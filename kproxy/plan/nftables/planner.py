@@ -37,13 +37,14 @@ class NftablesPlanner:
     ) -> NftablesPlan:
         tables: dict[int, NftTable] = {}
         no_local = [0, 0]
+        rules = 0
         for family in families:
             cache = self._caches.setdefault(family, NftPlanCache())
             planned = plan_nft_table(services, endpoints, node, self.config, family, cache)
             tables[family] = planned.table
             no_local[0] += planned.no_local_internal
             no_local[1] += planned.no_local_external
-        rules = sum(len(c.rules) for t in tables.values() for c in t.chains)
+            rules += planned.rules
         return NodePlan(
             mode=MODE,
             kernel=tables,

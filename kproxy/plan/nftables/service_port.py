@@ -62,6 +62,7 @@ class PortPart:
     elements: tuple[tuple[str, Element], ...] = ()  # (map or set name, element)
     no_local_internal: int = 0
     no_local_external: int = 0
+    rules: int = 0
 
 
 def _goto(chain: str) -> Verdict:
@@ -106,7 +107,8 @@ def plan_port_part(ctx: NftContext, sp: ServicePort, endpoints: tuple[Endpoint, 
             elements.append((n.NO_ENDPOINT_NODEPORTS, Element(key, no_endpoints)))
 
     # Each endpoint's name part, hashed once (by identity: the categories share the objects).
-    bases = {id(ep): n.endpoint_base(spn, ep) for ep in cats.reachable}
+    reachable = cats.reachable
+    bases = {id(ep): n.endpoint_base(spn, ep) for ep in reachable}
     chains: list[Chain] = []
     if cats.has_any and port.externally_accessible:
         chains.append(_external_chain(ctx, port, policy.has_external))
@@ -120,10 +122,11 @@ def plan_port_part(ctx: NftContext, sp: ServicePort, endpoints: tuple[Endpoint, 
         if eps and wanted:
             head = (masq,) if masq is not None and name == internal else ()
             chains.append(Chain(name, head + _balance(port, eps, bases)))
-    chains.extend(_endpoint_chain(port, ep, bases[id(ep)]) for ep in cats.reachable)
+    chains.extend(_endpoint_chain(port, ep, bases[id(ep)]) for ep in reachable)
     return PortPart(
+        rules=sum(len(c.rules) for c in chains),
         chains=tuple(chains),
-        sets=_affinity_sets(port, cats.reachable, bases),
+        sets=_affinity_sets(port, reachable, bases),
         elements=tuple(elements),
         no_local_internal=int(policy.no_local_internal),
         no_local_external=int(policy.no_local_external),

@@ -13,7 +13,6 @@ from kproxy.model.endpoint import Endpoint
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import ServicePort, ServicePortName
 from kproxy.plan.iptables.local_traffic import build_local_detector
-from kproxy.plan.iptables.naming import spn_sort_key
 from kproxy.plan.iptables.ruleset import node_port_cidrs
 from kproxy.plan.nftables import naming as n
 from kproxy.plan.nftables.ir import (
@@ -91,7 +90,7 @@ def _jump_if_new(chain: str) -> Rule:
 
 def _base_chains() -> tuple[Chain, ...]:
     """Filter chains just before DNAT (they see the service address), NAT chains at the usual
-    priorities, and the post-DNAT firewall check for locally originated traffic."""
+    priorities, and a post-DNAT check of the node's own traffic."""
     before_dnat = DSTNAT - 10
     return (
         Chain(
@@ -111,12 +110,14 @@ def _base_chains() -> tuple[Chain, ...]:
         ),
         Chain(
             n.FILTER_OUTPUT,
-            (_jump_if_new(n.SERVICE_ENDPOINTS_CHECK), _jump_if_new(n.CLUSTER_IPS_CHECK)),
+            (_jump_if_new(n.SERVICE_ENDPOINTS_CHECK), _jump_if_new(n.FIREWALL_CHECK)),
             Hook("filter", "output", before_dnat),
         ),
+        # The node's own traffic is DNATed in this same hook: only after that does an address
+        # still being a ClusterIP mean a port no service has.
         Chain(
             n.FILTER_OUTPUT_POST_DNAT,
-            (_jump_if_new(n.FIREWALL_CHECK),),
+            (_jump_if_new(n.CLUSTER_IPS_CHECK),),
             Hook("filter", "output", DSTNAT + 10),
         ),
         Chain(
@@ -203,23 +204,46 @@ def _shared_chains(config: ProxyConfig, family: int, node_ports: NodePorts) -> t
     )
 
 
+def _port_order(item: tuple[ServicePortName, ServicePort]) -> tuple[str, str, str, str]:
+    """Namespace, name, port, protocol: the iptables mode's order (read off the fields, which
+    is cheaper than its cached key's lookup)."""
+    spn = item[0]
+    return (spn.service.namespace, spn.service.name, spn.port, spn.protocol.value)
+
+
 @dataclass
 class NftPlanCache:
     """Each service port's part from the previous plan, reused while the port, its endpoints and
     the context are unchanged. It never changes what build_nft_table returns, only how fast."""
 
     context: NftContext | None = None
-    ports: dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...], PortPart]] = field(
+    # By the ServicePort object's identity (the state keeps unchanged ports' objects from one
+    # snapshot to the next): hashing 10,000 ServicePortNames costs more than the lookups.
+    ports: dict[int, tuple[ServicePort, tuple[Endpoint, ...], PortPart]] = field(
+        default_factory=dict
+    )
+    _next: dict[int, tuple[ServicePort, tuple[Endpoint, ...], PortPart]] = field(
         default_factory=dict
     )
 
     def part_of(self, ctx: NftContext, sp: ServicePort, eps: tuple[Endpoint, ...]) -> PortPart:
-        hit = self.ports.get(sp.name)
-        if hit is not None and (hit[0] is sp or hit[0] == sp) and (hit[1] is eps or hit[1] == eps):
-            return hit[2]
-        part = plan_port_part(ctx, sp, eps)
-        self.ports[sp.name] = (sp, eps, part)
+        hit = self.ports.get(id(sp))
+        if hit is not None and hit[0] is sp and (hit[1] is eps or hit[1] == eps):
+            part = hit[2]
+        else:
+            part = plan_port_part(ctx, sp, eps)
+        self._next[id(sp)] = (sp, eps, part)
         return part
+
+    def begin(self, ctx: NftContext) -> None:
+        if self.context != ctx:
+            self.context = ctx
+            self.ports.clear()
+        self._next = {}
+
+    def finish(self) -> None:
+        """Keep only this plan's ports."""
+        self.ports, self._next = self._next, {}
 
 
 def _node_ip(config: ProxyConfig, node: NodeInfo, family: int) -> str | None:
@@ -240,6 +264,7 @@ class TablePlan:
     table: NftTable
     no_local_internal: int = 0
     no_local_external: int = 0
+    rules: int = 0
 
 
 def plan_nft_table(
@@ -259,9 +284,7 @@ def plan_nft_table(
         node_ip=_node_ip(config, node, family),
     )
     cache = cache if cache is not None else NftPlanCache()
-    if cache.context != ctx:
-        cache.context = ctx
-        cache.ports.clear()
+    cache.begin(ctx)
     node_ports = plan_node_ports(config, node, family)
     maps = _maps(family)
     elements: dict[str, dict[tuple[str, ...], Element]] = {m.name: {} for m in maps}
@@ -270,8 +293,9 @@ def plan_nft_table(
     sets: list[NamedSet] = []
     chains: list[Chain] = []
     no_local = [0, 0]
-    for spn in sorted(services, key=spn_sort_key):
-        part = cache.part_of(ctx, services[spn], endpoints.get(spn, ()))
+    rules = 0
+    for spn, sp in sorted(services.items(), key=_port_order):
+        part = cache.part_of(ctx, sp, endpoints.get(spn, ()))
         for name, element in part.elements:
             # Two services claiming one address and port: the first (in name order) wins.
             elements[name].setdefault(element.key, element)
@@ -279,8 +303,8 @@ def plan_nft_table(
         chains.extend(part.chains)
         no_local[0] += part.no_local_internal
         no_local[1] += part.no_local_external
-    for gone in cache.ports.keys() - services.keys():
-        del cache.ports[gone]
+        rules += part.rules
+    cache.finish()
     table = NftTable(
         family=family,
         name=n.TABLE,
@@ -289,7 +313,8 @@ def plan_nft_table(
         elements={name: frozenset(e.values()) for name, e in elements.items() if e},
         chains=(*_base_chains(), *_shared_chains(config, family, node_ports), *chains),
     )
-    return TablePlan(table, no_local[0], no_local[1])
+    shared = sum(len(c.rules) for c in table.chains[: len(table.chains) - len(chains)])
+    return TablePlan(table, no_local[0], no_local[1], rules + shared)
 
 
 def build_nft_table(
