@@ -91,3 +91,19 @@ def test_changes_name_the_services_touched() -> None:
     state.delete_slice(NamespacedName("default", "a"))
     assert state.take_changes() == {SVC}
     assert state.endpoints_map() == {}
+
+
+def test_the_maps_are_built_once_until_something_changes() -> None:
+    state = ClusterState()
+    svc = NamespacedName("default", "web")
+    spn = ServicePortName(svc, "http", Protocol.TCP)
+    state.set_service(svc, [ServicePort(spn, ("10.96.0.5",), 80)])
+    state.set_slice(slice_("web-1", Endpoint("10.0.0.1", 0)))
+    services, endpoints = state.services_map(), state.endpoints_map()
+    state.take_changes()
+    assert state.services_map() is services and state.endpoints_map() is endpoints
+    state.set_slice(slice_("web-1", Endpoint("10.0.0.2", 0)))
+    assert state.endpoints_map() is not endpoints
+    assert [ep.ip for ep in state.endpoints_map()[spn]] == ["10.0.0.2"]
+    state.delete_service(svc)
+    assert state.services_map() == {}

@@ -28,16 +28,20 @@ class ClusterState:
         # so that a sync touching one service does not rebuild every other service's endpoints.
         self._slices_of: dict[NamespacedName, set[NamespacedName]] = {}
         self._endpoints_of: dict[NamespacedName, EndpointsMap] = {}
+        # The two maps as last built, until the next change: a sync with nothing changed (the
+        # periodic one) then costs no copy of 10,000 services. Callers must not modify them.
+        self._services_map: ServicesMap | None = None
+        self._endpoints_map: EndpointsMap | None = None
 
     def set_service(self, key: NamespacedName, ports: Iterable[ServicePort]) -> None:
         ports = tuple(ports)
         if self._services.get(key) != ports:
             self._services[key] = ports
-            self._changed.add(key)
+            self._mark(key)
 
     def delete_service(self, key: NamespacedName) -> None:
         if self._services.pop(key, None) is not None:
-            self._changed.add(key)
+            self._mark(key)
 
     def set_slice(self, info: EndpointSliceInfo) -> None:
         old = self._slices.get(info.key)
@@ -47,7 +51,7 @@ class ClusterState:
             self._slices[info.key] = info
             self._slices_of.setdefault(info.service, set()).add(info.key)
             self._endpoints_of.pop(info.service, None)
-            self._changed.add(info.service)
+            self._mark(info.service)
             if info.trigger_time is not None:
                 self._trigger_times.append(info.trigger_time)
 
@@ -63,7 +67,11 @@ class ClusterState:
             if not keys:
                 del self._slices_of[old.service]
         self._endpoints_of.pop(old.service, None)
-        self._changed.add(old.service)
+        self._mark(old.service)
+
+    def _mark(self, service: NamespacedName) -> None:
+        self._changed.add(service)
+        self._services_map = self._endpoints_map = None
 
     def take_changes(self) -> set[NamespacedName]:
         """The services changed since the previous call."""
@@ -86,11 +94,15 @@ class ClusterState:
         return set(self._slices)
 
     def services_map(self) -> ServicesMap:
-        return {sp.name: sp for ports in self._services.values() for sp in ports}
+        if self._services_map is None:
+            self._services_map = {sp.name: sp for ports in self._services.values() for sp in ports}
+        return self._services_map
 
     def endpoints_map(self) -> EndpointsMap:
         """Endpoints of every service port; unchanged services keep the same tuples from one
         call to the next."""
+        if self._endpoints_map is not None:
+            return self._endpoints_map
         merged: EndpointsMap = {}
         for service, keys in self._slices_of.items():
             cached = self._endpoints_of.get(service)
@@ -98,6 +110,7 @@ class ClusterState:
                 cached = build_endpoints_map(self._slices[k] for k in keys)
                 self._endpoints_of[service] = cached
             merged.update(cached)
+        self._endpoints_map = merged
         return merged
 
 
