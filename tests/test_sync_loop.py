@@ -181,3 +181,16 @@ def test_a_sync_with_nothing_changed_reuses_the_last_plan_and_commits_nothing() 
     box.apply(upsert(Kind.ENDPOINT_SLICE, endpoint_slice("web", ["10.0.0.2"])))
     assert loop.sync()
     assert fake.commits > commits and "10.0.0.2:8080" in fake.dump()
+
+
+def test_a_removed_udp_service_loses_its_flows_even_after_a_failed_sync() -> None:
+    box, loop, fake = agent()
+    cleanups: list[dict[int, Any]] = []
+    loop.clean_conntrack = lambda serving: cleanups.append(dict(serving)) or 0
+    box.apply(upsert(Kind.SERVICE, service("dns", "10.96.0.10", "UDP")))
+    assert loop.sync()
+    box.apply(remove(Kind.SERVICE, service("dns", "10.96.0.10", "UDP")))
+    fake.fail_next_commit()
+    assert loop.sync() is None  # the failed sync forgets its plan, not what was served
+    assert loop.sync()
+    assert cleanups[-1] == {4: {("10.96.0.10", 80): frozenset()}}

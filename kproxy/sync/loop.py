@@ -132,6 +132,9 @@ class SyncLoop:
     _last_full: float = 0.0
     # The last successful plan and the node it was made for: reused while nothing changed.
     _last_plan: tuple[NodeInfo, NodePlan[Any]] | None = None
+    # The UDP service addresses the last successful sync served (kept across failed syncs):
+    # those a later plan drops have their flows deleted.
+    _served: Mapping[int, UdpServing] = field(default_factory=dict)
 
     def run(self, stop: threading.Event) -> None:
         """Sync until `stop` is set: after changes (no sooner than minSyncPeriod after the last
@@ -225,13 +228,10 @@ class SyncLoop:
     def clean_stale_flows(self, snapshot: Snapshot, plan: NodePlan[Any]) -> None:
         if self.clean_conntrack is None or not udp_changed(snapshot):
             return
-        serving = plan.udp_serving
-        if self._last_plan is not None:  # the previous plan's: its removed services go too
-            before = self._last_plan[1].udp_serving
-            serving = {
-                family: with_removed(before.get(family, {}), serving.get(family, {}))
-                for family in plan.families
-            }
+        serving = {  # with the services removed since the last successful sync
+            family: with_removed(self._served.get(family, {}), plan.udp_serving.get(family, {}))
+            for family in plan.families
+        }
         started = time.monotonic()
         try:
             deleted = self.clean_conntrack(serving)
@@ -247,6 +247,7 @@ class SyncLoop:
         snapshot, plan, result, seconds = outcome
         self._needs_full = False
         self._last_plan = (snapshot.node, plan)
+        self._served = plan.udp_serving
         if snapshot.full:
             self._last_full = time.monotonic()
         # A partial sync turns full where a table changed behind kproxy's back and was read.

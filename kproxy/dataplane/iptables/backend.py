@@ -149,6 +149,13 @@ class IptablesDataplane:
             result.tables.append(changes)
         if touched:
             self._tables.keep(touched, ahead.lock.hand_over())
+        else:
+            # Nothing committed: let go of the lock now, not when the sync ends. The other
+            # family's process needs the same lock for its own apply in this sync (held until
+            # then, a dual-stack sync that changed only IPv6 waited out the lock timeout).
+            if ahead.images is not None:
+                ahead.images.join()
+            ahead.lock.release()
         return result
 
     def cleanup(self) -> ApplyResult:
