@@ -86,7 +86,7 @@ def run_kproxy(services: int, endpoints: int) -> dict[str, float]:
         return SyncLoop(box, config, NftablesPlanner(config), node, metrics, health)
 
     loop = fresh_loop()
-    snapshot = loop._take_snapshot()
+    snapshot = loop.take_snapshot()
     started = time.perf_counter()
     with gc_paused():  # as SyncLoop.sync plans
         loop.plan(snapshot)
