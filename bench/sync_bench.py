@@ -155,7 +155,7 @@ def run_kproxy(services: int, endpoints: int) -> dict[str, float]:
 
     # (d) planning alone, with cold caches, as the agent's first sync plans.
     loop = fresh_loop()
-    snapshot = loop._take_snapshot()
+    snapshot = loop.take_snapshot()
     started = time.perf_counter()
     with gc_paused():
         loop.plan(snapshot)
