@@ -3,7 +3,7 @@ loadBalancerSourceRanges: who may use the load balancer's address, and who may n
 
 from __future__ import annotations
 
-from integration.conftest import Cluster
+from integration.conftest import Cluster, both_modes
 from integration.netns import NODE_IP, OUTSIDE_IP
 from integration.traffic import probe
 
@@ -16,6 +16,8 @@ NODE_PORT = 30080
 EXTERNAL_IP = "203.0.113.10"
 LB_IP = "203.0.113.20"
 FAR_IP, NODE_IP_2 = "172.31.1.1", "172.31.1.2"
+
+pytestmark = both_modes  # every test here, in the iptables and the nftables mode
 
 
 def test_external_ip_reaches_the_endpoints(cluster: Cluster) -> None:
