@@ -91,7 +91,13 @@ def _jump_if_new(chain: str) -> Rule:
 
 def _base_chains() -> tuple[Chain, ...]:
     """Filter chains just before DNAT (they see the service address), NAT chains at the usual
-    priorities, and the post-DNAT firewall check for locally originated traffic."""
+    priorities, and the post-DNAT checks for locally originated traffic.
+
+    `cluster-ips-check` rejects whatever still goes to a ClusterIP, so it must see packets after
+    DNAT, when only ClusterIP ports without a service are left: on the forward hook (after
+    prerouting's DNAT) and, for the node's own traffic, in `filter-output-post-dnat` (after
+    `nat-output`). In `filter-output`, before DNAT, it rejected every connection from the node
+    to every ClusterIP."""
     before_dnat = DSTNAT - 10
     return (
         Chain(
@@ -111,12 +117,12 @@ def _base_chains() -> tuple[Chain, ...]:
         ),
         Chain(
             n.FILTER_OUTPUT,
-            (_jump_if_new(n.SERVICE_ENDPOINTS_CHECK), _jump_if_new(n.CLUSTER_IPS_CHECK)),
+            (_jump_if_new(n.SERVICE_ENDPOINTS_CHECK),),
             Hook("filter", "output", before_dnat),
         ),
         Chain(
             n.FILTER_OUTPUT_POST_DNAT,
-            (_jump_if_new(n.FIREWALL_CHECK),),
+            (_jump_if_new(n.FIREWALL_CHECK), _jump_if_new(n.CLUSTER_IPS_CHECK)),
             Hook("filter", "output", DSTNAT + 10),
         ),
         Chain(
