@@ -83,7 +83,8 @@ def test_lock_held_too_long_is_refused_and_nothing_written(tmp_path: Path) -> No
     assert "KUBE-" not in proc.stdout
 
 
-# The iptables mode only: the nftables mode writes netlink itself and loads no libiptc.
+# The iptables mode only: the nftables mode writes its table over netlink, and loads libiptc only
+# to remove iptables-mode chains a node already has (none in this fresh namespace).
 def test_missing_libiptc_is_refused(tmp_path: Path) -> None:
     manifest = tmp_path / "m.yaml"
     manifest.write_text(MANIFEST)
