@@ -428,10 +428,11 @@ def agent_config(
 class AgentNode:
     """A node namespace with the API server on its loopback and the agent next to it."""
 
-    def __init__(self, topo: Topology, workdir: Path) -> None:
+    def __init__(self, topo: Topology, workdir: Path, mode: str = "iptables") -> None:
         self.topo = topo
         self.node: Namespace = topo.node
         self.workdir = workdir
+        self.mode = mode  # the proxy mode configure() writes
         self.lock_file = workdir / "xtables.lock"
         self.kubeconfig = workdir / "kubeconfig.yaml"
         self.config_file = workdir / "kube-proxy-config.yaml"
@@ -454,10 +455,8 @@ class AgentNode:
         self.worker(self.node).call(self.api.start)
         self.api.write_kubeconfig(self.kubeconfig)
 
-    def configure(
-        self, sync_period: str = "2s", min_sync_period: str = "0s", mode: str = "iptables"
-    ) -> None:
-        doc = agent_config(sync_period, min_sync_period, mode=mode)
+    def configure(self, sync_period: str = "2s", min_sync_period: str = "0s") -> None:
+        doc = agent_config(sync_period, min_sync_period, mode=self.mode)
         self.config_file.write_text(yaml.safe_dump(doc))
 
     def backend(self, name: str, ip: str, port: int, proto: str = "tcp") -> Pod:
@@ -512,6 +511,19 @@ class AgentNode:
         text = self.node.run("iptables-legacy-save").stdout
         lines = [line for line in text.splitlines() if not line.startswith("#")]
         return "\n".join(re.sub(r"\[\d+:\d+\]$", "[0:0]", line) for line in lines) + "\n"
+
+    def rules(self) -> str:
+        """What the proxy mode wrote for IPv4, as comparable text: save() in the iptables mode,
+        `nft list ruleset ip` in the nftables mode."""
+        if self.mode == "nftables":
+            return self.node.run("nft", "list", "ruleset", "ip").stdout
+        return self.save()
+
+    def dnat_to(self, ip: str, port: int) -> str:
+        """How the mode's rules print a DNAT to ip:port (to wait for with wait_for_nat)."""
+        if self.mode == "nftables":
+            return f"dnat to {ip}:{port}"
+        return f"--to-destination {ip}:{port}"
 
     def iptables(self, *args: str, lock_file: Path | None = None) -> None:
         lock = str(lock_file or self.lock_file)
@@ -576,11 +588,14 @@ class AgentNode:
 
 
 @contextlib.contextmanager
-def agent_node(label: str, workdir: Path, with_api: bool = True) -> Iterator[AgentNode]:
+def agent_node(
+    label: str, workdir: Path, with_api: bool = True, mode: str = "iptables"
+) -> Iterator[AgentNode]:
     """A fresh node (namespaces `kpt-<label>-<random>-*`) with the API server listening on its
-    loopback and holding this node's Node object; all of it removed on exit."""
+    loopback and holding this node's Node object, its agent configured for proxy `mode`; all of
+    it removed on exit."""
     with topology(label) as topo:
-        node = AgentNode(topo, workdir)
+        node = AgentNode(topo, workdir, mode)
         try:
             if with_api:
                 node.start_api()
@@ -606,11 +621,16 @@ def median_and_max(values: Sequence[float]) -> tuple[float, float]:
 
 
 def nat_rules(node: AgentNode) -> str:
+    """The node's IPv4 nat rules: the nat table in the iptables mode, kproxy's whole `ip`
+    table in the nftables mode (its nat and filter chains live in one table)."""
+    if node.mode == "nftables":
+        return node.node.run("nft", "list", "ruleset", "ip").stdout
     return node.node.run("iptables-legacy-save", "-t", "nat").stdout
 
 
 def wait_for_nat(node: AgentNode, text: str, present: bool = True, timeout: float = 15.0) -> bool:
-    """Wait until `text` appears in (or, present=False, vanishes from) the node's nat table."""
+    """Wait until `text` appears in (or, present=False, vanishes from) the node's nat rules
+    (nat_rules); node.dnat_to(ip, port) is the text of a DNAT in the node's mode."""
     return wait_until(lambda: (text in nat_rules(node)) == present, timeout, interval=0.1)
 
 

@@ -22,6 +22,12 @@ from integration.manifests import NODE_NAME, endpoint_slice_manifest, service_ma
 from integration.netns import Namespace, Pod, Topology, run_kproxy, topology
 from integration.traffic import start_server
 
+# The kernel modes the traffic tests run in. A test (or module) marked `both_modes` runs once per
+# mode: the `proxy_mode` fixture takes each value and `cluster` (and agent_node) write it into the
+# KubeProxyConfiguration. Unmarked tests run in the iptables mode only.
+MODES = ("iptables", "nftables")
+both_modes = pytest.mark.parametrize("proxy_mode", MODES, indirect=True)
+
 _TOOLS = ("ip", "iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore", "nft")
 # The node kproxy programs (--hostname-override), and another one: endpoints whose nodeName is
 # REMOTE_NODE count as remote for traffic policies, though the simulated node still routes to them.
@@ -174,17 +180,28 @@ class Cluster:
         """Run kproxy in the node namespace; returns its stdout (it must exit 0)."""
         return run_kproxy(self.node, *args, lock_file=self.lock_file).stdout
 
-    def sync(self) -> str:
-        """`kproxy sync --once` as node NODE_NAME; returns its one-line summary."""
+    def config_args(self) -> list[str]:
+        """`--config FILE` for a kproxy command, written first when the mode is not the default
+        (the iptables mode); nothing when there is no config."""
         if self.config_file is None and self.mode != "iptables":
             self.configure()
+        return [] if self.config_file is None else ["--config", str(self.config_file)]
+
+    def sync(self) -> str:
+        """`kproxy sync --once` as node NODE_NAME; returns its one-line summary."""
         args = ["sync", "--once", "--manifests", str(self.manifests)]
-        args += ["--hostname-override", NODE_NAME]
-        if self.config_file is not None:
-            args += ["--config", str(self.config_file)]
+        args += ["--hostname-override", NODE_NAME, *self.config_args()]
         lines = self.kproxy(*args).splitlines()
         assert len(lines) == 1, f"sync --once should print one summary line, printed {lines}"
         return lines[0]
+
+    def rules(self, family: int = 4) -> str:
+        """What the proxy mode wrote into the kernel for one family, as comparable text: the
+        legacy tables (save()) in the iptables mode, `nft list ruleset ip|ip6` in the nftables
+        mode (empty when kproxy's table is gone)."""
+        if self.mode == "nftables":
+            return self.node.run("nft", "list", "ruleset", "ip" if family == 4 else "ip6").stdout
+        return self.save(family)
 
     def iptables(self, *args: str) -> None:
         self.node.run("iptables-legacy", "-w", *args, env={"XTABLES_LOCKFILE": str(self.lock_file)})
@@ -199,20 +216,19 @@ class Cluster:
         return "\n".join(re.sub(r"\[\d+:\d+\]$", "[0:0]", line) for line in lines) + "\n"
 
 
-# Runs a test in each proxy mode that programs netfilter rules of its own (`@BOTH_MODES`, or
-# `pytestmark = BOTH_MODES` for a whole module): the `cluster` fixture takes the mode.
-BOTH_MODES = pytest.mark.parametrize("proxy_mode", ["iptables", "nftables"])
-
-
 @pytest.fixture
-def proxy_mode() -> str:
-    return "iptables"
+def proxy_mode(request: pytest.FixtureRequest) -> str:
+    """The proxy mode under test: `iptables`, or each of MODES in a test marked `both_modes`."""
+    mode = getattr(request, "param", "iptables")
+    assert mode in MODES, mode
+    return str(mode)
 
 
 @pytest.fixture
 def cluster(tmp_path: Path, proxy_mode: str) -> Iterator[Cluster]:
-    """A fresh simulated node with no pods yet; everything is removed after the test."""
+    """A fresh simulated node with no pods yet, running `proxy_mode`; everything is removed after
+    the test."""
     with topology() as topo:
-        node = Cluster(topo, tmp_path)
-        node.mode = proxy_mode
-        yield node
+        built = Cluster(topo, tmp_path)
+        built.mode = proxy_mode
+        yield built

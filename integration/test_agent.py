@@ -2,7 +2,7 @@
 the real `kubernetes` client (or by manifest files), with real traffic from pod namespaces.
 
 See integration/agent_harness.py for how the pieces are wired; the figures printed here (change
-latency, drain time) are shown with `pytest -s`.
+latency, drain time) are shown with `pytest -s`. Every test runs in both proxy modes.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from integration.agent_harness import (
     wait_until,
     wall_time,
 )
+from integration.conftest import both_modes
 from integration.manifests import service_manifest
 
 VIP = "10.96.0.10"
@@ -39,17 +40,19 @@ DNS_VIP = "10.96.0.53"
 CLIENT_PORT = 40053  # the UDP client's fixed source port: one conntrack flow for all its datagrams
 CHANGE_BOUND = 10.0  # generous upper bound on API change -> traffic (syncPeriod is 2 s)
 
+pytestmark = both_modes
+
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[AgentNode]:
-    with agent_node("agent", tmp_path) as built:
+def node(tmp_path: Path, proxy_mode: str) -> Iterator[AgentNode]:
+    with agent_node("agent", tmp_path, mode=proxy_mode) as built:
         yield built
 
 
 @pytest.fixture
-def bare_node(tmp_path: Path) -> Iterator[AgentNode]:
+def bare_node(tmp_path: Path, proxy_mode: str) -> Iterator[AgentNode]:
     """A node without the API server, for the file source."""
-    with agent_node("files", tmp_path, with_api=False) as built:
+    with agent_node("files", tmp_path, with_api=False, mode=proxy_mode) as built:
         yield built
 
 
@@ -101,7 +104,7 @@ def test_udp_flow_moves_to_new_endpoint_after_conntrack_cleanup(node: AgentNode)
     node.api.create("Service", service_manifest("dns", DNS_VIP, 53, 53, "UDP"))
     node.api.create("EndpointSlice", slice_object("dns", [old.ip], 53, "UDP"))
     # Start the flow only once the rules exist, so it is DNATed to the old pod from its start.
-    assert wait_for_nat(node, f"--to-destination {old.ip}:53")
+    assert wait_for_nat(node, node.dnat_to(old.ip, 53))
     flow_start = time.monotonic()
     poller = node.poller(
         client, DNS_VIP, 53, proto="udp", interval=0.05, timeout=0.5, source_port=CLIENT_PORT
@@ -188,7 +191,7 @@ def test_metrics_report_syncs_and_network_programming_latency(node: AgentNode) -
     node.api.update(
         "EndpointSlice", slice_object("web", [b.ip], TARGET, trigger_time=rfc3339(changed_at))
     )
-    assert wait_for_nat(node, f"--to-destination {b.ip}:{TARGET}")
+    assert wait_for_nat(node, node.dnat_to(b.ip, TARGET))
     status, text = node.http_get(METRICS_PORT, "/metrics")
     assert status == 200
     families = _families(text)
@@ -220,8 +223,8 @@ def test_sigterm_exits_zero_and_leaves_rules_working(node: AgentNode) -> None:
     node.api.create("Service", service_manifest("web", VIP, PORT, TARGET))
     node.api.create("EndpointSlice", slice_object("web", [a.ip], TARGET))
     agent = node.start_agent()
-    assert wait_for_nat(node, f"--to-destination {a.ip}:{TARGET}")
-    rules = node.save()
+    assert wait_for_nat(node, node.dnat_to(a.ip, TARGET))
+    rules = node.rules()
 
     asked = time.monotonic()
     status = agent.terminate()
@@ -230,7 +233,7 @@ def test_sigterm_exits_zero_and_leaves_rules_working(node: AgentNode) -> None:
     assert status == 0, agent.log_tail()
     assert took < 5.0
     assert agent.events("agent_stopped"), agent.log_tail()
-    assert node.save() == rules
+    assert node.rules() == rules
     assert node.probe(client, VIP, PORT, 20) == {"web-a": 20}
 
 
@@ -249,7 +252,7 @@ def test_manifest_source_follows_file_edits(bare_node: AgentNode, tmp_path: Path
 
     write(a.ip)
     node.start_agent("--manifests", str(manifests))
-    assert wait_for_nat(node, f"--to-destination {a.ip}:{TARGET}")
+    assert wait_for_nat(node, node.dnat_to(a.ip, TARGET))
     poller = node.poller(client, VIP, PORT, interval=0.02, timeout=0.5)
     assert poller.settled_on({"web-a"}, 0.0, streak=10, timeout=10) < float("inf")
 

@@ -2,11 +2,14 @@
 killed and restarted, someone flushing the nat table, and syncs stalled on the xtables lock.
 
 Traffic keeps flowing wherever the rules are already right, and the agent recovers by itself.
+Every test but the lock stall (the xtables lock is the iptables mode's) runs in both proxy modes.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +28,7 @@ from integration.agent_harness import (
     wait_for_nat,
     wait_until,
 )
+from integration.conftest import both_modes
 from integration.manifests import service_manifest
 
 VIP = "10.96.0.10"
@@ -38,8 +42,8 @@ LOCK_TIMEOUT = 5.0  # kproxy run --lock-timeout default
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[AgentNode]:
-    with agent_node("fault", tmp_path) as built:
+def node(tmp_path: Path, proxy_mode: str) -> Iterator[AgentNode]:
+    with agent_node("fault", tmp_path, mode=proxy_mode) as built:
         yield built
 
 
@@ -48,13 +52,14 @@ def _web(node: AgentNode, *pod_ips: str) -> None:
     node.api.apply("EndpointSlice", slice_object("web", list(pod_ips), TARGET))
 
 
+@both_modes
 def test_api_outage_keeps_traffic_and_later_changes_apply(node: AgentNode) -> None:
     a = node.backend("web-a", "192.168.1.10", TARGET)
     b = node.backend("web-b", "192.168.2.10", TARGET)
     client = node.client("client", "192.168.9.9")
     _web(node, a.ip)
     agent = node.start_agent()
-    assert wait_for_nat(node, f"--to-destination {a.ip}:{TARGET}")
+    assert wait_for_nat(node, node.dnat_to(a.ip, TARGET))
     poller = node.poller(client, VIP, PORT, interval=0.05, timeout=1.0)
     assert poller.settled_on({"web-a"}, 0.0, streak=5, timeout=10) < float("inf")
 
@@ -81,6 +86,7 @@ def test_api_outage_keeps_traffic_and_later_changes_apply(node: AgentNode) -> No
     assert agent.proc.poll() is None and len(node.agents) == 1  # the same agent, never restarted
 
 
+@both_modes
 def test_watch_410_relists_and_converges_to_change_made_meanwhile(node: AgentNode) -> None:
     a = node.backend("web-a", "192.168.1.10", TARGET)
     b = node.backend("web-b", "192.168.2.10", TARGET)
@@ -112,57 +118,72 @@ def test_watch_410_relists_and_converges_to_change_made_meanwhile(node: AgentNod
     assert changed_with[0] - lists in (1, 2), "the change raced past the relists"
 
     assert api.wait_for_count("list", "EndpointSlice", lists + 3, timeout=CHANGE_BOUND)
-    assert wait_for_nat(node, f"--to-destination {b.ip}:{TARGET}", timeout=CHANGE_BOUND)
+    assert wait_for_nat(node, node.dnat_to(b.ip, TARGET), timeout=CHANGE_BOUND)
     expired = [e for e in agent.events("watch_expired") if e["kind"] == "EndpointSlice"]
     assert len(expired) == 2, agent.log_tail()
     assert node.probe(client, VIP, PORT, 20) == {"web-b": 20}
     assert api.count("list", "EndpointSlice") == lists + 3  # and no relist loop afterwards
 
 
+@both_modes
 def test_sigkill_and_restart_keep_connections_and_rules(node: AgentNode) -> None:
     pods = [node.backend(f"web-{i}", f"192.168.{i}.10", TARGET) for i in (1, 2)]
     client = node.client("client", "192.168.9.9")
     _web(node, *(p.ip for p in pods))
     agent = node.start_agent()
-    assert wait_for_nat(node, f"--to-destination {pods[1].ip}:{TARGET}")
-    rules = node.save()
+    assert wait_for_nat(node, node.dnat_to(pods[1].ip, TARGET))
+    rules = node.rules()
     poller = node.poller(client, VIP, PORT, interval=0.02, timeout=1.0)
     assert poller.settled_on({"web-1", "web-2"}, 0.0, streak=10, timeout=10) < float("inf")
 
     agent.kill()
     assert agent.proc.returncode == -9
     time.sleep(1.0)
-    assert node.save() == rules  # a killed agent leaves its rules
+    assert node.rules() == rules  # a killed agent leaves its rules
     restarted = node.start_agent()
     restarted.wait_for_event("sync_completed", count=2, timeout=CHANGE_BOUND)  # a periodic one too
     time.sleep(0.5)
     attempts = poller.stop()
 
-    assert node.save() == rules
+    assert node.rules() == rules
     first = restarted.syncs()[0]
     assert first["full_sync"] and first["chains_written"] == 0, first  # nothing to rewrite
     assert len(attempts) > 50 and all(x.ok for x in attempts), summarize(attempts)
     assert set(summarize(attempts)) == {"web-1", "web-2"}
 
 
+@both_modes
 def test_flushed_nat_table_is_restored_within_sync_period(node: AgentNode) -> None:
     a = node.backend("web-a", "192.168.1.10", TARGET)
     client = node.client("client", "192.168.9.9")
     _web(node, a.ip)
     agent = node.start_agent()
-    assert wait_for_nat(node, f"--to-destination {a.ip}:{TARGET}")
-    rules = node.save()
+    assert wait_for_nat(node, node.dnat_to(a.ip, TARGET))
+    rules = node.rules()
 
-    # Hold the agent's lock while flushing, so the broken state is seen before any repair.
-    other_lock = node.workdir / "other-xtables.lock"
-    with holding_lock(node.lock_file):
-        node.iptables("-t", "nat", "-F", lock_file=other_lock)
-        node.iptables("-t", "nat", "-X", lock_file=other_lock)
-        assert "KUBE-" not in nat_rules(node)
-        broken = node.exchange(client, VIP, PORT, timeout=0.5)
-        assert not broken.ok, broken
+    if node.mode == "nftables":
+        # Another program flushes every chain of kproxy's table. The agent is stopped meanwhile
+        # (SIGSTOP: it takes no lock to hold), so the broken state is seen before any repair.
+        os.kill(agent.pid, signal.SIGSTOP)
+        try:
+            node.node.run("nft", "flush", "table", "ip", "kube-proxy")
+            assert "dnat to" not in nat_rules(node)
+            broken = node.exchange(client, VIP, PORT, timeout=0.5)
+            assert not broken.ok, broken
+        finally:
+            os.kill(agent.pid, signal.SIGCONT)
         flushed = time.monotonic()
-    restored = wait_until(lambda: node.save() == rules, timeout=CHANGE_BOUND, interval=0.1)
+    else:
+        # Hold the agent's lock while flushing, so the broken state is seen before any repair.
+        other_lock = node.workdir / "other-xtables.lock"
+        with holding_lock(node.lock_file):
+            node.iptables("-t", "nat", "-F", lock_file=other_lock)
+            node.iptables("-t", "nat", "-X", lock_file=other_lock)
+            assert "KUBE-" not in nat_rules(node)
+            broken = node.exchange(client, VIP, PORT, timeout=0.5)
+            assert not broken.ok, broken
+            flushed = time.monotonic()
+    restored = wait_until(lambda: node.rules() == rules, timeout=CHANGE_BOUND, interval=0.1)
     took = time.monotonic() - flushed
     print(f"\nnat table flushed -> rules restored in {took:.1f} s (syncPeriod 2 s)")
     assert restored, agent.log_tail()
@@ -174,13 +195,15 @@ def _health(node: AgentNode, path: str) -> tuple[int, dict[str, object]]:
     return status, json.loads(body)
 
 
+# The iptables mode only: the stall is made by holding the xtables lock, which the nftables mode
+# never takes (its sync is one netlink transaction).
 def test_healthz_turns_503_while_syncs_stall_and_200_after(node: AgentNode) -> None:
     a = node.backend("web-a", "192.168.1.10", TARGET)
     b = node.backend("web-b", "192.168.2.10", TARGET)
     client = node.client("client", "192.168.9.9")
     _web(node, a.ip)
     agent = node.start_agent()
-    assert wait_for_nat(node, f"--to-destination {a.ip}:{TARGET}")
+    assert wait_for_nat(node, node.dnat_to(a.ip, TARGET))
     assert _health(node, "/healthz")[0] == 200
     assert _health(node, "/livez")[0] == 200
 
@@ -223,6 +246,7 @@ def test_healthz_turns_503_while_syncs_stall_and_200_after(node: AgentNode) -> N
     assert failures and float(failures[0].split()[1]) >= 1, failures
 
 
+@both_modes
 def test_a_second_agent_on_a_busy_healthz_port_says_so_and_exits(node: AgentNode) -> None:
     _web(node, "192.168.1.10")
     first = node.start_agent()

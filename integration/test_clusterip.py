@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from integration.conftest import BOTH_MODES, Cluster
+from integration.conftest import Cluster, both_modes
 from integration.traffic import probe
 
 VIP = "10.96.100.10"
 PORT = 80
 TARGET = 8080
 
-
-pytestmark = BOTH_MODES
+pytestmark = both_modes  # every test here, in the iptables and the nftables mode
 
 
 def test_tcp_clusterip_reaches_every_endpoint_evenly(cluster: Cluster) -> None:

@@ -3,7 +3,7 @@ loadBalancerSourceRanges: who may use the load balancer's address, and who may n
 
 from __future__ import annotations
 
-from integration.conftest import BOTH_MODES, Cluster
+from integration.conftest import Cluster, both_modes
 from integration.netns import NODE_IP, OUTSIDE_IP
 from integration.traffic import probe
 
@@ -17,7 +17,7 @@ EXTERNAL_IP = "203.0.113.10"
 LB_IP = "203.0.113.20"
 FAR_IP, NODE_IP_2 = "172.31.1.1", "172.31.1.2"
 
-pytestmark = BOTH_MODES
+pytestmark = both_modes  # every test here, in the iptables and the nftables mode
 
 
 def test_external_ip_reaches_the_endpoints(cluster: Cluster) -> None:

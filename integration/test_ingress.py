@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import shutil
 
-from integration.conftest import Cluster
+from integration.conftest import Cluster, both_modes
 from integration.demo import (
     INGRESS_SCENARIO,
     SCENARIO,
@@ -39,6 +39,7 @@ def test_controller_matches_paths_as_an_ingress_prefix() -> None:
     assert match_route(routes, "/") is None
 
 
+@both_modes
 def test_outside_client_reaches_my_nginx_through_the_ingress_node_port(cluster: Cluster) -> None:
     for path in (SCENARIO / "my-nginx.yaml", *sorted(INGRESS_SCENARIO.glob("*.yaml"))):
         shutil.copy(path, cluster.manifests / f"{path.parent.name}-{path.name}")

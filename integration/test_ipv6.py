@@ -1,5 +1,6 @@
-"""Dual-stack: kproxy programs ip6tables (from a process of its own) alongside iptables, and IPv6
-traffic reaches the endpoints of an IPv6 ClusterIP and NodePort."""
+"""Dual-stack: kproxy programs ip6tables (from a process of its own) alongside iptables, or the
+`ip6 kube-proxy` table beside `ip kube-proxy` in the nftables mode, and IPv6 traffic reaches the
+endpoints of an IPv6 ClusterIP and NodePort. Every test runs in both modes."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import re
 
 import pytest
 
-from integration.conftest import Cluster
+from integration.conftest import Cluster, both_modes
 from integration.netns import NODE_IP, NODE_IP6, OUTSIDE_IP6
 from integration.traffic import probe
 
@@ -16,6 +17,8 @@ PORT = 80
 TARGET = 8080
 NODE_PORT = 30080
 CLIENT_IP, CLIENT_IP6 = "192.168.9.9", "fd00:168:9::9"
+
+pytestmark = both_modes
 
 
 def _dual_stack_service(cluster: Cluster) -> None:
@@ -97,15 +100,26 @@ def test_ipv6_rules_in_dump_and_second_sync_changes_nothing(cluster: Cluster) ->
     _dual_stack_service(cluster)
     cluster.sync()
 
-    dump6 = cluster.kproxy("dump", "--family", "6")
-    dump4 = cluster.kproxy("dump", "--family", "4")
+    dump6 = cluster.kproxy("dump", "--family", "6", *cluster.config_args())
+    dump4 = cluster.kproxy("dump", "--family", "4", *cluster.config_args())
 
-    assert re.search(rf"^-A KUBE-SERVICES -d {VIP6}/128 .* -j KUBE-SVC-\w+$", dump6, re.M), dump6
-    for i in (1, 2):
-        dnat = f"-j DNAT --to-destination [fd00:168:{i}::10]:{TARGET}"
-        assert re.search(rf"^-A KUBE-SEP-\w+ .*{re.escape(dnat)}$", dump6, re.M), dump6
+    if cluster.mode == "nftables":
+        assert dump6.startswith("table ip6 kube-proxy {"), dump6
+        assert dump4.startswith("table ip kube-proxy {"), dump4
+        assert re.search(rf"\b{VIP6} \. tcp \. {PORT} : goto service-\S+", dump6), dump6
+        for i in (1, 2):
+            dnat = f"dnat to [fd00:168:{i}::10]:{TARGET}"
+            endpoint_chain = rf"^\s+chain endpoint-[^\n]*\n[^}}]*{re.escape(dnat)}$"
+            assert re.search(endpoint_chain, dump6, re.M), dump6
+    else:
+        assert re.search(rf"^-A KUBE-SERVICES -d {VIP6}/128 .* -j KUBE-SVC-\w+$", dump6, re.M), (
+            dump6
+        )
+        for i in (1, 2):
+            dnat = f"-j DNAT --to-destination [fd00:168:{i}::10]:{TARGET}"
+            assert re.search(rf"^-A KUBE-SEP-\w+ .*{re.escape(dnat)}$", dump6, re.M), dump6
     assert VIP not in dump6 and "192.168." not in dump6
     assert VIP6 not in dump4 and "fd00:" not in dump4
-    # The same rules, read back from the kernel by ip6tables-legacy-save.
-    assert f"[fd00:168:1::10]:{TARGET}" in cluster.save(family=6)
+    # The same rules, read back from the kernel (ip6tables-legacy-save, or nft).
+    assert f"[fd00:168:1::10]:{TARGET}" in cluster.rules(family=6)
     assert "no changes" in cluster.sync()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from integration.conftest import BOTH_MODES, Cluster
+from integration.conftest import Cluster, both_modes
 from integration.netns import NODE_IP, OUTSIDE_IP
 from integration.traffic import probe
 
@@ -14,8 +14,7 @@ TARGET = 8080
 CLUSTER_CIDR = "192.168.0.0/16"
 CLIENT_IP = "192.168.9.9"
 
-
-pytestmark = BOTH_MODES
+pytestmark = both_modes  # every test here, in the iptables and the nftables mode
 
 
 def test_hairpin_pod_reaches_itself_through_its_service_masqueraded(cluster: Cluster) -> None:

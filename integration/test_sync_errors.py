@@ -9,12 +9,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+from integration.conftest import both_modes
+
 MANIFEST = """\
 apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: default}
 spec: {clusterIP: 10.96.0.30, ports: [{port: 80}]}
 """
+CONFIG = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
 
 
 def _kproxy(
@@ -35,15 +38,19 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "XTABLES_LOCKFILE": str(tmp_path / "xtables.lock")}
 
 
-def test_not_root_is_refused(tmp_path: Path) -> None:
-    # pytest's tmp_path is private to root; the unprivileged user needs a readable manifest.
+@both_modes
+def test_not_root_is_refused(tmp_path: Path, proxy_mode: str) -> None:
+    # pytest's tmp_path is private to root; the unprivileged user needs readable files.
     with tempfile.TemporaryDirectory(dir="/tmp") as shared:
         Path(shared).chmod(0o755)
         manifest = Path(shared) / "m.yaml"
         manifest.write_text(MANIFEST)
-        manifest.chmod(0o644)
+        config = Path(shared) / "config.yaml"
+        config.write_text(f"{CONFIG}mode: {proxy_mode}\n")
+        for path in (manifest, config):
+            path.chmod(0o644)
         proc = _kproxy(
-            ["sync", "--once", "--manifests", str(manifest)],
+            ["sync", "--once", "--manifests", str(manifest), "--config", str(config)],
             _env(tmp_path),
             ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"],
         )
@@ -51,6 +58,8 @@ def test_not_root_is_refused(tmp_path: Path) -> None:
     assert "must run as root" in proc.stderr
 
 
+# The iptables mode only: the nftables mode takes no xtables lock (one netlink transaction per
+# sync, serialized by the kernel).
 def test_lock_held_too_long_is_refused_and_nothing_written(tmp_path: Path) -> None:
     manifest = tmp_path / "m.yaml"
     manifest.write_text(MANIFEST)
@@ -74,6 +83,8 @@ def test_lock_held_too_long_is_refused_and_nothing_written(tmp_path: Path) -> No
     assert "KUBE-" not in proc.stdout
 
 
+# The iptables mode only: the nftables mode writes its table over netlink, and loads libiptc only
+# to remove iptables-mode chains a node already has (none in this fresh namespace).
 def test_missing_libiptc_is_refused(tmp_path: Path) -> None:
     manifest = tmp_path / "m.yaml"
     manifest.write_text(MANIFEST)

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from integration.conftest import BOTH_MODES, Cluster
+from integration.conftest import Cluster, both_modes
 from integration.netns import NODE_IP, OUTSIDE_IP
 from integration.traffic import probe
 
@@ -24,6 +24,7 @@ CLIENT_IP = "192.168.9.9"
 CLUSTER_CIDR = "192.168.0.0/16"
 
 
+@both_modes
 @pytest.mark.parametrize(
     ("policy", "answering", "seen"),
     [
@@ -33,7 +34,6 @@ CLUSTER_CIDR = "192.168.0.0/16"
         pytest.param("Cluster", {"web-1", "web-2"}, NODE_IP, id="Cluster"),
     ],
 )
-@BOTH_MODES
 def test_external_policy_decides_endpoints_and_source_address(
     cluster: Cluster, policy: str, answering: set[str], seen: str
 ) -> None:
@@ -58,7 +58,7 @@ def test_external_policy_decides_endpoints_and_source_address(
     assert result.sources == {seen: 30}, result
 
 
-@BOTH_MODES
+@both_modes
 def test_external_policy_local_applies_to_load_balancer_ips(cluster: Cluster) -> None:
     local = cluster.backend("web-1", "192.168.1.10", TARGET)
     remote = cluster.backend("web-2", "192.168.2.10", TARGET)
@@ -83,6 +83,7 @@ def test_external_policy_local_applies_to_load_balancer_ips(cluster: Cluster) ->
     assert "no changes" in cluster.sync()
 
 
+@both_modes
 @pytest.mark.parametrize(
     ("policy", "remote_only", "outcome"),
     [
@@ -94,7 +95,6 @@ def test_external_policy_local_applies_to_load_balancer_ips(cluster: Cluster) ->
         pytest.param("Local", True, "timeout", id="remote-only-Local"),
     ],
 )
-@BOTH_MODES
 def test_external_addresses_with_nowhere_to_go(
     cluster: Cluster, policy: str, remote_only: bool, outcome: str
 ) -> None:
@@ -122,6 +122,7 @@ def test_external_addresses_with_nowhere_to_go(
     assert outcomes == {NODE_IP: outcome, EXTERNAL_IP: outcome, LB_IP: outcome}
 
 
+@both_modes
 @pytest.mark.parametrize(
     ("client", "detect_local"),
     [
@@ -135,7 +136,6 @@ def test_external_addresses_with_nowhere_to_go(
         pytest.param("node", {}, id="node"),
     ],
 )
-@BOTH_MODES
 def test_local_policy_node_port_short_circuits_pod_and_node_traffic(
     cluster: Cluster, client: str, detect_local: dict[str, str]
 ) -> None:
@@ -167,7 +167,7 @@ def test_local_policy_node_port_short_circuits_pod_and_node_traffic(
     assert result.sources == {CLIENT_IP if client == "pod" else NODE_IP: 3}, result
 
 
-@BOTH_MODES
+@both_modes
 def test_internal_policy_local_reaches_only_local_endpoints(cluster: Cluster) -> None:
     local = cluster.backend("web-1", "192.168.1.10", TARGET)
     remote = cluster.backend("web-2", "192.168.2.10", TARGET)
@@ -183,7 +183,7 @@ def test_internal_policy_local_reaches_only_local_endpoints(cluster: Cluster) ->
     assert result.sources == {CLIENT_IP: 30}, result
 
 
-@BOTH_MODES
+@both_modes
 def test_internal_policy_local_leaves_node_port_traffic_to_every_endpoint(
     cluster: Cluster,
 ) -> None:
@@ -210,7 +210,7 @@ def test_internal_policy_local_leaves_node_port_traffic_to_every_endpoint(
     assert set(external.answers) == {"web-1", "web-2"}, external
 
 
-@BOTH_MODES
+@both_modes
 def test_internal_policy_local_without_local_endpoints_drops(cluster: Cluster) -> None:
     remote = cluster.backend("web-2", "192.168.2.10", TARGET)
     client = cluster.pod("client", CLIENT_IP)
@@ -223,6 +223,8 @@ def test_internal_policy_local_without_local_endpoints_drops(cluster: Cluster) -
     assert result.sequence == ["timeout", "timeout"], result
 
 
+# The iptables mode only: it reads the iptables-mode filter table, and the firewall it passes is an
+# iptables INPUT policy, which no accept verdict in another table (the nftables mode's) overrides.
 def test_health_check_node_port_is_accepted_by_the_filter_table(cluster: Cluster) -> None:
     remote = cluster.backend("web-2", "192.168.2.10", TARGET)
     cluster.service(

@@ -102,6 +102,31 @@ def test_service_with_nowhere_to_go_is_rejected_or_dropped(
     assert n.SERVICE_IPS not in table.elements
 
 
+@pytest.mark.parametrize("family", [4, 6])
+def test_cluster_ips_check_sees_packets_only_after_dnat(family: int) -> None:
+    """`cluster-ips-check` rejects anything still addressed to a ClusterIP. Before DNAT that is
+    every connection to one, so it may be jumped to only from a base chain after DNAT: the
+    forward hook (prerouting's DNAT is behind it) or output at a priority past nat-output's."""
+    vip = "10.96.0.10" if family == 4 else "fd00::10"
+    web = port("web", vip=vip)
+    table = table_of(
+        [web], {web.name: eps("10.1.0.1" if family == 4 else "fd00:1::1")}, family=family
+    )
+    nat_output = table.chain(n.NAT_OUTPUT)
+    assert nat_output is not None and nat_output.hook is not None
+
+    jumping = [
+        chain.hook
+        for chain in table.chains
+        if chain.hook is not None
+        and any(Verdict("jump", n.CLUSTER_IPS_CHECK) in rule.statements for rule in chain.rules)
+    ]
+    assert sorted(h.hook for h in jumping) == ["forward", "output"], jumping
+    for hook in jumping:
+        if hook.hook == "output":
+            assert hook.priority > nat_output.hook.priority, hook
+
+
 def test_nodeports_answer_on_primary_addresses_by_default() -> None:
     web = port("web", node_port=30080)
     with_primary = replace(NODE, primary_ips=("172.31.0.2",), local_addresses=("172.31.0.2",))
