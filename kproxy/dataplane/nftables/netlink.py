@@ -15,6 +15,8 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from kproxy.errors import DataplaneError
+
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
@@ -100,7 +102,13 @@ class NftNetlink:
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         self.sock.bind((0, 0))
-        self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        except PermissionError:
+            self.sock.close()
+            raise DataplaneError(
+                "kproxy must run as root (CAP_NET_ADMIN) to program netfilter tables"
+            ) from None
         self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)  # errors without the message
         self.sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
         self._seq = 1
