@@ -89,9 +89,11 @@ class StateBox:
 
     @property
     def ready(self) -> bool:
-        """No rule is written before Services and EndpointSlices have been listed once."""
+        """No rule is written before Services, EndpointSlices and this Node have been listed
+        once: a plan made without the Node (its addresses, labels, pod CIDRs) would answer
+        NodePorts on every local address, or ignore topology, until the next sync."""
         with self.lock:
-            return {Kind.SERVICE, Kind.ENDPOINT_SLICE} <= self._synced
+            return {Kind.SERVICE, Kind.ENDPOINT_SLICE, Kind.NODE} <= self._synced
 
 
 class SyncOutcome(NamedTuple):
