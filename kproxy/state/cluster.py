@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
+from typing import TypeVar
 
 from kproxy.model.convert import EndpointSliceInfo
 from kproxy.model.endpoint import Endpoint
@@ -12,6 +13,7 @@ from kproxy.model.service import NamespacedName, ServicePort, ServicePortName
 
 ServicesMap = dict[ServicePortName, ServicePort]
 EndpointsMap = dict[ServicePortName, tuple[Endpoint, ...]]
+T = TypeVar("T")
 
 
 class ClusterState:
@@ -28,10 +30,16 @@ class ClusterState:
         # so that a sync touching one service does not rebuild every other service's endpoints.
         self._slices_of: dict[NamespacedName, set[NamespacedName]] = {}
         self._endpoints_of: dict[NamespacedName, EndpointsMap] = {}
-        # The two maps as last built, until the next change: a sync with nothing changed (the
-        # periodic one) then costs no copy of 10,000 services. Callers must not modify them.
+        # The two maps as last built, and the services changed since: a sync with nothing changed
+        # (the periodic one) reuses them, and one after a change copies them and redoes only the
+        # changed services. Callers must not modify them.
         self._services_map: ServicesMap | None = None
         self._endpoints_map: EndpointsMap | None = None
+        self._map_keys: dict[str, dict[NamespacedName, tuple[ServicePortName, ...]]] = {
+            "services": {},
+            "endpoints": {},
+        }
+        self._dirty: dict[str, set[NamespacedName]] = {"services": set(), "endpoints": set()}
 
     def set_service(self, key: NamespacedName, ports: Iterable[ServicePort]) -> None:
         ports = tuple(ports)
@@ -71,7 +79,8 @@ class ClusterState:
 
     def _mark(self, service: NamespacedName) -> None:
         self._changed.add(service)
-        self._services_map = self._endpoints_map = None
+        for dirty in self._dirty.values():
+            dirty.add(service)
 
     def take_changes(self) -> set[NamespacedName]:
         """The services changed since the previous call."""
@@ -94,23 +103,58 @@ class ClusterState:
         return set(self._slices)
 
     def services_map(self) -> ServicesMap:
-        if self._services_map is None:
-            self._services_map = {sp.name: sp for ports in self._services.values() for sp in ports}
+        self._services_map = self._updated(
+            "services",
+            self._services_map,
+            self._services,
+            lambda svc: {sp.name: sp for sp in self._services.get(svc, ())},
+        )
         return self._services_map
 
     def endpoints_map(self) -> EndpointsMap:
         """Endpoints of every service port; unchanged services keep the same tuples from one
         call to the next."""
-        if self._endpoints_map is not None:
-            return self._endpoints_map
-        merged: EndpointsMap = {}
-        for service, keys in self._slices_of.items():
-            cached = self._endpoints_of.get(service)
-            if cached is None:
-                cached = build_endpoints_map(self._slices[k] for k in keys)
-                self._endpoints_of[service] = cached
-            merged.update(cached)
-        self._endpoints_map = merged
+        self._endpoints_map = self._updated(
+            "endpoints", self._endpoints_map, self._slices_of, self._endpoints_of_service
+        )
+        return self._endpoints_map
+
+    def _endpoints_of_service(self, service: NamespacedName) -> EndpointsMap:
+        cached = self._endpoints_of.get(service)
+        if cached is None:
+            keys = self._slices_of.get(service, set())
+            cached = build_endpoints_map(self._slices[k] for k in keys)
+            self._endpoints_of[service] = cached
+        return cached
+
+    def _updated(
+        self,
+        name: str,
+        previous: dict[ServicePortName, T] | None,
+        services: Iterable[NamespacedName],
+        entries_of: Callable[[NamespacedName], dict[ServicePortName, T]],
+    ) -> dict[ServicePortName, T]:
+        """One of the two maps: as it was when nothing changed, rebuilt in full the first time,
+        else copied with only the changed services' entries redone."""
+        keys, dirty = self._map_keys[name], self._dirty[name]
+        if previous is not None and not dirty:
+            return previous
+        if previous is None:
+            merged: dict[ServicePortName, T] = {}
+            keys.clear()
+            todo: Iterable[NamespacedName] = list(services)
+        else:
+            merged = dict(previous)
+            todo = sorted(dirty, key=str)
+            for service in todo:
+                for spn in keys.pop(service, ()):
+                    del merged[spn]
+        for service in todo:
+            entries = entries_of(service)
+            if entries:
+                merged.update(entries)
+                keys[service] = tuple(entries)
+        dirty.clear()
         return merged
 
 
