@@ -21,8 +21,7 @@ TARGET = 8080
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[AgentNode]:
-    with agent_node("nftagent", tmp_path) as built:
-        built.configure(mode="nftables")
+    with agent_node("nftagent", tmp_path, mode="nftables") as built:
         yield built
 
 

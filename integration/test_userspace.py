@@ -151,8 +151,13 @@ def test_nodeport_answers_a_client_beyond_the_node(cluster: Cluster, proto: str)
     with userspace_proxy(cluster):
         result = probe(cluster.outside, NODE_IP, NODE_PORT, proto, count=20)
     assert result.failed == 0, result
-    # UDP: every attempt is a new socket, so a new client port and a new relay mapping.
-    assert result.answers == {"web-1": 10, "web-2": 10}, result
+    if proto == "tcp":
+        assert result.answers == {"web-1": 10, "web-2": 10}, result  # strict round robin
+    else:
+        # Every attempt is a new socket, but the kernel may hand a later one the source port of
+        # an earlier one whose relay mapping is still live: that datagram keeps its endpoint.
+        assert set(result.answers) == {"web-1", "web-2"}, result
+        assert min(result.answers.values()) >= 5, result
     assert result.sources == {NODE_IP: 20}, result  # the relay dialled, not the outside client
 
 
