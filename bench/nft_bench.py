@@ -21,7 +21,6 @@ import argparse
 import gc
 import json
 import resource
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -33,6 +32,7 @@ from bench.sync_bench import (
     changed_ips,
     endpoint_ip,
     restore,
+    run_in_netns,
     slice_for,
 )
 from kproxy.model.config import ProxyConfig
@@ -133,25 +133,9 @@ def _timed(fn: Callable[[], object]) -> float:
 def measure(services: int, endpoints: int) -> dict[str, float]:
     mine = f"{sys.executable} -m bench.nft_bench --services {services} --endpoints {endpoints}"
     base = f"{sys.executable} -m bench.sync_bench --services {services} --endpoints {endpoints}"
-    proc = subprocess.run(
-        [
-            "unshare",
-            "-n",
-            "sh",
-            "-c",
-            f"{mine} --inner kproxy && {mine} --inner prepare && {base} --inner baseline",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
+    return run_in_netns(
+        services, f"{mine} --inner kproxy && {mine} --inner prepare && {base} --inner baseline"
     )
-    if proc.returncode != 0:
-        raise SystemExit(f"benchmark at {services} services failed:\n{proc.stderr[-3000:]}")
-    figures: dict[str, float] = {}
-    for line in proc.stdout.strip().splitlines():
-        if line.startswith("{"):
-            figures.update(json.loads(line))
-    return figures
 
 
 def report(services: int, endpoints: int, f: dict[str, float]) -> None:

@@ -242,11 +242,13 @@ def measure(services: int, endpoints: int) -> dict[str, float]:
     """Run one size in a fresh network namespace: kproxy's process, then the baseline's, one
     after the other in the same namespace; returns their figures."""
     inner = f"{sys.executable} -m bench.sync_bench --services {services} --endpoints {endpoints}"
+    return run_in_netns(services, f"{inner} --inner kproxy && {inner} --inner baseline")
+
+
+def run_in_netns(services: int, script: str) -> dict[str, float]:
+    """`script` (shell) under `unshare -n`; the figures its steps printed as JSON lines."""
     proc = subprocess.run(
-        ["unshare", "-n", "sh", "-c", f"{inner} --inner kproxy && {inner} --inner baseline"],
-        capture_output=True,
-        text=True,
-        check=False,
+        ["unshare", "-n", "sh", "-c", script], capture_output=True, text=True, check=False
     )
     if proc.returncode != 0:
         raise SystemExit(f"benchmark at {services} services failed:\n{proc.stderr[-3000:]}")
