@@ -1,4 +1,6 @@
 """The nftables mode with real traffic: one `kube-proxy` table per family, written over netlink.
+What both kernel modes share (ClusterIP balance, NodePorts, masquerade, hairpin, REJECT, affinity)
+runs in both from the suite's `both_modes` tests; this file holds what is the nftables mode's own.
 
 Each test runs kproxy (`mode: nftables`) in its own node namespace; see conftest.py. The oracle
 test checks the netlink writer against `nft -f` of the rendered text."""
@@ -46,88 +48,6 @@ def _without_handles(item: dict[str, object]) -> dict[str, object]:
     if isinstance(clean.get("elem"), list):
         clean["elem"] = sorted(clean["elem"], key=json.dumps)
     return {kind: clean}
-
-
-def test_clusterip_reaches_both_endpoints(nft_cluster: Cluster) -> None:
-    backends = [nft_cluster.backend(f"web-{i}", f"192.168.{i}.10", TARGET) for i in (1, 2)]
-    client = nft_cluster.pod("client", "192.168.9.9")
-    nft_cluster.service("web", VIP, PORT, backends, TARGET)
-    nft_cluster.sync()
-
-    result = probe(client.ns, VIP, PORT, "tcp", count=100)
-
-    assert result.failed == 0, result
-    assert set(result.answers) == {"web-1", "web-2"}
-    assert "chain services" in nft(nft_cluster.node, "list", "table", "ip", "kube-proxy")
-
-
-def test_nodeport_from_outside_is_masqueraded(nft_cluster: Cluster) -> None:
-    backends = [nft_cluster.backend(f"web-{i}", f"192.168.{i}.10", TARGET) for i in (1, 2)]
-    nft_cluster.service("web", VIP, PORT, backends, TARGET, node_port=NODE_PORT)
-    nft_cluster.sync()
-
-    result = probe(nft_cluster.outside, NODE_IP, NODE_PORT, "tcp", count=30)
-
-    assert result.failed == 0, result
-    assert set(result.answers) == {"web-1", "web-2"}, result
-    assert result.sources == {NODE_IP: 30}, result  # externalTrafficPolicy Cluster
-
-
-@pytest.mark.parametrize(
-    ("client", "seen"),
-    [("pod", CLIENT_IP), ("outside", NODE_IP)],
-    ids=["pod-in-cluster-cidr", "outside-masqueraded"],
-)
-def test_clusterip_masquerades_only_off_cluster_sources(
-    nft_cluster: Cluster, client: str, seen: str
-) -> None:
-    web = nft_cluster.backend("web-1", "192.168.1.10", TARGET)
-    pod = nft_cluster.pod("client", CLIENT_IP)
-    nft_cluster.service("web", VIP, PORT, [web], TARGET)
-    nft_cluster.configure(cluster_cidr=CLUSTER_CIDR)
-    nft_cluster.sync()
-
-    source = pod.ns if client == "pod" else nft_cluster.outside
-    result = probe(source, VIP, PORT, "tcp", count=5)
-
-    assert result.answers == {"web-1": 5}, result
-    assert result.sources == {seen: 5}, result
-
-
-def test_hairpin_is_masqueraded(nft_cluster: Cluster) -> None:
-    web = nft_cluster.backend("web-1", "192.168.1.10", TARGET)
-    nft_cluster.service("web", VIP, PORT, [web], TARGET)
-    nft_cluster.sync()
-
-    result = probe(web.ns, VIP, PORT, "tcp", count=5)
-
-    assert result.sources == {NODE_IP: 5}, result
-
-
-@pytest.mark.parametrize(("proto", "from_node"), [("tcp", False), ("udp", False), ("tcp", True)])
-def test_service_without_endpoints_is_rejected(
-    nft_cluster: Cluster, proto: str, from_node: bool
-) -> None:
-    client = nft_cluster.pod("client", CLIENT_IP)
-    nft_cluster.service("empty", VIP, PORT, [], TARGET, protocol=proto.upper())
-    nft_cluster.sync()
-
-    result = probe(nft_cluster.node if from_node else client.ns, VIP, PORT, proto, count=3)
-
-    assert result.refused == 3, result
-
-
-def test_client_ip_affinity_keeps_a_client_on_one_endpoint(nft_cluster: Cluster) -> None:
-    backends = [nft_cluster.backend(f"web-{i}", f"192.168.{i}.10", TARGET) for i in (1, 2)]
-    clients = [nft_cluster.pod(f"client-{i}", f"192.168.9.{i}") for i in (1, 2)]
-    nft_cluster.service("sticky", VIP, PORT, backends, TARGET, affinity=True)
-    nft_cluster.sync()
-
-    for client in clients:
-        result = probe(client.ns, VIP, PORT, "tcp", count=40)
-        assert result.failed == 0, result
-        # Without affinity, 40 connections all on one of two endpoints: p = 2e-12.
-        assert len(result.answers) == 1, result.answers
 
 
 FOREIGN_TABLE = """table inet bystander {
