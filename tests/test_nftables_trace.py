@@ -257,7 +257,7 @@ def test_decoder_reads_back_every_planned_object() -> None:
 
 def test_decoder_refuses_what_is_not_kproxys_encoding() -> None:
     exprs, udata = enc.encode_rule(Rule((Verdict("accept"),)), 4)
-    foreign = enc.nest(1, enc.text(1, "counter"), enc.nest(2, enc.u64(1, 0), enc.u64(2, 0)))
+    foreign = enc.expression("counter", [("NFTA_COUNTER_BYTES", 0), ("NFTA_COUNTER_PACKETS", 0)])
     with pytest.raises(Undecodable):
         decode_rule(foreign + exprs, udata, 4)
 

@@ -40,7 +40,7 @@ from kproxy.plan.nftables.ir import (
 _PROTOCOL_NAMES = {6: "tcp", 17: "udp", 132: "sctp"}
 _HOOK_NAMES = {0: "prerouting", 1: "input", 2: "forward", 3: "output", 4: "postrouting"}
 _VERDICT_NAMES = {0: "drop", 1: "accept", -3: "jump", -4: "goto", -5: "return"}
-_DATATYPE_NAMES = {number: name for name, (number, _size) in e._DATATYPES.items()}
+_DATATYPE_NAMES = {number: name for name, (number, _size) in e.DATATYPES.items()}
 
 
 class Undecodable(ValueError):
@@ -254,19 +254,19 @@ def key_types(kind: int) -> tuple[str, ...]:
 
 def decode_set(attrs: dict[int, bytes]) -> NamedSet:
     flags = int(struct.unpack(">I", attrs.get(3, bytes(4))[:4])[0])
-    names = tuple(name for name, bit in e._SET_FLAGS.items() if flags & bit)
+    names = tuple(name for name, bit in e.SET_FLAG_BITS.items() if flags & bit)
     timeout = attrs.get(11)
     size = dict(iter_attrs(attrs.get(9, b""))).get(1)
     udata = attrs.get(13, b"")
-    prefix = e._SET_UDATA_MAP if flags & e.SET_MAP else e._SET_UDATA_ADDRESS
+    prefix = e.set_udata_prefix(bool(flags & e.SET_MAP_BIT))
     return NamedSet(
         name=text_of(attrs[2]),
         key_types=key_types(int(struct.unpack(">I", attrs[4][:4])[0])),
-        verdict_map=bool(flags & e.SET_MAP),
+        verdict_map=bool(flags & e.SET_MAP_BIT),
         flags=names,
         timeout=int(struct.unpack(">Q", timeout[:8])[0]) // 1000 if timeout else None,
         size=int(struct.unpack(">I", size[:4])[0]) if size else None,
-        comment=udata_comment(udata.removeprefix(prefix), e._SET_UDATA_COMMENT),
+        comment=udata_comment(udata.removeprefix(prefix), e.SET_COMMENT_UDATA),
     )
 
 
@@ -275,7 +275,7 @@ def decode_key(raw: bytes, types: tuple[str, ...]) -> tuple[str, ...]:
     parts: list[str] = []
     offset = 0
     for name in types:
-        size = e._DATATYPES[name][1] if name in e._DATATYPES else 4
+        size = e.DATATYPES[name][1] if name in e.DATATYPES else 4
         value = raw[offset : offset + size]
         if name in ("ipv4_addr", "ipv6_addr"):
             parts.append(str(ipaddress.ip_address(value)))

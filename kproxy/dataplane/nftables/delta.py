@@ -142,7 +142,7 @@ def _table_msgs(family: int, name: str, comment: str | None) -> list[Msg]:
     fam = NFPROTO[family]
     return [
         (NFT_MSG_NEWTABLE, NLM_F_CREATE, fam, e.table_attrs(name)),
-        (NFT_MSG_DELTABLE, 0, fam, e.text(1, name)),
+        (NFT_MSG_DELTABLE, 0, fam, e.table_name_attrs(name)),
         (NFT_MSG_NEWTABLE, NLM_F_CREATE, fam, e.table_attrs(name, comment)),
     ]
 
@@ -154,7 +154,7 @@ def delta_messages(delta: TableDelta, set_ids: Iterator[int]) -> Iterator[Msg]:
     if delta.recreate:
         yield from _table_msgs(family, table, delta.comment)
     for name in (*(c.name for c in delta.rewrite_chains), *delta.delete_chains):
-        yield (NFT_MSG_DELRULE, 0, fam, e.text(1, table) + e.text(2, name))
+        yield (NFT_MSG_DELRULE, 0, fam, e.rule_chain_attrs(table, name))
     for name, elements in delta.delete_elements.items():
         for attrs in e.element_batches(table, name, elements, with_data=False):
             yield (NFT_MSG_DELSETELEM, 0, fam, attrs)

@@ -94,7 +94,7 @@ def read_generation(nl: NftNetlink) -> int:
 
 
 def table_exists(nl: NftNetlink, family: int, name: str) -> bool:
-    return nl.request(NFT_MSG_GETTABLE, NFPROTO[family], e.text(1, name)) is not None
+    return nl.request(NFT_MSG_GETTABLE, NFPROTO[family], e.table_name_attrs(name)) is not None
 
 
 def read_kernel_table(
@@ -105,7 +105,7 @@ def read_kernel_table(
     fam = NFPROTO[family]
     if not table_exists(nl, family, name):
         return None
-    table = e.text(1, name)
+    table = e.table_name_attrs(name)
     out = KernelTable()
     for msg in nl.dump(NFT_MSG_GETCHAIN, fam, table):
         attrs = dict(iter_attrs(msg.attrs))
@@ -117,14 +117,14 @@ def read_kernel_table(
         out.chains.setdefault(chain, []).append((attrs.get(4, b""), attrs.get(7, b"")))
     for msg in nl.dump(NFT_MSG_GETSET, fam, table):
         attrs = dict(iter_attrs(msg.attrs))
-        name = _name(attrs[2])
-        if name.startswith("__"):
+        set_name = _name(attrs[2])
+        if set_name.startswith("__"):
             continue  # an anonymous set (of another writer's rule): it goes with its rule
-        out.sets.add(name)
-        out.set_definitions[name] = _set_pick(attrs)
+        out.sets.add(set_name)
+        out.set_definitions[set_name] = _set_pick(attrs)
     for set_name in sorted(out.sets - skip_elements):
         found: dict[bytes, bytes] = {}
-        for msg in nl.dump(NFT_MSG_GETSETELEM, fam, table + e.text(2, set_name)):
+        for msg in nl.dump(NFT_MSG_GETSETELEM, fam, e.element_list_attrs(name, set_name)):
             for kind, value in iter_attrs(msg.attrs):
                 if kind == 3:  # NFTA_SET_ELEM_LIST_ELEMENTS
                     found.update(_elements(value))

@@ -1,9 +1,11 @@
 """A plain nfnetlink socket for nf_tables: one batch transaction per send, dumps filtered to one
 table, the ruleset generation.
 
-The batch is built by encode.py as bytes: pyroute2's message classes encode about 1 ms per rule
-here, which would make a 10,000-service cold start take minutes; pyroute2 is used where that
-cost does not matter (reading the generation, dropping tables at cleanup)."""
+What it sends is encoded by pyroute2's nftables message classes (encode.py). The socket is a plain
+AF_NETLINK one: pyroute2's NFTSocket reads through an asyncio transport that decodes every message
+it receives into attribute objects (measured: 100 us a rule, about 20 s for the 200,000 rules of
+a 10,000-service table, where kproxy compares bytes), and its commit does not wait for the
+kernel's verdict on the batch, which kproxy must know."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ from kproxy.dataplane.nftables.delta import (
     diff_tables,
     full_delta,
 )
-from kproxy.dataplane.nftables.encode import text
+from kproxy.dataplane.nftables.encode import table_name_attrs
 from kproxy.dataplane.nftables.kernel import (
     definitions_match,
     diff_kernel,
@@ -194,7 +194,7 @@ def delete_table(nl: NftNetlink, family: int, name: str = naming.TABLE) -> bool:
     """Delete one table if it exists; True when it did."""
     if not table_exists(nl, family, name):
         return False
-    nl.transact([(NFT_MSG_DELTABLE, 0, NFPROTO[family], text(1, name))])
+    nl.transact([(NFT_MSG_DELTABLE, 0, NFPROTO[family], table_name_attrs(name))])
     return True
 
 

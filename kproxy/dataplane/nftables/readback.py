@@ -59,10 +59,10 @@ def _read_once(nl: NftNetlink, family: int) -> LiveNftTable:
     fam = NFPROTO[family]
     name = naming.TABLE
     others = _other_base_chains(nl, family)
-    head = nl.request(NFT_MSG_GETTABLE, fam, e.text(1, name))
+    head = nl.request(NFT_MSG_GETTABLE, fam, e.table_name_attrs(name))
     if head is None:
         return LiveNftTable(family, None, other_hooks=others)
-    table_attr = e.text(1, name)
+    table_attr = e.table_name_attrs(name)
     rules: dict[str, list[Rule]] = {}
     unreadable: dict[str, list[str]] = {}
     for msg in nl.dump(NFT_MSG_GETRULE, fam, table_attr):
@@ -89,7 +89,7 @@ def _read_once(nl: NftNetlink, family: int) -> LiveNftTable:
     for named in sets:
         if named.dynamic:
             continue  # the packets' (affinity): neither planned nor compared
-        found = set(_elements(nl, fam, table_attr, named))
+        found = set(_elements(nl, fam, name, named))
         if found:
             elements[named.name] = frozenset(found)
     table = NftTable(
@@ -103,8 +103,8 @@ def _read_once(nl: NftNetlink, family: int) -> LiveNftTable:
     return LiveNftTable(family, table, {c: tuple(lines) for c, lines in unreadable.items()}, others)
 
 
-def _elements(nl: NftNetlink, fam: int, table_attr: bytes, named: NamedSet) -> Iterator[Element]:
-    for msg in nl.dump(NFT_MSG_GETSETELEM, fam, table_attr + e.text(2, named.name)):
+def _elements(nl: NftNetlink, fam: int, table: str, named: NamedSet) -> Iterator[Element]:
+    for msg in nl.dump(NFT_MSG_GETSETELEM, fam, e.element_list_attrs(table, named.name)):
         for kind, value in iter_attrs(msg.attrs):
             if kind != 3:  # NFTA_SET_ELEM_LIST_ELEMENTS
                 continue
