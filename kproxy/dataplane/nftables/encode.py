@@ -62,10 +62,6 @@ REG_2 = 2
 REG32_00 = 8
 
 _PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132}
-_COMMON = frozenset(
-    [Match(Key.L4PROTO, p) for p in ("tcp", "udp", "sctp")]
-    + [Verdict("jump", "mark-for-masquerade"), Verdict("drop"), Verdict("return")]
-)
 _HOOKS = {"prerouting": 0, "input": 1, "forward": 2, "output": 3, "postrouting": 4}
 _VERDICTS = {"drop": 0, "accept": 1, "jump": -3, "goto": -4, "return": -5}
 _NFPROTO = {4: 2, 6: 10}
@@ -424,6 +420,12 @@ def _address_match(key: Key, value: str, family: int, op: int) -> bytes:
     if "/" not in value:  # one address: the common case, without ipaddress's parsing
         packed = socket.inet_pton(socket.AF_INET if family == 4 else socket.AF_INET6, value)
         return _payload(REG_1, 1, offset, length) + _cmp(op, packed)
+    return _cidr_match(key, value, family, op)
+
+
+@lru_cache(maxsize=4096)
+def _cidr_match(key: Key, value: str, family: int, op: int) -> bytes:
+    offset, length = _field(key, family)
     net = ipaddress.ip_network(value, strict=False)
     packed = net.network_address.packed
     prefix = net.prefixlen
@@ -453,91 +455,127 @@ def _match(stmt: Match, family: int) -> bytes:
     return _meta_load(6, REG_1) + _cmp(op, _iifname(stmt.value))
 
 
-_SHARED = (PortMatch, CtStateNew, FibLocal, MarkClear, NumgenZero, Reject, Masquerade, MarkSet)
+def _port_match(stmt: PortMatch, family: int) -> bytes:
+    return (
+        _meta_load(16, REG_1)
+        + _cmp(0, bytes([_PROTOCOLS[stmt.proto]]))
+        + _payload(REG_1, 2, 2, 2)
+        + _cmp(0, struct.pack(">H", stmt.port))
+    )
+
+
+def _ct_state_new(stmt: CtStateNew, family: int) -> bytes:
+    ct = expression("ct", [("NFTA_CT_DREG", REG_1), ("NFTA_CT_KEY", 0)])  # state
+    return ct + _bitwise(_host32(8), bytes(4)) + _cmp(1, bytes(4))
+
+
+def _fib_local(stmt: FibLocal, family: int) -> bytes:
+    fib = expression(
+        "fib",
+        [
+            ("NFTA_FIB_DREG", REG_1),
+            ("NFTA_FIB_RESULT", _FIB_RESULT_ADDRTYPE),
+            ("NFTA_FIB_FLAGS", 1 if stmt.key is Key.SADDR else 2),
+        ],
+    )
+    return fib + _cmp(0, _host32(2))  # RTN_LOCAL
+
+
+def _mark_clear(stmt: MarkClear, family: int) -> bytes:
+    return _meta_load(3, REG_1) + _bitwise(_host32(stmt.mask), bytes(4)) + _cmp(0, bytes(4))
+
+
+def _numgen_zero(stmt: NumgenZero, family: int) -> bytes:
+    numgen = expression(
+        "numgen",
+        [
+            ("NFTA_NG_DREG", REG_1),
+            ("NFTA_NG_MODULUS", stmt.modulus),
+            ("NFTA_NG_TYPE", 1),  # random
+            ("NFTA_NG_OFFSET", 0),
+        ],
+    )
+    return numgen + _cmp(0, bytes(4))
+
+
+def _set_lookup(stmt: Lookup, family: int) -> bytes:
+    return _load_keys(stmt.keys, family) + _lookup(stmt.set_name, verdict=False)
+
+
+def _map_lookup(stmt: Vmap, family: int) -> bytes:
+    return _load_keys(stmt.keys, family) + _lookup(stmt.map_name, verdict=True)
+
+
+def _reject(stmt: Reject, family: int) -> bytes:
+    return expression(
+        "reject", [("NFTA_REJECT_TYPE", 0), ("NFTA_REJECT_ICMP_CODE", _ICMP_PORT_UNREACH[family])]
+    )
+
+
+def _dnat(stmt: Dnat, family: int) -> bytes:
+    address = socket.inet_pton(socket.AF_INET if family == 4 else socket.AF_INET6, stmt.ip)
+    return (
+        _immediate(REG_1, address) + _immediate(REG_2, struct.pack(">H", stmt.port)) + _nat(family)
+    )
+
+
+def _masquerade(stmt: Masquerade, family: int) -> bytes:
+    return expression("masq", [("NFTA_MASQ_FLAGS", {"NF_NAT_RANGE_PROTO_RANDOM_FULLY"})])
+
+
+def _mark_set(stmt: MarkSet, family: int) -> bytes:
+    mask, xor = (~stmt.value, stmt.value) if stmt.op == "|" else (0xFFFFFFFF, stmt.value)
+    return (
+        _meta_load(3, REG_1)
+        + _bitwise(_host32(mask), _host32(xor))
+        + expression("meta", [("NFTA_META_KEY", 3), ("NFTA_META_SREG", REG_1)])
+    )
+
+
+def _update(stmt: Update, family: int) -> bytes:
+    load, _length = _load(stmt.key, family, REG_1)
+    name = _name(stmt.set_name)
+    return load + _dynset_template(len(name)).around(name)
+
+
+def _verdict(stmt: Verdict, family: int) -> bytes:
+    return encode_verdict(stmt)
+
+
+# Statements that carry an address, a port or a chain name are filled in per rule; the others
+# are the same in many rules, and encoded once.
+_PER_RULE: dict[type, Callable[[Any, int], bytes]] = {
+    Match: _match,
+    Verdict: _verdict,
+    Dnat: _dnat,
+    Update: _update,
+}
+_SHARED: dict[type, Callable[[Any, int], bytes]] = {
+    PortMatch: _port_match,
+    CtStateNew: _ct_state_new,
+    FibLocal: _fib_local,
+    MarkClear: _mark_clear,
+    NumgenZero: _numgen_zero,
+    Lookup: _set_lookup,
+    Vmap: _map_lookup,
+    Reject: _reject,
+    Masquerade: _masquerade,
+    MarkSet: _mark_set,
+}
 
 
 @lru_cache(maxsize=4096)
 def _shared_statement(stmt: Statement, family: int) -> bytes:
-    return _encode_statement(stmt, family)
+    return _SHARED[type(stmt)](stmt, family)
 
 
 def _statement(stmt: Statement, family: int) -> bytes:
-    """Statements many rules share are encoded once; an address or a chain name is not worth
-    the cache."""
-    if isinstance(stmt, _SHARED) or (isinstance(stmt, (Match, Verdict)) and stmt in _COMMON):
-        return _shared_statement(stmt, family)
-    return _encode_statement(stmt, family)
-
-
-def _encode_statement(stmt: Statement, family: int) -> bytes:
-    match stmt:
-        case Match():
-            return _match(stmt, family)
-        case PortMatch(proto, port):
-            return (
-                _meta_load(16, REG_1)
-                + _cmp(0, bytes([_PROTOCOLS[proto]]))
-                + _payload(REG_1, 2, 2, 2)
-                + _cmp(0, struct.pack(">H", port))
-            )
-        case CtStateNew():
-            ct = expression("ct", [("NFTA_CT_DREG", REG_1), ("NFTA_CT_KEY", 0)])  # state
-            return ct + _bitwise(_host32(8), bytes(4)) + _cmp(1, bytes(4))
-        case FibLocal(key):
-            fib = expression(
-                "fib",
-                [
-                    ("NFTA_FIB_DREG", REG_1),
-                    ("NFTA_FIB_RESULT", _FIB_RESULT_ADDRTYPE),
-                    ("NFTA_FIB_FLAGS", 1 if key is Key.SADDR else 2),
-                ],
-            )
-            return fib + _cmp(0, _host32(2))  # RTN_LOCAL
-        case MarkClear(mask):
-            return _meta_load(3, REG_1) + _bitwise(_host32(mask), bytes(4)) + _cmp(0, bytes(4))
-        case NumgenZero(modulus):
-            numgen = expression(
-                "numgen",
-                [
-                    ("NFTA_NG_DREG", REG_1),
-                    ("NFTA_NG_MODULUS", modulus),
-                    ("NFTA_NG_TYPE", 1),  # random
-                    ("NFTA_NG_OFFSET", 0),
-                ],
-            )
-            return numgen + _cmp(0, bytes(4))
-        case Lookup(keys, set_name):
-            return _load_keys(keys, family) + _lookup(set_name, verdict=False)
-        case Vmap(keys, map_name):
-            return _load_keys(keys, family) + _lookup(map_name, verdict=True)
-        case Verdict():
-            return encode_verdict(stmt)
-        case Reject():
-            return expression(
-                "reject",
-                [("NFTA_REJECT_TYPE", 0), ("NFTA_REJECT_ICMP_CODE", _ICMP_PORT_UNREACH[family])],
-            )
-        case Dnat(ip, port):
-            address = socket.inet_pton(socket.AF_INET if family == 4 else socket.AF_INET6, ip)
-            return (
-                _immediate(REG_1, address)
-                + _immediate(REG_2, struct.pack(">H", port))
-                + _nat(family)
-            )
-        case Masquerade():
-            return expression("masq", [("NFTA_MASQ_FLAGS", {"NF_NAT_RANGE_PROTO_RANDOM_FULLY"})])
-        case MarkSet(op, value):
-            mask, xor = (~value, value) if op == "|" else (0xFFFFFFFF, value)
-            return (
-                _meta_load(3, REG_1)
-                + _bitwise(_host32(mask), _host32(xor))
-                + expression("meta", [("NFTA_META_KEY", 3), ("NFTA_META_SREG", REG_1)])
-            )
-        case Update(set_name, key):
-            load, _length = _load(key, family, REG_1)
-            name = _name(set_name)
-            return load + _dynset_template(len(name)).around(name)
-    raise TypeError(f"unknown statement {stmt!r}")
+    per_rule = _PER_RULE.get(type(stmt))
+    if per_rule is not None:
+        return per_rule(stmt, family)
+    if type(stmt) not in _SHARED:
+        raise TypeError(f"unknown statement {stmt!r}")
+    return _shared_statement(stmt, family)
 
 
 # --- messages ------------------------------------------------------------------------------
@@ -558,7 +596,7 @@ def _comment(cls: Any, kind: str, value: str) -> bytes:
 
 def encode_rule(rule: Rule, family: int) -> tuple[bytes, bytes]:
     """(expressions, user data) of a rule: the parts a dump of it returns."""
-    exprs = b"".join(_statement(s, family) for s in rule.statements)
+    exprs = b"".join([_statement(s, family) for s in rule.statements])
     udata = _comment(nft_rule_msg, "NFTA_RULE_USERDATA", rule.comment) if rule.comment else b""
     return exprs, udata
 
@@ -708,7 +746,7 @@ def _key_part(value: str, concat: bool) -> bytes:
     elif value.isdigit():
         raw = struct.pack(">H", int(value))
     else:
-        raw = ipaddress.ip_address(value).packed
+        raw = socket.inet_pton(socket.AF_INET6 if ":" in value else socket.AF_INET, value)
     return raw + b"\0" * (-len(raw) % 4) if concat else raw
 
 
