@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from integration.manifests import NODE_NAME, endpoint_slice_manifest, service_manifest
-from integration.netns import Namespace, Pod, Topology, run_kproxy, topology
+from integration.netns import Namespace, Pod, Topology, run, run_kproxy, topology, unique_prefix
 from integration.traffic import start_server
 
 # The kernel modes the traffic tests run in. A test (or module) marked `both_modes` runs once per
@@ -232,3 +232,16 @@ def cluster(tmp_path: Path, proxy_mode: str) -> Iterator[Cluster]:
         built = Cluster(topo, tmp_path)
         built.mode = proxy_mode
         yield built
+
+
+@pytest.fixture
+def namespaces() -> Iterator[tuple[Namespace, Namespace]]:
+    prefix = unique_prefix("oracle")
+    pair = (Namespace(prefix + "-a"), Namespace(prefix + "-b"))
+    try:
+        for ns in pair:
+            run(["ip", "netns", "add", ns.name])
+        yield pair
+    finally:
+        for ns in pair:
+            run(["ip", "netns", "del", ns.name], check=False)

@@ -22,6 +22,7 @@ kills every process started here and deletes every namespace, whatever happened 
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import selectors
@@ -33,6 +34,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 PREFIX = "kpt-"
 NODE_IP = "172.31.0.2"
@@ -380,3 +382,26 @@ def run_kproxy(
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run `make venv` first")
     return ns.run(str(path), *args, env={"XTABLES_LOCKFILE": str(lock_file)}, check=check)
+
+
+def nft_listing(ns: Namespace, family: str) -> list[dict[str, Any]]:
+    """`nft -j list table FAMILY kube-proxy` without handles, objects by kind and name (a
+    chain's rules in their order): two namespaces' tables compare equal when they hold the same."""
+    doc = json.loads(ns.run("nft", "-j", "list", "table", family, "kube-proxy").stdout)
+    items = []
+    for item in doc["nftables"]:
+        ((kind, body),) = item.items()
+        if kind == "metainfo":
+            continue
+        body = {k: v for k, v in body.items() if k != "handle"}
+        if isinstance(body.get("elem"), list):
+            body["elem"] = sorted(body["elem"], key=json.dumps)
+        items.append({kind: body})
+    # Objects by kind and name; a chain's rules keep their order (the sort is stable).
+    return sorted(
+        items,
+        key=lambda i: (
+            next(iter(i)),
+            json.dumps(next(iter(i.values())).get("chain", next(iter(i.values())).get("name"))),
+        ),
+    )

@@ -4,11 +4,9 @@ loaded into a second fresh namespace."""
 
 from __future__ import annotations
 
-import json
 import pickle
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from integration.netns import Namespace, run, unique_prefix
+from integration.netns import Namespace, nft_listing
 from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.node import NodeInfo
@@ -32,19 +30,6 @@ CONFIGS = (
     ProxyConfig(detect_local_mode="InterfaceNamePrefix", interface_name_prefix="veth"),
     ProxyConfig(node_port_addresses=("172.31.0.0/24", "fd00:31::/64")),
 )
-
-
-@pytest.fixture
-def namespaces() -> Iterator[tuple[Namespace, Namespace]]:
-    prefix = unique_prefix("oracle")
-    pair = (Namespace(prefix + "-a"), Namespace(prefix + "-b"))
-    try:
-        for ns in pair:
-            run(["ip", "netns", "add", ns.name])
-        yield pair
-    finally:
-        for ns in pair:
-            run(["ip", "netns", "del", ns.name], check=False)
 
 
 def _address(family: int, net: int, host: int) -> str:
@@ -94,27 +79,6 @@ def clusters(draw: st.DrawFn, family: int) -> tuple[dict[Any, Any], dict[Any, An
     return services, endpoints
 
 
-def _listing(ns: Namespace, family: str) -> list[dict[str, Any]]:
-    doc = json.loads(ns.run("nft", "-j", "list", "table", family, "kube-proxy").stdout)
-    items = []
-    for item in doc["nftables"]:
-        ((kind, body),) = item.items()
-        if kind == "metainfo":
-            continue
-        body = {k: v for k, v in body.items() if k != "handle"}
-        if isinstance(body.get("elem"), list):
-            body["elem"] = sorted(body["elem"], key=json.dumps)
-        items.append({kind: body})
-    # Objects by kind and name; a chain's rules keep their order (the sort is stable).
-    return sorted(
-        items,
-        key=lambda i: (
-            next(iter(i)),
-            json.dumps(next(iter(i.values())).get("chain", next(iter(i.values())).get("name"))),
-        ),
-    )
-
-
 @pytest.mark.parametrize("family", [4, 6])
 @settings(
     max_examples=5,
@@ -143,4 +107,4 @@ def test_netlink_writer_matches_nft_loading_the_rendered_text(
     loaded.run("nft", "-f", "-", input=render_nftables_plan(plan, family))
 
     nft_family = "ip" if family == 4 else "ip6"
-    assert _listing(written, nft_family) == _listing(loaded, nft_family)
+    assert nft_listing(written, nft_family) == nft_listing(loaded, nft_family)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from kproxy.dataplane.nftables import encode as e
-from kproxy.dataplane.nftables.netlink import NLM_F_APPEND, NLM_F_CREATE
+from kproxy.dataplane.nftables.netlink import NLM_F_APPEND, NLM_F_CREATE, NLM_F_EXCL
 from kproxy.plan.nftables.ir import Chain, Element, NamedSet, NftTable
 
 NFT_MSG_NEWTABLE = 0
@@ -53,6 +53,8 @@ class TableDelta:
     family: int
     table: str
     recreate: bool = False  # drop whatever the table holds and write it whole
+    create: bool = False  # create the table, which must not exist yet
+    fresh: bool = False  # the kernel holds no such table: it may be written in stages
     comment: str | None = None
     add_sets: list[NamedSet] = field(default_factory=list)
     delete_sets: list[str] = field(default_factory=list)
@@ -68,6 +70,7 @@ class TableDelta:
     def empty(self) -> bool:
         return not (
             self.recreate
+            or self.create
             or self.add_sets
             or self.delete_sets
             or self.add_chains
@@ -153,6 +156,9 @@ def delta_messages(delta: TableDelta, set_ids: Iterator[int]) -> Iterator[Msg]:
     fam, table, family = NFPROTO[delta.family], delta.table, delta.family
     if delta.recreate:
         yield from _table_msgs(family, table, delta.comment)
+    elif delta.create:
+        attrs = e.table_attrs(table, delta.comment)
+        yield (NFT_MSG_NEWTABLE, NLM_F_CREATE | NLM_F_EXCL, fam, attrs)
     for name in (*(c.name for c in delta.rewrite_chains), *delta.delete_chains):
         yield (NFT_MSG_DELRULE, 0, fam, e.rule_chain_attrs(table, name))
     for name, elements in delta.delete_elements.items():

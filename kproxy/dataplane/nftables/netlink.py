@@ -29,6 +29,7 @@ NLM_F_REQUEST = 0x1
 NLM_F_MULTI = 0x2
 NLM_F_ACK = 0x4
 NLM_F_DUMP = 0x300
+NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
 NLM_F_APPEND = 0x800
 NLA_F_NESTED = 0x8000
@@ -98,6 +99,15 @@ def iter_messages(data: bytes) -> Iterator[Message]:
         offset += (length + 3) & ~3
 
 
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One batch transaction, ready to send: its bytes and its first and last sequence."""
+
+    data: bytearray
+    begin: int
+    last: int
+
+
 class NftNetlink:
     """One NETLINK_NETFILTER socket; not thread-safe (the sync loop is its only user)."""
 
@@ -114,10 +124,19 @@ class NftNetlink:
         self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)  # errors without the message
         self.sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
         self._seq = 1
+        self._buffer = bytearray(RCVBUF)
+        self._view = memoryview(self._buffer)
         self.last_commit_seconds = 0.0  # the kernel's part of the last transaction
+        self.kernel_seconds = 0.0  # and of all of them
 
     def close(self) -> None:
         self.sock.close()
+
+    def _receive(self) -> bytes:
+        """One datagram, read into a buffer kept for the purpose (a fresh 16 MB buffer for every
+        read of a small reply costs more than the reply)."""
+        size = self.sock.recv_into(self._buffer)
+        return bytes(self._view[:size])
 
     def __enter__(self) -> NftNetlink:
         return self
@@ -131,9 +150,18 @@ class NftNetlink:
 
     def transact(self, messages: Iterable[tuple[int, int, int, bytes]]) -> bool:
         """Send (type, flags, family, attrs) messages as one batch transaction and wait for the
-        kernel's verdict on it: nothing of it applies unless all of it does. The batch is
-        built in one buffer as the messages come (no list of them is kept). False when there
+        kernel's verdict on it: nothing of it applies unless all of it does. False when there
         was nothing to send."""
+        batch = self.batch(messages)
+        if batch is None:
+            return False
+        self.commit(batch)
+        return True
+
+    def batch(self, messages: Iterable[tuple[int, int, int, bytes]]) -> Batch | None:
+        """The messages as one batch, built in one buffer as they come (no list of them is
+        kept); None when there are none. Building is Python's work, `commit` the kernel's: one
+        thread may build the next batch while another commits this one."""
         begin = self.next_seq()
         buf = bytearray(_batch_marker(NFNL_MSG_BATCH_BEGIN, begin))
         last = begin
@@ -143,23 +171,28 @@ class NftNetlink:
             last_offset = len(buf)
             buf += nfgen_message(msg_type, flags | NLM_F_REQUEST, last, family, attrs)
         if last_offset < 0:
-            return False
+            return None
         # Only the last message asks for an ack: it comes after every error of the batch.
         flags_at = last_offset + 6
         flags = struct.unpack_from("<H", buf, flags_at)[0]
         struct.pack_into("<H", buf, flags_at, flags | NLM_F_ACK)
         buf += _batch_marker(NFNL_MSG_BATCH_END, self.next_seq())
-        self.sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(buf) + 65536)
+        return Batch(buf, begin, last)
+
+    def commit(self, batch: Batch) -> None:
+        """Send a batch and wait for the kernel's verdict (raises NetlinkError if refused).
+        The kernel works through the batch inside the send, with Python's lock released."""
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, len(batch.data) + 65536)
         started = time.perf_counter()
-        self.sock.send(buf)
-        self._wait_ack(begin, last)
+        self.sock.send(batch.data)
+        self._wait_ack(batch.begin, batch.last)
         self.last_commit_seconds = time.perf_counter() - started
-        return True
+        self.kernel_seconds += self.last_commit_seconds
 
     def _wait_ack(self, begin: int, last: int) -> None:
         first_error: NetlinkError | None = None
         while True:
-            data = self.sock.recv(RCVBUF)
+            data = self._receive()
             for msg in iter_messages(data):
                 if msg.type != NLMSG_ERROR:
                     continue
@@ -179,7 +212,7 @@ class NftNetlink:
         self.sock.send(nfgen_message(msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, family, attrs))
         out: list[Message] = []
         while True:
-            data = self.sock.recv(RCVBUF)
+            data = self._receive()
             for msg in iter_messages(data):
                 if msg.seq != seq:
                     continue
@@ -199,7 +232,7 @@ class NftNetlink:
         seq = self.next_seq()
         self.sock.send(nfgen_message(msg_type, NLM_F_REQUEST, seq, family, attrs))
         while True:
-            data = self.sock.recv(RCVBUF)
+            data = self._receive()
             for msg in iter_messages(data):
                 if msg.seq != seq:
                     continue

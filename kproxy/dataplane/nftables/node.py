@@ -13,7 +13,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 
 import structlog
@@ -38,6 +38,7 @@ from kproxy.dataplane.nftables.kernel import (
     table_exists,
 )
 from kproxy.dataplane.nftables.netlink import NftNetlink
+from kproxy.dataplane.nftables.staged import StageRefused, split_fresh, write_unhooked
 from kproxy.errors import DataplaneError
 from kproxy.plan.nftables import naming
 from kproxy.plan.nftables.ir import NftTable
@@ -126,17 +127,26 @@ class NftablesNode:
             self._delta(table, full or moved) for _family, table in sorted(plan.kernel.items())
         ]
         set_ids = iter(range(1, 1 << 31))
-        messages = (m for d in deltas for m in delta_messages(d, set_ids))
+        parts = [split_fresh(d) if d.fresh else (None, d) for d in deltas]
+        unhooked = [u for u, _ in parts if u is not None]
+        commits = 0
         try:
-            sent = self.nl.transact(messages)
+            if unhooked:
+                commits = write_unhooked(self.nl, unhooked, set_ids)
+            messages = (m for _, d in parts for m in delta_messages(d, set_ids))
+            commits += self.nl.transact(messages)
         except OSError as exc:
+            if (exc.committed if isinstance(exc, StageRefused) else commits) > 0:
+                for delta in unhooked:  # created by a stage, never hooked: nothing reached them
+                    with suppress(OSError):
+                        delete_table(self.nl, delta.family, delta.table)
             self._images.clear()  # unknown state: the next sync reads the kernel
             self._applied.clear()
             self._generation = None
             raise DataplaneError(f"nftables transaction refused: {exc}") from exc
         after = read_generation(self.nl)
-        # Only our own commit in between: the generation moved by exactly one (or not at all).
-        ours = after == before + (1 if sent else 0)
+        # Only our own commits in between: the generation moved by exactly as many.
+        ours = after == before + commits
         self._generation = after if ours else None
         for family, table in plan.kernel.items():
             if self._applied.get(family) is not table:
@@ -163,6 +173,7 @@ class NftablesNode:
                 log.warning("table_recreated", table=name)
             delta = full_delta(table)
             delta.read_kernel = True
+            delta.fresh = kernel is None
             return delta
         delta = diff_kernel(table, kernel)
         if image is not None and not delta.empty:

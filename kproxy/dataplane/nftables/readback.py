@@ -23,10 +23,10 @@ from kproxy.dataplane.nftables.decode import (
 from kproxy.dataplane.nftables.delta import NFPROTO, NFT_FAMILY_NAMES
 from kproxy.dataplane.nftables.kernel import (
     NFT_MSG_GETCHAIN,
-    NFT_MSG_GETRULE,
     NFT_MSG_GETSET,
     NFT_MSG_GETSETELEM,
     NFT_MSG_GETTABLE,
+    dump_rules,
     iter_attrs,
     read_generation,
 )
@@ -63,9 +63,10 @@ def _read_once(nl: NftNetlink, family: int) -> LiveNftTable:
     if head is None:
         return LiveNftTable(family, None, other_hooks=others)
     table_attr = e.table_name_attrs(name)
+    chain_attrs = [_attrs(msg.attrs) for msg in nl.dump(NFT_MSG_GETCHAIN, fam, table_attr)]
     rules: dict[str, list[Rule]] = {}
     unreadable: dict[str, list[str]] = {}
-    for msg in nl.dump(NFT_MSG_GETRULE, fam, table_attr):
+    for msg in dump_rules(nl, family, name, [text_of(attrs[3]) for attrs in chain_attrs]):
         attrs = _attrs(msg.attrs)
         chain = text_of(attrs[2])
         handle = int.from_bytes(attrs.get(3, b"")[:8], "big")
@@ -76,9 +77,7 @@ def _read_once(nl: NftNetlink, family: int) -> LiveNftTable:
         except Undecodable as exc:
             unreadable.setdefault(chain, []).append(f"handle {handle}: {exc}")
     chains = tuple(
-        decode_chain(attrs, tuple(rules.get(text_of(attrs[3]), ())))
-        for msg in nl.dump(NFT_MSG_GETCHAIN, fam, table_attr)
-        for attrs in (_attrs(msg.attrs),)
+        decode_chain(attrs, tuple(rules.get(text_of(attrs[3]), ()))) for attrs in chain_attrs
     )
     sets: list[NamedSet] = []
     for msg in nl.dump(NFT_MSG_GETSET, fam, table_attr):
