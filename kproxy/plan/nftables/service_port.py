@@ -127,10 +127,18 @@ def plan_port_part(ctx: NftContext, sp: ServicePort, endpoints: tuple[Endpoint, 
         rules=sum(len(c.rules) for c in chains),
         chains=tuple(chains),
         sets=_affinity_sets(port, reachable, bases),
-        elements=tuple(elements),
+        elements=_first_of_each_key(elements),
         no_local_internal=int(policy.no_local_internal),
         no_local_external=int(policy.no_local_external),
     )
+
+
+def _first_of_each_key(elements: list[tuple[str, Element]]) -> tuple[tuple[str, Element], ...]:
+    """One element per set and key: the first wins (an external IP that is also the ClusterIP)."""
+    first: dict[tuple[str, tuple[str, ...]], tuple[str, Element]] = {}
+    for item in elements:
+        first.setdefault((item[0], item[1].key), item)
+    return tuple(first.values()) if len(first) < len(elements) else tuple(elements)
 
 
 def _if_local(detector: LocalDetector, negate: bool) -> Match | None:
