@@ -34,8 +34,9 @@ from kproxy.plan.nftables.ir import (
     Update,
     Verdict,
 )
+from kproxy.plan.nftables.kept import NftPlanCache
 from kproxy.plan.nftables.planner import NftablesPlanner
-from kproxy.plan.nftables.table import NftPlanCache, plan_nft_table
+from kproxy.plan.nftables.table import plan_nft_table
 
 NODE = NodeInfo("node-a")
 

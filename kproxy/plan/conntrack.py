@@ -40,7 +40,7 @@ def serving_sources(
     """(service address, port) -> the endpoint addresses allowed to answer, for UDP ports."""
     allowed: dict[tuple[str, int], frozenset[str]] = {}
     for spn, sp in services.items():
-        if sp.protocol is not Protocol.UDP:
+        if spn.protocol is not Protocol.UDP:  # the key's field: cheaper than the property
             continue
         serving = frozenset(
             ep.ip for ep in endpoints.get(spn, ()) if ep.serving and ep.family == family

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from kproxy.dataplane.nftables import encode as e
 from kproxy.dataplane.nftables.netlink import NLM_F_APPEND, NLM_F_CREATE, NLM_F_EXCL
-from kproxy.plan.nftables.ir import Chain, Element, NamedSet, NftTable
+from kproxy.plan.nftables.ir import Chain, Element, NamedSet, NftTable, TableChanges
 
 NFT_MSG_NEWTABLE = 0
 NFT_MSG_DELTABLE = 2
@@ -46,6 +46,27 @@ class TableImage:
             dict(table.elements),
             {c.name: c for c in table.chains},
         )
+
+    def patch(self, table: NftTable, changes: TableChanges) -> None:
+        """Become `table`'s image, from its base's, where `changes` says they may differ."""
+        for s in changes.sets:
+            self.sets[s.name] = s
+        for name in changes.dropped_sets:
+            self.sets.pop(name, None)
+            self.elements.pop(name, None)
+        for name in changes.elements:
+            self._take_elements(table, name)
+        for chain in changes.chains:
+            self.chains[chain.name] = chain
+        for name in changes.dropped_chains:
+            self.chains.pop(name, None)
+
+    def _take_elements(self, table: NftTable, name: str) -> None:
+        elements = table.elements.get(name)
+        if elements:
+            self.elements[name] = elements
+        else:
+            self.elements.pop(name, None)
 
 
 @dataclass
@@ -113,6 +134,41 @@ def diff_tables(desired: NftTable, current: TableImage) -> TableDelta:
         else:
             delta.rewrite_chains.append(chain)
     delta.delete_chains = [n for n in current.chains if n not in wanted_chains]
+    return delta
+
+
+def diff_changes(desired: NftTable, current: TableImage, changes: TableChanges) -> TableDelta:
+    """diff_tables for a table patched from the one `current` is the image of: only where
+    `changes` says the two may differ."""
+    delta = TableDelta(desired.family, desired.name)
+    recreated: set[str] = set()
+    for s in changes.sets:
+        defined = current.sets.get(s.name)
+        if defined is None or defined != s:
+            if defined is not None:
+                delta.delete_sets.append(s.name)
+                recreated.add(s.name)
+            delta.add_sets.append(s)
+    delta.delete_sets.extend(n for n in changes.dropped_sets if n in current.sets)
+    redefined = {s.name: s for s in changes.sets}
+    dropped = set(changes.dropped_sets)
+    for name in dict.fromkeys((*changes.elements, *recreated)):
+        named = redefined.get(name) or (None if name in dropped else current.sets.get(name))
+        if named is None or named.dynamic:
+            continue
+        want = desired.elements.get(name, frozenset())
+        held = frozenset() if name in recreated else current.elements.get(name, frozenset())
+        if want is not held and want != held:
+            _changed_elements(delta, name, want, held)
+    for chain in changes.chains:
+        old = current.chains.get(chain.name)
+        if old is None:
+            delta.add_chains.append(chain)
+        elif old is not chain and old != chain:
+            delta.rewrite_chains.append(chain)
+    delta.delete_chains = [n for n in changes.dropped_chains if n in current.chains]
+    written = len(delta.add_chains) + len(delta.rewrite_chains)
+    delta.unchanged_chains = len(desired.chains) - written
     return delta
 
 

@@ -26,6 +26,7 @@ from kproxy.dataplane.nftables.delta import (
     TableDelta,
     TableImage,
     delta_messages,
+    diff_changes,
     diff_tables,
     full_delta,
 )
@@ -41,7 +42,7 @@ from kproxy.dataplane.nftables.netlink import NftNetlink
 from kproxy.dataplane.nftables.staged import StageRefused, split_fresh, write_unhooked
 from kproxy.errors import DataplaneError
 from kproxy.plan.nftables import naming
-from kproxy.plan.nftables.ir import NftTable
+from kproxy.plan.nftables.ir import NftTable, TableChanges
 from kproxy.plan.node_plan import NodePlan
 
 log = structlog.get_logger("kproxy.dataplane")
@@ -123,8 +124,15 @@ class NftablesNode:
     def apply(self, plan: NodePlan[Mapping[int, NftTable]], full: bool) -> ApplyResult:
         before = read_generation(self.nl)
         moved = self._generation is None or before != self._generation
+        # Tables patched from the ones last committed, whose images can be patched alike.
+        patched = {
+            family: changes
+            for family, table in plan.kernel.items()
+            if not (full or moved) and (changes := self._changes_since_applied(table)) is not None
+        }
         deltas = [
-            self._delta(table, full or moved) for _family, table in sorted(plan.kernel.items())
+            self._delta(table, full or moved, patched.get(family))
+            for family, table in sorted(plan.kernel.items())
         ]
         set_ids = iter(range(1, 1 << 31))
         parts = [split_fresh(d) if d.fresh else (None, d) for d in deltas]
@@ -150,18 +158,33 @@ class NftablesNode:
         self._generation = after if ours else None
         for family, table in plan.kernel.items():
             if self._applied.get(family) is not table:
-                self._images[family] = TableImage.of(table)
+                changes = patched.get(family)
+                if changes is not None:
+                    self._images[family].patch(table, changes)
+                else:
+                    self._images[family] = TableImage.of(table)
                 self._applied[family] = table
         if self._after_first_commit is not None:
             hook, self._after_first_commit = self._after_first_commit, None
             hook()
         return ApplyResult(tables=[NftTableChanges.of(d) for d in deltas])
 
-    def _delta(self, table: NftTable, read_kernel: bool) -> TableDelta:
+    def _changes_since_applied(self, table: NftTable) -> TableChanges | None:
+        """What the planner says changed, when it patched the table last committed."""
+        applied, changes = self._applied.get(table.family), table.changes
+        if applied is None or changes is None or table.family not in self._images:
+            return None
+        return changes if changes.base() is applied else None
+
+    def _delta(
+        self, table: NftTable, read_kernel: bool, changes: TableChanges | None
+    ) -> TableDelta:
         image = self._images.get(table.family)
         if image is not None and not read_kernel:
             if self._applied.get(table.family) is table:  # the loop's plan of no change
                 return TableDelta(table.family, table.name, unchanged_chains=len(image.chains))
+            if changes is not None:
+                return diff_changes(table, image, changes)
             return diff_tables(table, image)
         # A full sync, another program's commit since kproxy's, or kproxy's first in this
         # process (a restart keeps the table, and the affinity sets, when they are right).

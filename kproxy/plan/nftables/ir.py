@@ -8,6 +8,7 @@ renderer prints one as `nft list table` does, the encoder turns each statement i
 from __future__ import annotations
 
 import enum
+import weakref
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -189,10 +190,23 @@ class NamedSet:
         return "dynamic" in self.flags
 
 
+@dataclass(frozen=True, slots=True)
+class TableChanges:
+    """Where a table planned by patching its predecessor (`base`) may differ from it; nothing
+    outside these differs. A hint for the dataplane, which may always diff the whole table."""
+
+    base: weakref.ref[NftTable]
+    chains: tuple[Chain, ...] = ()  # chains that are new or may have changed, in table order
+    dropped_chains: tuple[str, ...] = ()  # in the base's order
+    sets: tuple[NamedSet, ...] = ()  # sets that are new or may have changed, in table order
+    dropped_sets: tuple[str, ...] = ()  # in the base's order
+    elements: tuple[str, ...] = ()  # sets and maps whose elements may have changed
+
+
 @dataclass(frozen=True)
 class NftTable:
     """One family's `kube-proxy` table. Elements are kept apart from the set definitions so
-    a changed element never looks like a changed set."""
+    a changed element never looks like a changed set. `changes` is no part of its value."""
 
     family: int
     name: str
@@ -200,6 +214,7 @@ class NftTable:
     sets: tuple[NamedSet, ...] = ()
     elements: dict[str, frozenset[Element]] = field(default_factory=dict)
     chains: tuple[Chain, ...] = ()
+    changes: TableChanges | None = field(default=None, compare=False, repr=False)
 
     @property
     def nft_family(self) -> str:

@@ -13,8 +13,9 @@ from kproxy.model.service import ServicePort, ServicePortName
 from kproxy.plan.conntrack import serving_sources
 from kproxy.plan.iptables.planner import health_check_addresses
 from kproxy.plan.nftables.ir import NftTable
+from kproxy.plan.nftables.kept import NftPlanCache
 from kproxy.plan.nftables.render import render_nft_table
-from kproxy.plan.nftables.table import NftPlanCache, plan_nft_table
+from kproxy.plan.nftables.table import plan_nft_table
 from kproxy.plan.node_plan import NodePlan, PlanStats, plan_health_checks
 
 MODE = "nftables"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from functools import lru_cache
 
 from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
@@ -109,6 +110,8 @@ def plan_port_part(ctx: NftContext, sp: ServicePort, endpoints: tuple[Endpoint, 
     # Each endpoint's name part, hashed once (by identity: the categories share the objects).
     reachable = cats.reachable
     bases = {id(ep): n.endpoint_base(spn, ep) for ep in reachable}
+    # Each endpoint chain's name, made once: the chain and the jumps to it share the string.
+    names = {key: n.ENDPOINT_PREFIX + base for key, base in bases.items()}
     chains: list[Chain] = []
     if cats.has_any and port.externally_accessible:
         chains.append(_external_chain(ctx, port, policy.has_external))
@@ -121,16 +124,24 @@ def plan_port_part(ctx: NftContext, sp: ServicePort, endpoints: tuple[Endpoint, 
     ):
         if eps and wanted:
             head = (masq,) if masq is not None and name == internal else ()
-            chains.append(Chain(name, head + _balance(port, eps, bases)))
-    chains.extend(_endpoint_chain(port, ep, bases[id(ep)]) for ep in reachable)
+            chains.append(Chain(name, head + _balance(port, eps, bases, names)))
+    chains.extend(_endpoint_chain(port, ep, bases[id(ep)], names[id(ep)]) for ep in reachable)
     return PortPart(
         rules=sum(len(c.rules) for c in chains),
         chains=tuple(chains),
         sets=_affinity_sets(port, reachable, bases),
-        elements=tuple(elements),
+        elements=_first_of_each_key(elements),
         no_local_internal=int(policy.no_local_internal),
         no_local_external=int(policy.no_local_external),
     )
+
+
+def _first_of_each_key(elements: list[tuple[str, Element]]) -> tuple[tuple[str, Element], ...]:
+    """One element per set and key: the first wins (an external IP that is also the ClusterIP)."""
+    first: dict[tuple[str, tuple[str, ...]], tuple[str, Element]] = {}
+    for item in elements:
+        first.setdefault((item[0], item[1].key), item)
+    return tuple(first.values()) if len(first) < len(elements) else tuple(elements)
 
 
 def _if_local(detector: LocalDetector, negate: bool) -> Match | None:
@@ -196,40 +207,54 @@ def _cidr(text: str) -> str:
 
 
 def _balance(
-    port: PortView, endpoints: tuple[Endpoint, ...], bases: dict[int, str]
+    port: PortView,
+    endpoints: tuple[Endpoint, ...],
+    bases: dict[int, str],
+    chain_names: dict[int, str],
 ) -> tuple[Rule, ...]:
     """Affinity lookups, then the probability cascade, the last endpoint unconditional."""
     names = [bases[id(ep)] for ep in endpoints]
+    gotos = [_goto(chain_names[id(ep)]) for ep in endpoints]
     rules: list[Rule] = []
     if port.sp.session_affinity_seconds is not None:
         rules.extend(
             Rule(
                 (
                     Lookup((Key.SADDR,), n.AFFINITY_PREFIX + base),
-                    _goto(n.ENDPOINT_PREFIX + base),
+                    goto,
                 )
             )
-            for base in names
+            for base, goto in zip(names, gotos, strict=True)
         )
     count = len(names)
-    for i, base in enumerate(names):
-        pick: tuple[Statement, ...] = (NumgenZero(count - i),) if i < count - 1 else ()
-        rules.append(Rule((*pick, _goto(n.ENDPOINT_PREFIX + base))))
+    for i, goto in enumerate(gotos):
+        rules.append(Rule((_numgen(count - i), goto) if i < count - 1 else (goto,)))
     return tuple(rules)
 
 
-def _endpoint_chain(port: PortView, ep: Endpoint, base: str) -> Chain:
+@lru_cache(maxsize=256)
+def _numgen(modulus: int) -> NumgenZero:
+    """Shared: every service's cascade holds the same few."""
+    return NumgenZero(modulus)
+
+
+@lru_cache(maxsize=8)
+def _proto_match(proto: str) -> Match:
+    return Match(Key.L4PROTO, proto)
+
+
+def _endpoint_chain(port: PortView, ep: Endpoint, base: str, name: str) -> Chain:
     """Masquerade hairpin traffic, remember the client for affinity, DNAT."""
     proto = port.sp.name.protocol.lower
     affinity: tuple[Rule, ...] = ()
     if port.sp.session_affinity_seconds is not None:
         affinity = (Rule((Update(n.AFFINITY_PREFIX + base, Key.SADDR),)),)
     return Chain(
-        n.ENDPOINT_PREFIX + base,
+        name,
         (
             Rule((Match(Key.SADDR, ep.ip), MARK_MASQ)),
             *affinity,
-            Rule((Match(Key.L4PROTO, proto), Dnat(ep.ip, ep.port))),
+            Rule((_proto_match(proto), Dnat(ep.ip, ep.port))),
         ),
     )
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
@@ -34,11 +34,10 @@ from kproxy.plan.nftables.ir import (
     Verdict,
     Vmap,
 )
+from kproxy.plan.nftables.kept import NftPlanCache, TableFrame, TablePlan
 from kproxy.plan.nftables.service_port import (
     ADDRESS_TYPE,
     NftContext,
-    PortPart,
-    plan_port_part,
 )
 from kproxy.plan.port_policy import ZERO_CIDR, of_family
 
@@ -204,48 +203,6 @@ def _shared_chains(config: ProxyConfig, family: int, node_ports: NodePorts) -> t
     )
 
 
-def _port_order(item: tuple[ServicePortName, ServicePort]) -> tuple[str, str, str, str]:
-    """Namespace, name, port, protocol: the iptables mode's order (read off the fields, which
-    is cheaper than its cached key's lookup)."""
-    spn = item[0]
-    return (spn.service.namespace, spn.service.name, spn.port, spn.protocol.value)
-
-
-@dataclass
-class NftPlanCache:
-    """Each service port's part from the previous plan, reused while the port, its endpoints and
-    the context are unchanged. It never changes what build_nft_table returns, only how fast."""
-
-    context: NftContext | None = None
-    # By the ServicePort object's identity (the state keeps unchanged ports' objects from one
-    # snapshot to the next): hashing 10,000 ServicePortNames costs more than the lookups.
-    ports: dict[int, tuple[ServicePort, tuple[Endpoint, ...], PortPart]] = field(
-        default_factory=dict
-    )
-    _next: dict[int, tuple[ServicePort, tuple[Endpoint, ...], PortPart]] = field(
-        default_factory=dict
-    )
-
-    def part_of(self, ctx: NftContext, sp: ServicePort, eps: tuple[Endpoint, ...]) -> PortPart:
-        hit = self.ports.get(id(sp))
-        if hit is not None and hit[0] is sp and (hit[1] is eps or hit[1] == eps):
-            part = hit[2]
-        else:
-            part = plan_port_part(ctx, sp, eps)
-        self._next[id(sp)] = (sp, eps, part)
-        return part
-
-    def begin(self, ctx: NftContext) -> None:
-        if self.context != ctx:
-            self.context = ctx
-            self.ports.clear()
-        self._next = {}
-
-    def finish(self) -> None:
-        """Keep only this plan's ports."""
-        self.ports, self._next = self._next, {}
-
-
 def _node_ip(config: ProxyConfig, node: NodeInfo, family: int) -> str | None:
     ips = (
         of_family(node.primary_ips, family)
@@ -257,14 +214,6 @@ def _node_ip(config: ProxyConfig, node: NodeInfo, family: int) -> str | None:
         )
     )
     return ips[0] if ips else None
-
-
-@dataclass(frozen=True)
-class TablePlan:
-    table: NftTable
-    no_local_internal: int = 0
-    no_local_external: int = 0
-    rules: int = 0
 
 
 def plan_nft_table(
@@ -283,38 +232,17 @@ def plan_nft_table(
         detector=build_local_detector(config, node, family),
         node_ip=_node_ip(config, node, family),
     )
-    cache = cache if cache is not None else NftPlanCache()
-    cache.begin(ctx)
     node_ports = plan_node_ports(config, node, family)
-    maps = _maps(family)
-    elements: dict[str, dict[tuple[str, ...], Element]] = {m.name: {} for m in maps}
-    if not node_ports.match_all:
-        elements[n.NODEPORT_IPS] = {(ip,): Element((ip,)) for ip in node_ports.ips}
-    sets: list[NamedSet] = []
-    chains: list[Chain] = []
-    no_local = [0, 0]
-    rules = 0
-    for spn, sp in sorted(services.items(), key=_port_order):
-        part = cache.part_of(ctx, sp, endpoints.get(spn, ()))
-        for name, element in part.elements:
-            # Two services claiming one address and port: the first (in name order) wins.
-            elements[name].setdefault(element.key, element)
-        sets.extend(part.sets)
-        chains.extend(part.chains)
-        no_local[0] += part.no_local_internal
-        no_local[1] += part.no_local_external
-        rules += part.rules
-    cache.finish()
-    table = NftTable(
+    frame = TableFrame(
         family=family,
         name=n.TABLE,
         comment=n.TABLE_COMMENT,
-        sets=(*maps, *sets),
-        elements={name: frozenset(e.values()) for name, e in elements.items() if e},
-        chains=(*_base_chains(), *_shared_chains(config, family, node_ports), *chains),
+        ctx=ctx,
+        chains=(*_base_chains(), *_shared_chains(config, family, node_ports)),
+        sets=_maps(family),
+        elements=tuple((n.NODEPORT_IPS, Element((ip,))) for ip in node_ports.ips),
     )
-    shared = sum(len(c.rules) for c in table.chains[: len(table.chains) - len(chains)])
-    return TablePlan(table, no_local[0], no_local[1], rules + shared)
+    return (cache if cache is not None else NftPlanCache()).plan(frame, services, endpoints)
 
 
 def build_nft_table(
