@@ -189,7 +189,7 @@ class NftablesNode:
         # A full sync, another program's commit since kproxy's, or kproxy's first in this
         # process (a restart keeps the table, and the affinity sets, when they are right).
         dynamic = frozenset(s.name for s in table.sets if s.dynamic)
-        kernel = read_kernel_table(self.nl, table.family, table.name, dynamic)
+        kernel = read_kernel_table(self.nl, table.family, table.name, dynamic, table)
         name = f"{table.nft_family} {table.name}"
         if kernel is None or not definitions_match(table, kernel):
             if image is not None:
