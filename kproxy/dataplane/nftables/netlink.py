@@ -21,6 +21,8 @@ from kproxy.errors import DataplaneError
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
+NFNLGRP_NFTABLES = 7  # the multicast group of nf_tables' change notifications
+NFT_MSG_NEWGEN = 15
 NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
 NLMSG_ERROR = 2
@@ -39,6 +41,7 @@ SOL_NETLINK = 270
 NETLINK_EXT_ACK = 11
 NETLINK_CAP_ACK = 10
 RCVBUF = 16 << 20
+MONITOR_RCVBUF = 4 << 20
 
 _HEADER = struct.Struct("<IHHII")
 _NFGEN = struct.Struct("<BBH")  # family, version, res_id (big-endian, written as such)
@@ -58,6 +61,7 @@ class Message:
     flags: int
     seq: int
     payload: bytes  # after the netlink header
+    port: int = 0  # the sender's netlink port (in a notification: whose change it was)
 
     @property
     def family(self) -> int:
@@ -92,10 +96,10 @@ def _batch_marker(msg_type: int, seq: int) -> bytes:
 def iter_messages(data: bytes) -> Iterator[Message]:
     offset = 0
     while offset + 16 <= len(data):
-        length, msg_type, flags, seq, _pid = _HEADER.unpack_from(data, offset)
+        length, msg_type, flags, seq, port = _HEADER.unpack_from(data, offset)
         if length < 16:
             break
-        yield Message(msg_type, flags, seq, data[offset + 16 : offset + length])
+        yield Message(msg_type, flags, seq, data[offset + 16 : offset + length], port)
         offset += (length + 3) & ~3
 
 
@@ -128,6 +132,11 @@ class NftNetlink:
         self._view = memoryview(self._buffer)
         self.last_commit_seconds = 0.0  # the kernel's part of the last transaction
         self.kernel_seconds = 0.0  # and of all of them
+
+    @property
+    def port(self) -> int:
+        """This socket's netlink port: what the kernel's notifications of its changes carry."""
+        return int(self.sock.getsockname()[0])
 
     def close(self) -> None:
         self.sock.close()
@@ -242,3 +251,56 @@ class NftNetlink:
                         return None
                     raise NetlinkError(code, seq, "get")
                 return msg
+
+
+class NftMonitor:
+    """A socket subscribed to nf_tables' change notifications (what `nft monitor` reads), so
+    that kproxy can tell whose tables another program's commit changed. Never blocks."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, MONITOR_RCVBUF)
+        self.sock.bind((0, 1 << (NFNLGRP_NFTABLES - 1)))
+        self.sock.setblocking(False)
+        self._buffer = bytearray(RCVBUF)
+        self._view = memoryview(self._buffer)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def changed_tables(self, own_port: int) -> set[tuple[int, str]] | None:
+        """(family, table) of every change notified since the last call, but those made through
+        `own_port`; None when notifications were lost (the socket overflowed), so that nothing
+        can be said."""
+        changed: set[tuple[int, str]] = set()
+        lost = False
+        while True:
+            try:
+                size = self.sock.recv_into(self._buffer)
+            except BlockingIOError:
+                return None if lost else changed
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                lost = True
+                continue
+            for msg in iter_messages(bytes(self._view[:size])):
+                if msg.port == own_port or msg.type >> 8 != NFNL_SUBSYS_NFTABLES:
+                    continue
+                if msg.type & 0xFF == NFT_MSG_NEWGEN:
+                    continue  # the end of a commit: no table of its own
+                changed.add((msg.family, _first_name(msg.attrs)))
+
+
+def _first_name(attrs: bytes) -> str:
+    """The table an nf_tables notification is about: its attribute 1 (a table's name, or the
+    table of a chain, rule, set, element list, object or flowtable)."""
+    offset = 0
+    while offset + 4 <= len(attrs):
+        length, kind = struct.unpack_from("<HH", attrs, offset)
+        if length < 4:
+            break
+        if kind & 0x3FFF == 1:
+            return attrs[offset + 4 : offset + length].rstrip(b"\0").decode("utf-8", "replace")
+        offset += (length + 3) & ~3
+    return ""

@@ -2,7 +2,10 @@
 netlink batch transaction per sync, carrying only what changed since kproxy's last commit.
 
 Foreign changes: nf_tables keeps one generation counter for the whole ruleset. kproxy reads it
-before each sync; if it moved since kproxy's own commit, some program committed something, so
+before each sync; if it moved since kproxy's own commit, some program committed something. Then
+kproxy asks its monitor (a socket on nf_tables' change notifications, opened after its first
+commit) whose tables that commit touched: a firewall's commit to a table of its own costs kproxy
+nothing. If it touched kproxy's table, or the monitor cannot tell (notifications were lost),
 kproxy re-reads its own table (and only that table) and repairs it in the same transaction.
 No other table is ever read or written."""
 
@@ -38,7 +41,7 @@ from kproxy.dataplane.nftables.kernel import (
     read_kernel_table,
     table_exists,
 )
-from kproxy.dataplane.nftables.netlink import NftNetlink
+from kproxy.dataplane.nftables.netlink import NftMonitor, NftNetlink
 from kproxy.dataplane.nftables.staged import StageRefused, split_fresh, write_unhooked
 from kproxy.errors import DataplaneError
 from kproxy.plan.nftables import naming
@@ -113,6 +116,7 @@ class NftablesNode:
         self._applied: dict[int, NftTable] = {}  # the planned tables last committed
         self._generation: int | None = None  # what kproxy's last commit left, if known
         self._after_first_commit: Callable[[], None] | None = after_first_commit
+        self._monitor: NftMonitor | None = None
 
     @property
     def families(self) -> tuple[int, ...]:
@@ -124,6 +128,8 @@ class NftablesNode:
     def apply(self, plan: NodePlan[Mapping[int, NftTable]], full: bool) -> ApplyResult:
         before = read_generation(self.nl)
         moved = self._generation is None or before != self._generation
+        if moved and self._generation is not None and self._untouched_by_others():
+            moved = False  # other programs committed, but none of it to kproxy's tables
         # Tables patched from the ones last committed, whose images can be patched alike.
         patched = {
             family: changes
@@ -152,6 +158,7 @@ class NftablesNode:
             self._applied.clear()
             self._generation = None
             raise DataplaneError(f"nftables transaction refused: {exc}") from exc
+        self._listen()  # from here on, another program's change is seen by the monitor
         after = read_generation(self.nl)
         # Only our own commits in between: the generation moved by exactly as many.
         ours = after == before + commits
@@ -175,6 +182,32 @@ class NftablesNode:
         if applied is None or changes is None or table.family not in self._images:
             return None
         return changes if changes.base() is applied else None
+
+    def _untouched_by_others(self) -> bool:
+        """Whether the notifications since kproxy's last commit show another program changing
+        other tables only (False when they cannot tell: none kept, or some lost)."""
+        if self._monitor is None:
+            return False
+        try:
+            changed = self._monitor.changed_tables(self.nl.port)
+        except OSError:
+            return False
+        mine = {(NFPROTO[family], naming.TABLE) for family in self._families}
+        return changed is not None and not changed & mine
+
+    def _listen(self) -> None:
+        """Open the monitor after kproxy's first commit (so that a cold start's own
+        notifications are never built), and later forget what it heard of kproxy's own."""
+        if self._monitor is None:
+            self._monitor = NftMonitor()
+        else:
+            with suppress(OSError):
+                self._monitor.changed_tables(self.nl.port)
+
+    def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.close()
+            self._monitor = None
 
     def _delta(
         self, table: NftTable, read_kernel: bool, changes: TableChanges | None
@@ -262,4 +295,8 @@ def open_nftables_node(
 ) -> Iterator[NftablesNode]:
     check_kernel()
     with NftNetlink() as nl:
-        yield NftablesNode(nl, families, after_first_commit)
+        node = NftablesNode(nl, families, after_first_commit)
+        try:
+            yield node
+        finally:
+            node.close()
