@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import replace
 from typing import TypeVar
 
 from kproxy.model.convert import EndpointSliceInfo
@@ -167,7 +166,7 @@ def build_endpoints_map(slices: Iterable[EndpointSliceInfo]) -> EndpointsMap:
             spn = ServicePortName(sl.service, port.name, port.protocol)
             bucket = merged.setdefault(spn, {})
             for ep in sl.endpoints:
-                ep = replace(ep, port=port.port)
+                ep = ep.at_port(port.port)
                 seen = bucket.get((ep.ip, ep.port))
                 if seen is None or (seen.terminating and not ep.terminating):
                     bucket[(ep.ip, ep.port)] = ep
