@@ -7,7 +7,8 @@ kproxy asks its monitor (a socket on nf_tables' change notifications, opened aft
 commit) whose tables that commit touched: a firewall's commit to a table of its own costs kproxy
 nothing. If it touched kproxy's table, or the monitor cannot tell (notifications were lost),
 kproxy re-reads its own table (and only that table) and repairs it in the same transaction.
-No other table is ever read or written."""
+No other table is ever dumped or written; of another program's notifications kproxy looks only
+at the table each one names."""
 
 from __future__ import annotations
 
