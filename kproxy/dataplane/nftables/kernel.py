@@ -101,8 +101,8 @@ def table_exists(nl: NftNetlink, family: int, name: str) -> bool:
 
 def dump_rules(nl: NftNetlink, family: int, table: str, chains: Iterable[str]) -> Iterator[Message]:
     """The rules of the given chains, one dump per chain. A dump of the whole table costs the
-    kernel a walk from its first rule for every 32 KB it returns (measured: 8.8 s for the
-    160,000 rules of a 10,000-service table, 3.8 s chain by chain)."""
+    kernel a walk from its first rule for every 32 KB it returns (measured at 10,000 services:
+    5.6 s for the 160,000 rules in one dump, 1.7 s chain by chain)."""
     fam = NFPROTO[family]
     for chain in chains:
         try:

@@ -42,6 +42,9 @@ NETLINK_EXT_ACK = 11
 NETLINK_CAP_ACK = 10
 RCVBUF = 16 << 20
 MONITOR_RCVBUF = 4 << 20
+# What one read takes: the kernel sends a dump in datagrams of at most 32 KB, an ack or an error
+# (with NETLINK_CAP_ACK) in a few bytes, a notification in one page or so.
+READ_SIZE = 1 << 20
 
 _HEADER = struct.Struct("<IHHII")
 _NFGEN = struct.Struct("<BBH")  # family, version, res_id (big-endian, written as such)
@@ -128,7 +131,7 @@ class NftNetlink:
         self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)  # errors without the message
         self.sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
         self._seq = 1
-        self._buffer = bytearray(RCVBUF)
+        self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
         self.last_commit_seconds = 0.0  # the kernel's part of the last transaction
         self.kernel_seconds = 0.0  # and of all of them
@@ -262,7 +265,7 @@ class NftMonitor:
         self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, MONITOR_RCVBUF)
         self.sock.bind((0, 1 << (NFNLGRP_NFTABLES - 1)))
         self.sock.setblocking(False)
-        self._buffer = bytearray(RCVBUF)
+        self._buffer = bytearray(READ_SIZE)
         self._view = memoryview(self._buffer)
 
     def close(self) -> None:
