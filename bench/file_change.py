@@ -39,12 +39,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from bench.sync_bench import timed
 from integration.agent_harness import slice_object
 from integration.manifests import service_manifest
 from kproxy.logs import configure_logging
@@ -179,12 +179,6 @@ def full_reload(root: Path, sink: StateSink) -> None:
         replace_all(Kind.ENDPOINT_SLICE, manifests.endpoint_slices),
     )
     sink.apply(mutation)
-
-
-def timed(fn: Callable[[], None]) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
 
 
 def measure(root: Path, args: argparse.Namespace, layout: str) -> dict[str, float]:

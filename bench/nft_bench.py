@@ -25,7 +25,6 @@ import json
 import resource
 import sys
 import time
-from collections.abc import Callable
 
 from bench.sync_bench import (
     REPEATS,
@@ -36,6 +35,7 @@ from bench.sync_bench import (
     restore,
     run_in_netns,
     slice_for,
+    timed,
 )
 from kproxy.model.config import ProxyConfig
 from kproxy.model.node import NodeInfo
@@ -87,7 +87,7 @@ def run_kproxy(services: int, endpoints: int) -> dict[str, float]:
         delete_table(nl, 4)
         state.restore_changes({NamespacedName("bench", f"svc-{i}") for i in range(services)})
         nl.kernel_seconds = 0.0
-        took = _timed(fresh_loop().sync)
+        took = timed(fresh_loop().sync)
         figures["full_commit"] = nl.kernel_seconds
         return took
 
@@ -101,10 +101,10 @@ def run_kproxy(services: int, endpoints: int) -> dict[str, float]:
     for round_ in range(REPEATS):
         state.set_slice(slice_for(services // 2, changed_ips(services, endpoints, round_)))
         nl.kernel_seconds = 0.0
-        times.append(_timed(loop.sync))
+        times.append(timed(loop.sync))
         figures["change_commit"] = nl.kernel_seconds
     figures["change_kproxy"] = min(times)
-    figures["nochange_kproxy"] = best(lambda: _timed(loop.sync))
+    figures["nochange_kproxy"] = best(lambda: timed(loop.sync))
     figures["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     state.set_slice(
         slice_for(services // 2, [endpoint_ip(services // 2, j) for j in range(endpoints)])
@@ -112,12 +112,6 @@ def run_kproxy(services: int, endpoints: int) -> dict[str, float]:
     assert loop.sync()
     delete_table(nl, 4)
     return figures
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
 
 
 def measure(services: int, endpoints: int) -> dict[str, float]:

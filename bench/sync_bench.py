@@ -164,7 +164,7 @@ def run_kproxy(services: int, endpoints: int) -> dict[str, float]:
     def kproxy_full() -> float:
         flush_tables()
         state.restore_changes({NamespacedName("bench", f"svc-{i}") for i in range(services)})
-        return _timed(fresh_loop().sync)
+        return timed(fresh_loop().sync)
 
     figures["full_kproxy"] = best(kproxy_full)
     # (b) one service's endpoints change, with the agent warm (as after its first sync).
@@ -174,15 +174,15 @@ def run_kproxy(services: int, endpoints: int) -> dict[str, float]:
     for round_ in range(REPEATS):
         time.sleep(1)  # as minSyncPeriod would: the last commit's table copy is refreshed
         state.set_slice(slice_for(services // 2, changed_ips(services, endpoints, round_)))
-        times.append(_timed(loop.sync))
+        times.append(timed(loop.sync))
     figures["change_kproxy"] = min(times)
     # What the proof before each commit costs: the kernel's entries of nat, compared with the
     # kept copy's (libiptc.py explains why a commit needs it).
     kept = ImageMatch(_image("nat"))
-    figures["verify_kproxy"] = best(lambda: _timed(lambda: kept.matches(_image("nat"))))
+    figures["verify_kproxy"] = best(lambda: timed(lambda: kept.matches(_image("nat"))))
     # (c) nothing changed.
     time.sleep(1)
-    figures["nochange_kproxy"] = best(lambda: _timed(loop.sync))
+    figures["nochange_kproxy"] = best(lambda: timed(loop.sync))
     figures["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # Leave the original version in the kernel for the baseline process.
     state.set_slice(
@@ -232,7 +232,8 @@ def run_baseline(services: int, endpoints: int) -> dict[str, float]:
     return figures
 
 
-def _timed(fn: Callable[[], object]) -> float:
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds `fn` took."""
     started = time.perf_counter()
     fn()
     return time.perf_counter() - started
