@@ -18,7 +18,7 @@ from kproxy.dataplane.nftables.decode import (
     decode_rule,
     decode_set,
 )
-from kproxy.dataplane.nftables.kernel import iter_attrs
+from kproxy.dataplane.nftables.netlink import iter_attrs
 from kproxy.inspect.trace_cmd import TraceRequest, trace_planned
 from kproxy.inspect.trace_view import render_trace, trace_json
 from kproxy.plan.nftables.ir import Chain, NftTable, Rule, Verdict

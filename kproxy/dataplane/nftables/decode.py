@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from kproxy.dataplane.nftables import encode as e
-from kproxy.dataplane.nftables.kernel import iter_attrs
+from kproxy.dataplane.nftables.netlink import iter_attrs
 from kproxy.plan.nftables.ir import (
     Chain,
     CtStateNew,

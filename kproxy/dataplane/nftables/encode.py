@@ -31,6 +31,7 @@ from pyroute2.netlink.nfnetlink.nftsocket import (
     nft_table_msg,
 )
 
+from kproxy.dataplane.nftables.netlink import iter_attrs
 from kproxy.plan.nftables.ir import (
     Chain,
     CtStateNew,
@@ -799,12 +800,9 @@ _ELEMENT_DATA = 2  # NFTA_SET_ELEM_DATA, inside an element
 def verdict_data(v: Verdict) -> bytes:
     """An element's NFTA_SET_ELEM_DATA payload, as the kernel dumps it."""
     element = payload_of(encode_element(Element(("raw:00",), v)))
-    offset = 0
-    while offset < len(element):
-        length, kind = _HEAD.unpack_from(element, offset)
-        if kind & 0x3FFF == _ELEMENT_DATA:
-            return element[offset + 4 : offset + length]
-        offset += (length + 3) & ~3
+    for kind, value in iter_attrs(element):
+        if kind == _ELEMENT_DATA:
+            return value
     raise EncodingError(f"no data in the element of {v}")
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from kproxy.dataplane.nftables import encode as e
 from kproxy.dataplane.nftables.delta import NFPROTO, TableDelta
-from kproxy.dataplane.nftables.netlink import Message, NetlinkError, NftNetlink
+from kproxy.dataplane.nftables.netlink import Message, NetlinkError, NftNetlink, iter_attrs
 from kproxy.plan.nftables.ir import Chain, Element, NamedSet, NftTable
 
 NFT_MSG_GETTABLE = 1
@@ -20,16 +20,6 @@ NFT_MSG_GETRULE = 7
 NFT_MSG_GETSET = 10
 NFT_MSG_GETSETELEM = 13
 NFT_MSG_GETGEN = 16
-
-
-def iter_attrs(data: bytes) -> Iterator[tuple[int, bytes]]:
-    offset = 0
-    while offset + 4 <= len(data):
-        length, kind = struct.unpack_from("<HH", data, offset)
-        if length < 4:
-            return
-        yield kind & 0x3FFF, data[offset + 4 : offset + length]
-        offset += (length + 3) & ~3
 
 
 def _name(value: bytes) -> str:

@@ -96,6 +96,17 @@ def _batch_marker(msg_type: int, seq: int) -> bytes:
     )
 
 
+def iter_attrs(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(type, payload) of each netlink attribute in `data`, flags stripped from the type."""
+    offset = 0
+    while offset + 4 <= len(data):
+        length, kind = struct.unpack_from("<HH", data, offset)
+        if length < 4:
+            return
+        yield kind & 0x3FFF, data[offset + 4 : offset + length]
+        offset += (length + 3) & ~3
+
+
 def iter_messages(data: bytes) -> Iterator[Message]:
     offset = 0
     while offset + 16 <= len(data):
@@ -298,12 +309,7 @@ class NftMonitor:
 def _first_name(attrs: bytes) -> str:
     """The table an nf_tables notification is about: its attribute 1 (a table's name, or the
     table of a chain, rule, set, element list, object or flowtable)."""
-    offset = 0
-    while offset + 4 <= len(attrs):
-        length, kind = struct.unpack_from("<HH", attrs, offset)
-        if length < 4:
-            break
-        if kind & 0x3FFF == 1:
-            return attrs[offset + 4 : offset + length].rstrip(b"\0").decode("utf-8", "replace")
-        offset += (length + 3) & ~3
+    for kind, value in iter_attrs(attrs):
+        if kind == 1:
+            return value.rstrip(b"\0").decode("utf-8", "replace")
     return ""

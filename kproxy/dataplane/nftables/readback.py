@@ -27,10 +27,9 @@ from kproxy.dataplane.nftables.kernel import (
     NFT_MSG_GETSETELEM,
     NFT_MSG_GETTABLE,
     dump_rules,
-    iter_attrs,
     read_generation,
 )
-from kproxy.dataplane.nftables.netlink import NftNetlink
+from kproxy.dataplane.nftables.netlink import NftNetlink, iter_attrs
 from kproxy.errors import DataplaneError
 from kproxy.plan.nftables import naming
 from kproxy.plan.nftables.ir import Element, NamedSet, NftTable, Rule
