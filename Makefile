@@ -16,17 +16,24 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-$(VENV)/.installed: setup.cfg pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+# The venv holds kproxy as users get it: the wheel built the way the Dockerfile builds it, installed
+# (not editable), so the tests and the demo run what ships and a module the wheel leaves out fails
+# them. It is rebuilt whenever a file of the package changes.
+PACKAGE_FILES := $(shell find kproxy -name '*.py')
+$(VENV)/.installed: setup.cfg pyproject.toml README.md $(PACKAGE_FILES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	rm -rf build dist *.egg-info
+	$(PY) -m pip wheel -q --no-deps --wheel-dir dist .
+	$(PY) -m pip uninstall -q -y kproxy
+	$(PY) -m pip install -q "$$(ls dist/kproxy-*.whl)[dev]"
 	touch $@
 
 venv: deps $(VENV)/.installed
 
 lint: venv
-	$(VENV)/bin/ruff check kproxy tests integration bench
-	$(VENV)/bin/ruff format --check kproxy tests integration bench
+	$(VENV)/bin/ruff check kproxy tests integration bench conftest.py
+	$(VENV)/bin/ruff format --check kproxy tests integration bench conftest.py
 	$(VENV)/bin/mypy kproxy
 	$(VENV)/bin/lint-imports  # the layer contracts in setup.cfg
 
