@@ -28,7 +28,17 @@ from integration.traffic import start_server
 MODES = ("iptables", "nftables")
 both_modes = pytest.mark.parametrize("proxy_mode", MODES, indirect=True)
 
-_TOOLS = ("ip", "iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore", "nft")
+_TOOLS = (
+    "ip",
+    "iptables-legacy",
+    "iptables-legacy-save",
+    "iptables-legacy-restore",
+    "iptables-nft-save",
+    "iptables-nft-restore",
+    "ip6tables-nft-save",
+    "ip6tables-nft-restore",
+    "nft",
+)
 # The node kproxy programs (--hostname-override), and another one: endpoints whose nodeName is
 # REMOTE_NODE count as remote for traffic policies, though the simulated node still routes to them.
 

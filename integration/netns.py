@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from integration.real_node import ForeignRules
+
 PREFIX = "kpt-"
 NODE_IP = "172.31.0.2"
 OUTSIDE_IP = "172.31.0.1"
@@ -151,6 +153,8 @@ class Topology:
     # Clients beyond the node added by add_outside(), by name.
     outsides: dict[str, Namespace] = field(default_factory=dict)
     ipv6: bool = False
+    # The neighbours' rules build() seeds into the node (see real_node.py); None on a clean node.
+    foreign: ForeignRules | None = None
     _namespaces: list[Namespace] = field(default_factory=list)
     _processes: list[subprocess.Popen[str]] = field(default_factory=list)
 
@@ -170,8 +174,9 @@ class Topology:
                 {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0"}
             )
 
-    def build(self) -> None:
-        """The node, the outside namespace and the link between them."""
+    def build(self, real_node: bool = True) -> None:
+        """The node, the outside namespace and the link between them; with `real_node`, the
+        node starts with kubelet's, a CNI's, Docker's and a firewall's rules in it."""
         node, outside = self.node, self.outside
         self._add_namespace(node)
         self._add_namespace(outside)
@@ -193,6 +198,9 @@ class Topology:
                 "net.ipv4.conf.default.rp_filter": "0",
             }
         )
+        if real_node:
+            self.foreign = ForeignRules(node, Path(f"/tmp/{self.prefix}.xtables.lock"))
+            self.foreign.seed()
 
     def enable_ipv6(self) -> None:
         """IPv6 on the node and outside namespaces (NODE_IP6, OUTSIDE_IP6), default routes both
@@ -294,6 +302,8 @@ class Topology:
             except Exception as exc:
                 errors.append(exc)
         self._namespaces.clear()
+        if self.foreign is not None:
+            self.foreign.lock_file.unlink(missing_ok=True)
         if errors:
             raise errors[0]
 
@@ -354,12 +364,18 @@ def unique_prefix(label: str = "") -> str:
 
 
 @contextmanager
-def topology(label: str = "") -> Iterator[Topology]:
-    """A node and an outside namespace, torn down unconditionally on exit."""
+def topology(label: str = "", real_node: bool = True) -> Iterator[Topology]:
+    """A node and an outside namespace, torn down unconditionally on exit. With `real_node` (the
+    default) the node starts with its neighbours' rules (real_node.py), and a test that ends
+    normally fails if any of them changed."""
     topo = Topology(unique_prefix(label))
     try:
-        topo.build()
+        topo.build(real_node)
         yield topo
+        if topo.foreign is not None and (changes := topo.foreign.changes()):
+            raise AssertionError(
+                "kproxy changed rules that belong to other programs:\n" + "\n".join(changes)
+            )
     finally:
         topo.close()
 

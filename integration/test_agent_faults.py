@@ -176,6 +176,9 @@ def test_flushed_nat_table_is_restored_within_sync_period(node: AgentNode) -> No
     else:
         # Hold the agent's lock while flushing, so the broken state is seen before any repair.
         other_lock = node.workdir / "other-xtables.lock"
+        # The flush takes Docker's nat chains too; kproxy restores only its own.
+        assert node.topo.foreign is not None
+        node.topo.foreign.forget("iptables-legacy nat")
         with holding_lock(node.lock_file):
             node.iptables("-t", "nat", "-F", lock_file=other_lock)
             node.iptables("-t", "nat", "-X", lock_file=other_lock)
