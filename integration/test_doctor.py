@@ -185,6 +185,9 @@ class Namespaces:
         run(["ip", "netns", "add", ns.name])
         self.created.append(ns)
         ns.ip("link", "set", "lo", "up")
+        # A new namespace copies the host's IPv4 settings (net.core.devconf_inherit_init_net 0):
+        # start from the kernel's default whatever the host has.
+        ns.sysctl({"net.ipv4.ip_forward": "0"})
         return ns
 
     def spawn(self, ns: Namespace, *argv: str) -> subprocess.Popen[bytes]:
