@@ -124,12 +124,12 @@ def answers(msg: Message, family: int, request: bytes) -> bool:
     (a rule dump by table and chain) but not others (a chain dump returns the chains of every
     table of the family, iptables-nft's among them): kproxy never acts on what it did not ask
     for."""
-    if family and msg.family != family:
+    payload = msg.payload
+    if family and (not payload or payload[0] != family):
         return False
-    attrs = msg.attrs
-    if attrs.startswith(request):  # the kernel puts the names first: no parsing needed
+    if payload.startswith(request, 4):  # the kernel puts the names first: nothing to parse
         return True
-    have = dict(iter_attrs(attrs))
+    have = dict(iter_attrs(msg.attrs))
     return all(have.get(kind) == value for kind, value in iter_attrs(request))
 
 
