@@ -1,5 +1,5 @@
 """A plain nfnetlink socket for nf_tables: one batch transaction per send, dumps filtered to one
-table, the ruleset generation.
+table (by kproxy, whatever the kernel returns), the ruleset generation.
 
 What it sends is encoded by pyroute2's nftables message classes (encode.py). The socket is a plain
 AF_NETLINK one: pyroute2's NFTSocket reads through an asyncio transport that decodes every message
@@ -117,6 +117,22 @@ def iter_messages(data: bytes) -> Iterator[Message]:
         offset += (length + 3) & ~3
 
 
+def answers(msg: Message, family: int, request: bytes) -> bool:
+    """Whether a dump's answer is about what the request named: the request's family (unless it
+    asked for every family) and each of the request's attributes with the same value (the
+    table's name, and the chain's or set's where it names one). The kernel filters some dumps
+    (a rule dump by table and chain) but not others (a chain dump returns the chains of every
+    table of the family, iptables-nft's among them): kproxy never acts on what it did not ask
+    for."""
+    payload = msg.payload
+    if family and (not payload or payload[0] != family):
+        return False
+    if payload.startswith(request, 4):  # the kernel puts the names first: nothing to parse
+        return True
+    have = dict(iter_attrs(msg.attrs))
+    return all(have.get(kind) == value for kind, value in iter_attrs(request))
+
+
 @dataclass(frozen=True, slots=True)
 class Batch:
     """One batch transaction, ready to send: its bytes and its first and last sequence."""
@@ -230,7 +246,8 @@ class NftNetlink:
                     return
 
     def dump(self, msg_type: int, family: int, attrs: bytes) -> list[Message]:
-        """A filtered dump (e.g. the rules of one table)."""
+        """A dump of what `attrs` names (e.g. the chains of one table, the rules of one chain),
+        and only that: every answer the kernel sends is checked against the request."""
         seq = self.next_seq()
         self.sock.send(nfgen_message(msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, family, attrs))
         out: list[Message] = []
@@ -248,7 +265,8 @@ class NftNetlink:
                     if code == errno.EINTR:
                         return self.dump(msg_type, family, attrs)  # the ruleset changed mid-dump
                     raise NetlinkError(code, seq, "dump")
-                out.append(msg)
+                if answers(msg, family, attrs):
+                    out.append(msg)
 
     def request(self, msg_type: int, family: int, attrs: bytes) -> Message | None:
         """One get request (e.g. the generation); None when the object does not exist."""
