@@ -39,7 +39,8 @@ class FlowGroup:
         return (self.proto, self.dst, self.dport, self.reply_src)
 
 
-def _commands(group: FlowGroup, first_client: int) -> list[str]:
+def flow_commands(group: FlowGroup, first_client: int) -> list[str]:
+    """The `conntrack -R` lines that make `group`'s flows, from client number `first_client` on."""
     state = " --state ESTABLISHED" if group.proto == "tcp" else ""
     lines = []
     for i in range(group.count):
@@ -56,7 +57,7 @@ def load_flows(ns: Namespace, groups: list[FlowGroup], workdir: Path) -> None:
     """Put every group's flows into `ns`'s conntrack table."""
     lines: list[str] = []
     for group in groups:
-        lines += _commands(group, len(lines))
+        lines += flow_commands(group, len(lines))
     path = workdir / "conntrack-flows.txt"
     path.write_text("\n".join(lines) + "\n")
     ns.run("conntrack", "-R", str(path), timeout=600)
