@@ -36,6 +36,7 @@ NETLINK_CAP_ACK = 10
 BUFFER = 4 << 20
 READ_SIZE = 1 << 20
 DELETE_BATCH = 256  # delete messages per send (about 25 KB)
+TIMEOUT = 30.0
 
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_ID, CTA_ZONE, CTA_FILTER = 1, 2, 12, 18, 25
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
@@ -149,6 +150,7 @@ class CtSocket:
             except OSError:  # without CAP_NET_ADMIN: what rmem_max allows
                 self.sock.setsockopt(socket.SOL_SOCKET, plain, BUFFER)
         self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)  # errors without the request
+        self.sock.settimeout(TIMEOUT)  # the kernel always answers; never wait forever
         self.seq = 0
 
     def close(self) -> None:
