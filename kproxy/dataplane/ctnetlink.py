@@ -4,7 +4,8 @@ deletes by the exact original tuple, and flushes by filter.
 Plain struct code rather than pyroute2's Conntrack: pyroute2 decodes every entry of a dump into
 attribute objects (about 2 ms an entry here: 14,000 flows took more than 30 s), where the
 cleanup needs three fields of each. The kernel filters (CTA_FILTER) need Linux 5.8; deleting by
-filter needs 6.12, and an older kernel refuses it (EINVAL), which `FlushRefused` reports.
+filter needs 6.12: an older kernel refuses it (it reads the filter's tuple as an exact one, which
+it lacks fields for), and `FlushRefused` says so.
 """
 
 from __future__ import annotations
@@ -228,7 +229,9 @@ class CtSocket:
         for kind, data, start, _ in self._replies():
             if kind == NLMSG_ERROR:
                 code = _ERROR.unpack_from(data, start)[0]
-                if code in (-errno.EINVAL, -errno.EOPNOTSUPP):
+                # An older kernel takes the filter's tuple for an exact one: EINVAL (fields
+                # missing) or ENOENT; a kernel that filters answers 0 even when none matched.
+                if code in (-errno.EINVAL, -errno.EOPNOTSUPP, -errno.ENOENT):
                     raise FlushRefused(f"conntrack flush by filter: {os.strerror(-code)}")
                 _raise(code, "conntrack flush")
                 return
