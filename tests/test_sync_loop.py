@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from kproxy.dataplane.iptables.fake import FakeDataplane
@@ -13,7 +14,7 @@ from kproxy.health.healthz import ProxyHealth
 from kproxy.health.metrics import ProxyMetrics
 from kproxy.model.config import ProxyConfig
 from kproxy.model.kinds import Kind
-from kproxy.model.service import NamespacedName
+from kproxy.plan.conntrack import CleanupReport, UdpServing
 from kproxy.plan.iptables.planner import IptablesPlanner
 from kproxy.state.ingest import remove, replace_all, set_node, upsert
 from kproxy.sync.loop import StateBox, SyncLoop
@@ -26,7 +27,9 @@ def service(name: str, ip: str, protocol: str = "TCP") -> dict[str, Any]:
     }
 
 
-def endpoint_slice(name: str, ips: list[str], trigger: str | None = None) -> dict[str, Any]:
+def endpoint_slice(
+    name: str, ips: list[str], trigger: str | None = None, protocol: str = "TCP"
+) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "name": f"{name}-1",
         "namespace": "default",
@@ -37,7 +40,7 @@ def endpoint_slice(name: str, ips: list[str], trigger: str | None = None) -> dic
     return {
         "metadata": meta,
         "addressType": "IPv4",
-        "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+        "ports": [{"name": "p", "port": 8080, "protocol": protocol}],
         "endpoints": [{"addresses": [ip]} for ip in ips],
     }
 
@@ -152,22 +155,89 @@ def test_invalid_object_is_counted_and_the_rest_applied() -> None:
     assert "default/good:p has no endpoints" in fake.dump()
 
 
-def test_udp_changes_trigger_conntrack_cleanup_and_tcp_ones_do_not() -> None:
+class RecordingCleaner:
+    """Records the work each cleanup was given; cleans at most `per_call` keys a call (the
+    rest is left, as when the time allowed runs out), or fails when told to."""
+
+    def __init__(self, per_call: int = 1000) -> None:
+        self.calls: list[dict[int, Any]] = []
+        self.per_call = per_call
+        self.fail = False
+
+    def clean(
+        self,
+        work: Mapping[int, UdpServing],
+        serving: Mapping[int, UdpServing],
+        deadline: float | None = None,
+    ) -> CleanupReport:
+        self.calls.append({family: dict(keys) for family, keys in work.items()})
+        if self.fail:
+            raise OSError("netlink said no")
+        report = CleanupReport()
+        budget = self.per_call if deadline is not None else 10**6
+        for family, keys in work.items():
+            done = sorted(keys)[:budget]
+            report.done[family] = done
+            report.left += len(keys) - len(done)
+            budget -= len(done)
+        return report
+
+
+def test_only_udp_addresses_whose_endpoints_changed_are_cleaned() -> None:
     box, loop, _ = agent()
-    cleanups: list[dict[int, Any]] = []
-    loop.clean_conntrack = lambda serving: cleanups.append(dict(serving)) or 0
+    cleaner = loop.clean_conntrack = RecordingCleaner()
     box.apply(upsert(Kind.SERVICE, service("dns", "10.96.0.10", "UDP")))
     box.apply(upsert(Kind.SERVICE, service("web", "10.96.0.5")))
     assert loop.sync()
-    assert cleanups[-1] == {4: {("10.96.0.10", 80): frozenset()}}  # nothing may answer yet
+    assert cleaner.calls == [{4: {("10.96.0.10", 80): frozenset()}}]  # nothing may answer yet
     box.apply(upsert(Kind.ENDPOINT_SLICE, endpoint_slice("web", ["10.0.0.1"])))
     assert loop.sync()
-    assert len(cleanups) == 1  # a TCP change leaves conntrack alone
+    assert len(cleaner.calls) == 1  # a TCP change leaves conntrack alone
+    box.apply(upsert(Kind.SERVICE, service("dns2", "10.96.0.11", "UDP")))
+    box.apply(upsert(Kind.ENDPOINT_SLICE, endpoint_slice("dns", ["10.0.0.9"], protocol="UDP")))
+    assert loop.sync()
+    assert cleaner.calls[-1] == {  # not the unchanged ones: only what changed is asked for
+        4: {("10.96.0.10", 80): frozenset({"10.0.0.9"}), ("10.96.0.11", 80): frozenset()}
+    }
+    assert loop.sync()
+    assert len(cleaner.calls) == 2  # nothing changed: nothing asked
     box.apply(remove(Kind.SERVICE, service("dns", "10.96.0.10", "UDP")))
     assert loop.sync()
-    # The removed service's address stays in, with nothing allowed to answer: its flows go.
-    assert len(cleanups) == 2 and cleanups[-1] == {4: {("10.96.0.10", 80): frozenset()}}
-    assert NamespacedName("default", "dns")  # keys are namespaced
+    # The removed service's address, with nothing allowed to answer: all its flows go.
+    assert cleaner.calls[-1] == {4: {("10.96.0.10", 80): frozenset()}}
+
+
+def test_a_cleanup_out_of_time_leaves_the_rest_to_the_next_sync_at_once() -> None:
+    box, loop, _ = agent()
+    cleaner = loop.clean_conntrack = RecordingCleaner(per_call=1)
+    for i in range(3):
+        box.apply(upsert(Kind.SERVICE, service(f"dns{i}", f"10.96.0.{10 + i}", "UDP")))
+    assert loop.sync()
+    assert box.changed.is_set()  # the next sync is owed now, not a syncPeriod later
+    box.changed.clear()
+    assert loop.sync()
+    assert box.changed.is_set()
+    box.changed.clear()
+    assert loop.sync()
+    assert [sorted(call[4]) for call in cleaner.calls] == [
+        [("10.96.0.10", 80), ("10.96.0.11", 80), ("10.96.0.12", 80)],
+        [("10.96.0.11", 80), ("10.96.0.12", 80)],
+        [("10.96.0.12", 80)],
+    ]
+    assert not box.changed.is_set()
+    assert loop.sync()
+    assert len(cleaner.calls) == 3
+
+
+def test_a_failed_cleanup_is_retried_by_the_next_sync() -> None:
+    box, loop, _ = agent()
+    cleaner = loop.clean_conntrack = RecordingCleaner()
+    box.apply(upsert(Kind.SERVICE, service("dns", "10.96.0.10", "UDP")))
+    cleaner.fail = True
+    assert loop.sync()  # the rules were synced all the same
+    cleaner.fail = False
+    assert loop.sync()
+    assert cleaner.calls == [{4: {("10.96.0.10", 80): frozenset()}}] * 2
 
 
 def test_a_sync_with_nothing_changed_reuses_the_last_plan_and_commits_nothing() -> None:
@@ -188,12 +258,11 @@ def test_a_sync_with_nothing_changed_reuses_the_last_plan_and_commits_nothing() 
 
 def test_a_removed_udp_service_loses_its_flows_even_after_a_failed_sync() -> None:
     box, loop, fake = agent()
-    cleanups: list[dict[int, Any]] = []
-    loop.clean_conntrack = lambda serving: cleanups.append(dict(serving)) or 0
+    cleaner = loop.clean_conntrack = RecordingCleaner()
     box.apply(upsert(Kind.SERVICE, service("dns", "10.96.0.10", "UDP")))
     assert loop.sync()
     box.apply(remove(Kind.SERVICE, service("dns", "10.96.0.10", "UDP")))
     fake.fail_next_commit()
     assert loop.sync() is None  # the failed sync forgets its plan, not what was served
     assert loop.sync()
-    assert cleanups[-1] == {4: {("10.96.0.10", 80): frozenset()}}
+    assert cleaner.calls[-1] == {4: {("10.96.0.10", 80): frozenset()}}

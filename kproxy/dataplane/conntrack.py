@@ -1,48 +1,66 @@
-"""Stale UDP conntrack flows, found and deleted over netlink (pyroute2), as upstream's reconciler.
-Which flows are stale is decided in plan/conntrack.py; this module only reads and deletes."""
+"""Stale UDP conntrack flows, found and deleted over netlink (ctnetlink.py), asking the kernel
+only for the flows to the service addresses being cleaned. Which flows those are, and which of
+them are stale, is decided in plan/conntrack.py; this module only asks, reads and deletes."""
 
 from __future__ import annotations
 
-import ipaddress
-import socket
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 
-from pyroute2 import Conntrack
-
-from kproxy.plan.conntrack import Flow, UdpServing, stale_flows
-
-UDP = 17
+from kproxy.dataplane.ctnetlink import CtSocket, FlushRefused
+from kproxy.plan.conntrack import CleanupReport, FlowQuery, UdpServing, is_stale, plan_queries
 
 
-def _flows(ct: Conntrack) -> list[Flow]:
-    # Filtering in the kernel by protocol returns nothing for IPv6 here, so filter in Python.
-    flows = []
-    for entry in list(ct.dump_entries()):
-        orig, reply = entry.tuple_orig, entry.tuple_reply
-        if orig is None or reply is None or orig.proto != UDP:
-            continue
-        flows.append(
-            Flow(
-                orig_dst=str(ipaddress.ip_address(orig.daddr)),
-                orig_dport=int(orig.dport),
-                reply_src=str(ipaddress.ip_address(reply.saddr)),
-                entry=entry,
-            )
-        )
-    return flows
+class ConntrackCleaner:
+    """Cleans the stale UDP flows of the current network namespace, one request per query,
+    starting none after the deadline (the sync loop's time allowed)."""
 
+    def __init__(self, open_socket: Callable[[], CtSocket] = CtSocket) -> None:
+        self.open_socket = open_socket
+        self.can_flush = True  # until the kernel refuses to delete by filter (before 6.12)
 
-def delete_stale_udp_flows(serving: Mapping[int, UdpServing]) -> list[Flow]:
-    """Delete stale UDP flows in this network namespace, per family; returns what was deleted."""
-    deleted = []
-    for family, allowed in serving.items():
-        if not allowed:
-            continue
-        ct = Conntrack(nfgen_family=socket.AF_INET if family == 4 else socket.AF_INET6)
-        try:
-            for flow in stale_flows(_flows(ct), allowed):
-                ct.delete(flow.entry)
-                deleted.append(flow)
-        finally:
-            ct.close()
-    return deleted
+    def clean(
+        self,
+        work: Mapping[int, UdpServing],
+        serving: Mapping[int, UdpServing],
+        deadline: float | None = None,
+    ) -> CleanupReport:
+        """Clean the flows of `work`'s keys, per family (what may answer them now; `serving` is
+        every address served now); the report names the keys done."""
+        report = CleanupReport()
+        with self.open_socket() as ct:
+            for family, keys in work.items():
+                served = serving.get(family, {})
+                queries = plan_queries(keys, served, family, self.can_flush)
+                done = report.done.setdefault(family, [])
+                for i, query in enumerate(queries):
+                    late = deadline is not None and time.monotonic() > deadline
+                    if late and any(report.done.values()):  # the first request always goes
+                        report.left += sum(len(q.keys) for q in queries[i:])
+                        break
+                    self._run(ct, family, query, keys, served, report)
+                    done.extend(query.keys)
+        return report
+
+    def _run(
+        self,
+        ct: CtSocket,
+        family: int,
+        query: FlowQuery,
+        work: UdpServing,
+        served: UdpServing,
+        report: CleanupReport,
+    ) -> None:
+        if query.flush:
+            try:
+                ct.flush_udp(family, query.port, query.address)
+                report.flushed += len(query.keys)
+                return
+            except FlushRefused:
+                self.can_flush = False  # read and delete one by one from now on
+        stale = []
+        for flow in ct.dump_udp(family, query.port, query.address):
+            report.read += 1
+            if is_stale(flow.dst, flow.dport, flow.reply_src, work, served):
+                stale.append(flow.ref)
+        report.deleted += ct.delete(family, stale)

@@ -19,7 +19,7 @@ import structlog
 from prometheus_client import start_http_server
 
 from kproxy.dataplane.base import RelayStats
-from kproxy.dataplane.conntrack import delete_stale_udp_flows
+from kproxy.dataplane.conntrack import ConntrackCleaner
 from kproxy.dataplane.host import tune_node, with_host_facts
 from kproxy.errors import ConfigError
 from kproxy.health.healthz import ProxyHealth, serve_health
@@ -115,7 +115,7 @@ def run_agent(
             metrics=metrics,
             health=health,
             host_facts=with_host_facts,
-            clean_conntrack=lambda serving: len(delete_stale_udp_flows(serving)),
+            clean_conntrack=ConntrackCleaner(),
             service_health=service_health,
             status=status,
         )

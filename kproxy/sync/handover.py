@@ -38,11 +38,7 @@ def hand_over_to_iptables(loop: SyncLoop, drain_seconds: float = DRAIN_SECONDS) 
     except KproxyError as exc:
         log.error("handover_failed", error=str(exc), portals="left in place")
         return
-    if loop.clean_conntrack is not None:
-        try:
-            loop.clean_conntrack(plan.udp_serving)
-        except Exception as exc:  # conntrack trouble must not keep the agent from stopping
-            log.error("conntrack_cleanup_failed", error=str(exc))
+    loop.clean_stale_flows(plan, seconds=None)  # logs its own failure; stopping goes on
     still_open = node.drain(drain_seconds)
     log.info(
         "portals_handed_over",

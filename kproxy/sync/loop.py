@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import structlog
 
@@ -25,8 +25,8 @@ from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.kinds import Kind
 from kproxy.model.node import NodeInfo
-from kproxy.model.service import NamespacedName, Protocol, ServicePort, ServicePortName
-from kproxy.plan.conntrack import UdpServing, with_removed
+from kproxy.model.service import NamespacedName, ServicePort, ServicePortName
+from kproxy.plan.conntrack import CleanupReport, UdpServing, plan_cleanup, with_cleaned
 from kproxy.plan.node_plan import NodePlan, Planner
 from kproxy.state.cluster import ClusterState
 from kproxy.state.ingest import Mutation
@@ -37,6 +37,22 @@ log = structlog.get_logger("kproxy.sync")
 
 # A full sync (compare every chain with the kernel) runs at least this often, as upstream's.
 FULL_SYNC_PERIOD = 3600.0
+# How long one sync may spend starting conntrack requests (each ends soon after: the kernel
+# filters); what is left waits for the next sync, which comes right after, so the loop is never
+# held for long and health never fails for it.
+CONNTRACK_SECONDS = 1.0
+
+
+class ConntrackCleaning(Protocol):
+    """Deletes stale UDP flows: per family, the keys to clean (with what may answer them now)
+    and everything served now; starts no request after `deadline` (monotonic)."""
+
+    def clean(
+        self,
+        work: Mapping[int, UdpServing],
+        serving: Mapping[int, UdpServing],
+        deadline: float | None = None,
+    ) -> CleanupReport: ...
 
 
 class StateBox:
@@ -124,8 +140,7 @@ class SyncLoop:
     metrics: ProxyMetrics
     health: ProxyHealth
     host_facts: Callable[[NodeInfo], NodeInfo] = lambda node: node
-    # Deletes stale UDP flows (per family: what may still answer); returns how many.
-    clean_conntrack: Callable[[Mapping[int, UdpServing]], int] | None = None
+    clean_conntrack: ConntrackCleaning | None = None
     service_health: ServiceHealthServers | None = None
     status: SyncStatus | None = None  # what /statusz reports of the syncs
     started_at: float = field(default_factory=time.time)
@@ -134,9 +149,10 @@ class SyncLoop:
     _last_full: float = 0.0
     # The last successful plan and the node it was made for: reused while nothing changed.
     _last_plan: tuple[NodeInfo, NodePlan[Any]] | None = None
-    # The UDP service addresses the last successful sync served (kept across failed syncs):
-    # those a later plan drops have their flows deleted.
-    _served: Mapping[int, UdpServing] = field(default_factory=dict)
+    # Per family, each UDP service address whose flows were cleaned, with what could answer
+    # then (kept across failed syncs): those that differ from a later plan are cleaned again,
+    # those it drops have all their flows deleted.
+    _cleaned: dict[int, UdpServing] = field(default_factory=dict)
 
     def run(self, stop: threading.Event) -> None:
         """Sync until `stop` is set: after changes (no sooner than minSyncPeriod after the last
@@ -171,7 +187,7 @@ class SyncLoop:
         except KproxyError as exc:
             self._failed(snapshot, exc)
             raise
-        self.clean_stale_flows(snapshot, plan)
+        self.clean_stale_flows(plan)
         outcome = SyncOutcome(snapshot, plan, result, time.monotonic() - started)
         self.report(outcome)
         self._last_end = time.monotonic()
@@ -227,29 +243,48 @@ class SyncLoop:
     def apply(self, plan: NodePlan[Any], full: bool) -> ApplyResult:
         return self.dataplane.apply(plan, full)
 
-    def clean_stale_flows(self, snapshot: Snapshot, plan: NodePlan[Any]) -> None:
-        if self.clean_conntrack is None or not udp_changed(snapshot):
-            return
-        serving = {  # with the services removed since the last successful sync
-            family: with_removed(self._served.get(family, {}), plan.udp_serving.get(family, {}))
+    def clean_stale_flows(
+        self, plan: NodePlan[Any], seconds: float | None = CONNTRACK_SECONDS
+    ) -> CleanupReport | None:
+        """Delete the UDP flows `plan` made stale, spending about `seconds` (None: all of it);
+        what is left is owed to the next sync, which is asked for at once."""
+        if self.clean_conntrack is None:
+            return None
+        work = {
+            family: plan_cleanup(self._cleaned.get(family, {}), plan.udp_serving.get(family, {}))
             for family in plan.families
         }
+        work = {family: keys for family, keys in work.items() if keys}
+        if not work:
+            return None
         started = time.monotonic()
+        deadline = None if seconds is None else started + seconds
         try:
-            deleted = self.clean_conntrack(serving)
+            report = self.clean_conntrack.clean(work, plan.udp_serving, deadline)
         except Exception as exc:  # conntrack trouble must not stop rule syncing
-            log.error("conntrack_cleanup_failed", error=str(exc))
-            return
+            log.error("conntrack_cleanup_failed", error=str(exc))  # retried by the next sync
+            return None
+        for family, done in report.done.items():
+            serving = plan.udp_serving.get(family, {})
+            self._cleaned[family] = with_cleaned(self._cleaned.get(family, {}), serving, done)
         self.metrics.conntrack_duration.observe(time.monotonic() - started)
-        self.metrics.conntrack_deleted.inc(deleted)
-        if deleted:
-            log.info("conntrack_flows_deleted", count=deleted)
+        self.metrics.conntrack_deleted.inc(report.deleted)
+        if report.deleted or report.flushed:
+            log.info(
+                "conntrack_flows_deleted",
+                count=report.deleted,
+                flushed=report.flushed,
+                read=report.read,
+            )
+        if report.left:
+            log.info("conntrack_cleanup_deferred", addresses=report.left)
+            self.box.changed.set()
+        return report
 
     def report(self, outcome: SyncOutcome) -> None:
         snapshot, plan, result, seconds = outcome
         self._needs_full = False
         self._last_plan = (snapshot.node, plan)
-        self._served = plan.udp_serving
         if snapshot.full:
             self._last_full = time.monotonic()
         # A partial sync turns full where a table changed behind kproxy's back and was read.
@@ -309,14 +344,3 @@ def report_status(status: SyncStatus, outcome: SyncOutcome, full: bool) -> None:
     }
     valid = frozenset(f"Service {spn.service}" for spn in services)
     status.synced(facts, programmed, seconds, valid)
-
-
-def udp_changed(snapshot: Snapshot) -> bool:
-    """Whether this sync may have left stale UDP flows: a UDP service changed, or a service
-    went away (it may have been UDP)."""
-    current = {spn.service for spn in snapshot.services}
-    changed_udp = any(
-        spn.service in snapshot.changed and sp.protocol is Protocol.UDP
-        for spn, sp in snapshot.services.items()
-    )
-    return changed_udp or bool(snapshot.changed - current)
