@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 
 from kproxy.model.config import ProxyConfig
-from kproxy.model.convert import build_endpoint_slice, build_service
+from kproxy.model.convert import build_endpoint_slice, build_node, build_service
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import Protocol
 from kproxy.plan.iptables.ruleset import build_node_ruleset
 from kproxy.rules.render import render_ruleset
 from kproxy.state.cluster import ClusterState
-from kproxy.state.ingest import update_endpoint_slice, update_service
+from kproxy.state.ingest import set_node, update_endpoint_slice, update_service
 
 Obj = dict[str, Any]
 
@@ -379,3 +379,47 @@ def test_the_quirk_corpus_reaches_the_endpoints_map() -> None:
     ((name, eps),) = state.endpoints_map().items()
     assert str(name) == "shop/web:metrics-exporter-https"
     assert [str(e) for e in eps] == ["10.0.0.1:9443"]
+
+
+def test_a_service_name_may_start_with_a_digit() -> None:
+    # KEP-5311 (RelaxedServiceNameValidation): a DNS-1123 label; its slices follow.
+    obj = lb_service()
+    obj["metadata"]["name"] = "1web"
+    assert [str(p.name) for p in build_service(obj).ports] == ["shop/1web:http"]
+    slice_obj = slice_([{"addresses": ["10.0.0.1"]}])
+    slice_obj["metadata"]["labels"]["kubernetes.io/service-name"] = "1web"
+    info = build_endpoint_slice(slice_obj)
+    assert info is not None and info.service.name == "1web"
+
+
+def node(addresses: list[Obj], spec: Obj | None = None) -> Obj:
+    return {
+        "kind": "Node",
+        "metadata": {"name": "node-1", "labels": {"topology.kubernetes.io/zone": "z1"}},
+        "spec": spec or {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"]},
+        "status": {"addresses": addresses},
+    }
+
+
+def test_a_bad_node_address_costs_only_itself() -> None:
+    # The API server does not check node addresses; kube-proxy skips one it cannot parse.
+    addresses = [
+        {"type": "InternalIP", "address": "not-an-ip"},
+        {"type": "InternalIP", "address": "172.031.000.002"},
+        {"type": "Hostname", "address": "node-1"},
+    ]
+    built = build_node(node(addresses))
+    assert built.primary_ips == ("172.31.0.2",)
+    assert built.zone == "z1" and built.pod_cidrs == ("10.244.1.0/24",)
+    assert [(e.obj, e.field) for e in built.skipped] == [
+        ("Node default/node-1", "status.addresses[0].address")
+    ]
+    state = ClusterState()
+    (warning,) = set_node("node-1", [node(addresses)])(state)
+    assert warning.field == "status.addresses[0].address"
+    assert state.node is not None and state.node.primary_ips == ("172.31.0.2",)
+
+
+def test_an_empty_pod_cidr_is_none() -> None:
+    built = build_node(node([], {"podCIDR": ""}))
+    assert built.pod_cidrs == () and built.skipped == ()

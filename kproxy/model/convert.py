@@ -22,7 +22,6 @@ from kproxy.errors import InvalidObjectError
 from kproxy.model.addresses import ip_family, parse_cidr, parse_ip
 from kproxy.model.fields import (
     FieldReader,
-    is_dns1035_label,
     is_dns1123_label,
     is_dns1123_subdomain,
     show,
@@ -77,6 +76,8 @@ class _Meta:
 def _metadata(
     reader: FieldReader, obj: Any, valid_name: Callable[[str], bool], rule: str, namespaced: bool
 ) -> _Meta:
+    """The API server requires a name, checks it by `rule` and a namespace as a DNS-1123 label;
+    labels and annotations are string maps in its schema."""
     if not isinstance(obj, Mapping):
         raise reader.fail("(object)", f"must be a mapping, not {show(obj)}")
     meta = reader.mapping(obj.get("metadata"), "metadata")
@@ -284,7 +285,9 @@ def build_service(obj: Any) -> ServiceInfo:
 
 
 def _service_ports(reader: FieldReader, obj: Any) -> list[ServicePort]:
-    meta = _metadata(reader, obj, is_dns1035_label, "DNS-1035 label", namespaced=True)
+    # A Service name is a DNS-1035 label, or a DNS-1123 label (it may start with a digit) where
+    # the API server has RelaxedServiceNameValidation (KEP-5311, Kubernetes 1.34): the wider.
+    meta = _metadata(reader, obj, is_dns1123_label, "DNS-1123 label", namespaced=True)
     spec = obj.get("spec")
     if spec is None:
         raise reader.fail("spec", "missing")
@@ -307,7 +310,7 @@ def build_endpoint_slice(obj: Any) -> EndpointSliceInfo | None:
     address_type = reader.string(obj.get("addressType"), "addressType")
     service = meta.labels.get(SERVICE_NAME_LABEL, "")
     # A label value that cannot be a Service name belongs to no service kproxy programs.
-    if not is_dns1035_label(service) or address_type not in ("IPv4", "IPv6"):
+    if not is_dns1123_label(service) or address_type not in ("IPv4", "IPv6"):
         return None
     if not _is_proxied(meta.labels):
         return None
@@ -316,22 +319,34 @@ def build_endpoint_slice(obj: Any) -> EndpointSliceInfo | None:
     )
 
 
+def _internal_ips(reader: FieldReader, status: Mapping[str, Any]) -> tuple[str, ...]:
+    """The API server does not check node addresses; kube-proxy skips an InternalIP it cannot
+    parse and keeps the rest."""
+    primary = []
+    for i, item in enumerate(reader.sequence(status.get("addresses"), "status.addresses")):
+        addr = reader.mapping(item, f"status.addresses[{i}]")
+        if reader.string(addr.get("type"), f"status.addresses[{i}].type") != "InternalIP":
+            continue
+        path = f"status.addresses[{i}].address"
+        try:
+            primary.append(parse_ip(reader, addr.get("address"), path, special_ok=True))
+        except InvalidObjectError as exc:
+            reader.ignore(exc, "this address is ignored")
+    return tuple(primary)
+
+
 def build_node(obj: Any) -> NodeInfo:
+    """The Node; its `skipped` holds the addresses left out. The API server checks pod CIDRs
+    (a bad one refuses the Node)."""
     reader = FieldReader(object_ref(obj, "Node"))
     meta = _metadata(reader, obj, is_dns1123_subdomain, "DNS-1123 subdomain", namespaced=False)
     spec = reader.mapping(obj.get("spec"), "spec")
     cidrs = reader.sequence(spec.get("podCIDRs"), "spec.podCIDRs")
     paths = [f"spec.podCIDRs[{i}]" for i in range(len(cidrs))]
-    if not cidrs and spec.get("podCIDR") is not None:
+    if not cidrs and spec.get("podCIDR") not in (None, ""):
         cidrs, paths = [spec["podCIDR"]], ["spec.podCIDR"]
     pod_cidrs = tuple(parse_cidr(reader, c, path) for c, path in zip(cidrs, paths, strict=True))
-    status = reader.mapping(obj.get("status"), "status")
-    primary = []
-    for i, item in enumerate(reader.sequence(status.get("addresses"), "status.addresses")):
-        addr = reader.mapping(item, f"status.addresses[{i}]")
-        if reader.string(addr.get("type"), f"status.addresses[{i}].type") == "InternalIP":
-            path = f"status.addresses[{i}].address"
-            primary.append(parse_ip(reader, addr.get("address"), path, special_ok=True))
+    primary = _internal_ips(reader, reader.mapping(obj.get("status"), "status"))
     autoscaler_taint = False
     for i, item in enumerate(reader.sequence(spec.get("taints"), "spec.taints")):
         taint = reader.mapping(item, f"spec.taints[{i}]")
@@ -341,6 +356,7 @@ def build_node(obj: Any) -> NodeInfo:
         name=meta.key.name,
         labels=meta.labels,
         pod_cidrs=pod_cidrs,
-        primary_ips=tuple(primary),
+        primary_ips=primary,
         draining=meta.deleting or autoscaler_taint,
+        skipped=tuple(reader.skipped),
     )

@@ -225,7 +225,7 @@ def set_node(name: str, objs: Sequence[Mapping[str, Any]]) -> Mutation:
         except InvalidObjectError as exc:
             state.node = NodeInfo(name=name)
             return [exc]
-        return []
+        return list(state.node.skipped)
 
     return _one(Kind.NODE, change)
 
