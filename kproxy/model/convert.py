@@ -132,6 +132,8 @@ def _cluster_ips(reader: FieldReader, spec: Mapping[str, Any]) -> tuple[str, ...
 
 
 def _affinity_seconds(reader: FieldReader, spec: Mapping[str, Any]) -> int | None:
+    """The API server allows None and ClientIP, and a timeout of 1-86400 s with ClientIP; one
+    left unset is kube-proxy's default."""
     if reader.choice(spec.get("sessionAffinity"), "spec.sessionAffinity", _AFFINITIES) == "None":
         return None
     config = reader.mapping(spec.get("sessionAffinityConfig"), "spec.sessionAffinityConfig")
@@ -203,7 +205,9 @@ def _load_balancer_ips(reader: FieldReader, obj: Mapping[str, Any]) -> tuple[str
 
 
 def _shared_port(reader: FieldReader, obj: Mapping[str, Any], name: NamespacedName) -> ServicePort:
-    """What every port of the service has in common (name and port filled in per port)."""
+    """What every port of the service has in common (name and port filled in per port). The
+    type and both traffic policies take only the values the API server allows, and so does
+    healthCheckNodePort (a port number, 0 when unallocated)."""
     spec = reader.mapping(obj.get("spec"), "spec")
     svc_type = reader.choice(spec.get("type"), "spec.type", _SERVICE_TYPES)
     affinity = _affinity_seconds(reader, spec)
