@@ -423,3 +423,22 @@ def test_a_bad_node_address_costs_only_itself() -> None:
 def test_an_empty_pod_cidr_is_none() -> None:
     built = build_node(node([], {"podCIDR": ""}))
     assert built.pod_cidrs == () and built.skipped == ()
+
+
+def test_source_ranges_are_trimmed_as_go_trims_them() -> None:
+    ranges = ["\u00a0192.0.2.0/24\u3000", "\x1c198.51.100.0/24"]
+    info = build_service(lb_service(loadBalancerSourceRanges=ranges))
+    (port,) = info.ports
+    # Go's TrimSpace keeps \x1c (Python's strip would not): the API server refuses that range.
+    assert port.load_balancer_source_ranges == ("192.0.2.0/24",)
+    assert [e.field for e in info.skipped] == ["spec.loadBalancerSourceRanges[1]"]
+
+
+@pytest.mark.parametrize("ip", ["ff12::1", "ff32::fb"])
+def test_link_local_multicast_as_go_sees_it_is_not_an_endpoint(ip: str) -> None:
+    obj = slice_([{"addresses": [ip]}, {"addresses": ["fd00::2"]}])
+    obj["addressType"] = "IPv6"
+    info = build_endpoint_slice(obj)
+    assert info is not None
+    assert [e.ip for e in info.endpoints] == ["fd00::2"]
+    assert [e.field for e in info.skipped] == ["endpoints[0].addresses[0]"]

@@ -18,10 +18,15 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _PREFIX = re.compile(r"[0-9]{1,3}")
 _OCTETS = re.compile(r"([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})")
-_LINK_LOCAL_MULTICAST = (
-    ipaddress.ip_network("224.0.0.0/24"),
-    ipaddress.ip_network("ff02::/16"),
-)
+_LINK_LOCAL_MULTICAST_V4 = ipaddress.ip_network("224.0.0.0/24")
+
+
+def _link_local_multicast(ip: IPAddress) -> bool:
+    """Go's IsLinkLocalMulticast: 224.0.0.0/24, and IPv6 multicast of link-local scope whatever
+    its flags (ff02::/16, ff12::/16, ...)."""
+    if ip.version == 4:
+        return ip in _LINK_LOCAL_MULTICAST_V4
+    return ip.packed[0] == 0xFF and ip.packed[1] & 0x0F == 0x02
 
 
 def _printed_dotted(ip: IPAddress) -> bool:
@@ -46,7 +51,7 @@ def special_problem(ip: IPAddress, *, vip: bool = False) -> str | None:
         return "an unspecified address"
     if ip.is_loopback:
         return "a loopback address"
-    if ip.is_link_local or any(ip in net for net in _LINK_LOCAL_MULTICAST):
+    if ip.is_link_local or _link_local_multicast(ip):
         return "a link-local address"
     if vip and ip.is_multicast:
         return "a multicast address"

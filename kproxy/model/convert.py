@@ -51,6 +51,11 @@ _POLICIES = ("Cluster", "Local")
 _AFFINITIES = ("None", "ClientIP")
 _IP_MODES = ("VIP", "Proxy")
 _PROTOCOLS = tuple(p.value for p in Protocol)
+# What Go's strings.TrimSpace trims (unicode.IsSpace), which is what the API server and
+# kube-proxy trim from source ranges; Python's str.strip would also take \x1c-\x1f.
+_GO_SPACE = "\t\n\v\f\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000" + "".join(
+    chr(c) for c in range(0x2000, 0x200B)
+)
 
 
 def _printable_name(value: Any) -> str:
@@ -166,7 +171,7 @@ def _source_ranges(reader: FieldReader, spec: Mapping[str, Any]) -> tuple[str, .
     path = "spec.loadBalancerSourceRanges"
     ranges: list[str] = []
     for i, value in enumerate(reader.sequence(spec.get(path.removeprefix("spec.")), path)):
-        text = value.strip() if isinstance(value, str) else value
+        text = value.strip(_GO_SPACE) if isinstance(value, str) else value
         try:
             cidr = parse_cidr(reader, text, f"{path}[{i}]")
         except InvalidObjectError as exc:
