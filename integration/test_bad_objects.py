@@ -44,7 +44,7 @@ def _bad_objects() -> list[dict[str, Any]]:
         two_ports,
         status,
         _bad("zone", clusterIP="fe80::1%lo", clusterIPs=["fe80::1%lo"]),
-        _bad("mapped", clusterIP="::ffff:10.0.0.1", clusterIPs=["::ffff:10.0.0.1"]),
+        _bad("compatible", clusterIP="::10.0.0.1", clusterIPs=["::10.0.0.1"]),
         _bad("loopback", clusterIP="127.0.0.1", clusterIPs=["127.0.0.1"]),
         _bad("affinity", sessionAffinity="ClientIP", sessionAffinityConfig="x"),
         _bad("ports", ports="eighty"),

@@ -119,6 +119,8 @@ def _node_and_config(
     except InvalidObjectError as exc:
         _report_invalid(exc)
         node = NodeInfo(name=name)
+    for skipped in node.skipped:
+        _report_invalid(skipped)
     return node, config
 
 

@@ -243,14 +243,14 @@ def test_an_object_the_converter_raises_on_is_skipped_and_the_rest_applied(
 ) -> None:
     import kproxy.state.ingest as ingest
 
-    real = ingest.build_service_ports
+    real = ingest.build_service
 
     def fragile(obj: Any) -> Any:
         if obj["metadata"]["name"] == "bad":
             raise KeyError("spec")
         return real(obj)
 
-    monkeypatch.setattr(ingest, "build_service_ports", fragile)
+    monkeypatch.setattr(ingest, "build_service", fragile)
     state = ClusterState()
     errors = ingest.replace_all(
         "Service", [service("bad", "10.96.0.1"), service("good", "10.96.0.2")]

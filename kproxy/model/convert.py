@@ -4,21 +4,26 @@ yaml` give them) to kproxy's model. Nothing downstream sees a raw object.
 Any JSON value may sit in any field. Each function either returns valid model values or raises
 InvalidObjectError naming the object and the field; the caller skips that object and keeps going.
 Names are checked as the API server checks them, so no control character reaches a rule comment.
+
+The converter accepts what the API server accepts. An object is refused whole only where the API
+server would refuse it (or a field holds a value of the wrong JSON type, which its schema
+refuses), and each refusal names the rule. A bad value in a list that kube-proxy filters (an
+externalIP, a source range, a load-balancer ingress IP) costs only that value, as in kube-proxy,
+and is reported in the result's `skipped`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from kproxy.errors import InvalidObjectError
 from kproxy.model.addresses import ip_family, parse_cidr, parse_ip
 from kproxy.model.fields import (
     FieldReader,
-    is_dns1035_label,
     is_dns1123_label,
     is_dns1123_subdomain,
-    is_iana_svc_name,
     show,
 )
 from kproxy.model.node import NodeInfo
@@ -28,8 +33,10 @@ from kproxy.model.slices import EndpointSliceInfo, EndpointSlicePort, build_slic
 __all__ = [
     "EndpointSliceInfo",
     "EndpointSlicePort",
+    "ServiceInfo",
     "build_endpoint_slice",
     "build_node",
+    "build_service",
     "build_service_ports",
     "object_ref",
 ]
@@ -44,6 +51,11 @@ _POLICIES = ("Cluster", "Local")
 _AFFINITIES = ("None", "ClientIP")
 _IP_MODES = ("VIP", "Proxy")
 _PROTOCOLS = tuple(p.value for p in Protocol)
+# What Go's strings.TrimSpace trims (unicode.IsSpace), which is what the API server and
+# kube-proxy trim from source ranges; Python's str.strip would also take \x1c-\x1f.
+_GO_SPACE = "\t\n\v\f\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000" + "".join(
+    chr(c) for c in range(0x2000, 0x200B)
+)
 
 
 def _printable_name(value: Any) -> str:
@@ -69,6 +81,8 @@ class _Meta:
 def _metadata(
     reader: FieldReader, obj: Any, valid_name: Callable[[str], bool], rule: str, namespaced: bool
 ) -> _Meta:
+    """The API server requires a name, checks it by `rule` and a namespace as a DNS-1123 label;
+    labels and annotations are string maps in its schema."""
     if not isinstance(obj, Mapping):
         raise reader.fail("(object)", f"must be a mapping, not {show(obj)}")
     meta = reader.mapping(obj.get("metadata"), "metadata")
@@ -97,7 +111,18 @@ def _is_proxied(labels: Mapping[str, str]) -> bool:
     return SERVICE_PROXY_NAME_LABEL not in labels and HEADLESS_LABEL not in labels
 
 
+@dataclass(frozen=True, slots=True)
+class ServiceInfo:
+    """What kproxy keeps of one Service: its ports (none for a service kube-proxy does not
+    proxy), and the values left out of them for a bad field, one error each."""
+
+    ports: tuple[ServicePort, ...]
+    skipped: tuple[InvalidObjectError, ...] = field(default=(), compare=False)
+
+
 def _cluster_ips(reader: FieldReader, spec: Mapping[str, Any]) -> tuple[str, ...]:
+    """The API server accepts only IPs here (and allocates them from the service CIDR, so never a
+    special address); kube-proxy skips a service without one. A bad one refuses the service."""
     values = reader.sequence(spec.get("clusterIPs"), "spec.clusterIPs")
     paths = [f"spec.clusterIPs[{i}]" for i in range(len(values))]
     if not values:
@@ -112,6 +137,8 @@ def _cluster_ips(reader: FieldReader, spec: Mapping[str, Any]) -> tuple[str, ...
 
 
 def _affinity_seconds(reader: FieldReader, spec: Mapping[str, Any]) -> int | None:
+    """The API server allows None and ClientIP, and a timeout of 1-86400 s with ClientIP; one
+    left unset is kube-proxy's default."""
     if reader.choice(spec.get("sessionAffinity"), "spec.sessionAffinity", _AFFINITIES) == "None":
         return None
     config = reader.mapping(spec.get("sessionAffinityConfig"), "spec.sessionAffinityConfig")
@@ -121,39 +148,77 @@ def _affinity_seconds(reader: FieldReader, spec: Mapping[str, Any]) -> int | Non
     return reader.integer(seconds, path + ".timeoutSeconds", 1, 86400, DEFAULT_AFFINITY_SECONDS)
 
 
-def _ip_list(reader: FieldReader, values: Any, path: str) -> tuple[str, ...]:
-    items = reader.sequence(values, path)
-    return tuple(parse_ip(reader, v, f"{path}[{i}]") for i, v in enumerate(items))
+def _external_ips(reader: FieldReader, spec: Mapping[str, Any]) -> tuple[str, ...]:
+    """kube-proxy skips an externalIP it cannot parse and keeps the rest; the API server refuses
+    special ones (see special_problem). A duplicate is kept once: kube-proxy writes an identical
+    rule per copy, which matches the same packets as one."""
+    ips: list[str] = []
+    for i, value in enumerate(reader.sequence(spec.get("externalIPs"), "spec.externalIPs")):
+        try:
+            ip = parse_ip(reader, value, f"spec.externalIPs[{i}]", vip=True)
+        except InvalidObjectError as exc:
+            reader.ignore(exc, "this externalIP is ignored")
+            continue
+        if ip not in ips:
+            ips.append(ip)
+    return tuple(ips)
+
+
+def _source_ranges(reader: FieldReader, spec: Mapping[str, Any]) -> tuple[str, ...]:
+    """The API server allows whitespace around each range (a leftover of the annotation these
+    came from) and kube-proxy trims it; kube-proxy ignores a range it cannot parse and keeps
+    the rest (upstream keeps a regression test for both)."""
+    path = "spec.loadBalancerSourceRanges"
+    ranges: list[str] = []
+    for i, value in enumerate(reader.sequence(spec.get(path.removeprefix("spec.")), path)):
+        text = value.strip(_GO_SPACE) if isinstance(value, str) else value
+        try:
+            cidr = parse_cidr(reader, text, f"{path}[{i}]")
+        except InvalidObjectError as exc:
+            reader.ignore(exc, "this source range is ignored")
+            continue
+        if cidr not in ranges:
+            ranges.append(cidr)
+    return tuple(ranges)
+
+
+def _ingress_ip(reader: FieldReader, item: Any, path: str) -> str | None:
+    entry = reader.mapping(item, path)
+    mode = reader.choice(entry.get("ipMode"), path + ".ipMode", _IP_MODES)
+    if entry.get("ip") in (None, "") or mode != "VIP":
+        # A hostname-only ingress; `ipMode: Proxy` is the load balancer's own business.
+        return None
+    return parse_ip(reader, entry["ip"], path + ".ip", vip=True)
 
 
 def _load_balancer_ips(reader: FieldReader, obj: Mapping[str, Any]) -> tuple[str, ...]:
-    """Ingress IPs a VIP-mode load balancer sends to the node; `ipMode: Proxy` ones are the load
-    balancer's own business and are skipped, as upstream does."""
+    """Ingress IPs a VIP-mode load balancer sends to the node. A bad entry costs only itself:
+    the API server checks only that the IP is an IP and the mode one it knows, and special
+    addresses are refused here beyond both (see special_problem)."""
     status = reader.mapping(obj.get("status"), "status")
     lb = reader.mapping(status.get("loadBalancer"), "status.loadBalancer")
-    ips = []
+    ips: list[str] = []
     for i, item in enumerate(reader.sequence(lb.get("ingress"), "status.loadBalancer.ingress")):
-        path = f"status.loadBalancer.ingress[{i}]"
-        entry = reader.mapping(item, path)
-        mode = reader.choice(entry.get("ipMode"), path + ".ipMode", _IP_MODES)
-        if entry.get("ip") in (None, ""):
-            continue  # a hostname-only ingress
-        # The API only checks that ingress IPs are IPs.
-        ip = parse_ip(reader, entry["ip"], path + ".ip", special_ok=True)
-        if mode == "VIP":
+        try:
+            ip = _ingress_ip(reader, item, f"status.loadBalancer.ingress[{i}]")
+        except InvalidObjectError as exc:
+            reader.ignore(exc, "this load-balancer ingress is ignored")
+            continue
+        if ip is not None and ip not in ips:
             ips.append(ip)
     return tuple(ips)
 
 
 def _shared_port(reader: FieldReader, obj: Mapping[str, Any], name: NamespacedName) -> ServicePort:
-    """What every port of the service has in common (name and port filled in per port)."""
+    """What every port of the service has in common (name and port filled in per port). The
+    type and both traffic policies take only the values the API server allows, and so does
+    healthCheckNodePort (a port number, 0 when unallocated)."""
     spec = reader.mapping(obj.get("spec"), "spec")
     svc_type = reader.choice(spec.get("type"), "spec.type", _SERVICE_TYPES)
     affinity = _affinity_seconds(reader, spec)
-    external_ips = _ip_list(reader, spec.get("externalIPs"), "spec.externalIPs")
+    external_ips = _external_ips(reader, spec)
     etp = reader.choice(spec.get("externalTrafficPolicy"), "spec.externalTrafficPolicy", _POLICIES)
     itp = reader.choice(spec.get("internalTrafficPolicy"), "spec.internalTrafficPolicy", _POLICIES)
-    ranges = reader.sequence(spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")
     # Upstream's ExternallyAccessible: only these types take external traffic policy.
     externally_accessible = svc_type in ("LoadBalancer", "NodePort") or bool(external_ips)
     etp_local = externally_accessible and etp == "Local"
@@ -169,10 +234,7 @@ def _shared_port(reader: FieldReader, obj: Mapping[str, Any], name: NamespacedNa
         session_affinity_seconds=affinity,
         external_ips=external_ips,
         load_balancer_ips=_load_balancer_ips(reader, obj),
-        load_balancer_source_ranges=tuple(
-            parse_cidr(reader, v, f"spec.loadBalancerSourceRanges[{i}]")
-            for i, v in enumerate(ranges)
-        ),
+        load_balancer_source_ranges=_source_ranges(reader, spec),
         external_policy_local=etp_local,
         internal_policy_local=itp == "Local",
         health_check_node_port=health_check_port,
@@ -180,6 +242,10 @@ def _shared_port(reader: FieldReader, obj: Mapping[str, Any], name: NamespacedNa
 
 
 def _ports(reader: FieldReader, spec: Mapping[str, Any], shared: ServicePort) -> list[ServicePort]:
+    """Each refusal here is one of the API server's port rules: a name is a DNS-1123 label,
+    unique, and required when there are several ports; the protocol is TCP, UDP or SCTP,
+    exactly; port 1-65535; (port, protocol) and (nodePort, protocol) unique; nodePort 0 is
+    none. targetPort and appProtocol are the endpoints' business: not read."""
     result: list[ServicePort] = []
     seen: dict[object, str] = {}  # port name, (port, protocol), (nodePort, protocol) -> path
 
@@ -192,8 +258,8 @@ def _ports(reader: FieldReader, spec: Mapping[str, Any], shared: ServicePort) ->
         path = f"spec.ports[{i}]"
         p = reader.mapping(item, path)
         port_name = reader.string(p.get("name"), path + ".name")
-        if port_name and not is_iana_svc_name(port_name):
-            raise reader.fail(path + ".name", f"{show(port_name)} is not a valid IANA_SVC_NAME")
+        if port_name and not is_dns1123_label(port_name):
+            raise reader.fail(path + ".name", f"{show(port_name)} is not a valid DNS-1123 label")
         protocol = Protocol(reader.choice(p.get("protocol"), path + ".protocol", _PROTOCOLS))
         port = reader.integer(p.get("port"), path + ".port", 1, 65535)
         node_port = reader.integer(p.get("nodePort"), path + ".nodePort", 0, 65535, 0)
@@ -214,10 +280,23 @@ def _ports(reader: FieldReader, spec: Mapping[str, Any], shared: ServicePort) ->
 
 
 def build_service_ports(obj: Any) -> list[ServicePort]:
-    """The ServicePorts of a Service; empty for services kube-proxy does not proxy (headless,
-    ExternalName, labelled for another proxy)."""
+    """The ServicePorts of a Service (see build_service), without what was left out."""
+    return list(build_service(obj).ports)
+
+
+def build_service(obj: Any) -> ServiceInfo:
+    """The Service's ports, none for services kube-proxy does not proxy (headless, ExternalName,
+    labelled for another proxy), and the values left out of them."""
     reader = FieldReader(object_ref(obj, "Service"))
-    meta = _metadata(reader, obj, is_dns1035_label, "DNS-1035 label", namespaced=True)
+    ports = _service_ports(reader, obj)
+    # Nothing left out matters for a service that is not programmed.
+    return ServiceInfo(tuple(ports), tuple(reader.skipped) if ports else ())
+
+
+def _service_ports(reader: FieldReader, obj: Any) -> list[ServicePort]:
+    # A Service name is a DNS-1035 label, or a DNS-1123 label (it may start with a digit) where
+    # the API server has RelaxedServiceNameValidation (KEP-5311, Kubernetes 1.34): the wider.
+    meta = _metadata(reader, obj, is_dns1123_label, "DNS-1123 label", namespaced=True)
     spec = obj.get("spec")
     if spec is None:
         raise reader.fail("spec", "missing")
@@ -240,7 +319,7 @@ def build_endpoint_slice(obj: Any) -> EndpointSliceInfo | None:
     address_type = reader.string(obj.get("addressType"), "addressType")
     service = meta.labels.get(SERVICE_NAME_LABEL, "")
     # A label value that cannot be a Service name belongs to no service kproxy programs.
-    if not is_dns1035_label(service) or address_type not in ("IPv4", "IPv6"):
+    if not is_dns1123_label(service) or address_type not in ("IPv4", "IPv6"):
         return None
     if not _is_proxied(meta.labels):
         return None
@@ -249,22 +328,34 @@ def build_endpoint_slice(obj: Any) -> EndpointSliceInfo | None:
     )
 
 
+def _internal_ips(reader: FieldReader, status: Mapping[str, Any]) -> tuple[str, ...]:
+    """The API server does not check node addresses; kube-proxy skips an InternalIP it cannot
+    parse and keeps the rest."""
+    primary = []
+    for i, item in enumerate(reader.sequence(status.get("addresses"), "status.addresses")):
+        addr = reader.mapping(item, f"status.addresses[{i}]")
+        if reader.string(addr.get("type"), f"status.addresses[{i}].type") != "InternalIP":
+            continue
+        path = f"status.addresses[{i}].address"
+        try:
+            primary.append(parse_ip(reader, addr.get("address"), path, special_ok=True))
+        except InvalidObjectError as exc:
+            reader.ignore(exc, "this address is ignored")
+    return tuple(primary)
+
+
 def build_node(obj: Any) -> NodeInfo:
+    """The Node; its `skipped` holds the addresses left out. The API server checks pod CIDRs
+    (a bad one refuses the Node)."""
     reader = FieldReader(object_ref(obj, "Node"))
     meta = _metadata(reader, obj, is_dns1123_subdomain, "DNS-1123 subdomain", namespaced=False)
     spec = reader.mapping(obj.get("spec"), "spec")
     cidrs = reader.sequence(spec.get("podCIDRs"), "spec.podCIDRs")
     paths = [f"spec.podCIDRs[{i}]" for i in range(len(cidrs))]
-    if not cidrs and spec.get("podCIDR") is not None:
+    if not cidrs and spec.get("podCIDR") not in (None, ""):
         cidrs, paths = [spec["podCIDR"]], ["spec.podCIDR"]
     pod_cidrs = tuple(parse_cidr(reader, c, path) for c, path in zip(cidrs, paths, strict=True))
-    status = reader.mapping(obj.get("status"), "status")
-    primary = []
-    for i, item in enumerate(reader.sequence(status.get("addresses"), "status.addresses")):
-        addr = reader.mapping(item, f"status.addresses[{i}]")
-        if reader.string(addr.get("type"), f"status.addresses[{i}].type") == "InternalIP":
-            path = f"status.addresses[{i}].address"
-            primary.append(parse_ip(reader, addr.get("address"), path, special_ok=True))
+    primary = _internal_ips(reader, reader.mapping(obj.get("status"), "status"))
     autoscaler_taint = False
     for i, item in enumerate(reader.sequence(spec.get("taints"), "spec.taints")):
         taint = reader.mapping(item, f"spec.taints[{i}]")
@@ -274,6 +365,7 @@ def build_node(obj: Any) -> NodeInfo:
         name=meta.key.name,
         labels=meta.labels,
         pod_cidrs=pod_cidrs,
-        primary_ips=tuple(primary),
+        primary_ips=primary,
         draining=meta.deleting or autoscaler_taint,
+        skipped=tuple(reader.skipped),
     )

@@ -18,7 +18,6 @@ from kproxy.errors import InvalidObjectError
 _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
-_IANA_SVC_NAME = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
 _SHOW_LIMIT = 60
 
 
@@ -45,24 +44,20 @@ def is_label_value(value: str) -> bool:
     return len(value) <= 63 and _LABEL_VALUE.fullmatch(value) is not None
 
 
-def is_iana_svc_name(value: str) -> bool:
-    """A port name: at most 15 characters, lowercase letters, digits and single inner dashes,
-    with at least one letter."""
-    return (
-        len(value) <= 15
-        and _IANA_SVC_NAME.fullmatch(value) is not None
-        and any("a" <= ch <= "z" for ch in value)
-    )
-
-
 class FieldReader:
-    """Reads fields of one object; `ref` names the object in every error."""
+    """Reads fields of one object; `ref` names the object in every error. `skipped` collects the
+    values left out of an object that is kept (the caller warns once about each)."""
 
     def __init__(self, ref: str) -> None:
         self.ref = ref
+        self.skipped: list[InvalidObjectError] = []
 
     def fail(self, path: str, problem: str) -> InvalidObjectError:
         return InvalidObjectError(self.ref, path, problem)
+
+    def ignore(self, exc: InvalidObjectError, what: str) -> None:
+        """Record `exc` about one value that is left out, the rest of the object being kept."""
+        self.skipped.append(InvalidObjectError(exc.obj, exc.field, f"{exc.problem}; {what}"))
 
     def mapping(self, value: Any, path: str) -> Mapping[str, Any]:
         """A mapping; absent (None) reads as empty."""

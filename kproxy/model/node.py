@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kproxy.errors import InvalidObjectError
+
 ZONE_LABEL = "topology.kubernetes.io/zone"
 
 
@@ -19,6 +21,8 @@ class NodeInfo:
     # Facts read from the node's own network namespace, not from the API.
     local_addresses: tuple[str, ...] = ()
     tcp_be_liberal: bool = False
+    # Values of the Node object left out for a bad field, one error each (the caller warns).
+    skipped: tuple[InvalidObjectError, ...] = field(default=(), compare=False, hash=False)
 
     @property
     def zone(self) -> str:

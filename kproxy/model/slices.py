@@ -45,6 +45,9 @@ class EndpointSliceInfo:
 
 
 def _slice_ports(reader: FieldReader, obj: Mapping[str, Any]) -> tuple[EndpointSlicePort, ...]:
+    """The API server refuses a name that is not a DNS-1123 label, a duplicate name and an
+    unknown protocol: those refuse the slice. It does not check the number: kube-proxy ignores
+    a port without one or with 0, and one out of range is ignored here too."""
     ports = []
     seen: dict[str, str] = {}
     for i, item in enumerate(reader.sequence(obj.get("ports"), "ports")):
@@ -57,9 +60,13 @@ def _slice_ports(reader: FieldReader, obj: Mapping[str, Any]) -> tuple[EndpointS
             raise reader.fail(path + ".name", f"duplicate port name {show(name)} (as {seen[name]})")
         seen[name] = path
         protocol = Protocol(reader.choice(p.get("protocol"), path + ".protocol", _PROTOCOLS))
-        if p.get("port") is None:
+        if p.get("port") is None or (type(p.get("port")) is int and p["port"] == 0):
             continue  # no port number: upstream programs nothing for it
-        port = reader.integer(p.get("port"), path + ".port", 1, 65535)
+        try:
+            port = reader.integer(p.get("port"), path + ".port", 1, 65535)
+        except InvalidObjectError as exc:
+            reader.ignore(exc, "this port is ignored")
+            continue
         ports.append(EndpointSlicePort(name, port, protocol))
     return tuple(ports)
 
@@ -73,6 +80,8 @@ def _hint_names(reader: FieldReader, value: Any, path: str) -> tuple[str, ...]:
 
 
 def _endpoint(reader: FieldReader, item: Any, path: str, family: int) -> Endpoint:
+    """The API server requires an address and refuses special ones (ValidateNonSpecialIP);
+    kube-proxy uses the first address and skips an endpoint of the other family."""
     ep = reader.mapping(item, path)
     addresses = reader.sequence(ep.get("addresses"), path + ".addresses")
     if not addresses:
@@ -81,9 +90,11 @@ def _endpoint(reader: FieldReader, item: Any, path: str, family: int) -> Endpoin
     if ipaddress.ip_address(ip).version != family:
         raise reader.fail(path + ".addresses[0]", f"{ip} is not IPv{family}")
     cond = reader.mapping(ep.get("conditions"), path + ".conditions")
-    # Unset conditions mean ready and serving, not terminating (EndpointSlice API semantics).
+    # Unset conditions read as kube-proxy reads them: ready and serving, not terminating (a
+    # serving condition unset on a terminating endpoint, as controllers older than the field
+    # write it, counts as serving).
     ready = reader.boolean(cond.get("ready"), path + ".conditions.ready", True)
-    serving = reader.boolean(cond.get("serving"), path + ".conditions.serving", ready)
+    serving = reader.boolean(cond.get("serving"), path + ".conditions.serving", True)
     terminating = reader.boolean(cond.get("terminating"), path + ".conditions.terminating", False)
     hints = reader.mapping(ep.get("hints"), path + ".hints")
     return Endpoint(
@@ -119,7 +130,7 @@ def build_slice_contents(
     address_type = str(obj.get("addressType"))
     family = 4 if address_type == "IPv4" else 6
     ports = _slice_ports(reader, obj)
-    endpoints, skipped = [], []
+    endpoints, skipped = [], list(reader.skipped)
     for i, item in enumerate(reader.sequence(obj.get("endpoints"), "endpoints")):
         try:
             endpoints.append(_endpoint(reader, item, f"endpoints[{i}]", family))

@@ -15,7 +15,7 @@ from kproxy.errors import InvalidObjectError
 from kproxy.model.convert import (
     build_endpoint_slice,
     build_node,
-    build_service_ports,
+    build_service,
 )
 from kproxy.model.kinds import Kind
 from kproxy.model.node import NodeInfo
@@ -46,17 +46,19 @@ def _convert(kind: Kind, build: Callable[[Mapping[str, Any]], T], obj: Mapping[s
 
 
 def update_service(state: ClusterState, obj: Mapping[str, Any]) -> list[InvalidObjectError]:
+    """Returns the values left out of the service's ports (a bad externalIP, source range or
+    load-balancer ingress), one error each."""
     key = object_key(obj)
     try:
-        ports = _convert(Kind.SERVICE, build_service_ports, obj)
+        info = _convert(Kind.SERVICE, build_service, obj)
     except InvalidObjectError:
         state.delete_service(key)
         raise
-    if ports:
-        state.set_service(key, ports)
+    if info.ports:
+        state.set_service(key, info.ports)
     else:
         state.delete_service(key)
-    return []
+    return list(info.skipped)
 
 
 def update_endpoint_slice(state: ClusterState, obj: Mapping[str, Any]) -> list[InvalidObjectError]:
@@ -223,7 +225,7 @@ def set_node(name: str, objs: Sequence[Mapping[str, Any]]) -> Mutation:
         except InvalidObjectError as exc:
             state.node = NodeInfo(name=name)
             return [exc]
-        return []
+        return list(state.node.skipped)
 
     return _one(Kind.NODE, change)
 
