@@ -104,16 +104,13 @@ def _chains_of(save_text: str) -> set[str]:
     return names - _BUILTIN_CHAINS
 
 
-def _lines_about(save_text: str, chains: set[str]) -> dict[str, list[str]]:
-    """From an iptables-save text, table by table: the declarations of `chains`, every rule in
-    them, and every rule elsewhere that jumps to one of them (counters left out)."""
-    found: dict[str, list[str]] = {}
-    table = ""
+def _lines_about(save_text: str, chains: set[str]) -> list[str]:
+    """From one table's iptables-save text: the declarations of `chains`, every rule in them, and
+    every rule elsewhere that jumps to one of them (counters left out). One table at a time: a
+    comment may hold a line such as `*filter` that is no table header."""
+    found = []
     for raw in save_text.splitlines():
         line = _COUNTERS.sub("", raw)
-        if line.startswith("*"):
-            table = line[1:]
-            continue
         words = line.split()
         if len(words) < 2:
             continue
@@ -122,7 +119,7 @@ def _lines_about(save_text: str, chains: set[str]) -> dict[str, list[str]]:
             words[1] in chains or (words[-2] in ("-j", "-g") and words[-1] in chains)
         )
         if declares or in_or_to:
-            found.setdefault(table, []).append(line)
+            found.append(line)
     return found
 
 
@@ -137,6 +134,9 @@ class _Writer:
 
     def chains(self) -> set[str]:
         return _chains_of(self.rules)
+
+    def tables(self) -> set[str]:
+        return {line[1:] for line in self.rules.splitlines() if line.startswith("*")}
 
 
 def _writers() -> list[_Writer]:
@@ -184,12 +184,16 @@ class ForeignRules:
     def _read(self) -> dict[str, dict[str, list[str]]]:
         state: dict[str, dict[str, list[str]]] = {}
         env = {"XTABLES_LOCKFILE": str(self.lock_file)}
-        by_save: dict[str, set[str]] = {}
+        chains: dict[str, set[str]] = {}
+        tables: dict[str, set[str]] = {}
         for writer in _writers():
-            by_save.setdefault(writer.save, set()).update(writer.chains())
-        for save, chains in by_save.items():
-            text = self.ns.run(save, env=env).stdout
-            state[save.removesuffix("-save")] = _lines_about(text, chains)
+            chains.setdefault(writer.save, set()).update(writer.chains())
+            tables.setdefault(writer.save, set()).update(writer.tables())
+        for save, names in tables.items():
+            state[save.removesuffix("-save")] = {
+                table: _lines_about(self.ns.run(save, "-t", table, env=env).stdout, chains[save])
+                for table in sorted(names)
+            }
         listing = self.ns.run("nft", "list", "table", "inet", FIREWALL_TABLE, check=False)
         state["nft"] = {FIREWALL_TABLE: listing.stdout.splitlines() or [listing.stderr.strip()]}
         return state

@@ -75,3 +75,11 @@ def test_a_clean_node_has_none() -> None:
     with topology("rn", real_node=False) as topo:
         assert topo.foreign is None
         assert "KUBE-FIREWALL" not in topo.node.run("iptables-nft-save").stdout
+
+
+def test_a_comment_that_looks_like_a_table_header_does_not_fool_the_comparison() -> None:
+    with topology("rn") as topo:
+        topo.node.run("iptables-legacy", "-t", "nat", "-N", "CNI-X")
+        topo.node.run("iptables-legacy", "-t", "nat", "-A", "CNI-X", "-m", "comment",
+                      "--comment", "cni\nCOMMIT\n*filter", "-j", "RETURN")  # fmt: skip
+        assert _foreign(topo) == []
