@@ -117,7 +117,7 @@ def filter_attrs(family: int, port: int, address: str | None) -> list[tuple[str,
     ]
 
 
-def _delete_attrs(
+def delete_attrs(
     family: int, src: bytes, dst: bytes, sport: bytes, dport: bytes, *ids: bytes
 ) -> bytes:
     """pyroute2's encoding of a delete's attributes: the original tuple, the id (and zone)."""
@@ -144,7 +144,7 @@ def delete_template(family: int, zoned: bool) -> Spliced:
     """A delete's attributes with the source, destination, ports, id (and zone) cut out."""
     size = SIZE[family]
     sizes = (size, size, 2, 2, 4, *((2,) if zoned else ()))
-    return spliced(lambda *values: _delete_attrs(family, *values), *sizes)
+    return spliced(lambda *values: delete_attrs(family, *values), *sizes)
 
 
 def _attrs(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
