@@ -1,11 +1,21 @@
-"""A plain ctnetlink socket for UDP conntrack cleanup: dumps the kernel filters by destination,
+"""A ctnetlink socket for UDP conntrack cleanup: dumps the kernel filters by destination,
 deletes by the exact original tuple, and flushes by filter.
 
-Plain struct code rather than pyroute2's Conntrack: pyroute2 decodes every entry of a dump into
-attribute objects (about 2 ms an entry here: 14,000 flows took more than 30 s), where the
-cleanup needs three fields of each. The kernel filters (CTA_FILTER) need Linux 5.8; deleting by
-filter needs 6.12: an older kernel refuses it (it reads the filter's tuple as an exact one, which
-it lacks fields for), and `FlushRefused` says so.
+pyroute2 encodes every request, with its conntrack message class (`nfct_msg` of
+`pyroute2.netlink.nfnetlink.nfctsocket`, which defines CTA_FILTER): the filtered dump and the
+flush by filter in one go each, and a delete as pyroute2's encoding of a tuple with the flow's
+values spliced in (`Spliced`, as the nftables dataplane does; one template per family and zone
+shape, pyroute2 encodes it once; the 20 bytes of headers around it are packed plainly, as
+nftables/netlink.py does). The socket is a plain AF_NETLINK one, and the few fields the
+cleanup needs of each dumped entry (destination, port, protocol, the reply's source, the id and
+zone) are read from the bytes by plain code: pyroute2's Conntrack decodes every entry into
+attribute objects, about 2 ms an entry here (14,000 flows took more than 30 s).
+
+The kernel filters (CTA_FILTER) need Linux 5.8; deleting by filter needs 6.12: an older kernel
+refuses it (it reads the filter's tuple as an exact one, which it lacks fields for), and
+`FlushRefused` says so. The kernel's IPv6 address filter is inverted (measured on 6.18: a dump
+filtered on an IPv6 destination hands out the flows to every other address), so IPv6 requests
+filter on protocol and port alone and plan/conntrack.py compares the addresses.
 """
 
 from __future__ import annotations
@@ -16,19 +26,29 @@ import socket
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import cache
+from typing import Any
 
+from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK
+from pyroute2.netlink.nfnetlink.nfctsocket import (
+    IPCTNL_MSG_CT_DELETE,
+    IPCTNL_MSG_CT_GET,
+    IPCTNL_MSG_CT_NEW,
+    nfct_msg,
+)
+
+from kproxy.dataplane.nftables.encode import Spliced, spliced
 from kproxy.errors import DataplaneError
 
 NETLINK_NETFILTER = 12
-IPCTNL_MSG_CT_NEW = 1 << 8  # NFNL_SUBSYS_CTNETLINK << 8 | message: how dumped entries come
-IPCTNL_MSG_CT_GET = (1 << 8) | 1
-IPCTNL_MSG_CT_DELETE = (1 << 8) | 2
+CT_NEW = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW  # how dumped entries come
+CT_GET = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
+CT_DELETE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
 NLM_F_DUMP = 0x300
-NLA_F_NESTED = 0x8000
 NLA_TYPE_MASK = 0x3FFF
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
@@ -39,16 +59,19 @@ READ_SIZE = 1 << 20
 DELETE_BATCH = 256  # delete messages per send (about 25 KB)
 TIMEOUT = 30.0
 
-CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_ID, CTA_ZONE, CTA_FILTER = 1, 2, 12, 18, 25
+# Attribute numbers, as the kernel dumps them (the order of pyroute2's nla maps).
+CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_ID, CTA_ZONE = 1, 2, 12, 18
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
-CTA_PROTO_NUM, CTA_PROTO_DST_PORT = 1, 3
-CTA_FILTER_ORIG_FLAGS = 1
+CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
 FILTER_IP_DST, FILTER_PROTO_NUM, FILTER_PROTO_DST_PORT = 1 << 1, 1 << 3, 1 << 5
 UDP = 17
 AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+ADDRESS = {4: ("CTA_IP_V4_SRC", "CTA_IP_V4_DST"), 6: ("CTA_IP_V6_SRC", "CTA_IP_V6_DST")}
+SIZE = {4: 4, 6: 16}
 
 _HEADER = struct.Struct("<IHHII")
+_NFGEN_HEADER = 20  # nlmsghdr (16 bytes) and nfgenmsg (4)
 _ATTR = struct.Struct("<HH")
 _ERROR = struct.Struct("<i")
 _PORT = struct.Struct(">H")
@@ -66,24 +89,63 @@ class UdpFlow:
     ref: bytes  # the attributes that delete exactly this entry: its tuple, id and zone
 
 
-def _attr(kind: int, payload: bytes, nested: bool = False) -> bytes:
-    size = 4 + len(payload)
-    head = _ATTR.pack(size, kind | (NLA_F_NESTED if nested else 0))
-    return head + payload + bytes(-size % 4)
+def encode_request(
+    kind: int, flags: int, seq: int, family: int, attrs: list[tuple[str, Any]]
+) -> bytes:
+    """One whole request, as pyroute2's conntrack message class encodes it."""
+    msg = nfct_msg()
+    msg["header"]["type"] = kind
+    msg["header"]["flags"] = NLM_F_REQUEST | flags
+    msg["header"]["sequence_number"] = seq
+    msg["nfgen_family"] = AF[family]
+    msg["attrs"] = attrs
+    msg.encode()
+    return bytes(msg.data)
 
 
-def encode_filter(family: int, port: int, address: str | None) -> bytes:
+def filter_attrs(family: int, port: int, address: str | None) -> list[tuple[str, Any]]:
     """CTA_TUPLE_ORIG and CTA_FILTER selecting UDP flows to `port` (and `address`)."""
     flags = FILTER_PROTO_NUM | FILTER_PROTO_DST_PORT
-    tuple_ = b""
+    tuple_: list[tuple[str, Any]] = []
     if address is not None:
         flags |= FILTER_IP_DST
-        dst = CTA_IP_V4_DST if family == 4 else CTA_IP_V6_DST
-        tuple_ += _attr(CTA_TUPLE_IP, _attr(dst, socket.inet_pton(AF[family], address)), True)
-    proto = _attr(CTA_PROTO_NUM, bytes([UDP])) + _attr(CTA_PROTO_DST_PORT, _PORT.pack(port))
-    tuple_ += _attr(CTA_TUPLE_PROTO, proto, True)
-    flags_attr = _attr(CTA_FILTER_ORIG_FLAGS, struct.pack("<I", flags))
-    return _attr(CTA_TUPLE_ORIG, tuple_, True) + _attr(CTA_FILTER, flags_attr, True)
+        tuple_.append(("CTA_TUPLE_IP", {"attrs": [(ADDRESS[family][1], address)]}))
+    proto = [("CTA_PROTO_NUM", UDP), ("CTA_PROTO_DST_PORT", port)]
+    tuple_.append(("CTA_TUPLE_PROTO", {"attrs": proto}))
+    return [
+        ("CTA_TUPLE_ORIG", {"attrs": tuple_}),
+        ("CTA_FILTER", {"attrs": [("CTA_FILTER_ORIG_FLAGS", flags)]}),
+    ]
+
+
+def delete_attrs(
+    family: int, src: bytes, dst: bytes, sport: bytes, dport: bytes, *ids: bytes
+) -> bytes:
+    """pyroute2's encoding of a delete's attributes: the original tuple, the id (and zone)."""
+    af = AF[family]
+    ip = [
+        (ADDRESS[family][0], socket.inet_ntop(af, src)),
+        (ADDRESS[family][1], socket.inet_ntop(af, dst)),
+    ]
+    proto = [
+        ("CTA_PROTO_NUM", UDP),
+        ("CTA_PROTO_SRC_PORT", int.from_bytes(sport, "big")),
+        ("CTA_PROTO_DST_PORT", int.from_bytes(dport, "big")),
+    ]
+    tuple_ = [("CTA_TUPLE_IP", {"attrs": ip}), ("CTA_TUPLE_PROTO", {"attrs": proto})]
+    attrs: list[tuple[str, Any]] = [("CTA_TUPLE_ORIG", {"attrs": tuple_})]
+    attrs.append(("CTA_ID", int.from_bytes(ids[0], "big")))
+    if len(ids) > 1:
+        attrs.append(("CTA_ZONE", int.from_bytes(ids[1], "big")))
+    return encode_request(CT_DELETE, 0, 0, family, attrs)[_NFGEN_HEADER:]
+
+
+@cache
+def delete_template(family: int, zoned: bool) -> Spliced:
+    """A delete's attributes with the source, destination, ports, id (and zone) cut out."""
+    size = SIZE[family]
+    sizes = (size, size, 2, 2, 4, *((2,) if zoned else ()))
+    return spliced(lambda *values: delete_attrs(family, *values), *sizes)
 
 
 def _attrs(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
@@ -96,7 +158,14 @@ def _attrs(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
         start += (size + 3) & ~3
 
 
-def _find(buf: bytes, start: int, end: int, kind: int) -> tuple[int, int]:
+def _find(buf: bytes, start: int, end: int, kind: int) -> bytes:
+    for found, a, b in _attrs(buf, start, end):
+        if found == kind:
+            return buf[a:b]
+    return b""
+
+
+def _span(buf: bytes, start: int, end: int, kind: int) -> tuple[int, int]:
     for found, a, b in _attrs(buf, start, end):
         if found == kind:
             return a, b
@@ -104,35 +173,39 @@ def _find(buf: bytes, start: int, end: int, kind: int) -> tuple[int, int]:
 
 
 def decode_flow(buf: bytes, start: int, end: int, family: int) -> UdpFlow | None:
-    """The flow of one dumped entry (the attributes after the nfgenmsg header); None for an
-    entry that is not UDP or lacks a field."""
+    """The flow of one dumped entry (the attributes after the nfgenmsg header), read without
+    decoding the rest; None for an entry that is not UDP or lacks a field."""
     orig = reply = (0, 0)
-    ref = b""
+    id_ = zone = b""
     for kind, a, b in _attrs(buf, start, end):
         if kind == CTA_TUPLE_ORIG:
             orig = (a, b)
-            ref += buf[a - 4 : (b + 3) & ~3]
         elif kind == CTA_TUPLE_REPLY:
             reply = (a, b)
-        elif kind in (CTA_ID, CTA_ZONE):  # the id: never another flow that reused the tuple
-            ref += buf[a - 4 : (b + 3) & ~3]
-    af = AF[family]
-    dst_kind, src_kind = (
-        (CTA_IP_V4_DST, CTA_IP_V4_SRC) if family == 4 else (CTA_IP_V6_DST, CTA_IP_V6_SRC)
+        elif kind == CTA_ID:  # the id: never another flow that reused the tuple
+            id_ = buf[a:b]
+        elif kind == CTA_ZONE:
+            zone = buf[a:b]
+    src_kind, dst_kind = (
+        (CTA_IP_V4_SRC, CTA_IP_V4_DST) if family == 4 else (CTA_IP_V6_SRC, CTA_IP_V6_DST)
     )
-    ip = _find(buf, *orig, CTA_TUPLE_IP)
-    proto = _find(buf, *orig, CTA_TUPLE_PROTO)
-    dst = _find(buf, *ip, dst_kind)
+    ip = _span(buf, *orig, CTA_TUPLE_IP)
+    proto = _span(buf, *orig, CTA_TUPLE_PROTO)
+    src, dst = _find(buf, *ip, src_kind), _find(buf, *ip, dst_kind)
     num = _find(buf, *proto, CTA_PROTO_NUM)
-    dport = _find(buf, *proto, CTA_PROTO_DST_PORT)
-    src = _find(buf, *_find(buf, *reply, CTA_TUPLE_IP), src_kind)
-    if not (dst[1] and num[1] and dport[1] and src[1]) or buf[num[0]] != UDP:
+    sport, dport = _find(buf, *proto, CTA_PROTO_SRC_PORT), _find(buf, *proto, CTA_PROTO_DST_PORT)
+    reply_src = _find(buf, *_span(buf, *reply, CTA_TUPLE_IP), src_kind)
+    size = SIZE[family]
+    fields = (src, dst, reply_src, sport, dport, id_, *((zone,) if zone else ()))
+    sizes = (size, size, size, 2, 2, 4, 2)[: len(fields)]
+    if num != bytes([UDP]) or any(len(f) != n for f, n in zip(fields, sizes, strict=True)):
         return None
+    af = AF[family]
     return UdpFlow(
-        socket.inet_ntop(af, buf[dst[0] : dst[1]]),
-        _PORT.unpack_from(buf, dport[0])[0],
-        socket.inet_ntop(af, buf[src[0] : src[1]]),
-        ref,
+        socket.inet_ntop(af, dst),
+        _PORT.unpack(dport)[0],
+        socket.inet_ntop(af, reply_src),
+        delete_template(family, bool(zone)).fill(src, dst, sport, dport, id_, *fields[6:]),
     )
 
 
@@ -163,10 +236,15 @@ class CtSocket:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _message(self, kind: int, flags: int, family: int, attrs: bytes) -> bytes:
+    def _next_seq(self) -> int:
         self.seq += 1
-        body = struct.pack("<BBH", AF[family], 0, 0) + attrs
-        return _HEADER.pack(16 + len(body), kind, NLM_F_REQUEST | flags, self.seq, 0) + body
+        return self.seq
+
+    def _delete_message(self, family: int, ref: bytes) -> bytes:
+        """A delete of one entry: netlink's framing around the attributes pyroute2 encoded."""
+        body = struct.pack("<BBH", AF[family], 0, 0) + ref
+        flags = NLM_F_REQUEST | NLM_F_ACK
+        return _HEADER.pack(16 + len(body), CT_DELETE, flags, self._next_seq(), 0) + body
 
     def _replies(self) -> Iterator[tuple[int, bytes, int, int]]:
         """(type, buffer, payload start, payload end) of each message read, until done."""
@@ -182,13 +260,13 @@ class CtSocket:
 
     def dump_udp(self, family: int, port: int, address: str | None) -> Iterator[UdpFlow]:
         """The UDP flows to `port` (and `address`) that the kernel hands out: it filters them."""
-        attrs = encode_filter(family, port, address)
-        self.sock.send(self._message(IPCTNL_MSG_CT_GET, NLM_F_DUMP, family, attrs))
+        attrs = filter_attrs(family, port, address)
+        self.sock.send(encode_request(CT_GET, NLM_F_DUMP, self._next_seq(), family, attrs))
         for kind, data, start, end in self._replies():
             if kind == NLMSG_ERROR:
                 _raise(_ERROR.unpack_from(data, start)[0], "conntrack dump")
                 return
-            if kind == IPCTNL_MSG_CT_NEW:
+            if kind == CT_NEW:
                 flow = decode_flow(data, start + 4, end, family)
                 if flow is not None:
                     yield flow
@@ -198,7 +276,7 @@ class CtSocket:
         deleted = 0
         batch: list[bytes] = []
         for ref in refs:
-            batch.append(self._message(IPCTNL_MSG_CT_DELETE, NLM_F_ACK, family, ref))
+            batch.append(self._delete_message(family, ref))
             if len(batch) == DELETE_BATCH:
                 deleted += self._send_batch(batch)
                 batch = []
@@ -224,8 +302,8 @@ class CtSocket:
 
     def flush_udp(self, family: int, port: int, address: str | None) -> None:
         """Let the kernel delete every UDP flow to `port` (and `address`) of `family`."""
-        attrs = encode_filter(family, port, address)
-        self.sock.send(self._message(IPCTNL_MSG_CT_DELETE, NLM_F_ACK, family, attrs))
+        attrs = filter_attrs(family, port, address)
+        self.sock.send(encode_request(CT_DELETE, NLM_F_ACK, self._next_seq(), family, attrs))
         for kind, data, start, _ in self._replies():
             if kind == NLMSG_ERROR:
                 code = _ERROR.unpack_from(data, start)[0]
