@@ -514,9 +514,10 @@ class AgentNode:
 
     def rules(self) -> str:
         """What the proxy mode wrote for IPv4, as comparable text: save() in the iptables mode,
-        `nft list ruleset ip` in the nftables mode."""
+        kproxy's `ip kube-proxy` table in the nftables mode (empty when it is gone; the node's
+        other tables hold counters that traffic changes)."""
         if self.mode == "nftables":
-            return self.node.run("nft", "list", "ruleset", "ip").stdout
+            return self.node.run("nft", "list", "table", "ip", "kube-proxy", check=False).stdout
         return self.save()
 
     def dnat_to(self, ip: str, port: int) -> str:
@@ -624,7 +625,7 @@ def nat_rules(node: AgentNode) -> str:
     """The node's IPv4 nat rules: the nat table in the iptables mode, kproxy's whole `ip`
     table in the nftables mode (its nat and filter chains live in one table)."""
     if node.mode == "nftables":
-        return node.node.run("nft", "list", "ruleset", "ip").stdout
+        return node.node.run("nft", "list", "table", "ip", "kube-proxy", check=False).stdout
     return node.node.run("iptables-legacy-save", "-t", "nat").stdout
 
 

@@ -207,10 +207,12 @@ class Cluster:
 
     def rules(self, family: int = 4) -> str:
         """What the proxy mode wrote into the kernel for one family, as comparable text: the
-        legacy tables (save()) in the iptables mode, `nft list ruleset ip|ip6` in the nftables
-        mode (empty when kproxy's table is gone)."""
+        legacy tables (save()) in the iptables mode, kproxy's `ip|ip6 kube-proxy` table in the
+        nftables mode (empty when it is gone; the node's other tables hold counters that traffic
+        changes)."""
         if self.mode == "nftables":
-            return self.node.run("nft", "list", "ruleset", "ip" if family == 4 else "ip6").stdout
+            table = ("ip" if family == 4 else "ip6", "kube-proxy")
+            return self.node.run("nft", "list", "table", *table, check=False).stdout
         return self.save(family)
 
     def iptables(self, *args: str) -> None:
