@@ -115,22 +115,27 @@ def ensure_base() -> None:
         podman("import", "--quiet", str(rootfs), BASE_IMAGE, timeout=_BUILD_TIMEOUT)
 
 
+# pip's precedence for `pip wheel`: the environment over the [wheel] section over [global].
+_PIP_SCOPES = {"global": 1, "wheel": 2, ":env:": 3}
+
+
 def parse_pip_config(text: str) -> dict[str, str]:
-    """`pip config list` output (`global.index-url='https://...'`, `:env:.cert='...'`) -> the
-    settings that matter inside the build: index-url, extra-index-url (without local `file:`
-    indexes, which are not in the build) and cert. Later scopes win, as in pip."""
-    found: dict[str, str] = {}
+    """`pip config list` output (`global.index-url='https://...'`, `:env:.cert='...'`, sorted by
+    name) -> the settings that matter inside the build: index-url, extra-index-url (without local
+    `file:` indexes, which are not in the build) and cert, each from the scope pip would take."""
+    found: dict[str, tuple[int, str]] = {}
     for line in text.splitlines():
         key, sep, value = line.partition("=")
-        if not sep:
+        scope, _, name = key.rpartition(".")
+        rank = _PIP_SCOPES.get(scope, 0)
+        if not sep or not rank or name not in ("index-url", "extra-index-url", "cert"):
             continue
-        name = key.rpartition(".")[2]
         value = value.strip().strip("'\"")
         if name == "extra-index-url":
             value = " ".join(u for u in value.split() if not u.startswith("file:"))
-        if name in ("index-url", "extra-index-url", "cert") and value:
-            found[name] = value
-    return found
+        if value and rank > found.get(name, (0, ""))[0]:
+            found[name] = (rank, value)
+    return {name: value for name, (_, value) in found.items()}
 
 
 def pip_secrets(workdir: Path) -> list[str]:
@@ -143,7 +148,8 @@ def pip_secrets(workdir: Path) -> list[str]:
     ).stdout
     settings = parse_pip_config(listing)
     lines = ["[global]"]
-    lines += [f"{key} = {settings[key]}" for key in ("index-url", "extra-index-url") if key in settings]
+    for key in ("index-url", "extra-index-url"):
+        lines += [f"{key} = {settings[key]}"] if key in settings else []
     options = []
     ca = settings.get("cert") or os.environ.get("REQUESTS_CA_BUNDLE")
     if ca and Path(ca).is_file():
