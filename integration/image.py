@@ -164,7 +164,8 @@ def build(tag: str = IMAGE) -> None:
     """The image from the repository's Dockerfile, on the base from ensure_base()."""
     ensure_base()
     with tempfile.TemporaryDirectory(prefix="kproxy-build-") as tmp:
-        argv = ["build", "--pull=never", "--network", "host", *pip_secrets(Path(tmp))]
+        argv = ["build", "--pull=never", "--network", "host", "--jobs", "2"]
+        argv += pip_secrets(Path(tmp))
         podman(*argv, "--tag", tag, str(REPO_ROOT), timeout=_BUILD_TIMEOUT)
 
 
