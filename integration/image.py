@@ -19,6 +19,7 @@ RLIMIT_NOFILE/NPROC is refused in some sandboxes).
 
 Caching: the base image is made once and kept; podman keeps each build step's layer, so a build
 with nothing changed takes seconds, and one after a change to kproxy/ rebuilds only the wheels.
+Each build removes what the one before it left (see build()), so the cache does not grow.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONTAINERS_CONF = Path(__file__).resolve().parent / "containers.conf"
 IMAGE = "kproxy:latest"
+BUILDER_IMAGE = "kproxy-builder:cache"
 BASE_IMAGE = "docker.io/library/debian:bookworm-slim"
 SUITE = "bookworm"
 TOOLS = ("podman", "runc", "mmdebstrap")
@@ -160,13 +162,31 @@ def pip_secrets(workdir: Path) -> list[str]:
     return [*options, "--secret", f"id=pip.conf,src={workdir / 'pip.conf'}"]
 
 
+def image_ids(*names: str) -> set[str]:
+    """The IDs of those of `names` that exist."""
+    return {
+        podman("image", "inspect", "--format", "{{.Id}}", name).stdout.strip()
+        for name in names
+        if image_exists(name)
+    }
+
+
 def build(tag: str = IMAGE) -> None:
-    """The image from the repository's Dockerfile, on the base from ensure_base()."""
+    """The image from the repository's Dockerfile, on the base from ensure_base().
+
+    The builder stage is tagged too (BUILDER_IMAGE: its layers are the cache of the next build,
+    and untagged they would look unused), and the images the previous build left, with their
+    layers no other image uses, are removed: the cache holds one build, not one per change."""
     ensure_base()
+    before = image_ids(tag, BUILDER_IMAGE)
     with tempfile.TemporaryDirectory(prefix="kproxy-build-") as tmp:
         argv = ["build", "--pull=never", "--network", "host", "--jobs", "2"]
         argv += pip_secrets(Path(tmp))
         podman(*argv, "--tag", tag, str(REPO_ROOT), timeout=_BUILD_TIMEOUT)
+        # Every step is cached by the build above: this only names the builder's last layer.
+        podman(*argv, "--target", "builder", "--tag", BUILDER_IMAGE, str(REPO_ROOT))
+    for stale in before - image_ids(tag, BUILDER_IMAGE):
+        podman("rmi", stale, check=False)  # in use by a container: kept
 
 
 def run_argv(
