@@ -79,8 +79,8 @@ image:
 
 # The same Dockerfile built with podman (on a Debian base made from Debian's packages where no
 # image registry is reachable) and run in a network namespace in each mode: integration/image.py
-# and integration/test_image.py, which `make test` runs too. The first run takes minutes; later
-# ones reuse podman's cached base and layers.
+# and integration/test_image.py, which `make test` runs too. The first run takes 3 to 7 minutes;
+# later ones reuse podman's cached base and layers (about 30 s).
 image-test: image-deps venv
 	$(VENV)/bin/pytest -q -p no:cacheprovider integration/test_image.py
 
