@@ -3,18 +3,29 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEB_PACKAGES := iptables libip4tc2 libip6tc2 libxtables12 conntrack iproute2 nftables gcc
+# What builds and runs the image in the tests: podman with the runc runtime, mmdebstrap for the
+# Debian base where no image registry is reachable (integration/image.py).
+IMAGE_DEB_PACKAGES := podman runc mmdebstrap
 
-.PHONY: deps venv lint unit integration test demo bench bench-modes image clean
+# Installs the Debian packages named in $(1) that are missing.
+define apt-install-missing
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+endef
+
+.PHONY: deps image-deps venv lint unit integration test demo bench bench-modes image image-test clean
 
 # Debian packages: the legacy iptables libraries python-iptables drives, the iptables-legacy-save
 # reader, conntrack, iproute2 and nft (the nftables mode's test oracle) for the network-namespace
 # tests.
 deps:
-	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-		echo "installing:$$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
-	fi
+	$(call apt-install-missing,$(DEB_PACKAGES))
+
+image-deps:
+	$(call apt-install-missing,$(IMAGE_DEB_PACKAGES))
 
 # The venv holds kproxy as users get it: the wheel built the way the Dockerfile builds it, installed
 # (not editable), so the tests and the demo run what ships and a module the wheel leaves out fails
@@ -43,7 +54,7 @@ unit: venv
 integration: venv
 	$(VENV)/bin/pytest -q integration
 
-test: lint
+test: lint image-deps
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests integration
 
 demo: venv
@@ -60,12 +71,19 @@ bench: venv
 bench-modes: venv
 	$(PY) -m bench.mode_bench
 
-# The container image (needs a container engine; not built in CI, the Dockerfile is linted there).
-# The tag is the one daemonset/kustomization.yaml and daemonset.yaml name, so a locally loaded
-# image (kind load docker-image kproxy:latest) runs as it is; tests/test_daemonset.py checks this.
+# The container image, with docker. The tag is the one daemonset/kustomization.yaml and
+# daemonset.yaml name, so a locally loaded image (kind load docker-image kproxy:latest) runs as it
+# is; tests/test_daemonset.py checks this.
 IMAGE ?= kproxy:latest
 image:
 	docker build -t $(IMAGE) .
+
+# The same Dockerfile built with podman (on a Debian base made from Debian's packages where no
+# image registry is reachable) and run in a network namespace in each mode: integration/image.py
+# and integration/test_image.py, which `make test` runs too. The first run takes 3 to 7 minutes;
+# later ones reuse podman's cached base and layers (about 30 s).
+image-test: image-deps venv
+	$(VENV)/bin/pytest -q -p no:cacheprovider integration/test_image.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

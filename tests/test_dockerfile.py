@@ -1,6 +1,7 @@
 """The Dockerfile, linted twice: by hadolint, and by checks of what this image specifically needs
-(Debian 12, a builder stage for python-iptables' C extension, the legacy iptables libraries).
-No container engine runs in CI, so the image itself is never built here."""
+(Debian 12 with Debian's Python, a builder stage for python-iptables' C extension, the legacy
+iptables libraries, pip settings handed in as build secrets only). The image itself is built and
+run in CI by integration/test_image.py (`make image-test`, part of `make test`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from integration.image import BASE_IMAGE, parse_pip_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -230,3 +233,50 @@ def test_everything_the_build_copies_is_in_the_context(stages: list[Stage]) -> N
     setup.read(ROOT / "setup.cfg")
     described = setup["metadata"]["long_description"].removeprefix("file:").strip()
     assert described in sources
+
+
+def test_every_stage_starts_from_the_base_the_image_test_builds(stages: list[Stage]) -> None:
+    """integration/image.py tags its Debian base with the name `FROM` resolves to on docker."""
+    for stage in stages:
+        assert f"docker.io/library/{stage.image}" == BASE_IMAGE, stage.image
+
+
+def test_python_is_debians_in_both_stages(stages: list[Stage]) -> None:
+    builder, final = stages
+    built_with = set().union(*(apt_installed(r) for r in builder.runs()))
+    assert {"python3", "python3-dev", "python3-pip"} <= built_with
+    runs_with = set().union(*(apt_installed(r) for r in final.runs()))
+    assert "python3" in runs_with and "python3-pip" not in runs_with
+
+
+def test_pip_settings_come_in_as_secrets_the_image_test_passes(stages: list[Stage]) -> None:
+    """The builder's `pip wheel` mounts the optional secrets integration/image.py hands in (the
+    host pip's pip.conf and CA bundle), so nothing of the build machine lands in a layer."""
+    (wheel,) = [r for r in stages[0].runs() if "pip wheel" in r]
+    mounts = [w for w in shlex.split(wheel) if w.startswith("--mount=")]
+    secrets = {
+        dict(kv.split("=", 1) for kv in m.removeprefix("--mount=").split(","))["id"] for m in mounts
+    }
+    assert secrets == {"pip.conf", "pip-ca.crt"}, mounts
+    assert "target=/etc/pip.conf" in wheel
+    for stage in stages:
+        for ins in stage.all("ARG") + stage.all("ENV"):
+            assert "PIP_" not in ins.args, f"line {ins.line}: pip settings would stay in the image"
+
+
+def test_the_host_pips_index_and_ca_are_read_from_pip_config_list() -> None:
+    listing = (  # as pip prints it: sorted by name
+        ":env:.cert='/etc/ssl/b.crt'\n"
+        ":env:.find-links='/opt/wheels'\n"
+        "global.cert='/etc/ssl/a.crt'\n"
+        "global.extra-index-url='file:///opt/local/simple https://mirror.example/simple'\n"
+        "global.index-url='https://global.example/simple'\n"
+        "install.index-url='https://install.example/simple'\n"
+        "wheel.index-url='https://index.example/simple'\n"
+    )
+    assert parse_pip_config(listing) == {
+        "cert": "/etc/ssl/b.crt",
+        "extra-index-url": "https://mirror.example/simple",
+        "index-url": "https://index.example/simple",
+    }
+    assert parse_pip_config("global.extra-index-url='file:///opt/local/simple'\n") == {}
