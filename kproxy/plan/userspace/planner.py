@@ -158,10 +158,11 @@ def portal_serving(
     listeners: tuple[Listener, ...], node: NodeInfo, config: ProxyConfig, family: int
 ) -> dict[tuple[str, int], frozenset[str]]:
     """UDP conntrack facts for one family. A portal flow is client -> VIP, NATed to a proxy port
-    on the node, so its reply comes from a node address (REDIRECT: the address of the interface
-    the packet came in on; DNAT: the bind or host address), never from an endpoint. A UDP flow
-    to a portal whose reply comes from anything else (an iptables-mode DNAT to a pod, left from
-    before a mode switch) is stale. Without the node's addresses nothing is called stale."""
+    on the node, so its reply comes from a node address (the bind or host address portals DNAT
+    to; REDIRECT, on a node without one: the incoming interface's), never from an endpoint. A
+    UDP flow to a portal whose reply comes from anything else (an iptables-mode DNAT to a pod,
+    left from before a mode switch) is stale. Without the node's addresses nothing is called
+    stale."""
     if not node.local_addresses:
         return {}
     sources = set(of_family(node.local_addresses, family))

@@ -8,6 +8,7 @@ proxier, so either implementation's cleanup removes the other's rules.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -21,7 +22,6 @@ from kproxy.rules import fragments as f
 from kproxy.rules.ir import Chain, JumpRule, Match, Opt, Rule, Ruleset, Table, Target
 
 WILDCARD = {4: "0.0.0.0", 6: "::"}
-LOOPBACK_PREFIX = {4: "127.", 6: "::1"}
 
 
 class Scope(enum.Enum):
@@ -82,14 +82,27 @@ def is_wildcard(address: str) -> bool:
 
 
 def host_ip(node: NodeInfo, config: ProxyConfig, family: int) -> str | None:
-    """Where host traffic is DNATed: bindAddress when set, else the node's primary address of the
-    family, else its first non-loopback local one (upstream: the default route's interface)."""
+    """The node address portals DNAT to: bindAddress when set, else the node's primary address
+    of the family (upstream: the default route's interface) when this node holds it, else its
+    first local address that is neither loopback nor link-local. None when there is none."""
     if not is_wildcard(config.bind_address):
         return config.bind_address if _family(config.bind_address) == family else None
-    for address in (*node.primary_ips, *node.local_addresses):
-        if _family(address) == family and not address.startswith(LOOPBACK_PREFIX[family]):
+    local = set(node.local_addresses)
+    primary = [a for a in node.primary_ips if not local or a in local]
+    for address in (*primary, *node.local_addresses):
+        if _family(address) == family and _routable(address):
             return address
     return None
+
+
+def _routable(address: str) -> bool:
+    """Neither loopback nor link-local: an address a DNAT can send a packet to from any
+    interface (a link-local one means nothing without its interface)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return not (ip.is_loopback or ip.is_link_local or ip.is_unspecified)
 
 
 def _family(address: str) -> int:
@@ -131,18 +144,27 @@ class _PortalChains:
     non_local: list[Rule]
 
 
-def _container_target(listener: Listener, proxy_port: int) -> Target:
-    """REDIRECT when bound to the wildcard (replies leave by the interface the packet came in
-    on), else DNAT to the one address the listener has."""
-    if is_wildcard(listener.bind_address):
-        return Target("REDIRECT", (Opt("to-ports", str(proxy_port)),))
-    return f.dnat(_host_port(listener.bind_address, proxy_port))
+def _container_target(listener: Listener, proxy_port: int, host: str | None) -> Target:
+    """Where portals send traffic that did not start on the node (pods, other hosts).
+
+    A specific bindAddress: DNAT to it, as upstream. The wildcard: DNAT to the host address too.
+    Upstream REDIRECTed here, which rewrites the destination to the address of the interface the
+    packet came in on and drops it when that interface has none: a pod on a routed network
+    (Calico's, Cilium's veths) never got an answer. A node address works from every interface,
+    bridged or routed; the relay answers UDP from the address each datagram was sent to, so the
+    reply matches the flow's NAT whichever address that is. REDIRECT remains for a node with no
+    address of the family to DNAT to, where it is all there is."""
+    if not is_wildcard(listener.bind_address):
+        return f.dnat(_host_port(listener.bind_address, proxy_port))
+    if host:
+        return f.dnat(_host_port(host, proxy_port))
+    return Target("REDIRECT", (Opt("to-ports", str(proxy_port)),))
 
 
 def _add_listener(
     out: _PortalChains, listener: Listener, proxy_port: int, host: str | None
 ) -> None:
-    into = _container_target(listener, proxy_port)
+    into = _container_target(listener, proxy_port, host)
     to_host = f.dnat(_host_port(host, proxy_port)) if host else None
     port = listener.port
     if listener.serves_internal:
