@@ -8,6 +8,7 @@ import socket
 import struct
 
 from kproxy.dataplane.userspace.balancer import LoadBalancerRR, NoEndpointsError
+from kproxy.dataplane.userspace.shortage import SHORTAGE
 from kproxy.dataplane.userspace.spec import ServicePortCounters
 
 # Larger than any datagram (65507 bytes of IPv4 payload, 65527 of IPv6): nothing is truncated.
@@ -147,15 +148,15 @@ class UdpListener:
 
     def _rebind(self) -> None:
         loop = asyncio.get_running_loop()
-        fresh = socket.socket(self.sock.family, socket.SOCK_DGRAM)
-        fresh.setblocking(False)
-        loop.remove_reader(self.sock.fileno())
-        self.sock.close()
+        fresh = SHORTAGE.open(self.sock.family, socket.SOCK_DGRAM, self.counters)
+        if fresh is None:
+            return  # still refusing, on the old socket: the next sync tries again
+        self._forget_socket()
         try:
             fresh.bind(self._bound)
         except OSError:  # taken in between: the listener refuses until the next sync
             fresh.close()
-            self.sock = socket.socket(self.sock.family, socket.SOCK_DGRAM)
+            self.sock = fresh  # closed: the next rebind or close() has nothing to undo
             return
         size_buffers(fresh)
         receive_destinations(fresh)
@@ -165,9 +166,13 @@ class UdpListener:
 
     def close(self) -> None:
         # As upstream: closing the service socket ends every client mapping at once.
-        asyncio.get_running_loop().remove_reader(self.sock.fileno())
         for mapping in list(self._mappings.values()):
             self.drop_mapping(mapping)
+        self._forget_socket()
+
+    def _forget_socket(self) -> None:
+        if self.sock.fileno() >= 0:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
         self.sock.close()
 
     def _on_datagram(self) -> None:
@@ -202,8 +207,9 @@ class UdpListener:
             self.counters.no_endpoint_rejects += 1
             return None
         family = socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET
-        backend = socket.socket(family, socket.SOCK_DGRAM)
-        backend.setblocking(False)
+        backend = SHORTAGE.open(family, socket.SOCK_DGRAM, self.counters)
+        if backend is None:
+            return None  # EMFILE and the like: this datagram is dropped, the next may pass
         size_buffers(backend)
         try:
             backend.connect(endpoint)
