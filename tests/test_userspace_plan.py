@@ -221,7 +221,7 @@ def test_shared_facts() -> None:
     assert set(serving) == {("172.30.0.53", 53)}
     assert NODE_IP in serving[("172.30.0.53", 53)]
     assert "10.20.0.2" not in serving[("172.30.0.53", 53)]  # an endpoint answering is stale
-    assert result.stats.rules == {"filter": 2, "nat": 15}  # with the jump rules
+    assert result.stats.rules == {"filter": 4, "nat": 15}  # with the jump rules
 
 
 def test_health_checks_are_planned() -> None:

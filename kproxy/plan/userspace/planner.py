@@ -16,6 +16,7 @@ from kproxy.plan.endpoints import categorize_endpoints
 from kproxy.plan.iptables.planner import count_rules, health_check_addresses
 from kproxy.plan.iptables.service_rules import of_family
 from kproxy.plan.node_plan import NodePlan, PlanStats, plan_health_checks
+from kproxy.plan.port_policy import view_port
 from kproxy.plan.userspace.portals import (
     WILDCARD,
     Listener,
@@ -136,6 +137,7 @@ def plan_listeners(
         node_port=sp.node_port,
         endpoints=selection.internal,
         affinity_seconds=sp.session_affinity_seconds,
+        source_ranges=view.source_ranges if (view := view_port(sp, family)) else (),
     )
     scoped: tuple[Listener, ...] = (listener,)
     if selection.exposed and sp.internal_policy_local != sp.external_policy_local:

@@ -56,6 +56,8 @@ class Listener:
     endpoints: tuple[Endpoint, ...] = ()
     scope: Scope = Scope.ALL
     affinity_seconds: int | None = None  # ClientIP affinity timeout; None for no affinity
+    # loadBalancerSourceRanges of this family (none: every source), for the LB IPs only.
+    source_ranges: tuple[str, ...] = ()
     # (address, port) sockets held but never served, so nothing else takes a port a portal
     # answers on: "" is every address (NodePorts).
     held_ports: tuple[tuple[str, int], ...] = ()
@@ -119,10 +121,12 @@ def _portal(
     target: Target,
     address: str | None = None,
     *extra: Match,
+    source: str | None = None,
 ) -> Rule:
     """Upstream's common match: comment, protocol, port, [-d address], extra matches."""
     proto = listener.protocol.lower
     return Rule(
+        src=f.cidr(source) if source else None,
         dst=f.cidr(address) if address else None,
         protocol=proto,
         matches=(f.comment(spn_text(listener.name)), f.protocol_match(proto, dport), *extra),
@@ -135,6 +139,9 @@ DST_LOCAL = f.addrtype("LOCAL")
 NEW_STATE = Match("state", (Opt("state", "NEW"),))
 
 
+NOT_NATED = f.ctstate("DNAT", invert=True)
+
+
 @dataclass
 class _PortalChains:
     container: list[Rule]
@@ -142,6 +149,9 @@ class _PortalChains:
     nodeport_container: list[Rule]
     nodeport_host: list[Rule]
     non_local: list[Rule]
+    # filter drops, ahead of non_local's accepts: a relay port reached without a portal's NAT,
+    # and LB traffic from outside loadBalancerSourceRanges.
+    drops: list[Rule]
 
 
 def _container_target(listener: Listener, proxy_port: int, host: str | None) -> Target:
@@ -179,14 +189,38 @@ def _add_listener(
         if to_host:
             out.host.append(_portal(listener, port, to_host, ip, DST_LOCAL))
     for ip in listener.load_balancer_ips:
-        out.container.append(_portal(listener, port, into, ip))
-        if to_host:
-            out.host.append(_portal(listener, port, to_host, ip))
+        for source in _allowed_sources(listener, ip, host):
+            out.container.append(_portal(listener, port, into, ip, source=source))
+            if to_host:
+                out.host.append(_portal(listener, port, to_host, ip, source=source))
+        if listener.source_ranges:
+            # As the iptables mode's KUBE-PROXY-FIREWALL: what no range let through the portal
+            # reaches the LB IP un-NATed (when the IP is the node's own) and is dropped.
+            out.drops.append(_portal(listener, port, f.DROP, ip))
     if listener.node_port:
         out.nodeport_container.append(_portal(listener, listener.node_port, into))
         if to_host:
             out.nodeport_host.append(_portal(listener, listener.node_port, to_host))
         out.non_local.append(_portal(listener, proxy_port, f.ACCEPT, None, NEW_STATE))
+
+
+def _allowed_sources(listener: Listener, lb_ip: str, host: str | None) -> tuple[str | None, ...]:
+    """The `-s` of an LB IP's portals: every source (None), or one portal per source range, as
+    the iptables mode's KUBE-FW chain, plus the LB IP itself when a range holds the node's address
+    (an LB IP bound on the node is the source of the node's own traffic to it)."""
+    ranges = listener.source_ranges
+    if not ranges:
+        return (None,)
+    node_allowed = host is not None and any(
+        ipaddress.ip_address(host) in ipaddress.ip_network(r, strict=False) for r in ranges
+    )
+    return (*ranges, *([lb_ip] if node_allowed else []))
+
+
+def _guard(listener: Listener, proxy_port: int) -> Rule:
+    """Only a portal's NAT leads to the relay: a peer dialling the proxy port straight (off the
+    node, or a pod) would otherwise reach a ClusterIP-only service's endpoints from anywhere."""
+    return _portal(listener, proxy_port, f.DROP, None, NOT_NATED)
 
 
 def _jump(chain: str, target: str, text: str, append: bool = False, *extra: Match) -> JumpRule:
@@ -218,12 +252,13 @@ def build_portal_ruleset(
     """The five chains and their jumps for the listeners of one family that are bound (in
     `proxy_ports`); a listener without a proxy port gets no rules."""
     host = host_ip(node, config, family)
-    out = _PortalChains([], [], [], [], [])
+    out = _PortalChains([], [], [], [], [], [])
     for listener in sorted(
         listeners, key=lambda lis: (str(lis.name), list(Scope).index(lis.scope))
     ):
         proxy_port = proxy_ports.get(listener.key)
         if listener.family == family and proxy_port is not None:
+            out.drops.append(_guard(listener, proxy_port))
             _add_listener(out, listener, proxy_port, host)
     nat_jumps, filter_jumps = portal_jumps()
     nat = Table(
@@ -237,6 +272,8 @@ def build_portal_ruleset(
         nat_jumps,
     )
     filter_table = Table(
-        "filter", (Chain(c.NODEPORT_NON_LOCAL, tuple(out.non_local)),), filter_jumps
+        "filter",
+        (Chain(c.NODEPORT_NON_LOCAL, (*out.drops, *out.non_local)),),
+        filter_jumps,
     )
     return Ruleset(family, (filter_table, nat))
