@@ -13,7 +13,7 @@ import pytest
 
 from integration.bridged import add_bridge, add_bridged_pod
 from integration.conftest import Cluster
-from integration.netns import NODE_IP, Pod
+from integration.netns import NODE_IP, NODE_IP6, Pod
 from integration.test_userspace import userspace_proxy
 from integration.traffic import probe, start_server
 
@@ -57,3 +57,24 @@ def test_a_pod_reaches_both_endpoints_of_a_cluster_ip(
         # A later attempt may get the source port of an earlier one whose relay mapping is
         # still live: that datagram keeps its endpoint, so the split need not be exact.
         assert set(result.answers) == {"web-routed", "web-bridged"}, result
+
+
+VIP6 = "fd00:96::20"
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_a_routed_pod_reaches_both_endpoints_over_ipv6(cluster: Cluster, proto: str) -> None:
+    # The node's side of each pod veth holds only the link-local gateway fe80::1: the portal
+    # sends to the node's global address instead.
+    cluster.topo.enable_ipv6()
+    cluster.node_object(internal_ips=[NODE_IP, NODE_IP6])
+    backends = [
+        cluster.backend(f"web-{i}", f"192.168.{i}.10", TARGET, proto, ip6=f"fd00:168:{i}::10")
+        for i in (1, 2)
+    ]
+    cluster.service("web", VIP, PORT, backends, TARGET, protocol=proto.upper(), cluster_ip6=VIP6)
+    client = cluster.topo.add_pod("client", "192.168.9.9", "fd00:168:9::9")
+    with userspace_proxy(cluster):
+        result = probe(client.ns, VIP6, PORT, proto, count=COUNT)
+    assert result.failed == 0, result
+    assert set(result.answers) == {"web-1", "web-2"}, result
