@@ -246,13 +246,11 @@ IPTABLES_WHY = (
 
 
 def write_userspace_config(path: Path) -> Path:
-    """`mode: userspace`, listening on the node's address: a routed topology like this one has
-    no address on the pod veths for the wildcard's REDIRECT (see test_userspace.py)."""
+    """`mode: userspace` and nothing else: the mode's defaults."""
     doc = {
         "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
         "kind": "KubeProxyConfiguration",
         "mode": "userspace",
-        "bindAddress": NODE_IP,
     }
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -279,9 +277,7 @@ def userspace_picture(
 ) -> bool:
     config = write_userspace_config(workdir / "kube-proxy-userspace.yaml")
     print("\n=== picture 1 of 2: the userspace mode (kproxy's relay picks the endpoint)")
-    print(
-        f"$ kproxy {' '.join(sync)} --config {config}   # mode: userspace, bindAddress: {NODE_IP}"
-    )
+    print(f"$ kproxy {' '.join(sync)} --config {config}   # mode: userspace")
     with userspace_relay(topo, [*sync, "--config", str(config)], workdir / "xtables.lock"):
         ok = show_nginx(client, backends, "userspace", USERSPACE_WHY)
         ok = show_services(client) and ok

@@ -48,13 +48,12 @@ DNS_VIP, DNS_POD, DNS_POD_IP = "10.96.0.10", "coredns-1", "192.168.1.2"
 
 
 def _config(cluster: Cluster, mode: str) -> str:
-    """bindAddress is the node's address, so container traffic is DNATed to the listener there,
-    as upstream did with a specific bindAddress. (With the wildcard, upstream REDIRECTs, which
-    needs an address on the interface the packet came in on: a bridge CNI has one, this routed
-    topology's pod veths do not.)"""
+    """The mode's default config: no bindAddress, so the relay listens on the wildcard and the
+    portals send container traffic to a node address (test_userspace_pods.py has routed and
+    bridged pods side by side)."""
     path = cluster.manifests.parent / f"kube-proxy-{mode}.yaml"
     doc = {"apiVersion": "kubeproxy.config.k8s.io/v1alpha1", "kind": "KubeProxyConfiguration"}
-    path.write_text(yaml.safe_dump({**doc, "mode": mode, "bindAddress": NODE_IP}))
+    path.write_text(yaml.safe_dump({**doc, "mode": mode}))
     return str(path)
 
 

@@ -37,8 +37,7 @@ CHANGE_BOUND = 15.0  # generous upper bound on an API change reaching traffic (s
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[AgentNode]:
     with agent_node("usagent", tmp_path) as built:
-        # bindAddress: see _config in test_userspace.py.
-        config = agent_config(extra={"mode": "userspace", "bindAddress": NODE_IP})
+        config = agent_config(extra={"mode": "userspace"})
         built.config_file.write_text(yaml.safe_dump(config))
         yield built
 

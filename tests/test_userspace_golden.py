@@ -82,9 +82,20 @@ def bound_to_node_ip() -> Scenario:
     return replace(scenario, config=replace(scenario.config, bind_address=BIND_IP), node=node)
 
 
+def source_ranges() -> Scenario:
+    """loadBalancerSourceRanges on the LoadBalancer: its LB IP's portals take those sources only
+    (and the LB IP itself, since a range holds the node's address); the rest is dropped."""
+    scenario = portals()
+    web = scenario.services[0]
+    ranges = ["203.0.113.0/25", "192.168.1.0/24"]
+    web = {**web, "spec": {**web["spec"], "loadBalancerSourceRanges": ranges}}
+    return replace(scenario, services=[web, *scenario.services[1:]])
+
+
 GOLDEN_CASES = {
     "userspace_wildcard": lambda: render(portals()),
     "userspace_bind_address": lambda: render(bound_to_node_ip()),
+    "userspace_source_ranges": lambda: render(source_ranges()),
 }
 
 

@@ -174,6 +174,38 @@ def test_host_ip_is_the_primary_address_or_the_bind_address() -> None:
     )
 
 
+def test_host_ip_is_a_local_address_neither_loopback_nor_link_local() -> None:
+    node = replace(
+        portals().node,
+        primary_ips=("192.0.2.99",),  # the Node object's InternalIP, not held by this node
+        local_addresses=("127.0.0.1", "169.254.1.1", NODE_IP),
+    )
+    assert host_ip(node, ProxyConfig(), 4) == NODE_IP
+    # Without the node's addresses (a dump with no node facts) the Node object is believed.
+    assert host_ip(replace(node, local_addresses=()), ProxyConfig(), 4) == "192.0.2.99"
+
+
+def _container_targets(scenario: scenarios.Scenario) -> set[str]:
+    part = plan(scenario).kernel.families[4]
+    text = render_ruleset(part.ruleset({lis.key: 36000 for lis in part.listeners}))
+    return {
+        line.partition(" -j ")[2]
+        for line in text.splitlines()
+        if line.startswith(("-A KUBE-PORTALS-CONTAINER", "-A KUBE-NODEPORT-CONTAINER"))
+    }
+
+
+def test_container_traffic_is_dnated_to_the_node_address_not_redirected() -> None:
+    # REDIRECT needs an address on the incoming interface: a routed pod's veth has none.
+    assert _container_targets(portals()) == {f"DNAT --to-destination {NODE_IP}:36000"}
+
+
+def test_container_traffic_is_redirected_only_without_a_node_address() -> None:
+    scenario = portals()
+    bare = replace(scenario.node, primary_ips=(), local_addresses=("127.0.0.1",))
+    assert _container_targets(replace(scenario, node=bare)) == {"REDIRECT --to-ports 36000"}
+
+
 def test_unbound_listeners_get_no_rules() -> None:
     part = plan(portals()).kernel.families[4]
     ruleset = part.ruleset({})
@@ -189,7 +221,7 @@ def test_shared_facts() -> None:
     assert set(serving) == {("172.30.0.53", 53)}
     assert NODE_IP in serving[("172.30.0.53", 53)]
     assert "10.20.0.2" not in serving[("172.30.0.53", 53)]  # an endpoint answering is stale
-    assert result.stats.rules == {"filter": 2, "nat": 15}  # with the jump rules
+    assert result.stats.rules == {"filter": 4, "nat": 15}  # with the jump rules
 
 
 def test_health_checks_are_planned() -> None:

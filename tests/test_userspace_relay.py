@@ -201,6 +201,18 @@ def test_udp_replies_come_from_the_service_socket_untruncated(relay: Relay) -> N
         assert sock.recv(65536) == big
 
 
+def test_udp_replies_leave_from_the_address_the_datagram_was_sent_to(relay: Relay) -> None:
+    # A portal DNATs to a node address that need not be the one the route back to the client
+    # would pick as source (a pod behind a bridge); a reply from another address misses the
+    # flow's NAT. Here: sent to 127.0.0.2, while the route to 127.0.0.1 picks 127.0.0.1.
+    echo = UdpEcho("e")
+    port = relay.sync({"dns": ListenerSpec(UDP, "0.0.0.0", 0, (echo.addr,))}).ports["dns"]
+    with udp_client() as sock:
+        for _ in range(2):  # the mapping's first datagram, then a later one
+            sock.sendto(b"ping", ("127.0.0.2", port))
+            assert sock.recvfrom(100) == (b"e:ping", ("127.0.0.2", port))
+
+
 def test_udp_mapping_per_client_expires_when_idle(relay: Relay) -> None:
     echo = UdpEcho("e")
     port = relay.sync({"dns": ListenerSpec(UDP, LOOPBACK, 0, (echo.addr,))}).ports["dns"]

@@ -160,6 +160,12 @@ RELAY_SERIES = (
         "udp_datagrams_dropped",
         True,
     ),
+    (
+        "socket_failures",
+        "Sockets the kernel refused (EMFILE and the like): each dropped one connection or datagram",
+        "socket_failures",
+        True,
+    ),
 )
 
 

@@ -208,6 +208,10 @@ def _bind(spec: ListenerSpec, port: int) -> socket.socket:
     sock = socket.socket(family_of(spec.bind_address), kind)
     try:
         sock.setblocking(False)
+        if sock.family == socket.AF_INET6:
+            # IPv6 only: the IPv4 portals' guard (only NATed traffic reaches a relay port) is
+            # in the IPv4 tables, and knows nothing of this socket's port.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if kind == socket.SOCK_STREAM:
             # A restarted agent must rebind ports whose old connections sit in TIME_WAIT.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -47,6 +47,8 @@ class ServicePortCounters:
     no_endpoint_rejects: int = 0
     udp_mappings: int = 0
     udp_datagrams_dropped: int = 0
+    # Sockets the kernel refused (EMFILE and the like): that connection or datagram was dropped.
+    socket_failures: int = 0
 
     def snapshot(self) -> dict[str, int]:
         return dict(self.__dict__)

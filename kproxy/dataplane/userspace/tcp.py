@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from kproxy.dataplane.userspace.balancer import EndpointAddr, LoadBalancerRR, NoEndpointsError
 from kproxy.dataplane.userspace.pump import Count, copy_pump, splice_pump
+from kproxy.dataplane.userspace.shortage import SHORTAGE
 from kproxy.dataplane.userspace.spec import ServicePortCounters
 
 ACCEPT_BATCH = 64
@@ -89,7 +90,8 @@ async def dial_endpoint(
     options: TcpOptions,
     counters: ServicePortCounters,
 ) -> socket.socket | None:
-    """A connected socket to an endpoint, or None when there is none or every attempt failed.
+    """A connected socket to an endpoint, or None when there is none, every attempt failed, or
+    the kernel gave no socket (EMFILE: counted and logged by SHORTAGE).
 
     A refusal fails at once and the next endpoint is tried; a silent endpoint costs one timeout."""
     loop = asyncio.get_running_loop()
@@ -98,9 +100,11 @@ async def dial_endpoint(
         try:
             endpoint = _pick(balancer, client_ip, attempt > 0, failed)
         except NoEndpointsError:
+            counters.no_endpoint_rejects += 1
             return None
-        sock = socket.socket(family_of(endpoint[0]), socket.SOCK_STREAM)
-        sock.setblocking(False)
+        sock = SHORTAGE.open(family_of(endpoint[0]), socket.SOCK_STREAM, counters)
+        if sock is None:
+            return None
         try:
             await connect(loop, sock, endpoint, timeout)
         except (OSError, TimeoutError):
@@ -193,8 +197,9 @@ class TcpListener:
                 conn, addr = self.sock.accept()
             except BlockingIOError:
                 return
-            except OSError:
+            except OSError as exc:
                 # EMFILE and friends: back off briefly instead of exiting as upstream did.
+                SHORTAGE.failed(exc, self.counters)
                 loop.remove_reader(self.sock.fileno())
                 self._backoff = loop.call_later(ACCEPT_BACKOFF, self._resume)
                 return
@@ -214,7 +219,6 @@ class TcpListener:
         try:
             backend = await dial_endpoint(self.balancer, client_ip, self._options, counters)
             if backend is None:
-                counters.no_endpoint_rejects += 1
                 reset_close(conn)
                 return
             await relay_connection(conn, backend, counters, self._options.use_splice)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import struct
 
 from kproxy.dataplane.userspace.balancer import LoadBalancerRR, NoEndpointsError
+from kproxy.dataplane.userspace.shortage import SHORTAGE
 from kproxy.dataplane.userspace.spec import ServicePortCounters
 
 # Larger than any datagram (65507 bytes of IPv4 payload, 65527 of IPv6): nothing is truncated.
@@ -16,12 +18,41 @@ SOCKET_BUFFER = 1 << 22
 BATCH = 64
 
 ClientAddr = tuple[str, int]
+# Linux's value: not every Python's socket module names it (IPV6_PKTINFO it does).
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+# Room for one in_pktinfo (12 bytes) or in6_pktinfo (20 bytes).
+PKTINFO_SPACE = socket.CMSG_SPACE(20)
 
 
 def size_buffers(sock: socket.socket) -> None:
     for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+
+
+def receive_destinations(sock: socket.socket) -> None:
+    """Have each datagram say which address it was sent to (after the portal's NAT)."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+
+
+def destination_of(ancillary: list[tuple[int, int, bytes]]) -> bytes | None:
+    """The packed address a datagram was sent to, from its pktinfo; None if absent."""
+    for level, kind, data in ancillary:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+            return data[8:12]  # in_pktinfo: ifindex, spec_dst, addr (the header's destination)
+        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(data) >= 16:
+            return data[:16]  # in6_pktinfo: addr, ifindex
+    return None
+
+
+def source_option(local: bytes) -> tuple[int, int, bytes]:
+    """The ancillary item that sends a datagram from `local`, whatever the route would pick."""
+    if len(local) == 16:
+        return (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, local + struct.pack("=i", 0))
+    return (socket.IPPROTO_IP, IP_PKTINFO, struct.pack("=i4s4s", 0, local, bytes(4)))
 
 
 class _Mapping:
@@ -31,6 +62,8 @@ class _Mapping:
         self._owner = owner
         self.client = client
         self.backend = backend
+        # The node address the client's datagrams were NATed to: replies leave from it.
+        self.local: bytes | None = None
         self._loop = asyncio.get_running_loop()
         self.last_active = self._loop.time()
         self._timer = self._loop.call_later(owner.idle_timeout, self._check_idle)
@@ -58,7 +91,7 @@ class _Mapping:
                 self._owner.drop_mapping(self)
                 return
             self.touch()
-            self._owner.send_to_client(data, self.client)
+            self._owner.send_to_client(data, self.client, self.local)
 
     def close(self) -> None:
         if self.backend.fileno() < 0:
@@ -69,7 +102,10 @@ class _Mapping:
 
 
 class UdpListener:
-    """Replies leave from the service socket, so the client's NAT reverses them to VIP:port.
+    """Replies leave from the service socket, so the client's NAT reverses them to VIP:port,
+    and from the address the client's datagram was NATed to: a socket bound to the wildcard
+    would otherwise pick the route's source address (a bridge's, for a pod behind it), which
+    is not the address in the flow's NAT, so the client would never see the reply.
 
     Without endpoints the service socket is connected to its own address: the kernel then
     delivers no client's datagram to it and answers each with ICMP port unreachable, which the
@@ -93,6 +129,7 @@ class UdpListener:
 
     def start(self) -> None:
         size_buffers(self.sock)
+        receive_destinations(self.sock)
         asyncio.get_running_loop().add_reader(self.sock.fileno(), self._on_datagram)
         self.endpoints_changed()
 
@@ -111,43 +148,50 @@ class UdpListener:
 
     def _rebind(self) -> None:
         loop = asyncio.get_running_loop()
-        fresh = socket.socket(self.sock.family, socket.SOCK_DGRAM)
-        fresh.setblocking(False)
-        loop.remove_reader(self.sock.fileno())
-        self.sock.close()
+        fresh = SHORTAGE.open(self.sock.family, socket.SOCK_DGRAM, self.counters)
+        if fresh is None:
+            return  # still refusing, on the old socket: the next sync tries again
+        self._forget_socket()
         try:
             fresh.bind(self._bound)
         except OSError:  # taken in between: the listener refuses until the next sync
             fresh.close()
-            self.sock = socket.socket(self.sock.family, socket.SOCK_DGRAM)
+            self.sock = fresh  # closed: the next rebind or close() has nothing to undo
             return
         size_buffers(fresh)
+        receive_destinations(fresh)
         self.sock = fresh
         self._refusing = False
         loop.add_reader(fresh.fileno(), self._on_datagram)
 
     def close(self) -> None:
         # As upstream: closing the service socket ends every client mapping at once.
-        asyncio.get_running_loop().remove_reader(self.sock.fileno())
         for mapping in list(self._mappings.values()):
             self.drop_mapping(mapping)
+        self._forget_socket()
+
+    def _forget_socket(self) -> None:
+        if self.sock.fileno() >= 0:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
         self.sock.close()
 
     def _on_datagram(self) -> None:
         for _ in range(BATCH):
             try:
-                data, addr = self.sock.recvfrom(DATAGRAM_MAX)
+                data, ancillary, _flags, addr = self.sock.recvmsg(DATAGRAM_MAX, PKTINFO_SPACE)
             except BlockingIOError:
                 return
             except OSError:
                 continue
-            self._forward(data, (str(addr[0]), int(addr[1])))
+            client = (str(addr[0]), int(addr[1]))
+            self._forward(data, client, destination_of(ancillary))
 
-    def _forward(self, data: bytes, client: ClientAddr) -> None:
+    def _forward(self, data: bytes, client: ClientAddr, local: bytes | None) -> None:
         mapping = self._mappings.get(client) or self._open_mapping(client)
         if mapping is None:
             self.counters.udp_datagrams_dropped += 1
             return
+        mapping.local = local
         try:
             mapping.backend.send(data)
         except OSError:
@@ -163,8 +207,9 @@ class UdpListener:
             self.counters.no_endpoint_rejects += 1
             return None
         family = socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET
-        backend = socket.socket(family, socket.SOCK_DGRAM)
-        backend.setblocking(False)
+        backend = SHORTAGE.open(family, socket.SOCK_DGRAM, self.counters)
+        if backend is None:
+            return None  # EMFILE and the like: this datagram is dropped, the next may pass
         size_buffers(backend)
         try:
             backend.connect(endpoint)
@@ -184,9 +229,12 @@ class UdpListener:
             self.counters.active_connections -= 1
         mapping.close()
 
-    def send_to_client(self, data: bytes, client: ClientAddr) -> None:
+    def send_to_client(self, data: bytes, client: ClientAddr, local: bytes | None) -> None:
         try:
-            self.sock.sendto(data, client)
+            if local is None:
+                self.sock.sendto(data, client)
+            else:
+                self.sock.sendmsg([data], [source_option(local)], 0, client)
         except OSError:
             # A full socket buffer drops the reply, as the network would.
             self.counters.udp_datagrams_dropped += 1

@@ -16,6 +16,7 @@ from kproxy.plan.endpoints import categorize_endpoints
 from kproxy.plan.iptables.planner import count_rules, health_check_addresses
 from kproxy.plan.iptables.service_rules import of_family
 from kproxy.plan.node_plan import NodePlan, PlanStats, plan_health_checks
+from kproxy.plan.port_policy import view_port
 from kproxy.plan.userspace.portals import (
     WILDCARD,
     Listener,
@@ -136,6 +137,7 @@ def plan_listeners(
         node_port=sp.node_port,
         endpoints=selection.internal,
         affinity_seconds=sp.session_affinity_seconds,
+        source_ranges=view.source_ranges if (view := view_port(sp, family)) else (),
     )
     scoped: tuple[Listener, ...] = (listener,)
     if selection.exposed and sp.internal_policy_local != sp.external_policy_local:
@@ -158,10 +160,11 @@ def portal_serving(
     listeners: tuple[Listener, ...], node: NodeInfo, config: ProxyConfig, family: int
 ) -> dict[tuple[str, int], frozenset[str]]:
     """UDP conntrack facts for one family. A portal flow is client -> VIP, NATed to a proxy port
-    on the node, so its reply comes from a node address (REDIRECT: the address of the interface
-    the packet came in on; DNAT: the bind or host address), never from an endpoint. A UDP flow
-    to a portal whose reply comes from anything else (an iptables-mode DNAT to a pod, left from
-    before a mode switch) is stale. Without the node's addresses nothing is called stale."""
+    on the node, so its reply comes from a node address (the bind or host address portals DNAT
+    to; REDIRECT, on a node without one: the incoming interface's), never from an endpoint. A
+    UDP flow to a portal whose reply comes from anything else (an iptables-mode DNAT to a pod,
+    left from before a mode switch) is stale. Without the node's addresses nothing is called
+    stale."""
     if not node.local_addresses:
         return {}
     sources = set(of_family(node.local_addresses, family))

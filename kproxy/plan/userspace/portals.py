@@ -8,6 +8,7 @@ proxier, so either implementation's cleanup removes the other's rules.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -21,7 +22,6 @@ from kproxy.rules import fragments as f
 from kproxy.rules.ir import Chain, JumpRule, Match, Opt, Rule, Ruleset, Table, Target
 
 WILDCARD = {4: "0.0.0.0", 6: "::"}
-LOOPBACK_PREFIX = {4: "127.", 6: "::1"}
 
 
 class Scope(enum.Enum):
@@ -56,6 +56,8 @@ class Listener:
     endpoints: tuple[Endpoint, ...] = ()
     scope: Scope = Scope.ALL
     affinity_seconds: int | None = None  # ClientIP affinity timeout; None for no affinity
+    # loadBalancerSourceRanges of this family (none: every source), for the LB IPs only.
+    source_ranges: tuple[str, ...] = ()
     # (address, port) sockets held but never served, so nothing else takes a port a portal
     # answers on: "" is every address (NodePorts).
     held_ports: tuple[tuple[str, int], ...] = ()
@@ -82,14 +84,27 @@ def is_wildcard(address: str) -> bool:
 
 
 def host_ip(node: NodeInfo, config: ProxyConfig, family: int) -> str | None:
-    """Where host traffic is DNATed: bindAddress when set, else the node's primary address of the
-    family, else its first non-loopback local one (upstream: the default route's interface)."""
+    """The node address portals DNAT to: bindAddress when set, else the node's primary address
+    of the family (upstream: the default route's interface) when this node holds it, else its
+    first local address that is neither loopback nor link-local. None when there is none."""
     if not is_wildcard(config.bind_address):
         return config.bind_address if _family(config.bind_address) == family else None
-    for address in (*node.primary_ips, *node.local_addresses):
-        if _family(address) == family and not address.startswith(LOOPBACK_PREFIX[family]):
+    local = set(node.local_addresses)
+    primary = [a for a in node.primary_ips if not local or a in local]
+    for address in (*primary, *node.local_addresses):
+        if _family(address) == family and _routable(address):
             return address
     return None
+
+
+def _routable(address: str) -> bool:
+    """Neither loopback nor link-local: an address a DNAT can send a packet to from any
+    interface (a link-local one means nothing without its interface)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return not (ip.is_loopback or ip.is_link_local or ip.is_unspecified)
 
 
 def _family(address: str) -> int:
@@ -106,10 +121,12 @@ def _portal(
     target: Target,
     address: str | None = None,
     *extra: Match,
+    source: str | None = None,
 ) -> Rule:
     """Upstream's common match: comment, protocol, port, [-d address], extra matches."""
     proto = listener.protocol.lower
     return Rule(
+        src=f.cidr(source) if source else None,
         dst=f.cidr(address) if address else None,
         protocol=proto,
         matches=(f.comment(spn_text(listener.name)), f.protocol_match(proto, dport), *extra),
@@ -122,6 +139,9 @@ DST_LOCAL = f.addrtype("LOCAL")
 NEW_STATE = Match("state", (Opt("state", "NEW"),))
 
 
+NOT_NATED = f.ctstate("DNAT", invert=True)
+
+
 @dataclass
 class _PortalChains:
     container: list[Rule]
@@ -129,20 +149,32 @@ class _PortalChains:
     nodeport_container: list[Rule]
     nodeport_host: list[Rule]
     non_local: list[Rule]
+    # filter drops, ahead of non_local's accepts: a relay port reached without a portal's NAT,
+    # and LB traffic from outside loadBalancerSourceRanges.
+    drops: list[Rule]
 
 
-def _container_target(listener: Listener, proxy_port: int) -> Target:
-    """REDIRECT when bound to the wildcard (replies leave by the interface the packet came in
-    on), else DNAT to the one address the listener has."""
-    if is_wildcard(listener.bind_address):
-        return Target("REDIRECT", (Opt("to-ports", str(proxy_port)),))
-    return f.dnat(_host_port(listener.bind_address, proxy_port))
+def _container_target(listener: Listener, proxy_port: int, host: str | None) -> Target:
+    """Where portals send traffic that did not start on the node (pods, other hosts).
+
+    A specific bindAddress: DNAT to it, as upstream. The wildcard: DNAT to the host address too.
+    Upstream REDIRECTed here, which rewrites the destination to the address of the interface the
+    packet came in on and drops it when that interface has none: a pod on a routed network
+    (Calico's, Cilium's veths) never got an answer. A node address works from every interface,
+    bridged or routed; the relay answers UDP from the address each datagram was sent to, so the
+    reply matches the flow's NAT whichever address that is. REDIRECT remains for a node with no
+    address of the family to DNAT to, where it is all there is."""
+    if not is_wildcard(listener.bind_address):
+        return f.dnat(_host_port(listener.bind_address, proxy_port))
+    if host:
+        return f.dnat(_host_port(host, proxy_port))
+    return Target("REDIRECT", (Opt("to-ports", str(proxy_port)),))
 
 
 def _add_listener(
     out: _PortalChains, listener: Listener, proxy_port: int, host: str | None
 ) -> None:
-    into = _container_target(listener, proxy_port)
+    into = _container_target(listener, proxy_port, host)
     to_host = f.dnat(_host_port(host, proxy_port)) if host else None
     port = listener.port
     if listener.serves_internal:
@@ -157,14 +189,38 @@ def _add_listener(
         if to_host:
             out.host.append(_portal(listener, port, to_host, ip, DST_LOCAL))
     for ip in listener.load_balancer_ips:
-        out.container.append(_portal(listener, port, into, ip))
-        if to_host:
-            out.host.append(_portal(listener, port, to_host, ip))
+        for source in _allowed_sources(listener, ip, host):
+            out.container.append(_portal(listener, port, into, ip, source=source))
+            if to_host:
+                out.host.append(_portal(listener, port, to_host, ip, source=source))
+        if listener.source_ranges:
+            # As the iptables mode's KUBE-PROXY-FIREWALL: what no range let through the portal
+            # reaches the LB IP un-NATed (when the IP is the node's own) and is dropped.
+            out.drops.append(_portal(listener, port, f.DROP, ip))
     if listener.node_port:
         out.nodeport_container.append(_portal(listener, listener.node_port, into))
         if to_host:
             out.nodeport_host.append(_portal(listener, listener.node_port, to_host))
         out.non_local.append(_portal(listener, proxy_port, f.ACCEPT, None, NEW_STATE))
+
+
+def _allowed_sources(listener: Listener, lb_ip: str, host: str | None) -> tuple[str | None, ...]:
+    """The `-s` of an LB IP's portals: every source (None), or one portal per source range, as
+    the iptables mode's KUBE-FW chain, plus the LB IP itself when a range holds the node's address
+    (an LB IP bound on the node is the source of the node's own traffic to it)."""
+    ranges = listener.source_ranges
+    if not ranges:
+        return (None,)
+    node_allowed = host is not None and any(
+        ipaddress.ip_address(host) in ipaddress.ip_network(r, strict=False) for r in ranges
+    )
+    return (*ranges, *([lb_ip] if node_allowed else []))
+
+
+def _guard(listener: Listener, proxy_port: int) -> Rule:
+    """Only a portal's NAT leads to the relay: a peer dialling the proxy port straight (off the
+    node, or a pod) would otherwise reach a ClusterIP-only service's endpoints from anywhere."""
+    return _portal(listener, proxy_port, f.DROP, None, NOT_NATED)
 
 
 def _jump(chain: str, target: str, text: str, append: bool = False, *extra: Match) -> JumpRule:
@@ -196,12 +252,13 @@ def build_portal_ruleset(
     """The five chains and their jumps for the listeners of one family that are bound (in
     `proxy_ports`); a listener without a proxy port gets no rules."""
     host = host_ip(node, config, family)
-    out = _PortalChains([], [], [], [], [])
+    out = _PortalChains([], [], [], [], [], [])
     for listener in sorted(
         listeners, key=lambda lis: (str(lis.name), list(Scope).index(lis.scope))
     ):
         proxy_port = proxy_ports.get(listener.key)
         if listener.family == family and proxy_port is not None:
+            out.drops.append(_guard(listener, proxy_port))
             _add_listener(out, listener, proxy_port, host)
     nat_jumps, filter_jumps = portal_jumps()
     nat = Table(
@@ -215,6 +272,8 @@ def build_portal_ruleset(
         nat_jumps,
     )
     filter_table = Table(
-        "filter", (Chain(c.NODEPORT_NON_LOCAL, tuple(out.non_local)),), filter_jumps
+        "filter",
+        (Chain(c.NODEPORT_NON_LOCAL, (*out.drops, *out.non_local)),),
+        filter_jumps,
     )
     return Ruleset(family, (filter_table, nat))
