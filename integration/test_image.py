@@ -26,7 +26,6 @@ from integration.demo import (
     SCENARIO,
     read_backends,
     start_backends,
-    write_userspace_config,
 )
 from integration.netns import Namespace, Topology, read_line, stop, topology
 from integration.traffic import probe
@@ -65,9 +64,8 @@ def _mounts(config: Path) -> Mapping[Path, str]:
 
 
 def _config(tmp_path: Path, mode: str) -> Path:
+    """Each mode's defaults: nothing but `mode`."""
     path = tmp_path / "config.conf"
-    if mode == "userspace":
-        return write_userspace_config(path)
     doc = {"apiVersion": "kubeproxy.config.k8s.io/v1alpha1", "kind": "KubeProxyConfiguration"}
     path.write_text(yaml.safe_dump({**doc, "mode": mode}))
     return path
