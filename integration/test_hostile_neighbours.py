@@ -8,12 +8,8 @@ assertions are what must hold, with generous bounds only as failure limits.
 
 from __future__ import annotations
 
-import http.client
-import json
 import resource
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,8 +28,9 @@ from integration.agent_harness import (
     wait_for_nat,
     wait_until,
 )
+from integration.hostile import get, proc_status, start_flood, threads, timed_get
 from integration.manifests import service_manifest
-from integration.netns import NODE_IP, Namespace, read_line, run_kproxy, stop
+from integration.netns import NODE_IP, read_line, run_kproxy, stop
 
 VIP = "10.96.0.10"
 PORT = 80
@@ -41,7 +38,6 @@ TARGET = 8080
 NODE_PORT = 30080
 HEALTH_CHECK_NODE_PORT = 32100
 LB_IP = "203.0.113.20"
-FLOOD = Path(__file__).with_name("flood.py")
 THREAD_LIMIT = 100
 LOOPBACK = "127.0.0.1"
 
@@ -50,52 +46,6 @@ LOOPBACK = "127.0.0.1"
 def node(tmp_path: Path) -> Iterator[AgentNode]:
     with agent_node("hostile", tmp_path) as built:
         yield built
-
-
-def get(node: AgentNode, ns: Namespace, host: str, port: int, path: str) -> tuple[int, Any]:
-    """GET http://host:port/path from inside `ns`: status and JSON body (or text)."""
-
-    def fetch() -> tuple[int, Any]:
-        conn = http.client.HTTPConnection(host, port, timeout=10)
-        try:
-            conn.request("GET", path)
-            response = conn.getresponse()
-            text = response.read().decode()
-        finally:
-            conn.close()
-        try:
-            return response.status, json.loads(text)
-        except ValueError:
-            return response.status, text
-
-    return node.worker(ns).call(fetch, timeout=30)
-
-
-def timed_get(node: AgentNode, ns: Namespace, host: str, port: int, path: str) -> tuple[int, float]:
-    started = time.monotonic()
-    status, _ = get(node, ns, host, port, path)
-    return status, time.monotonic() - started
-
-
-def proc_status(pid: int) -> dict[str, str]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields[key] = value.strip()
-    return fields
-
-
-def threads(pid: int) -> int:
-    return int(proc_status(pid)["Threads"])
-
-
-def start_flood(node: AgentNode, port: int, count: int) -> tuple[subprocess.Popen[str], str]:
-    """The flood client (integration/flood.py) in the outside namespace, holding `count`
-    half-sent requests to the node's `port`; returns it with its `connected N failed M`."""
-    proc = node.topo.spawn(
-        node.topo.outside, [sys.executable, str(FLOOD), NODE_IP, str(port), str(count)]
-    )
-    return proc, read_line(proc, timeout=90)
 
 
 def web(node: AgentNode, *pod_ips: str) -> None:
