@@ -161,7 +161,11 @@ class HttpServer:
     def listen(self, address: tuple[str, int], handler: Handler) -> Listener:
         """Listen on `address` now (raising OSError if it cannot); served from then on."""
         listener = Listener(open_listener(address), handler)
-        self._call(lambda: self._add(listener), start=True)
+        try:
+            self._call(lambda: self._add(listener), start=True)
+        except Exception:
+            listener.sock.close()
+            raise
         return listener
 
     def unlisten(self, listener: Listener) -> None:
@@ -185,12 +189,16 @@ class HttpServer:
         return self._thread is not None and self._thread.is_alive()
 
     def _call(self, op: Callable[[], None], start: bool = False) -> None:
-        """Run `op` on the serving thread (starting it first if `start`) and wait for it."""
+        """Run `op` on the serving thread (starting it first if `start`) and wait for it; what
+        it raises is raised here."""
         done = threading.Event()
+        raised: list[Exception] = []
 
         def run() -> None:
             try:
                 op()
+            except Exception as exc:  # the caller's to handle, not the serving thread's
+                raised.append(exc)
             finally:
                 done.set()
 
@@ -201,11 +209,13 @@ class HttpServer:
             thread = self._thread
         if thread is None or not thread.is_alive() or thread is threading.current_thread():
             run()  # not serving (closed, or never started): nothing to race with
-            return
-        with self._ops.lock:
-            self._ops.queue.append(run)
-        self._wake()
-        done.wait(timeout=10)
+        else:
+            with self._ops.lock:
+                self._ops.queue.append(run)
+            self._wake()
+            done.wait(timeout=10)
+        if raised:
+            raise raised[0]
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):  # a full pipe is already a wake-up
