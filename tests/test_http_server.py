@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -35,6 +36,14 @@ def exchange(server: HttpServer, data: bytes) -> bytes:
         while chunk := sock.recv(4096):
             answer += chunk
     return answer
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """A FIN, or a reset (a close with the request unread)."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
 
 
 def test_answers_get_with_json_and_closes(server: HttpServer) -> None:
@@ -77,7 +86,7 @@ def test_idle_connections_beyond_the_cap_push_out_the_oldest_not_the_newest(
         answer = exchange(server, b"GET /livez HTTP/1.1\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 200 ")
         assert threading.active_count() == before
-        assert idle[0].recv(1) == b""  # the oldest was dropped
+        assert closed_by_server(idle[0])  # the oldest was dropped
     finally:
         for sock in idle:
             sock.close()
@@ -102,3 +111,50 @@ def test_a_port_is_free_again_once_unlistened() -> None:
         assert again.address[1] == port
     finally:
         built.close()
+
+
+# A server in a process of its own whose open-file limit is 64: the test holds more connections
+# than that, then asks once more; the server reports its accept errors on stdout.
+_LOW_LIMIT_SERVER = """
+import resource, sys, time
+from kproxy.health.http import HttpServer, json_response
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+errors = []
+server = HttpServer("low", max_connections=1000, on_accept_error=errors.append)
+server.listen(("127.0.0.1", 0), lambda request: json_response(200, {"errors": len(errors)}))
+print(server.address[1], flush=True)
+sys.stdin.readline()
+print(len(errors), server.max_connections, server.alive, flush=True)
+"""
+
+
+def test_out_of_descriptors_in_accept_drops_the_oldest_and_keeps_answering() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LOW_LIMIT_SERVER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    idle: list[socket.socket] = []
+    try:
+        port = int(proc.stdout.readline())
+        for _ in range(100):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        answer = b""
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            while chunk := sock.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        while len(words := proc.stdout.readline().split()) != 3:
+            pass  # the server's own log lines come first
+        errors, cap, alive = words
+        assert int(errors) >= 1 and int(cap) < 64 and alive == "True"
+    finally:
+        for sock in idle:
+            sock.close()
+        proc.kill()
+        proc.wait()
