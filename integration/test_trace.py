@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from integration.agent_harness import HEALTHZ_PORT, agent_node, slice_object
+from integration.agent_harness import METRICS_PORT, agent_node, slice_object
 from integration.conftest import Cluster
 from integration.demo import INGRESS_SCENARIO as INGRESS_SEED
 from integration.demo import SCENARIO as SEED
@@ -209,7 +209,7 @@ def test_status_against_a_running_agent(tmp_path: Path) -> None:
             node.node,
             "status",
             "--address",
-            f"127.0.0.1:{HEALTHZ_PORT}",
+            f"127.0.0.1:{METRICS_PORT}",
             "--output",
             "json",
             lock_file=node.lock_file,

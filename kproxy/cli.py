@@ -503,8 +503,8 @@ def trace(
 @click.option(
     "--address",
     metavar="HOST:PORT",
-    help="The agent's healthz server; default: the config's healthzBindAddress (a wildcard "
-    "address asks 127.0.0.1).",
+    help="The agent's metrics server (it serves /statusz); default: the config's "
+    "metricsBindAddress (a wildcard address asks 127.0.0.1).",
 )
 @click.option("--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option(
@@ -515,7 +515,7 @@ def status(address: str | None, output: str, config_path: str | None) -> None:
     from kproxy.inspect.status_cmd import fetch_status, render_status, status_url
 
     config = load_config_file(config_path)
-    body = fetch_status(status_url(address or config.healthz_bind_address))
+    body = fetch_status(status_url(address or config.metrics_bind_address))
     if output == "json":
         click.echo(json.dumps(body, indent=2))
     else:

@@ -36,10 +36,6 @@ ALLOWED = {
     ("", "nodes", "get"),
     ("", "nodes", "list"),
     ("", "nodes", "watch"),
-    ("", "events", "create"),
-    ("", "events", "patch"),
-    ("events.k8s.io", "events", "create"),
-    ("events.k8s.io", "events", "patch"),
 }
 # Fields of the shipped KubeProxyConfiguration that kproxy reads but does not act on.
 EXPECTED_IGNORED_CONFIG_FIELDS: list[str] = []  # kproxy honours every field the ConfigMap sets

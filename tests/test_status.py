@@ -1,5 +1,5 @@
 """`kproxy status` and /statusz without root: the facts the sync loop reports, served read-only
-by the healthz server and printed on one screen."""
+on the metrics address and printed on one screen."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import scenarios
 
 from kproxy.dataplane.iptables.fake import FakeDataplane
 from kproxy.dataplane.iptables.node import IptablesNode
-from kproxy.health.healthz import ProxyHealth, serve_health
+from kproxy.health.healthz import ProxyHealth
 from kproxy.health.metrics import ProxyMetrics
+from kproxy.health.metrics_server import serve_metrics
 from kproxy.inspect.status_cmd import (
     AgentUnreachableError,
     fetch_status,
@@ -34,8 +35,8 @@ def test_percentiles_are_nearest_rank() -> None:
 @pytest.mark.parametrize(
     ("bind", "url"),
     [
-        ("0.0.0.0:10256", "http://127.0.0.1:10256/statusz"),
-        ("[::]:10256", "http://[::1]:10256/statusz"),
+        ("0.0.0.0:10249", "http://127.0.0.1:10249/statusz"),
+        ("[::]:10249", "http://[::1]:10249/statusz"),
         ("10.0.0.5:9999", "http://10.0.0.5:9999/statusz"),
     ],
 )
@@ -65,13 +66,12 @@ def test_a_sync_and_a_skipped_object_are_served_and_printed() -> None:
     source = Supervisor("files", lambda s: (s.current(), stop.wait()), stop).start()
     status.sources = [source]
     loop.health.statusz = lambda body: status.body(body, 60.0)
-    server = serve_health(("127.0.0.1", 0), loop.health, loop.metrics)
+    server = serve_metrics(("127.0.0.1", 0), loop.health, loop.metrics)
     try:
-        body = fetch_status(f"http://127.0.0.1:{server.server_address[1]}/statusz")
+        body = fetch_status(f"http://127.0.0.1:{server.address[1]}/statusz")
     finally:
         stop.set()
-        server.shutdown()
-        server.server_close()
+        server.close()
     assert body["mode"] == "iptables"
     assert body["families"] == ["IPv4"]
     assert body["lastSync"]["full"] is True and body["lastSync"]["changed"] is True

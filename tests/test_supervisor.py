@@ -118,7 +118,7 @@ def test_livez_and_healthz_fail_with_the_reason_while_a_source_is_stale() -> Non
     sup = Supervisor("files", lambda s: None, threading.Event(), clock=lambda: now[0])
     health.source_problems = source_problems([sup], health.timeout)
     server = serve_health(("127.0.0.1", 0), health, ProxyMetrics())
-    port = server.server_address[1]
+    port = server.address[1]
     try:
         assert _get(port, "/livez")[0] == 200
         now[0] += 61
@@ -133,7 +133,7 @@ def test_livez_and_healthz_fail_with_the_reason_while_a_source_is_stale() -> Non
         sup.current()
         assert _get(port, "/livez")[0] == 200
     finally:
-        server.shutdown()
+        server.close()
 
 
 class FailingSink:

@@ -1,11 +1,12 @@
-"""`/healthz` and `/livez` on healthzBindAddress, with kube-proxy's semantics and JSON; and
-kproxy's own read-only `/statusz` (what `kproxy status` shows; see docs/debugging.md).
+"""`/healthz` and `/livez` on healthzBindAddress, with kube-proxy's semantics and JSON (and
+nothing else there: kproxy's own `/statusz` is served on the metrics address, see
+metrics_server.py).
 
 kproxy is unhealthy when an update was queued more than `timeout` (2 x syncPeriod) ago and no
 sync has succeeded since, and (beyond kube-proxy) while a source of objects reports a problem (its
 thread ended, or it has not been current for too long) or the dataplane does (the userspace
-relay's thread ended). Then the rules may be right for a cluster
-that no longer exists, and `/livez` failing makes the kubelet restart the agent.
+relay's thread ended) or the sync loop's thread has ended. Then the rules may be right for a
+cluster that no longer exists, and `/livez` failing makes the kubelet restart the agent.
 
 `/healthz` also answers 503 while the Node is being deleted or carries the cluster autoscaler's
 ToBeDeletedByClusterAutoscaler taint, so load balancers drain it first; `/livez` ignores that, so
@@ -18,9 +19,8 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from http.server import ThreadingHTTPServer
 
-from kproxy.health.http import JsonHandler, QuietServer
+from kproxy.health.http import HttpServer, Request, Response, json_response
 from kproxy.health.metrics import ProxyMetrics
 
 FAMILY_NAMES = {4: "IPv4", 6: "IPv6"}
@@ -49,6 +49,8 @@ class ProxyHealth:
         # The agent's facts for /statusz (sync/status.py), given /healthz's body; wired in by
         # the agent. Read-only: nothing a request sends changes anything.
         self.statusz: Callable[[dict[str, object]], dict[str, object]] = lambda health: health
+        # The thread running the sync loop, once it runs (SyncLoop.run sets it).
+        self.sync_thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._last_updated = dict.fromkeys(families, 0.0)
         self._oldest_queued = dict.fromkeys(families, 0.0)
@@ -84,8 +86,9 @@ class ProxyHealth:
             last = max(self._last_updated.values())
         problems = self.source_problems()
         broken = self.dataplane_problems()
+        loop = self.sync_problems()
         healthy = all(bool(v["healthy"]) for v in families.values())
-        healthy = healthy and not problems and not broken
+        healthy = healthy and not problems and not broken and not loop
         body: dict[str, object] = {
             "lastUpdated": _iso(last),
             "currentTime": _iso(now),
@@ -94,44 +97,40 @@ class ProxyHealth:
             "status": families,
             "sources": {"healthy": not problems, "problems": problems},
             "dataplane": {"healthy": not broken, "problems": broken},
+            "syncLoop": {"healthy": not loop, "problems": loop},
         }
         return healthy, body
 
-
-class _HealthServer(QuietServer):
-    def __init__(self, address: tuple[str, int], health: ProxyHealth, metrics: ProxyMetrics):
-        self.health = health
-        self.metrics = metrics
-        super().__init__(address, _Handler)
-
-
-class _Handler(JsonHandler):
-    server: _HealthServer
-
-    def do_GET(self) -> None:
-        path = self.path.split("?")[0]
-        if path not in ("/healthz", "/livez", "/statusz"):
-            self.send_error(404)
-            return
-        healthy, body = self.server.health.status()
-        if path == "/statusz":
-            self.send_json(200, self.server.health.statusz(body))
-            return
-        if path == "/healthz":
-            ok = healthy and self.server.health.node_eligible
-            counter = self.server.metrics.healthz
-        else:
-            ok = healthy
-            counter = self.server.metrics.livez
-        code = 200 if ok else 503
-        counter.labels(code=str(code)).inc()
-        self.send_json(code, body)
+    def sync_problems(self) -> list[str]:
+        thread = self.sync_thread
+        if thread is not None and not thread.is_alive():
+            return [f"the sync loop's thread {thread.name!r} has ended; no rule is updated"]
+        return []
 
 
 def serve_health(
     address: tuple[str, int], health: ProxyHealth, metrics: ProxyMetrics
-) -> ThreadingHTTPServer:
-    """Start the /healthz and /livez server in a background thread."""
-    server = _HealthServer(address, health, metrics)
-    server.start("healthz")
+) -> HttpServer:
+    """Start the /healthz and /livez server (only those: /statusz is on the metrics address)."""
+
+    def answer(request: Request) -> Response:
+        if request.path not in ("/healthz", "/livez"):
+            return Response(404)
+        healthy, body = health.status()
+        if request.path == "/healthz":
+            ok = healthy and health.node_eligible
+            counter = metrics.healthz
+        else:
+            ok = healthy
+            counter = metrics.livez
+        code = 200 if ok else 503
+        counter.labels(code=str(code)).inc()
+        return json_response(code, body)
+
+    server = HttpServer("healthz", on_accept_error=metrics.accept_error_counter("healthz"))
+    try:
+        server.listen(address, answer)
+    except OSError:
+        server.close()
+        raise
     return server

@@ -125,12 +125,23 @@ class ProxyMetrics:
             buckets=SYNC_BUCKETS,
             registry=r,
         )
+        self.accept_errors = Counter(
+            "kproxy_http_accept_errors",
+            "Connections an HTTP server could not accept (EMFILE and the like); it paused "
+            "accepting briefly and dropped its oldest connection",
+            ["server", "error"],
+            registry=r,
+        )
         self.objects_skipped = Counter(
             "kproxy_invalid_objects_skipped",
             "Kubernetes objects skipped because a field could not be programmed",
             ["kind"],
             registry=r,
         )
+
+    def accept_error_counter(self, server: str) -> Callable[[str], None]:
+        """What an HTTP server calls when accept fails for want of descriptors or memory."""
+        return lambda error: self.accept_errors.labels(server=server, error=error).inc()
 
     def watch_relay(self, read: Callable[[], Mapping[str, Mapping[str, int]]]) -> None:
         """Export the userspace relay's own counters, read from `read` at each scrape."""

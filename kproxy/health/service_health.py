@@ -5,6 +5,10 @@ endpoints, and sends traffic only to the nodes that answer 200.
 The answer is upstream's: JSON `{"service": {"namespace", "name"}, "localEndpoints": N,
 "serviceProxyHealthy": bool}`, header `X-Load-Balancing-Endpoint-Weight: N`, status 200 when N > 0
 and the proxy itself is healthy, else 503.
+
+A port that cannot be bound (another program holds it) is tried again on every sync until it
+binds, as upstream does, with one warning per service, port and address until then: the load
+balancer would otherwise see the node as having no endpoints until the agent restarts.
 """
 
 from __future__ import annotations
@@ -14,49 +18,28 @@ from collections.abc import Callable, Mapping
 
 import structlog
 
-from kproxy.health.http import JsonHandler, QuietServer
+from kproxy.health.http import Handler, HttpServer, Listener, Request, Response, json_response
 from kproxy.model.service import NamespacedName
 
 log = structlog.get_logger("kproxy.health")
 
 
-class _ServiceServer(QuietServer):
-    def __init__(self, address: tuple[str, int], owner: ServiceHealthServers, key: NamespacedName):
-        self.owner = owner
-        self.key = key
-        super().__init__(address, _Handler)
-
-
-class _Handler(JsonHandler):
-    server: _ServiceServer
-
-    def do_GET(self) -> None:
-        key = self.server.key
-        count = self.server.owner.local_endpoints(key)
-        healthy = self.server.owner.proxy_healthy()
-        body = {
-            "service": {"namespace": key.namespace, "name": key.name},
-            "localEndpoints": count,
-            "serviceProxyHealthy": healthy,
-        }
-        self.send_json(
-            200 if count > 0 and healthy else 503,
-            body,
-            {"X-Load-Balancing-Endpoint-Weight": str(count)},
-        )
-
-
 class ServiceHealthServers:
-    """One HTTP server per service with a health-check node port, on each listen address."""
+    """One listener per service with a health-check node port and listen address, all served by
+    one thread."""
 
     def __init__(
         self,
         listen_addresses: tuple[str, ...] = ("0.0.0.0",),
         proxy_healthy: Callable[[], bool] = lambda: True,
+        on_accept_error: Callable[[str], None] = lambda error: None,
     ) -> None:
         self.listen_addresses = listen_addresses
         self.proxy_healthy = proxy_healthy
-        self._servers: dict[NamespacedName, tuple[int, list[_ServiceServer]]] = {}
+        self._server = HttpServer("health-check-node-ports", on_accept_error=on_accept_error)
+        # Per service: its port, and its listener per address (None: not bound yet).
+        self._wanted: dict[NamespacedName, tuple[int, dict[str, Listener | None]]] = {}
+        self._warned: set[tuple[NamespacedName, int, str]] = set()
         self._endpoints: dict[NamespacedName, int] = {}
         self._lock = threading.Lock()
 
@@ -70,43 +53,74 @@ class ServiceHealthServers:
             self._endpoints = dict(counts)
 
     def sync_addresses(self, addresses: tuple[str, ...]) -> None:
-        """Listen on these addresses from now on; every server restarts when they change."""
+        """Listen on these addresses from now on; every listener restarts when they change."""
         if tuple(addresses) != tuple(self.listen_addresses):
-            self.close()
+            self._stop_all()
             self.listen_addresses = tuple(addresses)
 
     def sync_services(self, ports: Mapping[NamespacedName, int]) -> None:
-        """Start servers for new services or ports, stop those no longer wanted."""
-        for key in list(self._servers):
-            port, servers = self._servers[key]
+        """Listen for new services or ports, stop those no longer wanted, and try again each
+        listener that could not bind before."""
+        for key in list(self._wanted):
+            port, listeners = self._wanted[key]
             if ports.get(key) != port:
-                self._stop(servers)
-                del self._servers[key]
+                self._stop(listeners)
+                del self._wanted[key]
+                self._warned = {w for w in self._warned if w[0] != key}
         for key, port in ports.items():
-            if key not in self._servers:
-                self._servers[key] = (port, self._start(key, port))
+            _, listeners = self._wanted.setdefault(key, (port, {}))
+            for address in self.listen_addresses:
+                if listeners.get(address) is None:
+                    listeners[address] = self._listen(key, port, address)
 
-    def _start(self, key: NamespacedName, port: int) -> list[_ServiceServer]:
-        servers = []
-        for address in self.listen_addresses:
-            try:
-                server = _ServiceServer((address, port), self, key)
-            except OSError as exc:
+    def _listen(self, key: NamespacedName, port: int, address: str) -> Listener | None:
+        try:
+            listener = self._server.listen((address, port), self._answer_for(key))
+        except OSError as exc:
+            if (key, port, address) not in self._warned:
+                self._warned.add((key, port, address))
                 log.warning(
-                    "health_check_listen_failed", service=str(key), port=port, error=str(exc)
+                    "health_check_listen_failed",
+                    service=str(key),
+                    port=port,
+                    address=address,
+                    error=str(exc),
+                    retry="every sync",
                 )
-                continue
-            server.start(f"health-{key}")
-            servers.append(server)
-        return servers
+            return None
+        if (key, port, address) in self._warned:
+            self._warned.discard((key, port, address))
+            log.info("health_check_listening", service=str(key), port=port, address=address)
+        return listener
 
-    @staticmethod
-    def _stop(servers: list[_ServiceServer]) -> None:
-        for server in servers:
-            server.shutdown()
-            server.server_close()
+    def _answer_for(self, key: NamespacedName) -> Handler:
+        def answer(request: Request) -> Response:
+            count = self.local_endpoints(key)
+            healthy = self.proxy_healthy()
+            body = {
+                "service": {"namespace": key.namespace, "name": key.name},
+                "localEndpoints": count,
+                "serviceProxyHealthy": healthy,
+            }
+            return json_response(
+                200 if count > 0 and healthy else 503,
+                body,
+                {"X-Load-Balancing-Endpoint-Weight": str(count)},
+            )
+
+        return answer
+
+    def _stop(self, listeners: Mapping[str, Listener | None]) -> None:
+        for listener in listeners.values():
+            if listener is not None:
+                self._server.unlisten(listener)
+
+    def _stop_all(self) -> None:
+        for _, listeners in self._wanted.values():
+            self._stop(listeners)
+        self._wanted.clear()
+        self._warned.clear()
 
     def close(self) -> None:
-        for _, servers in self._servers.values():
-            self._stop(servers)
-        self._servers.clear()
+        self._stop_all()
+        self._server.close()

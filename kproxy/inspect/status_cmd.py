@@ -1,4 +1,4 @@
-"""`kproxy status`: ask the running agent (GET /statusz on its healthz server) and print one
+"""`kproxy status`: ask the running agent (GET /statusz on its metrics address) and print one
 screen."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
 
 class AgentUnreachableError(KproxyError):
-    """No agent answered on the healthz address."""
+    """No agent answered on the metrics address."""
 
 
 def status_url(address: str) -> str:
-    """`0.0.0.0:10256` -> http://127.0.0.1:10256/statusz (a wildcard is asked on loopback)."""
-    host, port = parse_bind_address(address, "healthzBindAddress")
+    """`0.0.0.0:10249` -> http://127.0.0.1:10249/statusz (a wildcard is asked on loopback)."""
+    host, port = parse_bind_address(address, "metricsBindAddress")
     host = _WILDCARDS.get(host, host)
     return f"http://{f'[{host}]' if ':' in host else host}:{port}/statusz"
 
@@ -33,7 +33,7 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
         reason = getattr(exc, "reason", exc)
         raise AgentUnreachableError(
             f"no kproxy agent answered at {url} ({reason}); is `kproxy run` running in this "
-            "network namespace? Give its healthz address with --address or --config"
+            "network namespace? Give its metrics address with --address or --config"
         ) from None
     if not isinstance(body, dict):
         raise AgentUnreachableError(f"{url} answered something other than kproxy's status")

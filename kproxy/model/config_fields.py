@@ -161,8 +161,9 @@ FIELDS: tuple[Field, ...] = (
     ),
     Field(
         "metricsBindAddress", "metrics_bind_address", parse_listen_address, "`127.0.0.1:10249`",
-        "`/metrics`; set `0.0.0.0:10249` to scrape it from another host",
-        "--metrics-bind-address", "host:port of /metrics.", keeps_default=is_empty,
+        "`/metrics` and `/statusz`; set `0.0.0.0:10249` to scrape it from another host (then "
+        "`/statusz`, which names objects and the API server, is readable from there too)",
+        "--metrics-bind-address", "host:port of /metrics and /statusz.", keeps_default=is_empty,
     ),
     Field(
         "bindAddress", "bind_address", parse_node_ip, "`0.0.0.0`",

@@ -11,19 +11,19 @@ import signal
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from socketserver import BaseServer
 from types import FrameType
 from typing import TypeVar
 
 import structlog
-from prometheus_client import start_http_server
 
 from kproxy.dataplane.base import RelayStats
 from kproxy.dataplane.conntrack import ConntrackCleaner
 from kproxy.dataplane.host import tune_node, with_host_facts
 from kproxy.errors import ConfigError
 from kproxy.health.healthz import ProxyHealth, serve_health
+from kproxy.health.http import HttpServer
 from kproxy.health.metrics import ProxyMetrics
+from kproxy.health.metrics_server import serve_metrics
 from kproxy.health.service_health import ServiceHealthServers
 from kproxy.model.config import ProxyConfig, parse_bind_address
 from kproxy.sync.loop import StateBox, SyncLoop
@@ -65,15 +65,15 @@ def _listen(field: str, value: str, start: Callable[[tuple[str, int]], T]) -> T:
         ) from exc
 
 
-def _stop(server: BaseServer) -> None:
-    server.shutdown()
-    server.server_close()  # frees the port at once, for a restart in the same process
+def _stop(server: HttpServer) -> None:
+    server.close()  # frees the port at once, for a restart in the same process
 
 
 def _start_servers(
     config: ProxyConfig, health: ProxyHealth, metrics: ProxyMetrics, servers: ExitStack
 ) -> None:
-    """/healthz and /metrics, each stopped when `servers` closes (also when the next fails)."""
+    """/healthz and /livez; /metrics and /statusz: each stopped when `servers` closes (also
+    when the next fails)."""
     healthz = _listen(
         "healthzBindAddress",
         config.healthz_bind_address,
@@ -83,7 +83,7 @@ def _start_servers(
     metrics_server = _listen(
         "metricsBindAddress",
         config.metrics_bind_address,
-        lambda address: start_http_server(address[1], address[0], registry=metrics.registry)[0],
+        lambda address: serve_metrics(address, health, metrics),
     )
     servers.callback(_stop, metrics_server)
 
@@ -101,7 +101,11 @@ def run_agent(
         tune_node(config)
         _start_servers(config, health, metrics, servers)
         # Its addresses come with each plan (they depend on the Node and nodePortAddresses).
-        service_health = ServiceHealthServers((), proxy_healthy=lambda: health.status()[0])
+        service_health = ServiceHealthServers(
+            (),
+            proxy_healthy=lambda: health.status()[0],
+            on_accept_error=metrics.accept_error_counter("healthCheckNodePort"),
+        )
         servers.callback(service_health.close)
         box = StateBox(node_name, health, metrics)
         box.status = status = SyncStatus(mode.name, families)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -53,6 +54,9 @@ class ConntrackCleaning(Protocol):
         serving: Mapping[int, UdpServing],
         deadline: float | None = None,
     ) -> CleanupReport: ...
+# After a failed sync the next waits minSyncPeriod (at least this), doubling with each failure in
+# a row up to syncPeriod: a fault that persists is not retried in a tight loop.
+RETRY_MIN_DELAY = 0.5
 
 
 class StateBox:
@@ -153,27 +157,39 @@ class SyncLoop:
     # then (kept across failed syncs): those that differ from a later plan are cleaned again,
     # those it drops have all their flows deleted.
     _cleaned: dict[int, UdpServing] = field(default_factory=dict)
+    _failures_in_a_row: int = 0
 
     def run(self, stop: threading.Event) -> None:
         """Sync until `stop` is set: after changes (no sooner than minSyncPeriod after the last
-        sync), at least every syncPeriod, and sooner after a failure."""
+        sync), at least every syncPeriod, and after a failure with backoff. Health watches the
+        thread that runs this: if it ever ends, /livez fails."""
+        self.health.sync_thread = threading.current_thread()
         while not stop.is_set():
             self.box.changed.wait(timeout=self.config.sync_period)
             if stop.is_set():
                 return
             if not self.box.ready:
                 continue
-            wait = self._last_end + self.config.min_sync_period - time.monotonic()
+            wait = self._last_end + self.retry_delay() - time.monotonic()
             if wait > 0 and stop.wait(wait):
                 return
             self.box.changed.clear()
             self.sync()
 
+    def retry_delay(self) -> float:
+        """How long after the last sync the next may start."""
+        if not self._failures_in_a_row:
+            return self.config.min_sync_period
+        first = max(self.config.min_sync_period, RETRY_MIN_DELAY)
+        backoff: float = first * 2 ** min(self._failures_in_a_row - 1, 30)
+        return max(first, min(self.config.sync_period, backoff))
+
     def sync(self) -> SyncOutcome | None:
-        """One sync; a failure is logged and kept for the retry (the changes stay owed)."""
+        """One sync; a failure, whatever it raised, is logged, counted and kept for the retry
+        (the changes stay owed): nothing a step raises ends the loop."""
         try:
             return self.sync_or_raise()
-        except KproxyError:
+        except Exception:
             return None
 
     def sync_or_raise(self) -> SyncOutcome:
@@ -184,24 +200,29 @@ class SyncLoop:
             with gc_paused(), self._reading_ahead(snapshot):
                 plan = self.plan(snapshot)
                 result = self.apply(plan, snapshot.full)
-        except KproxyError as exc:
+            self.clean_stale_flows(plan)
+            outcome = SyncOutcome(snapshot, plan, result, time.monotonic() - started)
+            self.report(outcome)
+        except Exception as exc:
             self._failed(snapshot, exc)
             raise
-        self.clean_stale_flows(plan)
-        outcome = SyncOutcome(snapshot, plan, result, time.monotonic() - started)
-        self.report(outcome)
         self._last_end = time.monotonic()
+        self._failures_in_a_row = 0
         return outcome
 
-    def _failed(self, snapshot: Snapshot, exc: KproxyError) -> None:
+    def _failed(self, snapshot: Snapshot, exc: Exception) -> None:
         self._needs_full = True
         self._last_plan = None
+        self._failures_in_a_row += 1
         self.metrics.restore_failures.inc()
         if not snapshot.full:
             self.metrics.partial_restore_failures.inc()
-        log.error("sync_failed", error=str(exc), full_sync=snapshot.full)
+        error = str(exc) if isinstance(exc, KproxyError) else repr(exc)
+        where = {} if isinstance(exc, KproxyError) else {"where": raised_at(exc)}
+        retry_in = round(self.retry_delay(), 3)
+        log.error("sync_failed", error=error, full_sync=snapshot.full, retry_in=retry_in, **where)
         if self.status is not None:
-            self.status.failed(str(exc), snapshot.full)
+            self.status.failed(error, snapshot.full)
         with self.box.lock:  # the changes were taken: keep them for the retry
             self.box.state.restore_changes(snapshot.changed)
         self.box.changed.set()
@@ -230,7 +251,11 @@ class SyncLoop:
                 trigger_times=state.take_trigger_times(),
                 full=full,
             )
-        snapshot.node = self.host_facts(snapshot.node)
+        try:  # the node's addresses, over netlink: EMFILE and the like fail this sync only
+            snapshot.node = self.host_facts(snapshot.node)
+        except Exception as exc:
+            self._failed(snapshot, exc)
+            raise
         return snapshot
 
     def plan(self, snapshot: Snapshot) -> NodePlan[Any]:
@@ -344,3 +369,13 @@ def report_status(status: SyncStatus, outcome: SyncOutcome, full: bool) -> None:
     }
     valid = frozenset(f"Service {spn.service}" for spn in services)
     status.synced(facts, programmed, seconds, valid)
+
+
+def raised_at(exc: BaseException) -> str:
+    """`file:line in function` where an exception kproxy did not foresee was raised."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "unknown"
+    last = frames[-1]
+    return f"{last.filename}:{last.lineno} in {last.name}"
+

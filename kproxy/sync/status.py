@@ -1,5 +1,5 @@
-"""What the running agent tells `kproxy status` (the read-only `/statusz` JSON of the healthz
-server): its mode, its last syncs, what it programs, what it skipped, and its sources."""
+"""What the running agent tells `kproxy status` (the read-only `/statusz` JSON on the metrics
+address): its mode, its last syncs, what it programs, what it skipped, and its sources."""
 
 from __future__ import annotations
 
