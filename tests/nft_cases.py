@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from kproxy.dataplane.nftables import encode as e
 from kproxy.dataplane.nftables.delta import (
@@ -24,16 +26,35 @@ from kproxy.dataplane.nftables.delta import (
     NFT_MSG_NEWSETELEM,
     NFT_MSG_NEWTABLE,
 )
+from kproxy.dataplane.nftables.kernel import (
+    NFT_MSG_GETCHAIN,
+    NFT_MSG_GETRULE,
+    NFT_MSG_GETSET,
+    NFT_MSG_GETSETELEM,
+    NFT_MSG_GETTABLE,
+)
 from kproxy.dataplane.nftables.netlink import (
     NLM_F_APPEND,
     NLM_F_CREATE,
     NLM_F_EXCL,
     NetlinkError,
     NftNetlink,
+    iter_attrs,
 )
-from kproxy.plan.nftables.ir import Chain, Element, Hook, Key, Lookup, NamedSet, Rule, Verdict
+from kproxy.plan.nftables.ir import (
+    Chain,
+    Element,
+    Hook,
+    Key,
+    Lookup,
+    NamedSet,
+    Rule,
+    Update,
+    Verdict,
+)
 
 IP = 2
+GOLDEN = Path(__file__).parent / "golden" / "nft_fake_dumps.json"
 T = "kpt-fake"
 Msg = tuple[int, int, int, bytes]
 
@@ -244,6 +265,48 @@ def probe_dumps(nl: NftNetlink) -> list[tuple[str, str]]:
     return out
 
 
+# A table with every kind of object kproxy writes, to compare the dumps' bytes: a commented
+# base chain jumping to a chain, rules with a comment, a lookup and an update, a timeout set.
+AFFINITY = NamedSet("affinity", ("ipv4_addr",), flags=("dynamic", "timeout"), timeout=10800)
+DUMPED: list[Msg] = [
+    *SETUP,
+    named_set(AFFINITY),
+    chain(Chain("output", (), Hook("nat", "output", -100), "kproxy's output")),
+    rule("input", Verdict("jump", "svc")),
+    rule("input", Lookup((Key.SADDR,), SET.name), Verdict("accept")),
+    (
+        NFT_MSG_NEWRULE,
+        NLM_F_CREATE | NLM_F_APPEND,
+        IP,
+        e.rule_attrs(
+            T, "svc", Rule((Update(AFFINITY.name, Key.SADDR), Verdict("accept")), "remember"), 4
+        ),
+    ),
+]
+
+
+def snapshot(nl: NftNetlink) -> dict[str, list[str]]:
+    """Every dump of the DUMPED table, each message's attributes in hex (but the sets' attribute
+    19, a name the kernel makes up for the set's backend)."""
+    nl.transact(DUMPED)
+    table = e.table_name_attrs(T)
+    get = nl.request(NFT_MSG_GETTABLE, IP, table)
+    out = {"table": [get.attrs.hex() if get else ""]}
+    out["chains"] = [m.attrs.hex() for m in nl.dump(NFT_MSG_GETCHAIN, IP, table)]
+    for name in ("input", "svc", "output"):
+        rules = nl.dump(NFT_MSG_GETRULE, IP, e.rule_chain_attrs(T, name))
+        out[f"rules {name}"] = [m.attrs.hex() for m in rules]
+    sets = nl.dump(NFT_MSG_GETSET, IP, table)
+    out["sets"] = [
+        b"".join(e.attr(k, v) for k, v in iter_attrs(m.attrs) if k != 19).hex() for m in sets
+    ]
+    for s in (SET, MAP, AFFINITY):
+        found = nl.dump(NFT_MSG_GETSETELEM, IP, e.element_list_attrs(T, s.name))
+        out[f"elements {s.name}"] = [m.attrs.hex() for m in found]
+    nl.transact([(NFT_MSG_DELTABLE, 0, IP, table)])
+    return out
+
+
 def run(case: Case, nl: NftNetlink) -> int:
     """The errno of the case's transaction (0: accepted), from a fresh SETUP."""
     with contextlib.suppress(NetlinkError):
@@ -273,4 +336,8 @@ def main(open_netlink: Callable[[], NftNetlink] = NftNetlink) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--record"]:  # the kernel's dumps, for test_nftables_fake.py
+        with NftNetlink() as nl:
+            GOLDEN.write_text(json.dumps(snapshot(nl), indent=1) + "\n")
+        sys.exit(0)
     sys.exit(1 if main() else 0)
