@@ -310,6 +310,23 @@ def test_a_large_table_is_staged_in_several_transactions(
     assert nft.commits > 1 + 5
 
 
+def test_a_table_larger_than_a_dump_datagram_reads_back_whole(
+    nft: FakeNfTables, node: NftablesNode, cluster: Cluster
+) -> None:
+    for i in range(600):
+        cluster.add(f"svc{i}", f"10.97.{i // 250}.{i % 250}", f"10.3.{i // 250}.{i % 250}")
+    plan = cluster.plan()
+    node.apply(plan, full=False)
+    nft.socket().transact([rule_msg(n.TABLE, n.SERVICES, Verdict("drop"), first=True)])
+
+    (table,) = node.apply(plan, full=False).tables
+
+    assert table.read_kernel and table.write == [n.SERVICES]
+    assert_holds(nft, plan)
+    lists = nft.socket().dump(13, IP, e.element_list_attrs(n.TABLE, n.SERVICE_IPS))
+    assert len(lists) > 2  # the map's elements came in several messages, as from the kernel
+
+
 @pytest.mark.parametrize("refused", [0, 1, 2], ids=["first stage", "second stage", "hooking"])
 def test_a_refused_stage_leaves_no_table_behind_and_the_next_sync_writes_it(
     nft: FakeNfTables,

@@ -28,6 +28,7 @@ import errno
 import struct
 import threading
 from collections import deque
+from collections.abc import Iterator
 
 from kproxy.dataplane.nftables.fake_dumps import answer_dump, answer_get
 from kproxy.dataplane.nftables.fake_ruleset import (
@@ -53,6 +54,8 @@ from kproxy.dataplane.nftables.netlink import (
     iter_messages,
     nfgen_message,
 )
+
+DUMP_DATAGRAM = 32 << 10  # what the kernel puts in one datagram of a dump, at most
 
 
 class FakeNfTables:
@@ -177,11 +180,11 @@ class FakeSocket:
             with self.nft.lock:
                 if msg.flags & NLM_F_DUMP == NLM_F_DUMP:
                     answers = answer_dump(self.nft.tables, kind, msg.family, attrs)
-                    reply = b"".join(
+                    self._datagrams(
                         nfgen_message(subsys | (kind - 1), NLM_F_MULTI, msg.seq, fam, body)
                         for fam, body in answers
                     )
-                    self.replies.append(reply + _done(msg.seq))
+                    self.replies.append(_done(msg.seq))
                 else:
                     body = answer_get(self.nft.tables, self.nft.generation, kind, msg.family, attrs)
                     self.replies.append(
@@ -189,6 +192,17 @@ class FakeSocket:
                     )
         except Refused as exc:
             self.replies.append(_error(msg.seq, exc.code))
+
+    def _datagrams(self, messages: Iterator[bytes]) -> None:
+        """A dump's messages in datagrams of at most DUMP_DATAGRAM bytes, as the kernel sends."""
+        datagram = b""
+        for message in messages:
+            if datagram and len(datagram) + len(message) > DUMP_DATAGRAM:
+                self.replies.append(datagram)
+                datagram = b""
+            datagram += message
+        if datagram:
+            self.replies.append(datagram)
 
 
 class FakeNftNetlink(NftNetlink):

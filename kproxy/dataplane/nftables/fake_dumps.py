@@ -80,15 +80,27 @@ def _set_attrs(table_name: str, name: str, s: FakeSet) -> bytes:
     return _ordered(attrs, _SET_ORDER)
 
 
+ELEMENTS_MESSAGE = 32000  # about what the kernel puts in one message of an element dump
+
+
 def _element_lists(table_name: str, name: str, s: FakeSet) -> list[bytes]:
-    """A set's elements in one message, then one with none (the kernel's end of the dump; for
-    an empty set, only that one)."""
-    elements = b"".join(
-        attr(1, attr(1, attr(1, key)) + (attr(2, data) if data else b""))
-        for key, data in s.elements.items()
-    )
+    """A set's elements in messages of about 32 KB, then one with none (the kernel's end of
+    the dump; for an empty set, only that one). In the order added: the kernel's hash sets
+    dump in hash order, which kproxy never relies on."""
     head = attr(1, string(table_name)) + attr(2, string(name))
-    return [head + attr(3, elements)] * bool(elements) + [head + attr(3, b"")]
+    out: list[bytes] = []
+    chunk: list[bytes] = []
+    size = 0
+    for key, data in s.elements.items():
+        element = attr(1, attr(1, attr(1, key)) + (attr(2, data) if data else b""))
+        if chunk and size + len(element) > ELEMENTS_MESSAGE:
+            out.append(head + attr(3, b"".join(chunk)))
+            chunk, size = [], 0
+        chunk.append(element)
+        size += len(element)
+    if chunk:
+        out.append(head + attr(3, b"".join(chunk)))
+    return [*out, head + attr(3, b"")]
 
 
 def answer_dump(
