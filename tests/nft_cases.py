@@ -202,7 +202,28 @@ CASES = (
             rule("a", Verdict("jump", "b")),
         ),
     ),
+    case(
+        "an existing set again with another definition",
+        errno.EEXIST,
+        named_set(NamedSet(SET.name, ("ipv4_addr",), flags=("timeout",), timeout=60)),
+    ),
+    case(
+        "an existing set again with another key",
+        errno.EEXIST,
+        named_set(NamedSet(SET.name, ("ipv6_addr",))),
+    ),
+    case(
+        "an existing regular chain again with a hook",
+        errno.EOPNOTSUPP,
+        chain(Chain("svc", (), Hook("filter", "output", 0))),
+    ),
+    case(
+        "an existing base chain again with another priority",
+        errno.EOPNOTSUPP,
+        chain(Chain("input", (), Hook("filter", "input", 10))),
+    ),
     # Accepted, for contrast:
+    case("delete a table and all it holds", 0, (NFT_MSG_DELTABLE, 0, IP, e.table_name_attrs(T))),
     case("an existing table, chain, set and element again", 0, *SETUP[:3], elements(MAP, ELEMENT)),
     case(
         "delete a chain with rules nothing jumps to",

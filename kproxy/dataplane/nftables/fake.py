@@ -10,8 +10,9 @@ checked against a real kernel (tests/nft_cases.py): deleting a missing table, ch
 element, a rule in a missing table or chain, a jump or goto (in a rule or a verdict map's
 element) to a missing chain, a lookup of a missing set (ENOENT); a jump or goto to a base chain
 (EOPNOTSUPP); deleting a chain a rule or an element still jumps to, or a set a rule still looks
-up (EBUSY); adding an existing table, chain, set or element with NLM_F_EXCL, or an existing
-element with other data (EEXIST); an element whose key is not the set's key length (the kernel
+up (EBUSY); adding an existing table, chain, set or element with NLM_F_EXCL, an existing set
+with another definition or an existing element with other data (EEXIST); an existing chain
+again with another hook (EOPNOTSUPP); an element whose key is not the set's key length (the kernel
 knows no key types, only lengths), a verdict map's element without a verdict or a plain set's
 element with one (EINVAL); a loop of jumps a base chain reaches (EMLINK, as the kernel answers).
 

@@ -211,9 +211,13 @@ def _del_table(tables: Tables, msg: Message, attrs: dict[int, bytes]) -> None:
 def _new_chain(tables: Tables, msg: Message, attrs: dict[int, bytes]) -> None:
     table = _find_table(tables, msg, attrs)
     name = text(attrs[3])
-    if name in table.chains:
+    existing = table.chains.get(name)
+    if existing is not None:
         if msg.flags & NLM_F_EXCL:
             raise Refused(errno.EEXIST, f"chain {name} exists")
+        hooked = [attrs.get(k) for k in (4, 7)]
+        if 4 in attrs and hooked != [existing.attrs.get(k) for k in (4, 7)]:
+            raise Refused(errno.EOPNOTSUPP, f"chain {name} exists with another hook")
         return
     kept = {k: v for k, v in attrs.items() if k not in (1, 2, 3)}
     table.chains[name] = FakeChain(table.take_handle(), kept)
@@ -279,12 +283,20 @@ def _del_rule(tables: Tables, msg: Message, attrs: dict[int, bytes]) -> None:
 def _new_set(tables: Tables, msg: Message, attrs: dict[int, bytes]) -> None:
     table = _find_table(tables, msg, attrs)
     name = text(attrs[2])
-    if name in table.sets:
+    existing = table.sets.get(name)
+    if existing is not None:
         if msg.flags & NLM_F_EXCL:
             raise Refused(errno.EEXIST, f"set {name} exists")
+        if _definition(attrs) != _definition(existing.attrs):
+            raise Refused(errno.EEXIST, f"set {name} exists with another definition")
         return
     kept = {k: v for k, v in attrs.items() if k not in (1, 2, _SET_ID)}
     table.sets[name] = FakeSet(table.take_handle(), kept)
+
+
+def _definition(attrs: dict[int, bytes]) -> tuple[bytes, ...]:
+    """A set's flags, key type and length, data type and timeout (no flags: zero)."""
+    return tuple(attrs.get(k, bytes(4) if k == 3 else b"") for k in (3, 4, 5, 6, 11))
 
 
 def _del_set(tables: Tables, msg: Message, attrs: dict[int, bytes]) -> None:
