@@ -98,7 +98,9 @@ def cluster() -> Cluster:
     return c
 
 
-def rule_msg(table: str, chain: str, *statements: object, first: bool = False) -> tuple:  # type: ignore[type-arg]
+def rule_msg(
+    table: str, chain: str, *statements: object, first: bool = False
+) -> tuple[int, int, int, bytes]:
     r = Rule(tuple(statements))  # type: ignore[arg-type]
     flags = NLM_F_CREATE if first else NLM_F_CREATE | NLM_F_APPEND
     return (NFT_MSG_NEWRULE, flags, IP, e.rule_attrs(table, chain, r, 4))
@@ -250,8 +252,7 @@ def test_lost_notifications_make_the_sync_read_its_table(
 ) -> None:
     node.apply(cluster.plan(), full=False)
     nft.socket().transact([rule_msg(FOREIGN, "KUBE-FIREWALL", Verdict("accept"))])
-    for monitor in nft._monitors:
-        monitor.lost = True
+    nft.lose_notifications()
 
     (table,) = node.apply(cluster.plan(), full=False).tables
 

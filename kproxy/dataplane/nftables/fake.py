@@ -84,6 +84,11 @@ class FakeNfTables:
         self._monitors.append(monitor)
         return monitor
 
+    def lose_notifications(self) -> None:
+        """As when a monitor's socket overflows: its next read can tell nothing."""
+        for monitor in self._monitors:
+            monitor.lost = True
+
     def refuse_commit(self, code: int = errno.ENOMEM, after: int = 0) -> None:
         """Refuse the batch that comes after `after` more accepted ones."""
         self._refusals[after] = code
