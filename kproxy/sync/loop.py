@@ -54,6 +54,8 @@ class ConntrackCleaning(Protocol):
         serving: Mapping[int, UdpServing],
         deadline: float | None = None,
     ) -> CleanupReport: ...
+
+
 # After a failed sync the next waits minSyncPeriod (at least this), doubling with each failure in
 # a row up to syncPeriod: a fault that persists is not retried in a tight loop.
 RETRY_MIN_DELAY = 0.5
@@ -378,4 +380,3 @@ def raised_at(exc: BaseException) -> str:
         return "unknown"
     last = frames[-1]
     return f"{last.filename}:{last.lineno} in {last.name}"
-
