@@ -127,10 +127,4 @@ def serve_health(
         counter.labels(code=str(code)).inc()
         return json_response(code, body)
 
-    server = HttpServer("healthz", on_accept_error=metrics.accept_error_counter("healthz"))
-    try:
-        server.listen(address, answer)
-    except OSError:
-        server.close()
-        raise
-    return server
+    return HttpServer.serving("healthz", address, answer, metrics.accept_error_counter("healthz"))

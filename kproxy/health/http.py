@@ -168,6 +168,23 @@ class HttpServer:
             raise
         return listener
 
+    @classmethod
+    def serving(
+        cls,
+        name: str,
+        address: tuple[str, int],
+        handler: Handler,
+        on_accept_error: Callable[[str], None],
+    ) -> HttpServer:
+        """A server of one listener on `address`; nothing is left running if it cannot listen."""
+        server = cls(name, on_accept_error=on_accept_error)
+        try:
+            server.listen(address, handler)
+        except OSError:
+            server.close()
+            raise
+        return server
+
     def unlisten(self, listener: Listener) -> None:
         """Stop serving `listener` and close it: its port is free when this returns."""
         self._call(lambda: self._remove(listener))

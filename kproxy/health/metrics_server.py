@@ -27,10 +27,4 @@ def serve_metrics(
             return json_response(200, health.statusz(health.status()[1]))
         return Response(404)
 
-    server = HttpServer("metrics", on_accept_error=metrics.accept_error_counter("metrics"))
-    try:
-        server.listen(address, answer)
-    except OSError:
-        server.close()
-        raise
-    return server
+    return HttpServer.serving("metrics", address, answer, metrics.accept_error_counter("metrics"))
