@@ -25,6 +25,7 @@ from kproxy.errors import ConfigError
 from kproxy.health.healthz import ProxyHealth, serve_health
 from kproxy.health.metrics import ProxyMetrics
 from kproxy.health.service_health import ServiceHealthServers
+from kproxy.model.addresses import build_allow_list
 from kproxy.model.config import ProxyConfig, parse_bind_address
 from kproxy.sync.loop import StateBox, SyncLoop
 from kproxy.sync.modes import proxy_mode
@@ -104,6 +105,7 @@ def run_agent(
         service_health = ServiceHealthServers((), proxy_healthy=lambda: health.status()[0])
         servers.callback(service_health.close)
         box = StateBox(node_name, health, metrics)
+        box.state.allowed_vips = build_allow_list(config.allowed_external_ip_cidrs)
         box.status = status = SyncStatus(mode.name, families)
         health.statusz = lambda body: status.body(body, health.timeout)
         _stop_on_signals(stop, box.changed)
