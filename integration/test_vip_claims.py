@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
+from integration.agent_harness import agent_config, agent_node, slice_object, wait_until
 from integration.conftest import Cluster, both_modes
-from integration.manifests import NODE_NAME
+from integration.manifests import NODE_NAME, service_manifest
 from integration.netns import NODE_IP, run_kproxy
 from integration.traffic import probe
 
@@ -169,3 +170,46 @@ def test_a_bad_allow_list_is_refused_naming_the_field(cluster: Cluster, cidrs: A
 
     assert proc.returncode != 0, proc
     assert "allowedExternalIPCIDRs" in proc.stderr, proc.stderr
+
+
+@both_modes
+def test_the_long_lived_agent_keeps_both_rules_and_warns_once(
+    tmp_path: Path, proxy_mode: str
+) -> None:
+    """`kproxy run` over manifest files: the allow-list comes from its config; a ClusterIP that
+    appears later takes its address back from the claimer (whose rules are rewritten without a
+    full sync); each warning is logged once, not at every periodic sync."""
+    with agent_node("claims", tmp_path, with_api=False, mode=proxy_mode) as node:
+        extra = {"allowedExternalIPCIDRs": [ALLOWED, "10.96.0.0/16"]}
+        node.config_file.write_text(yaml.safe_dump(agent_config(mode=proxy_mode, extra=extra)))
+        web = node.backend("web-1", "192.168.1.10", TARGET)
+        thief = node.backend("thief-1", "192.168.2.20", TARGET)
+        client = node.client("client", "192.168.9.9")
+        manifests = tmp_path / "manifests"
+        manifests.mkdir()
+
+        def write(name: str, cluster_ip: str, pod_ip: str, **options: Any) -> None:
+            docs = [
+                service_manifest(name, cluster_ip, PORT, TARGET, **options),
+                slice_object(name, [pod_ip], TARGET),
+            ]
+            (manifests / f"{name}.yaml").write_text(yaml.safe_dump_all(docs))
+
+        claims = [EXTERNAL_OK, EXTERNAL_DENIED, VIP]
+        write("a-claim-ext", "10.96.100.20", thief.ip, external_ips=claims)
+        agent = node.start_agent("--manifests", str(manifests))
+        # Nobody holds VIP yet: the claim is the claimer's.
+        assert node.probe(client, VIP, PORT, 3) == {"thief-1": 3}
+
+        write("web", VIP, web.ip)
+        assert wait_until(lambda: node.probe(client, VIP, PORT, 3) == {"web-1": 3}, 15.0)
+        synced = len(agent.events("sync_completed"))
+        agent.wait_for_event("sync_completed", count=synced + 3)
+
+        assert node.probe(client, EXTERNAL_OK, PORT, 3) == {"thief-1": 3}
+        assert EXTERNAL_DENIED not in node.rules()
+        skipped = [(e["object"], e["field"]) for e in agent.events("object_skipped")]
+        assert sorted(skipped) == [
+            ("Service default/a-claim-ext", "spec.externalIPs"),
+            ("Service default/a-claim-ext", "spec.externalIPs[1]"),
+        ], agent.events("object_skipped")
