@@ -15,10 +15,8 @@ from kproxy.model.service import NamespacedName, Protocol, ServicePort
 AddressKey = tuple[str, int, Protocol]  # ip, port, protocol
 # What a service was last warned about: (field, ip, port, protocol, holder).
 Conflict = tuple[str, str, int, Protocol, NamespacedName]
-_FIELDS = (
-    ("external_ips", "spec.externalIPs"),
-    ("load_balancer_ips", "status.loadBalancer.ingress"),
-)
+EXTERNAL_IPS_FIELD = "spec.externalIPs"
+INGRESS_FIELD = "status.loadBalancer.ingress"
 
 
 def _held(ports: tuple[ServicePort, ...]) -> set[AddressKey]:
@@ -70,18 +68,29 @@ class ClusterIPClaims:
     def _kept_port(
         self, key: NamespacedName, sp: ServicePort, conflicts: set[Conflict]
     ) -> ServicePort:
-        changes: dict[str, tuple[str, ...]] = {}
-        for attr, field in _FIELDS:
-            ips: list[str] = []
-            for ip in getattr(sp, attr):
-                holders = self._holders.get((ip, sp.port, sp.protocol), set()) - {key}
-                if holders:
-                    conflicts.add((field, ip, sp.port, sp.protocol, min(holders)))
-                else:
-                    ips.append(ip)
-            if len(ips) != len(getattr(sp, attr)):
-                changes[attr] = tuple(ips)
-        return replace(sp, **changes) if changes else sp  # type: ignore[arg-type]
+        external = self._free(key, sp, sp.external_ips, EXTERNAL_IPS_FIELD, conflicts)
+        ingress = self._free(key, sp, sp.load_balancer_ips, INGRESS_FIELD, conflicts)
+        if external == sp.external_ips and ingress == sp.load_balancer_ips:
+            return sp
+        return replace(sp, external_ips=external, load_balancer_ips=ingress)
+
+    def _free(
+        self,
+        key: NamespacedName,
+        sp: ServicePort,
+        ips: tuple[str, ...],
+        field: str,
+        conflicts: set[Conflict],
+    ) -> tuple[str, ...]:
+        """`ips` without those another service holds as its ClusterIP on this port."""
+        kept = []
+        for ip in ips:
+            holders = self._holders.get((ip, sp.port, sp.protocol), set()) - {key}
+            if holders:
+                conflicts.add((field, ip, sp.port, sp.protocol, min(holders)))
+            else:
+                kept.append(ip)
+        return ips if len(kept) == len(ips) else tuple(kept)
 
 
 def _reindex(
