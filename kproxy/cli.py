@@ -189,7 +189,7 @@ def sync(
     started = time.monotonic()
     manifests = read_manifests(manifests_path)
     node, config = _node_and_config(manifests, config_path, hostname)
-    state = state_from_manifests(manifests, _report_invalid)
+    state = state_from_manifests(manifests, _report_invalid, config)
     mode = proxy_mode(config)
     with mode.open_dataplane(config, lock_timeout) as dataplane:  # refuses first if not root
         loop = once_loop(state, with_host_facts(node), config, mode, dataplane)
@@ -257,7 +257,7 @@ def dump(
     else:
         manifests = read_manifests(manifests_path)
         node, config = _node_and_config(manifests, config_path, hostname)
-        state = state_from_manifests(manifests, _report_invalid)
+        state = state_from_manifests(manifests, _report_invalid, config)
         mode = proxy_mode(config)
         plan = mode.planner(config).plan(
             state.services_map(), state.endpoints_map(), with_host_facts(node), (int(family or 4),)
@@ -285,7 +285,7 @@ def _dump_diff(
         api = api_client(kubeconfig or config.kubeconfig or None)
         manifests = ApiSource(api, resolve_hostname(hostname, config)).list_once()
     node, config = _node_and_config(manifests, config_path, hostname)
-    state = state_from_manifests(manifests, _report_invalid)
+    state = state_from_manifests(manifests, _report_invalid, config)
     families = (int(family),) if family else node_families()
     diffs = diff_next_sync(state, with_host_facts(node), config, families, lock_timeout)
     sys.stdout.write(render_diffs(diffs))
@@ -484,7 +484,7 @@ def trace(
     if manifests_paths:
         manifests = read_all_manifests(manifests_paths)
         node, config = _node_and_config(manifests, config_path, hostname)
-        state = state_from_manifests(manifests, _report_invalid)
+        state = state_from_manifests(manifests, _report_invalid, config)
         local = node_addresses or read_local_addresses()
         node = dataclasses.replace(node, local_addresses=tuple(local))
         explanation = trace_planned(request, state, node, config)

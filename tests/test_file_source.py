@@ -245,10 +245,10 @@ def test_an_object_the_converter_raises_on_is_skipped_and_the_rest_applied(
 
     real = ingest.build_service
 
-    def fragile(obj: Any) -> Any:
+    def fragile(obj: Any, *args: Any) -> Any:
         if obj["metadata"]["name"] == "bad":
             raise KeyError("spec")
-        return real(obj)
+        return real(obj, *args)
 
     monkeypatch.setattr(ingest, "build_service", fragile)
     state = ClusterState()

@@ -124,3 +124,19 @@ def parse_cidr(reader: FieldReader, value: Any, path: str) -> str:
     if _printed_dotted(net.network_address):
         raise reader.fail(path, f"{show(text)}: an IPv4-compatible IPv6 network is not supported")
     return str(net)
+
+
+AllowList = tuple[IPNetwork, ...] | None  # None allows every address
+
+
+def build_allow_list(cidrs: tuple[str, ...] | None) -> AllowList:
+    """The networks of already validated CIDRs (allowedExternalIPCIDRs); None allows all."""
+    return None if cidrs is None else tuple(ipaddress.ip_network(c) for c in cidrs)
+
+
+def allows(allowed: AllowList, ip: str) -> bool:
+    """Whether `ip` (canonical, as the converter writes it) is in the allow-list."""
+    if allowed is None:
+        return True
+    address = ipaddress.ip_address(ip)
+    return any(address in net for net in allowed)

@@ -69,6 +69,8 @@ class ProxyConfig:
     bind_address: str = ""
     kubeconfig: str = ""  # clientConnection.kubeconfig
     oom_score_adj: int | None = -999
+    # kproxy's extension: externalIPs and ingress IPs must be in one of these; None allows all.
+    allowed_external_ip_cidrs: tuple[str, ...] | None = None
     conntrack: ConntrackConfig = field(default_factory=lambda: ConntrackConfig())
 
     @property

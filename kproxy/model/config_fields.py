@@ -15,6 +15,7 @@ from kproxy.model.config_values import (
     one_of,
     parse_bit,
     parse_bool,
+    parse_cidr_list,
     parse_cidrs,
     parse_conntrack_count,
     parse_conntrack_timeout,
@@ -125,6 +126,12 @@ FIELDS: tuple[Field, ...] = (
         "CIDRs and/or `primary` (the Node's `InternalIP` addresses) that NodePorts answer on",
         "--nodeport-addresses", "CIDRs or 'primary', comma-separated.",
         keeps_default=is_empty, flag_value=comma_list,
+    ),
+    Field(
+        "allowedExternalIPCIDRs", "allowed_external_ip_cidrs", parse_cidr_list, "any address",
+        "kproxy's own (not kube-proxy's): the only CIDRs a Service's `externalIPs` and "
+        "load-balancer ingress IPs may be in; any other gets no rule (one warning naming the "
+        "Service and field), and `[]` allows none. Closes CVE-2020-8554 at the node",
     ),
     Field(
         "iptables.masqueradeAll", "masquerade_all", parse_bool, "`false`",

@@ -86,6 +86,18 @@ def parse_node_port_addresses(value: Any, field: str) -> tuple[str, ...]:
     return tuple(result)
 
 
+def parse_cidr_list(value: Any, field: str) -> tuple[str, ...]:
+    """A YAML list of CIDRs (a bare address is a /32 or /128), normalised."""
+    if not isinstance(value, list):
+        raise ConfigError("expected a list of CIDRs", field)
+    result: list[str] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or "," in item or not item.strip():
+            raise ConfigError(f"{item!r} is not a CIDR", f"{field}[{i}]")
+        result.extend(parse_cidrs(item, f"{field}[{i}]"))
+    return tuple(dict.fromkeys(result))
+
+
 def parse_bind_address(value: str, field: str) -> tuple[str, int]:
     """`host:port` (`[v6]:port`, or `:port` for all addresses) as (host, port)."""
     host, sep, port = value.rpartition(":")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kproxy.errors import InvalidObjectError
-from kproxy.model.addresses import ip_family, parse_cidr, parse_ip
+from kproxy.model.addresses import AllowList, allows, ip_family, parse_cidr, parse_ip
 from kproxy.model.fields import (
     FieldReader,
     is_dns1123_label,
@@ -148,14 +148,28 @@ def _affinity_seconds(reader: FieldReader, spec: Mapping[str, Any]) -> int | Non
     return reader.integer(seconds, path + ".timeoutSeconds", 1, 86400, DEFAULT_AFFINITY_SECONDS)
 
 
-def _external_ips(reader: FieldReader, spec: Mapping[str, Any]) -> tuple[str, ...]:
+ALLOW_LIST_FIELD = "allowedExternalIPCIDRs"
+
+
+def _allowed_vip(reader: FieldReader, value: Any, path: str, allowed: AllowList) -> str:
+    """An externalIP or ingress IP: refused when special, or outside the config's allow-list
+    (a kproxy extension; upstream programs any)."""
+    ip = parse_ip(reader, value, path, vip=True)
+    if not allows(allowed, ip):
+        raise reader.fail(path, f"{ip} is outside {ALLOW_LIST_FIELD} (kproxy's config)")
+    return ip
+
+
+def _external_ips(
+    reader: FieldReader, spec: Mapping[str, Any], allowed: AllowList
+) -> tuple[str, ...]:
     """kube-proxy skips an externalIP it cannot parse and keeps the rest; the API server refuses
     special ones (see special_problem). A duplicate is kept once: kube-proxy writes an identical
     rule per copy, which matches the same packets as one."""
     ips: list[str] = []
     for i, value in enumerate(reader.sequence(spec.get("externalIPs"), "spec.externalIPs")):
         try:
-            ip = parse_ip(reader, value, f"spec.externalIPs[{i}]", vip=True)
+            ip = _allowed_vip(reader, value, f"spec.externalIPs[{i}]", allowed)
         except InvalidObjectError as exc:
             reader.ignore(exc, "this externalIP is ignored")
             continue
@@ -182,16 +196,18 @@ def _source_ranges(reader: FieldReader, spec: Mapping[str, Any]) -> tuple[str, .
     return tuple(ranges)
 
 
-def _ingress_ip(reader: FieldReader, item: Any, path: str) -> str | None:
+def _ingress_ip(reader: FieldReader, item: Any, path: str, allowed: AllowList) -> str | None:
     entry = reader.mapping(item, path)
     mode = reader.choice(entry.get("ipMode"), path + ".ipMode", _IP_MODES)
     if entry.get("ip") in (None, "") or mode != "VIP":
         # A hostname-only ingress; `ipMode: Proxy` is the load balancer's own business.
         return None
-    return parse_ip(reader, entry["ip"], path + ".ip", vip=True)
+    return _allowed_vip(reader, entry["ip"], path + ".ip", allowed)
 
 
-def _load_balancer_ips(reader: FieldReader, obj: Mapping[str, Any]) -> tuple[str, ...]:
+def _load_balancer_ips(
+    reader: FieldReader, obj: Mapping[str, Any], allowed: AllowList
+) -> tuple[str, ...]:
     """Ingress IPs a VIP-mode load balancer sends to the node. A bad entry costs only itself:
     the API server checks only that the IP is an IP and the mode one it knows, and special
     addresses are refused here beyond both (see special_problem)."""
@@ -200,7 +216,7 @@ def _load_balancer_ips(reader: FieldReader, obj: Mapping[str, Any]) -> tuple[str
     ips: list[str] = []
     for i, item in enumerate(reader.sequence(lb.get("ingress"), "status.loadBalancer.ingress")):
         try:
-            ip = _ingress_ip(reader, item, f"status.loadBalancer.ingress[{i}]")
+            ip = _ingress_ip(reader, item, f"status.loadBalancer.ingress[{i}]", allowed)
         except InvalidObjectError as exc:
             reader.ignore(exc, "this load-balancer ingress is ignored")
             continue
@@ -209,14 +225,16 @@ def _load_balancer_ips(reader: FieldReader, obj: Mapping[str, Any]) -> tuple[str
     return tuple(ips)
 
 
-def _shared_port(reader: FieldReader, obj: Mapping[str, Any], name: NamespacedName) -> ServicePort:
+def _shared_port(
+    reader: FieldReader, obj: Mapping[str, Any], name: NamespacedName, allowed: AllowList
+) -> ServicePort:
     """What every port of the service has in common (name and port filled in per port). The
     type and both traffic policies take only the values the API server allows, and so does
     healthCheckNodePort (a port number, 0 when unallocated)."""
     spec = reader.mapping(obj.get("spec"), "spec")
     svc_type = reader.choice(spec.get("type"), "spec.type", _SERVICE_TYPES)
     affinity = _affinity_seconds(reader, spec)
-    external_ips = _external_ips(reader, spec)
+    external_ips = _external_ips(reader, spec, allowed)
     etp = reader.choice(spec.get("externalTrafficPolicy"), "spec.externalTrafficPolicy", _POLICIES)
     itp = reader.choice(spec.get("internalTrafficPolicy"), "spec.internalTrafficPolicy", _POLICIES)
     # Upstream's ExternallyAccessible: only these types take external traffic policy.
@@ -233,7 +251,7 @@ def _shared_port(reader: FieldReader, obj: Mapping[str, Any], name: NamespacedNa
         port=0,
         session_affinity_seconds=affinity,
         external_ips=external_ips,
-        load_balancer_ips=_load_balancer_ips(reader, obj),
+        load_balancer_ips=_load_balancer_ips(reader, obj, allowed),
         load_balancer_source_ranges=_source_ranges(reader, spec),
         external_policy_local=etp_local,
         internal_policy_local=itp == "Local",
@@ -284,16 +302,17 @@ def build_service_ports(obj: Any) -> list[ServicePort]:
     return list(build_service(obj).ports)
 
 
-def build_service(obj: Any) -> ServiceInfo:
+def build_service(obj: Any, allowed: AllowList = None) -> ServiceInfo:
     """The Service's ports, none for services kube-proxy does not proxy (headless, ExternalName,
-    labelled for another proxy), and the values left out of them."""
+    labelled for another proxy), and the values left out of them. `allowed` is the config's
+    allow-list of externalIPs and ingress IPs (None: any)."""
     reader = FieldReader(object_ref(obj, "Service"))
-    ports = _service_ports(reader, obj)
+    ports = _service_ports(reader, obj, allowed)
     # Nothing left out matters for a service that is not programmed.
     return ServiceInfo(tuple(ports), tuple(reader.skipped) if ports else ())
 
 
-def _service_ports(reader: FieldReader, obj: Any) -> list[ServicePort]:
+def _service_ports(reader: FieldReader, obj: Any, allowed: AllowList) -> list[ServicePort]:
     # A Service name is a DNS-1035 label, or a DNS-1123 label (it may start with a digit) where
     # the API server has RelaxedServiceNameValidation (KEP-5311, Kubernetes 1.34): the wider.
     meta = _metadata(reader, obj, is_dns1123_label, "DNS-1123 label", namespaced=True)
@@ -305,7 +324,7 @@ def _service_ports(reader: FieldReader, obj: Any) -> list[ServicePort]:
         return []
     if reader.choice(spec.get("type"), "spec.type", _SERVICE_TYPES) == "ExternalName":
         return []
-    shared = _shared_port(reader, obj, meta.key)
+    shared = _shared_port(reader, obj, meta.key, allowed)
     if not shared.cluster_ips:
         return []
     return _ports(reader, spec, shared)

@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
+from kproxy.errors import InvalidObjectError
+from kproxy.model.addresses import AllowList
 from kproxy.model.convert import EndpointSliceInfo
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import NamespacedName, ServicePort, ServicePortName
+from kproxy.state.claims import ClusterIPClaims
 
 ServicesMap = dict[ServicePortName, ServicePort]
 EndpointsMap = dict[ServicePortName, tuple[Endpoint, ...]]
@@ -23,6 +26,9 @@ class ClusterState:
         self._services: dict[NamespacedName, tuple[ServicePort, ...]] = {}
         self._slices: dict[NamespacedName, EndpointSliceInfo] = {}
         self.node: NodeInfo | None = None
+        # The config's allowedExternalIPCIDRs (None: any address); set before any Service.
+        self.allowed_vips: AllowList = None
+        self._claims = ClusterIPClaims()
         self._changed: set[NamespacedName] = set()
         self._trigger_times: list[float] = []
         # Per service: its slices, and its endpoints map computed from them (dropped on change),
@@ -40,14 +46,28 @@ class ClusterState:
         }
         self._dirty: dict[str, set[NamespacedName]] = {"services": set(), "endpoints": set()}
 
-    def set_service(self, key: NamespacedName, ports: Iterable[ServicePort]) -> None:
-        ports = tuple(ports)
-        if self._services.get(key) != ports:
-            self._services[key] = ports
-            self._mark(key)
+    def set_service(
+        self, key: NamespacedName, ports: Iterable[ServicePort]
+    ) -> list[InvalidObjectError]:
+        """Returns one warning per claim newly left out (see ClusterIPClaims), of this service
+        or of another one claiming a ClusterIP this one now holds."""
+        warnings = []
+        for service in self._claims.record(key, tuple(ports)):
+            kept, new = self._claims.kept(service)
+            warnings += new
+            self._keep(service, kept)
+        return warnings
 
     def delete_service(self, key: NamespacedName) -> None:
-        if self._services.pop(key, None) is not None:
+        """Services that claimed its ClusterIPs get them back (without a warning)."""
+        self.set_service(key, ())
+
+    def _keep(self, key: NamespacedName, ports: tuple[ServicePort, ...]) -> None:
+        if not ports:
+            if self._services.pop(key, None) is not None:
+                self._mark(key)
+        elif self._services.get(key) != ports:
+            self._services[key] = ports
             self._mark(key)
 
     def set_slice(self, info: EndpointSliceInfo) -> None:

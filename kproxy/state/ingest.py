@@ -47,18 +47,15 @@ def _convert(kind: Kind, build: Callable[[Mapping[str, Any]], T], obj: Mapping[s
 
 def update_service(state: ClusterState, obj: Mapping[str, Any]) -> list[InvalidObjectError]:
     """Returns the values left out of the service's ports (a bad externalIP, source range or
-    load-balancer ingress), one error each."""
+    load-balancer ingress, an address outside the config's allow-list, another service's
+    ClusterIP claimed), one error each."""
     key = object_key(obj)
     try:
-        info = _convert(Kind.SERVICE, build_service, obj)
+        info = _convert(Kind.SERVICE, lambda o: build_service(o, state.allowed_vips), obj)
     except InvalidObjectError:
         state.delete_service(key)
         raise
-    if info.ports:
-        state.set_service(key, info.ports)
-    else:
-        state.delete_service(key)
-    return list(info.skipped)
+    return [*info.skipped, *state.set_service(key, info.ports)]
 
 
 def update_endpoint_slice(state: ClusterState, obj: Mapping[str, Any]) -> list[InvalidObjectError]:

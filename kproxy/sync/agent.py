@@ -25,6 +25,7 @@ from kproxy.health.http import HttpServer
 from kproxy.health.metrics import ProxyMetrics
 from kproxy.health.metrics_server import serve_metrics
 from kproxy.health.service_health import ServiceHealthServers
+from kproxy.model.addresses import build_allow_list
 from kproxy.model.config import ProxyConfig, parse_bind_address
 from kproxy.sync.loop import StateBox, SyncLoop
 from kproxy.sync.modes import proxy_mode
@@ -108,6 +109,7 @@ def run_agent(
         )
         servers.callback(service_health.close)
         box = StateBox(node_name, health, metrics)
+        box.state.allowed_vips = build_allow_list(config.allowed_external_ip_cidrs)
         box.status = status = SyncStatus(mode.name, families)
         health.statusz = lambda body: status.body(body, health.timeout)
         _stop_on_signals(stop, box.changed)

@@ -9,6 +9,7 @@ from kproxy.dataplane.base import ApplyResult, ModeDataplane
 from kproxy.errors import InvalidObjectError
 from kproxy.health.healthz import ProxyHealth
 from kproxy.health.metrics import ProxyMetrics
+from kproxy.model.addresses import build_allow_list
 from kproxy.model.config import ProxyConfig
 from kproxy.model.kinds import Kind
 from kproxy.model.node import NodeInfo
@@ -56,11 +57,15 @@ class SyncReport:
 
 
 def state_from_manifests(
-    manifests: Manifests, on_invalid: Callable[[InvalidObjectError], None]
+    manifests: Manifests,
+    on_invalid: Callable[[InvalidObjectError], None],
+    config: ProxyConfig | None = None,
 ) -> ClusterState:
     """A ClusterState holding every valid Service and EndpointSlice; invalid ones are reported
-    through `on_invalid` and left out."""
+    through `on_invalid` and left out. `config` gives the allow-list of external addresses."""
     state = ClusterState()
+    if config is not None:
+        state.allowed_vips = build_allow_list(config.allowed_external_ip_cidrs)
     load = combine(
         replace_all(Kind.SERVICE, manifests.services),
         replace_all(Kind.ENDPOINT_SLICE, manifests.endpoint_slices),
