@@ -160,40 +160,55 @@ def _allowed_vip(reader: FieldReader, value: Any, path: str, allowed: AllowList)
     return ip
 
 
+def _each_kept(
+    reader: FieldReader,
+    values: Any,
+    path: str,
+    read: Callable[[Any, str], str | None],
+    ignored: str,
+) -> tuple[str, ...]:
+    """`read` of each entry of the list at `path`, in order and each once: an entry it refuses
+    costs only itself (one warning, `ignored` saying what is dropped), as kube-proxy skips a bad
+    entry and keeps the rest; None is an entry with nothing to program."""
+    kept: list[str] = []
+    for i, value in enumerate(reader.sequence(values, path)):
+        try:
+            item = read(value, f"{path}[{i}]")
+        except InvalidObjectError as exc:
+            reader.ignore(exc, ignored)
+            continue
+        if item is not None and item not in kept:
+            kept.append(item)
+    return tuple(kept)
+
+
 def _external_ips(
     reader: FieldReader, spec: Mapping[str, Any], allowed: AllowList
 ) -> tuple[str, ...]:
     """kube-proxy skips an externalIP it cannot parse and keeps the rest; the API server refuses
     special ones (see special_problem). A duplicate is kept once: kube-proxy writes an identical
     rule per copy, which matches the same packets as one."""
-    ips: list[str] = []
-    for i, value in enumerate(reader.sequence(spec.get("externalIPs"), "spec.externalIPs")):
-        try:
-            ip = _allowed_vip(reader, value, f"spec.externalIPs[{i}]", allowed)
-        except InvalidObjectError as exc:
-            reader.ignore(exc, "this externalIP is ignored")
-            continue
-        if ip not in ips:
-            ips.append(ip)
-    return tuple(ips)
+    return _each_kept(
+        reader,
+        spec.get("externalIPs"),
+        "spec.externalIPs",
+        lambda value, path: _allowed_vip(reader, value, path, allowed),
+        "this externalIP is ignored",
+    )
 
 
 def _source_ranges(reader: FieldReader, spec: Mapping[str, Any]) -> tuple[str, ...]:
     """The API server allows whitespace around each range (a leftover of the annotation these
     came from) and kube-proxy trims it; kube-proxy ignores a range it cannot parse and keeps
     the rest (upstream keeps a regression test for both)."""
+
+    def read(value: Any, path: str) -> str:
+        return parse_cidr(reader, value.strip(_GO_SPACE) if isinstance(value, str) else value, path)
+
     path = "spec.loadBalancerSourceRanges"
-    ranges: list[str] = []
-    for i, value in enumerate(reader.sequence(spec.get(path.removeprefix("spec.")), path)):
-        text = value.strip(_GO_SPACE) if isinstance(value, str) else value
-        try:
-            cidr = parse_cidr(reader, text, f"{path}[{i}]")
-        except InvalidObjectError as exc:
-            reader.ignore(exc, "this source range is ignored")
-            continue
-        if cidr not in ranges:
-            ranges.append(cidr)
-    return tuple(ranges)
+    return _each_kept(
+        reader, spec.get("loadBalancerSourceRanges"), path, read, "this source range is ignored"
+    )
 
 
 def _ingress_ip(reader: FieldReader, item: Any, path: str, allowed: AllowList) -> str | None:
@@ -213,16 +228,13 @@ def _load_balancer_ips(
     addresses are refused here beyond both (see special_problem)."""
     status = reader.mapping(obj.get("status"), "status")
     lb = reader.mapping(status.get("loadBalancer"), "status.loadBalancer")
-    ips: list[str] = []
-    for i, item in enumerate(reader.sequence(lb.get("ingress"), "status.loadBalancer.ingress")):
-        try:
-            ip = _ingress_ip(reader, item, f"status.loadBalancer.ingress[{i}]", allowed)
-        except InvalidObjectError as exc:
-            reader.ignore(exc, "this load-balancer ingress is ignored")
-            continue
-        if ip is not None and ip not in ips:
-            ips.append(ip)
-    return tuple(ips)
+    return _each_kept(
+        reader,
+        lb.get("ingress"),
+        "status.loadBalancer.ingress",
+        lambda item, path: _ingress_ip(reader, item, path, allowed),
+        "this load-balancer ingress is ignored",
+    )
 
 
 def _shared_port(
