@@ -203,3 +203,13 @@ class RelayCollector(Collector):
             relayed.add_metric([service_port, "to_endpoint"], values.get("bytes_to_endpoint", 0))
             relayed.add_metric([service_port, "to_client"], values.get("bytes_to_client", 0))
         yield relayed
+        refused = CounterMetricFamily(
+            "kproxy_userspace_connections_refused",
+            "TCP connections reset and UDP datagrams dropped at the relay's caps on concurrent "
+            "connections (service_cap: the service port's, total_cap: the relay's)",
+            labels=["service_port", "reason"],
+        )
+        for service_port, values in sorted(counters.items()):
+            for reason in ("service_cap", "total_cap"):
+                refused.add_metric([service_port, reason], values.get(f"refused_{reason}", 0))
+        yield refused
