@@ -7,11 +7,12 @@ from __future__ import annotations
 import socket
 from contextlib import ExitStack
 
+from structlog.testing import capture_logs
 from userspace_support import LOOPBACK, TcpServer, UdpEcho, read_all, wait_until
 
-from kproxy.dataplane.userspace.caps import CapLimits, default_limits
+from kproxy.dataplane.userspace.caps import QUIET_SECONDS, CapLimits, ConnectionCaps, default_limits
 from kproxy.dataplane.userspace.relay import Relay
-from kproxy.dataplane.userspace.spec import ListenerSpec
+from kproxy.dataplane.userspace.spec import ListenerSpec, ServicePortCounters
 from kproxy.health.metrics import ProxyMetrics
 from kproxy.model.service import Protocol
 
@@ -96,3 +97,20 @@ def test_refusals_are_exported_with_their_reason() -> None:
         {"service_port": "ns/svc:http", "reason": "service_cap"},
     )
     assert value == 3
+
+
+def test_a_run_of_refusals_is_logged_once_however_admits_interleave() -> None:
+    now = [0.0]
+    caps = ConnectionCaps(CapLimits(total=10, per_listener=1), clock=lambda: now[0])
+    flooded, other = ServicePortCounters(), ServicePortCounters()
+    with capture_logs() as logs:
+        assert caps.admit(flooded)
+        for _ in range(3):
+            assert not caps.admit(flooded)
+            assert caps.admit(other)  # another service is served meanwhile
+            caps.release(other)
+            now[0] += 1.0
+        now[0] += QUIET_SECONDS  # a quiet spell ends the run: the next refusal is a new one
+        assert not caps.admit(flooded)
+    assert [e["reason"] for e in logs] == ["service_cap", "service_cap"]
+    assert flooded.refused_service_cap == 4 and caps.active == 1

@@ -5,6 +5,8 @@ agent nor starve another service's connections (upstream's relay had no cap)."""
 from __future__ import annotations
 
 import resource
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -20,6 +22,8 @@ DESCRIPTORS_PER_CONNECTION = 6
 SHARE_OF_LIMIT = 4
 # One listener may take at most this fraction of its relay's total.
 LISTENERS_TO_FILL_TOTAL = 4
+# Refusals this far apart are two runs, each logged once.
+QUIET_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -46,10 +50,11 @@ class ConnectionCaps:
     A listener's live count is its counters' `active_connections`, which outlives a listener
     reopened under the same key; the total is kept here."""
 
-    def __init__(self, limits: CapLimits) -> None:
+    def __init__(self, limits: CapLimits, clock: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits
         self.active = 0
-        self._quiet = False
+        self._clock = clock
+        self._last_refused: dict[str, float] = {}  # per reason
 
     def admit(self, counters: ServicePortCounters) -> bool:
         if counters.active_connections >= self.limits.per_listener:
@@ -62,7 +67,6 @@ class ConnectionCaps:
             return False
         self.active += 1
         counters.active_connections += 1
-        self._quiet = False
         return True
 
     def release(self, counters: ServicePortCounters) -> None:
@@ -70,8 +74,12 @@ class ConnectionCaps:
         counters.active_connections -= 1
 
     def _refused(self, reason: str, limit: int) -> None:
-        if not self._quiet:
-            self._quiet = True
+        # A run of refusals is one line: a flood at a cap alternates admits (as connections
+        # end) with refusals, so only a quiet spell without refusals ends the run.
+        now = self._clock()
+        last = self._last_refused.get(reason)
+        self._last_refused[reason] = now
+        if last is None or now - last >= QUIET_SECONDS:
             log.warning(
                 "relay_connection_refused",
                 reason=reason,
