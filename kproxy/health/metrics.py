@@ -132,6 +132,12 @@ class ProxyMetrics:
             ["server", "error"],
             registry=r,
         )
+        self.handover_failures = Counter(
+            "kproxy_userspace_handover_failures",
+            "Attempts to hand the userspace mode's portals over to iptables rules at stop that "
+            "failed (EMFILE, the xtables lock...); retried, then the portals are left in place",
+            registry=r,
+        )
         self.objects_skipped = Counter(
             "kproxy_invalid_objects_skipped",
             "Kubernetes objects skipped because a field could not be programmed",
@@ -142,6 +148,10 @@ class ProxyMetrics:
     def accept_error_counter(self, server: str) -> Callable[[str], None]:
         """What an HTTP server calls when accept fails for want of descriptors or memory."""
         return lambda error: self.accept_errors.labels(server=server, error=error).inc()
+
+    def watch_sources(self, read: Callable[[], Mapping[str, int]]) -> None:
+        """Export each source's failure count (its supervisor's), read at each scrape."""
+        self.registry.register(SourceCollector(read))
 
     def watch_relay(self, read: Callable[[], Mapping[str, Mapping[str, int]]]) -> None:
         """Export the userspace relay's own counters, read from `read` at each scrape."""
@@ -203,3 +213,31 @@ class RelayCollector(Collector):
             relayed.add_metric([service_port, "to_endpoint"], values.get("bytes_to_endpoint", 0))
             relayed.add_metric([service_port, "to_client"], values.get("bytes_to_client", 0))
         yield relayed
+        refused = CounterMetricFamily(
+            "kproxy_userspace_connections_refused",
+            "TCP connections reset and UDP datagrams dropped at the relay's caps on concurrent "
+            "connections (service_cap: the service port's, total_cap: the relay's)",
+            labels=["service_port", "reason"],
+        )
+        for service_port, values in sorted(counters.items()):
+            for reason in ("service_cap", "total_cap"):
+                refused.add_metric([service_port, reason], values.get(f"refused_{reason}", 0))
+        yield refused
+
+
+class SourceCollector(Collector):
+    """Failures of each source thread (a list or watch, a scan of the manifests), all retried."""
+
+    def __init__(self, read: Callable[[], Mapping[str, int]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "kproxy_source_failures",
+            "Failures of a source (API list/watch, manifest scan: EMFILE, the API server "
+            "away...); each is retried after a backoff, and a run of the same one is logged once",
+            labels=["source"],
+        )
+        for source, failures in sorted(self.read().items()):
+            family.add_metric([source], failures)
+        yield family

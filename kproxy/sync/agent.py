@@ -136,6 +136,7 @@ def run_agent(
         # A source is stale after the health timeout (each may allow itself longer: an idle
         # API watch); health then fails, as it does for a sync owed too long.
         health.source_problems = source_problems(sources, health.timeout)
+        metrics.watch_sources(lambda: {s.source: s.failures for s in sources})
         status.sources = sources
         health.dataplane_problems = dataplane.problems
         if isinstance(dataplane, RelayStats):

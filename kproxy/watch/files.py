@@ -82,7 +82,12 @@ class ManifestSource:
     def run(self, sink: Sink, supervisor: Supervisor) -> None:
         """Follow PATH until stopped. Every look that left nothing unapplied shows the source
         current; one that failed raises, and the next run starts with a full scan."""
-        watch = self._open_watch()
+        try:
+            watch = self._open_watch()
+        except InotifyError as exc:  # a shortage (EMFILE...): poll, then try inotify again
+            self._report_mode("poll", str(exc))
+            self._run_polling(sink, supervisor, time.monotonic() + self.full_scan_seconds)
+            return
         try:
             if watch is None:
                 self._run_polling(sink, supervisor)
@@ -94,7 +99,8 @@ class ManifestSource:
 
     def _open_watch(self) -> TreeWatch | None:
         """A watch over PATH, or None where inotify cannot tell of every change (PATH a single
-        file or missing, inotify not available): then PATH is polled."""
+        file or missing, inotify not available): then PATH is polled. Raises InotifyError when
+        inotify is short of something that may come back (descriptors, watches)."""
         if not self.use_inotify:
             self._report_mode("poll", "inotify not wanted")
             return None
@@ -108,11 +114,14 @@ class ManifestSource:
         try:
             return TreeWatch(str(self.path), _is_manifest, Inotify())
         except InotifyError as exc:
+            if exc.shortage:
+                raise
             self._report_mode("poll", str(exc))
             return None
 
-    def _run_polling(self, sink: Sink, supervisor: Supervisor) -> None:
-        while not supervisor.stop.is_set():
+    def _run_polling(self, sink: Sink, supervisor: Supervisor, until: float | None = None) -> None:
+        """Poll until stopped, or until `until` (then the caller tries inotify again)."""
+        while not supervisor.stop.is_set() and (until is None or time.monotonic() < until):
             self.poll(sink, supervisor)
             supervisor.current()
             supervisor.stop.wait(self.poll_seconds)
@@ -136,9 +145,11 @@ class ManifestSource:
                 # Woken by an event at once; otherwise in time to show the source current.
                 wait = min(self.poll_seconds, max(0.0, next_scan - time.monotonic()))
                 changes = watch.changes(wait)
-        except InotifyError as exc:  # out of watches while the tree grew: poll from now on
+        except InotifyError as exc:  # out of watches or descriptors as the tree grew
             self._report_mode("poll", str(exc))
-            self._run_polling(sink, supervisor)
+            # A shortage may pass: poll for a while, then return to watch again.
+            until = time.monotonic() + self.full_scan_seconds if exc.shortage else None
+            self._run_polling(sink, supervisor, until)
 
     def _report_mode(self, mode: str, reason: str) -> None:
         if mode != self._mode:

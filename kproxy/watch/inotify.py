@@ -52,8 +52,21 @@ _HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; 
 _READ_SIZE = 64 * 1024
 
 
+# Out of descriptors, instances, memory or watches: maybe only for now, worth trying again.
+SHORTAGE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC))
+
+
 class InotifyError(KproxyError):
-    """inotify cannot be used here (no support, or out of instances or watches): poll instead."""
+    """inotify cannot be used here (no support, or out of instances or watches): poll instead.
+    `code` is the errno behind it, if any; `shortage` says it may pass."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def shortage(self) -> bool:
+        return self.code in SHORTAGE_ERRNOS
 
 
 @dataclass(frozen=True)
@@ -113,7 +126,8 @@ class Inotify:
             raise InotifyError(f"libc cannot be loaded ({exc})") from exc
         fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
-            raise InotifyError(f"inotify_init1 failed ({os.strerror(ctypes.get_errno())})")
+            code = ctypes.get_errno()
+            raise InotifyError(f"inotify_init1 failed ({os.strerror(code)})", code)
         self.fd: int = fd
 
     def add_watch(self, path: str, mask: int) -> int:
@@ -200,7 +214,7 @@ class TreeWatch:
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 return  # removed while being walked: gone
-            raise InotifyError(f"cannot watch {directory} ({exc.strerror})") from exc
+            raise InotifyError(f"cannot watch {directory} ({exc.strerror})", exc.errno) from exc
         yield wd, directory
         for entry in entries:
             try:

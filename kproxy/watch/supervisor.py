@@ -10,6 +10,7 @@ is alive but stuck, or a thread that ended anyway, fails `/livez` instead of goi
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -18,6 +19,9 @@ from dataclasses import dataclass
 import structlog
 
 log = structlog.get_logger("kproxy.watch")
+
+# Object addresses in messages (urllib3 names its connection object): no part of the failure.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 @dataclass
@@ -43,8 +47,9 @@ class Supervisor:
     once) and raises when it failed (wait, then retry). It calls `current()` whenever its source
     proved to be up to date, and sets `handling` to the object it is working on, for the log.
     Exceptions of the `transient` types are expected trouble (the API server away, the manifest
-    directory missing): a warning `transient_event`; anything else is an error `source_failed`
-    with its traceback.
+    directory missing, EMFILE): a warning `transient_event`; anything else is an error
+    `source_failed` with its traceback. A run of the same failure is logged once (every one is
+    counted in `failures`); the source being current again ends the run (`source_recovered`).
     """
 
     def __init__(
@@ -75,6 +80,7 @@ class Supervisor:
         self.failures = 0
         self.runs = 0  # calls of `body`: every one after the first is a reconnect or retry
         self.last_error = ""
+        self._quiet_failures = 0  # failures not logged since the run's first
         self._last_current = clock()
         self._thread: threading.Thread | None = None
 
@@ -86,7 +92,16 @@ class Supervisor:
     def current(self) -> None:
         """The source is up to date with what it reads from."""
         self._last_current = self.clock()
-        self.last_error = ""
+        if self.last_error:
+            log.info(
+                "source_recovered",
+                source=self.source,
+                **self.context,
+                error=self.last_error,
+                repeated=self._quiet_failures,
+            )
+            self.last_error = ""
+            self._quiet_failures = 0
         self.backoff.reset()
 
     def run(self) -> None:
@@ -101,8 +116,16 @@ class Supervisor:
 
     def _failed(self, exc: Exception) -> None:
         self.failures += 1
-        self.last_error = f"{type(exc).__name__}: {exc}"
+        error = _describe(exc)
         delay = self.backoff.next()
+        same = bool(self.last_error) and _ADDRESS.sub("", error) == _ADDRESS.sub(
+            "", self.last_error
+        )
+        self.last_error = error
+        if same:  # the same failure again, the source not current since: counted, not logged
+            self._quiet_failures += 1
+            self.stop.wait(delay)
+            return
         fields: dict[str, object] = {"source": self.source, **self.context}
         fields.update(error=self.last_error, retry_in=round(delay, 2))
         if self.handling is not None:
@@ -126,6 +149,14 @@ class Supervisor:
             return None
         why = f"source {self.source}: not current for {silent:.0f} s"
         return f"{why} ({self.last_error})" if self.last_error else why
+
+
+def _describe(exc: Exception) -> str:
+    """`Type: message`, even for an exception whose str() fails (the thread must not end)."""
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception:  # any failure of a foreign __str__
+        return f"{type(exc).__name__}: (no message)"
 
 
 def source_problems(supervisors: Sequence[Supervisor], timeout: float) -> Callable[[], list[str]]:

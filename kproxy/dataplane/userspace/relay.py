@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from kproxy.dataplane.userspace.balancer import LoadBalancerRR
+from kproxy.dataplane.userspace.caps import CapLimits, ConnectionCaps, default_limits
 from kproxy.dataplane.userspace.ports import PortAllocator
 from kproxy.dataplane.userspace.pump import HAS_SPLICE
 from kproxy.dataplane.userspace.spec import (
@@ -58,6 +59,7 @@ class Relay:
         use_splice: bool = HAS_SPLICE,
         rng: random.Random | None = None,
         clock: Callable[[], float] | None = None,
+        caps: CapLimits | None = None,
     ) -> None:
         if udp_idle_timeout <= 0:
             raise KproxyError("udpIdleTimeout must be greater than zero")
@@ -69,6 +71,9 @@ class Relay:
         self._running: dict[ListenerKey, _Running] = {}
         self._counters: dict[ListenerKey, ServicePortCounters] = {}
         self._connections: set[asyncio.Task[None]] = set()
+        # Sized from the open-file limit at start() (after raising it), unless given.
+        self._limits = caps
+        self._caps = ConnectionCaps(caps or CapLimits(1, 1))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -78,6 +83,7 @@ class Relay:
         if self._thread is not None:
             return
         raise_open_files_limit()
+        self._caps.limits = self._limits or default_limits()
         loop = asyncio.new_event_loop()
         self._loop = loop
         self._thread = threading.Thread(
@@ -106,6 +112,10 @@ class Relay:
 
     def bound_ports(self) -> dict[ListenerKey, int]:
         return {key: r.port for key, r in list(self._running.items())}
+
+    def limits(self) -> CapLimits:
+        """The caps in force (meaningful once started)."""
+        return self._caps.limits
 
     def alive(self) -> bool:
         """For health: the loop thread still runs."""
@@ -175,9 +185,11 @@ class Relay:
         counters = self._counters.setdefault(key, ServicePortCounters())
         listener: Listener
         if spec.protocol is Protocol.TCP:
-            listener = TcpListener(sock, balancer, counters, self._tcp, self._connections)
+            listener = TcpListener(
+                sock, balancer, counters, self._tcp, self._connections, self._caps
+            )
         else:
-            listener = UdpListener(sock, balancer, counters, self._udp_idle)
+            listener = UdpListener(sock, balancer, counters, self._udp_idle, self._caps)
         listener.start()
         return _Running(spec, listener, int(sock.getsockname()[1]), allocated)
 

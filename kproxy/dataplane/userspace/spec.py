@@ -49,6 +49,9 @@ class ServicePortCounters:
     udp_datagrams_dropped: int = 0
     # Sockets the kernel refused (EMFILE and the like): that connection or datagram was dropped.
     socket_failures: int = 0
+    # Connections reset (UDP: datagrams dropped) at the relay's caps, by which cap.
+    refused_service_cap: int = 0
+    refused_total_cap: int = 0
 
     def snapshot(self) -> dict[str, int]:
         return dict(self.__dict__)

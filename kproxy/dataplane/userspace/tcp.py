@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import struct
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kproxy.dataplane.userspace.balancer import EndpointAddr, LoadBalancerRR, NoEndpointsError
+from kproxy.dataplane.userspace.caps import ConnectionCaps
 from kproxy.dataplane.userspace.pump import Count, copy_pump, splice_pump
 from kproxy.dataplane.userspace.shortage import SHORTAGE
 from kproxy.dataplane.userspace.spec import ServicePortCounters
@@ -168,11 +170,13 @@ class TcpListener:
         counters: ServicePortCounters,
         options: TcpOptions,
         connections: set[asyncio.Task[None]],
+        caps: ConnectionCaps,
     ) -> None:
         self.sock = sock
         self.balancer = balancer
         self.counters = counters
         self._options = options
+        self._caps = caps
         # Owned by the relay, not by this listener: connections outlive a closed listener.
         self._connections = connections
         self._backoff: asyncio.TimerHandle | None = None
@@ -203,10 +207,19 @@ class TcpListener:
                 loop.remove_reader(self.sock.fileno())
                 self._backoff = loop.call_later(ACCEPT_BACKOFF, self._resume)
                 return
+            if not self._caps.admit(self.counters):
+                reset_close(conn)  # at a cap: the client sees a reset at once
+                continue
             conn.setblocking(False)
             task = loop.create_task(self._serve(conn, str(addr[0])))
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
+            # In a callback, not in _serve: a task cancelled before it ran still gives back.
+            task.add_done_callback(functools.partial(self._served, conn))
+
+    def _served(self, conn: socket.socket, _task: asyncio.Task[None]) -> None:
+        conn.close()
+        self._caps.release(self.counters)
 
     def _resume(self) -> None:
         self._backoff = None
@@ -215,13 +228,8 @@ class TcpListener:
     async def _serve(self, conn: socket.socket, client_ip: str) -> None:
         counters = self.counters
         counters.connections_total += 1
-        counters.active_connections += 1
-        try:
-            backend = await dial_endpoint(self.balancer, client_ip, self._options, counters)
-            if backend is None:
-                reset_close(conn)
-                return
-            await relay_connection(conn, backend, counters, self._options.use_splice)
-        finally:
-            counters.active_connections -= 1
-            conn.close()
+        backend = await dial_endpoint(self.balancer, client_ip, self._options, counters)
+        if backend is None:
+            reset_close(conn)
+            return
+        await relay_connection(conn, backend, counters, self._options.use_splice)

@@ -8,6 +8,7 @@ import socket
 import struct
 
 from kproxy.dataplane.userspace.balancer import LoadBalancerRR, NoEndpointsError
+from kproxy.dataplane.userspace.caps import ConnectionCaps
 from kproxy.dataplane.userspace.shortage import SHORTAGE
 from kproxy.dataplane.userspace.spec import ServicePortCounters
 
@@ -118,11 +119,13 @@ class UdpListener:
         balancer: LoadBalancerRR,
         counters: ServicePortCounters,
         idle_timeout: float,
+        caps: ConnectionCaps,
     ) -> None:
         self.sock = sock
         self.balancer = balancer
         self.counters = counters
         self.idle_timeout = idle_timeout
+        self._caps = caps
         self._mappings: dict[ClientAddr, _Mapping] = {}
         self._bound: tuple[str, int] = tuple(sock.getsockname()[:2])  # before any connect
         self._refusing = False
@@ -206,27 +209,30 @@ class UdpListener:
         except NoEndpointsError:
             self.counters.no_endpoint_rejects += 1
             return None
+        if not self._caps.admit(self.counters):
+            return None  # at a cap: this datagram is dropped, one after a mapping ends passes
         family = socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET
         backend = SHORTAGE.open(family, socket.SOCK_DGRAM, self.counters)
         if backend is None:
+            self._caps.release(self.counters)
             return None  # EMFILE and the like: this datagram is dropped, the next may pass
         size_buffers(backend)
         try:
             backend.connect(endpoint)
         except OSError:
             backend.close()
+            self._caps.release(self.counters)
             self.counters.dial_failures += 1
             return None
         mapping = _Mapping(self, client, backend)
         self._mappings[client] = mapping
         self.counters.udp_mappings += 1
-        self.counters.active_connections += 1
         return mapping
 
     def drop_mapping(self, mapping: _Mapping) -> None:
         if self._mappings.get(mapping.client) is mapping:
             del self._mappings[mapping.client]
-            self.counters.active_connections -= 1
+            self._caps.release(self.counters)
         mapping.close()
 
     def send_to_client(self, data: bytes, client: ClientAddr, local: bytes | None) -> None:
