@@ -39,7 +39,7 @@ from kproxy.model.node import NodeInfo
 from kproxy.state.ingest import node_for
 from kproxy.sync.agent import SourceStarter, run_agent
 from kproxy.sync.modes import proxy_mode
-from kproxy.sync.once import once_loop, state_from_manifests, sync_once
+from kproxy.sync.once import once_loop, refuse_empty_input, state_from_manifests, sync_once
 from kproxy.watch.files import ManifestSource
 from kproxy.watch.manifests import Manifests, load_manifests, log_ignored_documents
 
@@ -86,6 +86,8 @@ def resolve_hostname(flag: str | None, config: ProxyConfig) -> str:
 def read_manifests(path: str) -> Manifests:
     manifests = load_manifests(path)
     log_ignored_documents(manifests)
+    if not (manifests.services or manifests.endpoint_slices or manifests.nodes):
+        log.warning("manifests_empty", path=path, problem="no Service, EndpointSlice or Node")
     return manifests
 
 
@@ -107,6 +109,20 @@ def node_families() -> tuple[int, ...]:
 
 def _report_invalid(exc: InvalidObjectError) -> None:
     log.warning("object_skipped", object=exc.obj, field=exc.field, problem=exc.problem)
+
+
+def in_live_mode(config: ProxyConfig, config_path: str | None, family: int) -> ProxyConfig:
+    """The config for reading this node's live rules: without --config, in the mode the kernel
+    shows (see inspect/live_mode.py). Says which mode's rules it reads, in one line on stderr."""
+    from kproxy.inspect.live_mode import describe_mode, detect_live_mode
+
+    found = None
+    if config_path is None:
+        live = detect_live_mode(family)
+        config = dataclasses.replace(config, mode=live.mode)
+        found = live.found
+    click.echo(describe_mode(proxy_mode(config).name, found), err=True)
+    return config
 
 
 def _node_and_config(
@@ -160,7 +176,7 @@ lock_timeout_option = click.option(
 @click.group()
 @click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True)
 def cli(log_level: str) -> None:
-    """kproxy: kube-proxy's iptables mode, in Python."""
+    """kproxy: kube-proxy in Python, in its iptables, nftables and userspace modes."""
     configure_logging(log_level)
 
 
@@ -173,11 +189,17 @@ def cli(log_level: str) -> None:
     type=click.Path(exists=True),
     help="YAML/JSON file or directory with Services, EndpointSlices and Nodes.",
 )
+@click.option(
+    "--allow-empty",
+    is_flag=True,
+    help="Sync even when the manifests hold no Service: that removes every service rule.",
+)
 @lock_timeout_option
 @common_options
 def sync(
     once: bool,
     manifests_path: str,
+    allow_empty: bool,
     lock_timeout: float,
     config_path: str | None,
     hostname: str | None,
@@ -190,6 +212,8 @@ def sync(
     manifests = read_manifests(manifests_path)
     node, config = _node_and_config(manifests, config_path, hostname)
     state = state_from_manifests(manifests, _report_invalid, config)
+    if not allow_empty:
+        refuse_empty_input(state, manifests_path)
     mode = proxy_mode(config)
     with mode.open_dataplane(config, lock_timeout) as dataplane:  # refuses first if not root
         loop = once_loop(state, with_host_facts(node), config, mode, dataplane)
@@ -207,6 +231,14 @@ def _wait_for_stop_signal() -> None:
         signal.signal(signum, lambda *_: stop.set())
     while not stop.wait(1.0):
         pass
+
+
+# Planned userspace rules name no relay port: sync binds the listeners, and the kernel picks them.
+RELAY_PORT_NOTE = (
+    "# port 0 (--to-ports 0, --to-destination ADDRESS:0, --dport 0) stands for a relay "
+    "listener's port, which sync picks when it binds the listener; `kproxy dump` without "
+    "--manifests shows the ports in use\n"
+)
 
 
 @cli.command()
@@ -247,12 +279,13 @@ def dump(
     config_path: str | None,
     hostname: str | None,
 ) -> None:
-    """Print kproxy's chains in iptables-save format."""
+    """Print kproxy's rules as the mode's own tools show them: iptables-save format in the
+    iptables and userspace modes, `nft list table` in the nftables mode."""
     if show_diff:
         _dump_diff(manifests_path, kubeconfig, family, lock_timeout, config_path, hostname)
         return
     if manifests_path is None:
-        config = load_config_file(config_path)
+        config = in_live_mode(load_config_file(config_path), config_path, int(family or 4))
         text = proxy_mode(config).read_live(int(family or 4))
     else:
         manifests = read_manifests(manifests_path)
@@ -263,6 +296,8 @@ def dump(
             state.services_map(), state.endpoints_map(), with_host_facts(node), (int(family or 4),)
         )
         text = mode.render_plan(plan, int(family or 4))
+        if mode.serves_in_process:
+            text = RELAY_PORT_NOTE + text
     sys.stdout.write(text)
 
 
@@ -285,8 +320,9 @@ def _dump_diff(
         api = api_client(kubeconfig or config.kubeconfig or None)
         manifests = ApiSource(api, resolve_hostname(hostname, config)).list_once()
     node, config = _node_and_config(manifests, config_path, hostname)
-    state = state_from_manifests(manifests, _report_invalid, config)
     families = (int(family),) if family else node_families()
+    config = in_live_mode(config, config_path, families[0])
+    state = state_from_manifests(manifests, _report_invalid, config)
     diffs = diff_next_sync(state, with_host_facts(node), config, families, lock_timeout)
     sys.stdout.write(render_diffs(diffs))
     sys.exit(1 if diffs else 0)
@@ -477,7 +513,7 @@ def trace(
     hostname: str | None,
 ) -> None:
     """Where a connection from SRC to DST:PORT goes through this node's rules, and why."""
-    from kproxy.inspect.trace_cmd import TraceRequest, trace_live, trace_planned
+    from kproxy.inspect.trace_cmd import TraceRequest, request_family, trace_live, trace_planned
     from kproxy.inspect.trace_view import render_trace, trace_json
 
     request = TraceRequest(protocol, destination, source, in_interface)
@@ -489,7 +525,7 @@ def trace(
         node = dataclasses.replace(node, local_addresses=tuple(local))
         explanation = trace_planned(request, state, node, config)
     else:
-        config = load_config_file(config_path)
+        config = in_live_mode(load_config_file(config_path), config_path, request_family(request))
         local = node_addresses or read_local_addresses()
         node = NodeInfo(name=resolve_hostname(hostname, config))
         explanation = trace_live(request, config, local, node, lock_timeout)
