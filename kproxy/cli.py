@@ -11,19 +11,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import structlog
 import yaml
 
-from kproxy.dataplane.host import (
-    ipv6_supported,
-    read_local_addresses,
-    route_localnet_left,
-    with_host_facts,
-)
-from kproxy.dataplane.nftables.node import delete_nftables_tables
 from kproxy.errors import (
     ConfigError,
     InvalidObjectError,
@@ -37,12 +30,14 @@ from kproxy.model.config_fields import BY_FLAG, FIELDS, suggest_field
 from kproxy.model.config_values import GO_FALSE, GO_TRUE, parse_go_bool
 from kproxy.model.node import NodeInfo
 from kproxy.state.ingest import node_for
-from kproxy.sync.agent import SourceStarter, run_agent
-from kproxy.sync.modes import proxy_mode
-from kproxy.sync.once import once_loop, refuse_empty_input, state_from_manifests, sync_once
-from kproxy.watch.files import ManifestSource
 from kproxy.watch.manifests import Manifests, load_manifests, log_ignored_documents
 
+if TYPE_CHECKING:
+    from kproxy.state.cluster import ClusterState
+    from kproxy.sync.agent import SourceStarter
+
+# The commands import the layers they use in their bodies: `kproxy --help` (and a command that
+# needs no kernel library or sync machinery) starts without loading them.
 log = structlog.get_logger("kproxy")
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -104,6 +99,8 @@ def read_all_manifests(paths: Sequence[str]) -> Manifests:
 
 def node_families() -> tuple[int, ...]:
     """The families the agent programs here: IPv4, and IPv6 where the namespace has it."""
+    from kproxy.dataplane.host import ipv6_supported
+
     return (4, 6) if ipv6_supported() else (4,)
 
 
@@ -111,10 +108,29 @@ def _report_invalid(exc: InvalidObjectError) -> None:
     log.warning("object_skipped", object=exc.obj, field=exc.field, problem=exc.problem)
 
 
+def _state(manifests: Manifests, config: ProxyConfig) -> ClusterState:
+    from kproxy.sync.once import state_from_manifests
+
+    return state_from_manifests(manifests, _report_invalid, config)
+
+
+def _with_host_facts(node: NodeInfo) -> NodeInfo:
+    from kproxy.dataplane.host import with_host_facts
+
+    return with_host_facts(node)
+
+
+def _local_addresses() -> tuple[str, ...]:
+    from kproxy.dataplane.host import read_local_addresses
+
+    return read_local_addresses()
+
+
 def in_live_mode(config: ProxyConfig, config_path: str | None, family: int) -> ProxyConfig:
     """The config for reading this node's live rules: without --config, in the mode the kernel
     shows (see inspect/live_mode.py). Says which mode's rules it reads, in one line on stderr."""
     from kproxy.inspect.live_mode import describe_mode, detect_live_mode
+    from kproxy.sync.modes import proxy_mode
 
     found = None
     if config_path is None:
@@ -208,15 +224,18 @@ def sync(
 
     In userspace mode (`mode: userspace` in --config) it programs the portals and then relays
     connections in the foreground until SIGTERM or Ctrl-C: it does not return before that."""
+    from kproxy.sync.modes import proxy_mode
+    from kproxy.sync.once import once_loop, refuse_empty_input, sync_once
+
     started = time.monotonic()
     manifests = read_manifests(manifests_path)
     node, config = _node_and_config(manifests, config_path, hostname)
-    state = state_from_manifests(manifests, _report_invalid, config)
+    state = _state(manifests, config)
     if not allow_empty:
         refuse_empty_input(state, manifests_path)
     mode = proxy_mode(config)
     with mode.open_dataplane(config, lock_timeout) as dataplane:  # refuses first if not root
-        loop = once_loop(state, with_host_facts(node), config, mode, dataplane)
+        loop = once_loop(state, _with_host_facts(node), config, mode, dataplane)
         report = sync_once(loop)
         click.echo(report.summary(time.monotonic() - started))
         if mode.serves_in_process:
@@ -281,6 +300,8 @@ def dump(
 ) -> None:
     """Print kproxy's rules as the mode's own tools show them: iptables-save format in the
     iptables and userspace modes, `nft list table` in the nftables mode."""
+    from kproxy.sync.modes import proxy_mode
+
     if show_diff:
         _dump_diff(manifests_path, kubeconfig, family, lock_timeout, config_path, hostname)
         return
@@ -290,10 +311,10 @@ def dump(
     else:
         manifests = read_manifests(manifests_path)
         node, config = _node_and_config(manifests, config_path, hostname)
-        state = state_from_manifests(manifests, _report_invalid, config)
+        state = _state(manifests, config)
         mode = proxy_mode(config)
         plan = mode.planner(config).plan(
-            state.services_map(), state.endpoints_map(), with_host_facts(node), (int(family or 4),)
+            state.services_map(), state.endpoints_map(), _with_host_facts(node), (int(family or 4),)
         )
         text = mode.render_plan(plan, int(family or 4))
         if mode.serves_in_process:
@@ -322,8 +343,8 @@ def _dump_diff(
     node, config = _node_and_config(manifests, config_path, hostname)
     families = (int(family),) if family else node_families()
     config = in_live_mode(config, config_path, families[0])
-    state = state_from_manifests(manifests, _report_invalid, config)
-    diffs = diff_next_sync(state, with_host_facts(node), config, families, lock_timeout)
+    state = _state(manifests, config)
+    diffs = diff_next_sync(state, _with_host_facts(node), config, families, lock_timeout)
     sys.stdout.write(render_diffs(diffs))
     sys.exit(1 if diffs else 0)
 
@@ -333,6 +354,10 @@ def _dump_diff(
 def cleanup(lock_timeout: float) -> None:
     """Remove every chain and jump rule kproxy or kube-proxy (iptables mode) created, and both
     families' `kube-proxy` nftables tables (the nftables mode's, kproxy's or upstream's)."""
+    from kproxy.dataplane.host import route_localnet_left
+    from kproxy.dataplane.nftables.node import delete_nftables_tables
+    from kproxy.sync.modes import proxy_mode
+
     with proxy_mode(ProxyConfig()).open_dataplane(ProxyConfig(), lock_timeout) as dataplane:
         result = dataplane.cleanup()
     removed_jumps = sum(len(p) for t in result.tables for p in t.remove_jumps.values())
@@ -433,6 +458,9 @@ def run(
     if cleanup_only:
         click.get_current_context().invoke(cleanup, lock_timeout=lock_timeout)
         return
+    from kproxy.sync.agent import run_agent
+    from kproxy.watch.files import ManifestSource
+
     node_name = resolve_hostname(None, config)
     if manifests_path is not None:
         start_source: SourceStarter = ManifestSource(manifests_path, node_name).start
@@ -520,13 +548,13 @@ def trace(
     if manifests_paths:
         manifests = read_all_manifests(manifests_paths)
         node, config = _node_and_config(manifests, config_path, hostname)
-        state = state_from_manifests(manifests, _report_invalid, config)
-        local = node_addresses or read_local_addresses()
+        state = _state(manifests, config)
+        local = node_addresses or _local_addresses()
         node = dataclasses.replace(node, local_addresses=tuple(local))
         explanation = trace_planned(request, state, node, config)
     else:
         config = in_live_mode(load_config_file(config_path), config_path, request_family(request))
-        local = node_addresses or read_local_addresses()
+        local = node_addresses or _local_addresses()
         node = NodeInfo(name=resolve_hostname(hostname, config))
         explanation = trace_live(request, config, local, node, lock_timeout)
     if output == "json":
