@@ -352,8 +352,8 @@ def _dump_diff(
 @cli.command()
 @lock_timeout_option
 def cleanup(lock_timeout: float) -> None:
-    """Remove every chain and jump rule kproxy or kube-proxy (iptables mode) created, and both
-    families' `kube-proxy` nftables tables (the nftables mode's, kproxy's or upstream's)."""
+    """Remove every mode's rules: the iptables and userspace modes' chains and jump rules
+    (kproxy's or kube-proxy's) and both families' `kube-proxy` nftables tables."""
     from kproxy.dataplane.host import route_localnet_left
     from kproxy.dataplane.nftables.node import delete_nftables_tables
     from kproxy.sync.modes import proxy_mode
