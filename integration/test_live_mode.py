@@ -1,10 +1,13 @@
 """`kproxy dump`, `trace` and `dump --diff` without `--config` read the mode the node's kernel
 shows (an nftables-mode node's `kube-proxy` table, not the empty legacy chains) and say which
-one they read; `sync --once` of an empty input refuses to remove every rule unless asked."""
+one they read; `sync --once` of an empty input refuses to remove every rule unless asked, and
+its "with start-up" figure is the whole process's time."""
 
 from __future__ import annotations
 
 import json
+import re
+import sys
 
 import pytest
 
@@ -80,3 +83,22 @@ def test_sync_of_an_empty_input_keeps_the_rules_unless_allowed(cluster: Cluster)
 
     _kproxy(cluster, *args, "--allow-empty")
     assert VIP not in cluster.rules()
+
+
+@pytest.mark.parametrize("proxy_mode", ["iptables"], indirect=True)
+def test_start_up_figure_is_the_whole_process(cluster: Cluster) -> None:
+    # A process that spends a second before kproxy's code runs (as a slow interpreter start or
+    # import would): the "with start-up" figure counts it. A lower bound only, never timed.
+    backends = [cluster.backend("web-1", "192.168.1.10", TARGET)]
+    cluster.service("web", VIP, PORT, backends, TARGET)
+    argv = ["sync", "--once", "--manifests", str(cluster.manifests)]
+    code = (
+        "import sys, time; time.sleep(1.0); from kproxy.cli import main; "
+        f"sys.argv = ['kproxy', *{argv!r}]; main()"
+    )
+    proc = cluster.node.run(
+        sys.executable, "-P", "-c", code, env={"XTABLES_LOCKFILE": str(cluster.lock_file)}
+    )
+    found = re.search(r"\(([0-9.]+)s with start-up\)", proc.stdout)
+    assert found, proc.stdout
+    assert float(found.group(1)) >= 1.0, proc.stdout
