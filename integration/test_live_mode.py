@@ -14,6 +14,7 @@ import pytest
 from integration.conftest import Cluster
 from integration.manifests import NODE_NAME
 from integration.netns import run_kproxy
+from integration.test_userspace import userspace_proxy
 
 VIP = "10.96.100.10"
 PORT = 80
@@ -52,6 +53,18 @@ def test_nftables_node_is_read_as_nftables_without_config(cluster: Cluster) -> N
     code, diff, said = _kproxy(cluster, "dump", "--diff", "--family", "4", *manifests, check=False)
     assert code == 0, diff  # the nftables plan matches the table; the iptables one would not
     assert "nftables mode" in said, said
+
+
+@pytest.mark.parametrize("proxy_mode", ["iptables"], indirect=True)
+def test_userspace_node_is_read_as_userspace_without_config(cluster: Cluster) -> None:
+    backends = [cluster.backend("web-1", "192.168.1.10", TARGET)]
+    cluster.service("web", VIP, PORT, backends, TARGET)
+    with userspace_proxy(cluster):
+        # (What `dump` prints of a userspace node is the mode's read_live's business.)
+        _, _, said = _kproxy(cluster, "dump")
+        _, traced, _ = _kproxy(cluster, "trace", "tcp", f"{VIP}:{PORT}", "--output", "json")
+    assert "reading the userspace mode's rules (no --config: nat chain KUBE-PORTALS-" in said
+    assert json.loads(traced)["outcome"] == "relayed", traced
 
 
 @pytest.mark.parametrize("proxy_mode", ["iptables"], indirect=True)
