@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,20 @@ def test_help_names_every_mode_and_no_single_format() -> None:
     assert "iptables, nftables and userspace" in top
     dump = CliRunner().invoke(cli, ["dump", "--help"]).stdout
     assert "nft list table" in dump
+
+
+def test_help_loads_no_kernel_library_cluster_client_or_mode() -> None:
+    # What `kproxy --help` imports, not how long it takes: the start-up figures are measured
+    # apart (see the closing note of issue 20).
+    code = (
+        "import sys; sys.argv = ['kproxy', '--help']\n"
+        "from kproxy.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "heavy = ('kubernetes', 'pyroute2', 'iptc', 'kproxy.sync.modes', 'kproxy.sync.agent')\n"
+        "print(' '.join(m for m in heavy if m in sys.modules), file=sys.stderr)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True
+    )
+    assert "Usage: kproxy" in proc.stdout
+    assert proc.stderr.strip() == "", proc.stderr
