@@ -129,17 +129,14 @@ def _local_addresses() -> tuple[str, ...]:
 
 def in_live_mode(config: ProxyConfig, config_path: str | None, family: int) -> ProxyConfig:
     """The config for reading this node's live rules: without --config, in the mode the kernel
-    shows (see inspect/live_mode.py). Says which mode's rules it reads, in one line on stderr."""
+    shows (see inspect/live_mode.py), said in one line on stderr."""
     from kproxy.inspect.live_mode import describe_mode, detect_live_mode
-    from kproxy.sync.modes import proxy_mode
 
-    found = None
-    if config_path is None:
-        live = detect_live_mode(family)
-        config = dataclasses.replace(config, mode=live.mode)
-        found = live.found
-    click.echo(describe_mode(proxy_mode(config).name, found), err=True)
-    return config
+    if config_path is not None:
+        return config
+    live = detect_live_mode(family)
+    click.echo(describe_mode(live), err=True)
+    return dataclasses.replace(config, mode=live.mode)
 
 
 def _node_and_config(

@@ -39,9 +39,11 @@ def test_live_mode_follows_what_the_kernel_holds(
     assert found in live.found
 
 
-def test_the_line_says_where_the_mode_came_from() -> None:
-    assert describe_mode("nftables", None).endswith("(from --config)")
-    assert "no --config: x" in describe_mode("iptables", "x")
+def test_the_line_says_why_that_mode() -> None:
+    line = describe_mode(decide_live_mode({"kube-proxy"}, set()))
+    assert line == (
+        "kproxy: reading the nftables mode's rules (no --config: nftables table 'kube-proxy' found)"
+    )
 
 
 def test_an_empty_manifest_file_or_directory_is_warned_about(tmp_path: Path) -> None:

@@ -42,7 +42,6 @@ def detect_live_mode(family: int) -> LiveMode:
     return decide_live_mode(tables, read_legacy_chains("nat", family))
 
 
-def describe_mode(mode: str, found: str | None) -> str:
+def describe_mode(live: LiveMode) -> str:
     """The stderr line: which mode's rules a command read, and why that one."""
-    why = "from --config" if found is None else f"no --config: {found}"
-    return f"kproxy: reading the {mode} mode's rules ({why})"
+    return f"kproxy: reading the {live.mode} mode's rules (no --config: {live.found})"
