@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import socket
 import sys
@@ -11,19 +12,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import structlog
 import yaml
 
-from kproxy.dataplane.host import (
-    ipv6_supported,
-    read_local_addresses,
-    route_localnet_left,
-    with_host_facts,
-)
-from kproxy.dataplane.nftables.node import delete_nftables_tables
 from kproxy.errors import (
     ConfigError,
     InvalidObjectError,
@@ -37,12 +31,14 @@ from kproxy.model.config_fields import BY_FLAG, FIELDS, suggest_field
 from kproxy.model.config_values import GO_FALSE, GO_TRUE, parse_go_bool
 from kproxy.model.node import NodeInfo
 from kproxy.state.ingest import node_for
-from kproxy.sync.agent import SourceStarter, run_agent
-from kproxy.sync.modes import proxy_mode
-from kproxy.sync.once import once_loop, state_from_manifests, sync_once
-from kproxy.watch.files import ManifestSource
 from kproxy.watch.manifests import Manifests, load_manifests, log_ignored_documents
 
+if TYPE_CHECKING:
+    from kproxy.state.cluster import ClusterState
+    from kproxy.sync.agent import SourceStarter
+
+# The commands import the layers they use in their bodies: `kproxy --help` (and a command that
+# needs no kernel library or sync machinery) starts without loading them.
 log = structlog.get_logger("kproxy")
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -86,6 +82,8 @@ def resolve_hostname(flag: str | None, config: ProxyConfig) -> str:
 def read_manifests(path: str) -> Manifests:
     manifests = load_manifests(path)
     log_ignored_documents(manifests)
+    if not (manifests.services or manifests.endpoint_slices or manifests.nodes):
+        log.warning("manifests_empty", path=path, problem="no Service, EndpointSlice or Node")
     return manifests
 
 
@@ -102,11 +100,43 @@ def read_all_manifests(paths: Sequence[str]) -> Manifests:
 
 def node_families() -> tuple[int, ...]:
     """The families the agent programs here: IPv4, and IPv6 where the namespace has it."""
+    from kproxy.dataplane.host import ipv6_supported
+
     return (4, 6) if ipv6_supported() else (4,)
 
 
 def _report_invalid(exc: InvalidObjectError) -> None:
     log.warning("object_skipped", object=exc.obj, field=exc.field, problem=exc.problem)
+
+
+def _state(manifests: Manifests, config: ProxyConfig) -> ClusterState:
+    from kproxy.sync.once import state_from_manifests
+
+    return state_from_manifests(manifests, _report_invalid, config)
+
+
+def _with_host_facts(node: NodeInfo) -> NodeInfo:
+    from kproxy.dataplane.host import with_host_facts
+
+    return with_host_facts(node)
+
+
+def _local_addresses() -> tuple[str, ...]:
+    from kproxy.dataplane.host import read_local_addresses
+
+    return read_local_addresses()
+
+
+def in_live_mode(config: ProxyConfig, config_path: str | None, family: int) -> ProxyConfig:
+    """The config for reading this node's live rules: without --config, in the mode the kernel
+    shows (see inspect/live_mode.py), said in one line on stderr."""
+    from kproxy.inspect.live_mode import describe_mode, detect_live_mode
+
+    if config_path is not None:
+        return config
+    live = detect_live_mode(family)
+    click.echo(describe_mode(live), err=True)
+    return dataclasses.replace(config, mode=live.mode)
 
 
 def _node_and_config(
@@ -160,7 +190,7 @@ lock_timeout_option = click.option(
 @click.group()
 @click.option("--log-level", type=click.Choice(LEVELS), default="info", show_default=True)
 def cli(log_level: str) -> None:
-    """kproxy: kube-proxy's iptables mode, in Python."""
+    """kproxy: kube-proxy in Python, in its iptables, nftables and userspace modes."""
     configure_logging(log_level)
 
 
@@ -173,11 +203,17 @@ def cli(log_level: str) -> None:
     type=click.Path(exists=True),
     help="YAML/JSON file or directory with Services, EndpointSlices and Nodes.",
 )
+@click.option(
+    "--allow-empty",
+    is_flag=True,
+    help="Sync even when the manifests hold no Service: that removes every service rule.",
+)
 @lock_timeout_option
 @common_options
 def sync(
     once: bool,
     manifests_path: str,
+    allow_empty: bool,
     lock_timeout: float,
     config_path: str | None,
     hostname: str | None,
@@ -186,19 +222,34 @@ def sync(
 
     In userspace mode (`mode: userspace` in --config) it programs the portals and then relays
     connections in the foreground until SIGTERM or Ctrl-C: it does not return before that."""
-    started = time.monotonic()
+    from kproxy.sync.modes import proxy_mode
+    from kproxy.sync.once import once_loop, refuse_empty_input, sync_once
+
     manifests = read_manifests(manifests_path)
     node, config = _node_and_config(manifests, config_path, hostname)
-    state = state_from_manifests(manifests, _report_invalid, config)
+    state = _state(manifests, config)
+    if not allow_empty:
+        refuse_empty_input(state, manifests_path)
     mode = proxy_mode(config)
     with mode.open_dataplane(config, lock_timeout) as dataplane:  # refuses first if not root
-        loop = once_loop(state, with_host_facts(node), config, mode, dataplane)
+        loop = once_loop(state, _with_host_facts(node), config, mode, dataplane)
         report = sync_once(loop)
-        click.echo(report.summary(time.monotonic() - started))
+        click.echo(report.summary(process_seconds()))
         if mode.serves_in_process:
             click.echo("relaying connections (userspace mode) until SIGTERM or Ctrl-C", err=True)
             _wait_for_stop_signal()
             mode.on_stop(loop)
+
+
+def process_seconds() -> float:
+    """How long this process has run, from its exec (interpreter start-up and imports included),
+    to the kernel's 10 ms tick: /proc/self/stat's start time against the boot clock."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime, in ticks
+    except (OSError, ValueError, IndexError):
+        return time.process_time()  # no /proc: the CPU time, a lower bound
+    return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
 
 
 def _wait_for_stop_signal() -> None:
@@ -207,6 +258,14 @@ def _wait_for_stop_signal() -> None:
         signal.signal(signum, lambda *_: stop.set())
     while not stop.wait(1.0):
         pass
+
+
+# Planned userspace rules name no relay port: sync binds the listeners, and the kernel picks them.
+RELAY_PORT_NOTE = (
+    "# port 0 (--to-ports 0, --to-destination ADDRESS:0, --dport 0) stands for a relay "
+    "listener's port, which sync picks when it binds the listener; `kproxy dump` without "
+    "--manifests shows the ports in use\n"
+)
 
 
 @cli.command()
@@ -247,22 +306,27 @@ def dump(
     config_path: str | None,
     hostname: str | None,
 ) -> None:
-    """Print kproxy's chains in iptables-save format."""
+    """Print kproxy's rules as the mode's own tools show them: iptables-save format in the
+    iptables and userspace modes, `nft list table` in the nftables mode."""
+    from kproxy.sync.modes import proxy_mode
+
     if show_diff:
         _dump_diff(manifests_path, kubeconfig, family, lock_timeout, config_path, hostname)
         return
     if manifests_path is None:
-        config = load_config_file(config_path)
+        config = in_live_mode(load_config_file(config_path), config_path, int(family or 4))
         text = proxy_mode(config).read_live(int(family or 4))
     else:
         manifests = read_manifests(manifests_path)
         node, config = _node_and_config(manifests, config_path, hostname)
-        state = state_from_manifests(manifests, _report_invalid, config)
+        state = _state(manifests, config)
         mode = proxy_mode(config)
         plan = mode.planner(config).plan(
-            state.services_map(), state.endpoints_map(), with_host_facts(node), (int(family or 4),)
+            state.services_map(), state.endpoints_map(), _with_host_facts(node), (int(family or 4),)
         )
         text = mode.render_plan(plan, int(family or 4))
+        if mode.serves_in_process:
+            text = RELAY_PORT_NOTE + text
     sys.stdout.write(text)
 
 
@@ -285,9 +349,10 @@ def _dump_diff(
         api = api_client(kubeconfig or config.kubeconfig or None)
         manifests = ApiSource(api, resolve_hostname(hostname, config)).list_once()
     node, config = _node_and_config(manifests, config_path, hostname)
-    state = state_from_manifests(manifests, _report_invalid, config)
     families = (int(family),) if family else node_families()
-    diffs = diff_next_sync(state, with_host_facts(node), config, families, lock_timeout)
+    config = in_live_mode(config, config_path, families[0])
+    state = _state(manifests, config)
+    diffs = diff_next_sync(state, _with_host_facts(node), config, families, lock_timeout)
     sys.stdout.write(render_diffs(diffs))
     sys.exit(1 if diffs else 0)
 
@@ -295,8 +360,12 @@ def _dump_diff(
 @cli.command()
 @lock_timeout_option
 def cleanup(lock_timeout: float) -> None:
-    """Remove every chain and jump rule kproxy or kube-proxy (iptables mode) created, and both
-    families' `kube-proxy` nftables tables (the nftables mode's, kproxy's or upstream's)."""
+    """Remove every mode's rules: the iptables and userspace modes' chains and jump rules
+    (kproxy's or kube-proxy's) and both families' `kube-proxy` nftables tables."""
+    from kproxy.dataplane.host import route_localnet_left
+    from kproxy.dataplane.nftables.node import delete_nftables_tables
+    from kproxy.sync.modes import proxy_mode
+
     with proxy_mode(ProxyConfig()).open_dataplane(ProxyConfig(), lock_timeout) as dataplane:
         result = dataplane.cleanup()
     removed_jumps = sum(len(p) for t in result.tables for p in t.remove_jumps.values())
@@ -397,6 +466,9 @@ def run(
     if cleanup_only:
         click.get_current_context().invoke(cleanup, lock_timeout=lock_timeout)
         return
+    from kproxy.sync.agent import run_agent
+    from kproxy.watch.files import ManifestSource
+
     node_name = resolve_hostname(None, config)
     if manifests_path is not None:
         start_source: SourceStarter = ManifestSource(manifests_path, node_name).start
@@ -477,20 +549,20 @@ def trace(
     hostname: str | None,
 ) -> None:
     """Where a connection from SRC to DST:PORT goes through this node's rules, and why."""
-    from kproxy.inspect.trace_cmd import TraceRequest, trace_live, trace_planned
+    from kproxy.inspect.trace_cmd import TraceRequest, request_family, trace_live, trace_planned
     from kproxy.inspect.trace_view import render_trace, trace_json
 
     request = TraceRequest(protocol, destination, source, in_interface)
     if manifests_paths:
         manifests = read_all_manifests(manifests_paths)
         node, config = _node_and_config(manifests, config_path, hostname)
-        state = state_from_manifests(manifests, _report_invalid, config)
-        local = node_addresses or read_local_addresses()
+        state = _state(manifests, config)
+        local = node_addresses or _local_addresses()
         node = dataclasses.replace(node, local_addresses=tuple(local))
         explanation = trace_planned(request, state, node, config)
     else:
-        config = load_config_file(config_path)
-        local = node_addresses or read_local_addresses()
+        config = in_live_mode(load_config_file(config_path), config_path, request_family(request))
+        local = node_addresses or _local_addresses()
         node = NodeInfo(name=resolve_hostname(hostname, config))
         explanation = trace_live(request, config, local, node, lock_timeout)
     if output == "json":

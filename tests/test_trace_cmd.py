@@ -256,6 +256,9 @@ def test_userspace_trace_ends_at_the_relay_with_its_endpoints() -> None:
     [
         (TraceRequest("tcp", "10.0.0.1"), "expected ADDRESS:PORT"),
         (TraceRequest("tcp", "10.0.0.1:0"), "is not 1-65535"),
+        (TraceRequest("tcp", "1.2.3:80"), "'1.2.3' is not an IP address"),
+        (TraceRequest("tcp", "[fd00::zz]:80"), "'fd00::zz' is not an IP address"),
+        (TraceRequest("tcp", "10.0.0.1:http"), "'http' is not a port number"),
         (TraceRequest("tcp", "10.0.0.1:80", "fd00::1"), "different families"),
         (TraceRequest("tcp", "10.0.0.1:80", "pod-a"), "not an IP address"),
         (TraceRequest("icmp", "10.0.0.1:80"), "use tcp, udp or sctp"),

@@ -38,13 +38,19 @@ def parse_destination(text: str) -> tuple[str, int]:
         port = rest.removeprefix(":")
     else:
         host, _, port = text.rpartition(":")
+    example = "expected ADDRESS:PORT, e.g. 10.96.0.10:53 or [fd00::a]:53"
+    if not host:
+        raise TraceInputError(f"destination {text!r}: {example}")
     try:
         address = str(ipaddress.ip_address(host))
-        number = int(port)
     except ValueError:
         raise TraceInputError(
-            f"destination {text!r}: expected ADDRESS:PORT, e.g. 10.96.0.10:53 or [fd00::a]:53"
+            f"destination {text!r}: {host!r} is not an IP address ({example})"
         ) from None
+    try:
+        number = int(port)
+    except ValueError:
+        raise TraceInputError(f"destination {text!r}: {port!r} is not a port number") from None
     if not 0 < number < 65536:
         raise TraceInputError(f"destination {text!r}: port {number} is not 1-65535")
     return address, number
@@ -52,6 +58,11 @@ def parse_destination(text: str) -> tuple[str, int]:
 
 def _family(address: str) -> int:
     return ipaddress.ip_address(address).version
+
+
+def request_family(request: TraceRequest) -> int:
+    """4 or 6: the family of the request's destination."""
+    return _family(parse_destination(request.destination)[0])
 
 
 def _in_any(address: str, cidrs: Iterable[str]) -> bool:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kproxy.dataplane.base import ApplyResult, ModeDataplane
-from kproxy.errors import InvalidObjectError
+from kproxy.errors import InvalidObjectError, ManifestError
 from kproxy.health.healthz import ProxyHealth
 from kproxy.health.metrics import ProxyMetrics
 from kproxy.model.addresses import build_allow_list
@@ -73,6 +73,16 @@ def state_from_manifests(
     for exc in load(state):
         on_invalid(exc)
     return state
+
+
+def refuse_empty_input(state: ClusterState, path: str) -> None:
+    """An empty input (a file truncated by a failed `kubectl get`, a wrong directory) would make
+    the sync remove every service rule on the node: refuse unless asked (`--allow-empty`)."""
+    if not state.service_keys():
+        raise ManifestError(
+            f"{path} holds no Service kproxy can program: a sync would remove every service "
+            "rule on this node; give --allow-empty to do that (or run `kproxy cleanup`)"
+        )
 
 
 def once_loop(

@@ -1,0 +1,47 @@
+"""Which proxy mode this node's kernel shows, for `dump`, `trace` and `dump --diff` run without
+`--config`: reading the iptables mode's chains on an nftables-mode node would answer "not a
+Service" for every Service."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from kproxy.dataplane.readers import read_legacy_chains, read_nft_chains
+
+NFT_TABLE = "kube-proxy"
+# The userspace mode's portal chains (upstream's names); the iptables mode has none of them.
+PORTAL_CHAINS = ("KUBE-PORTALS-CONTAINER", "KUBE-PORTALS-HOST")
+SERVICES_CHAIN = "KUBE-SERVICES"
+
+
+@dataclass(frozen=True, slots=True)
+class LiveMode:
+    mode: str
+    found: str  # what in the kernel said so, for the one line the commands print
+
+
+def decide_live_mode(nft_tables: Collection[str], nat_chains: Collection[str]) -> LiveMode:
+    """The mode whose rules are present, from one family's nftables table names and legacy nat
+    chain names: kproxy's nftables table first (a switch from the iptables mode adds it before
+    removing the chains), then the userspace portals, then `KUBE-SERVICES`; else the default."""
+    if NFT_TABLE in nft_tables:
+        return LiveMode("nftables", f"nftables table {NFT_TABLE!r} found")
+    for chain in PORTAL_CHAINS:
+        if chain in nat_chains:
+            return LiveMode("userspace", f"nat chain {chain} found")
+    if SERVICES_CHAIN in nat_chains:
+        return LiveMode("iptables", f"nat chain {SERVICES_CHAIN} found")
+    return LiveMode("iptables", "no kproxy rules found; the default mode")
+
+
+def detect_live_mode(family: int) -> LiveMode:
+    """Read one family's nftables tables and legacy nat chains (nothing is written) and decide."""
+    nft_family = "ip" if family == 4 else "ip6"
+    tables = {table for fam, table, chain in read_nft_chains() if fam == nft_family and not chain}
+    return decide_live_mode(tables, read_legacy_chains("nat", family))
+
+
+def describe_mode(live: LiveMode) -> str:
+    """The stderr line: which mode's rules a command read, and why that one."""
+    return f"kproxy: reading the {live.mode} mode's rules (no --config: {live.found})"
