@@ -187,7 +187,9 @@ def test_flushed_nat_table_is_restored_within_sync_period(node: AgentNode) -> No
             assert not broken.ok, broken
             flushed = time.monotonic()
     restored = wait_until(
-        lambda: _kproxys(node.rules()) == _kproxys(rules), timeout=CHANGE_BOUND, interval=0.1
+        lambda: _kproxys(node, node.rules()) == _kproxys(node, rules),
+        timeout=CHANGE_BOUND,
+        interval=0.1,
     )
     took = time.monotonic() - flushed
     print(f"\nnat table flushed -> rules restored in {took:.1f} s (syncPeriod 2 s)")
@@ -195,9 +197,11 @@ def test_flushed_nat_table_is_restored_within_sync_period(node: AgentNode) -> No
     assert node.probe(client, VIP, PORT, 20) == {"web-a": 20}
 
 
-def _kproxys(rules: str) -> list[str]:
-    """The lines of kproxy's chains and jumps (the flush takes Docker's too, which stay gone)."""
-    return [line for line in rules.splitlines() if "KUBE-" in line or "kube-proxy" in line]
+def _kproxys(node: AgentNode, rules: str) -> list[str]:
+    """kproxy's part of node.rules(): in the iptables mode the lines of its chains and jumps
+    (the nat flush takes Docker's too, which stay gone); the nftables mode's is its table."""
+    lines = rules.splitlines()
+    return lines if node.mode == "nftables" else [line for line in lines if "KUBE-" in line]
 
 
 def _health(node: AgentNode, path: str) -> tuple[int, dict[str, object]]:
