@@ -96,10 +96,19 @@ def test_help(node: Topology) -> None:
         assert f"  {command} " in proc.stdout, proc.stdout
 
 
-def test_doctor_passes_on_the_node(node: Topology) -> None:
-    proc = run_image(node, "doctor")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "ok    proxy-mode" in proc.stdout, proc.stdout
+def test_doctor_judges_the_node(node: Topology, tmp_path: Path) -> None:
+    """The node is an iptables-nft one (kubelet's chains, real_node.py): the nftables mode fits
+    it; the iptables mode's legacy rules would run beside kubelet's, which doctor fails."""
+    config = _config(tmp_path, "nftables")
+    in_image = f"{CONFIG_DIR}/{config.name}"
+    fits = run_image(node, "doctor", "--config", in_image, mounts=_mounts(config))
+    assert fits.returncode == 0, fits.stdout + fits.stderr
+    assert "ok    proxy-mode" in fits.stdout, fits.stdout
+
+    legacy = run_image(node, "doctor")
+    assert legacy.returncode == 1, legacy.stdout + legacy.stderr
+    assert "FAIL  iptables-backend" in legacy.stdout, legacy.stdout
+    assert "iptables-nft" in legacy.stdout, legacy.stdout
 
 
 @pytest.mark.parametrize("mode", ["iptables", "nftables"])
