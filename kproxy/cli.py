@@ -166,7 +166,8 @@ def common_options(fn: F) -> F:
         type=click.Path(dir_okay=False),
         envvar=CONFIG_ENV,
         help="A KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1); default: "
-        f"${CONFIG_ENV} (the DaemonSet sets it to its config).",
+        f"${CONFIG_ENV} (the DaemonSet sets it to its config). Masquerade and sync settings: "
+        "the nftables mode reads its nftables: section, the other modes its iptables: section.",
     )(fn)
     fn = click.option(
         "--hostname-override",
@@ -404,7 +405,7 @@ def kube_proxy_flags(fn: F) -> F:
     for f in reversed(FIELDS):
         if f.flag is None or f.flag in _COMMON_FLAGS:
             continue
-        help_text = f"{f.help.rstrip('.')} ({f.path})."
+        help_text = f"{f.help.rstrip('.')} ({f.help_path})."
         if f.flag_type is bool:  # as Go's flags: `--masquerade-all` or `--masquerade-all=false`
             option = click.option(
                 f.flag, type=GoBool(), is_flag=False, flag_value=True, default=None, help=help_text

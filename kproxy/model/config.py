@@ -1,6 +1,8 @@
-"""kproxy's configuration: the iptables-mode subset of kube-proxy's KubeProxyConfiguration.
+"""kproxy's configuration: the subset of kube-proxy's KubeProxyConfiguration kproxy acts on.
 
-Which fields exist, how each is parsed and which flag sets it is the table in config_fields."""
+Which fields exist, how each is parsed, which flag sets it and which modes read it is the table
+in config_fields. As upstream, the nftables mode reads the `nftables:` section's masquerade and
+sync settings and ignores the `iptables:` section's; the other modes the reverse."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from kproxy.errors import ConfigError
 from kproxy.model.config_fields import (
     API_VERSION,
     BY_FLAG,
+    BY_PATH,
     DETECT_LOCAL_MODES,
     FIELDS,
     KIND,
@@ -112,17 +115,25 @@ def _check_detect_local(values: Mapping[str, Any]) -> None:
             raise ConfigError(f"required by {needs}", path)
 
 
+def _mode(doc: Mapping[str, Any]) -> str:
+    """The document's mode: the other mode's section is then not read (as upstream)."""
+    f = BY_PATH["mode"]
+    value = doc.get("mode")
+    return "iptables" if f.keeps_default(value) else str(f.parse(value, f.path))
+
+
 def parse_config(doc: Mapping[str, Any]) -> tuple[ProxyConfig, list[str]]:
     """Read a KubeProxyConfiguration document. Returns the config and the paths of every field
     kproxy does not act on. Raises ConfigError (naming the field) for a value it cannot accept."""
     if not isinstance(doc, Mapping):
         raise ConfigError("expected a KubeProxyConfiguration mapping")
     sections = _sections(doc)
+    mode = _mode(doc)
     values: dict[str, Any] = {}
     for f in FIELDS:
         section, _, name = f.path.rpartition(".")
         holder = sections[section] if section else doc
-        if name not in holder or f.keeps_default(holder[name]):
+        if name not in holder or f.keeps_default(holder[name]) or mode not in f.modes:
             continue
         value = f.parse(holder[name], f.path)
         if f.attr is not None:
@@ -137,14 +148,16 @@ def with_flags(doc: Mapping[str, Any], flags: Mapping[str, Any]) -> tuple[ProxyC
     a flag given on the command line wins over the file. Errors name the flag."""
     merged: dict[str, Any] = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in doc.items()}
     by_path: dict[str, str] = {}
+    mode_flag = BY_PATH["mode"].flag or ""
+    mode = str(flags.get(mode_flag) or doc.get("mode") or "iptables")  # parse_config checks it
     for flag, value in flags.items():
         f = BY_FLAG[flag]
-        *parents, leaf = f.path.split(".")
+        *parents, leaf = f.flag_path(mode).split(".")
         target = merged
         for parent in parents:
             target = target.setdefault(parent, {})
         target[leaf] = f.flag_value(value)
-        by_path[f.path] = flag
+        by_path[f.flag_path(mode)] = flag
     try:
         return parse_config(merged)
     except ConfigError as exc:

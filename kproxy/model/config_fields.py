@@ -33,6 +33,9 @@ API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 KIND = "KubeProxyConfiguration"
 DETECT_LOCAL_MODES = ("ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix")
 SYNC_PERIOD = 30.0
+# The section of masquerade and sync settings each mode reads, as upstream's v1alpha1 conversion:
+# the nftables mode reads `nftables:` and ignores `iptables:`, the other modes the reverse.
+MODE_SECTIONS = {"iptables": "iptables", "userspace": "iptables", "nftables": "nftables"}
 
 
 def is_null(value: Any) -> bool:
@@ -71,6 +74,30 @@ class Field:
     # Values that leave the default in place: null, or (upstream's defaulting) empty values.
     keeps_default: Callable[[Any], bool] = is_null
     flag_value: Callable[[Any], Any] = lambda value: value  # command line -> document value
+    # A flag upstream applies in every mode: it sets this field in the section the mode reads.
+    flag_every_mode: bool = False
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The modes that read this field: a mode section's fields only in the modes reading it."""
+        section = self.path.split(".")[0] if "." in self.path else ""
+        if section not in MODE_SECTIONS.values():
+            return tuple(MODE_SECTIONS)
+        return tuple(mode for mode, reads in MODE_SECTIONS.items() if reads == section)
+
+    def flag_path(self, mode: str) -> str:
+        """Where this field's flag lands in the document in `mode`."""
+        if not self.flag_every_mode:
+            return self.path
+        return f"{MODE_SECTIONS.get(mode, 'iptables')}.{self.path.rsplit('.', 1)[1]}"
+
+    @property
+    def help_path(self) -> str:
+        """The field a flag sets, as its --help names it."""
+        if not self.flag_every_mode:
+            return self.path
+        leaf = self.path.rsplit(".", 1)[1]
+        return f"{self.path}; nftables.{leaf} in the nftables mode"
 
 
 FIELDS: tuple[Field, ...] = (
@@ -137,6 +164,7 @@ FIELDS: tuple[Field, ...] = (
         "iptables.masqueradeAll", "masquerade_all", parse_bool, "`false`",
         "masquerade all Service traffic",
         "--masquerade-all", "Masquerade all Service traffic.", flag_type=bool,
+        flag_every_mode=True,
     ),
     Field(
         "iptables.masqueradeBit", "masquerade_bit", parse_bit, "`14` (mark `0x4000`)",
@@ -148,18 +176,36 @@ FIELDS: tuple[Field, ...] = (
         "the longest time between two syncs; also the retry delay, and half of the health "
         "timeout; kubeadm's `0s` means 30s",
         "--iptables-sync-period", "Longest wait between syncs.", keeps_default=is_empty,
+        flag_every_mode=True,
     ),
     Field(
         "iptables.minSyncPeriod", "min_sync_period", parse_duration, "`1s`",
         "the shortest time from the end of one sync to the start of the next; changes in "
         "between are coalesced (`0s` is an explicit zero)",
         "--iptables-min-sync-period", "Shortest wait between syncs.", keeps_default=is_empty,
+        flag_every_mode=True,
     ),
     Field(
         "iptables.localhostNodePorts", "localhost_nodeports", parse_bool, "`true`",
         "IPv4 NodePorts also answer on 127.0.0.1; when they do, kproxy sets "
         "`net.ipv4.conf.all.route_localnet=1`",
         "--iptables-localhost-nodeports", "NodePorts on 127.0.0.1.", flag_type=bool,
+    ),
+    Field(
+        "nftables.masqueradeAll", "masquerade_all", parse_bool, "`false`",
+        "masquerade all Service traffic",
+    ),
+    Field(
+        "nftables.masqueradeBit", "masquerade_bit", parse_bit, "`14` (mark `0x4000`)",
+        "the packet-mark bit set by the `mark-for-masquerade` chain, 0 to 31",
+    ),
+    Field(
+        "nftables.syncPeriod", "sync_period", _sync_period, "`30s`",
+        "as `iptables.syncPeriod`", keeps_default=is_empty,
+    ),
+    Field(
+        "nftables.minSyncPeriod", "min_sync_period", parse_duration, "`1s`",
+        "as `iptables.minSyncPeriod`", keeps_default=is_empty,
     ),
     Field(
         "healthzBindAddress", "healthz_bind_address", parse_listen_address, "`0.0.0.0:10256`",
@@ -219,6 +265,7 @@ FIELDS: tuple[Field, ...] = (
 )  # fmt: skip
 
 BY_FLAG = {f.flag: f for f in FIELDS if f.flag}
+BY_PATH = {f.path: f for f in FIELDS}
 # Top-level keys holding a mapping of fields (`iptables`, `conntrack`, ...).
 SECTIONS = tuple(dict.fromkeys(f.path.split(".")[0] for f in FIELDS if "." in f.path))
 
@@ -238,7 +285,7 @@ def suggest_field(path: str) -> str | None:
     by_lower = {f.path.lower(): f.path for f in FIELDS} | {s.lower(): s for s in SECTIONS}
     if path.lower() in by_lower:
         return by_lower[path.lower()]
-    by_leaf = {f.path.rsplit(".", 1)[-1].lower(): f.path for f in FIELDS}
+    by_leaf = {f.path.rsplit(".", 1)[-1].lower(): f.path for f in reversed(FIELDS)}
     if name.lower() in by_leaf:
         return by_leaf[name.lower()]
     close = difflib.get_close_matches(name, known_names(section or None), n=1, cutoff=0.8)
@@ -247,8 +294,12 @@ def suggest_field(path: str) -> str | None:
 
 def render_field_table() -> str:
     """The README's table of fields, one row per field of FIELDS."""
-    rows = ["| field | flag | default | what kproxy does with it |", "|---|---|---|---|"]
+    rows = [
+        "| field | flag | default | modes | what kproxy does with it |",
+        "|---|---|---|---|---|",
+    ]
     for f in FIELDS:
         flag = f"`{f.flag}`" if f.flag else ""
-        rows.append(f"| `{f.path}` | {flag} | {f.default} | {f.doc} |")
+        modes = "all" if f.modes == tuple(MODE_SECTIONS) else ", ".join(f.modes)
+        rows.append(f"| `{f.path}` | {flag} | {f.default} | {modes} | {f.doc} |")
     return "\n".join(rows) + "\n"
