@@ -209,8 +209,18 @@ def test_metrics_report_syncs_and_network_programming_latency(node: AgentNode) -
     latency = _value(programming, "kubeproxy_network_programming_duration_seconds_sum")
     print(f"\nnetwork programming latency reported: {latency * 1000:.0f} ms")
     assert 0 <= latency <= time.time() - changed_at
-    failures = families["kubeproxy_sync_proxy_rules_iptables_restore_failures"]
-    assert _value(failures, "kubeproxy_sync_proxy_rules_iptables_restore_failures_total") == 0
+    # Each mode's own failure counters and rules gauges, under upstream's names, and no other's.
+    if node.mode == "nftables":
+        counters = ("nftables_sync_failures", "nftables_cleanup_failures")
+        rules, table, absent = "kproxy_sync_proxy_rules_nftables_total", "kube-proxy", "iptables"
+    else:
+        counters = ("iptables_restore_failures", "iptables_partial_restore_failures")
+        rules, table, absent = "kubeproxy_sync_proxy_rules_iptables_total", "nat", "nftables"
+    for counter in counters:
+        name = f"kubeproxy_sync_proxy_rules_{counter}"
+        assert _value(families[name], f"{name}_total") == 0
+    assert _value(families[rules], rules, table=table) > 0
+    assert not [name for name in families if f"_{absent}_" in name], sorted(families)
     no_local = families["kubeproxy_sync_proxy_rules_no_local_endpoints_total"]
     name = "kubeproxy_sync_proxy_rules_no_local_endpoints_total"
     assert _value(no_local, name, traffic_policy="internal") == 1, no_local

@@ -38,6 +38,9 @@ class ApplyResult:
     """What one apply did, summed over its tables."""
 
     tables: list[TableReport] = field(default_factory=list)
+    # Cleanups beside the sync's own commit that failed and are retried by the next sync (the
+    # nftables mode: removing the iptables mode's chains); the sync itself succeeded.
+    cleanup_failures: int = 0
 
     @property
     def chains_written(self) -> int:
@@ -80,6 +83,8 @@ class ModeDataplane(Protocol):
     """A proxy mode's dataplane for the whole node: it carries out that mode's NodePlan."""
 
     mode: str
+    # The tables whose rules the mode's rules gauges count, as their `table` label.
+    rule_tables: tuple[str, ...]
 
     @property
     def families(self) -> tuple[int, ...]: ...

@@ -20,6 +20,71 @@ PROGRAMMING_BUCKETS = (
 )
 
 
+class ModeMetrics:
+    """What differs between modes: the rules gauges (per table) and the failure counters, under
+    upstream's names for the mode. kube-proxy's nftables mode has no rules gauge: kproxy's own
+    `kproxy_sync_proxy_rules_nftables_*` gauges count the rules of its `kube-proxy` tables."""
+
+    def __init__(self, r: CollectorRegistry, kind: str) -> None:
+        self.partial_sync_failures: Counter | None = None
+        self.cleanup_failures: Counter | None = None
+        if kind == "nftables":
+            self.rules_total = Gauge(
+                "kproxy_sync_proxy_rules_nftables_total",
+                "Total number of nftables rules owned by kproxy, over the families",
+                ["table"],
+                registry=r,
+            )
+            self.rules_last = Gauge(
+                "kproxy_sync_proxy_rules_nftables_last",
+                "Number of nftables rules written by kproxy in last sync",
+                ["table"],
+                registry=r,
+            )
+            self.sync_failures = Counter(
+                "kubeproxy_sync_proxy_rules_nftables_sync_failures",
+                "Cumulative proxy nftables sync failures",
+                registry=r,
+            )
+            self.cleanup_failures = Counter(
+                "kubeproxy_sync_proxy_rules_nftables_cleanup_failures",
+                "Cumulative proxy nftables cleanup failures",
+                registry=r,
+            )
+            return
+        self.rules_total = Gauge(
+            "kubeproxy_sync_proxy_rules_iptables_total",
+            "Total number of iptables rules owned by kube-proxy",
+            ["table"],
+            registry=r,
+        )
+        self.rules_last = Gauge(
+            "kubeproxy_sync_proxy_rules_iptables_last",
+            "Number of iptables rules written by kube-proxy in last sync",
+            ["table"],
+            registry=r,
+        )
+        self.sync_failures = Counter(
+            "kubeproxy_sync_proxy_rules_iptables_restore_failures",
+            "Cumulative proxy iptables restore failures",
+            registry=r,
+        )
+        self.partial_sync_failures = Counter(
+            "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures",
+            "Cumulative proxy iptables partial restore failures",
+            registry=r,
+        )
+
+    def sync_failed(self, full: bool) -> None:
+        self.sync_failures.inc()
+        if not full and self.partial_sync_failures is not None:
+            self.partial_sync_failures.inc()
+
+    def cleanups_failed(self, count: int) -> None:
+        if count and self.cleanup_failures is not None:
+            self.cleanup_failures.inc(count)
+
+
 class ProxyMetrics:
     """Every metric kproxy exports, in one registry (one per agent, so tests stay isolated)."""
 
@@ -80,28 +145,6 @@ class ProxyMetrics:
             "Cumulative proxy rules Service changes",
             registry=r,
         )
-        self.rules_total = Gauge(
-            "kubeproxy_sync_proxy_rules_iptables_total",
-            "Total number of iptables rules owned by kube-proxy",
-            ["table"],
-            registry=r,
-        )
-        self.rules_last = Gauge(
-            "kubeproxy_sync_proxy_rules_iptables_last",
-            "Number of iptables rules written by kube-proxy in last sync",
-            ["table"],
-            registry=r,
-        )
-        self.restore_failures = Counter(
-            "kubeproxy_sync_proxy_rules_iptables_restore_failures",
-            "Cumulative proxy iptables restore failures",
-            registry=r,
-        )
-        self.partial_restore_failures = Counter(
-            "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures",
-            "Cumulative proxy iptables partial restore failures",
-            registry=r,
-        )
         self.no_local_endpoints = Gauge(
             "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
             "Number of services with a Local traffic policy and no endpoints",
@@ -144,6 +187,16 @@ class ProxyMetrics:
             ["kind"],
             registry=r,
         )
+        self._modes: dict[str, ModeMetrics] = {}
+
+    def for_mode(self, mode: str) -> ModeMetrics:
+        """The metrics of `mode`'s dataplane, registered on first use: as upstream, a mode's
+        own metrics exist only while it runs (no iptables series reading 0 in the nftables
+        mode, and the reverse)."""
+        kind = "nftables" if mode == "nftables" else "iptables"  # userspace: iptables portals
+        if kind not in self._modes:
+            self._modes[kind] = ModeMetrics(self.registry, kind)
+        return self._modes[kind]
 
     def accept_error_counter(self, server: str) -> Callable[[str], None]:
         """What an HTTP server calls when accept fails for want of descriptors or memory."""

@@ -161,6 +161,9 @@ class SyncLoop:
     _cleaned: dict[int, UdpServing] = field(default_factory=dict)
     _failures_in_a_row: int = 0
 
+    def __post_init__(self) -> None:
+        self.metrics.for_mode(self.dataplane.mode)  # its counters read 0 from the start
+
     def run(self, stop: threading.Event) -> None:
         """Sync until `stop` is set: after changes (no sooner than minSyncPeriod after the last
         sync), at least every syncPeriod, and after a failure with backoff. Health watches the
@@ -216,9 +219,7 @@ class SyncLoop:
         self._needs_full = True
         self._last_plan = None
         self._failures_in_a_row += 1
-        self.metrics.restore_failures.inc()
-        if not snapshot.full:
-            self.metrics.partial_restore_failures.inc()
+        self.metrics.for_mode(self.dataplane.mode).sync_failed(snapshot.full)
         error = str(exc) if isinstance(exc, KproxyError) else repr(exc)
         where = {} if isinstance(exc, KproxyError) else {"where": raised_at(exc)}
         retry_in = round(self.retry_delay(), 3)
@@ -322,10 +323,13 @@ class SyncLoop:
         m.last_sync.set_to_current_time()
         for family in plan.families:
             self.health.updated(family)
-        for table in ("filter", "nat"):
-            written = sum(t.rules_written for t in result.tables if t.table == table)
-            m.rules_last.labels(table=table).set(written)
-            m.rules_total.labels(table=table).set(plan.stats.rules.get(table, 0))
+        mode = m.for_mode(self.dataplane.mode)
+        mode.cleanups_failed(result.cleanup_failures)
+        for table in self.dataplane.rule_tables:
+            # A report's table is `nat`, or with its family, `ip kube-proxy`.
+            written = sum(t.rules_written for t in result.tables if t.table.split()[-1] == table)
+            mode.rules_last.labels(table=table).set(written)
+            mode.rules_total.labels(table=table).set(plan.stats.rules.get(table, 0))
         m.no_local_endpoints.labels(traffic_policy="internal").set(plan.stats.no_local_internal)
         m.no_local_endpoints.labels(traffic_policy="external").set(plan.stats.no_local_external)
         now = time.time()

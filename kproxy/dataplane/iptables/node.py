@@ -22,6 +22,7 @@ SysctlWriter = Callable[[Iterable[tuple[str, str]]], None]
 
 class IptablesNode:
     mode = "iptables"
+    rule_tables: tuple[str, ...] = ("filter", "nat")
 
     def __init__(
         self,

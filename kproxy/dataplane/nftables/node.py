@@ -104,6 +104,7 @@ class NftTableChanges:
 
 class NftablesNode:
     mode = "nftables"
+    rule_tables: tuple[str, ...] = (naming.TABLE,)  # one per family, summed
 
     def __init__(
         self,
@@ -172,10 +173,23 @@ class NftablesNode:
                 else:
                     self._images[family] = TableImage.of(table)
                 self._applied[family] = table
-        if self._after_first_commit is not None:
-            hook, self._after_first_commit = self._after_first_commit, None
-            hook()
-        return ApplyResult(tables=[NftTableChanges.of(d) for d in deltas])
+        return ApplyResult(
+            tables=[NftTableChanges.of(d) for d in deltas], cleanup_failures=self._clean_up()
+        )
+
+    def _clean_up(self) -> int:
+        """After kproxy's tables are in, the cleanup owed (the iptables mode's chains removed):
+        1 when it failed, and it is retried after the next sync, which it does not fail (as
+        upstream's stale-chain cleanup: kubeproxy_sync_proxy_rules_nftables_cleanup_failures)."""
+        if self._after_first_commit is None:
+            return 0
+        try:
+            self._after_first_commit()
+        except Exception as exc:
+            log.error("cleanup_failed", error=str(exc), retry="after the next sync")
+            return 1
+        self._after_first_commit = None
+        return 0
 
     def _changes_since_applied(self, table: NftTable) -> TableChanges | None:
         """What the planner says changed, when it patched the table last committed."""

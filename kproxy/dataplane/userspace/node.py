@@ -55,6 +55,7 @@ def service_port_of(key: Hashable) -> str:
 
 class UserspaceNode:
     mode = "userspace"
+    rule_tables: tuple[str, ...] = ("filter", "nat")  # the portals, in nat
 
     def __init__(
         self,
