@@ -414,13 +414,15 @@ def agent_config(
     extra: JSON | None = None,
     mode: str = "iptables",
 ) -> JSON:
+    # The nftables mode reads its sync periods from `nftables:`, the others from `iptables:`.
+    section = "nftables" if mode == "nftables" else "iptables"
     return {
         "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
         "kind": "KubeProxyConfiguration",
         "mode": mode,
         "healthzBindAddress": f"0.0.0.0:{HEALTHZ_PORT}",
         "metricsBindAddress": f"0.0.0.0:{METRICS_PORT}",
-        "iptables": {"syncPeriod": sync_period, "minSyncPeriod": min_sync_period},
+        section: {"syncPeriod": sync_period, "minSyncPeriod": min_sync_period},
         **(extra or {}),
     }
 

@@ -149,12 +149,13 @@ class Cluster:
             "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
             "kind": "KubeProxyConfiguration",
             "mode": self.mode,
-            "iptables": {"masqueradeAll": masquerade_all, "masqueradeBit": 14},
+            # The section the mode reads (the nftables mode: `nftables:`, as upstream).
+            self.section(): {"masqueradeAll": masquerade_all, "masqueradeBit": 14},
         }
         if cluster_cidr:
             doc["clusterCIDR"] = cluster_cidr
         if localhost_nodeports is not None:
-            doc["iptables"]["localhostNodePorts"] = localhost_nodeports
+            doc.setdefault("iptables", {})["localhostNodePorts"] = localhost_nodeports
         if node_port_addresses:
             doc["nodePortAddresses"] = list(node_port_addresses)
         if detect_local_mode:
@@ -163,6 +164,10 @@ class Cluster:
             doc["detectLocal"] = {"interfaceNamePrefix": interface_name_prefix}
         self.config_file = self.manifests.parent / "kube-proxy-config.yaml"
         self.config_file.write_text(yaml.safe_dump(doc))
+
+    def section(self) -> str:
+        """The config section of masquerade and sync settings this mode reads."""
+        return "nftables" if self.mode == "nftables" else "iptables"
 
     def node_object(self, internal_ips: Sequence[str] = (), pod_cidrs: Sequence[str] = ()) -> None:
         """Write this node's v1 Node object (NODE_NAME), with its InternalIP addresses (what
