@@ -572,6 +572,63 @@ def trace(
 
 
 @cli.command()
+@click.argument("service", metavar="[NAMESPACE/NAME]", required=False)
+@click.option(
+    "--manifests",
+    "manifests_paths",
+    multiple=True,
+    type=click.Path(exists=True),
+    help="Services and EndpointSlices from these files (repeatable); default: the API.",
+)
+@click.option(
+    "--kubeconfig",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Without --manifests: the kubeconfig (default as `run`).",
+)
+@click.option("--endpoint", metavar="IP", help="Only the flows that go to this endpoint.")
+@click.option("--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@common_options
+def connections(
+    service: str | None,
+    manifests_paths: tuple[str, ...],
+    kubeconfig: str | None,
+    endpoint: str | None,
+    output: str,
+    config_path: str | None,
+    hostname: str | None,
+) -> None:
+    """The node's live conntrack flows of kproxy's services, by service port and endpoint."""
+    from kproxy.inspect.connections_cmd import (
+        connections_json,
+        live_connections,
+        render_connections,
+    )
+
+    config = load_config_file(config_path)
+    if manifests_paths:
+        manifests = read_all_manifests(manifests_paths)
+    else:
+        from kproxy.watch.api import ApiSource, api_client
+
+        api = api_client(kubeconfig or config.kubeconfig or None)
+        manifests = ApiSource(api, resolve_hostname(hostname, config)).list_once()
+    config, state = in_live_mode(config, config_path, 4), _state(manifests, config)
+    found = live_connections(
+        state.services_map(),
+        state.endpoints_map(),
+        _local_addresses(),
+        config.mode,
+        node_families(),
+        service,
+        endpoint,
+    )
+    if output == "json":
+        click.echo(json.dumps(connections_json(found, config.mode), indent=2))
+    else:
+        click.echo(render_connections(found, config.mode), nl=False)
+
+
+@cli.command()
 @click.option(
     "--address",
     metavar="HOST:PORT",
