@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any
 
 from integration.conftest import Cluster, both_modes
@@ -41,6 +42,18 @@ def peers(ns: Namespace) -> set[str]:
     """`ip:port` of the peers of the established connections to TARGET in `ns`."""
     out = ns.run("ss", "-Htn", "state", "established", f"( sport = :{TARGET} )").stdout
     return {line.split()[-1] for line in out.splitlines() if line.strip()}
+
+
+def relayed_peers(backends: list[Pod]) -> dict[str, set[str]]:
+    """Each endpoint's peers, once the relay has dialled an endpoint for every held connection
+    (it does so after accepting, so the clients' connects return before); a bound on waiting,
+    not on speed."""
+    deadline = time.monotonic() + 30.0
+    while True:
+        truth = {f"{pod.ip}:{TARGET}": peers(pod.ns) for pod in backends}
+        if sum(map(len, truth.values())) >= HELD or time.monotonic() > deadline:
+            return truth
+        time.sleep(0.1)
 
 
 def connections(cluster: Cluster, *args: str) -> dict[str, Any]:
@@ -115,7 +128,7 @@ def test_userspace_lists_the_relays_legs_by_endpoint(cluster: Cluster) -> None:
     client = cluster.pod("client", CLIENT)
     with userspace_proxy(cluster):
         ports = hold_connections(cluster, client)
-        truth = {f"{pod.ip}:{TARGET}": peers(pod.ns) for pod in backends}
+        truth = relayed_peers(backends)
         config = ["--config", userspace_config(cluster, "userspace")]
         everything = connections(cluster, *config)
         doc = connections(cluster, "default/web", *config)

@@ -7,7 +7,8 @@ import struct
 
 import pytest
 
-from kproxy.dataplane.ctnetlink import TCP, UDP, Flow, decode_full_flow, protocol_filter_attrs
+from kproxy.dataplane.ctflows import TCP, Flow, decode_full_flow, protocol_filter_attrs
+from kproxy.dataplane.ctnetlink import UDP
 from kproxy.inspect.connections_cmd import (
     ConnectionsInputError,
     build_index,

@@ -17,8 +17,8 @@ refuses it (it reads the filter's tuple as an exact one, which it lacks fields f
 filtered on an IPv6 destination hands out the flows to every other address), so IPv6 requests
 filter on protocol and port alone and plan/conntrack.py compares the addresses.
 
-`dump_flows` serves `kproxy connections`: every flow of one protocol (the kernel filters by
-protocol), each read into a `Flow` the same plain way (tuples, state, timeout, id).
+`dump` hands out the raw entries of any filtered dump: ctflows.py reads every flow of a protocol
+from it for `kproxy connections`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import errno
 import os
 import socket
 import struct
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -65,28 +64,11 @@ TIMEOUT = 30.0
 
 # Attribute numbers, as the kernel dumps them (the order of pyroute2's nla maps).
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_ID, CTA_ZONE = 1, 2, 12, 18
-CTA_STATUS, CTA_PROTOINFO, CTA_TIMEOUT, CTA_TIMESTAMP = 3, 4, 7, 20
-CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE, CTA_TIMESTAMP_START = 1, 1, 1
-IPS_SEEN_REPLY, IPS_ASSURED = 1 << 1, 1 << 2
 CTA_TUPLE_IP, CTA_TUPLE_PROTO = 1, 2
 CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
 CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
 FILTER_IP_DST, FILTER_PROTO_NUM, FILTER_PROTO_DST_PORT = 1 << 1, 1 << 3, 1 << 5
 UDP = 17
-TCP, SCTP = 6, 132
-# The kernel's TCP conntrack states, by number (enum tcp_conntrack).
-TCP_STATES = (
-    "NONE",
-    "SYN_SENT",
-    "SYN_RECV",
-    "ESTABLISHED",
-    "FIN_WAIT",
-    "CLOSE_WAIT",
-    "LAST_ACK",
-    "TIME_WAIT",
-    "CLOSE",
-    "SYN_SENT2",
-)
 AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 ADDRESS = {4: ("CTA_IP_V4_SRC", "CTA_IP_V4_DST"), 6: ("CTA_IP_V6_SRC", "CTA_IP_V6_DST")}
 SIZE = {4: 4, 6: 16}
@@ -96,8 +78,6 @@ _NFGEN_HEADER = 20  # nlmsghdr (16 bytes) and nfgenmsg (4)
 _ATTR = struct.Struct("<HH")
 _ERROR = struct.Struct("<i")
 _PORT = struct.Struct(">H")
-_U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
 
 
 class FlushRefused(DataplaneError):
@@ -110,24 +90,6 @@ class UdpFlow:
     dport: int
     reply_src: str
     ref: bytes  # the attributes that delete exactly this entry: its tuple, id and zone
-
-
-@dataclass(frozen=True, slots=True)
-class Flow:
-    """One conntrack entry as `kproxy connections` shows it: the original direction (client ->
-    destination) and the reply's source (where the connection really went, after any DNAT)."""
-
-    protocol: int  # IP protocol number
-    src: str
-    sport: int
-    dst: str
-    dport: int
-    reply_src: str
-    reply_sport: int
-    state: str  # TCP: the conntrack state; else ASSURED, REPLIED or UNREPLIED
-    timeout: int  # seconds left
-    age: float | None  # seconds since it began; None without nf_conntrack_timestamp
-    id: int
 
 
 def encode_request(
@@ -156,15 +118,6 @@ def filter_attrs(family: int, port: int, address: str | None) -> list[tuple[str,
     return [
         ("CTA_TUPLE_ORIG", {"attrs": tuple_}),
         ("CTA_FILTER", {"attrs": [("CTA_FILTER_ORIG_FLAGS", flags)]}),
-    ]
-
-
-def protocol_filter_attrs(protocol: int) -> list[tuple[str, Any]]:
-    """CTA_TUPLE_ORIG and CTA_FILTER selecting every flow of one IP protocol."""
-    proto = {"attrs": [("CTA_TUPLE_PROTO", {"attrs": [("CTA_PROTO_NUM", protocol)]})]}
-    return [
-        ("CTA_TUPLE_ORIG", proto),
-        ("CTA_FILTER", {"attrs": [("CTA_FILTER_ORIG_FLAGS", FILTER_PROTO_NUM)]}),
     ]
 
 
@@ -259,79 +212,6 @@ def decode_flow(buf: bytes, start: int, end: int, family: int) -> UdpFlow | None
     )
 
 
-def _tuple(buf: bytes, span: tuple[int, int], family: int) -> tuple[bytes, bytes, bytes, bytes]:
-    """(source, destination, source port, destination port) of one tuple, as bytes."""
-    src_kind, dst_kind = (
-        (CTA_IP_V4_SRC, CTA_IP_V4_DST) if family == 4 else (CTA_IP_V6_SRC, CTA_IP_V6_DST)
-    )
-    ip = _span(buf, *span, CTA_TUPLE_IP)
-    proto = _span(buf, *span, CTA_TUPLE_PROTO)
-    return (
-        _find(buf, *ip, src_kind),
-        _find(buf, *ip, dst_kind),
-        _find(buf, *proto, CTA_PROTO_SRC_PORT),
-        _find(buf, *proto, CTA_PROTO_DST_PORT),
-    )
-
-
-def _state(protocol: int, status: int, protoinfo: bytes) -> str:
-    if protocol == TCP and len(protoinfo) == 1 and protoinfo[0] < len(TCP_STATES):
-        return TCP_STATES[protoinfo[0]]
-    if status & IPS_ASSURED:
-        return "ASSURED"
-    return "REPLIED" if status & IPS_SEEN_REPLY else "UNREPLIED"
-
-
-def decode_full_flow(
-    buf: bytes, start: int, end: int, family: int, protocol: int, now_ns: int
-) -> Flow | None:
-    """The `Flow` of one dumped entry of `protocol` (the attributes after the nfgenmsg header);
-    None for an entry lacking a field. `now_ns` is the wall clock the kernel's start
-    timestamps count on."""
-    orig = reply = (0, 0)
-    fields: dict[int, bytes] = {}
-    for kind, a, b in _attrs(buf, start, end):
-        if kind == CTA_TUPLE_ORIG:
-            orig = (a, b)
-        elif kind == CTA_TUPLE_REPLY:
-            reply = (a, b)
-        elif kind == CTA_PROTOINFO:
-            tcp = _span(buf, a, b, CTA_PROTOINFO_TCP)
-            fields[kind] = _find(buf, *tcp, CTA_PROTOINFO_TCP_STATE)
-        elif kind == CTA_TIMESTAMP:
-            fields[kind] = _find(buf, a, b, CTA_TIMESTAMP_START)
-        elif kind in (CTA_STATUS, CTA_TIMEOUT, CTA_ID):
-            fields[kind] = buf[a:b]
-    src, dst, sport, dport = _tuple(buf, orig, family)
-    reply_src, _, reply_sport, _ = _tuple(buf, reply, family)
-    size = SIZE[family]
-    addresses, ports = (src, dst, reply_src), (sport, dport, reply_sport)
-    numbers = [fields.get(k, b"") for k in (CTA_STATUS, CTA_TIMEOUT, CTA_ID)]
-    if (
-        any(len(a) != size for a in addresses)
-        or any(len(p) != 2 for p in ports)
-        or any(len(n) != 4 for n in numbers)
-    ):
-        return None
-    af = AF[family]
-    stamp = fields.get(CTA_TIMESTAMP, b"")
-    age = (now_ns - _U64.unpack(stamp)[0]) / 1e9 if len(stamp) == 8 else None
-    status, timeout, id_ = (_U32.unpack(n)[0] for n in numbers)
-    return Flow(
-        protocol,
-        socket.inet_ntop(af, src),
-        _PORT.unpack(sport)[0],
-        socket.inet_ntop(af, dst),
-        _PORT.unpack(dport)[0],
-        socket.inet_ntop(af, reply_src),
-        _PORT.unpack(reply_sport)[0],
-        _state(protocol, status, fields.get(CTA_PROTOINFO, b"")),
-        timeout,
-        age,
-        id_,
-    )
-
-
 class CtSocket:
     """One netlink socket to the conntrack table of the current network namespace."""
 
@@ -381,32 +261,23 @@ class CtSocket:
                     return
                 offset += (size + 3) & ~3
 
+    def dump(self, family: int, attrs: list[tuple[str, Any]]) -> Iterator[tuple[bytes, int, int]]:
+        """(buffer, start, end) of each entry's attributes that a dump filtered by `attrs`
+        hands out."""
+        self.sock.send(encode_request(CT_GET, NLM_F_DUMP, self._next_seq(), family, attrs))
+        for kind, data, start, end in self._replies():
+            if kind == NLMSG_ERROR:
+                _raise(_ERROR.unpack_from(data, start)[0], "conntrack dump")
+                return
+            if kind == CT_NEW:
+                yield data, start + 4, end  # after the nfgenmsg header
+
     def dump_udp(self, family: int, port: int, address: str | None) -> Iterator[UdpFlow]:
         """The UDP flows to `port` (and `address`) that the kernel hands out: it filters them."""
-        attrs = filter_attrs(family, port, address)
-        self.sock.send(encode_request(CT_GET, NLM_F_DUMP, self._next_seq(), family, attrs))
-        for kind, data, start, end in self._replies():
-            if kind == NLMSG_ERROR:
-                _raise(_ERROR.unpack_from(data, start)[0], "conntrack dump")
-                return
-            if kind == CT_NEW:
-                flow = decode_flow(data, start + 4, end, family)
-                if flow is not None:
-                    yield flow
-
-    def dump_flows(self, family: int, protocol: int) -> Iterator[Flow]:
-        """Every flow of `protocol` (TCP, UDP or SCTP) in `family`: the kernel filters them."""
-        attrs = protocol_filter_attrs(protocol)
-        self.sock.send(encode_request(CT_GET, NLM_F_DUMP, self._next_seq(), family, attrs))
-        now_ns = time.time_ns()
-        for kind, data, start, end in self._replies():
-            if kind == NLMSG_ERROR:
-                _raise(_ERROR.unpack_from(data, start)[0], "conntrack dump")
-                return
-            if kind == CT_NEW:
-                flow = decode_full_flow(data, start + 4, end, family, protocol, now_ns)
-                if flow is not None:
-                    yield flow
+        for data, start, end in self.dump(family, filter_attrs(family, port, address)):
+            flow = decode_flow(data, start, end, family)
+            if flow is not None:
+                yield flow
 
     def delete(self, family: int, refs: Iterable[bytes]) -> int:
         """Delete each entry by its exact tuple and id; how many were there to delete."""

@@ -20,7 +20,8 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kproxy.dataplane.ctnetlink import SCTP, TCP, UDP, CtSocket, Flow
+from kproxy.dataplane.ctflows import SCTP, TCP, Flow, dump_flows
+from kproxy.dataplane.ctnetlink import UDP, CtSocket
 from kproxy.errors import KproxyError
 from kproxy.model.service import NamespacedName, Protocol, ServicePort, ServicePortName
 from kproxy.state.cluster import EndpointsMap, ServicesMap
@@ -153,7 +154,7 @@ def read_flows(families: Iterable[int], protocols: Iterable[Protocol]) -> list[F
     """The node's conntrack flows of these families and protocols (read only)."""
     numbers = sorted({PROTOCOL_NUMBERS[p] for p in protocols})
     with CtSocket() as ct:
-        return [flow for family in families for n in numbers for flow in ct.dump_flows(family, n)]
+        return [flow for family in families for n in numbers for flow in dump_flows(ct, family, n)]
 
 
 def service_families(services: ServicesMap) -> tuple[int, ...]:
