@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+from integration.agent_harness import agent_node, slice_object
 from integration.conftest import Cluster, both_modes
-from integration.netns import NODE_IP, Namespace, Pod, read_line
+from integration.manifests import NODE_NAME, service_manifest
+from integration.netns import NODE_IP, Namespace, Pod, Topology, read_line, run_kproxy
 from integration.test_userspace import _config as userspace_config
 from integration.test_userspace import userspace_proxy
 from integration.traffic import start_server
@@ -31,10 +34,11 @@ time.sleep(3600)
 """
 
 
-def hold_connections(cluster: Cluster, client: Pod) -> set[int]:
+def hold_connections(cluster: Cluster | Topology, client: Pod) -> set[int]:
     """HELD open connections from `client` to the service; their client ports."""
     argv = [sys.executable, "-c", HOLDER, VIP, str(PORT), str(HELD)]
-    proc = cluster.topo.spawn(client.ns, argv)
+    topo = cluster if isinstance(cluster, Topology) else cluster.topo
+    proc = topo.spawn(client.ns, argv)
     return {int(p) for p in read_line(proc, timeout=30.0).split()}
 
 
@@ -148,3 +152,24 @@ def test_userspace_lists_the_relays_legs_by_endpoint(cluster: Cluster) -> None:
     assert legs == {(ep, "from-relay"): peers for ep, peers in truth.items()}
     assert all(p.startswith(f"{NODE_IP}:") for peers in truth.values() for p in peers)
     assert [g["endpoint"] for g in drained["groups"]] == [f"{backends[1].ip}:{TARGET}"]
+
+
+def test_the_services_come_from_the_api_server_without_manifests(tmp_path: Path) -> None:
+    """As the agent does: the objects through the kubeconfig, the mode from its config."""
+    with agent_node("conns", tmp_path) as node:
+        backends = []
+        for i in (1, 2):
+            pod = node.topo.add_pod(f"web-{i}", f"192.168.{i}.10")
+            start_server(node.topo, pod.ns, f"web-{i}", TARGET, reply_after_eof=True)
+            backends.append(pod)
+        node.api.create("Service", service_manifest("web", VIP, PORT, TARGET))
+        node.api.create("EndpointSlice", slice_object("web", [b.ip for b in backends], TARGET))
+        agent = node.start_agent()
+        agent.wait_for_event("sync_completed")
+        ports = hold_connections(node.topo, node.client("client", CLIENT))
+        truth = {f"{pod.ip}:{TARGET}": peers(pod.ns) for pod in backends}
+        args = ["connections", "--kubeconfig", str(node.kubeconfig), "--output", "json"]
+        args += ["--hostname-override", NODE_NAME, "--config", str(node.config_file)]
+        out = run_kproxy(node.node, *args, lock_file=node.lock_file).stdout
+    assert set().union(*truth.values()) == {f"{CLIENT}:{p}" for p in ports}
+    assert by_endpoint(json.loads(out)) == {ep: peers for ep, peers in truth.items() if peers}
