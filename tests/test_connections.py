@@ -3,11 +3,18 @@ as the kernel dumps them), grouped, filtered, and a dumped TCP entry read into a
 
 from __future__ import annotations
 
+import socket
 import struct
 
 import pytest
 
-from kproxy.dataplane.ctflows import TCP, Flow, decode_full_flow, protocol_filter_attrs
+from kproxy.dataplane.ctflows import (
+    TCP,
+    Flow,
+    _orig_addresses,
+    decode_full_flow,
+    protocol_filter_attrs,
+)
 from kproxy.dataplane.ctnetlink import UDP
 from kproxy.inspect.connections_cmd import (
     ConnectionsInputError,
@@ -20,7 +27,7 @@ from kproxy.inspect.connections_cmd import (
 )
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.service import NamespacedName, Protocol, ServicePort, ServicePortName
-from tests.test_ctnetlink_encode import attr
+from tests.test_ctnetlink_encode import FLOWS, attr, kernel_entry
 
 NODE = "172.31.0.2"
 LOCAL = (NODE, "127.0.0.1")
@@ -152,3 +159,15 @@ def test_a_dumped_tcp_entry_reads_its_tuples_state_timeout_and_age() -> None:
 def test_the_dump_filter_names_only_the_protocol() -> None:
     attrs = dict(protocol_filter_attrs(UDP))
     assert attrs["CTA_FILTER"] == {"attrs": [("CTA_FILTER_ORIG_FLAGS", 1 << 3)]}
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_the_original_addresses_are_read_where_the_kernel_puts_them_or_found(family: int) -> None:
+    entry = kernel_entry(family, b"")
+    client, vip, _ = FLOWS[family]
+    af = socket.AF_INET if family == 4 else socket.AF_INET6
+    want = (socket.inet_pton(af, client), socket.inet_pton(af, vip))
+    assert _orig_addresses(entry, 0, len(entry), family) == want
+    first = struct.unpack_from("<H", entry)[0]  # the original tuple, moved after the reply's
+    moved = entry[first:] + entry[:first]
+    assert _orig_addresses(moved, 0, len(moved), family) == want

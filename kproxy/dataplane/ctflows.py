@@ -8,7 +8,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from kproxy.dataplane.ctnetlink import (
     CTA_TUPLE_PROTO,
     CTA_TUPLE_REPLY,
     FILTER_PROTO_NUM,
+    NLA_TYPE_MASK,
     SIZE,
     CtSocket,
     _attrs,
@@ -53,6 +54,7 @@ TCP_STATES = (
 _PORT = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
+_TYPE = struct.Struct("<H")
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,10 +157,41 @@ def decode_full_flow(
     )
 
 
-def dump_flows(ct: CtSocket, family: int, protocol: int) -> Iterator[Flow]:
-    """Every flow of `protocol` (TCP, UDP or SCTP) in `family`: the kernel filters them."""
+def _orig_addresses(buf: bytes, start: int, end: int, family: int) -> tuple[bytes, bytes]:
+    """The original direction's source and destination, read before anything else: where the
+    kernel lays them out (the original tuple first, its addresses first in it: checked by their
+    attribute types), else by walking the attributes."""
+    size = SIZE[family]
+    src_kind, dst_kind = (
+        (CTA_IP_V4_SRC, CTA_IP_V4_DST) if family == 4 else (CTA_IP_V6_SRC, CTA_IP_V6_DST)
+    )
+    if end - start >= 16 + 2 * size:
+        orig, ip = _TYPE.unpack_from(buf, start + 2)[0], _TYPE.unpack_from(buf, start + 6)[0]
+        src_at, dst_at = start + 12, start + 16 + size
+        first, second = _TYPE.unpack_from(buf, src_at - 2)[0], _TYPE.unpack_from(buf, dst_at - 2)[0]
+        layout = (orig & NLA_TYPE_MASK, ip & NLA_TYPE_MASK, first, second)
+        if layout == (CTA_TUPLE_ORIG, CTA_TUPLE_IP, src_kind, dst_kind):
+            return buf[src_at : src_at + size], buf[dst_at : dst_at + size]
+    ip_span = _span(buf, *_span(buf, start, end, CTA_TUPLE_ORIG), CTA_TUPLE_IP)
+    return _find(buf, *ip_span, src_kind), _find(buf, *ip_span, dst_kind)
+
+
+def dump_flows(
+    ct: CtSocket, family: int, protocol: int, addresses: Collection[str] | None = None
+) -> Iterator[Flow]:
+    """Every flow of `protocol` (TCP, UDP or SCTP) in `family`: the kernel filters them; with
+    `addresses`, only those whose original source or destination is one of them (the other
+    entries are skipped before being read)."""
     now_ns = time.time_ns()
+    af = AF[family]
+    wanted = None
+    if addresses is not None:
+        wanted = {socket.inet_pton(af, a) for a in addresses if (":" in a) == (family == 6)}
     for data, start, end in ct.dump(family, protocol_filter_attrs(protocol)):
+        if wanted is not None:
+            src, dst = _orig_addresses(data, start, end, family)
+            if dst not in wanted and src not in wanted:
+                continue
         flow = decode_full_flow(data, start, end, family, protocol, now_ns)
         if flow is not None:
             yield flow

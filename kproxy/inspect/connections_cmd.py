@@ -150,11 +150,25 @@ def parse_endpoint_ip(text: str | None) -> str | None:
         raise ConnectionsInputError(f"--endpoint {text!r} is not an IP address") from None
 
 
-def read_flows(families: Iterable[int], protocols: Iterable[Protocol]) -> list[Flow]:
-    """The node's conntrack flows of these families and protocols (read only)."""
+def read_flows(
+    families: Iterable[int], protocols: Iterable[Protocol], addresses: Collection[str]
+) -> list[Flow]:
+    """The node's conntrack flows of these families and protocols from or to `addresses`
+    (read only)."""
     numbers = sorted({PROTOCOL_NUMBERS[p] for p in protocols})
     with CtSocket() as ct:
-        return [flow for family in families for n in numbers for flow in dump_flows(ct, family, n)]
+        return [
+            flow
+            for family in families
+            for n in numbers
+            for flow in dump_flows(ct, family, n, addresses)
+        ]
+
+
+def watched_addresses(index: FlowIndex, local: Collection[str]) -> set[str]:
+    """The addresses a flow of a service starts or ends at: the VIPs and the node's own (its
+    NodePorts, and the userspace relay's connections to endpoints)."""
+    return {key[1] for key in index.vips} | {_ip(a) for a in local}
 
 
 def service_families(services: ServicesMap) -> tuple[int, ...]:
@@ -182,7 +196,9 @@ def live_connections(
         services = {n: sp for n, sp in services.items() if n.service == wanted}
     index = build_index(services, endpoints)
     families = [f for f in service_families(services) if f in families]
-    flows = read_flows(families, {sp.protocol for sp in services.values()}) if services else []
+    protocols = {sp.protocol for sp in services.values()}
+    addresses = watched_addresses(index, local)
+    flows = read_flows(families, protocols, addresses) if services else []
     userspace = mode == "userspace"
     return select_connections(flows, index, local, userspace, wanted, endpoint_ip)
 
