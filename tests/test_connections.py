@@ -81,6 +81,9 @@ def test_kernel_dnat_flows_group_by_service_and_the_endpoint_the_reply_comes_fro
         ("kube-system/dns", "10.244.1.9:53"): ["10.96.0.53:53 ClusterIP"],
     }
     assert {c.leg for c in conns} == {"direct"}
+    text = render_connections(conns, "iptables")
+    assert "default/web:http TCP -> 10.244.2.5:8080  (2 flows)" in text
+    assert "kube-system/dns UDP -> 10.244.1.9:53  (1 flow)" in text
 
 
 def test_endpoint_and_service_narrow_the_flows() -> None:

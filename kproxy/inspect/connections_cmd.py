@@ -243,7 +243,8 @@ def render_connections(connections: Sequence[Connection], mode: str) -> str:
     for group in doc["groups"]:
         name = group["service"] + (f":{group['port']}" if group["port"] else "")
         endpoint = group["endpoint"] or "(endpoint not in conntrack: the relay's client side)"
-        lines.append(f"{name} {group['protocol']} -> {endpoint}  ({len(group['flows'])} flows)")
+        count = len(group["flows"])
+        lines.append(f"{name} {group['protocol']} -> {endpoint}  ({count} flow{'s' * (count > 1)})")
         for flow in group["flows"]:
             age = "-" if flow["ageSeconds"] is None else f"{flow['ageSeconds']:.0f}s"
             lines.append(
