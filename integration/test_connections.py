@@ -21,7 +21,8 @@ from integration.traffic import start_server
 VIP = "10.96.100.10"
 PORT = 80
 TARGET = 8080
-CLIENT = "192.168.9.9"
+CLIENT, CLIENT6 = "192.168.9.9", "fd00:168:9::9"
+VIP6 = "fd00:96::10"
 HELD = 16  # connections held open: both endpoints get some (all on one: 2 in 65,536)
 
 # Opens HELD connections to VIP:PORT, prints their local ports, then holds them until killed.
@@ -34,9 +35,9 @@ time.sleep(3600)
 """
 
 
-def hold_connections(cluster: Cluster | Topology, client: Pod) -> set[int]:
-    """HELD open connections from `client` to the service; their client ports."""
-    argv = [sys.executable, "-c", HOLDER, VIP, str(PORT), str(HELD)]
+def hold_connections(cluster: Cluster | Topology, client: Pod, vip: str = VIP) -> set[int]:
+    """HELD open connections from `client` to the service's `vip`; their client ports."""
+    argv = [sys.executable, "-c", HOLDER, vip, str(PORT), str(HELD)]
     topo = cluster if isinstance(cluster, Topology) else cluster.topo
     proc = topo.spawn(client.ns, argv)
     return {int(p) for p in read_line(proc, timeout=30.0).split()}
@@ -173,3 +174,29 @@ def test_the_services_come_from_the_api_server_without_manifests(tmp_path: Path)
         out = run_kproxy(node.node, *args, lock_file=node.lock_file).stdout
     assert set().union(*truth.values()) == {f"{CLIENT}:{p}" for p in ports}
     assert by_endpoint(json.loads(out)) == {ep: peers for ep, peers in truth.items() if peers}
+
+
+@both_modes
+def test_ipv6_flows_are_listed_with_bracketed_addresses(cluster: Cluster) -> None:
+    cluster.topo.enable_ipv6()
+    backends = []
+    for i in (1, 2):
+        pod = cluster.topo.add_pod(f"web-{i}", f"192.168.{i}.10", f"fd00:168:{i}::10")
+        start_server(cluster.topo, pod.ns, f"web-{i}", TARGET, family="both", reply_after_eof=True)
+        backends.append(pod)
+    cluster.service("web", VIP, PORT, backends, TARGET, cluster_ip6=VIP6)
+    client = cluster.topo.add_pod("client", CLIENT, CLIENT6)
+    cluster.sync()
+    ports = hold_connections(cluster, client, VIP6)
+    doc = connections(cluster, *cluster.config_args())
+    clients: dict[str, set[str]] = {}
+    for group in doc["groups"]:
+        for flow in group["flows"]:
+            assert flow["destination"] == f"[{VIP6}]:{PORT}", flow
+            clients.setdefault(group["endpoint"], set()).add(flow["client"])
+    truth = {
+        f"[fd00:168:{i}::10]:{TARGET}": peers(pod.ns)
+        for i, pod in ((1, backends[0]), (2, backends[1]))
+    }
+    assert clients == {ep: got for ep, got in truth.items() if got}
+    assert set().union(*clients.values()) == {f"[{CLIENT6}]:{p}" for p in ports}
