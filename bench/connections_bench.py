@@ -50,9 +50,7 @@ def inner(entries: int) -> None:
         subprocess.run(["conntrack", "-L", "-p", "tcp"], check=True, capture_output=True)
         baseline = min(baseline, time.perf_counter() - started)
         started = time.perf_counter()
-        found = live_connections(
-            state.services_map(), state.endpoints_map(), ("172.31.0.2",), "iptables", (4,)
-        )
+        found = live_connections(state, ("172.31.0.2",), "iptables", (4,))
         text = render_connections(found, "iptables")
         ours = min(ours, time.perf_counter() - started)
     listed = len(found)

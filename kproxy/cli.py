@@ -598,11 +598,7 @@ def connections(
     hostname: str | None,
 ) -> None:
     """The node's live conntrack flows of kproxy's services, by service port and endpoint."""
-    from kproxy.inspect.connections_cmd import (
-        connections_json,
-        live_connections,
-        render_connections,
-    )
+    from kproxy.inspect.connections_cmd import live_connections, render
 
     config = load_config_file(config_path)
     if manifests_paths:
@@ -613,19 +609,9 @@ def connections(
         api = api_client(kubeconfig or config.kubeconfig or None)
         manifests = ApiSource(api, resolve_hostname(hostname, config)).list_once()
     config, state = in_live_mode(config, config_path, 4), _state(manifests, config)
-    found = live_connections(
-        state.services_map(),
-        state.endpoints_map(),
-        _local_addresses(),
-        config.mode,
-        node_families(),
-        service,
-        endpoint,
-    )
-    if output == "json":
-        click.echo(json.dumps(connections_json(found, config.mode), indent=2))
-    else:
-        click.echo(render_connections(found, config.mode), nl=False)
+    local, families = _local_addresses(), node_families()
+    found = live_connections(state, local, config.mode, families, service, endpoint)
+    click.echo(render(found, config.mode, output), nl=False)
 
 
 @cli.command()

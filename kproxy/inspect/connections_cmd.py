@@ -16,6 +16,7 @@ and is listed with them.
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from kproxy.dataplane.ctflows import SCTP, TCP, Flow, dump_flows
 from kproxy.dataplane.ctnetlink import UDP, CtSocket
 from kproxy.errors import KproxyError
 from kproxy.model.service import NamespacedName, Protocol, ServicePort, ServicePortName
-from kproxy.state.cluster import EndpointsMap, ServicesMap
+from kproxy.state.cluster import ClusterState, EndpointsMap, ServicesMap
 
 PROTOCOL_NUMBERS = {Protocol.TCP: TCP, Protocol.UDP: UDP, Protocol.SCTP: SCTP}
 DIRECT, TO_RELAY, FROM_RELAY = "direct", "to-relay", "from-relay"
@@ -182,8 +183,7 @@ def service_families(services: ServicesMap) -> tuple[int, ...]:
 
 
 def live_connections(
-    services: ServicesMap,
-    endpoints: EndpointsMap,
+    state: ClusterState,
     local: Collection[str],
     mode: str,
     families: Collection[int],
@@ -192,6 +192,7 @@ def live_connections(
 ) -> list[Connection]:
     """The node's live flows of kproxy's services, in `mode`, narrowed as asked."""
     wanted, endpoint_ip = parse_service(service), parse_endpoint_ip(endpoint)
+    services, endpoints = state.services_map(), state.endpoints_map()
     if wanted is not None:
         services = {n: sp for n, sp in services.items() if n.service == wanted}
     index = build_index(services, endpoints)
@@ -232,6 +233,13 @@ def _flow_json(conn: Connection) -> dict[str, Any]:
         "ageSeconds": None if f.age is None else round(f.age, 1),
         "id": f.id,
     }
+
+
+def render(connections: Sequence[Connection], mode: str, output: str) -> str:
+    """`--output json` or text."""
+    if output == "json":
+        return json.dumps(connections_json(connections, mode), indent=2) + "\n"
+    return render_connections(connections, mode)
 
 
 def render_connections(connections: Sequence[Connection], mode: str) -> str:
