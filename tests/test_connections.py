@@ -20,6 +20,7 @@ from kproxy.inspect.connections_cmd import (
     ConnectionsInputError,
     build_index,
     connections_json,
+    live_connections,
     parse_endpoint_ip,
     parse_service,
     render_connections,
@@ -27,6 +28,7 @@ from kproxy.inspect.connections_cmd import (
 )
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.service import NamespacedName, Protocol, ServicePort, ServicePortName
+from kproxy.state.cluster import ClusterState
 from tests.test_ctnetlink_encode import FLOWS, attr, kernel_entry
 
 NODE = "172.31.0.2"
@@ -121,6 +123,11 @@ def test_an_untranslated_flow_to_a_vip_names_no_endpoint_and_ipv6_is_bracketed()
         ("[fd00:244::5]:8080", 1),
     ]
     assert doc["groups"][1]["flows"][0]["client"] == "[fd00::7]:40001"
+
+
+def test_a_service_that_is_not_there_is_said_before_reading_the_kernel() -> None:
+    with pytest.raises(ConnectionsInputError, match="default/wbe has no port"):
+        live_connections(ClusterState(), LOCAL, "iptables", (4,), "default/wbe")
 
 
 def test_no_flows_say_so() -> None:

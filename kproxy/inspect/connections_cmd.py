@@ -195,6 +195,8 @@ def live_connections(
     services, endpoints = state.services_map(), state.endpoints_map()
     if wanted is not None:
         services = {n: sp for n, sp in services.items() if n.service == wanted}
+        if not services:
+            raise ConnectionsInputError(f"service {wanted} has no port kproxy serves here")
     index = build_index(services, endpoints)
     families = [f for f in service_families(services) if f in families]
     protocols = {sp.protocol for sp in services.values()}
