@@ -573,6 +573,49 @@ def trace(
 
 
 @cli.command()
+@click.argument("service", metavar="[NAMESPACE/NAME]", required=False)
+@click.option(
+    "--manifests",
+    "manifests_paths",
+    multiple=True,
+    type=click.Path(exists=True),
+    help="Services and EndpointSlices from these files (repeatable); default: the API.",
+)
+@click.option(
+    "--kubeconfig",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Without --manifests: the kubeconfig (default as `run`).",
+)
+@click.option("--endpoint", metavar="IP", help="Only the flows that go to this endpoint.")
+@click.option("--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@common_options
+def connections(
+    service: str | None,
+    manifests_paths: tuple[str, ...],
+    kubeconfig: str | None,
+    endpoint: str | None,
+    output: str,
+    config_path: str | None,
+    hostname: str | None,
+) -> None:
+    """The node's live conntrack flows of kproxy's services, by service port and endpoint."""
+    from kproxy.inspect.connections_cmd import live_connections, render
+
+    config = load_config_file(config_path)
+    if manifests_paths:
+        manifests = read_all_manifests(manifests_paths)
+    else:
+        from kproxy.watch.api import ApiSource, api_client
+
+        api = api_client(kubeconfig or config.kubeconfig or None)
+        manifests = ApiSource(api, resolve_hostname(hostname, config)).list_once()
+    config, state = in_live_mode(config, config_path, 4), _state(manifests, config)
+    local, families = _local_addresses(), node_families()
+    found = live_connections(state, local, config.mode, families, service, endpoint)
+    click.echo(render(found, config.mode, output), nl=False)
+
+
+@cli.command()
 @click.option(
     "--address",
     metavar="HOST:PORT",

@@ -16,6 +16,9 @@ refuses it (it reads the filter's tuple as an exact one, which it lacks fields f
 `FlushRefused` says so. The kernel's IPv6 address filter is inverted (measured on 6.18: a dump
 filtered on an IPv6 destination hands out the flows to every other address), so IPv6 requests
 filter on protocol and port alone and plan/conntrack.py compares the addresses.
+
+`dump` hands out the raw entries of any filtered dump: ctflows.py reads every flow of a protocol
+from it for `kproxy connections`.
 """
 
 from __future__ import annotations
@@ -258,18 +261,23 @@ class CtSocket:
                     return
                 offset += (size + 3) & ~3
 
-    def dump_udp(self, family: int, port: int, address: str | None) -> Iterator[UdpFlow]:
-        """The UDP flows to `port` (and `address`) that the kernel hands out: it filters them."""
-        attrs = filter_attrs(family, port, address)
+    def dump(self, family: int, attrs: list[tuple[str, Any]]) -> Iterator[tuple[bytes, int, int]]:
+        """(buffer, start, end) of each entry's attributes that a dump filtered by `attrs`
+        hands out."""
         self.sock.send(encode_request(CT_GET, NLM_F_DUMP, self._next_seq(), family, attrs))
         for kind, data, start, end in self._replies():
             if kind == NLMSG_ERROR:
                 _raise(_ERROR.unpack_from(data, start)[0], "conntrack dump")
                 return
             if kind == CT_NEW:
-                flow = decode_flow(data, start + 4, end, family)
-                if flow is not None:
-                    yield flow
+                yield data, start + 4, end  # after the nfgenmsg header
+
+    def dump_udp(self, family: int, port: int, address: str | None) -> Iterator[UdpFlow]:
+        """The UDP flows to `port` (and `address`) that the kernel hands out: it filters them."""
+        for data, start, end in self.dump(family, filter_attrs(family, port, address)):
+            flow = decode_flow(data, start, end, family)
+            if flow is not None:
+                yield flow
 
     def delete(self, family: int, refs: Iterable[bytes]) -> int:
         """Delete each entry by its exact tuple and id; how many were there to delete."""
