@@ -39,6 +39,7 @@ from integration.agent_harness import (
     answered_by,
     log_time,
     slice_object,
+    summarize,
     wait_until,
     wall_time,
 )
@@ -150,13 +151,18 @@ def run_changes(node: AgentNode, args: argparse.Namespace) -> list[float] | None
         if took is not None:
             syncs.append(took)
     attempts = poller.stop()
-    report(latencies, syncs, sum(not a.ok for a in attempts), len(attempts))
+    failed = summarize([a for a in attempts if not a.ok])
+    report(latencies, syncs, failed, len(attempts))
     return latencies
 
 
-def report(latencies: list[float], syncs: list[float], failed: int, total: int) -> None:
+def report(latencies: list[float], syncs: list[float], failed: dict[str, int], total: int) -> None:
     lat_median, lat_worst = statistics.median(latencies), max(latencies)
-    print(f"changes: {len(latencies)}; client connections: {total}, failed: {failed}")
+    how = ", ".join(f"{outcome} {n}" for outcome, n in sorted(failed.items()))
+    print(
+        f"changes: {len(latencies)}; client connections: {total}, "
+        f"failed: {sum(failed.values())}" + (f" ({how})" if how else "")
+    )
     print(
         f"API write -> first connection answered by the new endpoint: "
         f"median {lat_median * 1000:.0f} ms, worst {lat_worst * 1000:.0f} ms"
