@@ -192,12 +192,20 @@ def test_metrics_report_syncs_and_network_programming_latency(node: AgentNode) -
         "EndpointSlice", slice_object("web", [b.ip], TARGET, trigger_time=rfc3339(changed_at))
     )
     assert wait_for_nat(node, node.dnat_to(b.ip, TARGET))
-    status, text = node.http_get(METRICS_PORT, "/metrics")
-    assert status == 200
-    families = _families(text)
 
+    def second_sync_reported() -> dict[str, list[Sample]] | None:
+        # The rules are in the kernel a little before the sync that wrote them is reported.
+        status, text = node.http_get(METRICS_PORT, "/metrics")
+        assert status == 200
+        found = _families(text)
+        syncs = found["kubeproxy_sync_proxy_rules_duration_seconds"]
+        count = _value(syncs, "kubeproxy_sync_proxy_rules_duration_seconds_count")
+        return found if count >= 2 else None
+
+    reported = wait_until(second_sync_reported, timeout=15)
+    assert reported, "the second sync was never reported"
+    families = reported
     syncs = families["kubeproxy_sync_proxy_rules_duration_seconds"]
-    assert _value(syncs, "kubeproxy_sync_proxy_rules_duration_seconds_count") >= 2
     assert _value(syncs, "kubeproxy_sync_proxy_rules_duration_seconds_sum") > 0
     last = _value(
         families["kubeproxy_sync_proxy_rules_last_timestamp_seconds"],
