@@ -13,6 +13,7 @@ from integration.agent_harness import Poller, summarize
 from integration.conftest import Cluster
 from integration.netns import stop
 from integration.test_userspace import PORT, TARGET, USERSPACE_CHAINS, VIP, userspace_proxy
+from integration.traffic import probe
 
 
 def test_iptables_to_userspace_to_iptables_fails_no_connection(cluster: Cluster) -> None:
@@ -86,3 +87,18 @@ def test_a_switch_counts_the_other_modes_chains_it_removed(cluster: Cluster) -> 
     assert _of_another_mode(to_iptables) == nftables, to_iptables
     assert _nftables_chains(cluster) == 0
     assert "of another mode" not in cluster.sync()  # removed once, counted once
+
+
+def test_the_userspace_mode_removes_the_nftables_modes_tables(cluster: Cluster) -> None:
+    backends = [cluster.backend(f"web-{i}", f"192.168.{i}.10", TARGET) for i in (1, 2)]
+    client = cluster.pod("client", "192.168.9.9")
+    cluster.service("web", VIP, PORT, backends, TARGET)
+    cluster.mode = "nftables"
+    cluster.configure()
+    cluster.sync()
+    before = _nftables_chains(cluster)
+    with userspace_proxy(cluster):  # its summary is printed after its first sync's removal
+        after = _nftables_chains(cluster)
+        result = probe(client.ns, VIP, PORT, "tcp", count=20)
+    assert before > 5 and after == 0, (before, after)
+    assert result.failed == 0 and set(result.answers) == {"web-1", "web-2"}, result
