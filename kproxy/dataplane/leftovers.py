@@ -25,10 +25,6 @@ class LeftoverRemoval:
     def __init__(self, remove: RemoveLeftovers | None) -> None:
         self._remove = remove
 
-    @property
-    def pending(self) -> bool:
-        return self._remove is not None
-
     def after_commit(self, result: ApplyResult) -> ApplyResult:
         """Add what the removal removed to `result`, or count its failure there."""
         if self._remove is None:
