@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from kproxy.dataplane.base import TableReport
 from kproxy.dataplane.iptables.fake import FakeDataplane
 from kproxy.dataplane.iptables.node import IptablesNode
 from kproxy.dataplane.nftables import node as node_module
@@ -73,10 +74,11 @@ class Cleanup:
         self.fail = False
         self.calls = 0
 
-    def __call__(self) -> None:
+    def __call__(self) -> list[TableReport]:
         self.calls += 1
         if self.fail:
             raise DataplaneError("xtables lock: resource temporarily unavailable")
+        return []  # what it removed: nothing here
 
 
 @pytest.fixture

@@ -38,8 +38,11 @@ class ApplyResult:
     """What one apply did, summed over its tables."""
 
     tables: list[TableReport] = field(default_factory=list)
+    # The other modes' chains and tables removed after this mode's commit (leftovers.py): they
+    # count in what was removed and changed, never in what this mode wrote or has.
+    leftovers: list[TableReport] = field(default_factory=list)
     # Cleanups beside the sync's own commit that failed and are retried by the next sync (the
-    # nftables mode: removing the iptables mode's chains); the sync itself succeeded.
+    # other modes' leftovers); the sync itself succeeded.
     cleanup_failures: int = 0
 
     @property
@@ -52,7 +55,12 @@ class ApplyResult:
 
     @property
     def chains_removed(self) -> int:
-        return sum(len(t.delete) for t in self.tables)
+        """This mode's removed chains and the other modes' (a switch's leftovers)."""
+        return sum(len(t.delete) for t in (*self.tables, *self.leftovers))
+
+    @property
+    def leftover_chains_removed(self) -> int:
+        return sum(len(t.delete) for t in self.leftovers)
 
     @property
     def chains_unchanged(self) -> int:
@@ -64,7 +72,7 @@ class ApplyResult:
 
     @property
     def changed(self) -> bool:
-        return any(not t.empty for t in self.tables)
+        return any(not t.empty for t in (*self.tables, *self.leftovers))
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,9 +48,12 @@ class SyncReport:
         if not r.changed:
             body = f"no changes, {_count(r.chains_unchanged, 'chain')} already up to date"
         else:
+            left = r.leftover_chains_removed
+            others = f" ({left} of another mode)" if left else ""
             body = (
                 f"wrote {_count(r.chains_written, 'chain')} ({_count(r.rules_written, 'rule')}), "
-                f"removed {_count(r.chains_removed, 'chain')}, {r.chains_unchanged} unchanged"
+                f"removed {_count(r.chains_removed, 'chain')}{others}, "
+                f"{r.chains_unchanged} unchanged"
             )
         total = "" if seconds is None else f" ({seconds:.2f}s with start-up)"
         return f"{head}{body}, in {self.seconds:.2f}s{total}"

@@ -12,7 +12,8 @@ from kproxy.dataplane.host import apply_sysctls
 from kproxy.dataplane.iptables.backend import read_tables
 from kproxy.dataplane.iptables.diff import owned_part
 from kproxy.dataplane.iptables.families import open_dataplanes
-from kproxy.dataplane.nftables.node import delete_nftables_tables
+from kproxy.dataplane.leftovers import LeftoverRemoval, RemoveLeftovers
+from kproxy.dataplane.nftables.node import remove_nftables_mode
 from kproxy.plan.node_plan import NodePlan
 from kproxy.rules.ir import Ruleset
 from kproxy.rules.saved import render_saved
@@ -28,13 +29,12 @@ class IptablesNode:
         self,
         dataplanes: Mapping[int, Dataplane],
         write_sysctls: SysctlWriter = apply_sysctls,
-        after_first_commit: Callable[[], object] | None = None,
+        remove_leftovers: RemoveLeftovers | None = None,
     ) -> None:
         self.dataplanes = dataplanes
         self.write_sysctls = write_sysctls
-        # Run once, after this process's first commit: removes the nftables mode's tables when a
-        # node switches back (the iptables rules are in by then, so traffic never falls through).
-        self._after_first_commit = after_first_commit
+        # After the first commit: the nftables mode's tables, when a node switches back.
+        self.leftovers = LeftoverRemoval(remove_leftovers)
 
     @property
     def families(self) -> tuple[int, ...]:
@@ -53,10 +53,7 @@ class IptablesNode:
         result = ApplyResult()
         for family, ruleset in sorted(plan.kernel.items()):
             result.tables.extend(self.dataplanes[family].apply(ruleset, full).tables)
-        if self._after_first_commit is not None:
-            hook, self._after_first_commit = self._after_first_commit, None
-            hook()
-        return result
+        return self.leftovers.after_commit(result)
 
     def problems(self) -> list[str]:
         return []  # the kernel's tables are the data path: nothing of ours runs to fail
@@ -77,4 +74,4 @@ def read_iptables_live(family: int) -> str:
 @contextmanager
 def open_iptables_node(lock_timeout: float) -> Iterator[IptablesNode]:
     with open_dataplanes(lock_timeout) as dataplanes:
-        yield IptablesNode(dataplanes, after_first_commit=delete_nftables_tables)
+        yield IptablesNode(dataplanes, remove_leftovers=remove_nftables_mode)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import structlog
 
+from kproxy.dataplane.base import TableReport
 from kproxy.dataplane.host import ipv6_supported
 from kproxy.dataplane.iptables.families import open_dataplanes
 from kproxy.dataplane.nftables.node import NftablesNode, open_nftables_node
@@ -33,14 +34,17 @@ def _legacy_tables_in_use() -> bool:
     return False
 
 
-def remove_iptables_mode(lock_timeout: float) -> None:
-    """Delete the iptables (and userspace) mode's chains and the jumps to them, both families."""
+def remove_iptables_mode(lock_timeout: float) -> list[TableReport]:
+    """Delete the iptables (and userspace) mode's chains and the jumps to them, both families:
+    per table, what was removed."""
     if not _legacy_tables_in_use():
-        return
+        return []
     with open_dataplanes(lock_timeout) as dataplanes:
-        removed = sum(dp.cleanup().chains_removed for dp in dataplanes.values())
-    if removed:
-        log.info("iptables_mode_removed", chains=removed)
+        removed = [t for dp in dataplanes.values() for t in dp.cleanup().tables]
+    chains = sum(len(t.delete) for t in removed)
+    if chains:
+        log.info("iptables_mode_removed", chains=chains)
+    return removed
 
 
 @contextmanager

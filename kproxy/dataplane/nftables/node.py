@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from kproxy.dataplane.base import ApplyResult
+from kproxy.dataplane.leftovers import LeftoverRemoval, RemoveLeftovers
 from kproxy.dataplane.nftables.delta import (
     NFPROTO,
     NFT_FAMILY_NAMES,
@@ -36,13 +37,14 @@ from kproxy.dataplane.nftables.delta import (
 )
 from kproxy.dataplane.nftables.encode import table_name_attrs
 from kproxy.dataplane.nftables.kernel import (
+    NFT_MSG_GETCHAIN,
     definitions_match,
     diff_kernel,
     read_generation,
     read_kernel_table,
     table_exists,
 )
-from kproxy.dataplane.nftables.netlink import NftMonitor, NftNetlink
+from kproxy.dataplane.nftables.netlink import NftMonitor, NftNetlink, iter_attrs
 from kproxy.dataplane.nftables.staged import StageRefused, split_fresh, write_unhooked
 from kproxy.errors import DataplaneError
 from kproxy.plan.nftables import naming
@@ -110,14 +112,15 @@ class NftablesNode:
         self,
         nl: NftNetlink,
         families: tuple[int, ...],
-        after_first_commit: Callable[[], None] = lambda: None,
+        remove_leftovers: RemoveLeftovers | None = None,
     ) -> None:
         self.nl = nl
         self._families = families
         self._images: dict[int, TableImage] = {}
         self._applied: dict[int, NftTable] = {}  # the planned tables last committed
         self._generation: int | None = None  # what kproxy's last commit left, if known
-        self._after_first_commit: Callable[[], None] | None = after_first_commit
+        # After the first commit: the iptables (and userspace) mode's chains.
+        self.leftovers = LeftoverRemoval(remove_leftovers)
         self._monitor: NftMonitor | None = None
 
     @property
@@ -173,23 +176,8 @@ class NftablesNode:
                 else:
                     self._images[family] = TableImage.of(table)
                 self._applied[family] = table
-        return ApplyResult(
-            tables=[NftTableChanges.of(d) for d in deltas], cleanup_failures=self._clean_up()
-        )
-
-    def _clean_up(self) -> int:
-        """After kproxy's tables are in, the cleanup owed (the iptables mode's chains removed):
-        1 when it failed, and it is retried after the next sync, which it does not fail (as
-        upstream's stale-chain cleanup: kubeproxy_sync_proxy_rules_nftables_cleanup_failures)."""
-        if self._after_first_commit is None:
-            return 0
-        try:
-            self._after_first_commit()
-        except Exception as exc:
-            log.error("cleanup_failed", error=str(exc), retry="after the next sync")
-            return 1
-        self._after_first_commit = None
-        return 0
+        result = ApplyResult(tables=[NftTableChanges.of(d) for d in deltas])
+        return self.leftovers.after_commit(result)
 
     def _changes_since_applied(self, table: NftTable) -> TableChanges | None:
         """What the planner says changed, when it patched the table last committed."""
@@ -280,10 +268,37 @@ def delete_table(nl: NftNetlink, family: int, name: str = naming.TABLE) -> bool:
     return True
 
 
+def chain_names(nl: NftNetlink, family: int, name: str) -> list[str]:
+    """The chains of one table (the dump is filtered to it: the kernel answers with every
+    table's)."""
+    request = table_name_attrs(name)
+    return [
+        attrs[3].rstrip(b"\0").decode("utf-8", "surrogateescape")
+        for msg in nl.dump(NFT_MSG_GETCHAIN, NFPROTO[family], request)
+        for attrs in (dict(iter_attrs(msg.attrs)),)
+        if 3 in attrs
+    ]
+
+
+def remove_nftables_mode(
+    open_netlink: Callable[[], NftNetlink] = NftNetlink,
+) -> list[NftTableChanges]:
+    """Delete both families' `kube-proxy` tables (when another mode took over, or for
+    `cleanup`): per table deleted, its chains."""
+    removed = []
+    with open_netlink() as nl:
+        for family in (4, 6):
+            if table_exists(nl, family, naming.TABLE):
+                chains = chain_names(nl, family, naming.TABLE)
+                delete_table(nl, family)
+                table = f"{NFT_FAMILY_NAMES[family]} {naming.TABLE}"
+                removed.append(NftTableChanges(table, delete=chains))
+    return removed
+
+
 def delete_nftables_tables() -> int:
-    """Remove the nftables mode's tables (after the iptables mode took over): how many."""
-    with NftNetlink() as nl:
-        return sum(delete_table(nl, family) for family in (4, 6))
+    """Remove the nftables mode's tables: how many there were."""
+    return len(remove_nftables_mode())
 
 
 def read_nftables_live(family: int) -> str:
@@ -306,11 +321,11 @@ def read_nftables_live(family: int) -> str:
 
 @contextmanager
 def open_nftables_node(
-    families: tuple[int, ...], after_first_commit: Callable[[], None] = lambda: None
+    families: tuple[int, ...], remove_leftovers: RemoveLeftovers | None = None
 ) -> Iterator[NftablesNode]:
     check_kernel()
     with NftNetlink() as nl:
-        node = NftablesNode(nl, families, after_first_commit)
+        node = NftablesNode(nl, families, remove_leftovers)
         try:
             yield node
         finally:

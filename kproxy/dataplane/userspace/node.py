@@ -2,7 +2,7 @@
 bound ports are what the portal rules redirect to), then the portal rules through the same
 libiptc backend the iptables mode uses. A sync that programs the portals also deletes the
 iptables mode's chains (and the jumps to them) in the same commit per table, so switching modes
-is one atomic change per table."""
+is one atomic change per table; the nftables mode's tables go after the first sync's commits."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from kproxy.dataplane.base import ApplyResult, Dataplane
 from kproxy.dataplane.host import apply_sysctls
 from kproxy.dataplane.iptables.families import open_dataplanes
 from kproxy.dataplane.iptables.node import IptablesNode, SysctlWriter
+from kproxy.dataplane.leftovers import LeftoverRemoval, RemoveLeftovers
+from kproxy.dataplane.nftables.node import remove_nftables_mode
 from kproxy.dataplane.userspace.holds import HeldPort, PortHolds
 from kproxy.dataplane.userspace.relay import Relay
 from kproxy.dataplane.userspace.spec import ListenerSpec
@@ -63,6 +65,7 @@ class UserspaceNode:
         relays: Mapping[int, Relay],
         write_sysctls: SysctlWriter = apply_sysctls,
         clock: Callable[[], float] = time.monotonic,
+        remove_leftovers: RemoveLeftovers | None = None,
     ) -> None:
         # The portal rules go through the iptables mode's node dataplane (no sysctls needed).
         self.rules = IptablesNode(dataplanes, write_sysctls=lambda sysctls: None)
@@ -71,6 +74,9 @@ class UserspaceNode:
         self.write_sysctls = write_sysctls  # the iptables mode's, at hand-over
         self.clock = clock
         self._warned: set[Any] = set()
+        # After the first commit: the nftables mode's tables (the iptables mode's chains go in
+        # the portals' own commits).
+        self.leftovers = LeftoverRemoval(remove_leftovers)
 
     @property
     def families(self) -> tuple[int, ...]:
@@ -100,7 +106,7 @@ class UserspaceNode:
             ]
             for port, error in self.holds[family].sync(held).items():
                 self._warn_once("port_hold_failed", port, error, family=family)
-        return result
+        return self.leftovers.after_commit(result)
 
     def _warn_once(self, event: str, subject: object, problem: str, **keys: Any) -> None:
         if (event, subject, problem) not in self._warned:
@@ -157,7 +163,7 @@ def open_userspace_node(config: ProxyConfig, lock_timeout: float) -> Iterator[Us
             family: Relay(port_range=config.port_range, udp_idle_timeout=config.udp_idle_timeout)
             for family in dataplanes
         }
-        node = UserspaceNode(dataplanes, relays)
+        node = UserspaceNode(dataplanes, relays, remove_leftovers=remove_nftables_mode)
         try:
             for relay in relays.values():
                 relay.start()

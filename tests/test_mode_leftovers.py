@@ -1,0 +1,207 @@
+"""The other modes' leftovers, removed after a mode's first commit, against the dataplane fakes:
+what they removed counts in the sync's summary (`sync --once`'s line, the `sync_completed` log,
+/statusz), and a removal that fails is retried after the next sync in every mode, without failing
+the sync whose own rules are in."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+import structlog
+
+from kproxy.dataplane.base import ModeDataplane, TableReport
+from kproxy.dataplane.iptables.fake import FakeDataplane
+from kproxy.dataplane.iptables.node import IptablesNode
+from kproxy.dataplane.nftables import node as node_module
+from kproxy.dataplane.nftables import readback
+from kproxy.dataplane.nftables.fake import FakeNfTables
+from kproxy.dataplane.nftables.node import NftablesNode, NftTableChanges
+from kproxy.dataplane.userspace.node import UserspaceNode
+from kproxy.dataplane.userspace.relay import Relay
+from kproxy.errors import DataplaneError
+from kproxy.health.healthz import ProxyHealth
+from kproxy.health.metrics import ProxyMetrics
+from kproxy.model.config import ProxyConfig
+from kproxy.model.kinds import Kind
+from kproxy.model.node import NodeInfo
+from kproxy.state.cluster import ClusterState
+from kproxy.state.ingest import upsert
+from kproxy.sync.loop import StateBox, SyncLoop
+from kproxy.sync.modes import MODES
+from kproxy.sync.once import once_loop, sync_once
+from kproxy.sync.status import SyncStatus
+
+NFT_CLEANUP_FAILURES = "kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total"
+
+
+def service(name: str, ip: str) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"clusterIP": ip, "ports": [{"name": "p", "port": 80, "protocol": "TCP"}]},
+    }
+
+
+def endpoint_slice(name: str, ips: list[str]) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": f"{name}-1",
+            "namespace": "default",
+            "labels": {"kubernetes.io/service-name": name},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [ip]} for ip in ips],
+    }
+
+
+def cluster_state() -> ClusterState:
+    state = ClusterState()
+    for kind, obj in (
+        (Kind.SERVICE, service("web", "10.96.0.5")),
+        (Kind.ENDPOINT_SLICE, endpoint_slice("web", ["10.0.0.1", "10.0.0.2"])),
+        (Kind.SERVICE, service("db", "10.96.0.6")),
+        (Kind.ENDPOINT_SLICE, endpoint_slice("db", ["10.0.0.3"])),
+    ):
+        list(upsert(kind, obj)(state))
+    return state
+
+
+def once(mode: str, dataplane: ModeDataplane) -> tuple[str, SyncLoop]:
+    """`sync --once` in `mode` over the same two services: its summary line, and its loop."""
+    config = ProxyConfig(mode=mode)
+    loop = once_loop(cluster_state(), NodeInfo(name="node-a"), config, MODES[mode], dataplane)
+    return sync_once(loop).summary(), loop
+
+
+def agent_loop(mode: str, dataplane: ModeDataplane) -> SyncLoop:
+    """The agent's loop (metrics, /statusz) over the same services."""
+    config, metrics = ProxyConfig(mode=mode), ProxyMetrics()
+    health = ProxyHealth(timeout=60.0)
+    box = StateBox("node-a", health, metrics)
+    box.state = cluster_state()
+    box.state.node = NodeInfo(name="node-a")
+    status = SyncStatus(mode, (4,))
+    planner = MODES[mode].planner(config)
+    return SyncLoop(box, config, planner, dataplane, metrics, health, status=status)
+
+
+class Removal:
+    """Another mode's leftover removal: fails while `fail` is set, else returns `removed`."""
+
+    def __init__(self, removed: Sequence[TableReport] = ()) -> None:
+        self.removed = list(removed)
+        self.fail = False
+        self.calls = 0
+
+    def __call__(self) -> list[TableReport]:
+        self.calls += 1
+        if self.fail:
+            raise DataplaneError("xtables lock: resource temporarily unavailable")
+        return self.removed
+
+
+@pytest.fixture
+def nft(monkeypatch: pytest.MonkeyPatch) -> FakeNfTables:
+    kernel = FakeNfTables()
+    monkeypatch.setattr(node_module, "NftMonitor", kernel.monitor)
+    monkeypatch.setattr(readback.os, "geteuid", lambda: 0)  # the fake needs no root
+    return kernel
+
+
+@pytest.fixture
+def relay() -> Iterator[Relay]:
+    relay = Relay()
+    relay.start()
+    yield relay
+    relay.stop()
+
+
+def no_sysctls(sysctls: object) -> None:
+    pass
+
+
+def kube_chains(dataplane: FakeDataplane) -> int:
+    """The iptables mode's chains (KUBE-FIREWALL is kubelet's: it stays)."""
+    return sum(
+        name.startswith("KUBE-") and name != "KUBE-FIREWALL"
+        for table in dataplane.read().values()
+        for name in table.chains
+    )
+
+
+# The nftables mode's tables, as the other modes' removal reports them.
+NFT_TABLE = NftTableChanges("ip kube-proxy", delete=["nat-prerouting", "nat-output", "services"])
+
+
+def test_switching_to_nftables_counts_the_iptables_chains_removed(nft: FakeNfTables) -> None:
+    legacy = FakeDataplane()
+    once("iptables", IptablesNode({4: legacy}, no_sysctls))
+    chains = kube_chains(legacy)
+    assert chains > 5
+    # What the nftables mode's removal does (nftables/mode.py), on the fake's tables.
+    node = NftablesNode(nft.socket(), (4,), lambda: legacy.cleanup().tables)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            summary, _ = once("nftables", node)
+    finally:
+        node.close()
+    assert kube_chains(legacy) == 0
+    assert f"removed {chains} chains ({chains} of another mode)" in summary, summary
+    done = next(entry for entry in logs if entry["event"] == "sync_completed")
+    assert done["chains_removed"] == chains
+
+
+def test_the_iptables_mode_counts_the_nftables_chains_removed_in_its_status() -> None:
+    node = IptablesNode({4: FakeDataplane()}, no_sysctls, Removal([NFT_TABLE]))
+    loop = agent_loop("iptables", node)
+    outcome = loop.sync()
+    assert outcome is not None
+    assert outcome.result.chains_removed == 3
+    assert loop.status is not None
+    assert loop.status.body({}, 60.0)["lastSync"]["chainsRemoved"] == 3
+
+
+def test_leftovers_alone_are_a_change_in_the_summary() -> None:
+    """A restarted agent whose own rules are in, on a node that still holds the other mode's."""
+    legacy = FakeDataplane()
+    once("iptables", IptablesNode({4: legacy}, no_sysctls))
+    summary, _ = once("iptables", IptablesNode({4: legacy}, no_sysctls, Removal([NFT_TABLE])))
+    assert "wrote 0 chains (0 rules), removed 3 chains (3 of another mode)" in summary, summary
+
+
+def make_node(mode: str, removal: Removal, nft: FakeNfTables, relay: Relay) -> ModeDataplane:
+    if mode == "iptables":
+        return IptablesNode({4: FakeDataplane()}, no_sysctls, removal)
+    if mode == "nftables":
+        return NftablesNode(nft.socket(), (4,), removal)
+    return UserspaceNode(
+        {4: FakeDataplane()}, {4: relay}, write_sysctls=no_sysctls, remove_leftovers=removal
+    )
+
+
+@pytest.mark.parametrize("mode", ["iptables", "nftables", "userspace"])
+def test_a_failed_removal_fails_no_sync_and_is_retried_after_the_next(
+    mode: str, nft: FakeNfTables, relay: Relay
+) -> None:
+    removal = Removal([NFT_TABLE])
+    removal.fail = True
+    loop = agent_loop(mode, make_node(mode, removal, nft, relay))
+    first = loop.sync()
+    assert first is not None  # the mode's own rules are in: the sync did its work
+    assert first.result.cleanup_failures == 1
+    assert first.result.chains_removed == 0
+    removal.fail = False
+    second = loop.sync()
+    assert second is not None
+    assert removal.calls == 2
+    assert second.result.cleanup_failures == 0
+    assert second.result.chains_removed == 3  # counted in the sync that removed them
+    third = loop.sync()
+    assert third is not None
+    assert removal.calls == 2  # done: never run again
+    assert third.result.chains_removed == 0
+    if mode == "nftables":  # upstream's counter, in the mode that has it
+        failures = loop.metrics.registry.get_sample_value(NFT_CLEANUP_FAILURES)
+        assert failures == 1
