@@ -99,7 +99,8 @@ class IptablesDataplane:
       copy) under the lock, which also repairs whatever another program changed or flushed.
 
     A full sync always takes the kernel path. A table with nothing to write is left alone on the
-    kept path when its cheap fingerprint is unchanged; a changed one is read.
+    kept path when its cheap fingerprint is unchanged; a changed one is read. When no table has
+    anything to write, the lock is not even taken.
     """
 
     def __init__(self, family: int = 4, lock_timeout: float = 5.0) -> None:
@@ -135,9 +136,29 @@ class IptablesDataplane:
         """Make the kernel hold `ruleset`; each table is committed once, atomically."""
         if self._ahead is not None:
             return self._apply(ruleset, full, self._ahead)
+        unchanged = None if full else self._nothing_to_write(ruleset)
+        if unchanged is not None:
+            return unchanged
         self._tables.wait()
         with xtables_lock(self.lock_timeout) as lock:
             return self._apply(ruleset, full, _Ahead(lock, None))
+
+    def _nothing_to_write(self, ruleset: Ruleset) -> ApplyResult | None:
+        """A partial sync's result when no table needs a write, found without the xtables lock:
+        each table has a kept copy, nothing to change from it, and an unchanged fingerprint (a
+        read, which needs no lock). None: some table needs the locked path. The IPv6 process
+        asking for the lock here waited out the IPv4 background reader's hold (0.6 s at 10,000
+        services), doubling the sync of every IPv4-only change."""
+        result = ApplyResult()
+        for desired in ruleset.tables:
+            kept = self._tables.kept(desired.name)
+            changes = None if kept is None else plan_table_changes_from(desired, kept.applied)
+            if kept is None or changes is None or not changes.empty:
+                return None
+            if fingerprint(self.family, desired.name) != kept.image.fingerprint:
+                return None
+            result.tables.append(changes)
+        return result
 
     def _apply(self, ruleset: Ruleset, full: bool, ahead: _Ahead) -> ApplyResult:
         result = ApplyResult()
