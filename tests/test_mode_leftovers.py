@@ -6,7 +6,6 @@ the sync whose own rules are in."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import pytest
 import structlog
@@ -32,28 +31,9 @@ from kproxy.sync.loop import StateBox, SyncLoop
 from kproxy.sync.modes import MODES
 from kproxy.sync.once import once_loop, sync_once
 from kproxy.sync.status import SyncStatus
+from tests.test_sync_loop import endpoint_slice, service
 
 NFT_CLEANUP_FAILURES = "kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total"
-
-
-def service(name: str, ip: str) -> dict[str, Any]:
-    return {
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"clusterIP": ip, "ports": [{"name": "p", "port": 80, "protocol": "TCP"}]},
-    }
-
-
-def endpoint_slice(name: str, ips: list[str]) -> dict[str, Any]:
-    return {
-        "metadata": {
-            "name": f"{name}-1",
-            "namespace": "default",
-            "labels": {"kubernetes.io/service-name": name},
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
-        "endpoints": [{"addresses": [ip]} for ip in ips],
-    }
 
 
 def cluster_state() -> ClusterState:

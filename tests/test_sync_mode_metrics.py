@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -26,32 +25,13 @@ from kproxy.plan.iptables.planner import IptablesPlanner
 from kproxy.plan.nftables.planner import NftablesPlanner
 from kproxy.state.ingest import upsert
 from kproxy.sync.loop import StateBox, SyncLoop
+from tests.test_sync_loop import endpoint_slice, service
 
 NFT_SYNC_FAILURES = "kubeproxy_sync_proxy_rules_nftables_sync_failures_total"
 NFT_CLEANUP_FAILURES = "kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total"
 IPT_FAILURES = "kubeproxy_sync_proxy_rules_iptables_restore_failures_total"
 IPT_RULES = "kubeproxy_sync_proxy_rules_iptables_total"
 NFT_RULES = "kproxy_sync_proxy_rules_nftables_total"
-
-
-def service(name: str, ip: str) -> dict[str, Any]:
-    return {
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"clusterIP": ip, "ports": [{"name": "p", "port": 80, "protocol": "TCP"}]},
-    }
-
-
-def endpoint_slice(name: str, ips: list[str]) -> dict[str, Any]:
-    return {
-        "metadata": {
-            "name": f"{name}-1",
-            "namespace": "default",
-            "labels": {"kubernetes.io/service-name": name},
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
-        "endpoints": [{"addresses": [ip]} for ip in ips],
-    }
 
 
 def sample(loop: SyncLoop, name: str, labels: dict[str, str] | None = None) -> float | None:
