@@ -13,8 +13,6 @@ import structlog
 from kproxy.dataplane.base import ModeDataplane, TableReport
 from kproxy.dataplane.iptables.fake import FakeDataplane
 from kproxy.dataplane.iptables.node import IptablesNode
-from kproxy.dataplane.nftables import node as node_module
-from kproxy.dataplane.nftables import readback
 from kproxy.dataplane.nftables.fake import FakeNfTables
 from kproxy.dataplane.nftables.node import NftablesNode, NftTableChanges
 from kproxy.dataplane.userspace.node import UserspaceNode
@@ -80,14 +78,6 @@ class Removal:
         if self.fail:
             raise DataplaneError("xtables lock: resource temporarily unavailable")
         return self.removed
-
-
-@pytest.fixture
-def nft(monkeypatch: pytest.MonkeyPatch) -> FakeNfTables:
-    kernel = FakeNfTables()
-    monkeypatch.setattr(node_module, "NftMonitor", kernel.monitor)
-    monkeypatch.setattr(readback.os, "geteuid", lambda: 0)  # the fake needs no root
-    return kernel
 
 
 @pytest.fixture

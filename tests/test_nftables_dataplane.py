@@ -13,7 +13,6 @@ from dataclasses import dataclass, replace
 import pytest
 
 from kproxy.dataplane.nftables import encode as e
-from kproxy.dataplane.nftables import node as node_module
 from kproxy.dataplane.nftables import readback, staged
 from kproxy.dataplane.nftables.delta import (
     NFT_MSG_DELCHAIN,
@@ -65,11 +64,9 @@ class Cluster:
 
 
 @pytest.fixture
-def nft(monkeypatch: pytest.MonkeyPatch) -> FakeNfTables:
-    """A fake nf_tables holding another program's table; kproxy's monitor listens to it."""
-    kernel = FakeNfTables()
-    monkeypatch.setattr(node_module, "NftMonitor", kernel.monitor)
-    monkeypatch.setattr(readback.os, "geteuid", lambda: 0)  # the fake needs no root
+def nft(nft: FakeNfTables) -> FakeNfTables:
+    """The fake nf_tables (conftest.py) holding another program's table."""
+    kernel = nft
     other = kernel.socket()
     base = Chain("input", (), Hook("filter", "input", 0))
     other.transact(

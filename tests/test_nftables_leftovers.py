@@ -6,29 +6,17 @@ from __future__ import annotations
 
 import copy
 
-import pytest
-from test_mode_leftovers import no_sysctls, once
-
 from kproxy.dataplane.iptables.fake import FakeDataplane
 from kproxy.dataplane.iptables.node import IptablesNode
 from kproxy.dataplane.nftables import encode as e
-from kproxy.dataplane.nftables import node as node_module
-from kproxy.dataplane.nftables import readback
 from kproxy.dataplane.nftables.delta import NFT_MSG_NEWCHAIN, NFT_MSG_NEWTABLE
 from kproxy.dataplane.nftables.fake import FakeNfTables
 from kproxy.dataplane.nftables.netlink import NLM_F_CREATE
 from kproxy.dataplane.nftables.node import NftablesNode, remove_nftables_mode
 from kproxy.plan.nftables.ir import Chain, Hook
+from tests.test_mode_leftovers import no_sysctls, once
 
 IP = 2  # NFPROTO_IPV4
-
-
-@pytest.fixture
-def nft(monkeypatch: pytest.MonkeyPatch) -> FakeNfTables:
-    kernel = FakeNfTables()
-    monkeypatch.setattr(node_module, "NftMonitor", kernel.monitor)
-    monkeypatch.setattr(readback.os, "geteuid", lambda: 0)  # the fake needs no root
-    return kernel
 
 
 def nftables_mode_chains(nft: FakeNfTables) -> list[str]:

@@ -9,14 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from kproxy.dataplane.base import TableReport
 from kproxy.dataplane.iptables.fake import FakeDataplane
 from kproxy.dataplane.iptables.node import IptablesNode
-from kproxy.dataplane.nftables import node as node_module
-from kproxy.dataplane.nftables import readback
 from kproxy.dataplane.nftables.fake import FakeNfTables
 from kproxy.dataplane.nftables.node import NftablesNode
-from kproxy.errors import DataplaneError
 from kproxy.health.healthz import ProxyHealth
 from kproxy.health.metrics import ProxyMetrics
 from kproxy.model.config import ProxyConfig
@@ -25,6 +21,7 @@ from kproxy.plan.iptables.planner import IptablesPlanner
 from kproxy.plan.nftables.planner import NftablesPlanner
 from kproxy.state.ingest import upsert
 from kproxy.sync.loop import StateBox, SyncLoop
+from tests.test_mode_leftovers import Removal
 from tests.test_sync_loop import endpoint_slice, service
 
 NFT_SYNC_FAILURES = "kubeproxy_sync_proxy_rules_nftables_sync_failures_total"
@@ -39,35 +36,14 @@ def sample(loop: SyncLoop, name: str, labels: dict[str, str] | None = None) -> f
 
 
 @pytest.fixture
-def nft(monkeypatch: pytest.MonkeyPatch) -> FakeNfTables:
-    kernel = FakeNfTables()
-    monkeypatch.setattr(node_module, "NftMonitor", kernel.monitor)
-    monkeypatch.setattr(readback.os, "geteuid", lambda: 0)  # the fake needs no root
-    return kernel
-
-
-class Cleanup:
+def cleanup() -> Removal:
     """The nftables mode's cleanup after its first commit (removing the iptables mode's
-    chains), failing while `fail` is set."""
-
-    def __init__(self) -> None:
-        self.fail = False
-        self.calls = 0
-
-    def __call__(self) -> list[TableReport]:
-        self.calls += 1
-        if self.fail:
-            raise DataplaneError("xtables lock: resource temporarily unavailable")
-        return []  # what it removed: nothing here
+    chains)."""
+    return Removal()
 
 
 @pytest.fixture
-def cleanup() -> Cleanup:
-    return Cleanup()
-
-
-@pytest.fixture
-def nft_loop(nft: FakeNfTables, cleanup: Cleanup) -> Iterator[SyncLoop]:
+def nft_loop(nft: FakeNfTables, cleanup: Removal) -> Iterator[SyncLoop]:
     config = ProxyConfig(mode="nftables")
     metrics = ProxyMetrics()
     health = ProxyHealth(timeout=60.0)
@@ -116,7 +92,7 @@ def test_nftables_rules_total_counts_the_kube_proxy_table(nft_loop: SyncLoop) ->
 
 
 def test_a_failed_cleanup_is_counted_does_not_fail_the_sync_and_is_retried(
-    nft_loop: SyncLoop, cleanup: Cleanup
+    nft_loop: SyncLoop, cleanup: Removal
 ) -> None:
     cleanup.fail = True
     assert nft_loop.sync()  # kproxy's table is in: the sync did its work
