@@ -10,7 +10,7 @@ namespaces and deleted with them.
 
 from __future__ import annotations
 
-from integration.netns import Namespace, Pod, Topology
+from integration.netns import Pod, Topology
 
 BRIDGE = "cni0"
 BRIDGE_IP = "10.244.0.1"
@@ -30,13 +30,7 @@ def add_bridged_pod(
 ) -> Pod:
     """A pod namespace holding `ip`/24 on its eth0, whose node-side veth is a port of `bridge`;
     its default route goes through the bridge's address."""
-    if name in topo.pods:
-        raise ValueError(f"pod {name} already exists")
-    ns = Namespace(f"{topo.prefix}-{name}")
-    link = f"vb{len(topo.pods)}"
-    # The topology's own registration, so that close() deletes this namespace too.
-    topo._add_namespace(ns)
-    topo.node.ip("link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns.name)
+    ns, link = topo.pod_namespace(name, "vb")
     topo.node.ip("link", "set", link, "master", bridge)
     topo.node.ip("link", "set", link, "up")
     ns.ip("addr", "add", f"{ip}/{BRIDGE_PREFIX}", "dev", "eth0")

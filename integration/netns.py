@@ -233,15 +233,21 @@ class Topology:
         self.outsides[name] = ns
         return ns
 
-    def add_pod(self, name: str, ip: str, ip6: str | None = None) -> Pod:
-        """A pod namespace holding `ip` (and `ip6`, after enable_ipv6()), routed by the node
-        through its own veth."""
+    def pod_namespace(self, name: str, link_prefix: str) -> tuple[Namespace, str]:
+        """A new pod's namespace (deleted by close()) and the node-side name of the veth pair
+        joining it to the node (`eth0` inside the pod); addresses and routes are the caller's."""
         if name in self.pods:
             raise ValueError(f"pod {name} already exists")
         ns = Namespace(f"{self.prefix}-{name}")
-        link = f"vp{len(self.pods)}"
+        link = f"{link_prefix}{len(self.pods)}"
         self._add_namespace(ns)
         self.node.ip("link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns.name)
+        return ns, link
+
+    def add_pod(self, name: str, ip: str, ip6: str | None = None) -> Pod:
+        """A pod namespace holding `ip` (and `ip6`, after enable_ipv6()), routed by the node
+        through its own veth."""
+        ns, link = self.pod_namespace(name, "vp")
         ns.ip("addr", "add", f"{ip}/32", "dev", "eth0")
         ns.ip("link", "set", "eth0", "up")
         ns.ip("route", "add", "default", "dev", "eth0")
