@@ -63,14 +63,14 @@ def test_walk_runs_base_chains_by_hook_and_priority() -> None:
     chains = [h.chain for h in e.branches[0].hops if not h.chain.startswith(("service-", "end"))]
     base = [c for c in chains if c.startswith(("filter-", "nat-"))]
     assert base == [
-        "filter-prerouting",
+        "filter-prerouting-pre-dnat",
         "nat-prerouting",
         "filter-forward",
         "filter-forward",
         "nat-postrouting",
     ]
     node = nft_trace(scenarios.single_service(), TraceRequest("tcp", "172.30.0.41:80"))
-    assert (node.hook, node.branches[0].hops[0].chain) == ("OUTPUT", "filter-output")
+    assert (node.hook, node.branches[0].hops[0].chain) == ("OUTPUT", "filter-output-pre-dnat")
 
 
 def test_affinity_is_said_with_its_timeout() -> None:
@@ -287,3 +287,19 @@ def test_diff_against_no_table_adds_everything_and_names_unreadable_rules() -> N
     diffs = plan_nft_diffs(table, table, {"services": ("handle 7: not one of kproxy's",)})
     assert [(d.chain, d.change) for d in diffs] == [("chain services", "rewritten")]
     assert "-\t\t# a rule kproxy cannot read (handle 7: not one of kproxy's)" in diffs[0].lines
+
+
+def test_node_traffic_to_local_policy_external_ip_without_local_endpoint_goes_anywhere() -> None:
+    """Upstream since kubernetes#132456 (TestOverallNFTablesRules' ns2/svc2): the node's own
+    connection to an externalTrafficPolicy Local external or LoadBalancer IP is short-circuited
+    to every endpoint, masqueraded, before `service-endpoints-check` (now after DNAT) sees it;
+    from outside the node it is still dropped."""
+    scenario = scenarios.external(etp="Local", local_endpoint=False)
+    for vip in ("192.0.2.10:80", "198.51.100.10:80"):
+        own = nft_trace(scenario, TraceRequest("tcp", vip))
+        assert own.origin == "node"
+        assert own.outcome is Outcome.DNAT, render_trace(own)
+        assert own.destinations() == [("10.20.0.2:8080", 1.0)]
+        assert all(b.masqueraded for b in own.branches)
+        outside = nft_trace(scenario, TraceRequest("tcp", vip, OUTSIDE))
+        assert outside.outcome is Outcome.DROPPED

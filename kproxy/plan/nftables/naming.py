@@ -16,11 +16,11 @@ MAX_NAME = 255  # NFT_NAME_MAXLEN (256) less the NUL, for chains and sets
 _LONGEST_PREFIX = len("affinity-")
 
 # Base chains.
-FILTER_PREROUTING = "filter-prerouting"
+FILTER_PREROUTING_PRE_DNAT = "filter-prerouting-pre-dnat"
+FILTER_OUTPUT_PRE_DNAT = "filter-output-pre-dnat"
 FILTER_INPUT = "filter-input"
 FILTER_FORWARD = "filter-forward"
 FILTER_OUTPUT = "filter-output"
-FILTER_OUTPUT_POST_DNAT = "filter-output-post-dnat"
 NAT_PREROUTING = "nat-prerouting"
 NAT_OUTPUT = "nat-output"
 NAT_POSTROUTING = "nat-postrouting"

@@ -42,6 +42,7 @@ from kproxy.plan.nftables.service_port import (
 from kproxy.plan.port_policy import ZERO_CIDR, of_family
 
 DSTNAT = -100
+FILTER = 0
 SRCNAT = 100
 LOOPBACK = {4: "127.0.0.0/8", 6: "::1"}
 IP_PROTO_PORT = (Key.DADDR, Key.L4PROTO, Key.DPORT)
@@ -88,36 +89,38 @@ def _jump_if_new(chain: str) -> Rule:
 
 
 def _base_chains() -> tuple[Chain, ...]:
-    """Filter chains just before DNAT (they see the service address), NAT chains at the usual
-    priorities, and a post-DNAT check of the node's own traffic."""
+    """Upstream's layout since kubernetes#132456: the firewall (loadBalancerSourceRanges) sees
+    the service address, so it runs before DNAT; every other check runs after it, at the filter
+    priority. That order is what lets the node's own traffic to an `externalTrafficPolicy:
+    Local` external address be sent to any endpoint (the NAT chains short-circuit it) before
+    `service-endpoints-check` could drop it, and what leaves `cluster-ips-check` only the
+    packets no service took."""
     before_dnat = DSTNAT - 10
     return (
         Chain(
-            n.FILTER_PREROUTING,
+            n.FILTER_PREROUTING_PRE_DNAT,
             (_jump_if_new(n.FIREWALL_CHECK),),
             Hook("filter", "prerouting", before_dnat),
         ),
         Chain(
-            n.FILTER_INPUT,
-            (_jump_if_new(n.NODEPORT_ENDPOINTS_CHECK), _jump_if_new(n.SERVICE_ENDPOINTS_CHECK)),
-            Hook("filter", "input", before_dnat),
+            n.FILTER_OUTPUT_PRE_DNAT,
+            (_jump_if_new(n.FIREWALL_CHECK),),
+            Hook("filter", "output", before_dnat),
         ),
         Chain(
             n.FILTER_FORWARD,
             (_jump_if_new(n.SERVICE_ENDPOINTS_CHECK), _jump_if_new(n.CLUSTER_IPS_CHECK)),
-            Hook("filter", "forward", before_dnat),
+            Hook("filter", "forward", FILTER),
+        ),
+        Chain(
+            n.FILTER_INPUT,
+            (_jump_if_new(n.NODEPORT_ENDPOINTS_CHECK), _jump_if_new(n.SERVICE_ENDPOINTS_CHECK)),
+            Hook("filter", "input", FILTER),
         ),
         Chain(
             n.FILTER_OUTPUT,
-            (_jump_if_new(n.SERVICE_ENDPOINTS_CHECK), _jump_if_new(n.FIREWALL_CHECK)),
-            Hook("filter", "output", before_dnat),
-        ),
-        # The node's own traffic is DNATed in this same hook: only after that does an address
-        # still being a ClusterIP mean a port no service has.
-        Chain(
-            n.FILTER_OUTPUT_POST_DNAT,
-            (_jump_if_new(n.CLUSTER_IPS_CHECK),),
-            Hook("filter", "output", DSTNAT + 10),
+            (_jump_if_new(n.SERVICE_ENDPOINTS_CHECK), _jump_if_new(n.CLUSTER_IPS_CHECK)),
+            Hook("filter", "output", FILTER),
         ),
         Chain(
             n.NAT_PREROUTING,
