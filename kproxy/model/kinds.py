@@ -11,3 +11,4 @@ class Kind(StrEnum):
     SERVICE = "Service"
     ENDPOINT_SLICE = "EndpointSlice"
     NODE = "Node"
+    SERVICE_CIDR = "ServiceCIDR"

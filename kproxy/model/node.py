@@ -21,6 +21,9 @@ class NodeInfo:
     # Facts read from the node's own network namespace, not from the API.
     local_addresses: tuple[str, ...] = ()
     tcp_be_liberal: bool = False
+    # The cluster's ServiceCIDR ranges (every object's spec.cidrs, sorted), carried with the
+    # node so that a change to them reaches the planner as a change of what it plans for.
+    service_cidrs: tuple[str, ...] = ()
     # Values of the Node object left out for a bad field, one error each (the caller warns).
     skipped: tuple[InvalidObjectError, ...] = field(default=(), compare=False, hash=False)
 

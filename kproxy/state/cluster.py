@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import replace
+from ipaddress import ip_network
 from typing import TypeVar
 
 from kproxy.errors import InvalidObjectError
@@ -25,7 +27,9 @@ class ClusterState:
     def __init__(self) -> None:
         self._services: dict[NamespacedName, tuple[ServicePort, ...]] = {}
         self._slices: dict[NamespacedName, EndpointSliceInfo] = {}
-        self.node: NodeInfo | None = None
+        self._node: NodeInfo | None = None
+        # ServiceCIDR objects by name: their CIDRs.
+        self._service_cidrs: dict[str, tuple[str, ...]] = {}
         # The config's allowedExternalIPCIDRs (None: any address); set before any Service.
         self.allowed_vips: AllowList = None
         self._claims = ClusterIPClaims()
@@ -45,6 +49,37 @@ class ClusterState:
             "endpoints": {},
         }
         self._dirty: dict[str, set[NamespacedName]] = {"services": set(), "endpoints": set()}
+
+    @property
+    def node(self) -> NodeInfo | None:
+        """The Node as last reported, with the cluster's ServiceCIDRs."""
+        node = self._node
+        if node is None:
+            return None
+        cidrs = self.service_cidrs()
+        return node if node.service_cidrs == cidrs else replace(node, service_cidrs=cidrs)
+
+    @node.setter
+    def node(self, node: NodeInfo | None) -> None:
+        self._node = node
+
+    def set_service_cidr(self, name: str, cidrs: tuple[str, ...]) -> None:
+        if cidrs:
+            self._service_cidrs[name] = cidrs
+        else:
+            self._service_cidrs.pop(name, None)
+
+    def delete_service_cidr(self, name: str) -> None:
+        self._service_cidrs.pop(name, None)
+
+    def service_cidr_names(self) -> set[str]:
+        return set(self._service_cidrs)
+
+    def service_cidrs(self) -> tuple[str, ...]:
+        """Every ServiceCIDR's ranges, once each, sorted (the plan must not depend on the
+        order the objects arrived in)."""
+        every = {cidr for cidrs in self._service_cidrs.values() for cidr in cidrs}
+        return tuple(sorted(every, key=lambda c: (":" in c, ip_network(c))))
 
     def set_service(
         self, key: NamespacedName, ports: Iterable[ServicePort]

@@ -20,6 +20,7 @@ from kproxy.model.convert import (
 from kproxy.model.kinds import Kind
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import NamespacedName
+from kproxy.model.service_cidr import build_service_cidr
 from kproxy.state.cluster import ClusterState
 
 T = TypeVar("T")
@@ -225,6 +226,41 @@ def set_node(name: str, objs: Sequence[Mapping[str, Any]]) -> Mutation:
         return list(state.node.skipped)
 
     return _one(Kind.NODE, change)
+
+
+def _update_service_cidr(state: ClusterState, obj: Mapping[str, Any]) -> list[InvalidObjectError]:
+    name = object_key(obj).name
+    try:
+        info = _convert(Kind.SERVICE_CIDR, build_service_cidr, obj)
+    except InvalidObjectError as exc:
+        state.delete_service_cidr(name)
+        return [exc]
+    state.set_service_cidr(info.name, info.cidrs)
+    return list(info.skipped)
+
+
+def set_service_cidrs(objs: Sequence[Mapping[str, Any]]) -> Mutation:
+    """The state's ServiceCIDRs become exactly these (a list, or a relist)."""
+
+    def change(state: ClusterState) -> list[InvalidObjectError]:
+        names = {object_key(o).name for o in objs}
+        for name in state.service_cidr_names() - names:
+            state.delete_service_cidr(name)
+        return [exc for obj in objs for exc in _update_service_cidr(state, obj)]
+
+    return _one(Kind.SERVICE_CIDR, change)
+
+
+def service_cidr_event(event: str, obj: Mapping[str, Any]) -> Mutation:
+    """One watch event of a ServiceCIDR: added, modified or deleted."""
+
+    def change(state: ClusterState) -> list[InvalidObjectError]:
+        if event == "DELETED":
+            state.delete_service_cidr(object_key(obj).name)
+            return []
+        return _update_service_cidr(state, obj)
+
+    return _one(Kind.SERVICE_CIDR, change)
 
 
 def combine(*mutations: Mutation) -> Mutation:

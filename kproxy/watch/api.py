@@ -1,5 +1,5 @@
-"""The API source: list then watch Services, EndpointSlices and this node's Node with the official
-`kubernetes` client, as kube-proxy's informers do.
+"""The API source: list then watch Services, EndpointSlices, this node's Node and the cluster's
+ServiceCIDRs with the official `kubernetes` client, as kube-proxy's informers do.
 
 Each resource has a reflector thread: list (its resourceVersion starts the watch), then watch with
 bookmarks; a 410 Gone means the history is compacted, so it lists again; any other error waits a
@@ -23,7 +23,16 @@ from urllib3.exceptions import HTTPError
 
 from kproxy.errors import ConfigError, KproxyError
 from kproxy.model.kinds import Kind
-from kproxy.state.ingest import KeyedKind, Mutation, remove, replace_all, set_node, upsert
+from kproxy.state.ingest import (
+    KeyedKind,
+    Mutation,
+    remove,
+    replace_all,
+    service_cidr_event,
+    set_node,
+    set_service_cidrs,
+    upsert,
+)
 from kproxy.watch.manifests import Manifests
 from kproxy.watch.sink import Sink
 from kproxy.watch.supervisor import Backoff, Supervisor
@@ -80,6 +89,9 @@ class Resource:
     selectors: dict[str, str]
     on_list: Callable[[list[dict[str, Any]]], Mutation]
     on_event: Callable[[str, dict[str, Any]], Mutation]
+    # A resource the cluster may not serve (or not let kproxy read): a 404 or 403 reads as no
+    # objects at all, said once, and is asked again after a watch's length.
+    optional: bool = False
 
 
 class Reflector:
@@ -88,6 +100,7 @@ class Reflector:
     def __init__(self, resource: Resource, sink: Sink) -> None:
         self.resource = resource
         self.sink = sink
+        self.unavailable = False  # said once (see Resource.optional)
 
     def run(self, supervisor: Supervisor) -> None:
         """One list and watch. Returns when the watch ends (the supervisor then lists again at
@@ -97,9 +110,24 @@ class Reflector:
             version = self._list(supervisor)
             self._watch(version, supervisor)
         except ApiException as exc:
+            if self.resource.optional and exc.status in (403, 404):
+                self._unavailable(exc.status, supervisor)
+                return
             if exc.status != 410:
                 raise
             log.info("watch_expired", kind=self.resource.kind)  # history compacted: list again
+
+    def _unavailable(self, status: int, supervisor: Supervisor) -> None:
+        """Upstream's fallback when the cluster has no ServiceCIDRs: none, so no range check."""
+        kind = self.resource.kind
+        if not self.unavailable:
+            why = "not served by the API server" if status == 404 else "not allowed by RBAC"
+            log.warning("resource_unavailable", kind=kind, status=status, reason=why)
+        self.unavailable = True
+        self.sink.apply(self.resource.on_list([]))
+        self.sink.synced(kind)
+        supervisor.current()
+        supervisor.stop.wait(WATCH_TIMEOUT_SECONDS)
 
     def _list(self, supervisor: Supervisor) -> str:
         kind = self.resource.kind
@@ -110,6 +138,7 @@ class Reflector:
         self.sink.synced(kind)
         supervisor.handling = None
         supervisor.current()
+        self.unavailable = False
         version: str = body["metadata"]["resourceVersion"]
         return version
 
@@ -150,11 +179,12 @@ def _object_event(kind: KeyedKind) -> Callable[[str, dict[str, Any]], Mutation]:
 
 
 class ApiSource:
-    """Reflectors for Services, EndpointSlices and this node's Node."""
+    """Reflectors for Services, EndpointSlices, this node's Node and the ServiceCIDRs."""
 
     def __init__(self, api: client.ApiClient, node_name: str) -> None:
         core = client.CoreV1Api(api)
         discovery = client.DiscoveryV1Api(api)
+        networking = client.NetworkingV1Api(api)
         node_selector = {"field_selector": f"metadata.name={node_name}"}
         self.resources = [
             Resource(
@@ -178,6 +208,14 @@ class ApiSource:
                 lambda items: set_node(node_name, items),
                 lambda event, obj: set_node(node_name, [] if event == "DELETED" else [obj]),
             ),
+            Resource(
+                Kind.SERVICE_CIDR,
+                networking.list_service_cidr,
+                {},
+                set_service_cidrs,
+                service_cidr_event,
+                optional=True,
+            ),
         ]
 
     def list_once(self) -> Manifests:
@@ -189,6 +227,8 @@ class ApiSource:
             Kind.NODE: found.nodes,
         }
         for resource in self.resources:
+            if resource.kind not in into:
+                continue  # not a manifest kind: `dump --diff` plans without it
             try:
                 response = resource.list_fn(**resource.selectors, _preload_content=False)
                 items = json.loads(response.data).get("items") or []

@@ -163,7 +163,24 @@ def plan_node_ports(config: ProxyConfig, node: NodeInfo, family: int) -> NodePor
     return NodePorts(False, tuple(sorted(usable, key=ipaddress.ip_address)))
 
 
-def _shared_chains(config: ProxyConfig, family: int, node_ports: NodePorts) -> tuple[Chain, ...]:
+def _cluster_ips_check(service_cidrs: tuple[str, ...]) -> Chain:
+    """An unknown port of a ClusterIP is rejected; any other address in the cluster's
+    ServiceCIDRs is one no Service holds, dropped. Without ServiceCIDRs (none in the API, or
+    the API has no such resource) upstream has no range to check, and neither has kproxy."""
+    unallocated = tuple(
+        Rule((Match(Key.DADDR, cidr), Verdict("drop")), "Drop traffic to unallocated ClusterIPs")
+        for cidr in service_cidrs
+    )
+    reject = Rule(
+        (Lookup((Key.DADDR,), n.CLUSTER_IPS), Reject()),
+        "Reject traffic to invalid ports of ClusterIPs",
+    )
+    return Chain(n.CLUSTER_IPS_CHECK, (reject, *unallocated))
+
+
+def _shared_chains(
+    config: ProxyConfig, node: NodeInfo, family: int, node_ports: NodePorts
+) -> tuple[Chain, ...]:
     mark = 1 << config.masquerade_bit
 
     def to_nodeports(map_name: str) -> Rule:
@@ -173,15 +190,7 @@ def _shared_chains(config: ProxyConfig, family: int, node_ports: NodePorts) -> t
         return Rule((Lookup((Key.DADDR,), n.NODEPORT_IPS), Vmap(PROTO_PORT, map_name)))
 
     return (
-        Chain(
-            n.CLUSTER_IPS_CHECK,
-            (
-                Rule(
-                    (Lookup((Key.DADDR,), n.CLUSTER_IPS), Reject()),
-                    "Reject traffic to invalid ports of ClusterIPs",
-                ),
-            ),
-        ),
+        _cluster_ips_check(of_family(node.service_cidrs, family)),
         Chain(n.FIREWALL_CHECK, (Rule((Vmap(IP_PROTO_PORT, n.FIREWALL_IPS),)),)),
         Chain(n.MARK_FOR_MASQUERADE, (Rule((MarkSet("|", mark),)),)),
         Chain(
@@ -241,7 +250,7 @@ def plan_nft_table(
         name=n.TABLE,
         comment=n.TABLE_COMMENT,
         ctx=ctx,
-        chains=(*_base_chains(), *_shared_chains(config, family, node_ports)),
+        chains=(*_base_chains(), *_shared_chains(config, node, family, node_ports)),
         sets=_maps(family),
         elements=tuple((n.NODEPORT_IPS, Element((ip,))) for ip in node_ports.ips),
     )
