@@ -153,7 +153,8 @@ class Resource:
 SERVICES = Resource("Service", "services", "", "v1", True, ("svc",), delete_returns_object=True)
 ENDPOINT_SLICES = Resource("EndpointSlice", "endpointslices", "discovery.k8s.io", "v1", True)
 NODES = Resource("Node", "nodes", "", "v1", False, ("no",))
-RESOURCES = (SERVICES, ENDPOINT_SLICES, NODES)
+SERVICE_CIDRS = Resource("ServiceCIDR", "servicecidrs", "networking.k8s.io", "v1", False)
+RESOURCES = (SERVICES, ENDPOINT_SLICES, NODES, SERVICE_CIDRS)
 _GROUPS = sorted({r.group for r in RESOURCES if r.group})
 
 
@@ -165,7 +166,8 @@ def resource_for(kind: str | Resource) -> Resource:
     for resource in RESOURCES:
         if wanted in (resource.kind.lower(), resource.plural, *resource.short_names):
             return resource
-    raise KeyError(f"not a served resource: {kind!r} (served: Service, EndpointSlice, Node)")
+    served = ", ".join(r.kind for r in RESOURCES)
+    raise KeyError(f"not a served resource: {kind!r} (served: {served})")
 
 
 class ApiError(Exception):

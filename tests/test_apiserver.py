@@ -339,9 +339,14 @@ def test_discovery_documents(server: ApiServer) -> None:
     core_resources = client.CoreV1Api(api_client).get_api_resources()
     assert {r.name for r in core_resources.resources} == {"services", "nodes"}
     groups = client.ApisApi(api_client).get_api_versions().groups
-    assert [g.preferred_version.group_version for g in groups] == ["discovery.k8s.io/v1"]
+    assert [g.preferred_version.group_version for g in groups] == [
+        "discovery.k8s.io/v1",
+        "networking.k8s.io/v1",
+    ]
     slices = client.DiscoveryV1Api(api_client).get_api_resources()
     assert [r.kind for r in slices.resources] == ["EndpointSlice"]
+    networking = client.NetworkingV1Api(api_client).get_api_resources()
+    assert [r.kind for r in networking.resources] == ["ServiceCIDR"]
 
 
 def test_injected_errors(server: ApiServer, core: client.CoreV1Api) -> None:

@@ -36,6 +36,8 @@ ALLOWED = {
     ("", "nodes", "get"),
     ("", "nodes", "list"),
     ("", "nodes", "watch"),
+    ("networking.k8s.io", "servicecidrs", "list"),
+    ("networking.k8s.io", "servicecidrs", "watch"),
 }
 # Fields of the shipped KubeProxyConfiguration that kproxy reads but does not act on.
 EXPECTED_IGNORED_CONFIG_FIELDS: list[str] = []  # kproxy honours every field the ConfigMap sets

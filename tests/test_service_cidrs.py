@@ -5,10 +5,14 @@ there is no range to check."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 from typing import Any
 
+import pytest
 import scenarios
+from kubernetes.client.exceptions import ApiException
+from structlog.testing import capture_logs
 
 from kproxy.inspect.trace_cmd import TraceRequest, trace_planned
 from kproxy.model.kinds import Kind
@@ -18,7 +22,9 @@ from kproxy.plan.nftables.render import render_nft_table
 from kproxy.plan.nftables.table import build_nft_table
 from kproxy.rules.explain import Outcome
 from kproxy.state.cluster import ClusterState
-from kproxy.state.ingest import service_cidr_event, set_service_cidrs
+from kproxy.state.ingest import Mutation, service_cidr_event, set_service_cidrs
+from kproxy.watch.api import Reflector, Resource
+from kproxy.watch.supervisor import Supervisor
 
 POD = "10.99.0.7"
 
@@ -114,3 +120,42 @@ def test_unallocated_cluster_ip_is_dropped_allocated_one_works() -> None:
         assert _trace(scenario, "172.30.9.9:80", source) is Outcome.DROPPED
         assert _trace(scenario, "172.31.0.1:80", source) is Outcome.UNTOUCHED
     assert _trace(_with_cidrs(), "172.30.9.9:80") is Outcome.UNTOUCHED
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.state = state_with_node()
+        self.synced_kinds: list[Kind] = []
+
+    def apply(self, mutation: Mutation) -> None:
+        mutation(self.state)
+
+    def synced(self, kind: Kind) -> None:
+        self.synced_kinds.append(kind)
+
+
+@pytest.mark.parametrize("status", [403, 404])
+def test_a_cluster_without_the_resource_reads_as_no_service_cidrs(status: int) -> None:
+    """An API server without networking.k8s.io/v1 ServiceCIDRs (before 1.33 without the
+    feature) or an old ClusterRole: no range to check, said once, and the source stays healthy."""
+
+    def refuse(**_: Any) -> None:
+        raise ApiException(status=status, reason="Not Found" if status == 404 else "Forbidden")
+
+    sink = _Sink()
+    set_service_cidrs([service_cidr("kubernetes", "172.30.0.0/16")])(sink.state)
+    resource = Resource(
+        Kind.SERVICE_CIDR, refuse, {}, set_service_cidrs, service_cidr_event, optional=True
+    )
+    stop = threading.Event()
+    stop.set()  # the wait before asking again returns at once
+    supervisor = Supervisor("watch-ServiceCIDR", lambda s: None, stop)
+    reflector = Reflector(resource, sink)
+    with capture_logs() as logs:
+        reflector.run(supervisor)
+        reflector.run(supervisor)
+    assert sink.state.node is not None and sink.state.node.service_cidrs == ()
+    assert sink.synced_kinds == [Kind.SERVICE_CIDR, Kind.SERVICE_CIDR]
+    assert supervisor.problem(timeout=60.0) is None
+    assert [e["event"] for e in logs] == ["resource_unavailable"]
+    assert logs[0]["kind"] == "ServiceCIDR" and logs[0]["status"] == status
