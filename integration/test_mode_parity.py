@@ -1,8 +1,9 @@
-"""One packet outcome that upstream's two kernel modes share, and kproxy's with them: the node's
+"""Packet outcomes docs/modes.md lists between the modes. The node's
 own connection to an `externalTrafficPolicy: Local` external IP or LoadBalancer IP whose service
 has endpoints only on other nodes is sent to one of them, masqueraded (the iptables mode's
 KUBE-EXT short-circuit; upstream's nftables mode since kubernetes#132456, whose filter checks run
-after DNAT), while the same address from beyond the node is dropped."""
+after DNAT), while the same address from beyond the node is dropped. And the userspace mode
+answers a NodePort on 127.0.0.1, as the iptables mode does and the nftables mode does not."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from integration.conftest import Cluster, both_modes
 from integration.netns import NODE_IP
+from integration.test_userspace import userspace_proxy
 from integration.traffic import probe
 
 VIP = "10.96.100.10"
@@ -47,3 +49,13 @@ def test_node_reaches_local_policy_address_without_local_endpoint(
     assert from_node.sources == {NODE_IP: 3}, from_node
     assert from_outside.sequence == ["timeout"], from_outside
     assert "no changes" in cluster.sync()
+
+
+def test_userspace_answers_a_node_port_on_localhost(cluster: Cluster) -> None:
+    """The userspace mode's host portal takes a NodePort on any local address, 127.0.0.1 too
+    (as the iptables mode with localhostNodePorts; the nftables mode has none)."""
+    web = cluster.backend("web-1", "192.168.1.10", TARGET)
+    cluster.service("web", VIP, PORT, [web], TARGET, node_port=30080)
+    with userspace_proxy(cluster):
+        result = probe(cluster.node, "127.0.0.1", 30080, "tcp", count=3)
+    assert result.answers == {"web-1": 3}, result
