@@ -74,17 +74,17 @@ bench-modes: venv
 
 # The container image, with docker. The tag is the one daemonset/kustomization.yaml and
 # daemonset.yaml name, so a locally loaded image (kind load docker-image kproxy:latest) runs as it
-# is; tests/test_daemonset.py checks this.
+# is; tests/packaging/test_daemonset.py checks this.
 IMAGE ?= kproxy:latest
 image:
 	docker build -t $(IMAGE) .
 
 # The same Dockerfile built with podman (on a Debian base made from Debian's packages where no
 # image registry is reachable) and run in a network namespace in each mode: integration/image.py
-# and integration/test_image.py, which `make test` runs too. The first run takes 3 to 7 minutes;
-# later ones reuse podman's cached base and layers (about 30 s).
+# and integration/packaging/test_image.py, which `make test` runs too. The first run takes 3 to 7
+# minutes; later ones reuse podman's cached base and layers (about 30 s).
 image-test: image-deps venv
-	$(VENV)/bin/pytest -q -p no:cacheprovider integration/test_image.py
+	$(VENV)/bin/pytest -q -p no:cacheprovider integration/packaging/test_image.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

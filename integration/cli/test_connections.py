@@ -14,9 +14,9 @@ from integration.agent_harness import agent_node, slice_object
 from integration.conftest import Cluster, both_modes
 from integration.manifests import NODE_NAME, service_manifest
 from integration.netns import NODE_IP, Namespace, Pod, Topology, read_line, run_kproxy
-from integration.test_userspace import _config as userspace_config
-from integration.test_userspace import userspace_proxy
 from integration.traffic import start_server
+from integration.userspace.test_userspace import _config as userspace_config
+from integration.userspace.test_userspace import userspace_proxy
 
 VIP = "10.96.100.10"
 PORT = 80

@@ -14,7 +14,7 @@ import pytest
 from integration.conftest import Cluster
 from integration.manifests import NODE_NAME
 from integration.netns import run_kproxy
-from integration.test_userspace import userspace_proxy
+from integration.userspace.test_userspace import userspace_proxy
 
 VIP = "10.96.100.10"
 PORT = 80

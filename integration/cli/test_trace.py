@@ -17,9 +17,9 @@ from integration.demo import SCENARIO as SEED
 from integration.demo import read_backends, start_backends
 from integration.manifests import NODE_NAME, service_manifest
 from integration.netns import NODE_IP, OUTSIDE_IP, run_kproxy
-from integration.test_userspace import _config as userspace_config
-from integration.test_userspace import userspace_proxy
 from integration.traffic import probe
+from integration.userspace.test_userspace import _config as userspace_config
+from integration.userspace.test_userspace import userspace_proxy
 
 VIP = "10.96.100.10"
 PORT = 80

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kproxy.rules.saved import parse_save
 
-UPSTREAM = Path(__file__).resolve().parent / "scenarios" / "upstream-kube-proxy.rules"
+UPSTREAM = Path(__file__).resolve().parents[1] / "scenarios" / "upstream-kube-proxy.rules"
 KEPT = {
     "CNI-FORWARD",
     "CNI-HOSTPORT-DNAT",

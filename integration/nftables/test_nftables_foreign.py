@@ -32,7 +32,7 @@ from integration.conftest import Cluster
 from integration.manifests import service_manifest
 from integration.netns import Namespace, nft_listing
 from integration.nft_foreign import foreign_tables
-from integration.test_nftables_staged import REPO, _plan
+from integration.nftables.test_nftables_staged import REPO, _plan
 
 
 def test_only_a_change_to_kproxys_own_table_is_read_back(
@@ -66,7 +66,7 @@ def _json_lines(out: str) -> list[str]:
 
 # --- other programs' chains in kproxy's families (iptables-nft's, as on nearly every node)
 
-DEMO = Path(__file__).parent / "scenarios" / "demo"
+DEMO = Path(__file__).parents[1] / "scenarios" / "demo"
 VIP, PORT, TARGET = "10.96.0.10", 80, 8080
 
 

@@ -21,7 +21,7 @@ from kproxy.model.node import NodeInfo
 from kproxy.model.service import NamespacedName, Protocol, ServicePort, ServicePortName
 from kproxy.plan.nftables.planner import NftablesPlanner, render_nftables_plan
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 NODE = "node-a"
 CONFIGS = (
     ProxyConfig(),

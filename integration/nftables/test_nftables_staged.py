@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from integration.netns import Namespace, nft_listing
-from integration.test_nftables_oracle import REPO
+from integration.nftables.test_nftables_oracle import REPO
 from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.node import NodeInfo

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from integration.cli.test_trace import destinations, trace
 from integration.conftest import Cluster
 from integration.manifests import NODE_NAME
 from integration.netns import NODE_IP, OUTSIDE_IP, run_kproxy
-from integration.test_trace import destinations, trace
 from integration.traffic import probe
 
 VIP = "10.96.100.10"

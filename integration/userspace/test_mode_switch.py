@@ -12,8 +12,14 @@ import time
 from integration.agent_harness import Poller, summarize
 from integration.conftest import Cluster
 from integration.netns import stop
-from integration.test_userspace import PORT, TARGET, USERSPACE_CHAINS, VIP, userspace_proxy
 from integration.traffic import probe
+from integration.userspace.test_userspace import (
+    PORT,
+    TARGET,
+    USERSPACE_CHAINS,
+    VIP,
+    userspace_proxy,
+)
 
 
 def test_iptables_to_userspace_to_iptables_fails_no_connection(cluster: Cluster) -> None:

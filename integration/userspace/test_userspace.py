@@ -43,7 +43,7 @@ JUMPS = (
     ("filter", "INPUT", "KUBE-NODEPORT-NON-LOCAL"),
 )
 FOREIGN_RULE = "-A PREROUTING -p tcp -m tcp --dport 9 -j ACCEPT"
-KUBE_DNS = Path(__file__).parent / "scenarios" / "demo" / "kube-dns.yaml"
+KUBE_DNS = Path(__file__).parents[1] / "scenarios" / "demo" / "kube-dns.yaml"
 DNS_VIP, DNS_POD, DNS_POD_IP = "10.96.0.10", "coredns-1", "192.168.1.2"
 
 

@@ -11,8 +11,8 @@ import pytest
 
 from integration.conftest import Cluster
 from integration.netns import NODE_IP
-from integration.test_userspace import userspace_proxy
 from integration.traffic import probe
+from integration.userspace.test_userspace import userspace_proxy
 
 VIP = "10.96.100.30"
 LB_IP = "203.0.113.10"

@@ -14,8 +14,8 @@ import pytest
 from integration.bridged import add_bridge, add_bridged_pod
 from integration.conftest import Cluster
 from integration.netns import NODE_IP, NODE_IP6, Pod
-from integration.test_userspace import userspace_proxy
 from integration.traffic import probe, start_server
+from integration.userspace.test_userspace import userspace_proxy
 
 VIP = "10.96.100.20"
 PORT = 80

@@ -29,7 +29,7 @@ from kproxy.inspect.connections_cmd import (
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.service import NamespacedName, Protocol, ServicePort, ServicePortName
 from kproxy.state.cluster import ClusterState
-from tests.test_ctnetlink_encode import FLOWS, attr, kernel_entry
+from tests.dataplane.test_ctnetlink_encode import FLOWS, attr, kernel_entry
 
 NODE = "172.31.0.2"
 LOCAL = (NODE, "127.0.0.1")

@@ -27,7 +27,7 @@ from kproxy.sync.modes import proxy_mode
 from kproxy.sync.once import state_from_manifests
 from kproxy.watch.manifests import load_manifests
 
-REPO = Path(__file__).parent.parent
+REPO = Path(__file__).parents[2]
 SEED = REPO / "integration" / "scenarios"
 SEED_NODE = NodeInfo("node-1", local_addresses=("172.31.0.2", "127.0.0.1"))
 # kubeadm with a pod network of 192.168.0.0/16 (the seed's endpoints are in it).

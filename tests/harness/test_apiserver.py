@@ -30,7 +30,7 @@ from integration.apiserver import (
     running_apiserver,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KUBE_PROXY_SELECTOR = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
 Event = dict[str, Any]
 

@@ -16,7 +16,7 @@ from kproxy.rules.render import render_rule, render_ruleset
 from kproxy.rules.saved import parse_save
 
 # An iptables-legacy-save dump of a node running upstream kube-proxy, kubelet and a CNI.
-UPSTREAM_SAVE = (Path(__file__).parent / "golden" / "upstream.save").read_text()
+UPSTREAM_SAVE = (Path(__file__).parents[1] / "golden" / "upstream.save").read_text()
 UPSTREAM_LINES = [line for line in UPSTREAM_SAVE.splitlines() if line.startswith("-A ")]
 
 

@@ -177,7 +177,7 @@ def test_every_field_sets_a_real_attribute_and_every_attribute_has_a_field() -> 
 
 
 def test_readme_field_table_is_the_field_table() -> None:
-    readme = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    readme = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
     begin = readme.index("<!-- generated from kproxy/model/config_fields.py")
     begin = readme.index("\n", begin) + 1
     end = readme.index("<!-- end of generated table -->")

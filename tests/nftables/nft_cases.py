@@ -1,7 +1,8 @@
 """What nf_tables refuses, as transactions on a small table and the errno of each: the unit tests
 check the fake against this list, and it was checked against the real kernel by running this
-module as root inside a throwaway network namespace (`ip netns exec NS python tests/nft_cases.py`,
-which prints each case's errno on the kernel next to the expected one)."""
+module as root inside a throwaway network namespace
+(`ip netns exec NS python tests/nftables/nft_cases.py`, which prints each case's errno on the
+kernel next to the expected one)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ from kproxy.plan.nftables.ir import (
 )
 
 IP = 2
-GOLDEN = Path(__file__).parent / "golden" / "nft_fake_dumps.json"
+GOLDEN = Path(__file__).parents[1] / "golden" / "nft_fake_dumps.json"
 T = "kpt-fake"
 Msg = tuple[int, int, int, bytes]
 

@@ -14,7 +14,7 @@ from kproxy.dataplane.nftables.fake import FakeNfTables
 from kproxy.dataplane.nftables.netlink import NLM_F_CREATE
 from kproxy.dataplane.nftables.node import NftablesNode, remove_nftables_mode
 from kproxy.plan.nftables.ir import Chain, Hook
-from tests.test_mode_leftovers import no_sysctls, once
+from tests.sync.test_mode_leftovers import no_sysctls, once
 
 IP = 2  # NFPROTO_IPV4
 

@@ -17,7 +17,7 @@ import yaml
 from kproxy.cli import cli
 from kproxy.model.config import parse_bind_address, parse_config
 
-DAEMONSET_DIR = Path(__file__).resolve().parent.parent / "daemonset"
+DAEMONSET_DIR = Path(__file__).resolve().parents[2] / "daemonset"
 NAMESPACE = "kube-system"
 MODELS: dict[tuple[str, str], type[pydantic.BaseModel]] = {
     ("v1", "ServiceAccount"): k8s.V1ServiceAccount,

@@ -19,7 +19,7 @@ import pytest
 
 from integration.image import BASE_IMAGE, parse_pip_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 RUNTIME_PACKAGES = {

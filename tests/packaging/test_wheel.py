@@ -18,7 +18,7 @@ import pytest
 
 import kproxy
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tracked(*patterns: str) -> list[str]:

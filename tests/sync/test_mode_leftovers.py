@@ -29,7 +29,7 @@ from kproxy.sync.loop import StateBox, SyncLoop
 from kproxy.sync.modes import MODES
 from kproxy.sync.once import once_loop, sync_once
 from kproxy.sync.status import SyncStatus
-from tests.test_sync_loop import endpoint_slice, service
+from tests.sync.test_sync_loop import endpoint_slice, service
 
 NFT_CLEANUP_FAILURES = "kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total"
 

@@ -21,8 +21,8 @@ from kproxy.plan.iptables.planner import IptablesPlanner
 from kproxy.plan.nftables.planner import NftablesPlanner
 from kproxy.state.ingest import upsert
 from kproxy.sync.loop import StateBox, SyncLoop
-from tests.test_mode_leftovers import Removal
-from tests.test_sync_loop import endpoint_slice, service
+from tests.sync.test_mode_leftovers import Removal
+from tests.sync.test_sync_loop import endpoint_slice, service
 
 NFT_SYNC_FAILURES = "kubeproxy_sync_proxy_rules_nftables_sync_failures_total"
 NFT_CLEANUP_FAILURES = "kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total"
