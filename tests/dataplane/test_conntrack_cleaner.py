@@ -1,6 +1,6 @@
 """The conntrack cleaner against a fake ctnetlink socket that refuses what an older kernel
 refuses (deleting by filter, before Linux 6.12). With the real kernel:
-integration/test_conntrack_cleanup.py."""
+integration/agent/test_conntrack_cleanup.py."""
 
 from __future__ import annotations
 

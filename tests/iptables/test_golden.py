@@ -1,9 +1,9 @@
 """Golden tests: scenario -> rendered iptables-save text, compared with tests/golden/*.rules.
 
 After a deliberate change to the planner or renderer, regenerate with
-`KPROXY_UPDATE_GOLDEN=1 .venv/bin/pytest tests/test_golden.py` and review the diff line by line
-against upstream kube-proxy's iptables proxier (chain order, jump order, comments) before keeping
-it."""
+`KPROXY_UPDATE_GOLDEN=1 .venv/bin/pytest tests/iptables/test_golden.py` and review the diff
+line by line against upstream kube-proxy's iptables proxier (chain order, jump order, comments)
+before keeping it."""
 
 from __future__ import annotations
 
@@ -78,6 +78,6 @@ def test_large_cluster_scenario_is_past_the_threshold() -> None:
 
 
 def test_every_golden_file_has_a_case() -> None:
-    # userspace_*.rules belong to tests/test_userspace_golden.py.
+    # userspace_*.rules belong to tests/userspace/test_userspace_golden.py.
     iptables = {p.stem for p in GOLDEN.glob("*.rules") if not p.stem.startswith("userspace_")}
     assert iptables <= set(GOLDEN_CASES)

@@ -2,7 +2,7 @@
 prints it, compared with tests/golden/nftables_*.nft.
 
 After a deliberate change, regenerate with
-`KPROXY_UPDATE_GOLDEN=1 .venv/bin/pytest tests/test_nftables_golden.py` and review the diff
+`KPROXY_UPDATE_GOLDEN=1 .venv/bin/pytest tests/nftables/test_nftables_golden.py` and review the diff
 (chain, set and map names, hooks and priorities, verdicts) before keeping it. The integration
 oracle test checks that `nft -f` loads this text into what kproxy writes over netlink."""
 

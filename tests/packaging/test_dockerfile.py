@@ -1,7 +1,7 @@
 """The Dockerfile, linted twice: by hadolint, and by checks of what this image specifically needs
 (Debian 12 with Debian's Python, a builder stage for python-iptables' C extension, the legacy
 iptables libraries, pip settings handed in as build secrets only). The image itself is built and
-run in CI by integration/test_image.py (`make image-test`, part of `make test`)."""
+run in CI by integration/packaging/test_image.py (`make image-test`, part of `make test`)."""
 
 from __future__ import annotations
 

@@ -2,9 +2,9 @@
 with tests/golden/userspace_*.rules.
 
 After a deliberate change, regenerate with
-`KPROXY_UPDATE_GOLDEN=1 .venv/bin/pytest tests/test_userspace_golden.py` and review the diff line
-by line against upstream's userspace proxier (chains, jump positions, match order, targets,
-comments) before keeping it."""
+`KPROXY_UPDATE_GOLDEN=1 .venv/bin/pytest tests/userspace/test_userspace_golden.py` and review
+the diff line by line against upstream's userspace proxier (chains, jump positions, match order,
+targets, comments) before keeping it."""
 
 from __future__ import annotations
 
