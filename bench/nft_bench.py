@@ -59,8 +59,8 @@ def run_kproxy(services: int, endpoints: int) -> dict[str, float]:
     from kproxy.dataplane.nftables.node import NftablesNode, delete_table
     from kproxy.health.healthz import ProxyHealth
     from kproxy.health.metrics import ProxyMetrics
-    from kproxy.plan.nftables.planner import NftablesPlanner
     from kproxy.sync.loop import StateBox, SyncLoop
+    from kproxy.sync.modes import MODES
 
     config = ProxyConfig(cluster_cidrs=("10.128.0.0/10",))
     state = build_state(services, endpoints)
@@ -72,7 +72,7 @@ def run_kproxy(services: int, endpoints: int) -> dict[str, float]:
         box = StateBox("bench-node", health, metrics)
         box.state = state
         node = NftablesNode(nl, (4,))
-        return SyncLoop(box, config, NftablesPlanner(config), node, metrics, health)
+        return SyncLoop(box, config, MODES["nftables"], node, metrics, health)
 
     loop = fresh_loop()
     snapshot = loop.take_snapshot()

@@ -36,7 +36,6 @@ ROUNDS = 7
 def measure_inner(services: int) -> dict[str, float]:
     from kproxy.dataplane.nftables import encode as e
     from kproxy.dataplane.nftables.delta import (
-        NFPROTO,
         NFT_MSG_DELCHAIN,
         NFT_MSG_DELRULE,
         NFT_MSG_NEWCHAIN,
@@ -45,6 +44,7 @@ def measure_inner(services: int) -> dict[str, float]:
         delta_messages,
         full_delta,
     )
+    from kproxy.dataplane.nftables.families import NFPROTO
     from kproxy.dataplane.nftables.netlink import NLM_F_APPEND, NLM_F_CREATE, NftNetlink
     from kproxy.plan.nftables.ir import Key, Match, Rule, Verdict
     from kproxy.plan.nftables.table import build_nft_table

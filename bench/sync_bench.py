@@ -30,7 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from kproxy.dataplane.iptables.kernel_image import ImageMatch, TableImage, read_image
+from kproxy.dataplane.xtables.kernel_image import ImageMatch, TableImage, read_image
 from kproxy.model.config import ProxyConfig
 from kproxy.model.convert import EndpointSliceInfo, EndpointSlicePort
 from kproxy.model.endpoint import Endpoint
@@ -134,12 +134,12 @@ def changed_ips(services: int, endpoints: int, round_: int) -> list[str]:
 
 def run_kproxy(services: int, endpoints: int) -> dict[str, float]:
     """kproxy's figures, in a process that does nothing else, so its peak RSS is kproxy's."""
-    from kproxy.dataplane.iptables.backend import IptablesDataplane
     from kproxy.dataplane.iptables.node import IptablesNode
+    from kproxy.dataplane.xtables.backend import IptablesDataplane
     from kproxy.health.healthz import ProxyHealth
     from kproxy.health.metrics import ProxyMetrics
-    from kproxy.plan.iptables.planner import IptablesPlanner
     from kproxy.sync.loop import StateBox, SyncLoop
+    from kproxy.sync.modes import MODES
 
     config = ProxyConfig(cluster_cidrs=("10.128.0.0/10",))
     state = build_state(services, endpoints)
@@ -151,7 +151,7 @@ def run_kproxy(services: int, endpoints: int) -> dict[str, float]:
         box = StateBox("bench-node", health, metrics)
         box.state = state
         node = IptablesNode({4: dataplane}, write_sysctls=lambda sysctls: None)
-        return SyncLoop(box, config, IptablesPlanner(config), node, metrics, health)
+        return SyncLoop(box, config, MODES["iptables"], node, metrics, health)
 
     # (d) planning alone, with cold caches, as the agent's first sync plans.
     loop = fresh_loop()

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "iptables
 from scenarios import Scenario
 from test_properties import clusters
 
-from kproxy.dataplane.iptables.backend import IptablesDataplane
-from kproxy.dataplane.iptables.entries import _finished, build_rule
+from kproxy.dataplane.xtables.backend import IptablesDataplane
+from kproxy.dataplane.xtables.entries import _finished, build_rule
 from kproxy.rules.render import render_rule
 
 

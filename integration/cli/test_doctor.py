@@ -32,6 +32,7 @@ from kproxy.doctor.judges import (
 )
 from kproxy.errors import ConfigError
 from kproxy.model.config import ProxyConfig, parse_config
+from kproxy.sync.modes import mode_needs
 
 CHECK_NAMES = [
     "proxy-mode",
@@ -53,9 +54,11 @@ import dataclasses, json, sys
 from kproxy.doctor import exit_code, render_report, run_checks
 from kproxy.doctor.judges import ConntrackLimits
 from kproxy.model.config import ProxyConfig
+from kproxy.sync.modes import mode_needs
 args = json.loads(sys.argv[1])
 config = dataclasses.replace(ProxyConfig(), mode=args["mode"])
-checks = run_checks(config, args["service_cidr"], ConntrackLimits(*args["conntrack"]))
+limits = ConntrackLimits(*args["conntrack"])
+checks = run_checks(config, args["service_cidr"], limits, modes=mode_needs())
 json.dump({"checks": [dataclasses.asdict(c) for c in checks],
            "report": render_report(checks), "exit": exit_code(checks)}, sys.stdout)
 """
@@ -547,7 +550,7 @@ def test_conntrack_limits_are_read_from_the_config() -> None:
 
 def test_service_cidr_must_be_a_cidr() -> None:
     with pytest.raises(ConfigError, match="--service-cidr"):
-        run_checks(ProxyConfig(), "10.96.0.0/33")
+        run_checks(ProxyConfig(), "10.96.0.0/33", modes=mode_needs())
 
 
 def test_nftables_mode_suits_a_node_whose_kubelet_uses_iptables_nft(namespaces: Namespaces) -> None:

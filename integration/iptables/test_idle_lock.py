@@ -12,8 +12,8 @@ import pytest
 
 from integration.agent_harness import NetnsWorker
 from integration.netns import Topology, topology
-from kproxy.dataplane.iptables.backend import IptablesDataplane
-from kproxy.dataplane.iptables.lock import xtables_lock
+from kproxy.dataplane.xtables.backend import IptablesDataplane
+from kproxy.dataplane.xtables.lock import xtables_lock
 from kproxy.errors import TableLockedError
 from kproxy.model.config import ProxyConfig
 from kproxy.model.convert import EndpointSliceInfo, EndpointSlicePort

@@ -11,7 +11,7 @@ import pytest
 
 from integration.agent_harness import NetnsWorker
 from integration.netns import Topology, topology
-from kproxy.dataplane.iptables.kernel_image import ImageMatch, TableImage, fingerprint, read_image
+from kproxy.dataplane.xtables.kernel_image import ImageMatch, TableImage, fingerprint, read_image
 
 
 @pytest.fixture

@@ -22,13 +22,14 @@ PROGRAMMING_BUCKETS = (
 
 class ModeMetrics:
     """What differs between modes: the rules gauges (per table) and the failure counters, under
-    upstream's names for the mode. kube-proxy's nftables mode has no rules gauge: kproxy's own
-    `kproxy_sync_proxy_rules_nftables_*` gauges count the rules of its `kube-proxy` tables."""
+    upstream's names for the tables the mode writes ("legacy": the iptables names; "nftables").
+    kube-proxy's nftables mode has no rules gauge: kproxy's own `kproxy_sync_proxy_rules_nftables_*`
+    gauges count the rules of its `kube-proxy` tables."""
 
-    def __init__(self, r: CollectorRegistry, kind: str) -> None:
+    def __init__(self, r: CollectorRegistry, tables: str) -> None:
         self.partial_sync_failures: Counter | None = None
         self.cleanup_failures: Counter | None = None
-        if kind == "nftables":
+        if tables == "nftables":
             self.rules_total = Gauge(
                 "kproxy_sync_proxy_rules_nftables_total",
                 "Total number of nftables rules owned by kproxy, over the families",
@@ -90,7 +91,13 @@ class ProxyMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
+        self._sync_metrics(self.registry)
+        self._change_metrics(self.registry)
+        self._node_metrics(self.registry)
+        self._modes: dict[str, ModeMetrics] = {}
+
+    def _sync_metrics(self, r: CollectorRegistry) -> None:
+        """How long syncs take, when the last ran, how long a change took to reach the rules."""
         self.sync_duration = Histogram(
             "kubeproxy_sync_proxy_rules_duration_seconds",
             "SyncProxyRules latency in seconds",
@@ -125,6 +132,9 @@ class ProxyMetrics:
             buckets=PROGRAMMING_BUCKETS,
             registry=r,
         )
+
+    def _change_metrics(self, r: CollectorRegistry) -> None:
+        """The changes the sources reported, and the objects skipped."""
         self.endpoint_changes_pending = Gauge(
             "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
             "Pending proxy rules Endpoint changes",
@@ -145,12 +155,21 @@ class ProxyMetrics:
             "Cumulative proxy rules Service changes",
             registry=r,
         )
+        self.objects_skipped = Counter(
+            "kproxy_invalid_objects_skipped",
+            "Kubernetes objects skipped because a field could not be programmed",
+            ["kind"],
+            registry=r,
+        )
         self.no_local_endpoints = Gauge(
             "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
             "Number of services with a Local traffic policy and no endpoints",
             ["traffic_policy"],
             registry=r,
         )
+
+    def _node_metrics(self, r: CollectorRegistry) -> None:
+        """Health answers, conntrack cleanup, and the agent's own troubles."""
         self.healthz = Counter(
             "kubeproxy_proxy_healthz", "Cumulative proxy healthz HTTP status", ["code"], registry=r
         )
@@ -181,22 +200,14 @@ class ProxyMetrics:
             "failed (EMFILE, the xtables lock...); retried, then the portals are left in place",
             registry=r,
         )
-        self.objects_skipped = Counter(
-            "kproxy_invalid_objects_skipped",
-            "Kubernetes objects skipped because a field could not be programmed",
-            ["kind"],
-            registry=r,
-        )
-        self._modes: dict[str, ModeMetrics] = {}
 
-    def for_mode(self, mode: str) -> ModeMetrics:
-        """The metrics of `mode`'s dataplane, registered on first use: as upstream, a mode's
-        own metrics exist only while it runs (no iptables series reading 0 in the nftables
-        mode, and the reverse)."""
-        kind = "nftables" if mode == "nftables" else "iptables"  # userspace: iptables portals
-        if kind not in self._modes:
-            self._modes[kind] = ModeMetrics(self.registry, kind)
-        return self._modes[kind]
+    def for_mode(self, tables: str) -> ModeMetrics:
+        """The metrics of a mode whose rules go into `tables` (its NodeNeeds.tables: "legacy"
+        or "nftables"), registered on first use: as upstream, a mode's own metrics exist only
+        while it runs (no iptables series reading 0 in the nftables mode, and the reverse)."""
+        if tables not in self._modes:
+            self._modes[tables] = ModeMetrics(self.registry, tables)
+        return self._modes[tables]
 
     def accept_error_counter(self, server: str) -> Callable[[str], None]:
         """What an HTTP server calls when accept fails for want of descriptors or memory."""

@@ -22,7 +22,7 @@ from kproxy.model.config_fields import (
     SYNC_PERIOD,
     known_names,
 )
-from kproxy.model.config_values import parse_bind_address, parse_duration
+from kproxy.model.config_values import DEFAULT_MODE, parse_bind_address, parse_duration
 
 __all__ = [
     "API_VERSION",
@@ -63,7 +63,7 @@ class ProxyConfig:
     healthz_bind_address: str = "0.0.0.0:10256"
     metrics_bind_address: str = "127.0.0.1:10249"
     detect_local_mode: str = "ClusterCIDR"
-    mode: str = "iptables"  # or "userspace", "nftables"
+    mode: str = DEFAULT_MODE  # or another of MODE_SECTIONS
     port_range: str = ""  # userspace listeners: "begin-end", or "" for any port
     udp_idle_timeout: float = 0.25
     bridge_interface: str = ""
@@ -149,7 +149,7 @@ def with_flags(doc: Mapping[str, Any], flags: Mapping[str, Any]) -> tuple[ProxyC
     merged: dict[str, Any] = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in doc.items()}
     by_path: dict[str, str] = {}
     mode_flag = BY_PATH["mode"].flag or ""
-    mode = str(flags.get(mode_flag) or doc.get("mode") or "iptables")  # parse_config checks it
+    mode = str(flags.get(mode_flag) or doc.get("mode") or DEFAULT_MODE)  # parse_config checks it
     for flag, value in flags.items():
         f = BY_FLAG[flag]
         *parents, leaf = f.flag_path(mode).split(".")

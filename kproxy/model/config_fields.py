@@ -10,9 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from kproxy.model.config_values import (
+    DEFAULT_MODE,
+    MODE_SECTIONS,
     Parser,
     expect,
     one_of,
+    or_list,
     parse_bit,
     parse_bool,
     parse_cidr_list,
@@ -33,9 +36,6 @@ API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 KIND = "KubeProxyConfiguration"
 DETECT_LOCAL_MODES = ("ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix")
 SYNC_PERIOD = 30.0
-# The section of masquerade and sync settings each mode reads, as upstream's v1alpha1 conversion:
-# the nftables mode reads `nftables:` and ignores `iptables:`, the other modes the reverse.
-MODE_SECTIONS = {"iptables": "iptables", "userspace": "iptables", "nftables": "nftables"}
 
 
 def is_null(value: Any) -> bool:
@@ -89,7 +89,8 @@ class Field:
         """Where this field's flag lands in the document in `mode`."""
         if not self.flag_every_mode:
             return self.path
-        return f"{MODE_SECTIONS.get(mode, 'iptables')}.{self.path.rsplit('.', 1)[1]}"
+        section = MODE_SECTIONS.get(mode, MODE_SECTIONS[DEFAULT_MODE])
+        return f"{section}.{self.path.rsplit('.', 1)[1]}"
 
     @property
     def help_path(self) -> str:
@@ -104,11 +105,11 @@ FIELDS: tuple[Field, ...] = (
     Field("apiVersion", None, expect(API_VERSION), f"`{API_VERSION}`", "the only one accepted"),
     Field("kind", None, expect(KIND), f"`{KIND}`", "the only one accepted"),
     Field(
-        "mode", "mode", parse_mode, "`iptables`",
+        "mode", "mode", parse_mode, f"`{DEFAULT_MODE}`",
         "`\"\"` and `iptables` (netfilter DNAT), `nftables` (one nftables table per family, "
         "written over netlink) or `userspace` (kproxy relays each connection); `ipvs` and "
         "`kernelspace` are refused",
-        "--proxy-mode", "iptables, nftables or userspace.", keeps_default=is_empty,
+        "--proxy-mode", f"{or_list(MODE_SECTIONS)}.", keeps_default=is_empty,
     ),
     Field(
         "portRange", "port_range", parse_port_range, "none",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from kproxy.errors import ConfigError
@@ -165,15 +165,26 @@ def one_of(choices: tuple[str, ...]) -> Parser:
     return check
 
 
-PROXY_MODES = ("iptables", "userspace", "nftables")
+# The proxy modes by name, each with the section of masquerade and sync settings it reads, as
+# upstream's v1alpha1 conversion: the nftables mode reads `nftables:` and ignores `iptables:`,
+# the other modes the reverse. The modes themselves are sync/modes.py's registry (a layer above
+# this one); a test checks that both name the same modes.
+MODE_SECTIONS = {"iptables": "iptables", "userspace": "iptables", "nftables": "nftables"}
+DEFAULT_MODE = "iptables"  # what `mode: ""` means, as upstream
 
 
 def parse_mode(value: Any, field: str) -> str:
-    if value not in PROXY_MODES:
+    if value not in MODE_SECTIONS:
         raise ConfigError(
-            f"{value!r} is not supported; kproxy implements {', '.join(PROXY_MODES)}", field
+            f"{value!r} is not supported; kproxy implements {', '.join(MODE_SECTIONS)}", field
         )
     return str(value)
+
+
+def or_list(names: Iterable[str]) -> str:
+    """`a, b or c`."""
+    *head, last = sorted(names)
+    return f"{', '.join(head)} or {last}" if head else last
 
 
 def parse_port_range(value: Any, field: str) -> str:

@@ -28,7 +28,7 @@ from kproxy.health.service_health import ServiceHealthServers
 from kproxy.model.addresses import build_allow_list
 from kproxy.model.config import ProxyConfig, parse_bind_address
 from kproxy.sync.loop import StateBox, SyncLoop
-from kproxy.sync.modes import proxy_mode
+from kproxy.sync.modes import other_modes_leftovers, proxy_mode
 from kproxy.sync.status import SyncStatus
 from kproxy.watch.sink import Sink
 from kproxy.watch.supervisor import Supervisor, source_problems
@@ -116,7 +116,7 @@ def run_agent(
         loop = SyncLoop(
             box=box,
             config=config,
-            planner=mode.planner(config),
+            mode=mode,
             dataplane=dataplane,
             metrics=metrics,
             health=health,
@@ -124,6 +124,7 @@ def run_agent(
             clean_conntrack=ConntrackCleaner(),
             service_health=service_health,
             status=status,
+            leftovers=other_modes_leftovers(mode, lock_timeout),
         )
         log.info(
             "agent_started",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import scenarios
 
-from kproxy.dataplane.iptables.preview import plan_chain_diffs
+from kproxy.dataplane.xtables.preview import plan_chain_diffs
 from kproxy.inspect.diff_cmd import render_diffs
 from kproxy.plan.iptables.naming import service_chain
 from kproxy.rules.render import render_ruleset

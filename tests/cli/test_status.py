@@ -8,8 +8,8 @@ import threading
 import pytest
 import scenarios
 
-from kproxy.dataplane.iptables.fake import FakeDataplane
 from kproxy.dataplane.iptables.node import IptablesNode
+from kproxy.dataplane.xtables.fake import FakeDataplane
 from kproxy.health.healthz import ProxyHealth
 from kproxy.health.metrics import ProxyMetrics
 from kproxy.health.metrics_server import serve_metrics
@@ -19,8 +19,8 @@ from kproxy.inspect.status_cmd import (
     render_status,
     status_url,
 )
-from kproxy.plan.iptables.planner import IptablesPlanner
 from kproxy.sync.loop import StateBox, SyncLoop
+from kproxy.sync.modes import MODES
 from kproxy.sync.status import SyncStatus, percentile
 from kproxy.watch.supervisor import Supervisor
 
@@ -52,9 +52,7 @@ def _loop(status: SyncStatus) -> SyncLoop:
     box.state.node = scenario.node
     box.status = status
     node = IptablesNode({4: FakeDataplane()}, write_sysctls=lambda sysctls: None)
-    return SyncLoop(
-        box, scenario.config, IptablesPlanner(scenario.config), node, metrics, health, status=status
-    )
+    return SyncLoop(box, scenario.config, MODES["iptables"], node, metrics, health, status=status)
 
 
 def test_a_sync_and_a_skipped_object_are_served_and_printed() -> None:

@@ -14,6 +14,8 @@ import scenarios
 from click.testing import CliRunner
 
 from kproxy.cli import cli
+from kproxy.dataplane.iptables.inspection import iptables_plan_tables
+from kproxy.dataplane.xtables.preview import tables_from_saved
 from kproxy.errors import DataplaneError, InvalidObjectError
 from kproxy.inspect.trace_cmd import TraceInputError, TraceRequest, explain, trace_planned
 from kproxy.inspect.trace_view import render_trace, trace_json
@@ -22,7 +24,6 @@ from kproxy.model.node import NodeInfo
 from kproxy.rules.explain import Outcome
 from kproxy.rules.render import render_ruleset
 from kproxy.rules.saved import parse_save
-from kproxy.sync.inspection import iptables_plan_tables, tables_from_saved
 from kproxy.sync.modes import proxy_mode
 from kproxy.sync.once import state_from_manifests
 from kproxy.watch.manifests import load_manifests

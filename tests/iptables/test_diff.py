@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import scenarios
 
-from kproxy.dataplane.iptables.diff import (
+from kproxy.dataplane.xtables.diff import (
     owned_part,
     plan_cleanup,
     plan_table_changes,
 )
-from kproxy.dataplane.iptables.fake import FakeDataplane
+from kproxy.dataplane.xtables.fake import FakeDataplane
 from kproxy.plan.iptables.chains import is_cleanup_chain, is_owned_chain
 from kproxy.rules import fragments as f
 from kproxy.rules.ir import Chain, JumpRule, Rule, Table

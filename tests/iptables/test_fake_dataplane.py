@@ -7,8 +7,8 @@ import pytest
 import scenarios
 
 from kproxy.dataplane.base import Dataplane
-from kproxy.dataplane.iptables.diff import owned_part, plan_table_changes
-from kproxy.dataplane.iptables.fake import FakeDataplane
+from kproxy.dataplane.xtables.diff import owned_part, plan_table_changes
+from kproxy.dataplane.xtables.fake import FakeDataplane
 from kproxy.errors import DataplaneError
 from kproxy.plan.iptables.chains import is_owned_chain
 from kproxy.rules import fragments as f

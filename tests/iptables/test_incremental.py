@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from scenarios import Scenario
 from test_properties import CNI, clusters
 
-from kproxy.dataplane.iptables.fake import FakeDataplane
+from kproxy.dataplane.xtables.fake import FakeDataplane
 from kproxy.model.convert import build_endpoint_slice, build_service_ports
 from kproxy.model.service import NamespacedName
 from kproxy.plan.iptables.ruleset import PlanCache, build_ruleset

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from kproxy.dataplane.iptables.kernel_image import ImageMatch, TableImage
+from kproxy.dataplane.xtables.kernel_image import ImageMatch, TableImage
 
 # Where ipt_entry keeps next_offset and its counters (linux/netfilter_ipv4/ip_tables.h).
 NEXT_OFFSET_AT, COUNTERS_AT, HEADER = 90, 96, 112

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scenarios import Obj, Scenario, endpoint, endpoint_slice, service_port, slice_port
 
-from kproxy.dataplane.iptables.diff import plan_table_changes
-from kproxy.dataplane.iptables.fake import FakeDataplane
+from kproxy.dataplane.xtables.diff import plan_table_changes
+from kproxy.dataplane.xtables.fake import FakeDataplane
 from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.node import NodeInfo

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kproxy.dataplane.iptables.diff import owned_part, plan_cleanup, plan_table_changes
+from kproxy.dataplane.xtables.diff import owned_part, plan_cleanup, plan_table_changes
 from kproxy.rules.ir import Chain, Match, Opt, Rule, Table
 from kproxy.rules.parse import parse_rule
 from kproxy.rules.render import render_rule

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import copy
 
-from kproxy.dataplane.iptables.fake import FakeDataplane
 from kproxy.dataplane.iptables.node import IptablesNode
 from kproxy.dataplane.nftables import encode as e
 from kproxy.dataplane.nftables.delta import NFT_MSG_NEWCHAIN, NFT_MSG_NEWTABLE
 from kproxy.dataplane.nftables.fake import FakeNfTables
 from kproxy.dataplane.nftables.netlink import NLM_F_CREATE
 from kproxy.dataplane.nftables.node import NftablesNode, remove_nftables_mode
+from kproxy.dataplane.xtables.fake import FakeDataplane
 from kproxy.plan.nftables.ir import Chain, Hook
+from tests.conftest import Leftovers
 from tests.sync.test_mode_leftovers import no_sysctls, once
 
 IP = 2  # NFPROTO_IPV4
@@ -50,9 +51,11 @@ def test_removing_the_nftables_mode_reports_its_chains_and_spares_other_tables(
     assert remove_nftables_mode(nft.socket) == []  # nothing left: nothing reported
 
 
-def test_switching_to_iptables_counts_the_nftables_chains_removed(nft: FakeNfTables) -> None:
+def test_switching_to_iptables_counts_the_nftables_chains_removed(
+    nft: FakeNfTables, leftovers: Leftovers
+) -> None:
     chains = len(nftables_mode_chains(nft))
-    node = IptablesNode({4: FakeDataplane()}, no_sysctls, lambda: remove_nftables_mode(nft.socket))
-    summary, _ = once("iptables", node)
+    leftovers.removals["nftables"] = lambda: remove_nftables_mode(nft.socket)
+    summary, _ = once("iptables", IptablesNode({4: FakeDataplane()}, no_sysctls))
     assert f"removed {chains} chains ({chains} of another mode)" in summary, summary
     assert nft.table(IP, "kube-proxy") is None

@@ -18,6 +18,7 @@ from kproxy.dataplane.nftables.decode import (
     decode_rule,
     decode_set,
 )
+from kproxy.dataplane.nftables.inspection import plan_nft_diffs
 from kproxy.dataplane.nftables.netlink import iter_attrs
 from kproxy.inspect.trace_cmd import TraceRequest, trace_planned
 from kproxy.inspect.trace_view import render_trace, trace_json
@@ -25,7 +26,6 @@ from kproxy.plan.nftables.ir import Chain, NftTable, Rule, Verdict
 from kproxy.plan.nftables.trace import NftTraceTables, service_of_chain
 from kproxy.rules.explain import Explanation, Outcome
 from kproxy.rules.trace import Packet, TraceError
-from kproxy.sync.nft_inspection import plan_nft_diffs
 
 POD = "10.99.0.7"
 OUTSIDE = "192.168.1.5"

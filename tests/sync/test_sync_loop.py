@@ -8,16 +8,16 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from kproxy.dataplane.iptables.fake import FakeDataplane
 from kproxy.dataplane.iptables.node import IptablesNode
+from kproxy.dataplane.xtables.fake import FakeDataplane
 from kproxy.health.healthz import ProxyHealth
 from kproxy.health.metrics import ProxyMetrics
 from kproxy.model.config import ProxyConfig
 from kproxy.model.kinds import Kind
 from kproxy.plan.conntrack import CleanupReport, UdpServing
-from kproxy.plan.iptables.planner import IptablesPlanner
 from kproxy.state.ingest import remove, replace_all, set_node, upsert
 from kproxy.sync.loop import StateBox, SyncLoop
+from kproxy.sync.modes import MODES
 
 
 def service(name: str, ip: str, protocol: str = "TCP") -> dict[str, Any]:
@@ -52,7 +52,7 @@ def agent(config: ProxyConfig | None = None) -> tuple[StateBox, SyncLoop, FakeDa
     box = StateBox("node-a", health, metrics)
     fake = FakeDataplane()
     node = IptablesNode({4: fake}, write_sysctls=lambda sysctls: None)
-    loop = SyncLoop(box, config, IptablesPlanner(config), node, metrics, health)
+    loop = SyncLoop(box, config, MODES["iptables"], node, metrics, health)
     return box, loop, fake
 
 

@@ -9,18 +9,18 @@ from collections.abc import Iterator
 
 import pytest
 
-from kproxy.dataplane.iptables.fake import FakeDataplane
 from kproxy.dataplane.iptables.node import IptablesNode
+from kproxy.dataplane.leftovers import LeftoverRemoval
 from kproxy.dataplane.nftables.fake import FakeNfTables
 from kproxy.dataplane.nftables.node import NftablesNode
+from kproxy.dataplane.xtables.fake import FakeDataplane
 from kproxy.health.healthz import ProxyHealth
 from kproxy.health.metrics import ProxyMetrics
 from kproxy.model.config import ProxyConfig
 from kproxy.model.kinds import Kind
-from kproxy.plan.iptables.planner import IptablesPlanner
-from kproxy.plan.nftables.planner import NftablesPlanner
 from kproxy.state.ingest import upsert
 from kproxy.sync.loop import StateBox, SyncLoop
+from kproxy.sync.modes import MODES
 from tests.sync.test_mode_leftovers import Removal
 from tests.sync.test_sync_loop import endpoint_slice, service
 
@@ -48,10 +48,12 @@ def nft_loop(nft: FakeNfTables, cleanup: Removal) -> Iterator[SyncLoop]:
     metrics = ProxyMetrics()
     health = ProxyHealth(timeout=60.0)
     box = StateBox("node-a", health, metrics)
-    node = NftablesNode(nft.socket(), (4,), cleanup)
+    node = NftablesNode(nft.socket(), (4,))
     box.apply(upsert(Kind.SERVICE, service("web", "10.96.0.5")))
     box.apply(upsert(Kind.ENDPOINT_SLICE, endpoint_slice("web", ["10.0.0.1", "10.0.0.2"])))
-    yield SyncLoop(box, config, NftablesPlanner(config), node, metrics, health)
+    yield SyncLoop(
+        box, config, MODES["nftables"], node, metrics, health, leftovers=[LeftoverRemoval(cleanup)]
+    )
     node.close()
 
 
@@ -63,7 +65,7 @@ def iptables_loop() -> SyncLoop:
     node = IptablesNode({4: FakeDataplane()}, write_sysctls=lambda sysctls: None)
     box.apply(upsert(Kind.SERVICE, service("web", "10.96.0.5")))
     box.apply(upsert(Kind.ENDPOINT_SLICE, endpoint_slice("web", ["10.0.0.1"])))
-    return SyncLoop(box, config, IptablesPlanner(config), node, metrics, health)
+    return SyncLoop(box, config, MODES["iptables"], node, metrics, health)
 
 
 def test_nftables_mode_counts_a_failed_sync_under_upstreams_name(

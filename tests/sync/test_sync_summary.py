@@ -1,8 +1,8 @@
 import re
 from pathlib import Path
 
-from kproxy.dataplane.iptables.fake import FakeDataplane
 from kproxy.dataplane.iptables.node import IptablesNode
+from kproxy.dataplane.xtables.fake import FakeDataplane
 from kproxy.model.config import ProxyConfig
 from kproxy.model.node import NodeInfo
 from kproxy.sync.modes import MODES

@@ -19,6 +19,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from kproxy.dataplane.base import ApplyResult
+from kproxy.dataplane.xtables.lock import LOCK_TIMEOUT
 from kproxy.errors import DataplaneError, KproxyError
 from kproxy.rules.ir import Ruleset
 from kproxy.rules.saved import SavedTable
@@ -37,7 +38,7 @@ def _serve(conn: Connection, family: int, lock_timeout: float) -> None:
 
 
 def _serve_requests(conn: Connection, family: int, lock_timeout: float) -> None:
-    from kproxy.dataplane.iptables.backend import IptablesDataplane
+    from kproxy.dataplane.xtables.backend import IptablesDataplane
 
     try:
         dataplane = IptablesDataplane(family=family, lock_timeout=lock_timeout)
@@ -67,7 +68,7 @@ def _serve_requests(conn: Connection, family: int, lock_timeout: float) -> None:
 class FamilyProcess:
     """The Dataplane protocol, served by IptablesDataplane in a spawned child process."""
 
-    def __init__(self, family: int, lock_timeout: float = 5.0) -> None:
+    def __init__(self, family: int, lock_timeout: float = LOCK_TIMEOUT) -> None:
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         self._process = context.Process(

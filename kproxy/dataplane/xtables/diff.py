@@ -44,6 +44,11 @@ def _rendered(chain: Chain) -> list[str]:
     return [render_rule(chain.name, rule) for rule in chain.rules]
 
 
+def is_xtables_chain(name: str) -> bool:
+    """A chain of either x_tables mode's, kproxy's or kube-proxy's (the shared ones included)."""
+    return is_written_chain(name) or is_cleanup_chain(name)
+
+
 def plan_table_changes(desired: Table, current: SavedTable | None) -> TableChanges:
     """Chains to create, rewrite and delete, and jump rules to insert, for one table."""
     current = current or SavedTable(desired.name)

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from kproxy.errors import TableLockedError
 
 DEFAULT_LOCK_PATH = "/run/xtables.lock"
+LOCK_TIMEOUT = 5.0  # seconds to wait for it, unless told (`--lock-timeout`)
 _POLL_SECONDS = 0.1  # `iptables -W 100000`
 
 

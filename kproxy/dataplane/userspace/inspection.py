@@ -1,16 +1,7 @@
-"""What each proxy mode hands `kproxy trace` and `kproxy dump --diff`: its tables for the tracer
-(live, or as planned) and the per-chain diff of what its next sync would change.
-
-A mode plugs in through three callables on its ProxyMode (sync/modes.py):
-
-- `trace_live(family, lock_timeout) -> Traceable`: the kernel's tables in one snapshot, every
-  program's rules included, with which chains are the mode's;
-- `trace_plan(plan, family) -> Traceable`: what the mode would write for a NodePlan;
-- `diff(plan, family, lock_timeout) -> list[ChainDiff]`: what the next sync would change.
-
-Both x_tables modes answer with TraceTables (rules/explain.py), which the shared tracer walks; a
-mode with tables of another kind implements Traceable itself.
-"""
+"""What the userspace mode hands `kproxy trace` and `dump --diff` (its ProxyMode's
+inspection pieces): its portal rules live in the same x_tables as the iptables mode's, so the
+x_tables readers serve, with the portal chains marked as handing packets to the relay and the
+proxy ports the running agent bound read back from the kernel's rules."""
 
 from __future__ import annotations
 
@@ -19,8 +10,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from kproxy.dataplane.base import ChainDiff
-from kproxy.dataplane.iptables.preview import plan_chain_diffs, read_snapshot
-from kproxy.plan.iptables.chains import is_written_chain
+from kproxy.dataplane.xtables.preview import (
+    plan_chain_diffs,
+    planned_tables,
+    read_snapshot,
+    tables_from_saved,
+)
 from kproxy.plan.iptables.naming import spn_text
 from kproxy.plan.node_plan import NodePlan
 from kproxy.plan.userspace import chains as userspace_chains
@@ -28,55 +23,14 @@ from kproxy.plan.userspace.planner import UserspaceFamily
 from kproxy.plan.userspace.portals import ListenerKey, Scope
 from kproxy.rules.explain import Relay, TraceTables
 from kproxy.rules.ir import Ruleset
-from kproxy.rules.parse import parse_table_leniently
 from kproxy.rules.render import render_rule
 from kproxy.rules.saved import SavedTable
 
-
-def _is_kproxy_chain(name: str) -> bool:
-    return is_written_chain(name) or userspace_chains.is_userspace_chain(name)
+RELAY_CHAINS = frozenset(userspace_chains.NAT_CHAINS)
 
 
-def tables_from_saved(saved: Mapping[str, SavedTable], family: int) -> TraceTables:
-    """The tracer's view of tables read from the kernel (shared by both modes: the userspace
-    mode's portals live in the same legacy tables)."""
-    tables, unreadable = [], []
-    policies: dict[tuple[str, str], str] = {}
-    for name, table in saved.items():
-        parsed, lines = parse_table_leniently(table)
-        tables.append(parsed)
-        unreadable.extend(lines)
-        policies.update({(name, chain): policy for chain, policy in table.policies.items()})
-    chains = frozenset(
-        name for table in saved.values() for name in table.chains if _is_kproxy_chain(name)
-    )
-    return TraceTables(
-        ruleset=Ruleset(family, tuple(tables)),
-        kproxy_chains=chains,
-        policies=policies,
-        relay_chains=frozenset(userspace_chains.NAT_CHAINS),
-        unreadable=tuple(unreadable),
-        source="live",
-    )
-
-
-def read_live_tables(family: int, lock_timeout: float) -> TraceTables:
-    return tables_from_saved(read_snapshot(family, lock_timeout), family)
-
-
-def _planned(ruleset: Ruleset, relays: Mapping[str, Relay] | None = None) -> TraceTables:
-    chains = frozenset(c.name for t in ruleset.tables for c in t.chains)
-    return TraceTables(
-        ruleset=ruleset,
-        kproxy_chains=chains,
-        relay_chains=frozenset(userspace_chains.NAT_CHAINS),
-        relays=relays or {},
-    )
-
-
-def iptables_plan_tables(plan: NodePlan[Any], family: int) -> TraceTables:
-    ruleset: Ruleset = plan.kernel[family]
-    return _planned(ruleset)
+def userspace_live_tables(family: int, lock_timeout: float) -> TraceTables:
+    return tables_from_saved(read_snapshot(family, lock_timeout), family, RELAY_CHAINS)
 
 
 def relay_key(service: str, external: bool) -> str:
@@ -94,11 +48,8 @@ def userspace_plan_tables(plan: NodePlan[Any], family: int) -> TraceTables:
         )
         for lis in part.listeners
     }
-    return _planned(part.ruleset({lis.key: 0 for lis in part.listeners}), relays)
-
-
-def iptables_diff(plan: NodePlan[Any], family: int, lock_timeout: float) -> list[ChainDiff]:
-    return plan_chain_diffs(plan.kernel[family], read_snapshot(family, lock_timeout))
+    ruleset = part.ruleset({lis.key: 0 for lis in part.listeners})
+    return planned_tables(ruleset, RELAY_CHAINS, relays)
 
 
 _MARKER = 99999  # not a port: stands for the proxy port in a listener's rendered rules

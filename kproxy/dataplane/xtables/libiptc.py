@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from kproxy.dataplane.iptables.diff import TableChanges
-from kproxy.dataplane.iptables.entries import EntryCompiler
-from kproxy.dataplane.iptables.kernel_image import ImageMatch, TableImage, read_image
-from kproxy.dataplane.iptables.lock import HeldLock
+from kproxy.dataplane.xtables.diff import TableChanges
+from kproxy.dataplane.xtables.entries import EntryCompiler
+from kproxy.dataplane.xtables.kernel_image import ImageMatch, TableImage, read_image
+from kproxy.dataplane.xtables.lock import HeldLock
 from kproxy.rules.ir import Table
 
 

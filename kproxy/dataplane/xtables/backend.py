@@ -16,15 +16,15 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from kproxy.dataplane.base import ApplyResult
-from kproxy.dataplane.iptables.diff import (
+from kproxy.dataplane.xtables.diff import (
     TableChanges,
     plan_cleanup,
     plan_table_changes,
     plan_table_changes_from,
 )
-from kproxy.dataplane.iptables.kernel_image import TableImage, fingerprint, read_image
-from kproxy.dataplane.iptables.libiptc import KeptTable, LibiptcTables
-from kproxy.dataplane.iptables.lock import HeldLock, xtables_lock
+from kproxy.dataplane.xtables.kernel_image import TableImage, fingerprint, read_image
+from kproxy.dataplane.xtables.libiptc import KeptTable, LibiptcTables
+from kproxy.dataplane.xtables.lock import LOCK_TIMEOUT, HeldLock, xtables_lock
 from kproxy.errors import DataplaneError
 from kproxy.rules.ir import Ruleset, Table
 from kproxy.rules.saved import SavedTable, parse_save
@@ -103,7 +103,7 @@ class IptablesDataplane:
     anything to write, the lock is not even taken.
     """
 
-    def __init__(self, family: int = 4, lock_timeout: float = 5.0) -> None:
+    def __init__(self, family: int = 4, lock_timeout: float = LOCK_TIMEOUT) -> None:
         self.family = family
         self.lock_timeout = lock_timeout
         self._iptc = load_iptc()

@@ -1,15 +1,21 @@
-"""The nftables mode's part of `kproxy trace` and `kproxy dump --diff` (see inspection.py): its
-`kube-proxy` table for the tracer (read from the kernel in one snapshot, or as planned), and
-what the next sync would change in it, per chain, set or map."""
+"""What the nftables mode hands `kproxy dump`, `trace` and `dump --diff` (its ProxyMode's
+inspection pieces): its `kube-proxy` table as `nft` prints it, the table for the tracer (read
+from the kernel in one snapshot, or as planned), and what the next sync would change in it, per
+chain, set or map."""
 
 from __future__ import annotations
 
 import difflib
+import shutil
+import subprocess
 from typing import Any
 
 from kproxy.dataplane.base import ChainDiff
-from kproxy.dataplane.nftables.delta import NFT_FAMILY_NAMES
+from kproxy.dataplane.nftables.families import NFT_FAMILY_NAMES
+from kproxy.dataplane.nftables.kernel import table_exists
+from kproxy.dataplane.nftables.netlink import NftNetlink
 from kproxy.dataplane.nftables.readback import read_live_nft_table
+from kproxy.errors import DataplaneError
 from kproxy.plan.nftables import naming
 from kproxy.plan.nftables.ir import Chain, NamedSet, NftTable
 from kproxy.plan.nftables.render import render_nft_table
@@ -20,6 +26,24 @@ NFT_WALKED = (
     "walks kproxy's nftables table only (its base chains by hook and priority); other"
     " programs' nftables tables and any x_tables rules are not walked"
 )
+
+
+def read_nftables_live(family: int) -> str:
+    """What the kernel holds of kproxy's table, as `nft list table` prints it (by the nft binary
+    when the node has one; nothing when there is no table)."""
+    with NftNetlink() as nl:
+        if not table_exists(nl, family, naming.TABLE):
+            return ""
+    nft = shutil.which("nft")
+    if nft is None:
+        raise DataplaneError("reading the live table needs the nft binary; use dump --manifests")
+    out = subprocess.run(
+        [nft, "list", "table", NFT_FAMILY_NAMES[family], naming.TABLE],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout
 
 
 def nftables_plan_tables(plan: NodePlan[Any], family: int) -> NftTraceTables:

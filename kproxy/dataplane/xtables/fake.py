@@ -18,8 +18,8 @@ from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
 
 from kproxy.dataplane.base import ApplyResult
-from kproxy.dataplane.iptables.backend import TABLES
-from kproxy.dataplane.iptables.diff import (
+from kproxy.dataplane.xtables.backend import TABLES
+from kproxy.dataplane.xtables.diff import (
     TableChanges,
     plan_cleanup,
     plan_table_changes,
