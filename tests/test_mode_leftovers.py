@@ -15,8 +15,8 @@ from kproxy.dataplane.iptables.fake import FakeDataplane
 from kproxy.dataplane.iptables.node import IptablesNode
 from kproxy.dataplane.nftables.fake import FakeNfTables
 from kproxy.dataplane.nftables.node import NftablesNode, NftTableChanges
+from kproxy.dataplane.relay.relay import Relay
 from kproxy.dataplane.userspace.node import UserspaceNode
-from kproxy.dataplane.userspace.relay import Relay
 from kproxy.errors import DataplaneError
 from kproxy.health.healthz import ProxyHealth
 from kproxy.health.metrics import ProxyMetrics

@@ -11,8 +11,8 @@ import pytest
 from userspace_support import LOOPBACK, TcpServer, wait_until
 
 from kproxy.dataplane.iptables.fake import FakeDataplane
+from kproxy.dataplane.relay.relay import Relay
 from kproxy.dataplane.userspace.node import UserspaceNode
-from kproxy.dataplane.userspace.relay import Relay
 from kproxy.health.healthz import ProxyHealth
 from kproxy.health.metrics import ProxyMetrics
 from kproxy.model.config import ProxyConfig

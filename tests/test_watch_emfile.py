@@ -23,8 +23,8 @@ import kproxy.sync.handover as handover_module
 import kproxy.watch.inotify as inotify_module
 from kproxy.dataplane.base import ApplyResult
 from kproxy.dataplane.iptables.fake import FakeDataplane
+from kproxy.dataplane.relay.relay import Relay
 from kproxy.dataplane.userspace.node import UserspaceNode
-from kproxy.dataplane.userspace.relay import Relay
 from kproxy.health.metrics import ProxyMetrics
 from kproxy.model.config import ProxyConfig
 from kproxy.model.kinds import Kind

@@ -20,9 +20,9 @@ from kproxy.dataplane.iptables.families import open_dataplanes
 from kproxy.dataplane.iptables.node import IptablesNode, SysctlWriter
 from kproxy.dataplane.leftovers import LeftoverRemoval, RemoveLeftovers
 from kproxy.dataplane.nftables.node import remove_nftables_mode
+from kproxy.dataplane.relay.relay import Relay
+from kproxy.dataplane.relay.spec import ListenerSpec
 from kproxy.dataplane.userspace.holds import HeldPort, PortHolds
-from kproxy.dataplane.userspace.relay import Relay
-from kproxy.dataplane.userspace.spec import ListenerSpec
 from kproxy.model.config import ProxyConfig
 from kproxy.plan.node_plan import NodePlan
 from kproxy.plan.userspace.planner import UserspaceFamily, UserspaceKernel

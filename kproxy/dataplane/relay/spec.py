@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-from kproxy.dataplane.userspace.balancer import EndpointAddr
+from kproxy.dataplane.relay.balancer import EndpointAddr
 from kproxy.model.service import Protocol
 
 # Upstream's dial attempts: the growing timeout is the only backoff between them.

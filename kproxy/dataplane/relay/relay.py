@@ -15,11 +15,11 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from kproxy.dataplane.userspace.balancer import LoadBalancerRR
-from kproxy.dataplane.userspace.caps import CapLimits, ConnectionCaps, default_limits
-from kproxy.dataplane.userspace.ports import PortAllocator
-from kproxy.dataplane.userspace.pump import HAS_SPLICE
-from kproxy.dataplane.userspace.spec import (
+from kproxy.dataplane.relay.balancer import LoadBalancerRR
+from kproxy.dataplane.relay.caps import CapLimits, ConnectionCaps, default_limits
+from kproxy.dataplane.relay.ports import PortAllocator
+from kproxy.dataplane.relay.pump import HAS_SPLICE
+from kproxy.dataplane.relay.spec import (
     DIAL_TIMEOUTS,
     UDP_IDLE_TIMEOUT,
     ListenerKey,
@@ -27,8 +27,8 @@ from kproxy.dataplane.userspace.spec import (
     ServicePortCounters,
     SyncResult,
 )
-from kproxy.dataplane.userspace.tcp import TcpListener, TcpOptions, family_of
-from kproxy.dataplane.userspace.udp import UdpListener
+from kproxy.dataplane.relay.tcp import TcpListener, TcpOptions, family_of
+from kproxy.dataplane.relay.udp import UdpListener
 from kproxy.errors import DataplaneError, KproxyError
 from kproxy.model.service import Protocol
 
