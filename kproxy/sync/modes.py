@@ -69,7 +69,7 @@ MODES = {
     "nftables": ProxyMode(
         "nftables",
         NftablesPlanner,
-        lambda config, lock_timeout: open_nftables_mode(lock_timeout),
+        lambda config, lock_timeout: open_nftables_mode(lock_timeout, config),
         render_nftables_plan,
         read_nftables_live,
         nftables_live_tables,

@@ -10,10 +10,13 @@ from pathlib import Path
 
 import structlog
 
-from kproxy.dataplane.base import TableReport
+from kproxy.dataplane.base import ModeDataplane, TableReport
 from kproxy.dataplane.host import ipv6_supported
 from kproxy.dataplane.iptables.families import open_dataplanes
-from kproxy.dataplane.nftables.node import NftablesNode, open_nftables_node
+from kproxy.dataplane.localhost_nodeports import WithLocalhostNodePorts, open_localhost_node_ports
+from kproxy.dataplane.nftables.node import open_nftables_node
+from kproxy.model.config import ProxyConfig
+from kproxy.plan.localhost_nodeports import serves_localhost
 
 log = structlog.get_logger("kproxy.dataplane")
 
@@ -48,7 +51,16 @@ def remove_iptables_mode(lock_timeout: float) -> list[TableReport]:
 
 
 @contextmanager
-def open_nftables_mode(lock_timeout: float) -> Iterator[NftablesNode]:
+def open_nftables_mode(
+    lock_timeout: float, config: ProxyConfig | None = None
+) -> Iterator[ModeDataplane]:
+    """The mode's node dataplane; with the KubeProxyNFTablesLocalhostNodePorts gate, composed
+    with the relay's listeners on 127.0.0.1 and ::1 (none run without it, as upstream)."""
     families = (4, 6) if ipv6_supported() else (4,)
     with open_nftables_node(families, lambda: remove_iptables_mode(lock_timeout)) as node:
-        yield node
+        served = tuple(f for f in families if config and serves_localhost(config, f))
+        if not served:
+            yield node
+            return
+        with open_localhost_node_ports(served) as localhost:
+            yield WithLocalhostNodePorts(node, localhost)
