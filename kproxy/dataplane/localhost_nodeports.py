@@ -5,6 +5,7 @@ then the listeners, in every sync."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol, runtime_checkable
@@ -38,9 +39,18 @@ class LocalhostNodePorts:
         self.relays = relays
         self._listeners = dict.fromkeys(relays, 0)
         self._creation_failures = dict.fromkeys(relays, 0)
+        # Rejections counted by service ports the relay has since forgotten: the per-family
+        # total stays monotonic as NodePorts come and go.
+        self._retired_rejects = dict.fromkeys(relays, 0)
         self._warned: set[tuple[object, str]] = set()
+        # A scrape (another thread) never sees a sync half counted.
+        self._lock = threading.Lock()
 
     def sync(self, wanted: Sequence[LocalhostNodePort]) -> None:
+        with self._lock:
+            self._sync(wanted)
+
+    def _sync(self, wanted: Sequence[LocalhostNodePort]) -> None:
         for family, relay in self.relays.items():
             specs: dict[Hashable, ListenerSpec] = {
                 str(lnp.name): ListenerSpec(
@@ -51,6 +61,9 @@ class LocalhostNodePorts:
             }
             synced = relay.sync(specs)
             self._listeners[family] = len(synced.ports)
+            self._retired_rejects[family] += sum(
+                c.get("no_endpoint_rejects", 0) for c in synced.retired.values()
+            )
             # Retried by every sync, and counted each time, as upstream counts them.
             self._creation_failures[family] += len(synced.errors)
             for key, error in synced.errors.items():
@@ -65,14 +78,16 @@ class LocalhostNodePorts:
                     )
 
     def counts(self) -> dict[int, dict[str, int]]:
-        return {
-            family: {
-                "listeners": self._listeners[family],
-                "creation_failures": self._creation_failures[family],
-                "rejected": sum(c.get("no_endpoint_rejects", 0) for c in relay.counters().values()),
+        with self._lock:
+            return {
+                family: {
+                    "listeners": self._listeners[family],
+                    "creation_failures": self._creation_failures[family],
+                    "rejected": self._retired_rejects[family]
+                    + sum(c.get("no_endpoint_rejects", 0) for c in relay.counters().values()),
+                }
+                for family, relay in self.relays.items()
             }
-            for family, relay in self.relays.items()
-        }
 
     def problems(self) -> list[str]:
         return [

@@ -150,7 +150,7 @@ class Relay:
         # A removed service port's counters stay while its connections run, then go.
         for key in [k for k, c in self._counters.items() if k not in wanted]:
             if self._counters[key].active_connections == 0:
-                del self._counters[key]
+                result.retired[key] = self._counters.pop(key).snapshot()
         return result
 
     def _ensure(self, key: ListenerKey, spec: ListenerSpec) -> int:

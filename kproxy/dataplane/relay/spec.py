@@ -59,7 +59,10 @@ class ServicePortCounters:
 
 @dataclass
 class SyncResult:
-    """The bound port of each listener that runs, and why the others do not."""
+    """The bound port of each listener that runs, why the others do not, and the last counters
+    of service ports this sync forgot (removed, with no connection left): a caller summing
+    counters over service ports adds these to stay monotonic."""
 
     ports: dict[ListenerKey, int] = field(default_factory=dict)
     errors: dict[ListenerKey, str] = field(default_factory=dict)
+    retired: dict[ListenerKey, dict[str, int]] = field(default_factory=dict)
