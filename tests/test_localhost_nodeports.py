@@ -134,3 +134,19 @@ def test_a_connection_without_an_endpoint_is_reset_and_counted(
     # The NodePort gone: no listener, and the counter keeps what it counted.
     localhost.sync(())
     assert localhost.counts()[4] == {"listeners": 0, "creation_failures": 0, "rejected": 1}
+
+
+def test_ipv6_node_ports_are_relayed_on_the_ipv6_loopback() -> None:
+    with socket.socket(socket.AF_INET6) as backend:
+        backend.bind(("::1", 0))
+        backend.listen()
+        with open_localhost_node_ports((6,)) as localhost:
+            node_port = free_port()
+            endpoint = ("::1", int(backend.getsockname()[1]))
+            localhost.sync([LocalhostNodePort(WEB.name, 6, node_port, (endpoint,))])
+            with socket.create_connection(("::1", node_port), timeout=5) as client:
+                conn, _ = backend.accept()
+                with conn:
+                    conn.sendall(b"web-a\n")
+                    assert client.recv(16) == b"web-a\n"
+            assert localhost.counts()[6]["listeners"] == 1

@@ -131,7 +131,7 @@ class WithLocalhostNodePorts:
 
 @contextmanager
 def open_localhost_node_ports(families: Sequence[int]) -> Iterator[LocalhostNodePorts]:
-    relays = {family: Relay() for family in families}
+    relays = {family: Relay(name=f"localhost-nodeport-relay-v{family}") for family in families}
     try:
         for relay in relays.values():
             relay.start()

@@ -60,6 +60,7 @@ class Relay:
         rng: random.Random | None = None,
         clock: Callable[[], float] | None = None,
         caps: CapLimits | None = None,
+        name: str = "userspace-relay",
     ) -> None:
         if udp_idle_timeout <= 0:
             raise KproxyError("udpIdleTimeout must be greater than zero")
@@ -76,6 +77,7 @@ class Relay:
         self._caps = ConnectionCaps(caps or CapLimits(1, 1))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._name = name  # of its thread
 
     # -- the agent's side (any thread) -------------------------------------------------------
 
@@ -86,9 +88,7 @@ class Relay:
         self._caps.limits = self._limits or default_limits()
         loop = asyncio.new_event_loop()
         self._loop = loop
-        self._thread = threading.Thread(
-            target=loop.run_forever, name="userspace-relay", daemon=True
-        )
+        self._thread = threading.Thread(target=loop.run_forever, name=self._name, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
