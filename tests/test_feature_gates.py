@@ -55,6 +55,13 @@ def test_the_flag_sets_gates_and_wins_over_the_file() -> None:
     assert ignored == ["featureGates.Other"]
 
 
+def test_the_flag_adds_to_the_files_gates() -> None:
+    doc = {**BASE, "mode": "nftables", "featureGates": {GATE: True}}
+    config, ignored = with_flags(doc, {"--feature-gates": "Other=false"})
+    assert config.feature_enabled(GATE)
+    assert ignored == ["featureGates.Other"]
+
+
 def test_a_malformed_flag_names_the_flag() -> None:
     with pytest.raises(ConfigError) as caught:
         with_flags(BASE, {"--feature-gates": GATE})

@@ -165,7 +165,10 @@ def with_flags(doc: Mapping[str, Any], flags: Mapping[str, Any]) -> tuple[ProxyC
         target = merged
         for parent in parents:
             target = target.setdefault(parent, {})
-        target[leaf] = f.flag_value(value)
+        given, before = f.flag_value(value), target.get(leaf)
+        if isinstance(given, Mapping) and isinstance(before, Mapping):
+            given = {**before, **given}  # --feature-gates adds to the file's, as upstream's
+        target[leaf] = given
         by_path[f.flag_path(mode)] = flag
     try:
         return parse_config(merged)
