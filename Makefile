@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := iptables libip4tc2 libip6tc2 libxtables12 conntrack iproute2 nftables gcc
+DEB_PACKAGES := iptables libip4tc2 libip6tc2 libxtables12 conntrack iproute2 nftables gcc nginx curl
 # What builds and runs the image in the tests: podman with the runc runtime, mmdebstrap for the
 # Debian base where no image registry is reachable (integration/image.py).
 IMAGE_DEB_PACKAGES := podman runc mmdebstrap
@@ -20,7 +20,8 @@ endef
 
 # Debian packages: the legacy iptables libraries python-iptables drives, the iptables-legacy-save
 # reader, conntrack, iproute2 and nft (the nftables mode's test oracle) for the network-namespace
-# tests.
+# tests; nginx for the seed's my-nginx pods and ingress controller (integration/nginx.py), and curl
+# to fetch through them.
 deps:
 	$(call apt-install-missing,$(DEB_PACKAGES))
 

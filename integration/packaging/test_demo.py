@@ -1,5 +1,5 @@
-"""`make demo` works, shows both pictures (userspace mode, then iptables mode) and cleans up after
-itself."""
+"""`make demo` works, shows both pictures (userspace mode, then iptables mode) and the ingress hop
+(nginx in the controller pod, configured from the Ingress), and cleans up after itself."""
 
 from __future__ import annotations
 
@@ -71,6 +71,8 @@ def test_demo_shows_both_pictures_and_leaves_no_namespace() -> None:
     assert all(n > 0 for n, _ in _tallies(via_ingress).values()), via_ingress
     assert "to http://172.31.0.2:30189/testpath" in iptables, out
     assert f"my-nginx saw the requests coming from {CONTROLLER_IP}" in via_ingress, out
+    # Every hop real: nginx behind the NodePort, configured from the Ingress.
+    assert "(nginx), serving:\n    /testpath (Prefix, rewrite-target /) -> 10.104.164.89:80" in out
     assert "KUBE-SVC-" in via_ingress and "KUBE-PORTALS-" not in via_ingress, via_ingress
     leftover = set(list_namespaces(DEMO_PREFIX)) - before
     assert not leftover, f"the demo left namespaces behind: {sorted(leftover)}"

@@ -217,6 +217,12 @@ class ProxyMetrics:
         """Export each source's failure count (its supervisor's), read at each scrape."""
         self.registry.register(SourceCollector(read))
 
+    def watch_localhost_node_ports(
+        self, read: Callable[[], Mapping[int, Mapping[str, int]]]
+    ) -> None:
+        """Export KEP-6032's metrics (the nftables mode with its gate on), read at each scrape."""
+        self.registry.register(LocalhostNodePortCollector(read))
+
     def watch_relay(self, read: Callable[[], Mapping[str, Mapping[str, int]]]) -> None:
         """Export the userspace relay's own counters, read from `read` at each scrape."""
         self.registry.register(RelayCollector(read))
@@ -287,6 +293,47 @@ class RelayCollector(Collector):
             for reason in ("service_cap", "total_cap"):
                 refused.add_metric([service_port, reason], values.get(f"refused_{reason}", 0))
         yield refused
+
+
+IP_FAMILY = {4: "IPv4", 6: "IPv6"}  # upstream's ip_family label values
+
+
+class LocalhostNodePortCollector(Collector):
+    """KEP-6032's series under upstream's names, per family. Upstream's rejected-packets counter
+    counts localhost packets to UDP and SCTP NodePorts that an nftables rule rejects (its relay
+    serves TCP only); kproxy's counts the TCP connections its relay resets on a localhost
+    NodePort for want of an endpoint the traffic policy allows (`protocol="TCP"`). UDP and SCTP
+    localhost NodePorts get the kernel's port unreachable and are not counted (docs)."""
+
+    def __init__(self, read: Callable[[], Mapping[int, Mapping[str, int]]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[Metric]:
+        counts = sorted(self.read().items())
+        listeners = GaugeMetricFamily(
+            "kubeproxy_nftables_localhost_nodeport_listeners",
+            "Number of localhost NodePort userspace proxy listeners",
+            labels=["ip_family"],
+        )
+        failures = CounterMetricFamily(
+            "kubeproxy_nftables_localhost_nodeport_listener_creation_failures",
+            "Number of localhost NodePort userspace proxy listener creation failures",
+            labels=["ip_family"],
+        )
+        rejected = CounterMetricFamily(
+            "kubeproxy_nftables_localhost_nodeport_rejected_packets",
+            "Number of connections to localhost NodePorts rejected (reset) for want of an "
+            "endpoint the NodePort's externalTrafficPolicy allows",
+            labels=["ip_family", "protocol"],
+        )
+        for family, values in counts:
+            label = IP_FAMILY.get(family, str(family))
+            listeners.add_metric([label], values.get("listeners", 0))
+            failures.add_metric([label], values.get("creation_failures", 0))
+            rejected.add_metric([label, "TCP"], values.get("rejected", 0))
+        yield listeners
+        yield failures
+        yield rejected
 
 
 class SourceCollector(Collector):

@@ -14,6 +14,7 @@ from kproxy.model.config_values import (
     MODE_SECTIONS,
     Parser,
     expect,
+    feature_gates_flag,
     one_of,
     or_list,
     parse_bit,
@@ -23,6 +24,7 @@ from kproxy.model.config_values import (
     parse_conntrack_count,
     parse_conntrack_timeout,
     parse_duration,
+    parse_feature_gates,
     parse_listen_address,
     parse_mode,
     parse_node_ip,
@@ -154,6 +156,14 @@ FIELDS: tuple[Field, ...] = (
         "CIDRs and/or `primary` (the Node's `InternalIP` addresses) that NodePorts answer on",
         "--nodeport-addresses", "CIDRs or 'primary', comma-separated.",
         keeps_default=is_empty, flag_value=comma_list,
+    ),
+    Field(
+        "featureGates", "feature_gates", parse_feature_gates, "none",
+        "nftables mode: `KubeProxyNFTablesLocalhostNodePorts: true` (alpha, off by default, "
+        "as upstream) answers TCP NodePorts on `127.0.0.1` and `::1` through the relay; other "
+        "gates are reported as ignored",
+        "--feature-gates", "Gates, e.g. KubeProxyNFTablesLocalhostNodePorts=true.",
+        keeps_default=is_empty, flag_value=feature_gates_flag,
     ),
     Field(
         "allowedExternalIPCIDRs", "allowed_external_ip_cidrs", parse_cidr_list, "any address",

@@ -202,3 +202,35 @@ def parse_port_range(value: Any, field: str) -> str:
     if not (1 <= low <= high <= 65535):
         raise ConfigError(f"{value!r} is not a range of ports 1-65535", field)
     return f"{low}-{high}"
+
+
+# The feature gates kproxy acts on, with their defaults (upstream's: alpha gates are off).
+FEATURE_GATES = {"KubeProxyNFTablesLocalhostNodePorts": False}
+
+
+def parse_feature_gates(value: Any, field: str) -> tuple[tuple[str, bool], ...]:
+    """`featureGates`: gate name -> true or false. The gates kproxy knows, sorted; any other name
+    is kept out (parse_config reports it as an ignored field: upstream knows every Kubernetes
+    gate, so a migrated config may name many kproxy has no use for). A value that is not a
+    boolean is refused, as upstream refuses it."""
+    if not isinstance(value, dict):
+        raise ConfigError("expected a mapping of gate names to true or false", field)
+    gates = []
+    for name, enabled in value.items():
+        flag = enabled if isinstance(enabled, bool) else parse_go_bool(str(enabled))
+        if flag is None:
+            raise ConfigError(f"{name}={enabled!r}: expected true or false", field)
+        if name in FEATURE_GATES:
+            gates.append((str(name), flag))
+    return tuple(sorted(gates))
+
+
+def feature_gates_flag(value: Any) -> dict[str, Any]:
+    """`--feature-gates=A=true,B=false` as the document's mapping (an item without `=` keeps
+    its text, which parse_feature_gates then refuses, naming it)."""
+    gates: dict[str, Any] = {}
+    for item in str(value).split(","):
+        name, sep, enabled = item.strip().partition("=")
+        if name:
+            gates[name.strip()] = enabled.strip() if sep else item.strip()
+    return gates

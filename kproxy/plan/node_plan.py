@@ -15,6 +15,7 @@ from kproxy.model.endpoint import Endpoint
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import NamespacedName, ServicePort, ServicePortName
 from kproxy.plan.conntrack import UdpServing
+from kproxy.plan.localhost_nodeports import LocalhostNodePort
 
 KernelPart = TypeVar("KernelPart")
 
@@ -50,6 +51,8 @@ class NodePlan(Generic[KernelPart]):
     health_checks: tuple[HealthCheckServer, ...] = ()
     udp_serving: Mapping[int, UdpServing] = field(default_factory=dict)  # per family
     stats: PlanStats = field(default_factory=PlanStats)
+    # The nftables mode's relay listeners on 127.0.0.1/::1 (plan/localhost_nodeports.py).
+    localhost_node_ports: tuple[LocalhostNodePort, ...] = ()
 
 
 class Planner(Protocol[KernelPart]):

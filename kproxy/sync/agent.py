@@ -19,6 +19,7 @@ import structlog
 from kproxy.dataplane.base import RelayStats
 from kproxy.dataplane.conntrack import ConntrackCleaner
 from kproxy.dataplane.host import tune_node, with_host_facts
+from kproxy.dataplane.localhost_nodeports import LocalhostNodePortStats
 from kproxy.errors import ConfigError
 from kproxy.health.healthz import ProxyHealth, serve_health
 from kproxy.health.http import HttpServer
@@ -142,6 +143,8 @@ def run_agent(
         health.dataplane_problems = dataplane.problems
         if isinstance(dataplane, RelayStats):
             metrics.watch_relay(dataplane.service_port_counters)
+        if isinstance(dataplane, LocalhostNodePortStats):
+            metrics.watch_localhost_node_ports(dataplane.localhost_node_port_counts)
         loop.run(stop)
         mode.on_stop(loop)
     log.info("agent_stopped", mode=mode.name)

@@ -107,7 +107,7 @@ MODES = {
         ProxyMode(
             name="nftables",
             planner=NftablesPlanner,
-            open_dataplane=lambda config, lock_timeout: open_nftables_mode(),
+            open_dataplane=lambda config, lock_timeout: open_nftables_mode(config),
             remove_leftovers=_remove_nftables_leftovers,
             rule_tables=(nft_naming.TABLE,),  # one per family, summed
             needs=NFTABLES_NEEDS,

@@ -147,7 +147,7 @@ def test_flag_errors_name_the_flag_by_the_error_field() -> None:
         ("conntrack.maxPerCor", "conntrack.maxPerCore"),
         ("metricsBindAdress", "metricsBindAddress"),
         ("iptable", "iptables"),
-        ("featureGates", None),
+        ("featureGate", "featureGates"),
         ("configSyncPeriod", None),
         ("showHiddenMetricsForVersion", None),
         ("clientConnection.qps", None),

@@ -15,8 +15,8 @@ from kproxy.dataplane.base import ModeDataplane, TableReport
 from kproxy.dataplane.iptables.node import IptablesNode
 from kproxy.dataplane.nftables.fake import FakeNfTables
 from kproxy.dataplane.nftables.node import NftablesNode, NftTableChanges
+from kproxy.dataplane.relay.relay import Relay
 from kproxy.dataplane.userspace.node import UserspaceNode
-from kproxy.dataplane.userspace.relay import Relay
 from kproxy.dataplane.xtables.diff import TableChanges
 from kproxy.dataplane.xtables.fake import FakeDataplane
 from kproxy.errors import DataplaneError

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from kproxy.dataplane.userspace.balancer import LoadBalancerRR, NoEndpointsError
-from kproxy.dataplane.userspace.ports import PortAllocator, PortsExhaustedError, parse_port_range
+from kproxy.dataplane.relay.balancer import LoadBalancerRR, NoEndpointsError
+from kproxy.dataplane.relay.ports import PortAllocator, PortsExhaustedError, parse_port_range
 from kproxy.errors import ConfigError
 
 A, B, C = ("10.0.0.1", 80), ("10.0.0.2", 80), ("10.0.0.3", 80)

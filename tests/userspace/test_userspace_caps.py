@@ -10,9 +10,9 @@ from contextlib import ExitStack
 from structlog.testing import capture_logs
 from userspace_support import LOOPBACK, TcpServer, UdpEcho, read_all, wait_until
 
-from kproxy.dataplane.userspace.caps import QUIET_SECONDS, CapLimits, ConnectionCaps, default_limits
-from kproxy.dataplane.userspace.relay import Relay
-from kproxy.dataplane.userspace.spec import ListenerSpec, ServicePortCounters
+from kproxy.dataplane.relay.caps import QUIET_SECONDS, CapLimits, ConnectionCaps, default_limits
+from kproxy.dataplane.relay.relay import Relay
+from kproxy.dataplane.relay.spec import ListenerSpec, ServicePortCounters
 from kproxy.health.metrics import ProxyMetrics
 from kproxy.model.service import Protocol
 

@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from structlog.testing import capture_logs
 from userspace_support import LOOPBACK, NoShuffle, TcpServer, UdpEcho, read_all, wait_until
 
-from kproxy.dataplane.userspace.relay import Relay
-from kproxy.dataplane.userspace.spec import ListenerSpec
+from kproxy.dataplane.relay.relay import Relay
+from kproxy.dataplane.relay.spec import ListenerSpec
 from kproxy.model.service import Protocol
 
 

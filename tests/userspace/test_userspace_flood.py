@@ -15,9 +15,9 @@ import pytest
 from structlog.testing import capture_logs
 from userspace_support import LOOPBACK, TcpServer, request, wait_until
 
-from kproxy.dataplane.userspace import relay as relay_module
-from kproxy.dataplane.userspace.relay import Relay
-from kproxy.dataplane.userspace.spec import ListenerSpec
+from kproxy.dataplane.relay import relay as relay_module
+from kproxy.dataplane.relay.relay import Relay
+from kproxy.dataplane.relay.spec import ListenerSpec
 from kproxy.model.service import Protocol
 
 FLOOD = 120

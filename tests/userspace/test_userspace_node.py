@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from userspace_support import LOOPBACK, TcpServer, wait_until
 
+from kproxy.dataplane.relay.relay import Relay
 from kproxy.dataplane.userspace.node import UserspaceNode
-from kproxy.dataplane.userspace.relay import Relay
 from kproxy.dataplane.xtables.fake import FakeDataplane
 from kproxy.health.healthz import ProxyHealth
 from kproxy.health.metrics import ProxyMetrics

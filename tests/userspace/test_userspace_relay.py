@@ -21,9 +21,9 @@ from userspace_support import (
     wait_until,
 )
 
-from kproxy.dataplane.userspace.pump import HAS_SPLICE
-from kproxy.dataplane.userspace.relay import Relay
-from kproxy.dataplane.userspace.spec import ListenerSpec
+from kproxy.dataplane.relay.pump import HAS_SPLICE
+from kproxy.dataplane.relay.relay import Relay
+from kproxy.dataplane.relay.spec import ListenerSpec
 from kproxy.model.service import Protocol
 
 TCP, UDP = Protocol.TCP, Protocol.UDP
@@ -307,7 +307,7 @@ def test_stop_ends_open_connections_and_forgets_removed_counters() -> None:
 
 
 def test_a_connection_without_a_pipe_falls_back_to_copying(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kproxy.dataplane.userspace import pump
+    from kproxy.dataplane.relay import pump
 
     def no_pipe() -> tuple[int, int]:
         raise OSError(24, "Too many open files")

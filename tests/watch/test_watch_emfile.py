@@ -22,8 +22,8 @@ from urllib3.exceptions import NewConnectionError
 import kproxy.sync.handover as handover_module
 import kproxy.watch.inotify as inotify_module
 from kproxy.dataplane.base import ApplyResult
+from kproxy.dataplane.relay.relay import Relay
 from kproxy.dataplane.userspace.node import UserspaceNode
-from kproxy.dataplane.userspace.relay import Relay
 from kproxy.dataplane.xtables.fake import FakeDataplane
 from kproxy.health.metrics import ProxyMetrics
 from kproxy.model.config import ProxyConfig

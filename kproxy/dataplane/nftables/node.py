@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from kproxy.dataplane.base import ApplyResult, NodeNeeds
+from kproxy.dataplane.base import ApplyResult, ModeDataplane, NodeNeeds
 from kproxy.dataplane.host import ipv6_supported, kernel_version
+from kproxy.dataplane.localhost_nodeports import WithLocalhostNodePorts, open_localhost_node_ports
 from kproxy.dataplane.nftables.delta import (
     NFT_MSG_DELTABLE,
     TableDelta,
@@ -43,6 +44,8 @@ from kproxy.dataplane.nftables.kernel import (
 from kproxy.dataplane.nftables.netlink import NftMonitor, NftNetlink, iter_attrs
 from kproxy.dataplane.nftables.staged import StageRefused, split_fresh, write_unhooked
 from kproxy.errors import DataplaneError
+from kproxy.model.config import ProxyConfig
+from kproxy.plan.localhost_nodeports import serves_localhost
 from kproxy.plan.nftables import naming
 from kproxy.plan.nftables.ir import NftTable, TableChanges
 from kproxy.plan.node_plan import NodePlan
@@ -293,7 +296,15 @@ def open_nftables_node(families: tuple[int, ...]) -> Iterator[NftablesNode]:
 
 
 @contextmanager
-def open_nftables_mode() -> Iterator[NftablesNode]:
-    """The mode on this node: both families when the namespace has IPv6."""
-    with open_nftables_node((4, 6) if ipv6_supported() else (4,)) as node:
-        yield node
+def open_nftables_mode(config: ProxyConfig | None = None) -> Iterator[ModeDataplane]:
+    """The mode on this node: both families when the namespace has IPv6; with the
+    KubeProxyNFTablesLocalhostNodePorts gate, composed with the relay's listeners on 127.0.0.1
+    and ::1 (none run without it, as upstream)."""
+    families = (4, 6) if ipv6_supported() else (4,)
+    with open_nftables_node(families) as node:
+        served = tuple(f for f in families if config and serves_localhost(config, f))
+        if not served:
+            yield node
+            return
+        with open_localhost_node_ports(served) as localhost:
+            yield WithLocalhostNodePorts(node, localhost)

@@ -16,9 +16,9 @@ import structlog
 
 from kproxy.dataplane.base import ApplyResult, Dataplane, NodeNeeds
 from kproxy.dataplane.host import SysctlWriter, apply_sysctls
+from kproxy.dataplane.relay.relay import Relay
+from kproxy.dataplane.relay.spec import ListenerSpec
 from kproxy.dataplane.userspace.holds import HeldPort, PortHolds
-from kproxy.dataplane.userspace.relay import Relay
-from kproxy.dataplane.userspace.spec import ListenerSpec
 from kproxy.dataplane.xtables.families import FamilyTables, open_dataplanes
 from kproxy.model.config import ProxyConfig
 from kproxy.plan.node_plan import NodePlan

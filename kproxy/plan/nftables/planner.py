@@ -12,6 +12,7 @@ from kproxy.model.node import NodeInfo
 from kproxy.model.service import ServicePort, ServicePortName
 from kproxy.plan.conntrack import serving_sources
 from kproxy.plan.iptables.planner import health_check_addresses
+from kproxy.plan.localhost_nodeports import plan_localhost_node_ports
 from kproxy.plan.nftables.ir import NftTable
 from kproxy.plan.nftables.kept import NftPlanCache
 from kproxy.plan.nftables.render import render_nft_table
@@ -54,6 +55,9 @@ class NftablesPlanner:
             health_checks=plan_health_checks(services, endpoints, node),
             udp_serving={f: serving_sources(services, endpoints, f) for f in families},
             stats=PlanStats(no_local[0], no_local[1], {"kube-proxy": rules}),
+            localhost_node_ports=plan_localhost_node_ports(
+                services, endpoints, node, self.config, families
+            ),
         )
 
 

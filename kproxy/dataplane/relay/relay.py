@@ -15,11 +15,11 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from kproxy.dataplane.userspace.balancer import LoadBalancerRR
-from kproxy.dataplane.userspace.caps import CapLimits, ConnectionCaps, default_limits
-from kproxy.dataplane.userspace.ports import PortAllocator
-from kproxy.dataplane.userspace.pump import HAS_SPLICE
-from kproxy.dataplane.userspace.spec import (
+from kproxy.dataplane.relay.balancer import LoadBalancerRR
+from kproxy.dataplane.relay.caps import CapLimits, ConnectionCaps, default_limits
+from kproxy.dataplane.relay.ports import PortAllocator
+from kproxy.dataplane.relay.pump import HAS_SPLICE
+from kproxy.dataplane.relay.spec import (
     DIAL_TIMEOUTS,
     UDP_IDLE_TIMEOUT,
     ListenerKey,
@@ -27,8 +27,8 @@ from kproxy.dataplane.userspace.spec import (
     ServicePortCounters,
     SyncResult,
 )
-from kproxy.dataplane.userspace.tcp import TcpListener, TcpOptions, family_of
-from kproxy.dataplane.userspace.udp import UdpListener
+from kproxy.dataplane.relay.tcp import TcpListener, TcpOptions, family_of
+from kproxy.dataplane.relay.udp import UdpListener
 from kproxy.errors import DataplaneError, KproxyError
 from kproxy.model.service import Protocol
 
@@ -60,6 +60,7 @@ class Relay:
         rng: random.Random | None = None,
         clock: Callable[[], float] | None = None,
         caps: CapLimits | None = None,
+        name: str = "userspace-relay",
     ) -> None:
         if udp_idle_timeout <= 0:
             raise KproxyError("udpIdleTimeout must be greater than zero")
@@ -76,6 +77,7 @@ class Relay:
         self._caps = ConnectionCaps(caps or CapLimits(1, 1))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._name = name  # of its thread
 
     # -- the agent's side (any thread) -------------------------------------------------------
 
@@ -86,9 +88,7 @@ class Relay:
         self._caps.limits = self._limits or default_limits()
         loop = asyncio.new_event_loop()
         self._loop = loop
-        self._thread = threading.Thread(
-            target=loop.run_forever, name="userspace-relay", daemon=True
-        )
+        self._thread = threading.Thread(target=loop.run_forever, name=self._name, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -150,7 +150,7 @@ class Relay:
         # A removed service port's counters stay while its connections run, then go.
         for key in [k for k, c in self._counters.items() if k not in wanted]:
             if self._counters[key].active_connections == 0:
-                del self._counters[key]
+                result.retired[key] = self._counters.pop(key).snapshot()
         return result
 
     def _ensure(self, key: ListenerKey, spec: ListenerSpec) -> int:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from kproxy.dataplane.userspace.spec import ServicePortCounters
+from kproxy.dataplane.relay.spec import ServicePortCounters
 
 log = structlog.get_logger("kproxy.dataplane")
 

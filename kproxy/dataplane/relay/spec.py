@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-from kproxy.dataplane.userspace.balancer import EndpointAddr
+from kproxy.dataplane.relay.balancer import EndpointAddr
 from kproxy.model.service import Protocol
 
 # Upstream's dial attempts: the growing timeout is the only backoff between them.
@@ -59,7 +59,10 @@ class ServicePortCounters:
 
 @dataclass
 class SyncResult:
-    """The bound port of each listener that runs, and why the others do not."""
+    """The bound port of each listener that runs, why the others do not, and the last counters
+    of service ports this sync forgot (removed, with no connection left): a caller summing
+    counters over service ports adds these to stay monotonic."""
 
     ports: dict[ListenerKey, int] = field(default_factory=dict)
     errors: dict[ListenerKey, str] = field(default_factory=dict)
+    retired: dict[ListenerKey, dict[str, int]] = field(default_factory=dict)

@@ -8,7 +8,7 @@ import socket
 
 import structlog
 
-from kproxy.dataplane.userspace.spec import ServicePortCounters
+from kproxy.dataplane.relay.spec import ServicePortCounters
 
 log = structlog.get_logger("kproxy.dataplane")
 

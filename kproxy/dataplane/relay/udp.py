@@ -7,10 +7,10 @@ import contextlib
 import socket
 import struct
 
-from kproxy.dataplane.userspace.balancer import LoadBalancerRR, NoEndpointsError
-from kproxy.dataplane.userspace.caps import ConnectionCaps
-from kproxy.dataplane.userspace.shortage import SHORTAGE
-from kproxy.dataplane.userspace.spec import ServicePortCounters
+from kproxy.dataplane.relay.balancer import LoadBalancerRR, NoEndpointsError
+from kproxy.dataplane.relay.caps import ConnectionCaps
+from kproxy.dataplane.relay.shortage import SHORTAGE
+from kproxy.dataplane.relay.spec import ServicePortCounters
 
 # Larger than any datagram (65507 bytes of IPv4 payload, 65527 of IPv6): nothing is truncated.
 DATAGRAM_MAX = 65536

@@ -11,11 +11,11 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kproxy.dataplane.userspace.balancer import EndpointAddr, LoadBalancerRR, NoEndpointsError
-from kproxy.dataplane.userspace.caps import ConnectionCaps
-from kproxy.dataplane.userspace.pump import Count, copy_pump, splice_pump
-from kproxy.dataplane.userspace.shortage import SHORTAGE
-from kproxy.dataplane.userspace.spec import ServicePortCounters
+from kproxy.dataplane.relay.balancer import EndpointAddr, LoadBalancerRR, NoEndpointsError
+from kproxy.dataplane.relay.caps import ConnectionCaps
+from kproxy.dataplane.relay.pump import Count, copy_pump, splice_pump
+from kproxy.dataplane.relay.shortage import SHORTAGE
+from kproxy.dataplane.relay.spec import ServicePortCounters
 
 ACCEPT_BATCH = 64
 ACCEPT_BACKOFF = 0.05
