@@ -16,7 +16,7 @@ from functools import lru_cache
 from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.service import ServicePort
-from kproxy.plan.iptables.local_traffic import LocalDetector
+from kproxy.plan.local_traffic import LocalDetector
 from kproxy.plan.nftables import naming as n
 from kproxy.plan.nftables.ir import (
     Chain,
@@ -195,12 +195,12 @@ def _firewall_chain(ctx: NftContext, port: PortView) -> Chain:
     ):
         # A VIP bound on the node makes node-originated traffic carry the VIP as its source.
         allowed.extend(port.lb_ips)
-    rules = [Rule((Match(Key.SADDR, _cidr(r)), Verdict("return"))) for r in allowed]
+    rules = [Rule((Match(Key.SADDR, nft_cidr(r)), Verdict("return"))) for r in allowed]
     rules.append(Rule((DROP,), "other traffic is dropped"))
     return Chain(n.firewall_chain(port.sp.name), tuple(rules))
 
 
-def _cidr(text: str) -> str:
+def nft_cidr(text: str) -> str:
     """A host CIDR as a bare address, as nft lists it."""
     net = ipaddress.ip_network(text, strict=False)
     return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)

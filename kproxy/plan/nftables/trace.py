@@ -21,7 +21,7 @@ from kproxy.plan.nftables import naming as n
 from kproxy.plan.nftables.ir import Dnat, NftTable
 from kproxy.plan.nftables.trace_walk import Flow, TableIndex, Walk, canonical, walk_all
 from kproxy.rules.explain import Branch, Explanation, Outcome
-from kproxy.rules.trace import Hook, Packet
+from kproxy.rules.trace import Hook, Packet, host_port
 
 _SERVICE_MAPS = (n.SERVICE_IPS, n.SERVICE_NODEPORTS, n.FIREWALL_IPS)
 _PORT_CHAIN_PREFIXES = ("service-", "local-", "external-", "firewall-")
@@ -87,10 +87,6 @@ def _entry(w: Walk) -> tuple[str | None, str | None]:
     return None, None
 
 
-def _host_port(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
 def _branch(share: float, w: Walk, flow: Flow) -> Branch:
     service, entry = _entry(w)
     if flow is Flow.REJECT:
@@ -108,7 +104,7 @@ def _branch(share: float, w: Walk, flow: Flow) -> Branch:
         share=share,
         outcome=outcome,
         hops=tuple(w.hops),
-        destination=_host_port(*w.dnat) if w.dnat else None,
+        destination=host_port(*w.dnat) if w.dnat else None,
         masqueraded=w.masqueraded,
         masquerade_reason=reason,
         service=service,

@@ -41,7 +41,7 @@ from kproxy.plan.nftables.trace_words import (
     verdict_text,
 )
 from kproxy.rules.explain import Hop
-from kproxy.rules.trace import Hook, Packet, TraceError
+from kproxy.rules.trace import Hook, Packet, TraceError, every_path
 
 _MAX_DEPTH = 64
 _MAX_PATHS = 10_000
@@ -323,34 +323,13 @@ def _run_path(w: Walk, hook: Hook) -> Flow:
     return Flow.ACCEPT
 
 
-def _scripted(prefix: tuple[bool, ...], taken: list[tuple[bool, float]]) -> Callable[[float], bool]:
-    """Answers `prefix`, then no; every answer (and its probability) goes to `taken`."""
-
-    def choose(probability: float) -> bool:
-        answer = prefix[len(taken)] if len(taken) < len(prefix) else False
-        taken.append((answer, probability))
-        return answer
-
-    return choose
-
-
 def walk_all(
     tables: TableIndex, packet: Packet, hook: Hook, local: frozenset[str]
 ) -> list[tuple[float, Walk, Flow]]:
-    """Every way the numgen branches can fall, each with its share (replaying a prefix of
-    answers and trying a yes at each later question)."""
-    out: list[tuple[float, Walk, Flow]] = []
-    pending: list[tuple[bool, ...]] = [()]
-    while pending:
-        if len(out) >= _MAX_PATHS:
-            raise TraceError(f"more than {_MAX_PATHS} paths through the table")
-        prefix, taken = pending.pop(), list[tuple[bool, float]]()
-        w = Walk(tables, packet, local, _scripted(prefix, taken))
-        flow = _run_path(w, hook)
-        share = 1.0
-        for answer, probability in taken:
-            share *= probability if answer else 1.0 - probability
-        out.append((share, w, flow))
-        answers = [answer for answer, _ in taken]
-        pending.extend((*answers[:i], True) for i in range(len(prefix), len(answers)))
-    return out
+    """Every way the numgen branches can fall, each with its share."""
+
+    def run(choose: Callable[[float], bool]) -> tuple[Walk, Flow]:
+        w = Walk(tables, packet, local, choose)
+        return w, _run_path(w, hook)
+
+    return [(share, w, flow) for share, (w, flow) in every_path(run, _MAX_PATHS, "the table")]
