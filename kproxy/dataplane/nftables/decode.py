@@ -1,8 +1,8 @@
 """The kernel's dump of kproxy's table back into the IR (for `kproxy trace` and `dump --diff`):
-the inverse of encode.py for the statements kproxy writes. A rule is taken only when encoding
-the decoded statements gives back exactly the kernel's bytes; anything else (another program's
-rule in kproxy's table, a statement kproxy never writes) is reported as unreadable rather than
-guessed."""
+the inverse of encode.py (and statements.py) for the statements kproxy writes. A rule is taken
+only when encoding the decoded statements gives back exactly the kernel's bytes; anything else
+(another program's rule in kproxy's table, a statement kproxy never writes) is reported as
+unreadable rather than guessed."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from kproxy.dataplane.nftables import encode as e
+from kproxy.dataplane.nftables.expressions import PROTOCOLS, REG_VERDICT, VERDICTS
 from kproxy.dataplane.nftables.netlink import iter_attrs
 from kproxy.plan.nftables.ir import (
     Chain,
@@ -37,9 +38,9 @@ from kproxy.plan.nftables.ir import (
     Vmap,
 )
 
-_PROTOCOL_NAMES = {6: "tcp", 17: "udp", 132: "sctp"}
-_HOOK_NAMES = {0: "prerouting", 1: "input", 2: "forward", 3: "output", 4: "postrouting"}
-_VERDICT_NAMES = {0: "drop", 1: "accept", -3: "jump", -4: "goto", -5: "return"}
+_PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
+_HOOK_NAMES = {number: name for name, number in e.HOOKS.items()}
+_VERDICT_NAMES = {number: name for name, number in VERDICTS.items()}
 _DATATYPE_NAMES = {number: name for name, (number, _size) in e.DATATYPES.items()}
 
 
@@ -176,7 +177,7 @@ def _one(xs: list[Expr], family: int) -> tuple[Statement, int]:
     """The statement at the start of `xs`, and how many expressions it took."""
     x = xs[0]
     names = [y.name for y in xs[:3]]
-    if x.name == "immediate" and x.u32(1) == e.REG_VERDICT:
+    if x.name == "immediate" and x.u32(1) == REG_VERDICT:
         inner = dict(iter_attrs(x.attrs.get(2, b""))).get(2, b"")
         return decode_verdict(inner), 1
     if x.name == "immediate" and names[1:3] == ["immediate", "nat"]:
