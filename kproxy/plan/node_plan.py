@@ -8,6 +8,7 @@ rest to a mode's kernel part.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
@@ -20,6 +21,7 @@ from kproxy.plan.conntrack import UdpServing, serving_sources
 from kproxy.plan.node_ports import health_check_addresses
 
 KernelPart = TypeVar("KernelPart")
+FamilyPart = TypeVar("FamilyPart")
 # What a planner reads: state's maps, read-only.
 ServicePortMap = Mapping[ServicePortName, ServicePort]
 EndpointsMap = Mapping[ServicePortName, tuple[Endpoint, ...]]
@@ -77,6 +79,29 @@ class PlanInput:
     node: NodeInfo
     families: Families
     config: ProxyConfig
+
+
+class FamilyPlanner(ABC, Generic[KernelPart, FamilyPart]):
+    """A Planner that plans each family on its own, then assembles the node plan from the
+    families' parts (with assemble_node_plan): what every mode's planner does."""
+
+    config: ProxyConfig
+
+    def plan(
+        self, services: ServicePortMap, endpoints: EndpointsMap, node: NodeInfo, families: Families
+    ) -> NodePlan[KernelPart]:
+        given = PlanInput(services, endpoints, node, families, self.config)
+        return self.assemble(
+            given, {family: self.plan_family(given, family) for family in families}
+        )
+
+    @abstractmethod
+    def plan_family(self, given: PlanInput, family: int) -> FamilyPart: ...
+
+    @abstractmethod
+    def assemble(
+        self, given: PlanInput, planned: Mapping[int, FamilyPart]
+    ) -> NodePlan[KernelPart]: ...
 
 
 class NoLocalCounts(Protocol):

@@ -12,24 +12,7 @@ from typing import Any
 
 from kproxy.dataplane.nftables import expressions as x
 from kproxy.dataplane.nftables.templates import name_bytes
-from kproxy.plan.nftables.ir import (
-    CtStateNew,
-    Dnat,
-    FibLocal,
-    Key,
-    Lookup,
-    MarkClear,
-    MarkSet,
-    Masquerade,
-    Match,
-    NumgenZero,
-    PortMatch,
-    Reject,
-    Statement,
-    Update,
-    Verdict,
-    Vmap,
-)
+from kproxy.plan.nftables import ir
 
 _ICMP_PORT_UNREACH = {4: 3, 6: 4}
 # pyroute2 declares NFTA_FIB_RESULT as flags; the kernel's value is an enum, and its "address
@@ -37,26 +20,26 @@ _ICMP_PORT_UNREACH = {4: 3, 6: 4}
 _FIB_RESULT_ADDRTYPE = {"NFT_FIB_RESULT_UNSPEC", "NFT_FIB_RESULT_OIF"}
 
 
-def _field(key: Key, family: int) -> tuple[int, int]:
+def _field(key: ir.Key, family: int) -> tuple[int, int]:
     """(network header offset, length) of an address field."""
     if family == 4:
-        return (12 if key is Key.SADDR else 16), 4
-    return (8 if key is Key.SADDR else 24), 16
+        return (12 if key is ir.Key.SADDR else 16), 4
+    return (8 if key is ir.Key.SADDR else 24), 16
 
 
-def _load(key: Key, family: int, dreg: int) -> tuple[bytes, int]:
+def _load(key: ir.Key, family: int, dreg: int) -> tuple[bytes, int]:
     """The expression loading `key` into `dreg`, and the field's length."""
-    if key in (Key.SADDR, Key.DADDR):
+    if key in (ir.Key.SADDR, ir.Key.DADDR):
         offset, length = _field(key, family)
         return x.payload(dreg, 1, offset, length), length
-    if key is Key.L4PROTO:
+    if key is ir.Key.L4PROTO:
         return x.meta_load(16, dreg), 1
-    if key is Key.DPORT:
+    if key is ir.Key.DPORT:
         return x.payload(dreg, 2, 2, 2), 2
     return x.meta_load(6, dreg), 16  # IIFNAME
 
 
-def _load_keys(keys: tuple[Key, ...], family: int) -> bytes:
+def _load_keys(keys: tuple[ir.Key, ...], family: int) -> bytes:
     """Load a concatenation into consecutive 32-bit registers, each field rounded up to 4
     bytes. A register on a 16-byte boundary goes by its 16-byte name, as the kernel dumps it."""
     out = []
@@ -70,7 +53,7 @@ def _load_keys(keys: tuple[Key, ...], family: int) -> bytes:
     return b"".join(out)
 
 
-def _address_match(key: Key, value: str, family: int, op: int) -> bytes:
+def _address_match(key: ir.Key, value: str, family: int, op: int) -> bytes:
     offset, length = _field(key, family)
     if "/" not in value:  # one address: the common case, without ipaddress's parsing
         packed = socket.inet_pton(socket.AF_INET if family == 4 else socket.AF_INET6, value)
@@ -79,7 +62,7 @@ def _address_match(key: Key, value: str, family: int, op: int) -> bytes:
 
 
 @lru_cache(maxsize=4096)
-def _cidr_match(key: Key, value: str, family: int, op: int) -> bytes:
+def _cidr_match(key: ir.Key, value: str, family: int, op: int) -> bytes:
     offset, length = _field(key, family)
     net = ipaddress.ip_network(value, strict=False)
     packed = net.network_address.packed
@@ -101,18 +84,18 @@ def _iifname(value: str) -> bytes:
     return value.encode().ljust(16, b"\0")[:16]
 
 
-def _match(stmt: Match, family: int) -> bytes:
+def _match(stmt: ir.Match, family: int) -> bytes:
     op = 1 if stmt.negate else 0
-    if stmt.key in (Key.SADDR, Key.DADDR):
+    if stmt.key in (ir.Key.SADDR, ir.Key.DADDR):
         return _address_match(stmt.key, stmt.value, family, op)
-    if stmt.key is Key.L4PROTO:
+    if stmt.key is ir.Key.L4PROTO:
         return x.meta_load(16, x.REG_1) + x.cmp(op, bytes([x.PROTOCOLS[stmt.value]]))
-    if stmt.key is Key.DPORT:
+    if stmt.key is ir.Key.DPORT:
         return x.payload(x.REG_1, 2, 2, 2) + x.cmp(op, struct.pack(">H", int(stmt.value)))
     return x.meta_load(6, x.REG_1) + x.cmp(op, _iifname(stmt.value))
 
 
-def _port_match(stmt: PortMatch, family: int) -> bytes:
+def _port_match(stmt: ir.PortMatch, family: int) -> bytes:
     return (
         x.meta_load(16, x.REG_1)
         + x.cmp(0, bytes([x.PROTOCOLS[stmt.proto]]))
@@ -121,28 +104,28 @@ def _port_match(stmt: PortMatch, family: int) -> bytes:
     )
 
 
-def _ct_state_new(stmt: CtStateNew, family: int) -> bytes:
+def _ct_state_new(stmt: ir.CtStateNew, family: int) -> bytes:
     ct = x.expression("ct", [("NFTA_CT_DREG", x.REG_1), ("NFTA_CT_KEY", 0)])  # state
     return ct + x.bitwise(x.host32(8), bytes(4)) + x.cmp(1, bytes(4))
 
 
-def _fib_local(stmt: FibLocal, family: int) -> bytes:
+def _fib_local(stmt: ir.FibLocal, family: int) -> bytes:
     fib = x.expression(
         "fib",
         [
             ("NFTA_FIB_DREG", x.REG_1),
             ("NFTA_FIB_RESULT", _FIB_RESULT_ADDRTYPE),
-            ("NFTA_FIB_FLAGS", 1 if stmt.key is Key.SADDR else 2),
+            ("NFTA_FIB_FLAGS", 1 if stmt.key is ir.Key.SADDR else 2),
         ],
     )
     return fib + x.cmp(0, x.host32(2))  # RTN_LOCAL
 
 
-def _mark_clear(stmt: MarkClear, family: int) -> bytes:
+def _mark_clear(stmt: ir.MarkClear, family: int) -> bytes:
     return x.meta_load(3, x.REG_1) + x.bitwise(x.host32(stmt.mask), bytes(4)) + x.cmp(0, bytes(4))
 
 
-def _numgen_zero(stmt: NumgenZero, family: int) -> bytes:
+def _numgen_zero(stmt: ir.NumgenZero, family: int) -> bytes:
     numgen = x.expression(
         "numgen",
         [
@@ -155,21 +138,21 @@ def _numgen_zero(stmt: NumgenZero, family: int) -> bytes:
     return numgen + x.cmp(0, bytes(4))
 
 
-def _set_lookup(stmt: Lookup, family: int) -> bytes:
+def _set_lookup(stmt: ir.Lookup, family: int) -> bytes:
     return _load_keys(stmt.keys, family) + x.lookup(stmt.set_name, verdict=False)
 
 
-def _map_lookup(stmt: Vmap, family: int) -> bytes:
+def _map_lookup(stmt: ir.Vmap, family: int) -> bytes:
     return _load_keys(stmt.keys, family) + x.lookup(stmt.map_name, verdict=True)
 
 
-def _reject(stmt: Reject, family: int) -> bytes:
+def _reject(stmt: ir.Reject, family: int) -> bytes:
     return x.expression(
         "reject", [("NFTA_REJECT_TYPE", 0), ("NFTA_REJECT_ICMP_CODE", _ICMP_PORT_UNREACH[family])]
     )
 
 
-def _dnat(stmt: Dnat, family: int) -> bytes:
+def _dnat(stmt: ir.Dnat, family: int) -> bytes:
     address = socket.inet_pton(socket.AF_INET if family == 4 else socket.AF_INET6, stmt.ip)
     return (
         x.immediate(x.REG_1, address)
@@ -178,11 +161,11 @@ def _dnat(stmt: Dnat, family: int) -> bytes:
     )
 
 
-def _masquerade(stmt: Masquerade, family: int) -> bytes:
+def _masquerade(stmt: ir.Masquerade, family: int) -> bytes:
     return x.expression("masq", [("NFTA_MASQ_FLAGS", {"NF_NAT_RANGE_PROTO_RANDOM_FULLY"})])
 
 
-def _mark_set(stmt: MarkSet, family: int) -> bytes:
+def _mark_set(stmt: ir.MarkSet, family: int) -> bytes:
     mask, xor = (~stmt.value, stmt.value) if stmt.op == "|" else (0xFFFFFFFF, stmt.value)
     return (
         x.meta_load(3, x.REG_1)
@@ -191,44 +174,44 @@ def _mark_set(stmt: MarkSet, family: int) -> bytes:
     )
 
 
-def _update(stmt: Update, family: int) -> bytes:
+def _update(stmt: ir.Update, family: int) -> bytes:
     load, _length = _load(stmt.key, family, x.REG_1)
     name = name_bytes(stmt.set_name)
     return load + x.dynset_template(len(name)).around(name)
 
 
-def _verdict(stmt: Verdict, family: int) -> bytes:
+def _verdict(stmt: ir.Verdict, family: int) -> bytes:
     return x.encode_verdict(stmt)
 
 
 # Statements that carry an address, a port or a chain name are filled in per rule; the others
 # are the same in many rules, and encoded once.
 _PER_RULE: dict[type, Callable[[Any, int], bytes]] = {
-    Match: _match,
-    Verdict: _verdict,
-    Dnat: _dnat,
-    Update: _update,
+    ir.Match: _match,
+    ir.Verdict: _verdict,
+    ir.Dnat: _dnat,
+    ir.Update: _update,
 }
 _SHARED: dict[type, Callable[[Any, int], bytes]] = {
-    PortMatch: _port_match,
-    CtStateNew: _ct_state_new,
-    FibLocal: _fib_local,
-    MarkClear: _mark_clear,
-    NumgenZero: _numgen_zero,
-    Lookup: _set_lookup,
-    Vmap: _map_lookup,
-    Reject: _reject,
-    Masquerade: _masquerade,
-    MarkSet: _mark_set,
+    ir.PortMatch: _port_match,
+    ir.CtStateNew: _ct_state_new,
+    ir.FibLocal: _fib_local,
+    ir.MarkClear: _mark_clear,
+    ir.NumgenZero: _numgen_zero,
+    ir.Lookup: _set_lookup,
+    ir.Vmap: _map_lookup,
+    ir.Reject: _reject,
+    ir.Masquerade: _masquerade,
+    ir.MarkSet: _mark_set,
 }
 
 
 @lru_cache(maxsize=4096)
-def _shared_statement(stmt: Statement, family: int) -> bytes:
+def _shared_statement(stmt: ir.Statement, family: int) -> bytes:
     return _SHARED[type(stmt)](stmt, family)
 
 
-def encode_statement(stmt: Statement, family: int) -> bytes:
+def encode_statement(stmt: ir.Statement, family: int) -> bytes:
     """One statement as the expressions that do it."""
     per_rule = _PER_RULE.get(type(stmt))
     if per_rule is not None:

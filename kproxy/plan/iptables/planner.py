@@ -16,14 +16,7 @@ from kproxy.plan.iptables.ruleset import (
     plan_ruleset,
     with_canaries,
 )
-from kproxy.plan.node_plan import (
-    EndpointsMap,
-    Families,
-    NodePlan,
-    PlanInput,
-    ServicePortMap,
-    assemble_node_plan,
-)
+from kproxy.plan.node_plan import FamilyPlanner, NodePlan, PlanInput, assemble_node_plan
 from kproxy.plan.xtables import count_rules
 from kproxy.rules.ir import Ruleset
 from kproxy.rules.render import render_ruleset
@@ -35,24 +28,20 @@ IptablesPlan = NodePlan[Mapping[int, Ruleset]]
 
 
 @dataclass
-class IptablesPlanner:
+class IptablesPlanner(FamilyPlanner[Mapping[int, Ruleset], RulesetPlan]):
     config: ProxyConfig
     _caches: dict[int, PlanCache] = field(default_factory=dict)
 
-    def plan(
-        self, services: ServicePortMap, endpoints: EndpointsMap, node: NodeInfo, families: Families
-    ) -> IptablesPlan:
-        given = PlanInput(services, endpoints, node, families, self.config)
-        planned = {family: self._plan_family(given, family) for family in families}
-        rulesets = {family: with_canaries(p.ruleset) for family, p in planned.items()}
-        return assemble_node_plan(
-            MODE, rulesets, given, planned.values(), count_rules(rulesets), self._sysctls(node)
-        )
-
-    def _plan_family(self, given: PlanInput, family: int) -> RulesetPlan:
+    def plan_family(self, given: PlanInput, family: int) -> RulesetPlan:
         cache = self._caches.setdefault(family, PlanCache())
         g = given
         return plan_ruleset(g.services, g.endpoints, g.node, g.config, family, cache)
+
+    def assemble(self, given: PlanInput, planned: Mapping[int, RulesetPlan]) -> IptablesPlan:
+        rulesets = {family: with_canaries(p.ruleset) for family, p in planned.items()}
+        sysctls = self._sysctls(given.node)
+        rules = count_rules(rulesets)
+        return assemble_node_plan(MODE, rulesets, given, planned.values(), rules, sysctls)
 
     def _sysctls(self, node: NodeInfo) -> tuple[tuple[str, str], ...]:
         """IPv4 NodePorts on 127.0.0.1 need route_localnet (kproxy sets it, never unsets it)."""

@@ -7,20 +7,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from kproxy.model.config import ProxyConfig
-from kproxy.model.node import NodeInfo
 from kproxy.plan.nftables import naming
 from kproxy.plan.nftables.ir import NftTable
 from kproxy.plan.nftables.kept import NftPlanCache, TablePlan
 from kproxy.plan.nftables.render import render_nft_table
 from kproxy.plan.nftables.table import plan_nft_table
-from kproxy.plan.node_plan import (
-    EndpointsMap,
-    Families,
-    NodePlan,
-    PlanInput,
-    ServicePortMap,
-    assemble_node_plan,
-)
+from kproxy.plan.node_plan import FamilyPlanner, NodePlan, PlanInput, assemble_node_plan
 
 MODE = "nftables"
 
@@ -29,23 +21,19 @@ NftablesPlan = NodePlan[NftablesKernel]
 
 
 @dataclass
-class NftablesPlanner:
+class NftablesPlanner(FamilyPlanner[NftablesKernel, TablePlan]):
     config: ProxyConfig
     _caches: dict[int, NftPlanCache] = field(default_factory=dict)
 
-    def plan(
-        self, services: ServicePortMap, endpoints: EndpointsMap, node: NodeInfo, families: Families
-    ) -> NftablesPlan:
-        given = PlanInput(services, endpoints, node, families, self.config)
-        planned = {family: self._plan_family(given, family) for family in families}
-        tables = {family: p.table for family, p in planned.items()}
-        rules = {naming.TABLE: sum(p.rules for p in planned.values())}
-        return assemble_node_plan(MODE, tables, given, planned.values(), rules)
-
-    def _plan_family(self, given: PlanInput, family: int) -> TablePlan:
+    def plan_family(self, given: PlanInput, family: int) -> TablePlan:
         cache = self._caches.setdefault(family, NftPlanCache())
         g = given
         return plan_nft_table(g.services, g.endpoints, g.node, g.config, family, cache)
+
+    def assemble(self, given: PlanInput, planned: Mapping[int, TablePlan]) -> NftablesPlan:
+        tables = {family: p.table for family, p in planned.items()}
+        rules = {naming.TABLE: sum(p.rules for p in planned.values())}
+        return assemble_node_plan(MODE, tables, given, planned.values(), rules)
 
 
 def render_nftables_plan(plan: NftablesPlan, family: int) -> str:

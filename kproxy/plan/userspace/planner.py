@@ -12,14 +12,7 @@ from kproxy.model.config import ProxyConfig
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import Protocol, ServicePortName
 from kproxy.plan.addresses import of_family
-from kproxy.plan.node_plan import (
-    EndpointsMap,
-    Families,
-    NodePlan,
-    PlanInput,
-    ServicePortMap,
-    assemble_node_plan,
-)
+from kproxy.plan.node_plan import FamilyPlanner, NodePlan, PlanInput, assemble_node_plan
 from kproxy.plan.port_policy import PortPolicy, PortView, decide_port_policy, view_port
 from kproxy.plan.userspace.portals import (
     WILDCARD,
@@ -154,30 +147,14 @@ class _FamilyListeners:
 
 
 @dataclass
-class UserspacePlanner:
+class UserspacePlanner(FamilyPlanner[UserspaceKernel, _FamilyListeners]):
     config: ProxyConfig
 
     def __post_init__(self) -> None:
         if self.config.bind_address in ("127.0.0.1", "::1"):
             raise ConfigError("cannot proxy on localhost: set another address", "bindAddress")
 
-    def plan(
-        self, services: ServicePortMap, endpoints: EndpointsMap, node: NodeInfo, families: Families
-    ) -> UserspacePlan:
-        given = PlanInput(services, endpoints, node, families, self.config)
-        skipped = tuple(
-            SkippedPort(spn, SCTP_REASON)
-            for spn in sorted(services, key=str)
-            if spn.protocol is Protocol.SCTP
-        )
-        planned = {family: self._listeners(given, family) for family in families}
-        parts = {f: UserspaceFamily(f, p.listeners, node, self.config) for f, p in planned.items()}
-        serving = {f: portal_serving(p.listeners, node, self.config, f) for f, p in parts.items()}
-        kernel = UserspaceKernel(parts, skipped)
-        rules = _rule_counts(parts)
-        return assemble_node_plan(MODE, kernel, given, planned.values(), rules, udp_serving=serving)
-
-    def _listeners(self, given: PlanInput, family: int) -> _FamilyListeners:
+    def plan_family(self, given: PlanInput, family: int) -> _FamilyListeners:
         address = bind_address(self.config, family)
         if address is None:
             return _FamilyListeners(())
@@ -194,6 +171,19 @@ class UserspacePlanner:
             no_local[1] += policy.no_local_external and port.externally_accessible
             listeners.extend(plan_listeners(port, policy, address, node))
         return _FamilyListeners(tuple(listeners), *no_local)
+
+    def assemble(self, given: PlanInput, planned: Mapping[int, _FamilyListeners]) -> UserspacePlan:
+        node, config = given.node, self.config
+        skipped = tuple(
+            SkippedPort(spn, SCTP_REASON)
+            for spn in sorted(given.services, key=str)
+            if spn.protocol is Protocol.SCTP
+        )
+        parts = {f: UserspaceFamily(f, p.listeners, node, config) for f, p in planned.items()}
+        serving = {f: portal_serving(p.listeners, node, config, f) for f, p in parts.items()}
+        kernel = UserspaceKernel(parts, skipped)
+        rules = _rule_counts(parts)
+        return assemble_node_plan(MODE, kernel, given, planned.values(), rules, udp_serving=serving)
 
 
 def _rule_counts(parts: Mapping[int, UserspaceFamily]) -> dict[str, int]:
