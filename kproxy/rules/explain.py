@@ -168,18 +168,15 @@ def explain_packet(
         policies=tables.policies,
         lenient=True,
     )
-    branches = tuple(_branch(tables, hook, share, result) for share, result in outcomes)
-    branches = tuple(sorted(branches, key=lambda b: (-b.share, b.destination or "")))
-    return Explanation(
-        packet=packet,
-        hook=hook,
-        origin=origin,
-        family=tables.ruleset.family,
-        source=tables.source,
-        branches=branches,
-        affinity_seconds=_affinity(tables, outcomes),
-        unreadable=tables.unreadable,
-    )
+    branches = by_share(_branch(tables, hook, share, result) for share, result in outcomes)
+    family, source = tables.ruleset.family, tables.source
+    affinity = _affinity(tables, outcomes)
+    return Explanation(packet, hook, origin, family, source, branches, affinity, tables.unreadable)
+
+
+def by_share(branches: Iterable[Branch]) -> tuple[Branch, ...]:
+    """Branches in the order an explanation lists them: most traffic first."""
+    return tuple(sorted(branches, key=lambda b: (-b.share, b.destination or "")))
 
 
 def _chain_rules(table: Table, chain: str) -> tuple[Rule, ...]:
