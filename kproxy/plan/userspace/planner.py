@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from kproxy.errors import ConfigError
+from kproxy.model.addresses import ip_family
 from kproxy.model.config import ProxyConfig
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import Protocol, ServicePortName
@@ -111,7 +112,7 @@ def bind_address(config: ProxyConfig, family: int) -> str | None:
     this family; None when bindAddress is of the other family (upstream proxied one family)."""
     if is_wildcard(config.bind_address):
         return WILDCARD[family]
-    return config.bind_address if (":" in config.bind_address) == (family == 6) else None
+    return config.bind_address if ip_family(config.bind_address) == family else None
 
 
 def portal_serving(

@@ -12,6 +12,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from kproxy.model.addresses import ip_family
 from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.node import NodeInfo
@@ -88,11 +89,11 @@ def host_ip(node: NodeInfo, config: ProxyConfig, family: int) -> str | None:
     of the family (upstream: the default route's interface) when this node holds it, else its
     first local address that is neither loopback nor link-local. None when there is none."""
     if not is_wildcard(config.bind_address):
-        return config.bind_address if _family(config.bind_address) == family else None
+        return config.bind_address if ip_family(config.bind_address) == family else None
     local = set(node.local_addresses)
     primary = [a for a in node.primary_ips if not local or a in local]
     for address in (*primary, *node.local_addresses):
-        if _family(address) == family and _routable(address):
+        if ip_family(address) == family and _routable(address):
             return address
     return None
 
@@ -105,10 +106,6 @@ def _routable(address: str) -> bool:
     except ValueError:
         return False
     return not (ip.is_loopback or ip.is_link_local or ip.is_unspecified)
-
-
-def _family(address: str) -> int:
-    return 6 if ":" in address else 4
 
 
 def _portal(
