@@ -80,49 +80,34 @@ def _jump_if_new(chain: str) -> Rule:
     return Rule((CtStateNew(), Verdict("jump", chain)))
 
 
+def _filter_chain(name: str, hook: str, *checks: str, priority: int = DSTNAT - 10) -> Chain:
+    """A filter base chain sending NEW connections through `checks`; by default just before
+    DNAT, where it still sees the service address."""
+    return Chain(name, tuple(_jump_if_new(c) for c in checks), Hook("filter", hook, priority))
+
+
+def _nat_chain(name: str, hook: str, priority: int, target: str) -> Chain:
+    return Chain(name, (Rule((Verdict("jump", target),)),), Hook("nat", hook, priority))
+
+
 def _base_chains() -> tuple[Chain, ...]:
-    """Filter chains just before DNAT (they see the service address), NAT chains at the usual
-    priorities, and a post-DNAT check of the node's own traffic."""
-    before_dnat = DSTNAT - 10
+    """Filter chains just before DNAT, NAT chains at the usual priorities, and a post-DNAT
+    check of the node's own traffic."""
     return (
-        Chain(
-            n.FILTER_PREROUTING,
-            (_jump_if_new(n.FIREWALL_CHECK),),
-            Hook("filter", "prerouting", before_dnat),
+        _filter_chain(n.FILTER_PREROUTING, "prerouting", n.FIREWALL_CHECK),
+        _filter_chain(
+            n.FILTER_INPUT, "input", n.NODEPORT_ENDPOINTS_CHECK, n.SERVICE_ENDPOINTS_CHECK
         ),
-        Chain(
-            n.FILTER_INPUT,
-            (_jump_if_new(n.NODEPORT_ENDPOINTS_CHECK), _jump_if_new(n.SERVICE_ENDPOINTS_CHECK)),
-            Hook("filter", "input", before_dnat),
-        ),
-        Chain(
-            n.FILTER_FORWARD,
-            (_jump_if_new(n.SERVICE_ENDPOINTS_CHECK), _jump_if_new(n.CLUSTER_IPS_CHECK)),
-            Hook("filter", "forward", before_dnat),
-        ),
-        Chain(
-            n.FILTER_OUTPUT,
-            (_jump_if_new(n.SERVICE_ENDPOINTS_CHECK), _jump_if_new(n.FIREWALL_CHECK)),
-            Hook("filter", "output", before_dnat),
-        ),
+        _filter_chain(n.FILTER_FORWARD, "forward", n.SERVICE_ENDPOINTS_CHECK, n.CLUSTER_IPS_CHECK),
+        _filter_chain(n.FILTER_OUTPUT, "output", n.SERVICE_ENDPOINTS_CHECK, n.FIREWALL_CHECK),
         # The node's own traffic is DNATed in this same hook: only after that does an address
         # still being a ClusterIP mean a port no service has.
-        Chain(
-            n.FILTER_OUTPUT_POST_DNAT,
-            (_jump_if_new(n.CLUSTER_IPS_CHECK),),
-            Hook("filter", "output", DSTNAT + 10),
+        _filter_chain(
+            n.FILTER_OUTPUT_POST_DNAT, "output", n.CLUSTER_IPS_CHECK, priority=DSTNAT + 10
         ),
-        Chain(
-            n.NAT_PREROUTING,
-            (Rule((Verdict("jump", n.SERVICES),)),),
-            Hook("nat", "prerouting", DSTNAT),
-        ),
-        Chain(n.NAT_OUTPUT, (Rule((Verdict("jump", n.SERVICES),)),), Hook("nat", "output", DSTNAT)),
-        Chain(
-            n.NAT_POSTROUTING,
-            (Rule((Verdict("jump", n.MASQUERADING),)),),
-            Hook("nat", "postrouting", SRCNAT),
-        ),
+        _nat_chain(n.NAT_PREROUTING, "prerouting", DSTNAT, n.SERVICES),
+        _nat_chain(n.NAT_OUTPUT, "output", DSTNAT, n.SERVICES),
+        _nat_chain(n.NAT_POSTROUTING, "postrouting", SRCNAT, n.MASQUERADING),
     )
 
 
