@@ -12,7 +12,7 @@ from test_properties import CNI, clusters
 from kproxy.dataplane.xtables.fake import FakeDataplane
 from kproxy.model.convert import build_endpoint_slice, build_service_ports
 from kproxy.model.service import NamespacedName
-from kproxy.plan.iptables.ruleset import PlanCache, build_ruleset
+from kproxy.plan.iptables.ruleset import PlanCache, plan_ruleset
 from kproxy.state.cluster import ClusterState
 from kproxy.state.ingest import object_key
 
@@ -43,9 +43,9 @@ def test_cached_plans_of_a_mutated_state_equal_fresh_plans(
         move_to(state, step)
         fresh = step.state()
         assert state.endpoints_map() == fresh.endpoints_map()
-        cached = build_ruleset(
+        cached = plan_ruleset(
             state.services_map(), state.endpoints_map(), step.node, step.config, family, cache
-        )
+        ).ruleset
         assert cached == step.ruleset(family)
 
 

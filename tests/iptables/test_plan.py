@@ -1,4 +1,4 @@
-"""build_ruleset, table-driven: which chains and rules a cluster state yields."""
+"""plan_ruleset, table-driven: which chains and rules a cluster state yields."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from scenarios import Scenario, endpoint, endpoint_slice, service, service_port,
 from kproxy.model.config import ProxyConfig
 from kproxy.model.node import NodeInfo
 from kproxy.plan.iptables import naming
-from kproxy.plan.iptables.ruleset import LARGE_CLUSTER_ENDPOINTS, build_ruleset
+from kproxy.plan.iptables.ruleset import LARGE_CLUSTER_ENDPOINTS, plan_ruleset
 from kproxy.rules.ir import Chain, Rule, Ruleset, Table
 from kproxy.rules.render import render_rule
 
@@ -253,12 +253,13 @@ def test_services_are_ordered_whatever_the_input_order() -> None:
     scenario.services.append(service("aaa", "172.30.0.51", [service_port(80)], namespace="ns2"))
     state = scenario.state()
     services, endpoints = state.services_map(), state.endpoints_map()
-    expected = build_ruleset(services, endpoints, NodeInfo("node-a"), scenario.config)
+    expected = plan_ruleset(services, endpoints, NodeInfo("node-a"), scenario.config).ruleset
     items = list(services.items())
     for seed in range(5):
         random.Random(seed).shuffle(items)
         assert (
-            build_ruleset(dict(items), endpoints, NodeInfo("node-a"), scenario.config) == expected
+            plan_ruleset(dict(items), endpoints, NodeInfo("node-a"), scenario.config).ruleset
+            == expected
         )
     comments = [r.comment for r in _nat(expected).chain("KUBE-SERVICES").rules]  # type: ignore[union-attr]
     assert comments[:3] == [f"ns2/multi:{p} cluster IP" for p in ("dns", "http", "stream")]

@@ -18,7 +18,7 @@ from kproxy.model.endpoint import Endpoint
 from kproxy.model.node import NodeInfo
 from kproxy.plan.iptables import naming
 from kproxy.plan.iptables.chains import is_owned_chain
-from kproxy.plan.iptables.ruleset import build_ruleset
+from kproxy.plan.iptables.ruleset import plan_ruleset
 from kproxy.rules.ir import STANDARD_TARGETS, Ruleset
 from kproxy.rules.parse import parse_rule, parse_table
 from kproxy.rules.render import render_rule
@@ -164,16 +164,14 @@ def test_planning_never_crashes_and_every_line_parses_back(scenario: Scenario, f
 
 
 @given(clusters(), st.sampled_from([4, 6]), st.randoms(use_true_random=False))
-def test_build_ruleset_is_deterministic(
-    scenario: Scenario, family: int, rnd: random.Random
-) -> None:
+def test_plan_ruleset_is_deterministic(scenario: Scenario, family: int, rnd: random.Random) -> None:
     state = scenario.state()
     services, endpoints = state.services_map(), state.endpoints_map()
-    first = build_ruleset(services, endpoints, scenario.node, scenario.config, family)
+    first = plan_ruleset(services, endpoints, scenario.node, scenario.config, family).ruleset
     items = list(services.items())
     rnd.shuffle(items)
-    again = build_ruleset(dict(items), dict(endpoints), scenario.node, scenario.config, family)
-    assert again == first
+    again = plan_ruleset(dict(items), dict(endpoints), scenario.node, scenario.config, family)
+    assert again.ruleset == first
 
 
 @given(clusters(), clusters(), st.sampled_from([4, 6]))
@@ -204,7 +202,7 @@ def test_chain_names_are_stable_and_fit_the_kernel(scenario: Scenario, family: i
     state = scenario.state()
     services, endpoints = state.services_map(), state.endpoints_map()
     for spn, sp in services.items():
-        alone = build_ruleset({spn: sp}, endpoints, scenario.node, scenario.config, family)
+        alone = plan_ruleset({spn: sp}, endpoints, scenario.node, scenario.config, family).ruleset
         own = {c.name for t in alone.tables for c in t.chains if naming.is_service_chain(c.name)}
         assert own <= names  # a service's chains do not depend on the other services
 

@@ -15,7 +15,7 @@ from kproxy.model.config import ProxyConfig
 from kproxy.model.convert import build_endpoint_slice, build_node, build_service
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import Protocol
-from kproxy.plan.iptables.ruleset import build_node_ruleset
+from kproxy.plan.iptables.planner import IptablesPlanner
 from kproxy.rules.render import render_ruleset
 from kproxy.state.cluster import ClusterState
 from kproxy.state.ingest import set_node, update_endpoint_slice, update_service
@@ -82,9 +82,9 @@ def test_a_padded_source_range_firewalls_the_load_balancer() -> None:
     assert update_service(state, lb_service(loadBalancerSourceRanges=[" 203.0.113.0/25"])) == []
     update_endpoint_slice(state, slice_([{"addresses": ["10.0.0.1"]}]))
     text = render_ruleset(
-        build_node_ruleset(
-            state.services_map(), state.endpoints_map(), NodeInfo(name="n"), ProxyConfig(), 4
-        )
+        IptablesPlanner(ProxyConfig())
+        .plan(state.services_map(), state.endpoints_map(), NodeInfo(name="n"), (4,))
+        .kernel[4]
     )
     assert "-A KUBE-SERVICES -d 10.96.0.10/32" in text  # the service is programmed at all
     assert "-s 203.0.113.0/25" in text
@@ -279,7 +279,9 @@ def test_special_ingress_ips_render_no_rule() -> None:
     status = [{"ip": ip} for ip in ("127.0.0.1", "0.0.0.0", "169.254.169.254", "198.51.100.7")]
     update_service(state, lb_service(status=status))
     text = render_ruleset(
-        build_node_ruleset(state.services_map(), {}, NodeInfo(name="n"), ProxyConfig(), 4)
+        IptablesPlanner(ProxyConfig())
+        .plan(state.services_map(), {}, NodeInfo(name="n"), (4,))
+        .kernel[4]
     )
     assert "198.51.100.7" in text
     for ip in ("127.0.0.1/32", "0.0.0.0/32", "169.254.169.254"):

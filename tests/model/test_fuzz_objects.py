@@ -22,7 +22,7 @@ from kproxy.errors import InvalidObjectError
 from kproxy.model.config import ProxyConfig
 from kproxy.model.convert import build_endpoint_slice, build_node, build_service_ports
 from kproxy.model.node import NodeInfo
-from kproxy.plan.iptables.ruleset import build_node_ruleset
+from kproxy.plan.iptables.planner import IptablesPlanner
 from kproxy.rules.ir import BUILTIN_CHAINS
 from kproxy.rules.render import render_rule, render_ruleset
 from kproxy.rules.saved import parse_save
@@ -235,8 +235,9 @@ def _check_plan(state: ClusterState, node: NodeInfo) -> None:
     key = (frozenset(services.items()), frozenset(endpoints.items()), node)
     if key in _CHECKED:
         return
+    plan = IptablesPlanner(CONFIG).plan(services, endpoints, node, (4, 6))
     for family in (4, 6):
-        ruleset = build_node_ruleset(services, endpoints, node, CONFIG, family)
+        ruleset = plan.kernel[family]
         text = render_ruleset(ruleset)
         assert all(line.isprintable() for line in text.split("\n")), text
         saved = parse_save(text)

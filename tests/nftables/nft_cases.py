@@ -42,6 +42,7 @@ from kproxy.dataplane.nftables.netlink import (
     NftNetlink,
     iter_attrs,
 )
+from kproxy.dataplane.nftables.templates import attr
 from kproxy.plan.nftables.ir import (
     Chain,
     Element,
@@ -320,7 +321,7 @@ def snapshot(nl: NftNetlink) -> dict[str, list[str]]:
         out[f"rules {name}"] = [m.attrs.hex() for m in rules]
     sets = nl.dump(NFT_MSG_GETSET, IP, table)
     out["sets"] = [
-        b"".join(e.attr(k, v) for k, v in iter_attrs(m.attrs) if k != 19).hex() for m in sets
+        b"".join(attr(k, v) for k, v in iter_attrs(m.attrs) if k != 19).hex() for m in sets
     ]
     for s in (SET, MAP, AFFINITY):
         found = nl.dump(NFT_MSG_GETSETELEM, IP, e.element_list_attrs(T, s.name))

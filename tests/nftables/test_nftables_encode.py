@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from pyroute2.netlink.nfnetlink.nftsocket import nft_chain_msg, nft_rule_msg, nft_set_elem_list_msg
 
 from kproxy.dataplane.nftables import encode as e
+from kproxy.dataplane.nftables import expressions as x
+from kproxy.dataplane.nftables import templates as t
 from kproxy.dataplane.nftables.delta import delta_messages, full_delta
 from kproxy.plan.nftables.ir import Element, NamedSet, Verdict
 
@@ -22,10 +24,10 @@ NAMES = st.text("abcdefghijklmnopqrstuvwxyz0123456789-_/.", min_size=1, max_size
 
 
 def _direct_verdict(kind: str, chain: str) -> bytes:
-    return e.expression(
+    return x.expression(
         "immediate",
         [
-            ("NFTA_IMMEDIATE_DREG", e.REG_VERDICT),
+            ("NFTA_IMMEDIATE_DREG", x.REG_VERDICT),
             (
                 "NFTA_IMMEDIATE_DATA",
                 {
@@ -47,7 +49,7 @@ def _direct_verdict(kind: str, chain: str) -> bytes:
 
 
 def _direct_cmp(value: bytes) -> bytes:
-    return e.expression(
+    return x.expression(
         "cmp",
         [
             ("NFTA_CMP_SREG", 1),
@@ -59,17 +61,17 @@ def _direct_cmp(value: bytes) -> bytes:
 
 @given(st.sampled_from(["jump", "goto"]), NAMES)
 def test_a_verdict_template_filled_is_what_pyroute2_encodes(kind: str, chain: str) -> None:
-    assert e.encode_verdict(Verdict(kind, chain)) == _direct_verdict(kind, chain)
+    assert x.encode_verdict(Verdict(kind, chain)) == _direct_verdict(kind, chain)
 
 
 @given(st.binary(min_size=1, max_size=16))
 def test_a_compare_template_filled_is_what_pyroute2_encodes(value: bytes) -> None:
-    assert e._cmp(0, value) == _direct_cmp(value)
+    assert x.cmp(0, value) == _direct_cmp(value)
 
 
 @given(NAMES, NAMES)
 def test_a_rules_table_and_chain_are_what_pyroute2_encodes(table: str, chain: str) -> None:
-    direct = e.pyroute2_attrs(
+    direct = t.pyroute2_attrs(
         nft_rule_msg, [("NFTA_RULE_TABLE", table), ("NFTA_RULE_CHAIN", chain)]
     )
     assert e.rule_chain_attrs(table, chain) == direct
@@ -140,8 +142,8 @@ BAD_BUILDS: dict[str, Callable[[bytes], bytes]] = {
 
 @pytest.mark.parametrize("why", sorted(BAD_BUILDS))
 def test_a_value_that_is_not_one_plain_run_is_refused(why: str) -> None:
-    with pytest.raises(e.EncodingError):
-        e.spliced(BAD_BUILDS[why], 4)
+    with pytest.raises(t.EncodingError):
+        t.spliced(BAD_BUILDS[why], 4)
 
 
 def test_every_message_of_a_table_encodes_and_each_template_is_sound() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 
 from kproxy.dataplane.nftables import encode as e
+from kproxy.dataplane.nftables import templates as t
 from kproxy.dataplane.nftables.netlink import (
     NLM_F_MULTI,
     NLMSG_DONE,
@@ -18,7 +19,7 @@ from kproxy.dataplane.nftables.netlink import (
 
 IP, IP6 = 2, 10
 GETCHAIN, GETRULE = 4, 7
-HANDLE = e.attr(2, struct.pack(">Q", 7))  # what the kernel puts between a chain's table and name
+HANDLE = t.attr(2, struct.pack(">Q", 7))  # what the kernel puts between a chain's table and name
 
 
 def _chain(family: int, table: str, name: str, handle_first: bool = False) -> Message:

@@ -18,6 +18,7 @@ from kproxy.dataplane.nftables.decode import (
     decode_rule,
     decode_set,
 )
+from kproxy.dataplane.nftables.expressions import expression
 from kproxy.dataplane.nftables.inspection import plan_nft_diffs
 from kproxy.dataplane.nftables.netlink import iter_attrs
 from kproxy.inspect.trace_cmd import TraceRequest, trace_planned
@@ -257,7 +258,7 @@ def test_decoder_reads_back_every_planned_object() -> None:
 
 def test_decoder_refuses_what_is_not_kproxys_encoding() -> None:
     exprs, udata = enc.encode_rule(Rule((Verdict("accept"),)), 4)
-    foreign = enc.expression("counter", [("NFTA_COUNTER_BYTES", 0), ("NFTA_COUNTER_PACKETS", 0)])
+    foreign = expression("counter", [("NFTA_COUNTER_BYTES", 0), ("NFTA_COUNTER_PACKETS", 0)])
     with pytest.raises(Undecodable):
         decode_rule(foreign + exprs, udata, 4)
 

@@ -9,7 +9,7 @@ from kproxy.model.endpoint import Endpoint
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import NamespacedName, Protocol, ServicePort, ServicePortName
 from kproxy.plan.iptables.planner import ROUTE_LOCALNET, IptablesPlanner
-from kproxy.plan.iptables.ruleset import build_node_ruleset
+from kproxy.plan.iptables.ruleset import plan_ruleset, with_canaries
 from kproxy.plan.node_plan import HealthCheckServer
 
 NODE = NodeInfo(
@@ -55,7 +55,8 @@ def cluster() -> tuple[
 def test_rulesets_are_the_node_rulesets() -> None:
     services, endpoints = cluster()
     plan = IptablesPlanner(ProxyConfig()).plan(services, endpoints, NODE, (4,))
-    assert plan.kernel[4] == build_node_ruleset(services, endpoints, NODE, ProxyConfig(), 4)
+    planned = plan_ruleset(services, endpoints, NODE, ProxyConfig(), 4)
+    assert plan.kernel[4] == with_canaries(planned.ruleset)
     assert plan.mode == "iptables" and plan.families == (4,)
 
 
