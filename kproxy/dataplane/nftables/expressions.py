@@ -8,6 +8,7 @@ from functools import lru_cache
 
 from pyroute2.netlink.nfnetlink.nftsocket import nft_rule_msg
 
+from kproxy.dataplane.nftables.families import NFPROTO
 from kproxy.dataplane.nftables.templates import (
     Attrs,
     Spliced,
@@ -26,7 +27,6 @@ REG32_00 = 8
 
 PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132}
 VERDICTS = {"drop": 0, "accept": 1, "jump": -3, "goto": -4, "return": -5}
-NFPROTO = {4: 2, 6: 10}
 
 
 def expression(name: str, data: Attrs) -> bytes:

@@ -9,7 +9,7 @@ that shape is the template's bytes with those fields overwritten, handed to libi
 
 A shape whose fields cannot be located unambiguously is never patched: its rules are built through
 python-iptables every time. The result is checked against the plain path, entry for entry, by
-integration/test_fast_path.py, which also reads every entry back from the kernel.
+integration/iptables/test_fast_path.py, which also reads every entry back from the kernel.
 """
 
 from __future__ import annotations
