@@ -19,7 +19,7 @@ from kproxy.model.kinds import Kind
 from kproxy.model.node import NodeInfo
 from kproxy.plan.nftables import naming as n
 from kproxy.plan.nftables.render import render_nft_table
-from kproxy.plan.nftables.table import build_nft_table
+from kproxy.plan.nftables.table import plan_nft_table
 from kproxy.rules.explain import Outcome
 from kproxy.state.cluster import ClusterState
 from kproxy.state.ingest import Mutation, service_cidr_event, set_service_cidrs
@@ -85,9 +85,9 @@ def _with_cidrs(*cidrs: str) -> scenarios.Scenario:
 
 def _check_chain(scenario: scenarios.Scenario, family: int = 4) -> str:
     state = scenario.state()
-    table = build_nft_table(
+    table = plan_nft_table(
         state.services_map(), state.endpoints_map(), scenario.node, scenario.config, family
-    )
+    ).table
     text = render_nft_table(table)
     return text[text.index(f"chain {n.CLUSTER_IPS_CHECK} {{") :].split("}", 1)[0]
 

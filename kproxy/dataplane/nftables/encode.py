@@ -3,7 +3,8 @@ blocks of NEW/DEL messages and of requests for them, built from pyroute2's encod
 (templates.py) in the kernel's own canonical form: attributes in the order, and with the
 defaults, that the kernel dumps them back. So what kproxy sends for a rule is byte for byte what
 a later dump of that rule returns, and a foreign change shows as a difference of bytes.
-tests/nftables/test_nftables_encode.py checks whole messages against pyroute2 encoding them in one go."""
+tests/nftables/test_nftables_encode.py checks whole messages against pyroute2 encoding them in
+one go."""
 
 from __future__ import annotations
 

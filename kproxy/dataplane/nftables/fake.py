@@ -6,15 +6,15 @@ each batch as one transaction, and answers dumps and gets with the bytes the ker
 (fake_dumps.py; checked against a recorded kernel dump in tests/nftables/test_nftables_fake.py).
 
 Refused (fake_ruleset.py), with the kernel's errno and nothing of the batch applied, each case
-checked against a real kernel (tests/nftables/nft_cases.py): deleting a missing table, chain, rule, set or
-element, a rule in a missing table or chain, a jump or goto (in a rule or a verdict map's
+checked against a real kernel (tests/nftables/nft_cases.py): deleting a missing table, chain, rule,
+set or element, a rule in a missing table or chain, a jump or goto (in a rule or a verdict map's
 element) to a missing chain, a lookup of a missing set (ENOENT); a jump or goto to a base chain
-(EOPNOTSUPP); deleting a chain a rule or an element still jumps to, or a set a rule still looks
-up (EBUSY); adding an existing table, chain, set or element with NLM_F_EXCL, an existing set
-with another definition or an existing element with other data (EEXIST); an existing chain
-again with another hook (EOPNOTSUPP); an element whose key is not the set's key length (the kernel
-knows no key types, only lengths), a verdict map's element without a verdict or a plain set's
-element with one (EINVAL); a loop of jumps a base chain reaches (EMLINK, as the kernel answers).
+(EOPNOTSUPP); deleting a chain a rule or an element still jumps to, or a set a rule still looks up
+(EBUSY); adding an existing table, chain, set or element with NLM_F_EXCL, an existing set with
+another definition or an existing element with other data (EEXIST); an existing chain again with
+another hook (EOPNOTSUPP); an element whose key is not the set's key length (the kernel knows no key
+types, only lengths), a verdict map's element without a verdict or a plain set's element with one
+(EINVAL); a loop of jumps a base chain reaches (EMLINK, as the kernel answers).
 
 Like the kernel, a chain dump answers with the chains of every table of the family, whatever
 table it names (kproxy filters), and a rule dump of a missing chain with nothing; a commit bumps
