@@ -15,14 +15,6 @@ import click
 
 from kproxy.errors import KproxyError
 from kproxy.inspect.flags import given_flags, kube_proxy_flags
-from kproxy.inspect.inputs import (
-    build_state,
-    load_config_file,
-    node_and_config,
-    read_manifests,
-    resolve_hostname,
-    with_host_facts,
-)
 from kproxy.logs import LEVELS, configure_logging
 from kproxy.model.config import ProxyConfig
 
@@ -103,6 +95,7 @@ def sync(
 
     In userspace mode (`mode: userspace` in --config) it programs the portals and then relays
     connections in the foreground until SIGTERM or Ctrl-C: it does not return before that."""
+    from kproxy.inspect.inputs import build_state, node_and_config, read_manifests, with_host_facts
     from kproxy.sync.modes import proxy_mode
     from kproxy.sync.once import once_loop, refuse_empty_input, sync_once
 
@@ -251,6 +244,8 @@ def run(
 
     kube-proxy's flags are accepted under their own names; a flag given on the command line
     overrides the same field of the --config file."""
+    from kproxy.inspect.inputs import load_config_file, resolve_hostname
+
     if verbosity is not None and verbosity >= 4:
         configure_logging("debug")
     flags = given_flags(params)
@@ -290,6 +285,7 @@ def run(
 def doctor(config_path: str | None, service_cidr: str | None) -> None:
     """Check this node for what kproxy needs; exit 1 if a check fails."""
     from kproxy.doctor import exit_code, render_report, run_checks
+    from kproxy.inspect.inputs import load_config_file
 
     checks = run_checks(load_config_file(config_path), service_cidr)
     click.echo(render_report(checks), nl=False)
