@@ -1,4 +1,8 @@
-"""The `kproxy` command: the one place that wires sources, state, plan and dataplane together."""
+"""The `kproxy` command: declares the commands and their options; each calls into the layer that
+does the work (inspect/ for dump, trace, connections and status and for what every command reads,
+sync/ for sync and run, doctor/). A command imports what it uses in its body, so `kproxy --help`
+(and a command that needs no kernel library, cluster client or sync machinery) starts without
+loading them: bench/cli_startup.py measures it."""
 
 from __future__ import annotations
 
@@ -21,8 +25,6 @@ from kproxy.model.config import ProxyConfig
 if TYPE_CHECKING:
     from kproxy.sync.agent import SourceStarter
 
-# The commands import the layers they use in their bodies: `kproxy --help` (and a command that
-# needs no kernel library or sync machinery) starts without loading them.
 F = TypeVar("F", bound=Callable[..., Any])
 
 
