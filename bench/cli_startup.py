@@ -30,7 +30,8 @@ COMMANDS = {
     "dump --manifests": ["dump", "--manifests", str(SCENARIO), "--hostname-override", "node-1"],
 }
 HEAVY = ("kubernetes", "pyroute2", "iptc", "prometheus_client", "structlog", "rich", "asyncio")
-# Runs the CLI as the installed script does, from whatever `kproxy` the path finds first.
+# Runs the CLI as the installed script does, from whatever `kproxy` the path finds first (run
+# with -P, so that the current directory, perhaps this repository, is not on the path).
 RUN_CLI = "import sys; from kproxy.cli import main; sys.argv[0] = 'kproxy'; sys.exit(main())"
 # The image installs no dev tools, so no `rich` (import-linter's), which structlog loads when it
 # finds it: this venv has it, so one row hides it to show what a node's start-up costs.
@@ -85,10 +86,10 @@ def _cases(old: Path | None) -> dict[str, tuple[list[str], dict[str, str]]]:
     cases = {"python -c pass": ([sys.executable, "-c", "pass"], env)}
     for name, args in COMMANDS.items():
         cases[f"kproxy {name}"] = ([script, *args], env)
-        cases[f"kproxy {name}, no rich"] = ([sys.executable, "-c", WITHOUT_RICH, *args], env)
+        cases[f"kproxy {name}, no rich"] = ([sys.executable, "-P", "-c", WITHOUT_RICH, *args], env)
         if old is not None:
             old_env = {**env, "PYTHONPATH": str(old)}
-            cases[f"old kproxy {name}"] = ([sys.executable, "-c", RUN_CLI, *args], old_env)
+            cases[f"old kproxy {name}"] = ([sys.executable, "-P", "-c", RUN_CLI, *args], old_env)
     return cases
 
 
