@@ -4,8 +4,9 @@ exec to exit, as a user types them: the installed script of this venv, the media
 Baselines measured in the same run, interleaved with the commands so that the machine's load
 falls on all alike: `python -c pass` from the same venv (the interpreter's own start-up), and,
 with --old-ref, the same commands from another git ref (a temporary `git worktree` whose source
-the same interpreter imports). Prints seconds, ratios, and which heavy libraries each command
-loaded; a row "no rich" runs the command as the image has it, without the dev-only `rich`.
+the same interpreter imports) beside this tree's source imported the same way. Prints seconds,
+ratios, and which heavy libraries each command loaded; a row "no rich" runs the command as the
+image has it, without the dev-only `rich`.
 
     .venv/bin/python -m bench.cli_startup --runs 21 --old-ref main
 """
@@ -87,9 +88,11 @@ def _cases(old: Path | None) -> dict[str, tuple[list[str], dict[str, str]]]:
     for name, args in COMMANDS.items():
         cases[f"kproxy {name}"] = ([script, *args], env)
         cases[f"kproxy {name}, no rich"] = ([sys.executable, "-P", "-c", WITHOUT_RICH, *args], env)
-        if old is not None:
-            old_env = {**env, "PYTHONPATH": str(old)}
-            cases[f"old kproxy {name}"] = ([sys.executable, "-P", "-c", RUN_CLI, *args], old_env)
+        if old is not None:  # both from a source tree, so that they import alike
+            for tree, label in ((REPO, "this tree:"), (old, "old ref:")):
+                tree_env = {**env, "PYTHONPATH": str(tree)}
+                argv = [sys.executable, "-P", "-c", RUN_CLI, *args]
+                cases[f"{label} kproxy {name}"] = (argv, tree_env)
     return cases
 
 
@@ -111,8 +114,8 @@ def measure(runs: int, old: Path | None) -> None:
         print(f"{name:34} {median[name]:8.3f} {min(times[name]):7.3f}  {ratio:16.1f}  {loads}")
     if old is not None:
         for name in COMMANDS:
-            new_s, old_s = median[f"kproxy {name}"], median[f"old kproxy {name}"]
-            print(f"kproxy {name}: {new_s / old_s:.2f} x the old ref's time ({old_s:.3f} s)")
+            new_s, old_s = median[f"this tree: kproxy {name}"], median[f"old ref: kproxy {name}"]
+            print(f"kproxy {name}: this tree takes {new_s / old_s:.2f} x the old ref's time")
 
 
 def main() -> None:
