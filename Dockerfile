@@ -1,5 +1,6 @@
 # kproxy's container image: `make image` (docker build -t kproxy:latest .); `make image-test` builds
-# it with podman and runs it in a network namespace (integration/test_image.py, part of `make test`).
+# it with podman and runs it in a network namespace (integration/packaging/test_image.py, part of
+# `make test`).
 #
 # Why Debian 12 (bookworm): python-iptables drives libiptc and libxtables directly, and it breaks
 # on iptables 1.8.11 (match parameters such as `--dport` are refused: ldx/python-iptables#353).

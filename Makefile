@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := iptables libip4tc2 libip6tc2 libxtables12 conntrack iproute2 nftables gcc
+DEB_PACKAGES := iptables libip4tc2 libip6tc2 libxtables12 conntrack iproute2 nftables gcc nginx curl
 # What builds and runs the image in the tests: podman with the runc runtime, mmdebstrap for the
 # Debian base where no image registry is reachable (integration/image.py).
 IMAGE_DEB_PACKAGES := podman runc mmdebstrap
@@ -20,7 +20,8 @@ endef
 
 # Debian packages: the legacy iptables libraries python-iptables drives, the iptables-legacy-save
 # reader, conntrack, iproute2 and nft (the nftables mode's test oracle) for the network-namespace
-# tests.
+# tests; nginx for the seed's my-nginx pods and ingress controller (integration/nginx.py), and curl
+# to fetch through them.
 deps:
 	$(call apt-install-missing,$(DEB_PACKAGES))
 
@@ -74,17 +75,17 @@ bench-modes: venv
 
 # The container image, with docker. The tag is the one daemonset/kustomization.yaml and
 # daemonset.yaml name, so a locally loaded image (kind load docker-image kproxy:latest) runs as it
-# is; tests/test_daemonset.py checks this.
+# is; tests/packaging/test_daemonset.py checks this.
 IMAGE ?= kproxy:latest
 image:
 	docker build -t $(IMAGE) .
 
 # The same Dockerfile built with podman (on a Debian base made from Debian's packages where no
 # image registry is reachable) and run in a network namespace in each mode: integration/image.py
-# and integration/test_image.py, which `make test` runs too. The first run takes 3 to 7 minutes;
-# later ones reuse podman's cached base and layers (about 30 s).
+# and integration/packaging/test_image.py, which `make test` runs too. The first run takes 3 to 7
+# minutes; later ones reuse podman's cached base and layers (about 30 s).
 image-test: image-deps venv
-	$(VENV)/bin/pytest -q -p no:cacheprovider integration/test_image.py
+	$(VENV)/bin/pytest -q -p no:cacheprovider integration/packaging/test_image.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -151,12 +151,12 @@ class Recording:
 
 def run_inner(entries: int, services: int) -> None:
     from kproxy.dataplane.conntrack import ConntrackCleaner
-    from kproxy.dataplane.iptables.backend import IptablesDataplane
     from kproxy.dataplane.iptables.node import IptablesNode
+    from kproxy.dataplane.xtables.backend import IptablesDataplane
     from kproxy.health.healthz import ProxyHealth
     from kproxy.health.metrics import ProxyMetrics
-    from kproxy.plan.iptables.planner import IptablesPlanner
     from kproxy.sync.loop import StateBox, SyncLoop
+    from kproxy.sync.modes import MODES
 
     config = ProxyConfig(cluster_cidrs=("10.128.0.0/10",))
     state = build_state(services, 2)
@@ -165,7 +165,7 @@ def run_inner(entries: int, services: int) -> None:
     box = StateBox("bench-node", health, metrics)
     box.state = state
     node = IptablesNode({4: IptablesDataplane(4, lock_timeout=30)}, write_sysctls=lambda s: None)
-    loop = SyncLoop(box, config, IptablesPlanner(config), node, metrics, health)
+    loop = SyncLoop(box, config, MODES["iptables"], node, metrics, health)
     loop.clean_conntrack = cleaner = Recording(ConntrackCleaner())
     assert loop.sync()
     assert loop.sync()

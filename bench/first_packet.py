@@ -68,7 +68,7 @@ def program(mode: str, services: int, endpoints: int) -> None:
     box.state = build_state(services, endpoints)
     proxy_mode = MODES[mode]
     with proxy_mode.open_dataplane(config, 30.0) as dataplane:
-        loop = SyncLoop(box, config, proxy_mode.planner(config), dataplane, metrics, health)
+        loop = SyncLoop(box, config, proxy_mode, dataplane, metrics, health)
         loop.sync_or_raise()
 
 

@@ -177,7 +177,7 @@ class BenchNode:
         config = self.manifests.parent / "kube-proxy-userspace.yaml"
         doc = {"apiVersion": "kubeproxy.config.k8s.io/v1alpha1", "kind": "KubeProxyConfiguration"}
         # bindAddress is the node's address: this routed topology's pod veths carry no address
-        # a REDIRECT could use (integration/test_userspace.py explains).
+        # a REDIRECT could use (integration/userspace/test_userspace.py explains).
         config.write_text(yaml.safe_dump({**doc, "mode": "userspace", "bindAddress": NODE_IP}))
         argv = [str(kproxy_path()), "--log-level", "warning", *self.sync_args()]
         argv += ["--config", str(config)]

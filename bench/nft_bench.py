@@ -40,7 +40,7 @@ from bench.sync_bench import (
 from kproxy.model.config import ProxyConfig
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import NamespacedName
-from kproxy.plan.iptables.ruleset import build_ruleset
+from kproxy.plan.iptables.ruleset import plan_ruleset
 from kproxy.rules.render import render_table
 from kproxy.sync.gcpause import gc_paused
 
@@ -50,7 +50,9 @@ def prepare_baseline(services: int, endpoints: int) -> None:
     iptables mode would hold at this size."""
     config = ProxyConfig(cluster_cidrs=("10.128.0.0/10",))
     state = build_state(services, endpoints)
-    ruleset = build_ruleset(state.services_map(), state.endpoints_map(), NodeInfo("n"), config)
+    ruleset = plan_ruleset(
+        state.services_map(), state.endpoints_map(), NodeInfo("n"), config
+    ).ruleset
     restore("".join(render_table(t) for t in ruleset.tables), noflush=True)
 
 
@@ -59,8 +61,8 @@ def run_kproxy(services: int, endpoints: int) -> dict[str, float]:
     from kproxy.dataplane.nftables.node import NftablesNode, delete_table
     from kproxy.health.healthz import ProxyHealth
     from kproxy.health.metrics import ProxyMetrics
-    from kproxy.plan.nftables.planner import NftablesPlanner
     from kproxy.sync.loop import StateBox, SyncLoop
+    from kproxy.sync.modes import MODES
 
     config = ProxyConfig(cluster_cidrs=("10.128.0.0/10",))
     state = build_state(services, endpoints)
@@ -72,7 +74,7 @@ def run_kproxy(services: int, endpoints: int) -> dict[str, float]:
         box = StateBox("bench-node", health, metrics)
         box.state = state
         node = NftablesNode(nl, (4,))
-        return SyncLoop(box, config, NftablesPlanner(config), node, metrics, health)
+        return SyncLoop(box, config, MODES["nftables"], node, metrics, health)
 
     loop = fresh_loop()
     snapshot = loop.take_snapshot()

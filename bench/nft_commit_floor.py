@@ -36,7 +36,6 @@ ROUNDS = 7
 def measure_inner(services: int) -> dict[str, float]:
     from kproxy.dataplane.nftables import encode as e
     from kproxy.dataplane.nftables.delta import (
-        NFPROTO,
         NFT_MSG_DELCHAIN,
         NFT_MSG_DELRULE,
         NFT_MSG_NEWCHAIN,
@@ -45,13 +44,14 @@ def measure_inner(services: int) -> dict[str, float]:
         delta_messages,
         full_delta,
     )
+    from kproxy.dataplane.nftables.families import NFPROTO
     from kproxy.dataplane.nftables.netlink import NLM_F_APPEND, NLM_F_CREATE, NftNetlink
     from kproxy.plan.nftables.ir import Key, Match, Rule, Verdict
-    from kproxy.plan.nftables.table import build_nft_table
+    from kproxy.plan.nftables.table import plan_nft_table
 
     state = build_state(services, 5)
     config = ProxyConfig(cluster_cidrs=("10.128.0.0/10",))
-    table = build_nft_table(state.services_map(), state.endpoints_map(), NodeInfo("n"), config)
+    table = plan_nft_table(state.services_map(), state.endpoints_map(), NodeInfo("n"), config).table
     nl = NftNetlink()
     nl.transact(delta_messages(full_delta(table), iter(range(1, 1 << 30))))
     family = NFPROTO[4]

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 from bench import relay_servers as rs
-from kproxy.dataplane.userspace.relay import Relay
-from kproxy.dataplane.userspace.spec import ListenerSpec
+from kproxy.dataplane.relay.relay import Relay
+from kproxy.dataplane.relay.spec import ListenerSpec
 from kproxy.model.service import Protocol
 
 

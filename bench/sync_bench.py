@@ -12,7 +12,7 @@ touched. For N ClusterIP services with E endpoints each it times:
   (b) one service's endpoints changed: kproxy's partial sync vs upstream's partial restore
       (`--noflush`, the top-level chains plus that service's chains, `-X` for the stale one);
   (c) nothing changed: kproxy's sync vs upstream's partial restore of the top-level chains;
-  (d) planning alone (build_ruleset for the whole cluster);
+  (d) planning alone (plan_ruleset for the whole cluster);
   (e) peak RSS of the kproxy process (kproxy runs in a process of its own; the baseline's
       work happens in another, in the same namespace, after it).
 
@@ -30,14 +30,14 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from kproxy.dataplane.iptables.kernel_image import ImageMatch, TableImage, read_image
+from kproxy.dataplane.xtables.kernel_image import ImageMatch, TableImage, read_image
 from kproxy.model.config import ProxyConfig
 from kproxy.model.convert import EndpointSliceInfo, EndpointSlicePort
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import NamespacedName, Protocol, ServicePort, ServicePortName
 from kproxy.plan.iptables import naming
-from kproxy.plan.iptables.ruleset import build_ruleset
+from kproxy.plan.iptables.ruleset import plan_ruleset
 from kproxy.rules.ir import Ruleset
 from kproxy.rules.render import render_rule, render_table
 from kproxy.state.cluster import ClusterState
@@ -134,12 +134,12 @@ def changed_ips(services: int, endpoints: int, round_: int) -> list[str]:
 
 def run_kproxy(services: int, endpoints: int) -> dict[str, float]:
     """kproxy's figures, in a process that does nothing else, so its peak RSS is kproxy's."""
-    from kproxy.dataplane.iptables.backend import IptablesDataplane
     from kproxy.dataplane.iptables.node import IptablesNode
+    from kproxy.dataplane.xtables.backend import IptablesDataplane
     from kproxy.health.healthz import ProxyHealth
     from kproxy.health.metrics import ProxyMetrics
-    from kproxy.plan.iptables.planner import IptablesPlanner
     from kproxy.sync.loop import StateBox, SyncLoop
+    from kproxy.sync.modes import MODES
 
     config = ProxyConfig(cluster_cidrs=("10.128.0.0/10",))
     state = build_state(services, endpoints)
@@ -151,7 +151,7 @@ def run_kproxy(services: int, endpoints: int) -> dict[str, float]:
         box = StateBox("bench-node", health, metrics)
         box.state = state
         node = IptablesNode({4: dataplane}, write_sysctls=lambda sysctls: None)
-        return SyncLoop(box, config, IptablesPlanner(config), node, metrics, health)
+        return SyncLoop(box, config, MODES["iptables"], node, metrics, health)
 
     # (d) planning alone, with cold caches, as the agent's first sync plans.
     loop = fresh_loop()
@@ -203,7 +203,7 @@ def run_baseline(services: int, endpoints: int) -> dict[str, float]:
     config = ProxyConfig(cluster_cidrs=("10.128.0.0/10",))
     node = NodeInfo(name="bench-node")
     state = build_state(services, endpoints)
-    ruleset = build_ruleset(state.services_map(), state.endpoints_map(), node, config)
+    ruleset = plan_ruleset(state.services_map(), state.endpoints_map(), node, config).ruleset
     figures: dict[str, float] = {
         "rules": sum(len(c.rules) for t in ruleset.tables for c in t.chains)
     }
@@ -212,7 +212,7 @@ def run_baseline(services: int, endpoints: int) -> dict[str, float]:
     times = []
     for round_ in range(REPEATS):
         state.set_slice(slice_for(services // 2, changed_ips(services, endpoints, round_)))
-        changed = build_ruleset(state.services_map(), state.endpoints_map(), node, config)
+        changed = plan_ruleset(state.services_map(), state.endpoints_map(), node, config).ruleset
         new = {naming.endpoint_chain(spn, ep) for ep in state.endpoints_map()[spn]}
         chains = {naming.service_chain(spn)} | new
         times.append(restore(partial_restore_text(changed, chains, old - new), True))

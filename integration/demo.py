@@ -16,11 +16,14 @@ shows two pictures of the same scenario, one after the other:
    picked at random, so every endpoint sees the client's own address.
 
 In each picture a client pod sends requests to the Service VIPs; the demo shows which endpoint
-answered each request and which source address each endpoint saw. After the second, a client
-outside the node fetches /testpath through the ingress NodePort: the controller pod (a small
-HTTP proxy, see traffic.py) forwards it to the my-nginx ClusterIP, and the demo shows which
-my-nginx endpoint answered. Prints the chains kproxy wrote, and deletes every namespace it made,
-whatever happens.
+answered each request and which source address each endpoint saw. The my-nginx endpoints are
+Debian's nginx, each serving a page that names its pod and the address the request came from
+(integration/nginx.py); kube-dns and the API server are small Python servers (traffic.py). After
+the second picture, a client outside the node fetches /testpath through the ingress NodePort: the
+controller pod runs nginx with a configuration rendered from the Ingress object (its path,
+pathType and rewrite-target), which proxies to the my-nginx ClusterIP, and the demo shows which
+my-nginx endpoint answered: NodePort -> controller -> ClusterIP -> endpoint, every hop real.
+Prints the chains kproxy wrote, and deletes every namespace it made, whatever happens.
 
 Exit status: 0 when every my-nginx endpoint answered in both pictures (and through the ingress)
 and DNS answered, 1 otherwise, 2 when it cannot run (not root, kproxy not installed).
@@ -54,7 +57,14 @@ from integration.netns import (
     stop,
     topology,
 )
-from integration.traffic import ProbeResult, probe, start_http_proxy, start_server
+from integration.nginx import (
+    IngressPath,
+    manifest_documents,
+    read_ingress_paths,
+    start_ingress_controller_nginx,
+    start_page,
+)
+from integration.traffic import ProbeResult, probe, start_server
 
 SCENARIO = Path(__file__).parent / "scenarios" / "demo"
 INGRESS_SCENARIO = Path(__file__).parent / "scenarios" / "ingress"
@@ -84,12 +94,6 @@ def _documents(path: Path) -> Iterator[dict[str, Any]]:
             yield doc
 
 
-def _scenario_documents(scenarios: Sequence[Path]) -> Iterator[dict[str, Any]]:
-    for scenario in scenarios:
-        for path in sorted(scenario.glob("*.yaml")):
-            yield from _documents(path)
-
-
 def merge_scenarios(target: Path, scenarios: Sequence[Path]) -> Path:
     """One manifest directory (`target`, created) holding every scenario's files, for kproxy's
     single --manifests path."""
@@ -100,29 +104,17 @@ def merge_scenarios(target: Path, scenarios: Sequence[Path]) -> Path:
     return target
 
 
-def ingress_routes(scenarios: Sequence[Path]) -> dict[str, str]:
-    """What an ingress controller serves for the Ingress objects of the scenarios: each path,
-    sent to its backend Service's ClusterIP and port, e.g.
-    `{"/testpath": "http://10.104.164.89:80"}`."""
-    docs = list(_scenario_documents(scenarios))
-    cluster_ips = {
-        (doc["metadata"].get("namespace", "default"), doc["metadata"]["name"]): doc["spec"][
-            "clusterIP"
-        ]
-        for doc in docs
-        if doc.get("kind") == "Service"
-    }
-    routes = {}
-    for doc in docs:
-        if doc.get("kind") != "Ingress":
-            continue
-        namespace = doc["metadata"].get("namespace", "default")
-        for rule in doc["spec"].get("rules") or []:
-            for path in (rule.get("http") or {}).get("paths") or []:
-                service = path["backend"]["service"]
-                ip = cluster_ips[(namespace, service["name"])]
-                routes[path["path"]] = f"http://{ip}:{service['port']['number']}"
-    return routes
+def ingress_paths(scenarios: Sequence[Path]) -> list[IngressPath]:
+    """The paths the ingress controller serves for the Ingress objects of the scenarios."""
+    return read_ingress_paths(manifest_documents(scenarios))
+
+
+def describe_path(item: IngressPath) -> str:
+    """`/testpath (Prefix, rewrite-target /) -> 10.104.164.89:80`."""
+    how = item.path_type + (
+        f", rewrite-target {item.rewrite_target}" if item.rewrite_target else ""
+    )
+    return f"{item.host}{item.path} ({how}) -> {item.upstream or 'no such Service'}"
 
 
 def read_backends(scenario: Path) -> list[Backend]:
@@ -142,7 +134,8 @@ def read_backends(scenario: Path) -> list[Backend]:
 
 
 def start_backends(topo: Topology, backends: list[Backend]) -> None:
-    """A pod namespace per endpoint pod, and a server per port (HTTP on port 80, like nginx)."""
+    """A pod namespace per endpoint pod, and a server per port: nginx's page on TCP port 80 (the
+    my-nginx pods), a Python server answering `NAME PEER` on the others (kube-dns, the API)."""
     for backend in backends:
         ns = topo.node if backend.name == "node" else topo.add_pod(backend.name, backend.ip).ns
         by_port: dict[int, set[str]] = {}
@@ -150,16 +143,19 @@ def start_backends(topo: Topology, backends: list[Backend]) -> None:
             by_port.setdefault(port, set()).add(protocol.lower())
         for port, protos in sorted(by_port.items()):
             proto = "both" if len(protos) > 1 else protos.pop()
-            start_server(topo, ns, backend.name, port, proto, http=port == 80)
+            if port == 80 and proto == "tcp":
+                start_page(topo, ns, backend.name, port)
+            else:
+                start_server(topo, ns, backend.name, port, proto)
 
 
-def start_ingress_controller(topo: Topology, routes: dict[str, str]) -> Backend:
-    """The ingress controller's pod (from the ingress scenario's EndpointSlice), running an HTTP
-    proxy with `routes` on its port."""
+def start_ingress_controller(topo: Topology, manifests: Sequence[Path]) -> Backend:
+    """The ingress controller's pod (from the ingress scenario's EndpointSlice), running nginx
+    with the configuration rendered from the Ingress objects of `manifests` on its port."""
     (controller,) = read_backends(INGRESS_SCENARIO)
     pod = topo.add_pod(controller.name, controller.ip)
     for port, _ in controller.ports:
-        start_http_proxy(topo, pod.ns, port, routes)
+        start_ingress_controller_nginx(topo, pod.ns, port, manifests)
     return controller
 
 
@@ -206,13 +202,15 @@ def show_nginx(client: Namespace, backends: list[Backend], mode: str, why: str) 
 
 
 def show_ingress(
-    outside: Namespace, backends: list[Backend], controller: Backend, routes: dict[str, str]
+    outside: Namespace, backends: list[Backend], controller: Backend, paths: list[IngressPath]
 ) -> bool:
     service, node_port, path = INGRESS
     url = f"http://{NODE_IP}:{node_port}{path}"
     print(f"\n== {REQUESTS} HTTP requests from a client outside the node ({OUTSIDE_IP}) to {url}")
-    print(f"  NodePort {node_port} of {service} -> ingress controller pod {controller.name}")
-    print(f"  ({controller.ip}) -> {path} routed to {routes[path]} ({NGINX[0]} ClusterIP)")
+    print(f"  NodePort {node_port} of {service} -> nginx in ingress controller pod")
+    print(f"  {controller.name} ({controller.ip}), its configuration rendered from the Ingress:")
+    for item in paths:
+        print(f"    {describe_path(item)}   ({NGINX[0]} ClusterIP)")
     result = probe(outside, NODE_IP, node_port, "tcp", count=REQUESTS, http=True, path=path)
     ok = _show_tally(f"{url} (via the ingress)", result, _nginx_endpoints(backends))
     seen = ", ".join(sorted(result.sources)) or "-"
@@ -304,14 +302,16 @@ def run_demo(workdir: Path) -> bool:
     scenarios = (SCENARIO, INGRESS_SCENARIO)
     manifests = merge_scenarios(workdir / "manifests", scenarios)
     backends = read_backends(SCENARIO)
-    routes = ingress_routes(scenarios)
+    paths = ingress_paths(scenarios)
     with topology("demo") as topo:
         print(f"== simulated node {topo.node.name}: node address {NODE_IP}")
         start_backends(topo, backends)
         for backend in backends:
             print(f"  endpoint {backend.name:12} {backend.ip:16} ports {list(backend.ports)}")
-        controller = start_ingress_controller(topo, routes)
-        print(f"  ingress controller {controller.name} {controller.ip}, routes {routes}")
+        controller = start_ingress_controller(topo, scenarios)
+        print(f"  ingress controller {controller.name} {controller.ip} (nginx), serving:")
+        for item in paths:
+            print(f"    {describe_path(item)}")
         client = topo.add_pod(CLIENT_POD, CLIENT_IP)
 
         sync = ["sync", "--once", "--manifests", str(manifests), "--hostname-override", NODE_NAME]
@@ -319,7 +319,7 @@ def run_demo(workdir: Path) -> bool:
 
         ok = userspace_picture(topo, client.ns, backends, sync, workdir)
         ok = iptables_picture(topo, client.ns, backends, sync, lock_file) and ok
-        ok = show_ingress(topo.outside, backends, controller, routes) and ok
+        ok = show_ingress(topo.outside, backends, controller, paths) and ok
 
         print("\n$ kproxy dump   # the chains now in the node's tables")
         print(run_kproxy(topo.node, "dump", lock_file=lock_file).stdout, end="")

@@ -15,12 +15,13 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "iptables"))
 
 from scenarios import Scenario
 from test_properties import clusters
 
-from kproxy.dataplane.iptables.backend import IptablesDataplane
-from kproxy.dataplane.iptables.entries import _finished, build_rule
+from kproxy.dataplane.xtables.backend import IptablesDataplane
+from kproxy.dataplane.xtables.entries import _finished, build_rule
 from kproxy.rules.render import render_rule
 
 

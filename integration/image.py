@@ -1,6 +1,6 @@
 """kproxy's container image, built with podman from the repository's Dockerfile, unchanged.
 
-    python -m integration.image     # build it (as root), as integration/test_image.py does
+    python -m integration.image    # build it (as root) as integration/packaging/test_image.py does
 
 No image registry is reachable where CI runs, so the Dockerfile's base (`debian:bookworm-slim`)
 is built here from Debian's packages: `mmdebstrap` makes a bookworm root file system from the

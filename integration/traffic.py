@@ -2,7 +2,6 @@
 
     python -m integration.traffic serve --name web-1 --port 8080 --proto tcp [--family both]
     python -m integration.traffic probe --target 10.96.0.10 --port 80 --proto tcp --count 100
-    python -m integration.traffic http-proxy --listen 80 --route /testpath=http://10.104.164.89:80
     python -m integration.traffic serve --name web-1 --port 8080 --reply-after-eof
     python -m integration.traffic half-close --target 10.96.0.10 --port 80 --size 100000
 
@@ -11,9 +10,7 @@ the client learns which endpoint answered and which source address that endpoint
 or the node's when masqueraded). With `--http` it speaks just enough HTTP/1.0 for curl. It listens
 on IPv4 (`--family 4`, the default), IPv6 or both; the probe takes either kind of target.
 
-`http-proxy` is a minimal ingress controller: it forwards each HTTP request whose path starts with
-a route's prefix to that route's upstream (a Service VIP, so the node's rules pick the endpoint)
-and relays the upstream's answer unchanged; other paths get 404, an unreachable upstream 502.
+The seed's nginx pods (my-nginx, the ingress controller) are Debian's nginx: see nginx.py.
 
 With `--reply-after-eof` the server instead reads each TCP connection to its end (the client's
 SHUT_WR) and only then answers, with `NAME PEER_IP LENGTH` and every byte it read, each
@@ -40,12 +37,11 @@ import socket
 import sys
 import threading
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from subprocess import Popen
 from typing import NoReturn
-from urllib.parse import urlsplit
 
 from integration.netns import Namespace, Topology, read_line
 
@@ -158,71 +154,6 @@ def serve(
             else:
                 _, addr = ready.recvfrom(_MAX_REPLY)
                 ready.sendto(_answer(name, addr[0]), addr)
-
-
-# --- HTTP proxy (a minimal ingress controller) ------------------------------------------------
-
-
-def parse_route(text: str) -> tuple[str, tuple[str, int]]:
-    """`/testpath=http://10.104.164.89:80` -> ("/testpath", ("10.104.164.89", 80))."""
-    prefix, sep, url = text.partition("=")
-    parts = urlsplit(url)
-    if not sep or not prefix.startswith("/") or parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"route {text!r} is not PREFIX=http://HOST[:PORT]")
-    return prefix, (parts.hostname, parts.port or 80)
-
-
-def match_route(routes: Mapping[str, tuple[str, int]], path: str) -> tuple[str, int] | None:
-    """The upstream of the longest prefix matching `path` element-wise (an Ingress `Prefix`
-    path: /testpath matches /testpath and /testpath/x, not /testpathx)."""
-    for prefix in sorted(routes, key=len, reverse=True):
-        if prefix == "/" or path == prefix or path.startswith(prefix.rstrip("/") + "/"):
-            return routes[prefix]
-    return None
-
-
-def _fetch(upstream: tuple[str, int], path: str, client: str) -> bytes:
-    """GET `path` from `upstream`; its whole answer."""
-    host, port = upstream
-    with socket.create_connection(upstream, timeout=2.0) as sock:
-        head = f"GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\nX-Forwarded-For: {client}\r\n"
-        sock.sendall(head.encode() + b"\r\n")
-        data = b""
-        while chunk := sock.recv(_MAX_REPLY):
-            data += chunk
-        return data
-
-
-def _proxy_connection(conn: socket.socket, routes: Mapping[str, tuple[str, int]]) -> None:
-    with conn:
-        conn.settimeout(2.0)
-        try:
-            peer = conn.getpeername()[0]
-            words = _read_request_head(conn).split(b"\r\n", 1)[0].decode(errors="replace").split()
-            path = words[1] if len(words) == 3 else ""
-            upstream = match_route(routes, path) if path else None
-            if not path:
-                answer = _http_response("400 Bad Request", b"bad request\n")
-            elif upstream is None:
-                answer = _http_response("404 Not Found", f"no route for {path}\n".encode())
-            else:
-                try:
-                    answer = _fetch(upstream, path, peer)
-                except OSError as exc:
-                    answer = _http_response("502 Bad Gateway", f"{upstream}: {exc}\n".encode())
-            conn.sendall(answer)
-            conn.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass  # a client that gave up; the next one matters
-
-
-def http_proxy(port: int, routes: Mapping[str, tuple[str, int]]) -> NoReturn:
-    """Proxy HTTP on 0.0.0.0:`port` forever, one request at a time; prints READY once bound."""
-    server = _listen(socket.AF_INET, socket.SOCK_STREAM, port)
-    print(READY, flush=True)
-    while True:
-        conn, _ = server.accept()
-        _proxy_connection(conn, routes)
 
 
 # --- client -----------------------------------------------------------------------------------
@@ -398,17 +329,6 @@ def start_server(
     return _start(topo, ns, f"server {name}", args)
 
 
-def start_http_proxy(
-    topo: Topology, ns: Namespace, port: int, routes: Mapping[str, str]
-) -> Popen[str]:
-    """An HTTP proxy in `ns` on `port`, forwarding each path prefix in `routes` to its upstream
-    URL (`{"/testpath": "http://10.104.164.89:80"}`); listening when this returns."""
-    args = ["http-proxy", "--listen", str(port)]
-    for prefix, url in routes.items():
-        args += ["--route", f"{prefix}={url}"]
-    return _start(topo, ns, "http proxy", args)
-
-
 def probe(
     ns: Namespace,
     target: str,
@@ -473,16 +393,6 @@ def _parser() -> argparse.ArgumentParser:
     hcl.add_argument("--port", type=int, required=True)
     hcl.add_argument("--size", type=int, default=100_000)
     hcl.add_argument("--timeout", type=float, default=5.0, help="seconds per socket operation")
-    prx = sub.add_parser("http-proxy", help="forward HTTP requests by path prefix")
-    prx.add_argument("--listen", type=int, required=True, metavar="PORT")
-    prx.add_argument(
-        "--route",
-        action="append",
-        type=parse_route,
-        default=[],
-        metavar="PREFIX=URL",
-        help="send paths under PREFIX to URL (http://HOST:PORT); repeatable",
-    )
     return parser
 
 
@@ -491,8 +401,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         protos = ("tcp", "udp") if args.proto == "both" else (args.proto,)
         serve(args.name, args.port, protos, args.http, args.family, args.reply_after_eof)
-    if args.command == "http-proxy":
-        http_proxy(args.listen, dict(args.route))  # until killed
     if args.command == "half-close":
         reply = half_close_exchange(args.target, args.port, args.size, args.timeout)
         json.dump(asdict(reply), sys.stdout)

@@ -20,7 +20,6 @@ import click
 from kproxy.errors import KproxyError
 from kproxy.inspect.flags import given_flags, kube_proxy_flags
 from kproxy.logs import LEVELS, configure_logging
-from kproxy.model.config import ProxyConfig
 
 if TYPE_CHECKING:
     from kproxy.sync.agent import SourceStarter
@@ -194,19 +193,16 @@ def dump(
 @cli.command()
 @lock_timeout_option
 def cleanup(lock_timeout: float) -> None:
-    """Remove every mode's rules: the iptables and userspace modes' chains and jump rules
-    (kproxy's or kube-proxy's) and both families' `kube-proxy` nftables tables."""
+    """Remove every mode's rules, kproxy's or kube-proxy's: the iptables and userspace modes'
+    chains and jump rules, and both families' `kube-proxy` nftables tables."""
     from kproxy.dataplane.host import route_localnet_left
-    from kproxy.dataplane.nftables.node import delete_nftables_tables
-    from kproxy.sync.modes import proxy_mode
+    from kproxy.sync.modes import remove_every_mode
 
-    with proxy_mode(ProxyConfig()).open_dataplane(ProxyConfig(), lock_timeout) as dataplane:
-        result = dataplane.cleanup()
-    removed_jumps = sum(len(p) for t in result.tables for p in t.remove_jumps.values())
-    click.echo(f"removed {result.chains_removed} chains and {removed_jumps} jump rules")
-    tables = delete_nftables_tables()  # the nftables mode's, kproxy's or upstream's
-    if tables:
-        click.echo(f"removed {tables} nftables table{'s' if tables > 1 else ''} (kube-proxy)")
+    removed = [t for t in remove_every_mode(lock_timeout) if not t.empty]
+    chains = sum(len(t.delete) for t in removed)
+    jumps = sum(len(p) for t in removed for p in t.remove_jumps.values())
+    where = ", ".join(dict.fromkeys(t.table for t in removed))
+    click.echo(f"removed {chains} chains and {jumps} jump rules" + (f" ({where})" if where else ""))
     if route_localnet_left():
         click.echo(
             "left net.ipv4.conf.all.route_localnet=1 (another program may need it; KUBE-FIREWALL "
@@ -288,8 +284,9 @@ def doctor(config_path: str | None, service_cidr: str | None) -> None:
     """Check this node for what kproxy needs; exit 1 if a check fails."""
     from kproxy.doctor import exit_code, render_report, run_checks
     from kproxy.inspect.inputs import load_config_file
+    from kproxy.sync.modes import mode_needs
 
-    checks = run_checks(load_config_file(config_path), service_cidr)
+    checks = run_checks(load_config_file(config_path), service_cidr, modes=mode_needs())
     click.echo(render_report(checks), nl=False)
     sys.exit(exit_code(checks))
 

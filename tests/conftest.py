@@ -5,12 +5,17 @@ many more examples when hunting for a bug."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Sequence
+
 import pytest
 from hypothesis import HealthCheck, settings
 
+from kproxy.dataplane.base import TableReport
 from kproxy.dataplane.nftables import node as nftables_node
 from kproxy.dataplane.nftables import readback
 from kproxy.dataplane.nftables.fake import FakeNfTables
+from kproxy.sync import modes
 
 # Planning, applying and tracing a generated cluster takes a few milliseconds, sometimes more on
 # a loaded machine: judge properties by their examples, not by a per-example deadline.
@@ -31,3 +36,26 @@ def nft(monkeypatch: pytest.MonkeyPatch) -> FakeNfTables:
     monkeypatch.setattr(nftables_node, "NftMonitor", kernel.monitor)
     monkeypatch.setattr(readback.os, "geteuid", lambda: 0)
     return kernel
+
+
+class Leftovers:
+    """The modes' leftover removals in unit tests: the real ones act on this process's network
+    namespace, so each registry entry's is replaced. A node holds nothing of another mode until
+    a test puts a removal under the name of the first mode that has it (`iptables` for the
+    x_tables modes' shared one, `nftables`)."""
+
+    def __init__(self) -> None:
+        self.removals: dict[str, Callable[[], Sequence[TableReport]]] = {}
+
+    def stand_in(self, name: str) -> Callable[[float], Sequence[TableReport]]:
+        return lambda lock_timeout: self.removals.get(name, list)()
+
+
+@pytest.fixture(autouse=True)
+def leftovers(monkeypatch: pytest.MonkeyPatch) -> Leftovers:
+    fake = Leftovers()
+    stand_ins: dict[object, Callable[[float], Sequence[TableReport]]] = {}
+    for name, mode in list(modes.MODES.items()):
+        stand_in = stand_ins.setdefault(mode.remove_leftovers, fake.stand_in(name))
+        monkeypatch.setitem(modes.MODES, name, dataclasses.replace(mode, remove_leftovers=stand_in))
+    return fake

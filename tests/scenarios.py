@@ -1,5 +1,5 @@
 """Shared scenario builders: Services and EndpointSlices written as kubectl would show them (plain
-dicts), fed through kproxy.model.convert into a ClusterState, then planned with build_ruleset.
+dicts), fed through kproxy.model.convert into a ClusterState, then planned with plan_ruleset.
 
 Tests import this module as `scenarios` (pytest puts tests/ on sys.path)."""
 
@@ -14,10 +14,10 @@ from kproxy.model.config import ProxyConfig
 from kproxy.model.convert import build_endpoint_slice, build_service_ports
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import NamespacedName
-from kproxy.plan.iptables.ruleset import build_ruleset
+from kproxy.plan.iptables.ruleset import plan_ruleset
 from kproxy.plan.nftables.ir import NftTable
 from kproxy.plan.nftables.render import render_nft_table
-from kproxy.plan.nftables.table import build_nft_table
+from kproxy.plan.nftables.table import plan_nft_table
 from kproxy.rules.ir import Ruleset
 from kproxy.rules.render import render_ruleset
 from kproxy.state.cluster import ClusterState
@@ -139,18 +139,18 @@ class Scenario:
 
     def ruleset(self, family: int = 4) -> Ruleset:
         state = self.state()
-        return build_ruleset(
+        return plan_ruleset(
             state.services_map(), state.endpoints_map(), self.node, self.config, family
-        )
+        ).ruleset
 
     def render(self, family: int = 4) -> str:
         return render_ruleset(self.ruleset(family))
 
     def nft_table(self, family: int = 4) -> NftTable:
         state = self.state()
-        return build_nft_table(
+        return plan_nft_table(
             state.services_map(), state.endpoints_map(), self.node, self.config, family
-        )
+        ).table
 
     def render_nft(self, family: int = 4) -> str:
         """The nftables mode's table, as `nft list table` prints it."""

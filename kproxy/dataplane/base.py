@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from kproxy.plan.node_plan import NodePlan
 from kproxy.rules.ir import Ruleset
@@ -87,12 +87,18 @@ class ChainDiff:
     lines: tuple[str, ...]  # a unified diff, `---`/`+++` headers first
 
 
+@dataclass(frozen=True, slots=True)
+class NodeNeeds:
+    """What a mode's dataplane needs of the node, as `kproxy doctor` judges it: which netfilter
+    backend its rules go into (the legacy x_tables, or nf_tables) and the oldest kernel (major,
+    minor) that carries them out."""
+
+    tables: Literal["legacy", "nftables"]
+    min_kernel: tuple[int, int] = (0, 0)
+
+
 class ModeDataplane(Protocol):
     """A proxy mode's dataplane for the whole node: it carries out that mode's NodePlan."""
-
-    mode: str
-    # The tables whose rules the mode's rules gauges count, as their `table` label.
-    rule_tables: tuple[str, ...]
 
     @property
     def families(self) -> tuple[int, ...]: ...

@@ -40,7 +40,7 @@ from pyroute2.netlink.nfnetlink.nfctsocket import (
     nfct_msg,
 )
 
-from kproxy.dataplane.nftables.encode import Spliced, spliced
+from kproxy.dataplane.nftables.templates import Spliced, spliced
 from kproxy.errors import DataplaneError
 
 NETLINK_NETFILTER = 12

@@ -5,8 +5,9 @@ Read with pyroute2 (addresses) and /proc/sys (sysctls) of the namespace kproxy r
 from __future__ import annotations
 
 import os
+import re
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -62,6 +63,10 @@ def with_host_facts(node: NodeInfo) -> NodeInfo:
     )
 
 
+# Writes a plan's sysctls (apply_sysctls; a no-op or a recorder in tests).
+SysctlWriter = Callable[[Iterable[tuple[str, str]]], None]
+
+
 def apply_sysctls(sysctls: Iterable[tuple[str, str]]) -> None:
     """Set the sysctls a node plan asks for, in this network namespace."""
     for name, value in sysctls:
@@ -99,6 +104,12 @@ def machine_cpus() -> int:
     for the whole host, and kube-proxy counts them so too (a CPU-pinned pod would otherwise size
     the host's table by its own share)."""
     return os.cpu_count() or len(os.sched_getaffinity(0))
+
+
+def kernel_version(release: str) -> tuple[int, int]:
+    """(major, minor) of a kernel release such as `6.1.0-28-amd64`; (0, 0) if it has none."""
+    found = re.match(r"(\d+)\.(\d+)", release)
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
 
 
 def conntrack_max_target(max_per_core: int | None, minimum: int | None, cpus: int) -> int | None:

@@ -1,9 +1,10 @@
 """The other modes' leftovers, removed after a mode's first commit in this process: a node
 switching modes in place gets the new mode's rules before the old mode's go, so traffic never
-falls through. Every mode's dataplane owes this once; what it removed is counted in that sync's
-ApplyResult (`sync --once`'s summary, the `sync_completed` log, /statusz). A removal that fails
-is counted as a cleanup failure, never fails the sync (whose own rules are in), and is retried
-after the next sync until it succeeds, as upstream retries its stale-chain cleanup."""
+falls through. The sync loop runs one LeftoverRemoval per other mode (sync/modes.py); what it
+removed is counted in that sync's ApplyResult (`sync --once`'s summary, the `sync_completed`
+log, /statusz). A removal that fails is counted as a cleanup failure, never fails the sync
+(whose own rules are in), and is retried after the next sync until it succeeds, as upstream
+retries its stale-chain cleanup."""
 
 from __future__ import annotations
 

@@ -12,8 +12,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kproxy.dataplane.nftables.families import NFT_FAMILIES
+
 PROC = Path("/proc")
-NFT_FAMILIES = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ def read_legacy_available() -> bool:
     (python-iptables loads it on import)."""
     names = PROC / "net" / "ip_tables_names"
     if not names.exists():
-        from kproxy.dataplane.iptables.backend import load_iptc
+        from kproxy.dataplane.xtables.backend import load_iptc
 
         with contextlib.suppress(Exception):  # no library, no module: no legacy tables either
             load_iptc()
@@ -44,7 +45,7 @@ def read_legacy_chains(table: str, family: int = 4) -> frozenset[str]:
         return frozenset()
     if table not in existing:
         return frozenset()
-    from kproxy.dataplane.iptables.backend import load_iptc
+    from kproxy.dataplane.xtables.backend import load_iptc
 
     iptc = load_iptc()
     # autocommit=False: a refresh with autocommit on would commit (rewrite) the table.

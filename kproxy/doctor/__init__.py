@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
+from kproxy.dataplane.base import NodeNeeds
 from kproxy.dataplane.host import machine_cpus
 from kproxy.dataplane.host import read_sysctl as _read_proc_sysctl
 from kproxy.dataplane.readers import (
@@ -42,6 +43,7 @@ from kproxy.doctor.judges import (
 )
 from kproxy.errors import ConfigError
 from kproxy.model.config import ProxyConfig
+from kproxy.model.config_values import DEFAULT_MODE
 
 
 def read_sysctl(name: str) -> str | None:
@@ -77,16 +79,6 @@ def _uses_ipv6(config: ProxyConfig, service_cidr: str) -> bool:
     return any(ipaddress.ip_network(c, strict=False).version == 6 for c in cidrs)
 
 
-def __legacy_hints() -> set[str]:
-    """kubelet's hint chains in the legacy mangle tables."""
-    return set(HINT_CHAINS) & read_all_legacy_chains()
-
-
-def __nft_hints() -> set[str]:
-    """kubelet's hint chains in nftables' mangle tables (iptables-nft)."""
-    return {c for _, t, c in read_nft_chains() if t == "mangle" and c in HINT_CHAINS}
-
-
 def _legacy_hints() -> set[str]:
     """kubelet's hint chains in the legacy mangle tables."""
     return set(HINT_CHAINS) & read_all_legacy_chains()
@@ -97,25 +89,15 @@ def _nft_hints() -> set[str]:
     return {c for _, t, c in read_nft_chains() if t == "mangle" and c in HINT_CHAINS}
 
 
-def run_checks(
-    config: ProxyConfig,
-    service_cidr: str | None = None,
-    conntrack: ConntrackLimits | None = None,
-) -> list[Check]:
-    """Every check, in the network namespace this process runs in. Raises ConfigError for a
-    service CIDR that is not one."""
-    cidr = service_cidr or DEFAULT_SERVICE_CIDR
-    try:
-        ipaddress.ip_network(cidr, strict=False)
-    except ValueError as exc:
-        raise ConfigError(f"--service-cidr {cidr!r} is not a CIDR ({exc})") from exc
-    limits = conntrack or conntrack_limits(config)
-    forward = "net.ipv4.ip_forward"
+def _mode_checks(config: ProxyConfig, modes: Mapping[str, NodeNeeds]) -> list[Check]:
+    """Whether the configured mode suits the node, and for a mode writing the legacy tables,
+    whether they are the backend kubelet uses."""
     checks = [
         _guarded(
             "proxy-mode",
             lambda: judge_proxy_mode(
                 config.mode,
+                modes,
                 os.uname().release,
                 read_legacy_available(),
                 _legacy_hints(),
@@ -123,10 +105,31 @@ def run_checks(
             ),
         ),
     ]
-    if config.mode != "nftables":  # the nftables mode writes no legacy table
+    if modes[config.mode or DEFAULT_MODE].tables == "legacy":
         checks.append(
             _guarded("iptables-backend", lambda: judge_backend(_legacy_hints(), _nft_hints()))
         )
+    return checks
+
+
+def run_checks(
+    config: ProxyConfig,
+    service_cidr: str | None = None,
+    conntrack: ConntrackLimits | None = None,
+    *,
+    modes: Mapping[str, NodeNeeds],
+) -> list[Check]:
+    """Every check, in the network namespace this process runs in; `modes`: what each proxy
+    mode needs of the node (sync/modes.py's mode_needs()). Raises ConfigError for a service
+    CIDR that is not one."""
+    cidr = service_cidr or DEFAULT_SERVICE_CIDR
+    try:
+        ipaddress.ip_network(cidr, strict=False)
+    except ValueError as exc:
+        raise ConfigError(f"--service-cidr {cidr!r} is not a CIDR ({exc})") from exc
+    limits = conntrack or conntrack_limits(config)
+    forward = "net.ipv4.ip_forward"
+    checks = _mode_checks(config, modes)
     checks += [
         _guarded("service-route", lambda: _service_route(cidr)),
         _guarded("ip-forward", lambda: judge_forwarding(forward, read_sysctl(forward))),
@@ -155,6 +158,7 @@ def run_checks(
                 read_links(),
                 read_proxy_processes(),
                 config.mode,
+                modes[config.mode or DEFAULT_MODE].tables,
             ),
         ),
         _guarded("kube-proxy-process", lambda: judge_proxy_processes(read_proxy_processes())),

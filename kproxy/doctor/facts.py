@@ -26,7 +26,6 @@ IPVS_CHAINS = frozenset(
         "KUBE-SOURCE-RANGES-FIREWALL",
     }
 )
-NFT_PROXY_TABLE = "kube-proxy"  # kube-proxy's nftables mode
 PROC = Path("/proc")
 
 

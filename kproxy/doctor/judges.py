@@ -3,25 +3,25 @@ tested without a kernel."""
 
 from __future__ import annotations
 
-import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from kproxy.dataplane.host import conntrack_max_target
-from kproxy.dataplane.nftables.node import MIN_KERNEL as NFT_MIN_KERNEL
+from kproxy.dataplane.base import NodeNeeds
+from kproxy.dataplane.host import conntrack_max_target, kernel_version
 from kproxy.dataplane.readers import RouteLookup
 from kproxy.doctor.facts import (
     HINT_CHAINS,
     IPVS_CHAINS,
     IPVS_INTERFACE,
-    NFT_PROXY_TABLE,
     ProxyProcess,
 )
 from kproxy.model.config import ConntrackConfig, ProxyConfig
+from kproxy.model.config_values import DEFAULT_MODE
 from kproxy.plan.iptables.chains import is_owned_chain
 from kproxy.plan.iptables.naming import SERVICE_CHAIN_PREFIXES, is_service_chain
+from kproxy.plan.nftables.naming import TABLE as NFT_PROXY_TABLE
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -101,48 +101,57 @@ def judge_backend(legacy: Iterable[str], nft: Iterable[str]) -> Check:
     )
 
 
-def kernel_version(release: str) -> tuple[int, int]:
-    found = re.match(r"(\d+)\.(\d+)", release)
-    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+def _version(version: tuple[int, int]) -> str:
+    return ".".join(map(str, version))
 
 
 def judge_proxy_mode(
-    mode: str, kernel_release: str, legacy_tables: bool, legacy: Iterable[str], nft: Iterable[str]
+    mode: str,
+    modes: Mapping[str, NodeNeeds],
+    kernel_release: str,
+    legacy_tables: bool,
+    legacy: Iterable[str],
+    nft: Iterable[str],
 ) -> Check:
-    """Which proxy mode suits this node, against the one configured. `legacy_tables`: the kernel
-    has legacy x_tables; `legacy`/`nft`: kubelet's hint chains found in each backend."""
+    """Which proxy mode suits this node, against the one configured. `modes`: what each mode
+    needs of the node; `legacy_tables`: the kernel has legacy x_tables; `legacy`/`nft`:
+    kubelet's hint chains found in each backend."""
     name = "proxy-mode"
-    mode = mode or "iptables"
-    nft_ok = kernel_version(kernel_release) >= NFT_MIN_KERNEL
+    mode = mode or DEFAULT_MODE
+    needs, kernel = modes[mode], kernel_version(kernel_release)
+    carried = [m for m, n in modes.items() if kernel >= n.min_kernel]
+    legacy_modes = [m for m in carried if modes[m].tables == "legacy"]
+    nft_modes = [m for m in carried if modes[m].tables == "nftables"]
     kubelet_nft = bool(set(nft)) and not set(legacy)
-    minimum = ".".join(map(str, NFT_MIN_KERNEL))
-    if mode == "nftables":
-        if not nft_ok:
-            return Check(
-                name,
-                "fail",
-                f"mode nftables needs kernel >= {minimum}; this node runs {kernel_release}",
-                "use `mode: iptables` on this node",
-            )
+    if kernel < needs.min_kernel:
+        return Check(
+            name,
+            "fail",
+            f"mode {mode} needs kernel >= {_version(needs.min_kernel)}; this node runs "
+            f"{kernel_release}",
+            f"use `mode: {legacy_modes[0]}` on this node" if legacy_modes else "",
+        )
+    if needs.tables == "nftables":
         why = "kubelet uses iptables-nft" if kubelet_nft else "its own table, beside any other"
-        return Check(name, "ok", f"mode nftables suits this node (kernel {kernel_release}; {why})")
+        return Check(name, "ok", f"mode {mode} suits this node (kernel {kernel_release}; {why})")
+    use_nft = f"use `mode: {nft_modes[0]}`" if nft_modes else ""
     if not legacy_tables:
-        advice = "use `mode: nftables`" if nft_ok else f"upgrade the kernel to >= {minimum}"
+        newest = max((n.min_kernel for n in modes.values() if n.tables == "nftables"), default=None)
+        upgrade = f"upgrade the kernel to >= {_version(newest)}" if newest else ""
         return Check(
             name,
             "fail",
             f"this kernel has no legacy x_tables (ip_tables), which mode {mode} writes",
-            advice,
+            use_nft or upgrade,
         )
     if kubelet_nft:
-        advice = "use `mode: nftables`" if nft_ok else "see iptables-backend"
         return Check(
             name,
             "warn",
             f"kubelet uses iptables-nft, so mode {mode}'s legacy rules run beside its rules",
-            advice,
+            use_nft or "see iptables-backend",
         )
-    also = f"; mode nftables would suit it too (kernel {kernel_release})" if nft_ok else ""
+    also = f"; mode {nft_modes[0]} would suit it too (kernel {kernel_release})" if nft_modes else ""
     return Check(name, "ok", f"mode {mode} suits this node (legacy x_tables{also})")
 
 
@@ -262,14 +271,15 @@ def judge_leftovers(
     nft: frozenset[tuple[str, str, str]],
     links: Iterable[str],
     proxies: list[ProxyProcess],
-    mode: str = "",
+    mode: str = DEFAULT_MODE,
+    kept: str = "legacy",
 ) -> Check:
     """`chains`: legacy chain names; `nft`: read_nft_chains(); `links`: interface names; `mode`:
-    the configured proxy mode, whose own rules a running proxy keeps up to date."""
+    the configured proxy mode, whose own rules (in `kept`: "legacy" or "nftables", its
+    NodeNeeds.tables) a running proxy keeps up to date."""
     name = "kube-proxy-leftovers"
     found = _leftover_parts(chains, nft, set(links))
     running = " and ".join(sorted({p.program for p in proxies}))
-    kept = "nftables" if mode == "nftables" else "legacy"
     if not found.cleanable and not found.other:
         return Check(name, "ok", "no kube-proxy rules or IPVS state")
     stale = {kind: text for kind, text in found.cleanable.items() if kind != kept or not running}
@@ -282,7 +292,7 @@ def judge_leftovers(
         advice.append("run `kproxy cleanup` (or start kproxy, which takes these over)")
     elif stale:
         advice.append(
-            f"the running {running} (mode {mode or 'iptables'}) removes the other mode's rules "
+            f"the running {running} (mode {mode or DEFAULT_MODE}) removes the other mode's rules "
             "at its first sync: restart it, or stop it and run `kproxy cleanup`"
         )
     if found.other:

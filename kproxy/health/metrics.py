@@ -22,13 +22,14 @@ PROGRAMMING_BUCKETS = (
 
 class ModeMetrics:
     """What differs between modes: the rules gauges (per table) and the failure counters, under
-    upstream's names for the mode. kube-proxy's nftables mode has no rules gauge: kproxy's own
-    `kproxy_sync_proxy_rules_nftables_*` gauges count the rules of its `kube-proxy` tables."""
+    upstream's names for the tables the mode writes ("legacy": the iptables names; "nftables").
+    kube-proxy's nftables mode has no rules gauge: kproxy's own `kproxy_sync_proxy_rules_nftables_*`
+    gauges count the rules of its `kube-proxy` tables."""
 
-    def __init__(self, r: CollectorRegistry, kind: str) -> None:
+    def __init__(self, r: CollectorRegistry, tables: str) -> None:
         self.partial_sync_failures: Counter | None = None
         self.cleanup_failures: Counter | None = None
-        if kind == "nftables":
+        if tables == "nftables":
             self.rules_total = Gauge(
                 "kproxy_sync_proxy_rules_nftables_total",
                 "Total number of nftables rules owned by kproxy, over the families",
@@ -90,7 +91,13 @@ class ProxyMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
+        self._sync_metrics(self.registry)
+        self._change_metrics(self.registry)
+        self._node_metrics(self.registry)
+        self._modes: dict[str, ModeMetrics] = {}
+
+    def _sync_metrics(self, r: CollectorRegistry) -> None:
+        """How long syncs take, when the last ran, how long a change took to reach the rules."""
         self.sync_duration = Histogram(
             "kubeproxy_sync_proxy_rules_duration_seconds",
             "SyncProxyRules latency in seconds",
@@ -125,6 +132,9 @@ class ProxyMetrics:
             buckets=PROGRAMMING_BUCKETS,
             registry=r,
         )
+
+    def _change_metrics(self, r: CollectorRegistry) -> None:
+        """The changes the sources reported, and the objects skipped."""
         self.endpoint_changes_pending = Gauge(
             "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
             "Pending proxy rules Endpoint changes",
@@ -145,12 +155,21 @@ class ProxyMetrics:
             "Cumulative proxy rules Service changes",
             registry=r,
         )
+        self.objects_skipped = Counter(
+            "kproxy_invalid_objects_skipped",
+            "Kubernetes objects skipped because a field could not be programmed",
+            ["kind"],
+            registry=r,
+        )
         self.no_local_endpoints = Gauge(
             "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
             "Number of services with a Local traffic policy and no endpoints",
             ["traffic_policy"],
             registry=r,
         )
+
+    def _node_metrics(self, r: CollectorRegistry) -> None:
+        """Health answers, conntrack cleanup, and the agent's own troubles."""
         self.healthz = Counter(
             "kubeproxy_proxy_healthz", "Cumulative proxy healthz HTTP status", ["code"], registry=r
         )
@@ -181,22 +200,14 @@ class ProxyMetrics:
             "failed (EMFILE, the xtables lock...); retried, then the portals are left in place",
             registry=r,
         )
-        self.objects_skipped = Counter(
-            "kproxy_invalid_objects_skipped",
-            "Kubernetes objects skipped because a field could not be programmed",
-            ["kind"],
-            registry=r,
-        )
-        self._modes: dict[str, ModeMetrics] = {}
 
-    def for_mode(self, mode: str) -> ModeMetrics:
-        """The metrics of `mode`'s dataplane, registered on first use: as upstream, a mode's
-        own metrics exist only while it runs (no iptables series reading 0 in the nftables
-        mode, and the reverse)."""
-        kind = "nftables" if mode == "nftables" else "iptables"  # userspace: iptables portals
-        if kind not in self._modes:
-            self._modes[kind] = ModeMetrics(self.registry, kind)
-        return self._modes[kind]
+    def for_mode(self, tables: str) -> ModeMetrics:
+        """The metrics of a mode whose rules go into `tables` (its NodeNeeds.tables: "legacy"
+        or "nftables"), registered on first use: as upstream, a mode's own metrics exist only
+        while it runs (no iptables series reading 0 in the nftables mode, and the reverse)."""
+        if tables not in self._modes:
+            self._modes[tables] = ModeMetrics(self.registry, tables)
+        return self._modes[tables]
 
     def accept_error_counter(self, server: str) -> Callable[[str], None]:
         """What an HTTP server calls when accept fails for want of descriptors or memory."""
@@ -205,6 +216,12 @@ class ProxyMetrics:
     def watch_sources(self, read: Callable[[], Mapping[str, int]]) -> None:
         """Export each source's failure count (its supervisor's), read at each scrape."""
         self.registry.register(SourceCollector(read))
+
+    def watch_localhost_node_ports(
+        self, read: Callable[[], Mapping[int, Mapping[str, int]]]
+    ) -> None:
+        """Export KEP-6032's metrics (the nftables mode with its gate on), read at each scrape."""
+        self.registry.register(LocalhostNodePortCollector(read))
 
     def watch_relay(self, read: Callable[[], Mapping[str, Mapping[str, int]]]) -> None:
         """Export the userspace relay's own counters, read from `read` at each scrape."""
@@ -276,6 +293,47 @@ class RelayCollector(Collector):
             for reason in ("service_cap", "total_cap"):
                 refused.add_metric([service_port, reason], values.get(f"refused_{reason}", 0))
         yield refused
+
+
+IP_FAMILY = {4: "IPv4", 6: "IPv6"}  # upstream's ip_family label values
+
+
+class LocalhostNodePortCollector(Collector):
+    """KEP-6032's series under upstream's names, per family. Upstream's rejected-packets counter
+    counts localhost packets to UDP and SCTP NodePorts that an nftables rule rejects (its relay
+    serves TCP only); kproxy's counts the TCP connections its relay resets on a localhost
+    NodePort for want of an endpoint the traffic policy allows (`protocol="TCP"`). UDP and SCTP
+    localhost NodePorts get the kernel's port unreachable and are not counted (docs)."""
+
+    def __init__(self, read: Callable[[], Mapping[int, Mapping[str, int]]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[Metric]:
+        counts = sorted(self.read().items())
+        listeners = GaugeMetricFamily(
+            "kubeproxy_nftables_localhost_nodeport_listeners",
+            "Number of localhost NodePort userspace proxy listeners",
+            labels=["ip_family"],
+        )
+        failures = CounterMetricFamily(
+            "kubeproxy_nftables_localhost_nodeport_listener_creation_failures",
+            "Number of localhost NodePort userspace proxy listener creation failures",
+            labels=["ip_family"],
+        )
+        rejected = CounterMetricFamily(
+            "kubeproxy_nftables_localhost_nodeport_rejected_packets",
+            "Number of connections to localhost NodePorts rejected (reset) for want of an "
+            "endpoint the NodePort's externalTrafficPolicy allows",
+            labels=["ip_family", "protocol"],
+        )
+        for family, values in counts:
+            label = IP_FAMILY.get(family, str(family))
+            listeners.add_metric([label], values.get("listeners", 0))
+            failures.add_metric([label], values.get("creation_failures", 0))
+            rejected.add_metric([label, "TCP"], values.get("rejected", 0))
+        yield listeners
+        yield failures
+        yield rejected
 
 
 class SourceCollector(Collector):

@@ -22,7 +22,12 @@ from kproxy.model.config_fields import (
     SYNC_PERIOD,
     known_names,
 )
-from kproxy.model.config_values import parse_bind_address, parse_duration
+from kproxy.model.config_values import (
+    DEFAULT_MODE,
+    FEATURE_GATES,
+    parse_bind_address,
+    parse_duration,
+)
 
 __all__ = [
     "API_VERSION",
@@ -63,7 +68,7 @@ class ProxyConfig:
     healthz_bind_address: str = "0.0.0.0:10256"
     metrics_bind_address: str = "127.0.0.1:10249"
     detect_local_mode: str = "ClusterCIDR"
-    mode: str = "iptables"  # or "userspace", "nftables"
+    mode: str = DEFAULT_MODE  # or another of MODE_SECTIONS
     port_range: str = ""  # userspace listeners: "begin-end", or "" for any port
     udp_idle_timeout: float = 0.25
     bridge_interface: str = ""
@@ -75,6 +80,12 @@ class ProxyConfig:
     # kproxy's extension: externalIPs and ingress IPs must be in one of these; None allows all.
     allowed_external_ip_cidrs: tuple[str, ...] | None = None
     conntrack: ConntrackConfig = field(default_factory=lambda: ConntrackConfig())
+    # The gates kproxy knows that the config names, (name, enabled), sorted.
+    feature_gates: tuple[tuple[str, bool], ...] = ()
+
+    def feature_enabled(self, gate: str) -> bool:
+        """A feature gate's value: the config's, else its default."""
+        return dict(self.feature_gates).get(gate, FEATURE_GATES[gate])
 
     @property
     def masquerade_mark(self) -> str:
@@ -99,6 +110,9 @@ def _sections(doc: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
 def _ignored(doc: Mapping[str, Any], sections: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Every field of the document kproxy does not read, as a dotted path."""
     ignored = [str(key) for key in doc if key not in known_names(None)]
+    gates = doc.get("featureGates")
+    if isinstance(gates, Mapping):
+        ignored.extend(f"featureGates.{name}" for name in gates if name not in FEATURE_GATES)
     for name, section in sections.items():
         known = known_names(name)
         ignored.extend(f"{name}.{key}" for key in section if key not in known)
@@ -149,14 +163,17 @@ def with_flags(doc: Mapping[str, Any], flags: Mapping[str, Any]) -> tuple[ProxyC
     merged: dict[str, Any] = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in doc.items()}
     by_path: dict[str, str] = {}
     mode_flag = BY_PATH["mode"].flag or ""
-    mode = str(flags.get(mode_flag) or doc.get("mode") or "iptables")  # parse_config checks it
+    mode = str(flags.get(mode_flag) or doc.get("mode") or DEFAULT_MODE)  # parse_config checks it
     for flag, value in flags.items():
         f = BY_FLAG[flag]
         *parents, leaf = f.flag_path(mode).split(".")
         target = merged
         for parent in parents:
             target = target.setdefault(parent, {})
-        target[leaf] = f.flag_value(value)
+        given, before = f.flag_value(value), target.get(leaf)
+        if isinstance(given, Mapping) and isinstance(before, Mapping):
+            given = {**before, **given}  # --feature-gates adds to the file's, as upstream's
+        target[leaf] = given
         by_path[f.flag_path(mode)] = flag
     try:
         return parse_config(merged)

@@ -10,9 +10,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from kproxy.model.config_values import (
+    DEFAULT_MODE,
+    MODE_SECTIONS,
     Parser,
     expect,
+    feature_gates_flag,
     one_of,
+    or_list,
     parse_bit,
     parse_bool,
     parse_cidr_list,
@@ -20,6 +24,7 @@ from kproxy.model.config_values import (
     parse_conntrack_count,
     parse_conntrack_timeout,
     parse_duration,
+    parse_feature_gates,
     parse_listen_address,
     parse_mode,
     parse_node_ip,
@@ -33,9 +38,6 @@ API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 KIND = "KubeProxyConfiguration"
 DETECT_LOCAL_MODES = ("ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix")
 SYNC_PERIOD = 30.0
-# The section of masquerade and sync settings each mode reads, as upstream's v1alpha1 conversion:
-# the nftables mode reads `nftables:` and ignores `iptables:`, the other modes the reverse.
-MODE_SECTIONS = {"iptables": "iptables", "userspace": "iptables", "nftables": "nftables"}
 
 
 def is_null(value: Any) -> bool:
@@ -89,7 +91,8 @@ class Field:
         """Where this field's flag lands in the document in `mode`."""
         if not self.flag_every_mode:
             return self.path
-        return f"{MODE_SECTIONS.get(mode, 'iptables')}.{self.path.rsplit('.', 1)[1]}"
+        section = MODE_SECTIONS.get(mode, MODE_SECTIONS[DEFAULT_MODE])
+        return f"{section}.{self.path.rsplit('.', 1)[1]}"
 
     @property
     def help_path(self) -> str:
@@ -104,11 +107,11 @@ FIELDS: tuple[Field, ...] = (
     Field("apiVersion", None, expect(API_VERSION), f"`{API_VERSION}`", "the only one accepted"),
     Field("kind", None, expect(KIND), f"`{KIND}`", "the only one accepted"),
     Field(
-        "mode", "mode", parse_mode, "`iptables`",
+        "mode", "mode", parse_mode, f"`{DEFAULT_MODE}`",
         "`\"\"` and `iptables` (netfilter DNAT), `nftables` (one nftables table per family, "
         "written over netlink) or `userspace` (kproxy relays each connection); `ipvs` and "
         "`kernelspace` are refused",
-        "--proxy-mode", "iptables, nftables or userspace.", keeps_default=is_empty,
+        "--proxy-mode", f"{or_list(MODE_SECTIONS)}.", keeps_default=is_empty,
     ),
     Field(
         "portRange", "port_range", parse_port_range, "none",
@@ -153,6 +156,14 @@ FIELDS: tuple[Field, ...] = (
         "CIDRs and/or `primary` (the Node's `InternalIP` addresses) that NodePorts answer on",
         "--nodeport-addresses", "CIDRs or 'primary', comma-separated.",
         keeps_default=is_empty, flag_value=comma_list,
+    ),
+    Field(
+        "featureGates", "feature_gates", parse_feature_gates, "none",
+        "nftables mode: `KubeProxyNFTablesLocalhostNodePorts: true` (alpha, off by default, "
+        "as upstream) answers TCP NodePorts on `127.0.0.1` and `::1` through the relay; other "
+        "gates are reported as ignored",
+        "--feature-gates", "Gates, e.g. KubeProxyNFTablesLocalhostNodePorts=true.",
+        keeps_default=is_empty, flag_value=feature_gates_flag,
     ),
     Field(
         "allowedExternalIPCIDRs", "allowed_external_ip_cidrs", parse_cidr_list, "any address",

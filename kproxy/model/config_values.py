@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from kproxy.errors import ConfigError
@@ -165,15 +165,26 @@ def one_of(choices: tuple[str, ...]) -> Parser:
     return check
 
 
-PROXY_MODES = ("iptables", "userspace", "nftables")
+# The proxy modes by name, each with the section of masquerade and sync settings it reads, as
+# upstream's v1alpha1 conversion: the nftables mode reads `nftables:` and ignores `iptables:`,
+# the other modes the reverse. The modes themselves are sync/modes.py's registry (a layer above
+# this one); a test checks that both name the same modes.
+MODE_SECTIONS = {"iptables": "iptables", "userspace": "iptables", "nftables": "nftables"}
+DEFAULT_MODE = "iptables"  # what `mode: ""` means, as upstream
 
 
 def parse_mode(value: Any, field: str) -> str:
-    if value not in PROXY_MODES:
+    if value not in MODE_SECTIONS:
         raise ConfigError(
-            f"{value!r} is not supported; kproxy implements {', '.join(PROXY_MODES)}", field
+            f"{value!r} is not supported; kproxy implements {', '.join(MODE_SECTIONS)}", field
         )
     return str(value)
+
+
+def or_list(names: Iterable[str]) -> str:
+    """`a, b or c`."""
+    *head, last = sorted(names)
+    return f"{', '.join(head)} or {last}" if head else last
 
 
 def parse_port_range(value: Any, field: str) -> str:
@@ -191,3 +202,35 @@ def parse_port_range(value: Any, field: str) -> str:
     if not (1 <= low <= high <= 65535):
         raise ConfigError(f"{value!r} is not a range of ports 1-65535", field)
     return f"{low}-{high}"
+
+
+# The feature gates kproxy acts on, with their defaults (upstream's: alpha gates are off).
+FEATURE_GATES = {"KubeProxyNFTablesLocalhostNodePorts": False}
+
+
+def parse_feature_gates(value: Any, field: str) -> tuple[tuple[str, bool], ...]:
+    """`featureGates`: gate name -> true or false. The gates kproxy knows, sorted; any other name
+    is kept out (parse_config reports it as an ignored field: upstream knows every Kubernetes
+    gate, so a migrated config may name many kproxy has no use for). A value that is not a
+    boolean is refused, as upstream refuses it."""
+    if not isinstance(value, dict):
+        raise ConfigError("expected a mapping of gate names to true or false", field)
+    gates = []
+    for name, enabled in value.items():
+        flag = enabled if isinstance(enabled, bool) else parse_go_bool(str(enabled))
+        if flag is None:
+            raise ConfigError(f"{name}={enabled!r}: expected true or false", field)
+        if name in FEATURE_GATES:
+            gates.append((str(name), flag))
+    return tuple(sorted(gates))
+
+
+def feature_gates_flag(value: Any) -> dict[str, Any]:
+    """`--feature-gates=A=true,B=false` as the document's mapping (an item without `=` keeps
+    its text, which parse_feature_gates then refuses, naming it)."""
+    gates: dict[str, Any] = {}
+    for item in str(value).split(","):
+        name, sep, enabled = item.strip().partition("=")
+        if name:
+            gates[name.strip()] = enabled.strip() if sep else item.strip()
+    return gates

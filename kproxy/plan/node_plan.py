@@ -2,21 +2,31 @@
 
 Each mode has its own kernel part (the iptables mode: one Ruleset per address family); the rest
 is shared, so the sync loop, conntrack cleanup, health and metrics act on it the same way for
-every mode instead of working it out again themselves.
+every mode instead of working it out again themselves. `assemble_node_plan` adds that shared
+rest to a mode's kernel part.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
+from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import NamespacedName, ServicePort, ServicePortName
-from kproxy.plan.conntrack import UdpServing
+from kproxy.plan.conntrack import UdpServing, serving_sources
+from kproxy.plan.localhost_nodeports import LocalhostNodePort
+from kproxy.plan.node_ports import health_check_addresses
 
 KernelPart = TypeVar("KernelPart")
+FamilyPart = TypeVar("FamilyPart")
+# What a planner reads: state's maps, read-only.
+ServicePortMap = Mapping[ServicePortName, ServicePort]
+EndpointsMap = Mapping[ServicePortName, tuple[Endpoint, ...]]
+Families = tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +60,8 @@ class NodePlan(Generic[KernelPart]):
     health_checks: tuple[HealthCheckServer, ...] = ()
     udp_serving: Mapping[int, UdpServing] = field(default_factory=dict)  # per family
     stats: PlanStats = field(default_factory=PlanStats)
+    # The nftables mode's relay listeners on 127.0.0.1/::1 (plan/localhost_nodeports.py).
+    localhost_node_ports: tuple[LocalhostNodePort, ...] = ()
 
 
 class Planner(Protocol[KernelPart]):
@@ -57,18 +69,91 @@ class Planner(Protocol[KernelPart]):
     different)."""
 
     def plan(
-        self,
-        services: Mapping[ServicePortName, ServicePort],
-        endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]],
-        node: NodeInfo,
-        families: tuple[int, ...],
+        self, services: ServicePortMap, endpoints: EndpointsMap, node: NodeInfo, families: Families
     ) -> NodePlan[KernelPart]: ...
 
 
+@dataclass(frozen=True, slots=True)
+class PlanInput:
+    """One plan's input, as every planner gets it, with the planner's config."""
+
+    services: ServicePortMap
+    endpoints: EndpointsMap
+    node: NodeInfo
+    families: Families
+    config: ProxyConfig
+
+
+class FamilyPlanner(ABC, Generic[KernelPart, FamilyPart]):
+    """A Planner that plans each family on its own, then assembles the node plan from the
+    families' parts (with assemble_node_plan): what every mode's planner does."""
+
+    config: ProxyConfig
+
+    def plan(
+        self, services: ServicePortMap, endpoints: EndpointsMap, node: NodeInfo, families: Families
+    ) -> NodePlan[KernelPart]:
+        given = PlanInput(services, endpoints, node, families, self.config)
+        return self.assemble(
+            given, {family: self.plan_family(given, family) for family in families}
+        )
+
+    @abstractmethod
+    def plan_family(self, given: PlanInput, family: int) -> FamilyPart: ...
+
+    @abstractmethod
+    def assemble(
+        self, given: PlanInput, planned: Mapping[int, FamilyPart]
+    ) -> NodePlan[KernelPart]: ...
+
+
+class NoLocalCounts(Protocol):
+    """One family's count of service ports without local endpoints (see PlanStats)."""
+
+    @property
+    def no_local_internal(self) -> int: ...
+
+    @property
+    def no_local_external(self) -> int: ...
+
+
+def assemble_node_plan(
+    mode: str,
+    kernel: KernelPart,
+    given: PlanInput,
+    per_family: Iterable[NoLocalCounts],
+    rules: Mapping[str, int],
+    sysctls: tuple[tuple[str, str], ...] = (),
+    udp_serving: Mapping[int, UdpServing] | None = None,
+    localhost_node_ports: tuple[LocalhostNodePort, ...] = (),
+) -> NodePlan[KernelPart]:
+    """A mode's kernel part with what every mode's plan holds besides: the health-check servers
+    and their addresses, the UDP conntrack facts (the endpoints serving each service, unless
+    the mode says otherwise) and the stats."""
+    counts = list(per_family)
+    if udp_serving is None:
+        udp_serving = {
+            f: serving_sources(given.services, given.endpoints, f) for f in given.families
+        }
+    return NodePlan(
+        mode=mode,
+        kernel=kernel,
+        families=given.families,
+        sysctls=sysctls,
+        health_check_addresses=health_check_addresses(given.config, given.node),
+        health_checks=plan_health_checks(given.services, given.endpoints, given.node),
+        udp_serving=udp_serving,
+        stats=PlanStats(
+            sum(c.no_local_internal for c in counts),
+            sum(c.no_local_external for c in counts),
+            rules,
+        ),
+        localhost_node_ports=localhost_node_ports,
+    )
+
+
 def plan_health_checks(
-    services: Mapping[ServicePortName, ServicePort],
-    endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]],
-    node: NodeInfo,
+    services: ServicePortMap, endpoints: EndpointsMap, node: NodeInfo
 ) -> tuple[HealthCheckServer, ...]:
     """One listener per service with a healthCheckNodePort, counting its ready endpoints on this
     node (each address once, over all its ports)."""

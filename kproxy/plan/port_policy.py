@@ -6,17 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kproxy.model.addresses import ip_family
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.service import ServicePort
+from kproxy.plan.addresses import ZERO_CIDR, of_family
 from kproxy.plan.endpoints import EndpointCategories, categorize_endpoints
-
-ZERO_CIDR = {4: "0.0.0.0/0", 6: "::/0"}  # every address of a family
-
-
-def of_family(addresses: tuple[str, ...], family: int) -> tuple[str, ...]:
-    """The addresses or CIDRs (validated on the way in) of one family."""
-    return tuple(a for a in addresses if ip_family(a) == family)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +54,10 @@ class PortPolicy:
     has_internal: bool  # ClusterIP traffic has somewhere to go
     has_external: bool  # external traffic has somewhere to go
     uses_firewall: bool  # loadBalancerSourceRanges filter the LB IPs
+    internal: tuple[Endpoint, ...]  # where ClusterIP traffic goes (internalTrafficPolicy)
+    # Where NodePort, externalIP and LB traffic goes (externalTrafficPolicy); none when the
+    # port has no such address of this family.
+    external: tuple[Endpoint, ...]
 
     @property
     def no_local_internal(self) -> bool:
@@ -92,4 +89,6 @@ def decide_port_policy(
         has_internal=cats.has_any and (not itp_local or bool(cats.local)),
         has_external=cats.has_any and (not etp_local or bool(cats.local)),
         uses_firewall=cats.has_any and bool(port.lb_ips) and bool(port.source_ranges),
+        internal=cats.local if itp_local else cats.cluster,
+        external=(cats.local if etp_local else cats.cluster) if port.externally_accessible else (),
     )

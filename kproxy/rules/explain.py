@@ -18,7 +18,7 @@ from typing import Protocol
 
 from kproxy.rules.ir import Rule, Ruleset, Table
 from kproxy.rules.render import render_rule
-from kproxy.rules.trace import Hook, Packet, TraceResult, Verdict, weighted_outcomes
+from kproxy.rules.trace import Hook, Packet, TraceResult, Verdict, host_port, weighted_outcomes
 
 MARK_MASQ_CHAIN = "KUBE-MARK-MASQ"  # upstream's name; every mode that masquerades marks here
 
@@ -168,18 +168,15 @@ def explain_packet(
         policies=tables.policies,
         lenient=True,
     )
-    branches = tuple(_branch(tables, hook, share, result) for share, result in outcomes)
-    branches = tuple(sorted(branches, key=lambda b: (-b.share, b.destination or "")))
-    return Explanation(
-        packet=packet,
-        hook=hook,
-        origin=origin,
-        family=tables.ruleset.family,
-        source=tables.source,
-        branches=branches,
-        affinity_seconds=_affinity(tables, outcomes),
-        unreadable=tables.unreadable,
-    )
+    branches = by_share(_branch(tables, hook, share, result) for share, result in outcomes)
+    family, source = tables.ruleset.family, tables.source
+    affinity = _affinity(tables, outcomes)
+    return Explanation(packet, hook, origin, family, source, branches, affinity, tables.unreadable)
+
+
+def by_share(branches: Iterable[Branch]) -> tuple[Branch, ...]:
+    """Branches in the order an explanation lists them: most traffic first."""
+    return tuple(sorted(branches, key=lambda b: (-b.share, b.destination or "")))
 
 
 def _chain_rules(table: Table, chain: str) -> tuple[Rule, ...]:
@@ -210,7 +207,7 @@ def _branch(tables: TraceTables, hook: Hook, share: float, result: TraceResult) 
         rules.append((chain, rule, kproxy))
     service, entry = _service(rules)
     outcome = _outcome(tables, result, rules, service)
-    destination = _host_port(*result.dnat) if result.dnat else None
+    destination = host_port(*result.dnat) if result.dnat else None
     relay = _relay(tables, service, entry) if outcome is Outcome.RELAYED else None
     skipped = tuple(
         f"{render_rule(chain, _rule_at(tables.ruleset, table, chain, index))}  ({why})"
@@ -257,10 +254,6 @@ def _relay(tables: TraceTables, service: str | None, entry: str | None) -> Relay
     if entry != "cluster IP" and f"{service} external" in tables.relays:
         return tables.relays[f"{service} external"]
     return tables.relays.get(service)
-
-
-def _host_port(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 _ENTRY_SUFFIXES = ("cluster IP", "external IP", "loadbalancer IP", "health check node port")

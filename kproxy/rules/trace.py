@@ -18,7 +18,7 @@ import ipaddress
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal, TypedDict, Unpack
+from typing import Literal, TypedDict, TypeVar, Unpack
 
 from kproxy.rules.ir import Rule, Ruleset, Table, Target
 from kproxy.rules.trace_matches import TraceError as TraceError
@@ -26,6 +26,7 @@ from kproxy.rules.trace_matches import UnknownExtension, opt_value, rule_matches
 
 Hook = Literal["PREROUTING", "OUTPUT"]
 Choose = Callable[[float], bool]
+T = TypeVar("T")
 _MAX_DEPTH = 64
 
 
@@ -253,6 +254,11 @@ def _parse_destination(text: str, dport: int) -> tuple[str, int]:
     return str(ipaddress.ip_address(host)), int(port) if port else dport
 
 
+def host_port(ip: str, port: int) -> str:
+    """`ip:port`, an IPv6 address in brackets: DNAT's --to-destination and what a trace says."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
 def _scripted(prefix: tuple[bool, ...], taken: list[tuple[bool, float]]) -> Choose:
     """A `choose` that replays `prefix` and then says no, appending every answer (with the
     probability it was asked with) to `taken`."""
@@ -265,6 +271,27 @@ def _scripted(prefix: tuple[bool, ...], taken: list[tuple[bool, float]]) -> Choo
     return choose
 
 
+def every_path(run: Callable[[Choose], T], max_paths: int, what: str) -> list[tuple[float, T]]:
+    """`run` once per way its random choices can fall, each result with its share (the shares
+    sum to 1): a prefix of answers is replayed, then a yes tried at each later question. A tracer
+    of any kind of table walks its branches with this."""
+    results: list[tuple[float, T]] = []
+    pending: list[tuple[bool, ...]] = [()]
+    while pending:
+        if len(results) >= max_paths:
+            raise TraceError(f"more than {max_paths} paths through {what}")
+        prefix, taken = pending.pop(), list[tuple[bool, float]]()
+        result = run(_scripted(prefix, taken))
+        share = 1.0
+        for answer, probability in taken:
+            share *= probability if answer else 1.0 - probability
+        results.append((share, result))
+        # Every decision made past the replayed prefix was a no: try a yes there too.
+        answers = [answer for answer, _ in taken]
+        pending.extend((*answers[:i], True) for i in range(len(prefix), len(answers)))
+    return results
+
+
 def weighted_outcomes(
     ruleset: Ruleset,
     packet: Packet,
@@ -275,23 +302,13 @@ def weighted_outcomes(
 ) -> list[tuple[float, TraceResult]]:
     """One (share, TraceResult) per way the probability matches can fall, the shares summing
     to 1; `recent` is left unchanged."""
-    results: list[tuple[float, TraceResult]] = []
-    pending: list[tuple[bool, ...]] = [()]
-    while pending:
-        if len(results) >= max_paths:
-            raise TraceError(f"more than {max_paths} paths through the ruleset")
-        prefix, taken = pending.pop(), list[tuple[bool, float]]()
+
+    def run(choose: Choose) -> TraceResult:
         run_options = TraceOptions(**options)
         run_options["recent"] = options.get("recent", RecentState()).copy()
-        result = trace_packet(ruleset, packet, hook, choose=_scripted(prefix, taken), **run_options)
-        share = 1.0
-        for answer, probability in taken:
-            share *= probability if answer else 1.0 - probability
-        results.append((share, result))
-        # Every decision made past the replayed prefix was a no: try a yes there too.
-        answers = [answer for answer, _ in taken]
-        pending.extend((*answers[:i], True) for i in range(len(prefix), len(answers)))
-    return results
+        return trace_packet(ruleset, packet, hook, choose=choose, **run_options)
+
+    return every_path(run, max_paths, "the ruleset")
 
 
 def possible_outcomes(

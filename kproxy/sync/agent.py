@@ -19,6 +19,7 @@ import structlog
 from kproxy.dataplane.base import RelayStats
 from kproxy.dataplane.conntrack import ConntrackCleaner
 from kproxy.dataplane.host import tune_node, with_host_facts
+from kproxy.dataplane.localhost_nodeports import LocalhostNodePortStats
 from kproxy.errors import ConfigError
 from kproxy.health.healthz import ProxyHealth, serve_health
 from kproxy.health.http import HttpServer
@@ -28,7 +29,7 @@ from kproxy.health.service_health import ServiceHealthServers
 from kproxy.model.addresses import build_allow_list
 from kproxy.model.config import ProxyConfig, parse_bind_address
 from kproxy.sync.loop import StateBox, SyncLoop
-from kproxy.sync.modes import proxy_mode
+from kproxy.sync.modes import other_modes_leftovers, proxy_mode
 from kproxy.sync.status import SyncStatus
 from kproxy.watch.sink import Sink
 from kproxy.watch.supervisor import Supervisor, source_problems
@@ -116,7 +117,7 @@ def run_agent(
         loop = SyncLoop(
             box=box,
             config=config,
-            planner=mode.planner(config),
+            mode=mode,
             dataplane=dataplane,
             metrics=metrics,
             health=health,
@@ -124,6 +125,7 @@ def run_agent(
             clean_conntrack=ConntrackCleaner(),
             service_health=service_health,
             status=status,
+            leftovers=other_modes_leftovers(mode, lock_timeout),
         )
         log.info(
             "agent_started",
@@ -141,6 +143,8 @@ def run_agent(
         health.dataplane_problems = dataplane.problems
         if isinstance(dataplane, RelayStats):
             metrics.watch_relay(dataplane.service_port_counters)
+        if isinstance(dataplane, LocalhostNodePortStats):
+            metrics.watch_localhost_node_ports(dataplane.localhost_node_port_counts)
         loop.run(stop)
         mode.on_stop(loop)
     log.info("agent_stopped", mode=mode.name)

@@ -10,14 +10,15 @@ from __future__ import annotations
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import structlog
 
 from kproxy.dataplane.base import ApplyResult, ModeDataplane
+from kproxy.dataplane.leftovers import LeftoverRemoval
 from kproxy.errors import KproxyError
 from kproxy.health.healthz import ProxyHealth
 from kproxy.health.metrics import ProxyMetrics
@@ -33,6 +34,9 @@ from kproxy.state.cluster import ClusterState
 from kproxy.state.ingest import Mutation
 from kproxy.sync.gcpause import gc_paused
 from kproxy.sync.status import SyncStatus
+
+if TYPE_CHECKING:
+    from kproxy.sync.modes import ProxyMode
 
 log = structlog.get_logger("kproxy.sync")
 
@@ -134,14 +138,23 @@ class Snapshot:
     trigger_times: list[float]
     full: bool
 
+    def endpoint_counts(self) -> tuple[int, int, int]:
+        """Over the service ports: the ready endpoints, their distinct addresses, and the
+        endpoints listed but not ready."""
+        listed = [ep for spn in self.services for ep in self.endpoints.get(spn, ())]
+        ready = [ep for ep in listed if ep.ready]
+        return len(ready), len({ep.ip for ep in ready}), len(listed) - len(ready)
+
 
 @dataclass
 class SyncLoop:
-    """Drives one proxy mode: its planner makes a NodePlan, its dataplane carries it out."""
+    """Drives one proxy mode: its planner makes a NodePlan, its dataplane carries it out, and
+    after its first commit the other modes' leftovers go (`leftovers`: sync/modes.py's
+    other_modes_leftovers)."""
 
     box: StateBox
     config: ProxyConfig
-    planner: Planner[Any]
+    mode: ProxyMode
     dataplane: ModeDataplane
     metrics: ProxyMetrics
     health: ProxyHealth
@@ -149,6 +162,7 @@ class SyncLoop:
     clean_conntrack: ConntrackCleaning | None = None
     service_health: ServiceHealthServers | None = None
     status: SyncStatus | None = None  # what /statusz reports of the syncs
+    leftovers: Sequence[LeftoverRemoval] = ()
     started_at: float = field(default_factory=time.time)
     _needs_full: bool = True
     _last_end: float = 0.0
@@ -160,9 +174,11 @@ class SyncLoop:
     # those it drops have all their flows deleted.
     _cleaned: dict[int, UdpServing] = field(default_factory=dict)
     _failures_in_a_row: int = 0
+    planner: Planner[Any] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.metrics.for_mode(self.dataplane.mode)  # its counters read 0 from the start
+        self.planner = self.mode.planner(self.config)
+        self.metrics.for_mode(self.mode.needs.tables)  # its counters read 0 from the start
 
     def run(self, stop: threading.Event) -> None:
         """Sync until `stop` is set: after changes (no sooner than minSyncPeriod after the last
@@ -219,7 +235,7 @@ class SyncLoop:
         self._needs_full = True
         self._last_plan = None
         self._failures_in_a_row += 1
-        self.metrics.for_mode(self.dataplane.mode).sync_failed(snapshot.full)
+        self.metrics.for_mode(self.mode.needs.tables).sync_failed(snapshot.full)
         error = str(exc) if isinstance(exc, KproxyError) else repr(exc)
         where = {} if isinstance(exc, KproxyError) else {"where": raised_at(exc)}
         retry_in = round(self.retry_delay(), 3)
@@ -269,7 +285,11 @@ class SyncLoop:
         return self.planner.plan(snapshot.services, snapshot.endpoints, snapshot.node, families)
 
     def apply(self, plan: NodePlan[Any], full: bool) -> ApplyResult:
-        return self.dataplane.apply(plan, full)
+        """The mode's apply; after its first commit, the other modes' leftovers."""
+        result = self.dataplane.apply(plan, full)
+        for removal in self.leftovers:
+            removal.after_commit(result)
+        return result
 
     def clean_stale_flows(
         self, plan: NodePlan[Any], seconds: float | None = CONNTRACK_SECONDS
@@ -323,10 +343,9 @@ class SyncLoop:
         m.last_sync.set_to_current_time()
         for family in plan.families:
             self.health.updated(family)
-        mode = m.for_mode(self.dataplane.mode)
+        mode = m.for_mode(self.mode.needs.tables)
         mode.cleanups_failed(result.cleanup_failures)
-        for table in self.dataplane.rule_tables:
-            # A report's table is `nat`, or with its family, `ip kube-proxy`.
+        for table in self.mode.rule_tables:
             written = sum(t.rules_written for t in result.tables if t.table.split()[-1] == table)
             mode.rules_last.labels(table=table).set(written)
             mode.rules_total.labels(table=table).set(plan.stats.rules.get(table, 0))
@@ -358,7 +377,7 @@ class SyncLoop:
 def report_status(status: SyncStatus, outcome: SyncOutcome, full: bool) -> None:
     """The sync's facts for /statusz: what it changed, and what is programmed now."""
     snapshot, plan, result, seconds = outcome
-    services, endpoints = snapshot.services, snapshot.endpoints
+    services = snapshot.services
     facts = {
         "full": full,
         "changedServices": len(snapshot.changed),
@@ -370,7 +389,7 @@ def report_status(status: SyncStatus, outcome: SyncOutcome, full: bool) -> None:
     programmed = {
         "services": len({spn.service for spn in services}),
         "servicePorts": len(services),
-        "endpoints": sum(ep.ready for spn in services for ep in endpoints.get(spn, ())),
+        "endpoints": snapshot.endpoint_counts()[0],
         "rules": dict(plan.stats.rules),
     }
     valid = frozenset(f"Service {spn.service}" for spn in services)

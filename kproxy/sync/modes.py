@@ -1,48 +1,77 @@
-"""The proxy modes: each is a planner (pure: snapshot -> NodePlan) and a dataplane that carries
-its plans out. Everything else (sources, state, the sync loop, health, metrics, conntrack
-cleanup) is shared. A new mode adds plan/<mode>/, dataplane/<mode>/ and one entry here."""
+"""The proxy modes: everything the rest of the agent asks of a mode, one entry per mode. A mode is
+a planner (pure: snapshot -> NodePlan, in plan/<mode>/) and a dataplane that carries its plans
+out (dataplane/<mode>/); everything else (sources, state, the sync loop, health, metrics,
+conntrack cleanup, `cleanup`, `doctor`) is shared and reaches the mode through its entry here.
+A new mode adds plan/<mode>/, dataplane/<mode>/ and one entry in MODES (docs/architecture.md,
+"Adding a mode")."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
-from kproxy.dataplane.base import ChainDiff, ModeDataplane
-from kproxy.dataplane.iptables.node import open_iptables_node, read_iptables_live
-from kproxy.dataplane.nftables.mode import open_nftables_mode
-from kproxy.dataplane.nftables.node import read_nftables_live
-from kproxy.dataplane.userspace.node import open_userspace_node
+from kproxy.dataplane.base import ChainDiff, ModeDataplane, NodeNeeds, TableReport
+from kproxy.dataplane.iptables.inspection import (
+    iptables_diff,
+    iptables_live_tables,
+    iptables_plan_tables,
+)
+from kproxy.dataplane.iptables.node import IPTABLES_NEEDS, open_iptables_node
+from kproxy.dataplane.leftovers import LeftoverRemoval
+from kproxy.dataplane.nftables.inspection import (
+    nftables_diff,
+    nftables_live_tables,
+    nftables_plan_tables,
+    read_nftables_live,
+)
+from kproxy.dataplane.nftables.node import NFTABLES_NEEDS, open_nftables_mode, remove_nftables_mode
+from kproxy.dataplane.userspace.inspection import (
+    userspace_diff,
+    userspace_live_tables,
+    userspace_plan_tables,
+)
+from kproxy.dataplane.userspace.node import USERSPACE_NEEDS, open_userspace_node
+from kproxy.dataplane.xtables.families import remove_xtables_chains
+from kproxy.dataplane.xtables.preview import read_xtables_live
 from kproxy.model.config import ProxyConfig
+from kproxy.model.config_values import DEFAULT_MODE
 from kproxy.plan.iptables.planner import IptablesPlanner, render_iptables_plan
+from kproxy.plan.nftables import naming as nft_naming
 from kproxy.plan.nftables.planner import NftablesPlanner, render_nftables_plan
 from kproxy.plan.node_plan import NodePlan, Planner
 from kproxy.plan.userspace.planner import UserspacePlanner, render_userspace_plan
 from kproxy.rules.explain import Traceable
 from kproxy.sync.handover import hand_over_to_iptables
-from kproxy.sync.inspection import (
-    iptables_diff,
-    iptables_plan_tables,
-    read_live_tables,
-    userspace_diff,
-    userspace_plan_tables,
-)
-from kproxy.sync.loop import SyncLoop
-from kproxy.sync.nft_inspection import nftables_diff, nftables_live_tables, nftables_plan_tables
+
+if TYPE_CHECKING:
+    from kproxy.sync.loop import SyncLoop
 
 
 @dataclass(frozen=True)
 class ProxyMode:
     name: str
     planner: Callable[[ProxyConfig], Planner[Any]]
+    # (config, lock timeout) -> the dataplane, open for the agent's lifetime.
     open_dataplane: Callable[[ProxyConfig, float], AbstractContextManager[ModeDataplane]]
+    # Removes every chain and table the mode leaves on a node, kproxy's or kube-proxy's (lock
+    # timeout): per table, what it removed. The sync loop calls it once after another mode's
+    # first commit, and `cleanup` for every mode. Modes whose tables are the same share one
+    # removal: each one's own commits already replace the other's chains.
+    remove_leftovers: Callable[[float], Sequence[TableReport]]
+    # The tables its rules gauges count, as their `table` label: a table an apply reports
+    # (`nat`, or with its family, `ip kube-proxy`) counts under its last word.
+    rule_tables: tuple[str, ...]
+    # What it needs of the node, for `kproxy doctor`.
+    needs: NodeNeeds
     # What `dump --manifests` prints for one family: the plan as the mode's own tools show it;
     # and what plain `dump` prints: what the kernel holds of the mode's, in the same form.
     render_plan: Callable[[NodePlan[Any], int], str]
     read_live: Callable[[int], str]
-    # For `kproxy trace` (sync/inspection.py): one family's tables for the tracer, read from
-    # the kernel in one snapshot (family, lock timeout), or as planned.
+    # For `kproxy trace`: one family's tables for the tracer, read from the kernel in one
+    # snapshot (family, lock timeout), or as planned.
     trace_live: Callable[[int, float], Traceable]
     trace_plan: Callable[[NodePlan[Any], int], Traceable]
     # For `kproxy dump --diff`: what the next sync of a plan would change, per chain or object.
@@ -55,42 +84,84 @@ class ProxyMode:
     on_stop: Callable[[SyncLoop], None] = lambda loop: None
 
 
+def _remove_nftables_leftovers(lock_timeout: float) -> Sequence[TableReport]:
+    return remove_nftables_mode()  # nf_tables has no lock: its transactions are atomic
+
+
 MODES = {
-    "iptables": ProxyMode(
-        "iptables",
-        IptablesPlanner,
-        lambda config, lock_timeout: open_iptables_node(lock_timeout),
-        render_iptables_plan,
-        read_iptables_live,
-        read_live_tables,
-        iptables_plan_tables,
-        iptables_diff,
-    ),
-    "nftables": ProxyMode(
-        "nftables",
-        NftablesPlanner,
-        lambda config, lock_timeout: open_nftables_mode(lock_timeout),
-        render_nftables_plan,
-        read_nftables_live,
-        nftables_live_tables,
-        nftables_plan_tables,
-        nftables_diff,
-    ),
-    "userspace": ProxyMode(
-        "userspace",
-        UserspacePlanner,
-        open_userspace_node,
-        render_userspace_plan,
-        read_iptables_live,
-        read_live_tables,
-        userspace_plan_tables,
-        userspace_diff,
-        serves_in_process=True,
-        on_stop=hand_over_to_iptables,
-    ),
+    mode.name: mode
+    for mode in (
+        ProxyMode(
+            name="iptables",
+            planner=IptablesPlanner,
+            open_dataplane=lambda config, lock_timeout: open_iptables_node(lock_timeout),
+            remove_leftovers=remove_xtables_chains,
+            rule_tables=("filter", "nat"),
+            needs=IPTABLES_NEEDS,
+            render_plan=render_iptables_plan,
+            read_live=read_xtables_live,
+            trace_live=iptables_live_tables,
+            trace_plan=iptables_plan_tables,
+            diff=iptables_diff,
+        ),
+        ProxyMode(
+            name="nftables",
+            planner=NftablesPlanner,
+            open_dataplane=lambda config, lock_timeout: open_nftables_mode(config),
+            remove_leftovers=_remove_nftables_leftovers,
+            rule_tables=(nft_naming.TABLE,),  # one per family, summed
+            needs=NFTABLES_NEEDS,
+            render_plan=render_nftables_plan,
+            read_live=read_nftables_live,
+            trace_live=nftables_live_tables,
+            trace_plan=nftables_plan_tables,
+            diff=nftables_diff,
+        ),
+        ProxyMode(
+            name="userspace",
+            planner=UserspacePlanner,
+            open_dataplane=open_userspace_node,
+            remove_leftovers=remove_xtables_chains,  # the portals share the x_tables
+            rule_tables=("filter", "nat"),  # the portals, in nat
+            needs=USERSPACE_NEEDS,
+            render_plan=render_userspace_plan,
+            read_live=read_xtables_live,
+            trace_live=userspace_live_tables,
+            trace_plan=userspace_plan_tables,
+            diff=userspace_diff,
+            serves_in_process=True,
+            on_stop=hand_over_to_iptables,
+        ),
+    )
 }
 
 
 def proxy_mode(config: ProxyConfig) -> ProxyMode:
     """The mode a node runs (`mode: ""` means iptables, as upstream)."""
-    return MODES[config.mode or "iptables"]
+    return MODES[config.mode or DEFAULT_MODE]
+
+
+Removal = Callable[[float], Sequence[TableReport]]
+
+
+def _distinct(removals: Sequence[Removal]) -> list[Removal]:
+    return list(dict.fromkeys(removals))
+
+
+def other_modes_leftovers(mode: ProxyMode, lock_timeout: float) -> list[LeftoverRemoval]:
+    """What the sync loop runs after `mode`'s first commit: every other mode's removal (once
+    each; none that is `mode`'s own, which would remove what it has just written)."""
+    own = mode.remove_leftovers
+    others = [m.remove_leftovers for m in MODES.values() if m.remove_leftovers != own]
+    return [LeftoverRemoval(partial(remove, lock_timeout)) for remove in _distinct(others)]
+
+
+def remove_every_mode(lock_timeout: float) -> list[TableReport]:
+    """`kproxy cleanup`: every mode's leftovers, each removal once; per table, what it removed."""
+    removals = _distinct([m.remove_leftovers for m in MODES.values()])
+    return [table for remove in removals for table in remove(lock_timeout)]
+
+
+def mode_needs() -> dict[str, NodeNeeds]:
+    """What each mode needs of the node, for `kproxy doctor`."""
+    return {name: mode.needs for name, mode in MODES.items()}

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kproxy.dataplane.base import ApplyResult, ModeDataplane
+from kproxy.dataplane.xtables.lock import LOCK_TIMEOUT
 from kproxy.errors import InvalidObjectError, ManifestError
 from kproxy.health.healthz import ProxyHealth
 from kproxy.health.metrics import ProxyMetrics
@@ -16,7 +17,7 @@ from kproxy.model.node import NodeInfo
 from kproxy.state.cluster import ClusterState
 from kproxy.state.ingest import combine, replace_all
 from kproxy.sync.loop import StateBox, SyncLoop
-from kproxy.sync.modes import ProxyMode
+from kproxy.sync.modes import ProxyMode, other_modes_leftovers
 from kproxy.watch.manifests import Manifests
 
 
@@ -94,26 +95,30 @@ def once_loop(
     config: ProxyConfig,
     mode: ProxyMode,
     dataplane: ModeDataplane,
+    lock_timeout: float = LOCK_TIMEOUT,
 ) -> SyncLoop:
-    """The agent's own SyncLoop over `state`, for one sync (and the mode's stop after it)."""
+    """The agent's own SyncLoop over `state`, for one sync (and the mode's stop after it): it
+    removes the other modes' leftovers after its commit, as the agent's first sync does."""
     health, metrics = ProxyHealth(timeout=2 * config.sync_period), ProxyMetrics()
     box = StateBox(node.name, health, metrics)
     state.node = node
     box.state = state
-    return SyncLoop(box, config, mode.planner(config), dataplane, metrics, health)
+    leftovers = other_modes_leftovers(mode, lock_timeout)
+    return SyncLoop(box, config, mode, dataplane, metrics, health, leftovers=leftovers)
 
 
 def sync_once(loop: SyncLoop) -> SyncReport:
     """The agent's sync, once: the same SyncLoop steps, a full sync (nothing is trusted before
     the first one). Raises what the sync raised."""
     outcome = loop.sync_or_raise()
-    services, endpoints = outcome.snapshot.services, outcome.snapshot.endpoints
+    services = outcome.snapshot.services
+    ready, addresses, not_ready = outcome.snapshot.endpoint_counts()
     return SyncReport(
         services=len({spn.service for spn in services}),
         service_ports=len(services),
-        endpoints=sum(ep.ready for spn in services for ep in endpoints.get(spn, ())),
-        addresses=len({ep.ip for spn in services for ep in endpoints.get(spn, ()) if ep.ready}),
+        endpoints=ready,
+        addresses=addresses,
         result=outcome.result,
         seconds=outcome.seconds,
-        not_ready=sum(not ep.ready for spn in services for ep in endpoints.get(spn, ())),
+        not_ready=not_ready,
     )

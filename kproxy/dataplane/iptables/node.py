@@ -4,74 +4,47 @@ plan's sysctls."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 
-from kproxy.dataplane.base import ApplyResult, Dataplane
-from kproxy.dataplane.host import apply_sysctls
-from kproxy.dataplane.iptables.backend import read_tables
-from kproxy.dataplane.iptables.diff import owned_part
-from kproxy.dataplane.iptables.families import open_dataplanes
-from kproxy.dataplane.leftovers import LeftoverRemoval, RemoveLeftovers
-from kproxy.dataplane.nftables.node import remove_nftables_mode
+from kproxy.dataplane.base import ApplyResult, Dataplane, NodeNeeds
+from kproxy.dataplane.host import SysctlWriter, apply_sysctls
+from kproxy.dataplane.xtables.families import FamilyTables, open_dataplanes
 from kproxy.plan.node_plan import NodePlan
 from kproxy.rules.ir import Ruleset
-from kproxy.rules.saved import render_saved
 
-SysctlWriter = Callable[[Iterable[tuple[str, str]]], None]
+# The legacy x_tables, through libiptc; any kernel that has them.
+IPTABLES_NEEDS = NodeNeeds("legacy")
 
 
 class IptablesNode:
-    mode = "iptables"
-    rule_tables: tuple[str, ...] = ("filter", "nat")
-
     def __init__(
-        self,
-        dataplanes: Mapping[int, Dataplane],
-        write_sysctls: SysctlWriter = apply_sysctls,
-        remove_leftovers: RemoveLeftovers | None = None,
+        self, dataplanes: Mapping[int, Dataplane], write_sysctls: SysctlWriter = apply_sysctls
     ) -> None:
         self.dataplanes = dataplanes
+        self.tables = FamilyTables(dataplanes)
         self.write_sysctls = write_sysctls
-        # After the first commit: the nftables mode's tables, when a node switches back.
-        self.leftovers = LeftoverRemoval(remove_leftovers)
 
     @property
     def families(self) -> tuple[int, ...]:
-        return tuple(sorted(self.dataplanes))
+        return self.tables.families
 
-    @contextmanager
-    def reading_ahead(self) -> Iterator[None]:
-        with ExitStack() as stack:
-            for dataplane in self.dataplanes.values():
-                stack.enter_context(dataplane.reading_ahead())
-            yield
+    def reading_ahead(self) -> AbstractContextManager[None]:
+        return self.tables.reading_ahead()
 
     def apply(self, plan: NodePlan[Mapping[int, Ruleset]], full: bool) -> ApplyResult:
         """Sysctls first (the rules rely on them), then each family's tables."""
         self.write_sysctls(plan.sysctls)
-        result = ApplyResult()
-        for family, ruleset in sorted(plan.kernel.items()):
-            result.tables.extend(self.dataplanes[family].apply(ruleset, full).tables)
-        return self.leftovers.after_commit(result)
+        return self.tables.apply(plan.kernel, full)
 
     def problems(self) -> list[str]:
         return []  # the kernel's tables are the data path: nothing of ours runs to fail
 
     def cleanup(self) -> ApplyResult:
-        result = ApplyResult()
-        for dataplane in self.dataplanes.values():
-            result.tables.extend(dataplane.cleanup().tables)
-        return result
-
-
-def read_iptables_live(family: int) -> str:
-    """What the kernel holds of kproxy's (and kube-proxy's) chains, as iptables-save text."""
-    tables = read_tables(family)
-    return render_saved({name: owned_part(t) for name, t in tables.items()})
+        return self.tables.cleanup()
 
 
 @contextmanager
 def open_iptables_node(lock_timeout: float) -> Iterator[IptablesNode]:
     with open_dataplanes(lock_timeout) as dataplanes:
-        yield IptablesNode(dataplanes, remove_leftovers=remove_nftables_mode)
+        yield IptablesNode(dataplanes)

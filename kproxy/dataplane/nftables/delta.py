@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from kproxy.dataplane.nftables import encode as e
+from kproxy.dataplane.nftables.families import NFPROTO
 from kproxy.dataplane.nftables.netlink import NLM_F_APPEND, NLM_F_CREATE, NLM_F_EXCL
 from kproxy.plan.nftables.ir import Chain, Element, NamedSet, NftTable, TableChanges
 
@@ -22,9 +23,6 @@ NFT_MSG_NEWSET = 9
 NFT_MSG_DELSET = 11
 NFT_MSG_NEWSETELEM = 12
 NFT_MSG_DELSETELEM = 14
-
-NFPROTO = {4: 2, 6: 10}
-NFT_FAMILY_NAMES = {4: "ip", 6: "ip6"}
 
 Msg = tuple[int, int, int, bytes]  # (message type, flags, nfproto family, attributes)
 

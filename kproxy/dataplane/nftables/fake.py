@@ -3,10 +3,10 @@ ack handling, dump filtering and encodings run unchanged, and only the socket is
 tables, chains, rules, sets and elements as the bytes the messages carried (that those are the
 kernel's canonical form is encode.py's business, checked against the kernel elsewhere), applies
 each batch as one transaction, and answers dumps and gets with the bytes the kernel dumps
-(fake_dumps.py; checked against a recorded kernel dump in tests/test_nftables_fake.py).
+(fake_dumps.py; checked against a recorded kernel dump in tests/nftables/test_nftables_fake.py).
 
 Refused (fake_ruleset.py), with the kernel's errno and nothing of the batch applied, each case
-checked against a real kernel (tests/nft_cases.py): deleting a missing table, chain, rule, set or
+checked against a real kernel (tests/nftables/nft_cases.py): deleting a missing table, chain, rule, set or
 element, a rule in a missing table or chain, a jump or goto (in a rule or a verdict map's
 element) to a missing chain, a lookup of a missing set (ENOENT); a jump or goto to a base chain
 (EOPNOTSUPP); deleting a chain a rule or an element still jumps to, or a set a rule still looks

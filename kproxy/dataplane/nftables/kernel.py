@@ -10,7 +10,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from kproxy.dataplane.nftables import encode as e
-from kproxy.dataplane.nftables.delta import NFPROTO, TableDelta
+from kproxy.dataplane.nftables.delta import TableDelta
+from kproxy.dataplane.nftables.families import NFPROTO
 from kproxy.dataplane.nftables.netlink import Message, NetlinkError, NftNetlink, iter_attrs
 from kproxy.plan.nftables.ir import Chain, Element, NamedSet, NftTable
 

@@ -13,20 +13,16 @@ at the table each one names."""
 from __future__ import annotations
 
 import os
-import re
-import shutil
-import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 
 import structlog
 
-from kproxy.dataplane.base import ApplyResult
-from kproxy.dataplane.leftovers import LeftoverRemoval, RemoveLeftovers
+from kproxy.dataplane.base import ApplyResult, ModeDataplane, NodeNeeds
+from kproxy.dataplane.host import ipv6_supported, kernel_version
+from kproxy.dataplane.localhost_nodeports import WithLocalhostNodePorts, open_localhost_node_ports
 from kproxy.dataplane.nftables.delta import (
-    NFPROTO,
-    NFT_FAMILY_NAMES,
     NFT_MSG_DELTABLE,
     TableDelta,
     TableImage,
@@ -36,6 +32,7 @@ from kproxy.dataplane.nftables.delta import (
     full_delta,
 )
 from kproxy.dataplane.nftables.encode import table_name_attrs
+from kproxy.dataplane.nftables.families import NFPROTO, NFT_FAMILY_NAMES
 from kproxy.dataplane.nftables.kernel import (
     NFT_MSG_GETCHAIN,
     definitions_match,
@@ -47,12 +44,16 @@ from kproxy.dataplane.nftables.kernel import (
 from kproxy.dataplane.nftables.netlink import NftMonitor, NftNetlink, iter_attrs
 from kproxy.dataplane.nftables.staged import StageRefused, split_fresh, write_unhooked
 from kproxy.errors import DataplaneError
+from kproxy.model.config import ProxyConfig
+from kproxy.plan.localhost_nodeports import serves_localhost
 from kproxy.plan.nftables import naming
 from kproxy.plan.nftables.ir import NftTable, TableChanges
 from kproxy.plan.node_plan import NodePlan
 
 log = structlog.get_logger("kproxy.dataplane")
 MIN_KERNEL = (5, 13)
+# One nf_tables table of kproxy's own per family, on kernels since MIN_KERNEL.
+NFTABLES_NEEDS = NodeNeeds("nftables", MIN_KERNEL)
 
 
 class KernelTooOldError(DataplaneError):
@@ -62,9 +63,7 @@ class KernelTooOldError(DataplaneError):
 def check_kernel(release: str | None = None) -> None:
     """Refuse kernels older than 5.13, as upstream's nftables mode does."""
     release = release or os.uname().release
-    found = re.match(r"(\d+)\.(\d+)", release)
-    version = (int(found.group(1)), int(found.group(2))) if found else (0, 0)
-    if version < MIN_KERNEL:
+    if kernel_version(release) < MIN_KERNEL:
         raise KernelTooOldError(
             f"the nftables proxy mode needs kernel >= {MIN_KERNEL[0]}.{MIN_KERNEL[1]}, this node"
             f" runs {release}: use `mode: iptables` on this node"
@@ -105,22 +104,12 @@ class NftTableChanges:
 
 
 class NftablesNode:
-    mode = "nftables"
-    rule_tables: tuple[str, ...] = (naming.TABLE,)  # one per family, summed
-
-    def __init__(
-        self,
-        nl: NftNetlink,
-        families: tuple[int, ...],
-        remove_leftovers: RemoveLeftovers | None = None,
-    ) -> None:
+    def __init__(self, nl: NftNetlink, families: tuple[int, ...]) -> None:
         self.nl = nl
         self._families = families
         self._images: dict[int, TableImage] = {}
         self._applied: dict[int, NftTable] = {}  # the planned tables last committed
         self._generation: int | None = None  # what kproxy's last commit left, if known
-        # After the first commit: the iptables (and userspace) mode's chains.
-        self.leftovers = LeftoverRemoval(remove_leftovers)
         self._monitor: NftMonitor | None = None
 
     @property
@@ -176,8 +165,7 @@ class NftablesNode:
                 else:
                     self._images[family] = TableImage.of(table)
                 self._applied[family] = table
-        result = ApplyResult(tables=[NftTableChanges.of(d) for d in deltas])
-        return self.leftovers.after_commit(result)
+        return ApplyResult(tables=[NftTableChanges.of(d) for d in deltas])
 
     def _changes_since_applied(self, table: NftTable) -> TableChanges | None:
         """What the planner says changed, when it patched the table last committed."""
@@ -296,37 +284,27 @@ def remove_nftables_mode(
     return removed
 
 
-def delete_nftables_tables() -> int:
-    """Remove the nftables mode's tables: how many there were."""
-    return len(remove_nftables_mode())
-
-
-def read_nftables_live(family: int) -> str:
-    """What the kernel holds of kproxy's table, as `nft list table` prints it (by the nft binary
-    when the node has one; nothing when there is no table)."""
-    with NftNetlink() as nl:
-        if not table_exists(nl, family, naming.TABLE):
-            return ""
-    nft = shutil.which("nft")
-    if nft is None:
-        raise DataplaneError("reading the live table needs the nft binary; use dump --manifests")
-    out = subprocess.run(
-        [nft, "list", "table", NFT_FAMILY_NAMES[family], naming.TABLE],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout
-
-
 @contextmanager
-def open_nftables_node(
-    families: tuple[int, ...], remove_leftovers: RemoveLeftovers | None = None
-) -> Iterator[NftablesNode]:
+def open_nftables_node(families: tuple[int, ...]) -> Iterator[NftablesNode]:
     check_kernel()
     with NftNetlink() as nl:
-        node = NftablesNode(nl, families, remove_leftovers)
+        node = NftablesNode(nl, families)
         try:
             yield node
         finally:
             node.close()
+
+
+@contextmanager
+def open_nftables_mode(config: ProxyConfig | None = None) -> Iterator[ModeDataplane]:
+    """The mode on this node: both families when the namespace has IPv6; with the
+    KubeProxyNFTablesLocalhostNodePorts gate, composed with the relay's listeners on 127.0.0.1
+    and ::1 (none run without it, as upstream)."""
+    families = (4, 6) if ipv6_supported() else (4,)
+    with open_nftables_node(families) as node:
+        served = tuple(f for f in families if config and serves_localhost(config, f))
+        if not served:
+            yield node
+            return
+        with open_localhost_node_ports(served) as localhost:
+            yield WithLocalhostNodePorts(node, localhost)

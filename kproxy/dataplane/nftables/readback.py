@@ -20,7 +20,7 @@ from kproxy.dataplane.nftables.decode import (
     text_of,
     udata_comment,
 )
-from kproxy.dataplane.nftables.delta import NFPROTO, NFT_FAMILY_NAMES
+from kproxy.dataplane.nftables.families import NFPROTO, NFT_FAMILIES, NFT_FAMILY_NAMES
 from kproxy.dataplane.nftables.kernel import (
     NFT_MSG_GETCHAIN,
     NFT_MSG_GETSET,
@@ -35,7 +35,6 @@ from kproxy.plan.nftables import naming
 from kproxy.plan.nftables.ir import Element, NamedSet, NftTable, Rule
 
 _ATTEMPTS = 5
-_FAMILY_BY_NUMBER = {1: "inet", 2: "ip", 10: "ip6", 0: "unspec", 3: "arp", 7: "bridge", 5: "netdev"}
 
 
 @dataclass(frozen=True)
@@ -118,7 +117,7 @@ def _other_base_chains(nl: NftNetlink, family: int) -> tuple[str, ...]:
     found = []
     for msg in nl.dump(NFT_MSG_GETCHAIN, 0, b""):
         attrs = _attrs(msg.attrs)
-        fam = _FAMILY_BY_NUMBER.get(msg.family, str(msg.family))
+        fam = NFT_FAMILIES.get(msg.family, str(msg.family))
         table = text_of(attrs.get(1, b""))
         if 4 not in attrs or fam not in (NFT_FAMILY_NAMES[family], "inet"):
             continue

@@ -1,4 +1,2 @@
-"""The userspace mode's relay: listeners per service port that carry TCP and UDP to endpoints.
-
-`Relay` (relay.py) is the entry point; `LoadBalancerRR` (balancer.py) picks endpoints and
-`PortAllocator` (ports.py) hands out proxy ports from `portRange`."""
+"""The userspace mode's dataplane: the portal rules and held ports in front of the relay
+(kproxy.dataplane.relay)."""

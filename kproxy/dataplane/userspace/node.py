@@ -1,8 +1,8 @@
 """The userspace mode's dataplane for a whole node: per family, the relay's listeners first (their
-bound ports are what the portal rules redirect to), then the portal rules through the same
-libiptc backend the iptables mode uses. A sync that programs the portals also deletes the
-iptables mode's chains (and the jumps to them) in the same commit per table, so switching modes
-is one atomic change per table; the nftables mode's tables go after the first sync's commits."""
+bound ports are what the portal rules redirect to), then the portal rules through the x_tables
+writer (dataplane/xtables/), as the iptables mode's rules go. A sync that programs the portals
+also deletes the iptables mode's chains (and the jumps to them) in the same commit per table, so
+switching between the two is one atomic change per table."""
 
 from __future__ import annotations
 
@@ -14,15 +14,12 @@ from typing import Any
 
 import structlog
 
-from kproxy.dataplane.base import ApplyResult, Dataplane
-from kproxy.dataplane.host import apply_sysctls
-from kproxy.dataplane.iptables.families import open_dataplanes
-from kproxy.dataplane.iptables.node import IptablesNode, SysctlWriter
-from kproxy.dataplane.leftovers import LeftoverRemoval, RemoveLeftovers
-from kproxy.dataplane.nftables.node import remove_nftables_mode
+from kproxy.dataplane.base import ApplyResult, Dataplane, NodeNeeds
+from kproxy.dataplane.host import SysctlWriter, apply_sysctls
+from kproxy.dataplane.relay.relay import Relay
+from kproxy.dataplane.relay.spec import ListenerSpec
 from kproxy.dataplane.userspace.holds import HeldPort, PortHolds
-from kproxy.dataplane.userspace.relay import Relay
-from kproxy.dataplane.userspace.spec import ListenerSpec
+from kproxy.dataplane.xtables.families import FamilyTables, open_dataplanes
 from kproxy.model.config import ProxyConfig
 from kproxy.plan.node_plan import NodePlan
 from kproxy.plan.userspace.planner import UserspaceFamily, UserspaceKernel
@@ -30,6 +27,9 @@ from kproxy.plan.userspace.portals import Listener
 from kproxy.rules.ir import Ruleset, Table
 
 log = structlog.get_logger("kproxy.dataplane")
+
+# The portals are legacy x_tables rules, on any kernel that has them.
+USERSPACE_NEEDS = NodeNeeds("legacy")
 
 
 def listener_spec(listener: Listener) -> ListenerSpec:
@@ -56,27 +56,19 @@ def service_port_of(key: Hashable) -> str:
 
 
 class UserspaceNode:
-    mode = "userspace"
-    rule_tables: tuple[str, ...] = ("filter", "nat")  # the portals, in nat
-
     def __init__(
         self,
         dataplanes: Mapping[int, Dataplane],
         relays: Mapping[int, Relay],
         write_sysctls: SysctlWriter = apply_sysctls,
         clock: Callable[[], float] = time.monotonic,
-        remove_leftovers: RemoveLeftovers | None = None,
     ) -> None:
-        # The portal rules go through the iptables mode's node dataplane (no sysctls needed).
-        self.rules = IptablesNode(dataplanes, write_sysctls=lambda sysctls: None)
+        self.rules = FamilyTables(dataplanes)  # the portal rules (they need no sysctls)
         self.relays = relays
         self.holds = {family: PortHolds() for family in relays}
         self.write_sysctls = write_sysctls  # the iptables mode's, at hand-over
         self.clock = clock
         self._warned: set[Any] = set()
-        # After the first commit: the nftables mode's tables (the iptables mode's chains go in
-        # the portals' own commits).
-        self.leftovers = LeftoverRemoval(remove_leftovers)
 
     @property
     def families(self) -> tuple[int, ...]:
@@ -106,7 +98,7 @@ class UserspaceNode:
             ]
             for port, error in self.holds[family].sync(held).items():
                 self._warn_once("port_hold_failed", port, error, family=family)
-        return self.leftovers.after_commit(result)
+        return result
 
     def _warn_once(self, event: str, subject: object, problem: str, **keys: Any) -> None:
         if (event, subject, problem) not in self._warned:
@@ -137,8 +129,8 @@ class UserspaceNode:
         """Replace the portals with the iptables mode's rules for the same services, in one
         commit per table, before the relay stops: connections keep working after the process
         has gone (and the next agent, of either mode, takes over from rules that work)."""
-        node = IptablesNode(self.rules.dataplanes, self.write_sysctls)
-        result = node.apply(plan, full=True)
+        self.write_sysctls(plan.sysctls)
+        result = self.rules.apply(plan.kernel, full=True)
         for holds in self.holds.values():
             holds.close()
         return result
@@ -163,7 +155,7 @@ def open_userspace_node(config: ProxyConfig, lock_timeout: float) -> Iterator[Us
             family: Relay(port_range=config.port_range, udp_idle_timeout=config.udp_idle_timeout)
             for family in dataplanes
         }
-        node = UserspaceNode(dataplanes, relays, remove_leftovers=remove_nftables_mode)
+        node = UserspaceNode(dataplanes, relays)
         try:
             for relay in relays.values():
                 relay.start()

@@ -4,7 +4,7 @@ planner that writes them and by the dataplane that decides what it may delete.""
 from __future__ import annotations
 
 from kproxy.plan.iptables.naming import is_service_chain
-from kproxy.plan.userspace.chains import is_userspace_chain
+from kproxy.plan.xtables import is_userspace_chain
 
 # Top-level chains kproxy (and upstream kube-proxy's iptables mode) creates and owns outright.
 KUBE_SERVICES = "KUBE-SERVICES"

@@ -8,19 +8,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from kproxy.model.config import ProxyConfig
-from kproxy.model.endpoint import Endpoint
 from kproxy.model.node import NodeInfo
-from kproxy.model.service import ServicePort, ServicePortName
-from kproxy.plan.conntrack import serving_sources
 from kproxy.plan.iptables.ruleset import (
     PlanCache,
+    RulesetPlan,
     needs_route_localnet,
-    node_port_ips,
-    node_ports_match_all,
     plan_ruleset,
     with_canaries,
 )
-from kproxy.plan.node_plan import NodePlan, PlanStats, plan_health_checks
+from kproxy.plan.node_plan import FamilyPlanner, NodePlan, PlanInput, assemble_node_plan
+from kproxy.plan.xtables import count_rules
 from kproxy.rules.ir import Ruleset
 from kproxy.rules.render import render_ruleset
 
@@ -31,56 +28,24 @@ IptablesPlan = NodePlan[Mapping[int, Ruleset]]
 
 
 @dataclass
-class IptablesPlanner:
+class IptablesPlanner(FamilyPlanner[Mapping[int, Ruleset], RulesetPlan]):
     config: ProxyConfig
     _caches: dict[int, PlanCache] = field(default_factory=dict)
 
-    def plan(
-        self,
-        services: Mapping[ServicePortName, ServicePort],
-        endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]],
-        node: NodeInfo,
-        families: tuple[int, ...],
-    ) -> IptablesPlan:
-        rulesets: dict[int, Ruleset] = {}
-        no_local = [0, 0]
-        for family in families:
-            cache = self._caches.setdefault(family, PlanCache())
-            planned = plan_ruleset(services, endpoints, node, self.config, family, cache)
-            rulesets[family] = with_canaries(planned.ruleset)
-            no_local[0] += planned.no_local_internal
-            no_local[1] += planned.no_local_external
-        return NodePlan(
-            mode=MODE,
-            kernel=rulesets,
-            families=families,
-            sysctls=self._sysctls(node),
-            health_check_addresses=health_check_addresses(self.config, node),
-            health_checks=plan_health_checks(services, endpoints, node),
-            udp_serving={f: serving_sources(services, endpoints, f) for f in families},
-            stats=PlanStats(no_local[0], no_local[1], count_rules(rulesets)),
-        )
+    def plan_family(self, given: PlanInput, family: int) -> RulesetPlan:
+        cache = self._caches.setdefault(family, PlanCache())
+        g = given
+        return plan_ruleset(g.services, g.endpoints, g.node, g.config, family, cache)
+
+    def assemble(self, given: PlanInput, planned: Mapping[int, RulesetPlan]) -> IptablesPlan:
+        rulesets = {family: with_canaries(p.ruleset) for family, p in planned.items()}
+        sysctls = self._sysctls(given.node)
+        rules = count_rules(rulesets)
+        return assemble_node_plan(MODE, rulesets, given, planned.values(), rules, sysctls)
 
     def _sysctls(self, node: NodeInfo) -> tuple[tuple[str, str], ...]:
         """IPv4 NodePorts on 127.0.0.1 need route_localnet (kproxy sets it, never unsets it)."""
         return ((ROUTE_LOCALNET, "1"),) if needs_route_localnet(self.config, node) else ()
-
-
-def health_check_addresses(config: ProxyConfig, node: NodeInfo) -> tuple[str, ...]:
-    """Where healthCheckNodePort servers listen: every address, or the NodePort addresses."""
-    if node_ports_match_all(config, 4, node):
-        return ("0.0.0.0",)
-    return tuple(node_port_ips(config, node, 4) + node_port_ips(config, node, 6))
-
-
-def count_rules(rulesets: Mapping[int, Ruleset]) -> dict[str, int]:
-    """Rules kproxy owns per table, over the families (kube-proxy's rules_total metric)."""
-    counts: dict[str, int] = {}
-    for ruleset in rulesets.values():
-        for table in ruleset.tables:
-            rules = len(table.jumps) + sum(len(c.rules) for c in table.chains)
-            counts[table.name] = counts.get(table.name, 0) + rules
-    return counts
 
 
 def render_iptables_plan(plan: IptablesPlan, family: int) -> str:

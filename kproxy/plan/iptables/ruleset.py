@@ -1,27 +1,23 @@
-"""build_ruleset: the whole desired ruleset of one address family, as a pure function of the
+"""plan_ruleset: the whole desired ruleset of one address family, as a pure function of the
 services, their endpoints, the node and the config. Rule order and content follow upstream
 kube-proxy's iptables mode: its proxier's chain layout, jump order, comments and probabilities."""
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import ServicePort, ServicePortName
+from kproxy.plan.addresses import LOOPBACK, node_ip, of_family
 from kproxy.plan.iptables import chains as c
 from kproxy.plan.iptables import naming
-from kproxy.plan.iptables.local_traffic import build_local_detector
-from kproxy.plan.iptables.service_rules import (
-    ZERO_CIDR,
-    PlanContext,
-    SharedChains,
-    of_family,
-    plan_service_port,
-)
+from kproxy.plan.iptables.service_rules import PlanContext, SharedChains, plan_service_port
+from kproxy.plan.local_traffic import build_local_detector
+from kproxy.plan.node_plan import EndpointsMap, ServicePortMap
+from kproxy.plan.node_ports import node_port_cidrs, node_port_ips, node_ports_match_all
 from kproxy.rules import fragments as f
 from kproxy.rules.ir import Chain, JumpRule, Match, Rule, Ruleset, Table
 
@@ -31,7 +27,6 @@ LARGE_CLUSTER_ENDPOINTS = 1000
 NODEPORTS_TAIL_COMMENT = (
     "kubernetes service nodeports; NOTE: this must be the last rule in this chain"
 )
-LOOPBACK = {4: "127.0.0.0/8", 6: "::1/128"}
 
 
 def _jump(chain: str, target: str, text: str | None, *extra: Match) -> JumpRule:
@@ -76,48 +71,14 @@ def _localhost_nodeports(family: int, config: ProxyConfig) -> bool:
     return family == 4 and config.localhost_nodeports
 
 
-def node_port_cidrs(
-    config: ProxyConfig, family: int, node: NodeInfo | None = None
-) -> tuple[str, ...]:
-    """nodePortAddresses as upstream's NewNodePortAddresses reads them for one family: only that
-    family's CIDRs, `primary` as the node's primary IP of that family; when none is left, the
-    zero CIDR (every address), even if the other family has CIDRs."""
-    cidrs: list[str] = []
-    for address in config.node_port_addresses:
-        if address == "primary":
-            primary = of_family(node.primary_ips, family) if node is not None else ()
-            cidrs.extend(f.cidr(ip) for ip in primary)
-        elif ipaddress.ip_network(address).version == family:
-            cidrs.append(address)
-    return tuple(cidrs) or (ZERO_CIDR[family],)
-
-
-def node_ports_match_all(config: ProxyConfig, family: int, node: NodeInfo | None = None) -> bool:
-    """NodePorts answer on every local address of this family."""
-    return ZERO_CIDR[family] in node_port_cidrs(config, family, node)
-
-
-def needs_route_localnet(config: ProxyConfig, node: NodeInfo | None = None) -> bool:
+def needs_route_localnet(config: ProxyConfig, node: NodeInfo) -> bool:
     """IPv4 NodePorts on 127.0.0.1 need net.ipv4.conf.all.route_localnet=1."""
     if not config.localhost_nodeports:
         return False
-    if node is None and "primary" in config.node_port_addresses:
-        return False  # without the Node, assume it has a primary IPv4 address (not loopback)
     loopback = ipaddress.ip_network(LOOPBACK[4])
     return any(
         ipaddress.ip_network(cidr).overlaps(loopback) for cidr in node_port_cidrs(config, 4, node)
     )
-
-
-def node_port_ips(config: ProxyConfig, node: NodeInfo, family: int) -> list[str]:
-    """The local addresses NodePorts answer on when nodePortAddresses narrows them."""
-    cidrs = [ipaddress.ip_network(c) for c in node_port_cidrs(config, family, node)]
-    chosen = {
-        ip
-        for ip in of_family(node.local_addresses, family)
-        if any(ipaddress.ip_address(ip) in c for c in cidrs)
-    }
-    return sorted(chosen, key=ipaddress.ip_address)
 
 
 def _nodeports_tail(config: ProxyConfig, node: NodeInfo, family: int) -> list[Rule]:
@@ -205,7 +166,7 @@ def _localnet_firewall() -> Chain:
 class PlanCache:
     """Each service port's rules from the previous plan, reused while the port, its endpoints
     and the plan context are unchanged: a sync after one change re-plans one service. It never
-    changes what build_ruleset returns, only how fast."""
+    changes what plan_ruleset returns, only how fast."""
 
     context: PlanContext | None = None
     ports: dict[ServicePortName, tuple[ServicePort, tuple[Endpoint, ...], SharedChains]] = field(
@@ -229,8 +190,8 @@ class PlanCache:
 
 
 def plan_ruleset(
-    services: Mapping[ServicePortName, ServicePort],
-    endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]],
+    services: ServicePortMap,
+    endpoints: EndpointsMap,
     node: NodeInfo,
     config: ProxyConfig,
     family: int = 4,
@@ -238,32 +199,14 @@ def plan_ruleset(
 ) -> RulesetPlan:
     """The complete kproxy-owned ruleset for one family, with its facts for metrics. Pure: same
     input, same output (with or without a cache)."""
-    # Upstream runs one proxier per family, so only this family's endpoints count.
-    total_endpoints = sum(
-        1
-        for spn, sp in services.items()
-        if of_family(sp.cluster_ips, family)
-        for ep in endpoints.get(spn, ())
-        if ep.family == family
-    )
-    # The node's IP: the Node object's, else the configured bindAddress, else a local address.
-    node_ips = (
-        of_family(node.primary_ips, family)
-        or of_family((config.bind_address,) if config.bind_address else (), family)
-        or tuple(
-            ip
-            for ip in of_family(node.local_addresses, family)
-            if not ipaddress.ip_address(ip).is_loopback
-        )
-    )
     ctx = PlanContext(
         family=family,
         config=config,
         node_name=node.name,
         zone=node.zone,
         detector=build_local_detector(config, node, family),
-        large_cluster=total_endpoints > LARGE_CLUSTER_ENDPOINTS,
-        node_ip=node_ips[0] if node_ips else None,
+        large_cluster=_endpoint_count(services, endpoints, family) > LARGE_CLUSTER_ENDPOINTS,
+        node_ip=node_ip(config, node, family),
     )
     cache = cache if cache is not None else PlanCache()
     if cache.context != ctx:
@@ -274,6 +217,26 @@ def plan_ruleset(
         out.merge(cache.rules_of(ctx, services[spn], endpoints.get(spn, ())))
     for gone in cache.ports.keys() - services.keys():
         del cache.ports[gone]
+    ruleset = Ruleset(family=family, tables=_tables(out, config, node, family))
+    return RulesetPlan(ruleset, out.no_local_internal, out.no_local_external)
+
+
+def _endpoint_count(services: ServicePortMap, endpoints: EndpointsMap, family: int) -> int:
+    """Endpoints of the family's service ports: upstream runs one proxier per family, so only
+    this family's count."""
+    return sum(
+        1
+        for spn, sp in services.items()
+        if of_family(sp.cluster_ips, family)
+        for ep in endpoints.get(spn, ())
+        if ep.family == family
+    )
+
+
+def _tables(
+    out: SharedChains, config: ProxyConfig, node: NodeInfo, family: int
+) -> tuple[Table, ...]:
+    """(filter, nat): the service ports' rules in the shared chains, with the fixed chains."""
     filter_jumps, nat_jumps = _jump_rules(family, config)
     nat = Table(
         "nat",
@@ -294,9 +257,7 @@ def plan_ruleset(
     ]
     if _localhost_nodeports(family, config):
         filter_chains.append(_localnet_firewall())
-    filter_table = Table("filter", chains=tuple(filter_chains), jumps=filter_jumps)
-    ruleset = Ruleset(family=family, tables=(filter_table, nat))
-    return RulesetPlan(ruleset, out.no_local_internal, out.no_local_external)
+    return (Table("filter", chains=tuple(filter_chains), jumps=filter_jumps), nat)
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,18 +268,6 @@ class RulesetPlan:
     no_local_external: int = 0
 
 
-def build_ruleset(
-    services: Mapping[ServicePortName, ServicePort],
-    endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]],
-    node: NodeInfo,
-    config: ProxyConfig,
-    family: int = 4,
-    cache: PlanCache | None = None,
-) -> Ruleset:
-    """The complete kproxy-owned ruleset for one family."""
-    return plan_ruleset(services, endpoints, node, config, family, cache).ruleset
-
-
 def with_canaries(ruleset: Ruleset) -> Ruleset:
     """The ruleset plus an empty canary chain in mangle, nat and filter, as kube-proxy creates
     (tools look for it to see that a proxy runs). Nothing in kproxy watches it."""
@@ -327,16 +276,3 @@ def with_canaries(ruleset: Ruleset) -> Ruleset:
     if ruleset.table("mangle") is None:
         tables.append(Table("mangle", chains=(canary,)))
     return replace(ruleset, tables=tuple(tables))
-
-
-def build_node_ruleset(
-    services: Mapping[ServicePortName, ServicePort],
-    endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]],
-    node: NodeInfo,
-    config: ProxyConfig,
-    family: int = 4,
-    cache: PlanCache | None = None,
-) -> Ruleset:
-    """What kproxy writes on a node for one family: the planned rules and the canary chains, as
-    IptablesPlanner builds them (it also keeps plan_ruleset's facts for metrics)."""
-    return with_canaries(build_ruleset(services, endpoints, node, config, family, cache))

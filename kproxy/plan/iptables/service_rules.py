@@ -5,19 +5,17 @@ the service's own chains (KUBE-SVC/SVL/EXT/FW and one KUBE-SEP per endpoint)."""
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.service import ServicePort, ServicePortName
 from kproxy.plan.iptables import chains as c
 from kproxy.plan.iptables import naming
-from kproxy.plan.iptables.local_traffic import LocalDetector
-from kproxy.plan.port_policy import ZERO_CIDR, decide_port_policy, of_family, view_port
+from kproxy.plan.local_traffic import LocalDetector
+from kproxy.plan.port_policy import PortView, decide_port_policy, view_port
 from kproxy.rules import fragments as f
 from kproxy.rules.ir import Chain, Match, Rule, Target
-
-__all__ = ["ZERO_CIDR", "PlanContext", "SharedChains", "of_family", "plan_service_port"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,15 +59,14 @@ class SharedChains:
 
 @dataclass(frozen=True, slots=True)
 class _Port:
-    """One service port seen from one family: its addresses and chain names."""
+    """One service port seen from one family (its PortView), with the names its rules use."""
 
-    sp: ServicePort
-    family: int
-    cluster_ip: str
-    external_ips: tuple[str, ...]
-    lb_ips: tuple[str, ...]
-    source_ranges: tuple[str, ...]
+    view: PortView
     sep_names: dict[Endpoint, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def sp(self) -> ServicePort:
+        return self.view.sp
 
     @property
     def spn(self) -> ServicePortName:
@@ -91,10 +88,6 @@ class _Port:
     def proto(self) -> str:
         return self.sp.name.protocol.lower
 
-    @property
-    def externally_accessible(self) -> bool:
-        return self.sp.node_port != 0 or bool(self.lb_ips) or bool(self.external_ips)
-
     def to(self, address: str, text: str, target: Target, port: int | None = None) -> Rule:
         """`-d address -p proto -m comment -m proto --dport port -j target`."""
         return Rule(
@@ -112,14 +105,7 @@ def plan_service_port(
     view = view_port(sp, ctx.family)
     if view is None:
         return
-    port = _Port(
-        sp=sp,
-        family=ctx.family,
-        cluster_ip=view.cluster_ip,
-        external_ips=view.external_ips,
-        lb_ips=view.lb_ips,
-        source_ranges=view.source_ranges,
-    )
+    port = _Port(view)
     itp_local = sp.internal_policy_local
     policy = decide_port_policy(view, endpoints, ctx.node_name, ctx.zone)
     cats, uses_cluster, uses_local = policy.cats, policy.uses_cluster, policy.uses_local
@@ -131,7 +117,7 @@ def plan_service_port(
 
     _entry_rules(ctx, port, cats.has_any, has_internal, has_external, internal_chain, uses_fw, out)
     masq = _clusterip_masquerade(ctx, port) if has_internal else None
-    if cats.has_any and port.externally_accessible:
+    if cats.has_any and port.view.externally_accessible:
         out.service_chains.append(_external_chain(ctx, port, has_external))
     if uses_fw:
         out.service_chains.append(_firewall_chain(ctx, port))
@@ -168,24 +154,24 @@ def _entry_rules(
     ext_chain = naming.external_chain(spn)
     if has_internal:
         out.nat_services.append(
-            port.to(port.cluster_ip, f"{name} cluster IP", f.jump(internal_chain))
+            port.to(port.view.cluster_ip, f"{name} cluster IP", f.jump(internal_chain))
         )
     else:
-        out.filter_services.append(port.to(port.cluster_ip, verdict_text, verdict))
-    for ip in port.external_ips:
+        out.filter_services.append(port.to(port.view.cluster_ip, verdict_text, verdict))
+    for ip in port.view.external_ips:
         if has_any:
             out.nat_services.append(port.to(ip, f"{name} external IP", f.jump(ext_chain)))
         if not has_external:
             out.filter_external.append(port.to(ip, verdict_text, verdict))
     lb_chain = naming.firewall_chain(spn) if uses_fw else ext_chain
-    for ip in port.lb_ips:
+    for ip in port.view.lb_ips:
         if has_any:
             out.nat_services.append(port.to(ip, f"{name} loadbalancer IP", f.jump(lb_chain)))
         if uses_fw:
             text = f"{name} traffic not accepted by {naming.firewall_chain(spn)}"
             out.filter_firewall.append(port.to(ip, text, f.DROP))
     if not has_external:
-        out.filter_external.extend(port.to(ip, verdict_text, verdict) for ip in port.lb_ips)
+        out.filter_external.extend(port.to(ip, verdict_text, verdict) for ip in port.view.lb_ips)
     _node_port_rules(port, has_any, has_external, verdict_text, verdict, out)
 
 
@@ -236,11 +222,14 @@ def _clusterip_masquerade(ctx: PlanContext, port: _Port) -> Rule | None:
     """First rule of the internal chain: masquerade everything (masqueradeAll) or what does not
     come from pods (a local-traffic detector is configured); else none."""
     name = port.text
-    rule = port.to(port.cluster_ip, f"{name} cluster IP", f.jump(c.KUBE_MARK_MASQ))
+    rule = port.to(port.view.cluster_ip, f"{name} cluster IP", f.jump(c.KUBE_MARK_MASQ))
     if ctx.config.masquerade_all:
         return rule
-    if ctx.detector.implemented:
-        return ctx.detector.if_not_local(rule)
+    detector = ctx.detector
+    if detector.source_cidr is not None:
+        return replace(rule, src=detector.source_cidr, src_invert=True)
+    if detector.in_iface is not None:
+        return replace(rule, in_iface=detector.in_iface, in_invert=True)
     return None
 
 
@@ -254,9 +243,17 @@ def _external_chain(ctx: PlanContext, port: _Port, has_external: bool) -> Chain:
         text = f"masquerade traffic for {name} external destinations"
         rules.append(Rule(matches=(f.comment(text),), target=mark))
     else:
-        if ctx.detector.implemented:
+        detector = ctx.detector
+        if detector.implemented:
             pod_text = f"pod traffic for {name} external destinations"
-            rules.append(ctx.detector.if_local(Rule(matches=(f.comment(pod_text),), target=svc)))
+            rules.append(
+                Rule(
+                    src=detector.source_cidr,
+                    in_iface=detector.in_iface,
+                    matches=(f.comment(pod_text),),
+                    target=svc,
+                )
+            )
         src_local = f.addrtype(src_type="LOCAL")
         masq_text = f"masquerade LOCAL traffic for {name} external destinations"
         route_text = f"route LOCAL traffic for {name} external destinations"
@@ -275,13 +272,13 @@ def _firewall_chain(ctx: PlanContext, port: _Port) -> Chain:
     spn, name = port.spn, port.text
     ext = f.jump(naming.external_chain(spn))
     text = (f.comment(f"{name} loadbalancer IP"),)
-    rules = [Rule(src=r, matches=text, target=ext) for r in port.source_ranges]
+    rules = [Rule(src=r, matches=text, target=ext) for r in port.view.source_ranges]
     node_ip = ctx.node_ip
     if node_ip is not None and any(
-        ipaddress.ip_address(node_ip) in ipaddress.ip_network(r) for r in port.source_ranges
+        ipaddress.ip_address(node_ip) in ipaddress.ip_network(r) for r in port.view.source_ranges
     ):
         # A VIP bound on the node makes node-originated traffic carry the VIP as its source.
-        rules.extend(Rule(src=f.cidr(ip), matches=text, target=ext) for ip in port.lb_ips)
+        rules.extend(Rule(src=f.cidr(ip), matches=text, target=ext) for ip in port.view.lb_ips)
     last = f"other traffic to {name} will be dropped by KUBE-PROXY-FIREWALL"
     rules.append(Rule(matches=(f.comment(last),)))
     return Chain(naming.firewall_chain(spn), tuple(rules))

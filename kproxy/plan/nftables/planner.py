@@ -7,16 +7,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from kproxy.model.config import ProxyConfig
-from kproxy.model.endpoint import Endpoint
-from kproxy.model.node import NodeInfo
-from kproxy.model.service import ServicePort, ServicePortName
-from kproxy.plan.conntrack import serving_sources
-from kproxy.plan.iptables.planner import health_check_addresses
+from kproxy.plan.localhost_nodeports import plan_localhost_node_ports
+from kproxy.plan.nftables import naming
 from kproxy.plan.nftables.ir import NftTable
-from kproxy.plan.nftables.kept import NftPlanCache
+from kproxy.plan.nftables.kept import NftPlanCache, TablePlan
 from kproxy.plan.nftables.render import render_nft_table
 from kproxy.plan.nftables.table import plan_nft_table
-from kproxy.plan.node_plan import NodePlan, PlanStats, plan_health_checks
+from kproxy.plan.node_plan import FamilyPlanner, NodePlan, PlanInput, assemble_node_plan
 
 MODE = "nftables"
 
@@ -25,35 +22,22 @@ NftablesPlan = NodePlan[NftablesKernel]
 
 
 @dataclass
-class NftablesPlanner:
+class NftablesPlanner(FamilyPlanner[NftablesKernel, TablePlan]):
     config: ProxyConfig
     _caches: dict[int, NftPlanCache] = field(default_factory=dict)
 
-    def plan(
-        self,
-        services: Mapping[ServicePortName, ServicePort],
-        endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]],
-        node: NodeInfo,
-        families: tuple[int, ...],
-    ) -> NftablesPlan:
-        tables: dict[int, NftTable] = {}
-        no_local = [0, 0]
-        rules = 0
-        for family in families:
-            cache = self._caches.setdefault(family, NftPlanCache())
-            planned = plan_nft_table(services, endpoints, node, self.config, family, cache)
-            tables[family] = planned.table
-            no_local[0] += planned.no_local_internal
-            no_local[1] += planned.no_local_external
-            rules += planned.rules
-        return NodePlan(
-            mode=MODE,
-            kernel=tables,
-            families=families,
-            health_check_addresses=health_check_addresses(self.config, node),
-            health_checks=plan_health_checks(services, endpoints, node),
-            udp_serving={f: serving_sources(services, endpoints, f) for f in families},
-            stats=PlanStats(no_local[0], no_local[1], {"kube-proxy": rules}),
+    def plan_family(self, given: PlanInput, family: int) -> TablePlan:
+        cache = self._caches.setdefault(family, NftPlanCache())
+        g = given
+        return plan_nft_table(g.services, g.endpoints, g.node, g.config, family, cache)
+
+    def assemble(self, given: PlanInput, planned: Mapping[int, TablePlan]) -> NftablesPlan:
+        g = given
+        tables = {family: p.table for family, p in planned.items()}
+        rules = {naming.TABLE: sum(p.rules for p in planned.values())}
+        localhost = plan_localhost_node_ports(g.services, g.endpoints, g.node, g.config, g.families)
+        return assemble_node_plan(
+            MODE, tables, g, planned.values(), rules, localhost_node_ports=localhost
         )
 
 

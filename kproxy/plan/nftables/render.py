@@ -7,52 +7,29 @@ from __future__ import annotations
 
 import ipaddress
 
-from kproxy.plan.nftables.ir import (
-    Chain,
-    CtStateNew,
-    Dnat,
-    Element,
-    FibLocal,
-    Hook,
-    Key,
-    Lookup,
-    MarkClear,
-    MarkSet,
-    Masquerade,
-    Match,
-    NamedSet,
-    NftTable,
-    NumgenZero,
-    PortMatch,
-    Reject,
-    Rule,
-    Statement,
-    Update,
-    Verdict,
-    Vmap,
-)
+from kproxy.plan.nftables import ir
 
 _NAMED_PRIORITIES = {"prerouting": ("dstnat", -100), "postrouting": ("srcnat", 100)}
 _INDENT = "\t\t\t     "  # where nft continues an element list
 
 
-def _key(key: Key, family: str) -> str:
-    if key in (Key.SADDR, Key.DADDR):
+def _key(key: ir.Key, family: str) -> str:
+    if key in (ir.Key.SADDR, ir.Key.DADDR):
         return f"{family} {key.value}"
     return str(key.value)
 
 
-def _keys(keys: tuple[Key, ...], family: str) -> str:
+def _keys(keys: tuple[ir.Key, ...], family: str) -> str:
     return " . ".join(_key(k, family) for k in keys)
 
 
-def _value(key: Key, value: str) -> str:
-    if key is Key.IIFNAME:
+def _value(key: ir.Key, value: str) -> str:
+    if key is ir.Key.IIFNAME:
         return '"' + (value[:-1] + "*" if value.endswith("+") else value) + '"'
     return value
 
 
-def _verdict(v: Verdict) -> str:
+def render_verdict(v: ir.Verdict) -> str:
     return f"{v.kind} {v.chain}" if v.chain else v.kind
 
 
@@ -60,37 +37,37 @@ def _hex32(value: int) -> str:
     return f"0x{value:08x}"
 
 
-def render_statement(stmt: Statement, family: str) -> str:
+def render_statement(stmt: ir.Statement, family: str) -> str:
     match stmt:
-        case Match(key, value, negate):
+        case ir.Match(key, value, negate):
             op = "!= " if negate else ""
             return f"{_key(key, family)} {op}{_value(key, value)}"
-        case PortMatch(proto, port):
+        case ir.PortMatch(proto, port):
             return f"{proto} dport {port}"
-        case CtStateNew():
+        case ir.CtStateNew():
             return "ct state new"
-        case FibLocal(key):
+        case ir.FibLocal(key):
             return f"fib {key.value} type local"
-        case MarkClear(mask):
+        case ir.MarkClear(mask):
             return f"meta mark & {_hex32(mask)} == {_hex32(0)}"
-        case NumgenZero(modulus):
+        case ir.NumgenZero(modulus):
             return f"numgen random mod {modulus} 0"
-        case Lookup(keys, set_name):
+        case ir.Lookup(keys, set_name):
             return f"{_keys(keys, family)} @{set_name}"
-        case Vmap(keys, map_name):
+        case ir.Vmap(keys, map_name):
             return f"{_keys(keys, family)} vmap @{map_name}"
-        case Verdict():
-            return _verdict(stmt)
-        case Reject():
+        case ir.Verdict():
+            return render_verdict(stmt)
+        case ir.Reject():
             return "reject"
-        case Dnat(ip, port):
+        case ir.Dnat(ip, port):
             host = f"[{ip}]" if family == "ip6" else ip
             return f"dnat to {host}:{port}"
-        case Masquerade():
+        case ir.Masquerade():
             return "masquerade fully-random"
-        case MarkSet(op, value):
+        case ir.MarkSet(op, value):
             return f"meta mark set meta mark {op} {_hex32(value)}"
-        case Update(set_name, key):
+        case ir.Update(set_name, key):
             return f"update @{set_name} {{ {_key(key, family)} }}"
     raise TypeError(f"unknown statement {stmt!r}")
 
@@ -99,12 +76,12 @@ def _quote(text: str) -> str:
     return '"' + text.replace('"', "'") + '"'
 
 
-def render_rule(rule: Rule, family: str) -> str:
+def render_rule(rule: ir.Rule, family: str) -> str:
     text = " ".join(render_statement(s, family) for s in rule.statements)
     return f"{text} comment {_quote(rule.comment)}" if rule.comment else text
 
 
-def _priority(hook: Hook) -> str:
+def _priority(hook: ir.Hook) -> str:
     named = _NAMED_PRIORITIES.get(hook.hook)
     if named is None:
         return str(hook.priority)
@@ -124,7 +101,7 @@ def _duration(seconds: int) -> str:
     return "".join(parts) or "0s"
 
 
-def _element_sort_key(element: Element) -> tuple[object, ...]:
+def _element_sort_key(element: ir.Element) -> tuple[object, ...]:
     out: list[object] = []
     for part in element.key:
         try:
@@ -134,12 +111,12 @@ def _element_sort_key(element: Element) -> tuple[object, ...]:
     return tuple(out)
 
 
-def render_element(element: Element) -> str:
+def render_element(element: ir.Element) -> str:
     key = " . ".join(element.key)
-    return f"{key} : {_verdict(element.verdict)}" if element.verdict else key
+    return f"{key} : {render_verdict(element.verdict)}" if element.verdict else key
 
 
-def _render_set(s: NamedSet, elements: frozenset[Element]) -> list[str]:
+def _render_set(s: ir.NamedSet, elements: frozenset[ir.Element]) -> list[str]:
     kind = "map" if s.verdict_map else "set"
     key = " . ".join(s.key_types) + (" : verdict" if s.verdict_map else "")
     lines = [f"\t{kind} {s.name} {{", f"\t\ttype {key}"]
@@ -158,7 +135,7 @@ def _render_set(s: NamedSet, elements: frozenset[Element]) -> list[str]:
     return lines
 
 
-def _render_chain(chain: Chain, family: str) -> list[str]:
+def _render_chain(chain: ir.Chain, family: str) -> list[str]:
     lines = [f"\tchain {chain.name} {{"]
     if chain.comment:
         lines.append(f"\t\tcomment {_quote(chain.comment)}")
@@ -172,7 +149,7 @@ def _render_chain(chain: Chain, family: str) -> list[str]:
     return lines
 
 
-def render_nft_table(table: NftTable) -> str:
+def render_nft_table(table: ir.NftTable) -> str:
     family = table.nft_family
     blocks = [_render_set(s, table.elements.get(s.name, frozenset())) for s in table.sets]
     blocks += [_render_chain(c, family) for c in table.chains]

@@ -16,7 +16,7 @@ from functools import lru_cache
 from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.service import ServicePort
-from kproxy.plan.iptables.local_traffic import LocalDetector
+from kproxy.plan.local_traffic import LocalDetector
 from kproxy.plan.nftables import naming as n
 from kproxy.plan.nftables.ir import (
     Chain,
@@ -34,7 +34,7 @@ from kproxy.plan.nftables.ir import (
     Update,
     Verdict,
 )
-from kproxy.plan.port_policy import PortView, decide_port_policy, view_port
+from kproxy.plan.port_policy import PortPolicy, PortView, decide_port_policy, view_port
 
 AFFINITY_SET_SIZE = 65535  # what nft gives a dynamic set without a size
 ADDRESS_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
@@ -81,32 +81,6 @@ def plan_port_part(ctx: NftContext, sp: ServicePort, endpoints: tuple[Endpoint, 
     policy = decide_port_policy(port, endpoints, ctx.node_name, ctx.zone)
     cats, spn = policy.cats, sp.name
     internal = n.local_chain(spn) if sp.internal_policy_local else n.service_chain(spn)
-    external = n.external_chain(spn)
-    no_endpoints = TO_REJECT if not cats.has_any else DROP
-    elements: list[tuple[str, Element]] = [(n.CLUSTER_IPS, Element((port.cluster_ip,)))]
-    if policy.has_internal:
-        elements.append((n.SERVICE_IPS, Element(_ip_key(port, port.cluster_ip), _goto(internal))))
-    else:
-        elements.append(
-            (n.NO_ENDPOINT_SERVICES, Element(_ip_key(port, port.cluster_ip), no_endpoints))
-        )
-    for ip in (*port.external_ips, *port.lb_ips):
-        if cats.has_any:
-            elements.append((n.SERVICE_IPS, Element(_ip_key(port, ip), _goto(external))))
-        if not policy.has_external:
-            elements.append((n.NO_ENDPOINT_SERVICES, Element(_ip_key(port, ip), no_endpoints)))
-    if policy.uses_firewall:
-        firewall = _goto(n.firewall_chain(spn))
-        elements.extend(
-            (n.FIREWALL_IPS, Element(_ip_key(port, ip), firewall)) for ip in port.lb_ips
-        )
-    if sp.node_port:
-        key = (spn.protocol.lower, str(sp.node_port))
-        if cats.has_any:
-            elements.append((n.SERVICE_NODEPORTS, Element(key, _goto(external))))
-        if not policy.has_external:
-            elements.append((n.NO_ENDPOINT_NODEPORTS, Element(key, no_endpoints)))
-
     # Each endpoint's name part, hashed once (by identity: the categories share the objects).
     reachable = cats.reachable
     bases = {id(ep): n.endpoint_base(spn, ep) for ep in reachable}
@@ -130,10 +104,41 @@ def plan_port_part(ctx: NftContext, sp: ServicePort, endpoints: tuple[Endpoint, 
         rules=sum(len(c.rules) for c in chains),
         chains=tuple(chains),
         sets=_affinity_sets(port, reachable, bases),
-        elements=_first_of_each_key(elements),
+        elements=_first_of_each_key(_elements(port, policy, internal)),
         no_local_internal=int(policy.no_local_internal),
         no_local_external=int(policy.no_local_external),
     )
+
+
+def _elements(port: PortView, policy: PortPolicy, internal: str) -> list[tuple[str, Element]]:
+    """The map elements that lead the port's addresses into its chains, or to a drop/reject."""
+    sp, spn, has_any = port.sp, port.sp.name, policy.cats.has_any
+    external = n.external_chain(spn)
+    no_endpoints = TO_REJECT if not has_any else DROP
+    elements: list[tuple[str, Element]] = [(n.CLUSTER_IPS, Element((port.cluster_ip,)))]
+    if policy.has_internal:
+        elements.append((n.SERVICE_IPS, Element(_ip_key(port, port.cluster_ip), _goto(internal))))
+    else:
+        elements.append(
+            (n.NO_ENDPOINT_SERVICES, Element(_ip_key(port, port.cluster_ip), no_endpoints))
+        )
+    for ip in (*port.external_ips, *port.lb_ips):
+        if has_any:
+            elements.append((n.SERVICE_IPS, Element(_ip_key(port, ip), _goto(external))))
+        if not policy.has_external:
+            elements.append((n.NO_ENDPOINT_SERVICES, Element(_ip_key(port, ip), no_endpoints)))
+    if policy.uses_firewall:
+        firewall = _goto(n.firewall_chain(spn))
+        elements.extend(
+            (n.FIREWALL_IPS, Element(_ip_key(port, ip), firewall)) for ip in port.lb_ips
+        )
+    if sp.node_port:
+        key = (spn.protocol.lower, str(sp.node_port))
+        if has_any:
+            elements.append((n.SERVICE_NODEPORTS, Element(key, _goto(external))))
+        if not policy.has_external:
+            elements.append((n.NO_ENDPOINT_NODEPORTS, Element(key, no_endpoints)))
+    return elements
 
 
 def _first_of_each_key(elements: list[tuple[str, Element]]) -> tuple[tuple[str, Element], ...]:
@@ -195,12 +200,12 @@ def _firewall_chain(ctx: NftContext, port: PortView) -> Chain:
     ):
         # A VIP bound on the node makes node-originated traffic carry the VIP as its source.
         allowed.extend(port.lb_ips)
-    rules = [Rule((Match(Key.SADDR, _cidr(r)), Verdict("return"))) for r in allowed]
+    rules = [Rule((Match(Key.SADDR, nft_cidr(r)), Verdict("return"))) for r in allowed]
     rules.append(Rule((DROP,), "other traffic is dropped"))
     return Chain(n.firewall_chain(port.sp.name), tuple(rules))
 
 
-def _cidr(text: str) -> str:
+def nft_cidr(text: str) -> str:
     """A host CIDR as a bare address, as nft lists it."""
     net = ipaddress.ip_network(text, strict=False)
     return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)

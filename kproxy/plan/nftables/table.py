@@ -1,19 +1,16 @@
-"""build_nft_table: one family's whole `kube-proxy` table, as a pure function of the services,
+"""plan_nft_table: one family's whole `kube-proxy` table, as a pure function of the services,
 their endpoints, the node and the config. The layout (base chains, hooks and numeric
 priorities, shared chains, sets and maps, and their names) is upstream's nftables proxier's."""
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from kproxy.model.config import ProxyConfig
-from kproxy.model.endpoint import Endpoint
 from kproxy.model.node import NodeInfo
-from kproxy.model.service import ServicePort, ServicePortName
-from kproxy.plan.iptables.local_traffic import build_local_detector
-from kproxy.plan.iptables.ruleset import node_port_cidrs
+from kproxy.plan.addresses import LOOPBACK, ZERO_CIDR, node_ip, of_family
+from kproxy.plan.local_traffic import build_local_detector
 from kproxy.plan.nftables import naming as n
 from kproxy.plan.nftables.ir import (
     Chain,
@@ -28,22 +25,18 @@ from kproxy.plan.nftables.ir import (
     Masquerade,
     Match,
     NamedSet,
-    NftTable,
     Reject,
     Rule,
     Verdict,
     Vmap,
 )
 from kproxy.plan.nftables.kept import NftPlanCache, TableFrame, TablePlan
-from kproxy.plan.nftables.service_port import (
-    ADDRESS_TYPE,
-    NftContext,
-)
-from kproxy.plan.port_policy import ZERO_CIDR, of_family
+from kproxy.plan.nftables.service_port import ADDRESS_TYPE, NftContext, nft_cidr
+from kproxy.plan.node_plan import EndpointsMap, ServicePortMap
+from kproxy.plan.node_ports import node_port_cidrs
 
 DSTNAT = -100
 SRCNAT = 100
-LOOPBACK = {4: "127.0.0.0/8", 6: "::1"}
 IP_PROTO_PORT = (Key.DADDR, Key.L4PROTO, Key.DPORT)
 PROTO_PORT = (Key.L4PROTO, Key.DPORT)
 
@@ -87,49 +80,34 @@ def _jump_if_new(chain: str) -> Rule:
     return Rule((CtStateNew(), Verdict("jump", chain)))
 
 
+def _filter_chain(name: str, hook: str, *checks: str, priority: int = DSTNAT - 10) -> Chain:
+    """A filter base chain sending NEW connections through `checks`; by default just before
+    DNAT, where it still sees the service address."""
+    return Chain(name, tuple(_jump_if_new(c) for c in checks), Hook("filter", hook, priority))
+
+
+def _nat_chain(name: str, hook: str, priority: int, target: str) -> Chain:
+    return Chain(name, (Rule((Verdict("jump", target),)),), Hook("nat", hook, priority))
+
+
 def _base_chains() -> tuple[Chain, ...]:
-    """Filter chains just before DNAT (they see the service address), NAT chains at the usual
-    priorities, and a post-DNAT check of the node's own traffic."""
-    before_dnat = DSTNAT - 10
+    """Filter chains just before DNAT, NAT chains at the usual priorities, and a post-DNAT
+    check of the node's own traffic."""
     return (
-        Chain(
-            n.FILTER_PREROUTING,
-            (_jump_if_new(n.FIREWALL_CHECK),),
-            Hook("filter", "prerouting", before_dnat),
+        _filter_chain(n.FILTER_PREROUTING, "prerouting", n.FIREWALL_CHECK),
+        _filter_chain(
+            n.FILTER_INPUT, "input", n.NODEPORT_ENDPOINTS_CHECK, n.SERVICE_ENDPOINTS_CHECK
         ),
-        Chain(
-            n.FILTER_INPUT,
-            (_jump_if_new(n.NODEPORT_ENDPOINTS_CHECK), _jump_if_new(n.SERVICE_ENDPOINTS_CHECK)),
-            Hook("filter", "input", before_dnat),
-        ),
-        Chain(
-            n.FILTER_FORWARD,
-            (_jump_if_new(n.SERVICE_ENDPOINTS_CHECK), _jump_if_new(n.CLUSTER_IPS_CHECK)),
-            Hook("filter", "forward", before_dnat),
-        ),
-        Chain(
-            n.FILTER_OUTPUT,
-            (_jump_if_new(n.SERVICE_ENDPOINTS_CHECK), _jump_if_new(n.FIREWALL_CHECK)),
-            Hook("filter", "output", before_dnat),
-        ),
+        _filter_chain(n.FILTER_FORWARD, "forward", n.SERVICE_ENDPOINTS_CHECK, n.CLUSTER_IPS_CHECK),
+        _filter_chain(n.FILTER_OUTPUT, "output", n.SERVICE_ENDPOINTS_CHECK, n.FIREWALL_CHECK),
         # The node's own traffic is DNATed in this same hook: only after that does an address
         # still being a ClusterIP mean a port no service has.
-        Chain(
-            n.FILTER_OUTPUT_POST_DNAT,
-            (_jump_if_new(n.CLUSTER_IPS_CHECK),),
-            Hook("filter", "output", DSTNAT + 10),
+        _filter_chain(
+            n.FILTER_OUTPUT_POST_DNAT, "output", n.CLUSTER_IPS_CHECK, priority=DSTNAT + 10
         ),
-        Chain(
-            n.NAT_PREROUTING,
-            (Rule((Verdict("jump", n.SERVICES),)),),
-            Hook("nat", "prerouting", DSTNAT),
-        ),
-        Chain(n.NAT_OUTPUT, (Rule((Verdict("jump", n.SERVICES),)),), Hook("nat", "output", DSTNAT)),
-        Chain(
-            n.NAT_POSTROUTING,
-            (Rule((Verdict("jump", n.MASQUERADING),)),),
-            Hook("nat", "postrouting", SRCNAT),
-        ),
+        _nat_chain(n.NAT_PREROUTING, "prerouting", DSTNAT, n.SERVICES),
+        _nat_chain(n.NAT_OUTPUT, "output", DSTNAT, n.SERVICES),
+        _nat_chain(n.NAT_POSTROUTING, "postrouting", SRCNAT, n.MASQUERADING),
     )
 
 
@@ -165,7 +143,7 @@ def _shared_chains(config: ProxyConfig, family: int, node_ports: NodePorts) -> t
 
     def to_nodeports(map_name: str) -> Rule:
         if node_ports.match_all:
-            where = (FibLocal(Key.DADDR), Match(Key.DADDR, LOOPBACK[family], negate=True))
+            where = (FibLocal(Key.DADDR), Match(Key.DADDR, nft_cidr(LOOPBACK[family]), negate=True))
             return Rule((*where, Vmap(PROTO_PORT, map_name)))
         return Rule((Lookup((Key.DADDR,), n.NODEPORT_IPS), Vmap(PROTO_PORT, map_name)))
 
@@ -203,22 +181,9 @@ def _shared_chains(config: ProxyConfig, family: int, node_ports: NodePorts) -> t
     )
 
 
-def _node_ip(config: ProxyConfig, node: NodeInfo, family: int) -> str | None:
-    ips = (
-        of_family(node.primary_ips, family)
-        or of_family((config.bind_address,) if config.bind_address else (), family)
-        or tuple(
-            ip
-            for ip in of_family(node.local_addresses, family)
-            if not ipaddress.ip_address(ip).is_loopback
-        )
-    )
-    return ips[0] if ips else None
-
-
 def plan_nft_table(
-    services: Mapping[ServicePortName, ServicePort],
-    endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]],
+    services: ServicePortMap,
+    endpoints: EndpointsMap,
     node: NodeInfo,
     config: ProxyConfig,
     family: int = 4,
@@ -230,7 +195,7 @@ def plan_nft_table(
         node_name=node.name,
         zone=node.zone,
         detector=build_local_detector(config, node, family),
-        node_ip=_node_ip(config, node, family),
+        node_ip=node_ip(config, node, family),
     )
     node_ports = plan_node_ports(config, node, family)
     frame = TableFrame(
@@ -243,13 +208,3 @@ def plan_nft_table(
         elements=tuple((n.NODEPORT_IPS, Element((ip,))) for ip in node_ports.ips),
     )
     return (cache if cache is not None else NftPlanCache()).plan(frame, services, endpoints)
-
-
-def build_nft_table(
-    services: Mapping[ServicePortName, ServicePort],
-    endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]],
-    node: NodeInfo,
-    config: ProxyConfig,
-    family: int = 4,
-) -> NftTable:
-    return plan_nft_table(services, endpoints, node, config, family).table

@@ -20,8 +20,8 @@ from functools import cached_property
 from kproxy.plan.nftables import naming as n
 from kproxy.plan.nftables.ir import Dnat, NftTable
 from kproxy.plan.nftables.trace_walk import Flow, TableIndex, Walk, canonical, walk_all
-from kproxy.rules.explain import Branch, Explanation, Outcome
-from kproxy.rules.trace import Hook, Packet
+from kproxy.rules.explain import Branch, Explanation, Outcome, by_share
+from kproxy.rules.trace import Hook, Packet, host_port
 
 _SERVICE_MAPS = (n.SERVICE_IPS, n.SERVICE_NODEPORTS, n.FIREWALL_IPS)
 _PORT_CHAIN_PREFIXES = ("service-", "local-", "external-", "firewall-")
@@ -87,10 +87,6 @@ def _entry(w: Walk) -> tuple[str | None, str | None]:
     return None, None
 
 
-def _host_port(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
 def _branch(share: float, w: Walk, flow: Flow) -> Branch:
     service, entry = _entry(w)
     if flow is Flow.REJECT:
@@ -108,7 +104,7 @@ def _branch(share: float, w: Walk, flow: Flow) -> Branch:
         share=share,
         outcome=outcome,
         hops=tuple(w.hops),
-        destination=_host_port(*w.dnat) if w.dnat else None,
+        destination=host_port(*w.dnat) if w.dnat else None,
         masqueraded=w.masqueraded,
         masquerade_reason=reason,
         service=service,
@@ -128,18 +124,9 @@ def explain_nft_packet(
     local = frozenset(canonical(a) for a in local_addresses)
     packet = replace(packet, src=canonical(packet.src), dst=canonical(packet.dst))
     walks = walk_all(tables.index, packet, hook, local)
-    branches = sorted(
-        (_branch(share, w, flow) for share, w, flow in walks),
-        key=lambda b: (-b.share, b.destination or ""),
-    )
+    branches = by_share(_branch(share, w, flow) for share, w, flow in walks)
+    family, source = tables.table.family, tables.source
+    affinity = next((w.affinity for _, w, _ in walks if w.affinity), None)
     return Explanation(
-        packet=packet,
-        hook=hook,
-        origin=origin,
-        family=tables.table.family,
-        source=tables.source,
-        branches=tuple(branches),
-        affinity_seconds=next((w.affinity for _, w, _ in walks if w.affinity), None),
-        unreadable=tables.unreadable,
-        notes=tables.notes,
+        packet, hook, origin, family, source, branches, affinity, tables.unreadable, tables.notes
     )

@@ -9,39 +9,16 @@ import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from kproxy.plan.nftables import ir
 from kproxy.plan.nftables import naming as n
-from kproxy.plan.nftables.ir import (
-    Chain,
-    CtStateNew,
-    Dnat,
-    Element,
-    FibLocal,
-    Key,
-    Lookup,
-    MarkClear,
-    MarkSet,
-    Masquerade,
-    Match,
-    NamedSet,
-    NftTable,
-    NumgenZero,
-    PortMatch,
-    Reject,
-    Rule,
-    Statement,
-    Update,
-    Verdict,
-    Vmap,
-)
-from kproxy.plan.nftables.render import render_element, render_rule
+from kproxy.plan.nftables.render import render_element, render_rule, render_verdict
 from kproxy.plan.nftables.trace_words import (
     describe_statement,
     mark_reason,
     stop_reason,
-    verdict_text,
 )
 from kproxy.rules.explain import Hop
-from kproxy.rules.trace import Hook, Packet, TraceError
+from kproxy.rules.trace import Hook, Packet, TraceError, every_path
 
 _MAX_DEPTH = 64
 _MAX_PATHS = 10_000
@@ -77,7 +54,7 @@ class TableIndex:
     """The table as the walk looks things up in it: chains by name, elements by key, base
     chains by hook in priority order."""
 
-    def __init__(self, table: NftTable) -> None:
+    def __init__(self, table: ir.NftTable) -> None:
         self.table = table
         self._chains = {c.name: c for c in table.chains}
         self._elements = {
@@ -85,13 +62,13 @@ class TableIndex:
             for name, elements in table.elements.items()
         }
 
-    def chain(self, name: str) -> Chain:
+    def chain(self, name: str) -> ir.Chain:
         found = self._chains.get(name)
         if found is None:
             raise TraceError(f"the table has no chain {name}")
         return found
 
-    def element(self, named: NamedSet, key: tuple[str, ...]) -> Element | None:
+    def element(self, named: ir.NamedSet, key: tuple[str, ...]) -> ir.Element | None:
         elements = self._elements.get(named.name, {})
         if "interval" not in named.flags:
             return elements.get(key)
@@ -100,7 +77,7 @@ class TableIndex:
                 return element
         return None
 
-    def base_chains(self, hook: str) -> list[Chain]:
+    def base_chains(self, hook: str) -> list[ir.Chain]:
         hooked = [c for c in self.table.chains if c.hook is not None and c.hook.hook == hook]
         return sorted(hooked, key=lambda c: c.hook.priority if c.hook else 0)
 
@@ -120,20 +97,20 @@ class Walk:
     stopped_by: str | None = None
     hops: list[Hop] = field(default_factory=list)
     # Verdict-map hits: (map, element as listed), the last one decides a stop's reason.
-    hits: list[tuple[str, Element]] = field(default_factory=list)
+    hits: list[tuple[str, ir.Element]] = field(default_factory=list)
 
     @property
     def family(self) -> str:
         return self.tables.table.nft_family
 
-    def key_value(self, key: Key) -> str:
+    def key_value(self, key: ir.Key) -> str:
         p = self.packet
         values = {
-            Key.SADDR: p.src,
-            Key.DADDR: p.dst,
-            Key.L4PROTO: p.protocol,
-            Key.DPORT: str(p.dport),
-            Key.IIFNAME: p.in_iface or "",
+            ir.Key.SADDR: p.src,
+            ir.Key.DADDR: p.dst,
+            ir.Key.L4PROTO: p.protocol,
+            ir.Key.DPORT: str(p.dport),
+            ir.Key.IIFNAME: p.in_iface or "",
         }
         return values[key]
 
@@ -150,41 +127,41 @@ def _iface_is(iface: str, pattern: str) -> bool:
     return iface.startswith(pattern[:-1]) if pattern.endswith("+") else iface == pattern
 
 
-def _holds(w: Walk, stmt: Statement) -> bool | None:
+def _holds(w: Walk, stmt: ir.Statement) -> bool | None:
     """Whether a condition holds (None: the statement is an action)."""
     p = w.packet
     match stmt:
-        case Match(key, value, negate):
-            if key in (Key.SADDR, Key.DADDR):
+        case ir.Match(key, value, negate):
+            if key in (ir.Key.SADDR, ir.Key.DADDR):
                 hit = _address_in(w.key_value(key), value)
-            elif key is Key.IIFNAME:
+            elif key is ir.Key.IIFNAME:
                 hit = _iface_is(w.key_value(key), value)
             else:
                 hit = w.key_value(key) == value
             return hit != negate
-        case PortMatch(proto, port):
+        case ir.PortMatch(proto, port):
             return p.protocol == proto and p.dport == port
-        case CtStateNew():
+        case ir.CtStateNew():
             return True  # the tracer follows the first packet of a connection
-        case FibLocal(key):
+        case ir.FibLocal(key):
             return w.key_value(key) in w.local
-        case MarkClear(mask):
+        case ir.MarkClear(mask):
             return p.mark & mask == 0
-        case NumgenZero(modulus):
+        case ir.NumgenZero(modulus):
             return modulus <= 1 or w.choose(1 / modulus)
-        case Lookup(keys, set_name):
+        case ir.Lookup(keys, set_name):
             return _lookup(w, keys, set_name)
     return None
 
 
-def _named(w: Walk, name: str) -> NamedSet:
+def _named(w: Walk, name: str) -> ir.NamedSet:
     found = w.tables.table.named_set(name)
     if found is None:
         raise TraceError(f"the table has no set or map {name}")
     return found
 
 
-def _lookup(w: Walk, keys: tuple[Key, ...], set_name: str) -> bool:
+def _lookup(w: Walk, keys: tuple[ir.Key, ...], set_name: str) -> bool:
     named = _named(w, set_name)
     if named.dynamic:  # an affinity set: a new client is in none of them
         if named.timeout is not None and w.affinity is None:
@@ -204,7 +181,7 @@ def _run_chain(w: Walk, name: str, depth: int) -> Flow:
     return Flow.RETURN
 
 
-def _run_rule(w: Walk, chain: Chain, rule: Rule, depth: int) -> Flow:
+def _run_rule(w: Walk, chain: ir.Chain, rule: ir.Rule, depth: int) -> Flow:
     why: list[str] = []
     hopped = False
 
@@ -212,7 +189,7 @@ def _run_rule(w: Walk, chain: Chain, rule: Rule, depth: int) -> Flow:
         actions = [
             f"remembers the client in @{s.set_name}"
             for s in rule.statements
-            if isinstance(s, Update)
+            if isinstance(s, ir.Update)
         ]
         text = render_rule(rule, w.family)
         w.hops.append(
@@ -220,13 +197,13 @@ def _run_rule(w: Walk, chain: Chain, rule: Rule, depth: int) -> Flow:
         )
 
     for stmt in rule.statements:
-        if isinstance(stmt, Vmap):
+        if isinstance(stmt, ir.Vmap):
             named = _named(w, stmt.map_name)
             key = tuple(w.key_value(k) for k in stmt.keys)
             element = w.tables.element(named, key)
             if element is None or element.verdict is None:
                 return Flow.NEXT
-            why.append(f"{' . '.join(key)} in @{stmt.map_name}: {verdict_text(element.verdict)}")
+            why.append(f"{' . '.join(key)} in @{stmt.map_name}: {render_verdict(element.verdict)}")
             w.hits.append((stmt.map_name, element))
             hop()
             return _run_verdict(w, chain, rule, element.verdict, depth)
@@ -247,36 +224,36 @@ def _run_rule(w: Walk, chain: Chain, rule: Rule, depth: int) -> Flow:
     return Flow.NEXT
 
 
-def _act(w: Walk, chain: Chain, rule: Rule, stmt: Statement, depth: int) -> Flow:
+def _act(w: Walk, chain: ir.Chain, rule: ir.Rule, stmt: ir.Statement, depth: int) -> Flow:
     p = w.packet
     match stmt:
-        case Verdict():
+        case ir.Verdict():
             return _run_verdict(w, chain, rule, stmt, depth)
-        case MarkSet(op, value):
+        case ir.MarkSet(op, value):
             mark = p.mark | value if op == "|" else p.mark ^ value
             w.packet = replace(p, mark=mark & 0xFFFFFFFF)
             return Flow.NEXT
-        case Update():
+        case ir.Update():
             return Flow.NEXT
-        case Dnat(ip, port):
+        case ir.Dnat(ip, port):
             w.packet = replace(p, dst=canonical(ip), dport=port)
             w.dnat = (canonical(ip), port)
             return Flow.ACCEPT
-        case Masquerade():
+        case ir.Masquerade():
             w.masqueraded = True
             return Flow.ACCEPT
-        case Reject():
+        case ir.Reject():
             _stop(w, chain, rule)
             return Flow.REJECT
     raise TraceError(f"the tracer does not implement {stmt!r}")
 
 
-def _stop(w: Walk, chain: Chain, rule: Rule) -> None:
+def _stop(w: Walk, chain: ir.Chain, rule: ir.Rule) -> None:
     via, element = (w.hits[-1][0], render_element(w.hits[-1][1])) if w.hits else (None, None)
     w.stopped_by = stop_reason(chain.name, render_rule(rule, w.family), via, element)
 
 
-def _run_verdict(w: Walk, chain: Chain, rule: Rule, v: Verdict, depth: int) -> Flow:
+def _run_verdict(w: Walk, chain: ir.Chain, rule: ir.Rule, v: ir.Verdict, depth: int) -> Flow:
     if v.kind == "accept":
         return Flow.ACCEPT
     if v.kind == "drop":
@@ -285,7 +262,7 @@ def _run_verdict(w: Walk, chain: Chain, rule: Rule, v: Verdict, depth: int) -> F
     if v.kind == "return":
         return Flow.RETURN
     if v.chain is None or v.kind not in ("jump", "goto"):
-        raise TraceError(f"the tracer does not implement verdict {verdict_text(v)}")
+        raise TraceError(f"the tracer does not implement verdict {render_verdict(v)}")
     if v.chain == n.MARK_FOR_MASQUERADE and w.masquerade_reason is None:
         w.masquerade_reason = mark_reason(chain.name, rule)
     flow = _run_chain(w, v.chain, depth + 1)
@@ -323,34 +300,13 @@ def _run_path(w: Walk, hook: Hook) -> Flow:
     return Flow.ACCEPT
 
 
-def _scripted(prefix: tuple[bool, ...], taken: list[tuple[bool, float]]) -> Callable[[float], bool]:
-    """Answers `prefix`, then no; every answer (and its probability) goes to `taken`."""
-
-    def choose(probability: float) -> bool:
-        answer = prefix[len(taken)] if len(taken) < len(prefix) else False
-        taken.append((answer, probability))
-        return answer
-
-    return choose
-
-
 def walk_all(
     tables: TableIndex, packet: Packet, hook: Hook, local: frozenset[str]
 ) -> list[tuple[float, Walk, Flow]]:
-    """Every way the numgen branches can fall, each with its share (replaying a prefix of
-    answers and trying a yes at each later question)."""
-    out: list[tuple[float, Walk, Flow]] = []
-    pending: list[tuple[bool, ...]] = [()]
-    while pending:
-        if len(out) >= _MAX_PATHS:
-            raise TraceError(f"more than {_MAX_PATHS} paths through the table")
-        prefix, taken = pending.pop(), list[tuple[bool, float]]()
-        w = Walk(tables, packet, local, _scripted(prefix, taken))
-        flow = _run_path(w, hook)
-        share = 1.0
-        for answer, probability in taken:
-            share *= probability if answer else 1.0 - probability
-        out.append((share, w, flow))
-        answers = [answer for answer, _ in taken]
-        pending.extend((*answers[:i], True) for i in range(len(prefix), len(answers)))
-    return out
+    """Every way the numgen branches can fall, each with its share."""
+
+    def run(choose: Callable[[float], bool]) -> tuple[Walk, Flow]:
+        w = Walk(tables, packet, local, choose)
+        return w, _run_path(w, hook)
+
+    return [(share, w, flow) for share, (w, flow) in every_path(run, _MAX_PATHS, "the table")]

@@ -16,7 +16,6 @@ from kproxy.plan.nftables.ir import (
     PortMatch,
     Rule,
     Statement,
-    Verdict,
 )
 
 _WHERE = {
@@ -46,10 +45,6 @@ def describe_statement(stmt: Statement) -> str | None:
         case Lookup(keys, set_name):
             return f"{' . '.join(_WHERE[k] for k in keys)} in @{set_name}"
     return None
-
-
-def verdict_text(v: Verdict) -> str:
-    return f"{v.kind} {v.chain}" if v.chain else v.kind
 
 
 def mark_reason(chain: str, rule: Rule) -> str:

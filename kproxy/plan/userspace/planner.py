@@ -8,15 +8,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from kproxy.errors import ConfigError
+from kproxy.model.addresses import ip_family
 from kproxy.model.config import ProxyConfig
-from kproxy.model.endpoint import Endpoint
 from kproxy.model.node import NodeInfo
-from kproxy.model.service import Protocol, ServicePort, ServicePortName
-from kproxy.plan.endpoints import categorize_endpoints
-from kproxy.plan.iptables.planner import count_rules, health_check_addresses
-from kproxy.plan.iptables.service_rules import of_family
-from kproxy.plan.node_plan import NodePlan, PlanStats, plan_health_checks
-from kproxy.plan.port_policy import view_port
+from kproxy.model.service import Protocol, ServicePortName
+from kproxy.plan.addresses import of_family
+from kproxy.plan.node_plan import FamilyPlanner, NodePlan, PlanInput, assemble_node_plan
+from kproxy.plan.port_policy import PortPolicy, PortView, decide_port_policy, view_port
 from kproxy.plan.userspace.portals import (
     WILDCARD,
     Listener,
@@ -26,6 +24,7 @@ from kproxy.plan.userspace.portals import (
     host_ip,
     is_wildcard,
 )
+from kproxy.plan.xtables import count_rules
 from kproxy.rules.ir import Ruleset
 from kproxy.rules.render import render_ruleset
 
@@ -65,44 +64,6 @@ class UserspaceKernel:
 UserspacePlan = NodePlan[UserspaceKernel]
 
 
-@dataclass(frozen=True, slots=True)
-class _Selection:
-    internal: tuple[Endpoint, ...]
-    external: tuple[Endpoint, ...]
-    exposed: bool  # has a NodePort, externalIPs or LB IPs of this family
-    no_local_internal: bool
-    no_local_external: bool
-
-
-def select_endpoints(
-    sp: ServicePort, endpoints: tuple[Endpoint, ...], node: NodeInfo, family: int
-) -> _Selection:
-    """The iptables mode's choice (plan_service_port): which endpoints ClusterIP traffic and
-    external traffic reach, from the same categorize_endpoints call."""
-    externally = bool(
-        sp.node_port
-        or of_family(sp.external_ips, family)
-        or of_family(sp.load_balancer_ips, family)
-    )
-    itp_local, etp_local = sp.internal_policy_local, sp.external_policy_local
-    cats = categorize_endpoints(
-        [ep for ep in endpoints if ep.family == family],
-        node.name,
-        node.zone,
-        uses_cluster=not itp_local or externally,
-        uses_local=itp_local or (etp_local and externally),
-    )
-    internal = cats.local if itp_local else cats.cluster
-    external = (cats.local if etp_local else cats.cluster) if externally else ()
-    return _Selection(
-        internal,
-        external,
-        externally,
-        cats.has_any and itp_local and not cats.local,
-        cats.has_any and externally and etp_local and not cats.local,
-    )
-
-
 def _held_ports(listener: Listener, node: NodeInfo) -> tuple[tuple[str, int], ...]:
     """Upstream holds a NodePort on every address, and a portal port on a portal IP that is one
     of the node's addresses."""
@@ -118,32 +79,30 @@ def _held_ports(listener: Listener, node: NodeInfo) -> tuple[tuple[str, int], ..
 
 
 def plan_listeners(
-    sp: ServicePort, selection: _Selection, bind_address: str, node: NodeInfo, family: int
+    port: PortView, policy: PortPolicy, bind_address: str, node: NodeInfo
 ) -> tuple[Listener, ...]:
     """One listener for the service port, or two when its traffic policies choose different
     endpoints for ClusterIP and for external traffic (upstream's userspace mode ignored
     externalTrafficPolicy; the iptables mode honours it, and so does this one)."""
-    cluster_ips = of_family(sp.cluster_ips, family)
-    if not cluster_ips:
-        return ()  # headless, or not of this family
+    sp = port.sp
     listener = Listener(
         name=sp.name,
-        family=family,
+        family=port.family,
         bind_address=bind_address,
-        cluster_ip=cluster_ips[0],
+        cluster_ip=port.cluster_ip,
         port=sp.port,
-        external_ips=of_family(sp.external_ips, family),
-        load_balancer_ips=of_family(sp.load_balancer_ips, family),
+        external_ips=port.external_ips,
+        load_balancer_ips=port.lb_ips,
         node_port=sp.node_port,
-        endpoints=selection.internal,
+        endpoints=policy.internal,
         affinity_seconds=sp.session_affinity_seconds,
-        source_ranges=view.source_ranges if (view := view_port(sp, family)) else (),
+        source_ranges=port.source_ranges,
     )
     scoped: tuple[Listener, ...] = (listener,)
-    if selection.exposed and sp.internal_policy_local != sp.external_policy_local:
+    if port.externally_accessible and sp.internal_policy_local != sp.external_policy_local:
         scoped = (
             replace(listener, scope=Scope.INTERNAL),
-            replace(listener, scope=Scope.EXTERNAL, endpoints=selection.external),
+            replace(listener, scope=Scope.EXTERNAL, endpoints=policy.external),
         )
     return tuple(replace(lis, held_ports=_held_ports(lis, node)) for lis in scoped)
 
@@ -153,7 +112,7 @@ def bind_address(config: ProxyConfig, family: int) -> str | None:
     this family; None when bindAddress is of the other family (upstream proxied one family)."""
     if is_wildcard(config.bind_address):
         return WILDCARD[family]
-    return config.bind_address if (":" in config.bind_address) == (family == 6) else None
+    return config.bind_address if ip_family(config.bind_address) == family else None
 
 
 def portal_serving(
@@ -181,64 +140,51 @@ def portal_serving(
     return serving
 
 
+@dataclass(frozen=True, slots=True)
+class _FamilyListeners:
+    listeners: tuple[Listener, ...]
+    no_local_internal: int = 0
+    no_local_external: int = 0
+
+
 @dataclass
-class UserspacePlanner:
+class UserspacePlanner(FamilyPlanner[UserspaceKernel, _FamilyListeners]):
     config: ProxyConfig
 
     def __post_init__(self) -> None:
         if self.config.bind_address in ("127.0.0.1", "::1"):
             raise ConfigError("cannot proxy on localhost: set another address", "bindAddress")
 
-    def plan(
-        self,
-        services: Mapping[ServicePortName, ServicePort],
-        endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]],
-        node: NodeInfo,
-        families: tuple[int, ...],
-    ) -> UserspacePlan:
-        skipped = tuple(
-            SkippedPort(spn, SCTP_REASON)
-            for spn in sorted(services, key=str)
-            if spn.protocol is Protocol.SCTP
-        )
-        parts: dict[int, UserspaceFamily] = {}
-        no_local = [0, 0]
-        for family in families:
-            listeners = self._listeners(services, endpoints, node, family, no_local)
-            parts[family] = UserspaceFamily(family, listeners, node, self.config)
-        return NodePlan(
-            mode=MODE,
-            kernel=UserspaceKernel(parts, skipped),
-            families=families,
-            health_check_addresses=health_check_addresses(self.config, node),
-            health_checks=plan_health_checks(services, endpoints, node),
-            udp_serving={
-                f: portal_serving(p.listeners, node, self.config, f) for f, p in parts.items()
-            },
-            stats=PlanStats(no_local[0], no_local[1], _rule_counts(parts)),
-        )
-
-    def _listeners(
-        self,
-        services: Mapping[ServicePortName, ServicePort],
-        endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]],
-        node: NodeInfo,
-        family: int,
-        no_local: list[int],
-    ) -> tuple[Listener, ...]:
+    def plan_family(self, given: PlanInput, family: int) -> _FamilyListeners:
         address = bind_address(self.config, family)
         if address is None:
-            return ()
+            return _FamilyListeners(())
         listeners: list[Listener] = []
-        for spn in sorted(services, key=str):
-            sp = services[spn]
-            if sp.protocol is Protocol.SCTP or not of_family(sp.cluster_ips, family):
+        no_local = [0, 0]
+        for spn in sorted(given.services, key=str):
+            sp = given.services[spn]
+            port = view_port(sp, family)
+            if sp.protocol is Protocol.SCTP or port is None:
                 continue
-            selection = select_endpoints(sp, endpoints.get(spn, ()), node, family)
-            no_local[0] += selection.no_local_internal
-            no_local[1] += selection.no_local_external
-            listeners.extend(plan_listeners(sp, selection, address, node, family))
-        return tuple(listeners)
+            node = given.node
+            policy = decide_port_policy(port, given.endpoints.get(spn, ()), node.name, node.zone)
+            no_local[0] += policy.no_local_internal
+            no_local[1] += policy.no_local_external and port.externally_accessible
+            listeners.extend(plan_listeners(port, policy, address, node))
+        return _FamilyListeners(tuple(listeners), *no_local)
+
+    def assemble(self, given: PlanInput, planned: Mapping[int, _FamilyListeners]) -> UserspacePlan:
+        node, config = given.node, self.config
+        skipped = tuple(
+            SkippedPort(spn, SCTP_REASON)
+            for spn in sorted(given.services, key=str)
+            if spn.protocol is Protocol.SCTP
+        )
+        parts = {f: UserspaceFamily(f, p.listeners, node, config) for f, p in planned.items()}
+        serving = {f: portal_serving(p.listeners, node, config, f) for f, p in parts.items()}
+        kernel = UserspaceKernel(parts, skipped)
+        rules = _rule_counts(parts)
+        return assemble_node_plan(MODE, kernel, given, planned.values(), rules, udp_serving=serving)
 
 
 def _rule_counts(parts: Mapping[int, UserspaceFamily]) -> dict[str, int]:

@@ -12,14 +12,15 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from kproxy.model.addresses import ip_family
 from kproxy.model.config import ProxyConfig
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import Protocol, ServicePortName
-from kproxy.plan.iptables.naming import spn_text
 from kproxy.plan.userspace import chains as c
 from kproxy.rules import fragments as f
 from kproxy.rules.ir import Chain, JumpRule, Match, Opt, Rule, Ruleset, Table, Target
+from kproxy.rules.trace import host_port
 
 WILDCARD = {4: "0.0.0.0", 6: "::"}
 
@@ -88,11 +89,11 @@ def host_ip(node: NodeInfo, config: ProxyConfig, family: int) -> str | None:
     of the family (upstream: the default route's interface) when this node holds it, else its
     first local address that is neither loopback nor link-local. None when there is none."""
     if not is_wildcard(config.bind_address):
-        return config.bind_address if _family(config.bind_address) == family else None
+        return config.bind_address if ip_family(config.bind_address) == family else None
     local = set(node.local_addresses)
     primary = [a for a in node.primary_ips if not local or a in local]
     for address in (*primary, *node.local_addresses):
-        if _family(address) == family and _routable(address):
+        if ip_family(address) == family and _routable(address):
             return address
     return None
 
@@ -105,14 +106,6 @@ def _routable(address: str) -> bool:
     except ValueError:
         return False
     return not (ip.is_loopback or ip.is_link_local or ip.is_unspecified)
-
-
-def _family(address: str) -> int:
-    return 6 if ":" in address else 4
-
-
-def _host_port(address: str, port: int) -> str:
-    return f"[{address}]:{port}" if _family(address) == 6 else f"{address}:{port}"
 
 
 def _portal(
@@ -129,7 +122,7 @@ def _portal(
         src=f.cidr(source) if source else None,
         dst=f.cidr(address) if address else None,
         protocol=proto,
-        matches=(f.comment(spn_text(listener.name)), f.protocol_match(proto, dport), *extra),
+        matches=(f.comment(str(listener.name)), f.protocol_match(proto, dport), *extra),
         target=target,
     )
 
@@ -165,9 +158,9 @@ def _container_target(listener: Listener, proxy_port: int, host: str | None) -> 
     reply matches the flow's NAT whichever address that is. REDIRECT remains for a node with no
     address of the family to DNAT to, where it is all there is."""
     if not is_wildcard(listener.bind_address):
-        return f.dnat(_host_port(listener.bind_address, proxy_port))
+        return f.dnat(host_port(listener.bind_address, proxy_port))
     if host:
-        return f.dnat(_host_port(host, proxy_port))
+        return f.dnat(host_port(host, proxy_port))
     return Target("REDIRECT", (Opt("to-ports", str(proxy_port)),))
 
 
@@ -175,7 +168,7 @@ def _add_listener(
     out: _PortalChains, listener: Listener, proxy_port: int, host: str | None
 ) -> None:
     into = _container_target(listener, proxy_port, host)
-    to_host = f.dnat(_host_port(host, proxy_port)) if host else None
+    to_host = f.dnat(host_port(host, proxy_port)) if host else None
     port = listener.port
     if listener.serves_internal:
         out.container.append(_portal(listener, port, into, listener.cluster_ip))

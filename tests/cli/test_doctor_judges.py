@@ -1,0 +1,70 @@
+"""`kproxy doctor`'s verdicts on which proxy mode suits a node, and on leftovers per mode."""
+
+from __future__ import annotations
+
+from kproxy.dataplane.base import NodeNeeds
+from kproxy.doctor.facts import ProxyProcess
+from kproxy.doctor.judges import judge_leftovers, judge_proxy_mode
+from kproxy.sync.modes import mode_needs
+
+MODES = mode_needs()
+
+HINT = {"KUBE-IPTABLES-HINT"}
+KPROXY = [ProxyProcess(7, "kproxy", "kproxy run")]
+LEGACY_CHAINS = frozenset({"KUBE-SERVICES", "KUBE-SVC-ABCDEFGHIJKLMNOP"})
+NFT_TABLE = frozenset({("ip", "kube-proxy", ""), ("ip", "kube-proxy", "services")})
+
+
+def test_iptables_on_a_legacy_node_suits_and_mentions_nftables_where_the_kernel_allows() -> None:
+    check = judge_proxy_mode("", MODES, "6.18.44", True, HINT, set())
+    assert check.status == "ok" and "mode iptables suits" in check.detail
+    assert "nftables would suit it too" in check.detail
+    old = judge_proxy_mode("iptables", MODES, "5.10.0-28-amd64", True, HINT, set())
+    assert old.status == "ok" and "nftables" not in old.detail
+
+
+def test_kubelet_on_iptables_nft_points_at_the_nftables_mode() -> None:
+    check = judge_proxy_mode("iptables", MODES, "6.1.0", True, set(), HINT)
+    assert check.status == "warn" and "iptables-nft" in check.detail
+    assert check.advice == "use `mode: nftables`"
+    assert judge_proxy_mode("nftables", MODES, "6.1.0", True, set(), HINT).status == "ok"
+
+
+def test_an_nft_only_kernel_fails_the_legacy_modes() -> None:
+    for mode in ("iptables", "userspace"):
+        check = judge_proxy_mode(mode, MODES, "6.6.0", False, set(), set())
+        assert check.status == "fail" and "no legacy x_tables" in check.detail
+        assert check.advice == "use `mode: nftables`"
+
+
+def test_nftables_mode_needs_kernel_5_13() -> None:
+    check = judge_proxy_mode("nftables", MODES, "5.10.0-28-amd64", True, HINT, set())
+    assert check.status == "fail" and ">= 5.13" in check.detail
+    assert "mode: iptables" in check.advice
+    assert judge_proxy_mode("nftables", MODES, "5.13.0", True, HINT, set()).status == "ok"
+
+
+def test_the_running_modes_own_rules_are_not_leftovers_the_other_modes_are() -> None:
+    nft_running = judge_leftovers(frozenset(), NFT_TABLE, [], KPROXY, "nftables", "nftables")
+    assert nft_running.status == "ok" and "ip kube-proxy" in nft_running.detail
+    both = judge_leftovers(LEGACY_CHAINS, NFT_TABLE, [], KPROXY, "nftables", "nftables")
+    assert both.status == "fail" and "legacy tables" in both.detail
+    assert "ip kube-proxy" not in both.detail and "restart it" in both.advice
+    legacy_running = judge_leftovers(LEGACY_CHAINS, NFT_TABLE, [], KPROXY, "iptables")
+    assert legacy_running.status == "fail" and "ip kube-proxy" in legacy_running.detail
+
+
+def test_without_a_proxy_kproxy_cleanup_removes_both_kinds() -> None:
+    check = judge_leftovers(LEGACY_CHAINS, NFT_TABLE, [], [], "nftables", "nftables")
+    assert check.status == "fail" and "no proxy runs" in check.detail
+    assert "ip kube-proxy" in check.detail and "KUBE-SERVICES" in check.detail
+    assert check.advice.startswith("run `kproxy cleanup`")
+
+
+def test_the_verdict_follows_what_each_mode_needs_not_its_name() -> None:
+    modes = {"iptables": NodeNeeds("legacy"), "ebpf": NodeNeeds("nftables", (6, 6))}
+    old = judge_proxy_mode("ebpf", modes, "6.1.0", True, HINT, set())
+    assert old.status == "fail" and "mode ebpf needs kernel >= 6.6" in old.detail
+    assert old.advice == "use `mode: iptables` on this node"
+    check = judge_proxy_mode("iptables", modes, "6.6.1", False, set(), set())
+    assert check.status == "fail" and check.advice == "use `mode: ebpf`"

@@ -1,0 +1,60 @@
+"""ImageMatch: two images of a table match when every entry is equal but for its counters."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from kproxy.dataplane.xtables.kernel_image import ImageMatch, TableImage
+
+# Where ipt_entry keeps next_offset and its counters (linux/netfilter_ipv4/ip_tables.h).
+NEXT_OFFSET_AT, COUNTERS_AT, HEADER = 90, 96, 112
+
+
+def entry(payload: bytes, packets: int = 0, size: int = 152) -> bytes:
+    raw = bytearray(size)
+    raw[:4] = b"\x0a\x00\x00\x01"
+    struct.pack_into("<H", raw, NEXT_OFFSET_AT, size)
+    struct.pack_into("<QQ", raw, COUNTERS_AT, packets, packets * 60)
+    raw[HEADER : HEADER + len(payload)] = payload
+    return bytes(raw)
+
+
+def image(*entries: bytes, hooks: bytes = b"\x01" * 44) -> TableImage:
+    return TableImage(4, "nat", hooks, len(entries), memoryview(b"".join(entries)))
+
+
+def test_counters_do_not_count() -> None:
+    kept = ImageMatch(image(entry(b"A"), entry(b"B", size=200)))
+    assert kept.matches(image(entry(b"A", packets=7), entry(b"B", packets=99, size=200)))
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        image(entry(b"A"), entry(b"C", size=200)),  # a rule replaced by one of the same size
+        image(entry(b"B", size=200), entry(b"A")),  # the same rules in another order
+        image(entry(b"A"), entry(b"B", size=200), hooks=b"\x02" * 44),  # chains moved
+        image(entry(b"A")),  # a rule gone
+        image(entry(b"A"), entry(b"B", size=200), entry(b"D")),  # a rule added
+    ],
+)
+def test_any_other_difference_does(other: TableImage) -> None:
+    assert not ImageMatch(image(entry(b"A"), entry(b"B", size=200))).matches(other)
+
+
+def test_a_byte_anywhere_but_the_counters_counts() -> None:
+    base = image(entry(b"A"), entry(b"B"))
+    kept = ImageMatch(base)
+    for offset in range(len(base.entries)):
+        if COUNTERS_AT <= offset % 152 < HEADER:
+            continue
+        changed = bytearray(base.entries)
+        changed[offset] ^= 0xFF
+        assert not kept.matches(TableImage(4, "nat", base.hooks, 2, memoryview(changed))), offset
+
+
+def test_a_malformed_image_matches_nothing() -> None:
+    broken = image(entry(b"A")[:NEXT_OFFSET_AT] + b"\x00\x00" + entry(b"A")[NEXT_OFFSET_AT + 2 :])
+    assert not ImageMatch(broken).matches(broken)

@@ -1,0 +1,61 @@
+import re
+from pathlib import Path
+
+from kproxy.dataplane.iptables.node import IptablesNode
+from kproxy.dataplane.xtables.fake import FakeDataplane
+from kproxy.model.config import ProxyConfig
+from kproxy.model.node import NodeInfo
+from kproxy.sync.modes import MODES
+from kproxy.sync.once import once_loop, state_from_manifests, sync_once
+from kproxy.watch.manifests import load_manifests
+
+ONE_SERVICE = """\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{name: http, port: 80, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- addresses: [10.244.1.5]
+  conditions: {ready: true}
+- addresses: [10.244.1.6]
+  conditions: {ready: false}
+"""
+
+
+def _sync(tmp_path: Path, dataplane: FakeDataplane) -> str:
+    path = tmp_path / "m.yaml"
+    path.write_text(ONE_SERVICE)
+    state = state_from_manifests(load_manifests(path), lambda exc: None)
+    node = IptablesNode({4: dataplane}, write_sysctls=lambda sysctls: None)
+    report = sync_once(
+        once_loop(state, NodeInfo(name="node-1"), ProxyConfig(), MODES["iptables"], node)
+    )
+    text = report.summary()
+    assert text.endswith(f"in {report.seconds:.2f}s")  # the time its sync_completed log gives
+    assert report.summary(report.seconds + 1.0).endswith(
+        f"in {report.seconds:.2f}s ({report.seconds + 1.0:.2f}s with start-up)"
+    )
+    return text
+
+
+def test_summary_counts_ready_endpoints_in_the_singular_and_names_the_not_ready(
+    tmp_path: Path,
+) -> None:
+    dataplane = FakeDataplane()
+    first = _sync(tmp_path, dataplane)
+    assert first.startswith(
+        "synced 1 service (1 port), 1 ready endpoint (1 address), 1 not ready: wrote "
+    ), first
+    second = _sync(tmp_path, dataplane)
+    assert re.match(r"synced 1 service .*: no changes, \d+ chains already up to date", second)
