@@ -113,3 +113,26 @@ def test_dump_of_manifests_loads_no_cluster_client(tmp_path: Path) -> None:
     out, loaded = _loaded(["dump", "--manifests", str(path)], ("kubernetes", "kproxy.watch.api"))
     assert "KUBE-SERVICES" in out
     assert loaded == [], loaded
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["dump"],
+        ["dump", "--diff", "--manifests", "M"],
+        ["trace", "tcp", "10.96.0.1:443", "--node-address", "10.0.0.1"],
+    ],
+)
+def test_reading_the_live_mode_without_root_says_to_use_manifests(
+    argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without --config the command first asks the kernel which mode runs: not as root, that
+    # must say what reading needs and what to do instead, not "to program netfilter tables".
+    path = tmp_path / "m.yaml"
+    path.write_text(SERVICE)
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    result = CliRunner().invoke(cli, [str(path) if a == "M" else a for a in argv])
+    assert result.exit_code != 0
+    said = str(result.exception)
+    assert "needs root" in said and "--manifests" in said, said
+    assert "to program" not in said, said
