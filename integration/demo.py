@@ -9,9 +9,11 @@ shows two pictures of the same scenario, one after the other:
 1. the userspace mode: `kproxy sync --once` with `mode: userspace` programs the portals and
    relays in the foreground; its relay accepts each connection and dials the endpoints in turn
    (round robin), so every endpoint sees the node's address as the source;
-2. the iptables mode: the relay is stopped, `kproxy sync --once` switches the node in place
-   (deleting the portal chains), and netfilter DNATs each connection to an endpoint picked at
-   random, so every endpoint sees the client's own address.
+2. the iptables mode: the relay is stopped, and as it stops kproxy hands the node over to the
+   iptables mode's rules (replacing the portal chains, so no new connection meets a closed relay
+   port; see docs/userspace-relay.md); `kproxy sync --once` in the iptables mode then finds
+   those rules in place and changes nothing. Netfilter DNATs each connection to an endpoint
+   picked at random, so every endpoint sees the client's own address.
 
 In each picture a client pod sends requests to the Service VIPs; the demo shows which endpoint
 answered each request and which source address each endpoint saw. The my-nginx endpoints are
@@ -267,7 +269,10 @@ def userspace_relay(topo: Topology, sync: Sequence[str], lock_file: Path) -> Ite
         yield
     finally:
         stop(proc)
-        print("\n(relay stopped with SIGTERM; its portal rules stay until the next sync)")
+        print(
+            "\n(relay stopped with SIGTERM: as it stopped, it handed the node over to the "
+            "iptables mode's rules, replacing its portal chains)"
+        )
 
 
 def userspace_picture(
@@ -286,7 +291,7 @@ def iptables_picture(
     topo: Topology, client: Namespace, backends: list[Backend], sync: list[str], lock_file: Path
 ) -> bool:
     print("\n=== picture 2 of 2: the iptables mode (netfilter picks the endpoint)")
-    print(f"$ kproxy {' '.join(sync)}   # the default mode; switches the node in place")
+    print(f"$ kproxy {' '.join(sync)}   # the default mode; the hand-over wrote its rules")
     print(run_kproxy(topo.node, *sync, lock_file=lock_file).stdout, end="")
     ok = show_nginx(client, backends, "iptables", IPTABLES_WHY)
     return show_services(client) and ok

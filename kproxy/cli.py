@@ -1,157 +1,30 @@
-"""The `kproxy` command: the one place that wires sources, state, plan and dataplane together."""
+"""The `kproxy` command: declares the commands and their options; each calls into the layer that
+does the work (inspect/ for dump, trace, connections and status and for what every command reads,
+sync/ for sync and run, doctor/). A command imports what it uses in its body, so `kproxy --help`
+(and a command that needs no kernel library, cluster client or sync machinery) starts without
+loading them: bench/cli_startup.py measures it."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import signal
-import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-import structlog
-import yaml
 
-from kproxy.errors import (
-    ConfigError,
-    InvalidObjectError,
-    KproxyError,
-    at_line,
-    describe_yaml_error,
-)
+from kproxy.errors import KproxyError
+from kproxy.inspect.flags import given_flags, kube_proxy_flags
 from kproxy.logs import LEVELS, configure_logging
-from kproxy.model.config import ProxyConfig, with_flags
-from kproxy.model.config_fields import BY_FLAG, FIELDS, suggest_field
-from kproxy.model.config_values import GO_FALSE, GO_TRUE, parse_go_bool
-from kproxy.model.node import NodeInfo
-from kproxy.state.ingest import node_for
-from kproxy.watch.manifests import Manifests, load_manifests, log_ignored_documents
 
 if TYPE_CHECKING:
-    from kproxy.state.cluster import ClusterState
     from kproxy.sync.agent import SourceStarter
 
-# The commands import the layers they use in their bodies: `kproxy --help` (and a command that
-# needs no kernel library or sync machinery) starts without loading them.
-log = structlog.get_logger("kproxy")
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def read_config_doc(path: str | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    where = f"--config {path}"
-    try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigError(f"cannot read ({reason})", where=where) from exc
-    except yaml.YAMLError as exc:
-        line, problem = describe_yaml_error(exc)
-        raise ConfigError(at_line(line, problem), where=where) from exc
-    except RecursionError as exc:  # absurdly deep nesting: the constructor recurses per level
-        raise ConfigError("nested too deeply", where=where) from exc
-    if doc is not None and not isinstance(doc, dict):
-        raise ConfigError("expected a KubeProxyConfiguration mapping", where=where)
-    return doc or {}
-
-
-def load_config_file(path: str | None, flags: Mapping[str, Any] | None = None) -> ProxyConfig:
-    """The config file (if any) with explicitly given kube-proxy flags laid over it."""
-    config, ignored = with_flags(read_config_doc(path), flags or {})
-    for field in ignored:
-        suggestion = suggest_field(field)
-        if suggestion:
-            log.warning("config_field_ignored", field=field, file=path, did_you_mean=suggestion)
-        else:
-            log.warning("config_field_ignored", field=field, file=path)
-    return config
-
-
-def resolve_hostname(flag: str | None, config: ProxyConfig) -> str:
-    """As kube-proxy: --hostname-override, then the config's hostnameOverride, then the host."""
-    return (flag or config.hostname_override or socket.gethostname()).strip().lower()
-
-
-def read_manifests(path: str) -> Manifests:
-    manifests = load_manifests(path)
-    log_ignored_documents(manifests)
-    if not (manifests.services or manifests.endpoint_slices or manifests.nodes):
-        log.warning("manifests_empty", path=path, problem="no Service, EndpointSlice or Node")
-    return manifests
-
-
-def read_all_manifests(paths: Sequence[str]) -> Manifests:
-    """Several files or directories as one set of objects."""
-    merged = Manifests()
-    for path in paths:
-        one = read_manifests(path)
-        merged.services += one.services
-        merged.endpoint_slices += one.endpoint_slices
-        merged.nodes += one.nodes
-    return merged
-
-
-def node_families() -> tuple[int, ...]:
-    """The families the agent programs here: IPv4, and IPv6 where the namespace has it."""
-    from kproxy.dataplane.host import ipv6_supported
-
-    return (4, 6) if ipv6_supported() else (4,)
-
-
-def _report_invalid(exc: InvalidObjectError) -> None:
-    log.warning("object_skipped", object=exc.obj, field=exc.field, problem=exc.problem)
-
-
-def _state(manifests: Manifests, config: ProxyConfig) -> ClusterState:
-    from kproxy.sync.once import state_from_manifests
-
-    return state_from_manifests(manifests, _report_invalid, config)
-
-
-def _with_host_facts(node: NodeInfo) -> NodeInfo:
-    from kproxy.dataplane.host import with_host_facts
-
-    return with_host_facts(node)
-
-
-def _local_addresses() -> tuple[str, ...]:
-    from kproxy.dataplane.host import read_local_addresses
-
-    return read_local_addresses()
-
-
-def in_live_mode(config: ProxyConfig, config_path: str | None, family: int) -> ProxyConfig:
-    """The config for reading this node's live rules: without --config, in the mode the kernel
-    shows (see inspect/live_mode.py), said in one line on stderr."""
-    from kproxy.inspect.live_mode import describe_mode, detect_live_mode
-
-    if config_path is not None:
-        return config
-    live = detect_live_mode(family)
-    click.echo(describe_mode(live), err=True)
-    return dataclasses.replace(config, mode=live.mode)
-
-
-def _node_and_config(
-    manifests: Manifests, config_path: str | None, hostname: str | None
-) -> tuple[NodeInfo, ProxyConfig]:
-    config = load_config_file(config_path)
-    name = resolve_hostname(hostname, config)
-    try:
-        node = node_for(name, manifests.nodes)
-    except InvalidObjectError as exc:
-        _report_invalid(exc)
-        node = NodeInfo(name=name)
-    for skipped in node.skipped:
-        _report_invalid(skipped)
-    return node, config
 
 
 # The DaemonSet sets it, so `kubectl exec ds/kproxy -- kproxy status` (or trace, dump) reads
@@ -223,17 +96,18 @@ def sync(
 
     In userspace mode (`mode: userspace` in --config) it programs the portals and then relays
     connections in the foreground until SIGTERM or Ctrl-C: it does not return before that."""
+    from kproxy.inspect.inputs import build_state, node_and_config, read_manifests, with_host_facts
     from kproxy.sync.modes import proxy_mode
     from kproxy.sync.once import once_loop, refuse_empty_input, sync_once
 
     manifests = read_manifests(manifests_path)
-    node, config = _node_and_config(manifests, config_path, hostname)
-    state = _state(manifests, config)
+    node, config = node_and_config(manifests, config_path, hostname)
+    state = build_state(manifests, config)
     if not allow_empty:
         refuse_empty_input(state, manifests_path)
     mode = proxy_mode(config)
     with mode.open_dataplane(config, lock_timeout) as dataplane:  # refuses first if not root
-        loop = once_loop(state, _with_host_facts(node), config, mode, dataplane)
+        loop = once_loop(state, with_host_facts(node), config, mode, dataplane)
         report = sync_once(loop)
         click.echo(report.summary(process_seconds()))
         if mode.serves_in_process:
@@ -259,14 +133,6 @@ def _wait_for_stop_signal() -> None:
         signal.signal(signum, lambda *_: stop.set())
     while not stop.wait(1.0):
         pass
-
-
-# Planned userspace rules name no relay port: sync binds the listeners, and the kernel picks them.
-RELAY_PORT_NOTE = (
-    "# port 0 (--to-ports 0, --to-destination ADDRESS:0, --dport 0) stands for a relay "
-    "listener's port, which sync picks when it binds the listener; `kproxy dump` without "
-    "--manifests shows the ports in use\n"
-)
 
 
 @cli.command()
@@ -309,53 +175,19 @@ def dump(
 ) -> None:
     """Print kproxy's rules as the mode's own tools show them: iptables-save format in the
     iptables and userspace modes, `nft list table` in the nftables mode."""
-    from kproxy.sync.modes import proxy_mode
-
     if show_diff:
-        _dump_diff(manifests_path, kubeconfig, family, lock_timeout, config_path, hostname)
-        return
+        from kproxy.inspect.diff_cmd import show_diff as diff_text
+
+        args = (kubeconfig, int(family) if family else None, lock_timeout, config_path, hostname)
+        text = diff_text(manifests_path, *args)
+        sys.stdout.write(text)
+        sys.exit(1 if text else 0)
+    from kproxy.inspect.dump_cmd import dump_live, dump_planned
+
     if manifests_path is None:
-        config = in_live_mode(load_config_file(config_path), config_path, int(family or 4))
-        text = proxy_mode(config).read_live(int(family or 4))
+        sys.stdout.write(dump_live(config_path, int(family or 4)))
     else:
-        manifests = read_manifests(manifests_path)
-        node, config = _node_and_config(manifests, config_path, hostname)
-        state = _state(manifests, config)
-        mode = proxy_mode(config)
-        plan = mode.planner(config).plan(
-            state.services_map(), state.endpoints_map(), _with_host_facts(node), (int(family or 4),)
-        )
-        text = mode.render_plan(plan, int(family or 4))
-        if mode.serves_in_process:
-            text = RELAY_PORT_NOTE + text
-    sys.stdout.write(text)
-
-
-def _dump_diff(
-    manifests_path: str | None,
-    kubeconfig: str | None,
-    family: str | None,
-    lock_timeout: float,
-    config_path: str | None,
-    hostname: str | None,
-) -> None:
-    from kproxy.inspect.diff_cmd import diff_next_sync, render_diffs
-
-    if manifests_path is not None:
-        manifests = read_manifests(manifests_path)
-    else:
-        from kproxy.watch.api import ApiSource, api_client
-
-        config = load_config_file(config_path)
-        api = api_client(kubeconfig or config.kubeconfig or None)
-        manifests = ApiSource(api, resolve_hostname(hostname, config)).list_once()
-    node, config = _node_and_config(manifests, config_path, hostname)
-    families = (int(family),) if family else node_families()
-    config = in_live_mode(config, config_path, families[0])
-    state = _state(manifests, config)
-    diffs = diff_next_sync(state, _with_host_facts(node), config, families, lock_timeout)
-    sys.stdout.write(render_diffs(diffs))
-    sys.exit(1 if diffs else 0)
+        sys.stdout.write(dump_planned(manifests_path, int(family or 4), config_path, hostname))
 
 
 @cli.command()
@@ -376,51 +208,6 @@ def cleanup(lock_timeout: float) -> None:
             "left net.ipv4.conf.all.route_localnet=1 (another program may need it; KUBE-FIREWALL "
             "still guards it): `sysctl -w net.ipv4.conf.all.route_localnet=0` if nothing does"
         )
-
-
-class GoBool(click.ParamType[bool]):
-    """A boolean in Go's forms only (strconv.ParseBool), as kube-proxy's flags take them."""
-
-    name = "boolean"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> bool:
-        if isinstance(value, bool):
-            return value
-        parsed = parse_go_bool(str(value))
-        if parsed is None:
-            forms = ", ".join(GO_TRUE + GO_FALSE)
-            self.fail(f"{value!r} is not a boolean; use true or false ({forms})", param, ctx)
-        return parsed
-
-
-# Declared by common_options, as sync and dump take it too.
-_COMMON_FLAGS = ("--hostname-override",)
-
-
-def kube_proxy_flags(fn: F) -> F:
-    """kube-proxy's own flags, under the same names, so its DaemonSet's command line works."""
-    for f in reversed(FIELDS):
-        if f.flag is None or f.flag in _COMMON_FLAGS:
-            continue
-        help_text = f"{f.help.rstrip('.')} ({f.help_path})."
-        if f.flag_type is bool:  # as Go's flags: `--masquerade-all` or `--masquerade-all=false`
-            option = click.option(
-                f.flag, type=GoBool(), is_flag=False, flag_value=True, default=None, help=help_text
-            )
-        else:
-            option = click.option(f.flag, type=f.flag_type, default=None, help=help_text)
-        fn = option(fn)
-    return fn
-
-
-def given_flags(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The kube-proxy flags given on the command line, by flag name."""
-    flags: dict[str, Any] = {}
-    for flag in BY_FLAG:
-        value = params.get(flag[2:].replace("-", "_"))
-        if value is not None:
-            flags[flag] = value
-    return flags
 
 
 @cli.command()
@@ -455,6 +242,8 @@ def run(
 
     kube-proxy's flags are accepted under their own names; a flag given on the command line
     overrides the same field of the --config file."""
+    from kproxy.inspect.inputs import load_config_file, resolve_hostname
+
     if verbosity is not None and verbosity >= 4:
         configure_logging("debug")
     flags = given_flags(params)
@@ -494,6 +283,7 @@ def run(
 def doctor(config_path: str | None, service_cidr: str | None) -> None:
     """Check this node for what kproxy needs; exit 1 if a check fails."""
     from kproxy.doctor import exit_code, render_report, run_checks
+    from kproxy.inspect.inputs import load_config_file
     from kproxy.sync.modes import mode_needs
 
     checks = run_checks(load_config_file(config_path), service_cidr, modes=mode_needs())
@@ -548,26 +338,13 @@ def trace(
     hostname: str | None,
 ) -> None:
     """Where a connection from SRC to DST:PORT goes through this node's rules, and why."""
-    from kproxy.inspect.trace_cmd import TraceRequest, request_family, trace_live, trace_planned
-    from kproxy.inspect.trace_view import render_trace, trace_json
+    from kproxy.inspect.trace_cmd import TraceRequest, trace_request
+    from kproxy.inspect.trace_view import render_output
 
     request = TraceRequest(protocol, destination, source, in_interface)
-    if manifests_paths:
-        manifests = read_all_manifests(manifests_paths)
-        node, config = _node_and_config(manifests, config_path, hostname)
-        state = _state(manifests, config)
-        local = node_addresses or _local_addresses()
-        node = dataclasses.replace(node, local_addresses=tuple(local))
-        explanation = trace_planned(request, state, node, config)
-    else:
-        config = in_live_mode(load_config_file(config_path), config_path, request_family(request))
-        local = node_addresses or _local_addresses()
-        node = NodeInfo(name=resolve_hostname(hostname, config))
-        explanation = trace_live(request, config, local, node, lock_timeout)
-    if output == "json":
-        click.echo(json.dumps(trace_json(explanation), indent=2))
-    else:
-        click.echo(render_trace(explanation), nl=False)
+    args = (manifests_paths, node_addresses, lock_timeout, config_path, hostname)
+    explanation = trace_request(request, *args)
+    click.echo(render_output(explanation, output), nl=False)
 
 
 @cli.command()
@@ -597,20 +374,10 @@ def connections(
     hostname: str | None,
 ) -> None:
     """The node's live conntrack flows of kproxy's services, by service port and endpoint."""
-    from kproxy.inspect.connections_cmd import live_connections, render
+    from kproxy.inspect.connections_cmd import show_connections
 
-    config = load_config_file(config_path)
-    if manifests_paths:
-        manifests = read_all_manifests(manifests_paths)
-    else:
-        from kproxy.watch.api import ApiSource, api_client
-
-        api = api_client(kubeconfig or config.kubeconfig or None)
-        manifests = ApiSource(api, resolve_hostname(hostname, config)).list_once()
-    config, state = in_live_mode(config, config_path, 4), _state(manifests, config)
-    local, families = _local_addresses(), node_families()
-    found = live_connections(state, local, config.mode, families, service, endpoint)
-    click.echo(render(found, config.mode, output), nl=False)
+    args = (kubeconfig, endpoint, output, config_path, hostname)
+    click.echo(show_connections(service, manifests_paths, *args), nl=False)
 
 
 @cli.command()
@@ -626,14 +393,9 @@ def connections(
 )
 def status(address: str | None, output: str, config_path: str | None) -> None:
     """What the running agent reports: mode, last sync, durations, skipped objects, sources."""
-    from kproxy.inspect.status_cmd import fetch_status, render_status, status_url
+    from kproxy.inspect.status_cmd import show_status
 
-    config = load_config_file(config_path)
-    body = fetch_status(status_url(address or config.metrics_bind_address))
-    if output == "json":
-        click.echo(json.dumps(body, indent=2))
-    else:
-        click.echo(render_status(body), nl=False)
+    click.echo(show_status(address, output, config_path), nl=False)
 
 
 def main() -> None:

@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TYPE_CHECKING
 
-import structlog
+if TYPE_CHECKING:
+    from structlog.typing import Processor
 
 LEVELS = ("debug", "info", "warning", "error")
 
 
 def configure_logging(level: str = "info", json_lines: bool | None = None) -> None:
+    import structlog  # here: `kproxy --help`, which logs nothing, starts without it
+
     if json_lines is None:
         json_lines = not sys.stderr.isatty()
-    renderer: structlog.typing.Processor = (
+    renderer: Processor = (
         structlog.processors.JSONRenderer()
         if json_lines
         else structlog.dev.ConsoleRenderer(colors=False)

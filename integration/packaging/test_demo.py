@@ -67,6 +67,13 @@ def test_demo_shows_both_pictures_and_leaves_no_namespace() -> None:
     assert all(n > 0 and saw == CLIENT_IP for n, saw in tallies.values()), iptables
     assert "at random" in iptables
     assert _dns_sources(iptables) == {"UDP": CLIENT_IP, "TCP": CLIENT_IP}, iptables
+    # What the demo says agrees with what kproxy printed: the relay's hand-over as it stopped
+    # wrote the iptables mode's rules, so that mode's sync finds nothing to change.
+    lines = iptables.splitlines()
+    command = next(i for i, line in enumerate(lines) if line.startswith("$ kproxy sync"))
+    assert "no changes" in lines[command + 1], lines[command + 1]
+    assert "the hand-over wrote its rules" in lines[command], lines[command]
+    assert "handed the node over to the iptables mode's rules" in userspace, userspace
     # Through the ingress, after the switch.
     assert all(n > 0 for n, _ in _tallies(via_ingress).values()), via_ingress
     assert "to http://172.31.0.2:30189/testpath" in iptables, out

@@ -24,6 +24,15 @@ from typing import Any
 from kproxy.dataplane.ctflows import SCTP, TCP, Flow, dump_flows
 from kproxy.dataplane.ctnetlink import UDP, CtSocket
 from kproxy.errors import KproxyError
+from kproxy.inspect.inputs import (
+    build_state,
+    in_live_mode,
+    load_config_file,
+    local_addresses,
+    node_families,
+    read_all_manifests,
+    read_cluster_objects,
+)
 from kproxy.model.service import NamespacedName, Protocol, ServicePort, ServicePortName
 from kproxy.state.cluster import ClusterState, EndpointsMap, ServicesMap
 
@@ -204,6 +213,30 @@ def live_connections(
     flows = read_flows(families, protocols, addresses) if services else []
     userspace = mode == "userspace"
     return select_connections(flows, index, local, userspace, wanted, endpoint_ip)
+
+
+def show_connections(
+    service: str | None,
+    manifests_paths: Sequence[str],
+    kubeconfig: str | None,
+    endpoint: str | None,
+    output: str,
+    config_path: str | None,
+    hostname: str | None,
+) -> str:
+    """`kproxy connections`: the services from the manifests or the API server, the flows from
+    this node's conntrack, read in the mode the node runs."""
+    config = load_config_file(config_path)
+    if manifests_paths:
+        manifests = read_all_manifests(manifests_paths)
+    else:
+        manifests = read_cluster_objects(kubeconfig, config, hostname)
+    state = build_state(manifests, config)
+    config = in_live_mode(config, config_path, 4)
+    found = live_connections(
+        state, local_addresses(), config.mode, node_families(), service, endpoint
+    )
+    return render(found, config.mode, output)
 
 
 def connections_json(connections: Sequence[Connection], mode: str) -> dict[str, Any]:

@@ -4,10 +4,12 @@ Service" for every Service."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection
 from dataclasses import dataclass
 
 from kproxy.dataplane.readers import read_legacy_chains, read_nft_chains
+from kproxy.errors import DataplaneError
 
 NFT_TABLE = "kube-proxy"
 # The userspace mode's portal chains (upstream's names); the iptables mode has none of them.
@@ -37,6 +39,11 @@ def decide_live_mode(nft_tables: Collection[str], nat_chains: Collection[str]) -
 
 def detect_live_mode(family: int) -> LiveMode:
     """Read one family's nftables tables and legacy nat chains (nothing is written) and decide."""
+    if os.geteuid() != 0:  # else libiptc's refusal says "to program", which no one asked for
+        raise DataplaneError(
+            "reading the live tables (and which mode wrote them) needs root (CAP_NET_ADMIN); "
+            "without root, give --manifests PATH to work on what kproxy would write instead"
+        )
     nft_family = "ip" if family == 4 else "ip6"
     tables = {table for fam, table, chain in read_nft_chains() if fam == nft_family and not chain}
     return decide_live_mode(tables, read_legacy_chains("nat", family))

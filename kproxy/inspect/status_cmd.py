@@ -9,6 +9,7 @@ import urllib.request
 from typing import Any
 
 from kproxy.errors import KproxyError
+from kproxy.inspect.inputs import load_config_file
 from kproxy.model.config_values import parse_bind_address
 
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
@@ -99,3 +100,10 @@ def render_status(body: dict[str, Any]) -> str:
     lines += [f"  {s.get('object')}: {s.get('field')}: {s.get('problem')}" for s in skipped]
     lines += _sources(body)
     return "\n".join(lines) + "\n"
+
+
+def show_status(address: str | None, output: str, config_path: str | None) -> str:
+    """`kproxy status`: the agent's /statusz, asked at --address or the config's metrics address."""
+    config = load_config_file(config_path)
+    body = fetch_status(status_url(address or config.metrics_bind_address))
+    return json.dumps(body, indent=2) + "\n" if output == "json" else render_status(body)

@@ -4,11 +4,21 @@ the node itself: nat OUTPUT), and the packet."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from kproxy.errors import KproxyError
+from kproxy.inspect.inputs import (
+    build_state,
+    in_live_mode,
+    load_config_file,
+    local_addresses,
+    node_and_config,
+    read_all_manifests,
+    resolve_hostname,
+)
 from kproxy.model.config import ProxyConfig
 from kproxy.model.node import NodeInfo
 from kproxy.rules.explain import Explanation, Traceable
@@ -152,3 +162,27 @@ def trace_planned(
     tables = mode.trace_plan(plan, family)
     pod_ranges = (*config.cluster_cidrs, *node.pod_cidrs)
     return explain(request, tables, node.local_addresses, pod_ranges)
+
+
+def trace_request(
+    request: TraceRequest,
+    manifests_paths: Sequence[str],
+    node_addresses: Sequence[str],
+    lock_timeout: float,
+    config_path: str | None,
+    hostname: str | None,
+) -> Explanation:
+    """`kproxy trace`: through what kproxy would write for the manifests, if given; else through
+    the live tables, in the mode the node runs (detected when no --config is given)."""
+    if manifests_paths:
+        manifests = read_all_manifests(manifests_paths)
+        node, config = node_and_config(manifests, config_path, hostname)
+        state = build_state(manifests, config)
+        local = tuple(node_addresses) or local_addresses()
+        node = dataclasses.replace(node, local_addresses=local)
+        return trace_planned(request, state, node, config)
+    config = load_config_file(config_path)
+    config = in_live_mode(config, config_path, request_family(request))
+    local = tuple(node_addresses) or local_addresses()
+    node = NodeInfo(name=resolve_hostname(hostname, config))
+    return trace_live(request, config, local, node, lock_timeout)

@@ -3,6 +3,7 @@ every branch hop by hop; or the same facts as JSON for scripts."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from kproxy.rules.explain import Branch, Explanation, Hop, Outcome
@@ -216,3 +217,10 @@ def trace_json(e: Explanation) -> dict[str, Any]:
         "notes": list(e.notes),
         "branches": [_branch_json(b) for b in e.branches],
     }
+
+
+def render_output(explanation: Explanation, output: str) -> str:
+    """`--output json` or the text."""
+    if output == "json":
+        return json.dumps(trace_json(explanation), indent=2) + "\n"
+    return render_trace(explanation)

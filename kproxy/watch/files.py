@@ -33,9 +33,11 @@ from kproxy.watch.manifest_index import FileChange, FileObjects, ManifestIndex
 from kproxy.watch.manifests import (
     SUFFIXES,
     ManifestParseError,
+    Manifests,
     load_file,
     log_ignored_documents,
     scan_manifest_files,
+    warn_empty,
 )
 from kproxy.watch.sink import Sink
 from kproxy.watch.supervisor import Backoff, Supervisor
@@ -167,6 +169,8 @@ class ManifestSource:
         self._apply(sink, removed + changed, found, first, supervisor)
         if first and found:
             log.info("manifests_loaded", path=str(self.path), files=len(found))
+        elif first:
+            warn_empty(Manifests(), self.path)
 
     def reload(
         self, sink: Sink, paths: Iterable[str], supervisor: Supervisor | None = None
@@ -225,6 +229,8 @@ class ManifestSource:
                 )
                 return
             log_ignored_documents(manifests, file=str(path))
+            if not manifests.warnings:  # a file of only other kinds was warned about above
+                warn_empty(manifests, path)
             new = FileObjects.of(manifests)
         previous = self.index.get(path) if path in self.index.files() else None
         change = self.index.replace(path, new)

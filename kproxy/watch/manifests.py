@@ -62,11 +62,21 @@ class Manifests:
         }[Kind(kind)]
         target.append(dict(obj))
 
+    def holds_objects(self) -> bool:
+        return bool(self.services or self.endpoint_slices or self.nodes)
+
 
 def log_ignored_documents(manifests: Manifests, **context: str) -> None:
     """One warning per ignored document (`context`, such as file=, is bound to each)."""
     for warning in manifests.warnings:
         log.warning("manifest_document_ignored", reason=warning, **context)
+
+
+def warn_empty(manifests: Manifests, path: str | Path) -> None:
+    """One warning naming `path` when it holds no Service, EndpointSlice or Node (a file that a
+    failed `kubectl get` truncated, a wrong directory): its sync would remove every rule."""
+    if not manifests.holds_objects():
+        log.warning("manifests_empty", path=str(path), problem="no Service, EndpointSlice or Node")
 
 
 def _with_kind(item: Any, list_kind: str) -> Any:

@@ -119,7 +119,7 @@ featureGates: {}
 
 
 def test_kube_proxy_flags_override_the_config_file(tmp_path: Path) -> None:
-    from kproxy.cli import load_config_file
+    from kproxy.inspect.inputs import load_config_file
 
     config_path = write(tmp_path, KUBEADM, "config.conf")
     flags = _run_flags(

@@ -83,18 +83,56 @@ def test_help_names_every_mode_and_no_single_format() -> None:
     assert "nft list table" in dump
 
 
-def test_help_loads_no_kernel_library_cluster_client_or_mode() -> None:
-    # What `kproxy --help` imports, not how long it takes: the start-up figures are measured
-    # apart (see the closing note of issue 20).
+def _loaded(argv: list[str], heavy: tuple[str, ...]) -> tuple[str, list[str]]:
+    """(stdout, the `heavy` modules in sys.modules) after `kproxy ARGV` ran in a fresh process."""
     code = (
-        "import sys; sys.argv = ['kproxy', '--help']\n"
+        f"import sys; sys.argv = ['kproxy', *{argv!r}]\n"
         "from kproxy.cli import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "heavy = ('kubernetes', 'pyroute2', 'iptc', 'kproxy.sync.modes', 'kproxy.sync.agent')\n"
-        "print(' '.join(m for m in heavy if m in sys.modules), file=sys.stderr)\n"
+        f"print(' '.join(m for m in {heavy!r} if m in sys.modules), file=sys.stderr)\n"
     )
     proc = subprocess.run(
         [sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True
     )
-    assert "Usage: kproxy" in proc.stdout
-    assert proc.stderr.strip() == "", proc.stderr
+    last = (proc.stderr.strip().splitlines() or [""])[-1]
+    return proc.stdout, last.split()
+
+
+def test_help_loads_no_kernel_library_cluster_client_mode_or_logging() -> None:
+    # What `kproxy --help` imports, not how long it takes: bench/cli_startup.py measures that.
+    heavy = ("kubernetes", "pyroute2", "iptc", "kproxy.sync.modes", "kproxy.sync.agent")
+    heavy += ("structlog", "yaml", "kproxy.state.ingest", "kproxy.watch.manifests")
+    out, loaded = _loaded(["--help"], heavy)
+    assert "Usage: kproxy" in out
+    assert loaded == [], loaded
+
+
+def test_dump_of_manifests_loads_no_cluster_client(tmp_path: Path) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text(SERVICE)
+    out, loaded = _loaded(["dump", "--manifests", str(path)], ("kubernetes", "kproxy.watch.api"))
+    assert "KUBE-SERVICES" in out
+    assert loaded == [], loaded
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["dump"],
+        ["dump", "--diff", "--manifests", "M"],
+        ["trace", "tcp", "10.96.0.1:443", "--node-address", "10.0.0.1"],
+    ],
+)
+def test_reading_the_live_mode_without_root_says_to_use_manifests(
+    argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without --config the command first asks the kernel which mode runs: not as root, that
+    # must say what reading needs and what to do instead, not "to program netfilter tables".
+    path = tmp_path / "m.yaml"
+    path.write_text(SERVICE)
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    result = CliRunner().invoke(cli, [str(path) if a == "M" else a for a in argv])
+    assert result.exit_code != 0
+    said = str(result.exception)
+    assert "needs root" in said and "--manifests" in said, said
+    assert "to program" not in said, said

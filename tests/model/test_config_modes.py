@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from kproxy.cli import cli, load_config_file
+from kproxy.cli import cli
+from kproxy.inspect.inputs import load_config_file
 from kproxy.model.config import parse_config, with_flags
 
 HEADER = {"apiVersion": "kubeproxy.config.k8s.io/v1alpha1", "kind": "KubeProxyConfiguration"}

@@ -2,8 +2,10 @@ import json
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from kproxy.errors import ManifestError
+from kproxy.watch.files import ManifestSource
 from kproxy.watch.manifests import load_manifests
 
 SERVICE = """\
@@ -54,3 +56,38 @@ def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
 def test_missing_path() -> None:
     with pytest.raises(ManifestError, match="no such file"):
         load_manifests("/nonexistent/kproxy")
+
+
+class _Sink:
+    """Enough of a Sink for one poll: counts what the source hands over."""
+
+    def __init__(self) -> None:
+        self.applied = 0
+
+    def apply(self, mutation: object) -> None:
+        self.applied += 1
+
+    def synced(self, kind: str) -> None:
+        pass
+
+
+def _empty_warnings(path: Path) -> list[str]:
+    with capture_logs() as logs:
+        ManifestSource(str(path), "node-1", use_inotify=False).poll(_Sink())
+    return [e["path"] for e in logs if e["event"] == "manifests_empty"]
+
+
+def test_run_source_warns_about_an_empty_directory_naming_it(tmp_path: Path) -> None:
+    assert _empty_warnings(tmp_path) == [str(tmp_path)]
+
+
+def test_run_source_warns_about_an_empty_file_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(SERVICE)
+    (tmp_path / "truncated.yaml").write_text("")
+    assert _empty_warnings(tmp_path) == [str(tmp_path / "truncated.yaml")]
+
+
+def test_run_source_is_quiet_about_a_file_of_other_kinds(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(SERVICE)
+    (tmp_path / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\n")  # warned as ignored
+    assert _empty_warnings(tmp_path) == []
