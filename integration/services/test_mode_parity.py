@@ -11,8 +11,8 @@ import pytest
 
 from integration.conftest import Cluster, both_modes
 from integration.netns import NODE_IP
-from integration.test_userspace import userspace_proxy
 from integration.traffic import probe
+from integration.userspace.test_userspace import userspace_proxy
 
 VIP = "10.96.100.10"
 PORT = 80
