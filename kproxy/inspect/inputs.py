@@ -22,7 +22,13 @@ from kproxy.model.config import ProxyConfig, with_flags
 from kproxy.model.config_fields import suggest_field
 from kproxy.model.node import NodeInfo
 from kproxy.state.ingest import node_for
-from kproxy.watch.manifests import Manifests, load_manifests, log_ignored_documents, warn_empty
+from kproxy.watch.manifests import (
+    Manifests,
+    load_manifests,
+    log_ignored_documents,
+    state_from_manifests,
+    warn_empty,
+)
 
 if TYPE_CHECKING:
     from kproxy.state.cluster import ClusterState
@@ -106,8 +112,6 @@ def report_invalid(exc: InvalidObjectError) -> None:
 
 
 def build_state(manifests: Manifests, config: ProxyConfig) -> ClusterState:
-    from kproxy.sync.once import state_from_manifests
-
     return state_from_manifests(manifests, report_invalid, config)
 
 

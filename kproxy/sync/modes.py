@@ -7,6 +7,7 @@ A new mode adds plan/<mode>/, dataplane/<mode>/ and one entry in MODES (docs/arc
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -14,28 +15,10 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from kproxy.dataplane.base import ChainDiff, ModeDataplane, NodeNeeds, TableReport
-from kproxy.dataplane.iptables.inspection import (
-    iptables_diff,
-    iptables_live_tables,
-    iptables_plan_tables,
-)
-from kproxy.dataplane.iptables.node import IPTABLES_NEEDS, open_iptables_node
+from kproxy.dataplane.iptables.needs import IPTABLES_NEEDS
 from kproxy.dataplane.leftovers import LeftoverRemoval
-from kproxy.dataplane.nftables.inspection import (
-    nftables_diff,
-    nftables_live_tables,
-    nftables_plan_tables,
-    read_nftables_live,
-)
-from kproxy.dataplane.nftables.node import NFTABLES_NEEDS, open_nftables_mode, remove_nftables_mode
-from kproxy.dataplane.userspace.inspection import (
-    userspace_diff,
-    userspace_live_tables,
-    userspace_plan_tables,
-)
-from kproxy.dataplane.userspace.node import USERSPACE_NEEDS, open_userspace_node
-from kproxy.dataplane.xtables.families import remove_xtables_chains
-from kproxy.dataplane.xtables.preview import read_xtables_live
+from kproxy.dataplane.nftables.needs import NFTABLES_NEEDS
+from kproxy.dataplane.userspace.needs import USERSPACE_NEEDS
 from kproxy.model.config import ProxyConfig
 from kproxy.model.config_values import DEFAULT_MODE
 from kproxy.plan.iptables.planner import IptablesPlanner, render_iptables_plan
@@ -44,10 +27,27 @@ from kproxy.plan.nftables.planner import NftablesPlanner, render_nftables_plan
 from kproxy.plan.node_plan import NodePlan, Planner
 from kproxy.plan.userspace.planner import UserspacePlanner, render_userspace_plan
 from kproxy.rules.explain import Traceable
-from kproxy.sync.handover import hand_over_to_iptables
 
 if TYPE_CHECKING:
     from kproxy.sync.loop import SyncLoop
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A function of a mode's dataplane (or of the sync package), named by module and imported
+    at its first call, so that commands which only plan (`--help`, `dump --manifests`, `trace
+    --manifests`) load no kernel library. Equal when they name the same function, as the
+    removals shared by two modes must be."""
+
+    module: str
+    name: str
+
+    def target(self) -> Callable[..., Any]:
+        function: Callable[..., Any] = getattr(importlib.import_module(self.module), self.name)
+        return function
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.target()(*args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,26 @@ class ProxyMode:
     on_stop: Callable[[SyncLoop], None] = lambda loop: None
 
 
+_IPTABLES = "kproxy.dataplane.iptables"
+_NFTABLES = "kproxy.dataplane.nftables"
+_USERSPACE = "kproxy.dataplane.userspace"
+# The iptables and userspace modes write the same x_tables: one removal serves both.
+_REMOVE_XTABLES_CHAINS = Deferred("kproxy.dataplane.xtables.families", "remove_xtables_chains")
+_READ_XTABLES_LIVE = Deferred("kproxy.dataplane.xtables.preview", "read_xtables_live")
+
+
+def _open_iptables(config: ProxyConfig, lock_timeout: float) -> Any:
+    return Deferred(f"{_IPTABLES}.node", "open_iptables_node")(lock_timeout)
+
+
+def _open_nftables(config: ProxyConfig, lock_timeout: float) -> Any:
+    return Deferred(f"{_NFTABLES}.node", "open_nftables_mode")(config)
+
+
 def _remove_nftables_leftovers(lock_timeout: float) -> Sequence[TableReport]:
-    return remove_nftables_mode()  # nf_tables has no lock: its transactions are atomic
+    # nf_tables has no lock: its transactions are atomic.
+    removed: Sequence[TableReport] = Deferred(f"{_NFTABLES}.node", "remove_nftables_mode")()
+    return removed
 
 
 MODES = {
@@ -94,43 +112,43 @@ MODES = {
         ProxyMode(
             name="iptables",
             planner=IptablesPlanner,
-            open_dataplane=lambda config, lock_timeout: open_iptables_node(lock_timeout),
-            remove_leftovers=remove_xtables_chains,
+            open_dataplane=_open_iptables,
+            remove_leftovers=_REMOVE_XTABLES_CHAINS,
             rule_tables=("filter", "nat"),
             needs=IPTABLES_NEEDS,
             render_plan=render_iptables_plan,
-            read_live=read_xtables_live,
-            trace_live=iptables_live_tables,
-            trace_plan=iptables_plan_tables,
-            diff=iptables_diff,
+            read_live=_READ_XTABLES_LIVE,
+            trace_live=Deferred(f"{_IPTABLES}.inspection", "iptables_live_tables"),
+            trace_plan=Deferred(f"{_IPTABLES}.inspection", "iptables_plan_tables"),
+            diff=Deferred(f"{_IPTABLES}.inspection", "iptables_diff"),
         ),
         ProxyMode(
             name="nftables",
             planner=NftablesPlanner,
-            open_dataplane=lambda config, lock_timeout: open_nftables_mode(config),
+            open_dataplane=_open_nftables,
             remove_leftovers=_remove_nftables_leftovers,
             rule_tables=(nft_naming.TABLE,),  # one per family, summed
             needs=NFTABLES_NEEDS,
             render_plan=render_nftables_plan,
-            read_live=read_nftables_live,
-            trace_live=nftables_live_tables,
-            trace_plan=nftables_plan_tables,
-            diff=nftables_diff,
+            read_live=Deferred(f"{_NFTABLES}.inspection", "read_nftables_live"),
+            trace_live=Deferred(f"{_NFTABLES}.inspection", "nftables_live_tables"),
+            trace_plan=Deferred(f"{_NFTABLES}.inspection", "nftables_plan_tables"),
+            diff=Deferred(f"{_NFTABLES}.inspection", "nftables_diff"),
         ),
         ProxyMode(
             name="userspace",
             planner=UserspacePlanner,
-            open_dataplane=open_userspace_node,
-            remove_leftovers=remove_xtables_chains,  # the portals share the x_tables
+            open_dataplane=Deferred(f"{_USERSPACE}.node", "open_userspace_node"),
+            remove_leftovers=_REMOVE_XTABLES_CHAINS,  # the portals share the x_tables
             rule_tables=("filter", "nat"),  # the portals, in nat
             needs=USERSPACE_NEEDS,
             render_plan=render_userspace_plan,
-            read_live=read_xtables_live,
-            trace_live=userspace_live_tables,
-            trace_plan=userspace_plan_tables,
-            diff=userspace_diff,
+            read_live=_READ_XTABLES_LIVE,
+            trace_live=Deferred(f"{_USERSPACE}.inspection", "userspace_live_tables"),
+            trace_plan=Deferred(f"{_USERSPACE}.inspection", "userspace_plan_tables"),
+            diff=Deferred(f"{_USERSPACE}.inspection", "userspace_diff"),
             serves_in_process=True,
-            on_stop=hand_over_to_iptables,
+            on_stop=Deferred("kproxy.sync.handover", "hand_over_to_iptables"),
         ),
     )
 }

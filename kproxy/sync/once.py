@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from kproxy.dataplane.base import ApplyResult, ModeDataplane
 from kproxy.dataplane.xtables.lock import LOCK_TIMEOUT
-from kproxy.errors import InvalidObjectError, ManifestError
+from kproxy.errors import ManifestError
 from kproxy.health.healthz import ProxyHealth
 from kproxy.health.metrics import ProxyMetrics
-from kproxy.model.addresses import build_allow_list
 from kproxy.model.config import ProxyConfig
-from kproxy.model.kinds import Kind
 from kproxy.model.node import NodeInfo
 from kproxy.state.cluster import ClusterState
-from kproxy.state.ingest import combine, replace_all
 from kproxy.sync.loop import StateBox, SyncLoop
 from kproxy.sync.modes import ProxyMode, other_modes_leftovers
-from kproxy.watch.manifests import Manifests
 
 
 def _count(n: int, noun: str, plural: str | None = None) -> str:
@@ -58,25 +53,6 @@ class SyncReport:
             )
         total = "" if seconds is None else f" ({seconds:.2f}s with start-up)"
         return f"{head}{body}, in {self.seconds:.2f}s{total}"
-
-
-def state_from_manifests(
-    manifests: Manifests,
-    on_invalid: Callable[[InvalidObjectError], None],
-    config: ProxyConfig | None = None,
-) -> ClusterState:
-    """A ClusterState holding every valid Service and EndpointSlice; invalid ones are reported
-    through `on_invalid` and left out. `config` gives the allow-list of external addresses."""
-    state = ClusterState()
-    if config is not None:
-        state.allowed_vips = build_allow_list(config.allowed_external_ip_cidrs)
-    load = combine(
-        replace_all(Kind.SERVICE, manifests.services),
-        replace_all(Kind.ENDPOINT_SLICE, manifests.endpoint_slices),
-    )
-    for exc in load(state):
-        on_invalid(exc)
-    return state
 
 
 def refuse_empty_input(state: ClusterState, path: str) -> None:

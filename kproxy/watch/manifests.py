@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,8 +13,12 @@ from typing import Any
 import structlog
 import yaml
 
-from kproxy.errors import ManifestError
+from kproxy.errors import InvalidObjectError, ManifestError
+from kproxy.model.addresses import build_allow_list
+from kproxy.model.config import ProxyConfig
 from kproxy.model.kinds import Kind
+from kproxy.state.cluster import ClusterState
+from kproxy.state.ingest import combine, replace_all
 
 log = structlog.get_logger("kproxy.watch")
 SUFFIXES = (".yaml", ".yml", ".json")
@@ -178,3 +182,22 @@ def load_manifests(path: str | Path) -> Manifests:
         found.nodes += one.nodes
         found.warnings += one.warnings
     return found
+
+
+def state_from_manifests(
+    manifests: Manifests,
+    on_invalid: Callable[[InvalidObjectError], None],
+    config: ProxyConfig | None = None,
+) -> ClusterState:
+    """A ClusterState holding every valid Service and EndpointSlice; invalid ones are reported
+    through `on_invalid` and left out. `config` gives the allow-list of external addresses."""
+    state = ClusterState()
+    if config is not None:
+        state.allowed_vips = build_allow_list(config.allowed_external_ip_cidrs)
+    load = combine(
+        replace_all(Kind.SERVICE, manifests.services),
+        replace_all(Kind.ENDPOINT_SLICE, manifests.endpoint_slices),
+    )
+    for exc in load(state):
+        on_invalid(exc)
+    return state

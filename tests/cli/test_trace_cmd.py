@@ -25,8 +25,7 @@ from kproxy.rules.explain import Outcome
 from kproxy.rules.render import render_ruleset
 from kproxy.rules.saved import parse_save
 from kproxy.sync.modes import proxy_mode
-from kproxy.sync.once import state_from_manifests
-from kproxy.watch.manifests import load_manifests
+from kproxy.watch.manifests import load_manifests, state_from_manifests
 
 REPO = Path(__file__).parents[2]
 SEED = REPO / "integration" / "scenarios"

@@ -6,8 +6,8 @@ from kproxy.dataplane.xtables.fake import FakeDataplane
 from kproxy.model.config import ProxyConfig
 from kproxy.model.node import NodeInfo
 from kproxy.sync.modes import MODES
-from kproxy.sync.once import once_loop, state_from_manifests, sync_once
-from kproxy.watch.manifests import load_manifests
+from kproxy.sync.once import once_loop, sync_once
+from kproxy.watch.manifests import load_manifests, state_from_manifests
 
 ONE_SERVICE = """\
 apiVersion: v1

@@ -7,14 +7,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 
-from kproxy.dataplane.base import ApplyResult, Dataplane, NodeNeeds
+from kproxy.dataplane.base import ApplyResult, Dataplane
 from kproxy.dataplane.host import SysctlWriter, apply_sysctls
 from kproxy.dataplane.xtables.families import FamilyTables, open_dataplanes
 from kproxy.plan.node_plan import NodePlan
 from kproxy.rules.ir import Ruleset
-
-# The legacy x_tables, through libiptc; any kernel that has them.
-IPTABLES_NEEDS = NodeNeeds("legacy")
 
 
 class IptablesNode:

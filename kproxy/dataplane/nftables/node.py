@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from kproxy.dataplane.base import ApplyResult, ModeDataplane, NodeNeeds
+from kproxy.dataplane.base import ApplyResult, ModeDataplane
 from kproxy.dataplane.host import ipv6_supported, kernel_version
 from kproxy.dataplane.localhost_nodeports import WithLocalhostNodePorts, open_localhost_node_ports
 from kproxy.dataplane.nftables.delta import (
@@ -41,6 +41,7 @@ from kproxy.dataplane.nftables.kernel import (
     read_kernel_table,
     table_exists,
 )
+from kproxy.dataplane.nftables.needs import MIN_KERNEL
 from kproxy.dataplane.nftables.netlink import NftMonitor, NftNetlink, iter_attrs
 from kproxy.dataplane.nftables.staged import StageRefused, split_fresh, write_unhooked
 from kproxy.errors import DataplaneError
@@ -51,9 +52,6 @@ from kproxy.plan.nftables.ir import NftTable, TableChanges
 from kproxy.plan.node_plan import NodePlan
 
 log = structlog.get_logger("kproxy.dataplane")
-MIN_KERNEL = (5, 13)
-# One nf_tables table of kproxy's own per family, on kernels since MIN_KERNEL.
-NFTABLES_NEEDS = NodeNeeds("nftables", MIN_KERNEL)
 
 
 class KernelTooOldError(DataplaneError):

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from kproxy.dataplane.base import ApplyResult, Dataplane, NodeNeeds
+from kproxy.dataplane.base import ApplyResult, Dataplane
 from kproxy.dataplane.host import SysctlWriter, apply_sysctls
 from kproxy.dataplane.relay.relay import Relay
 from kproxy.dataplane.relay.spec import ListenerSpec
@@ -27,9 +27,6 @@ from kproxy.plan.userspace.portals import Listener
 from kproxy.rules.ir import Ruleset, Table
 
 log = structlog.get_logger("kproxy.dataplane")
-
-# The portals are legacy x_tables rules, on any kernel that has them.
-USERSPACE_NEEDS = NodeNeeds("legacy")
 
 
 def listener_spec(listener: Listener) -> ListenerSpec:
