@@ -287,9 +287,7 @@ def _ports(reader: FieldReader, spec: Mapping[str, Any], shared: ServicePort) ->
     for i, item in enumerate(reader.sequence(spec.get("ports"), "spec.ports")):
         path = f"spec.ports[{i}]"
         p = reader.mapping(item, path)
-        port_name = reader.string(p.get("name"), path + ".name")
-        if port_name and not is_dns1123_label(port_name):
-            raise reader.fail(path + ".name", f"{show(port_name)} is not a valid DNS-1123 label")
+        port_name = reader.port_name(p, path)
         protocol = Protocol(reader.choice(p.get("protocol"), path + ".protocol", _PROTOCOLS))
         port = reader.integer(p.get("port"), path + ".port", 1, 65535)
         node_port = reader.integer(p.get("nodePort"), path + ".nodePort", 0, 65535, 0)

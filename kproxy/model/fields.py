@@ -110,6 +110,13 @@ class FieldReader:
             raise self.fail(path, f"{show(text)} is not one of {', '.join(allowed)}")
         return text
 
+    def port_name(self, port: Mapping[str, Any], path: str) -> str:
+        """A port's optional `name` (a Service's or an EndpointSlice's): a DNS-1123 label."""
+        name = self.string(port.get("name"), path + ".name")
+        if name and not is_dns1123_label(name):
+            raise self.fail(path + ".name", f"{show(name)} is not a valid DNS-1123 label")
+        return name
+
     def labels(self, value: Any, path: str) -> dict[str, str]:
         """A string-to-string mapping (labels, annotations)."""
         result = {}

@@ -15,7 +15,7 @@ from typing import Any
 from kproxy.errors import InvalidObjectError
 from kproxy.model.addresses import parse_ip
 from kproxy.model.endpoint import Endpoint
-from kproxy.model.fields import FieldReader, is_dns1123_label, show
+from kproxy.model.fields import FieldReader, show
 from kproxy.model.service import NamespacedName, Protocol
 
 TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
@@ -53,9 +53,7 @@ def _slice_ports(reader: FieldReader, obj: Mapping[str, Any]) -> tuple[EndpointS
     for i, item in enumerate(reader.sequence(obj.get("ports"), "ports")):
         path = f"ports[{i}]"
         p = reader.mapping(item, path)
-        name = reader.string(p.get("name"), path + ".name")
-        if name and not is_dns1123_label(name):
-            raise reader.fail(path + ".name", f"{show(name)} is not a valid DNS-1123 label")
+        name = reader.port_name(p, path)
         if name in seen:
             raise reader.fail(path + ".name", f"duplicate port name {show(name)} (as {seen[name]})")
         seen[name] = path
