@@ -61,7 +61,7 @@ def sample(loop: SyncLoop, name: str, labels: dict[str, str] | None = None) -> f
     return 0.0 if value is None else value
 
 
-def test_no_rules_before_services_slices_and_the_node_are_listed() -> None:
+def test_no_rules_before_services_slices_the_node_and_the_service_cidrs_are_listed() -> None:
     box, loop, fake = agent(ProxyConfig(sync_period=0.05, min_sync_period=0))
     box.apply(replace_all(Kind.SERVICE, [service("web", "10.96.0.5")]))
     box.synced(Kind.SERVICE)
@@ -75,6 +75,9 @@ def test_no_rules_before_services_slices_and_the_node_are_listed() -> None:
     time.sleep(0.3)
     assert fake.commits == 0  # the Node not listed yet: its addresses decide the NodePorts
     box.synced(Kind.NODE)
+    time.sleep(0.3)
+    assert fake.commits == 0  # the ServiceCIDRs not listed yet: nftables drops in their ranges
+    box.synced(Kind.SERVICE_CIDR)
     deadline = time.monotonic() + 5
     while fake.commits == 0 and time.monotonic() < deadline:
         time.sleep(0.02)
