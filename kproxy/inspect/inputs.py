@@ -26,6 +26,7 @@ from kproxy.watch.manifests import (
     Manifests,
     load_manifests,
     log_ignored_documents,
+    node_with_service_cidrs,
     state_from_manifests,
     warn_empty,
 )
@@ -83,17 +84,15 @@ def read_all_manifests(paths: Sequence[str]) -> Manifests:
     """Several files or directories as one set of objects."""
     merged = Manifests()
     for path in paths:
-        one = read_manifests(path)
-        merged.services += one.services
-        merged.endpoint_slices += one.endpoint_slices
-        merged.nodes += one.nodes
+        merged.extend(read_manifests(path))
     return merged
 
 
 def read_cluster_objects(
     kubeconfig: str | None, config: ProxyConfig, hostname: str | None
 ) -> Manifests:
-    """The Services, EndpointSlices and this Node the API server holds now (one list each)."""
+    """The Services, EndpointSlices, this Node and the ServiceCIDRs the API server holds now
+    (one list each; no ServiceCIDR where the API server does not serve them or RBAC forbids)."""
     from kproxy.watch.api import ApiSource, api_client
 
     api = api_client(kubeconfig or config.kubeconfig or None)
@@ -151,4 +150,5 @@ def node_and_config(
         node = NodeInfo(name=name)
     for skipped in node.skipped:
         report_invalid(skipped)
-    return node, config
+    # The ServiceCIDRs ride with the node, as they do in the agent (ClusterState.node).
+    return node_with_service_cidrs(node, manifests), config

@@ -115,11 +115,14 @@ class StateBox:
 
     @property
     def ready(self) -> bool:
-        """No rule is written before Services, EndpointSlices and this Node have been listed
-        once: a plan made without the Node (its addresses, labels, pod CIDRs) would answer
-        NodePorts on every local address, or ignore topology, until the next sync."""
+        """No rule is written before Services, EndpointSlices, this Node and the ServiceCIDRs
+        have been listed once (as upstream waits for its informers): a plan made without the
+        Node (its addresses, labels, pod CIDRs) would answer NodePorts on every local address,
+        or ignore topology, and one without the ServiceCIDRs would lack the nftables mode's
+        drop of unallocated ClusterIPs, until the next sync. A source tells a ServiceCIDR list
+        the API server does not serve or RBAC forbids as listed (empty)."""
         with self.lock:
-            return {Kind.SERVICE, Kind.ENDPOINT_SLICE, Kind.NODE} <= self._synced
+            return {Kind.SERVICE, Kind.ENDPOINT_SLICE, Kind.NODE, Kind.SERVICE_CIDR} <= self._synced
 
 
 class SyncOutcome(NamedTuple):

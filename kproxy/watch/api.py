@@ -121,8 +121,7 @@ class Reflector:
         """Upstream's fallback when the cluster has no ServiceCIDRs: none, so no range check."""
         kind = self.resource.kind
         if not self.unavailable:
-            why = "not served by the API server" if status == 404 else "not allowed by RBAC"
-            log.warning("resource_unavailable", kind=kind, status=status, reason=why)
+            _say_unavailable(kind, status)
         self.unavailable = True
         self.sink.apply(self.resource.on_list([]))
         self.sink.synced(kind)
@@ -162,6 +161,18 @@ class Reflector:
                 self.sink.apply(self.resource.on_event(change, raw))
                 supervisor.handling = None
             supervisor.current()  # an event or a bookmark: the watch is alive and up to date
+
+
+def _say_unavailable(kind: Kind, status: int) -> None:
+    why = "not served by the API server" if status == 404 else "not allowed by RBAC"
+    log.warning("resource_unavailable", kind=kind, status=status, reason=why)
+
+
+def _list_error(kind: Kind, exc: Exception) -> ApiListError:
+    return ApiListError(
+        f"cannot list {kind} from the API server ({exc}); check --kubeconfig and that the API "
+        "server is reachable"
+    )
 
 
 def _name(obj: Any) -> str:
@@ -219,24 +230,27 @@ class ApiSource:
         ]
 
     def list_once(self) -> Manifests:
-        """One list of each resource, as the agent's reflectors start (`dump --diff`)."""
+        """One list of each resource, as the agent's reflectors start (`dump --diff`); an
+        optional resource the API server does not serve or RBAC forbids lists as none, as the
+        agent's reflector takes it."""
         found = Manifests()
         into = {
             Kind.SERVICE: found.services,
             Kind.ENDPOINT_SLICE: found.endpoint_slices,
             Kind.NODE: found.nodes,
+            Kind.SERVICE_CIDR: found.service_cidrs,
         }
         for resource in self.resources:
-            if resource.kind not in into:
-                continue  # not a manifest kind: `dump --diff` plans without it
             try:
                 response = resource.list_fn(**resource.selectors, _preload_content=False)
                 items = json.loads(response.data).get("items") or []
-            except (ApiException, HTTPError, OSError, ValueError) as exc:
-                raise ApiListError(
-                    f"cannot list {resource.kind} from the API server ({exc}); check "
-                    "--kubeconfig and that the API server is reachable"
-                ) from None
+            except ApiException as exc:
+                if resource.optional and exc.status in (403, 404):
+                    _say_unavailable(resource.kind, exc.status)
+                    continue
+                raise _list_error(resource.kind, exc) from None
+            except (HTTPError, OSError, ValueError) as exc:
+                raise _list_error(resource.kind, exc) from None
             into[resource.kind].extend(items)
         return found
 

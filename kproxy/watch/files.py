@@ -1,7 +1,8 @@
-"""The file source for `kproxy run --manifests PATH`: the same objects as the API gives, read from
-manifests. It follows PATH with inotify where it can (polling where it cannot), re-reads only the
-files that changed, and applies one mutation per changed file that touches only the objects that
-file changed, so the sync after a one-file edit is partial however many files there are.
+"""The file source for `kproxy run --manifests PATH`: the same objects as the API gives (the
+ServiceCIDRs too), read from manifests. It follows PATH with inotify where it can (polling where
+it cannot), re-reads only the files that changed, and applies one mutation per changed file that
+touches only the objects that file changed, so the sync after a one-file edit is partial however
+many files there are.
 
 A file that fails to parse keeps its last good objects (an error names the file and line); a
 deleted file takes its objects with it. No rule is written before every file has parsed once, so
@@ -21,7 +22,7 @@ import structlog
 
 from kproxy.errors import ManifestError
 from kproxy.model.kinds import Kind
-from kproxy.state.ingest import Mutation, combine, set_node, set_objects
+from kproxy.state.ingest import Mutation, combine, set_node, set_objects, set_service_cidrs
 from kproxy.watch.inotify import (
     Inotify,
     InotifyError,
@@ -204,7 +205,7 @@ class ManifestSource:
             except Exception as exc:  # one file's failure must not hold back the others
                 failed.append((path, exc))
         if not self._synced and not self._unparsed:
-            for kind in (Kind.NODE, Kind.SERVICE, Kind.ENDPOINT_SLICE):
+            for kind in (Kind.NODE, Kind.SERVICE, Kind.ENDPOINT_SLICE, Kind.SERVICE_CIDR):
                 sink.synced(kind)
             self._synced = True
         if failed:
@@ -256,6 +257,8 @@ class ManifestSource:
         parts = [set_objects(kind, objs) for kind, objs in change.objects.items() if objs]
         if change.nodes is not None:
             parts.append(set_node(self.node_name, change.nodes))
+        if change.service_cidrs is not None:
+            parts.append(set_service_cidrs(change.service_cidrs))
         return combine(*parts)
 
 

@@ -27,6 +27,7 @@ class FileObjects:
     services: Mapping[NamespacedName, Object] = field(default_factory=dict)
     endpoint_slices: Mapping[NamespacedName, Object] = field(default_factory=dict)
     nodes: tuple[Object, ...] = ()
+    service_cidrs: tuple[Object, ...] = ()
 
     @classmethod
     def of(cls, manifests: Manifests) -> FileObjects:
@@ -34,6 +35,7 @@ class FileObjects:
             {object_key(o): o for o in manifests.services},
             {object_key(o): o for o in manifests.endpoint_slices},
             tuple(manifests.nodes),
+            tuple(manifests.service_cidrs),
         )
 
     def by_kind(self, kind: KeyedKind) -> Mapping[NamespacedName, Object]:
@@ -46,14 +48,16 @@ EMPTY = FileObjects()
 @dataclass
 class FileChange:
     """What replacing one file's objects changes: per kind, each key whose winning object
-    differs (None: no file defines it any more), and the nodes of all files if they changed."""
+    differs (None: no file defines it any more), and the nodes (the ServiceCIDRs) of all files
+    if they changed, in file order."""
 
     objects: dict[KeyedKind, dict[NamespacedName, Object | None]]
     nodes: list[Object] | None
+    service_cidrs: list[Object] | None = None
 
     @property
     def empty(self) -> bool:
-        return self.nodes is None and not any(self.objects.values())
+        return self.nodes is None and self.service_cidrs is None and not any(self.objects.values())
 
 
 class ManifestIndex:
@@ -86,6 +90,9 @@ class ManifestIndex:
             }
         if old.nodes != new_objects.nodes:
             change.nodes = [n for p in sorted(self._files) for n in self._files[p].nodes]
+        if old.service_cidrs != new_objects.service_cidrs:
+            files = sorted(self._files)
+            change.service_cidrs = [c for p in files for c in self._files[p].service_cidrs]
         return change
 
     def _store(self, path: Path, old: FileObjects, new: FileObjects | None) -> None:

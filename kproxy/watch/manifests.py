@@ -1,4 +1,5 @@
-"""The file source: Services, EndpointSlices and Nodes read from YAML/JSON manifests, exactly as
+"""The file source: Services, EndpointSlices, Nodes and ServiceCIDRs read from YAML/JSON
+manifests, exactly as
 `kubectl get -o yaml` prints them (multi-document YAML and `kind: List` accepted)."""
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from kproxy.errors import InvalidObjectError, ManifestError
 from kproxy.model.addresses import build_allow_list
 from kproxy.model.config import ProxyConfig
 from kproxy.model.kinds import Kind
+from kproxy.model.node import NodeInfo
 from kproxy.state.cluster import ClusterState
-from kproxy.state.ingest import combine, replace_all
+from kproxy.state.ingest import combine, replace_all, set_service_cidrs
 
 log = structlog.get_logger("kproxy.watch")
 SUFFIXES = (".yaml", ".yml", ".json")
@@ -29,6 +31,7 @@ KINDS: dict[str, tuple[str, ...]] = {  # keyed by Kind, looked up by any string
     Kind.SERVICE: ("v1",),
     Kind.ENDPOINT_SLICE: ("discovery.k8s.io/v1",),
     Kind.NODE: ("v1",),
+    Kind.SERVICE_CIDR: ("networking.k8s.io/v1",),
 }
 
 
@@ -39,6 +42,7 @@ class Manifests:
     services: list[dict[str, Any]] = field(default_factory=list)
     endpoint_slices: list[dict[str, Any]] = field(default_factory=list)
     nodes: list[dict[str, Any]] = field(default_factory=list)
+    service_cidrs: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     def add(self, obj: Any, where: str) -> None:
@@ -63,11 +67,20 @@ class Manifests:
             Kind.SERVICE: self.services,
             Kind.ENDPOINT_SLICE: self.endpoint_slices,
             Kind.NODE: self.nodes,
+            Kind.SERVICE_CIDR: self.service_cidrs,
         }[Kind(kind)]
         target.append(dict(obj))
 
+    def extend(self, other: Manifests) -> None:
+        """Add `other`'s objects and warnings after this one's."""
+        self.services += other.services
+        self.endpoint_slices += other.endpoint_slices
+        self.nodes += other.nodes
+        self.service_cidrs += other.service_cidrs
+        self.warnings += other.warnings
+
     def holds_objects(self) -> bool:
-        return bool(self.services or self.endpoint_slices or self.nodes)
+        return bool(self.services or self.endpoint_slices or self.nodes or self.service_cidrs)
 
 
 def log_ignored_documents(manifests: Manifests, **context: str) -> None:
@@ -77,10 +90,14 @@ def log_ignored_documents(manifests: Manifests, **context: str) -> None:
 
 
 def warn_empty(manifests: Manifests, path: str | Path) -> None:
-    """One warning naming `path` when it holds no Service, EndpointSlice or Node (a file that a
-    failed `kubectl get` truncated, a wrong directory): its sync would remove every rule."""
+    """One warning naming `path` when it holds no object kproxy reads (a file that a failed
+    `kubectl get` truncated, a wrong directory): its sync would remove every rule."""
     if not manifests.holds_objects():
-        log.warning("manifests_empty", path=str(path), problem="no Service, EndpointSlice or Node")
+        log.warning(
+            "manifests_empty",
+            path=str(path),
+            problem="no Service, EndpointSlice, Node or ServiceCIDR",
+        )
 
 
 def _with_kind(item: Any, list_kind: str) -> Any:
@@ -172,15 +189,12 @@ def load_file(file: Path) -> Manifests:
 
 
 def load_manifests(path: str | Path) -> Manifests:
-    """Every Service, EndpointSlice and Node under `path`. A file that does not parse raises
-    ManifestError naming the file and line; a document of another kind is only a warning."""
+    """Every Service, EndpointSlice, Node and ServiceCIDR under `path`. A file that does not
+    parse raises ManifestError naming the file and line; a document of another kind is only a
+    warning."""
     found = Manifests()
     for file in manifest_files(Path(path)):
-        one = load_file(file)
-        found.services += one.services
-        found.endpoint_slices += one.endpoint_slices
-        found.nodes += one.nodes
-        found.warnings += one.warnings
+        found.extend(load_file(file))
     return found
 
 
@@ -189,15 +203,27 @@ def state_from_manifests(
     on_invalid: Callable[[InvalidObjectError], None],
     config: ProxyConfig | None = None,
 ) -> ClusterState:
-    """A ClusterState holding every valid Service and EndpointSlice; invalid ones are reported
-    through `on_invalid` and left out. `config` gives the allow-list of external addresses."""
+    """A ClusterState holding every valid Service, EndpointSlice and ServiceCIDR; invalid ones
+    are reported through `on_invalid` and left out. `config` gives the allow-list of external
+    addresses. The node set on it later carries the ServiceCIDRs, as in the agent."""
     state = ClusterState()
     if config is not None:
         state.allowed_vips = build_allow_list(config.allowed_external_ip_cidrs)
     load = combine(
         replace_all(Kind.SERVICE, manifests.services),
         replace_all(Kind.ENDPOINT_SLICE, manifests.endpoint_slices),
+        set_service_cidrs(manifests.service_cidrs),
     )
     for exc in load(state):
         on_invalid(exc)
     return state
+
+
+def node_with_service_cidrs(node: NodeInfo, manifests: Manifests) -> NodeInfo:
+    """`node` carrying the ServiceCIDRs of `manifests` exactly as the agent's node carries the
+    listed ones (the same mutation, ClusterState.node). A bad one is left out here without a
+    word: state_from_manifests, which every command runs as well, reports it."""
+    state = ClusterState()
+    state.node = node
+    set_service_cidrs(manifests.service_cidrs)(state)
+    return state.node or node

@@ -108,7 +108,7 @@ def run_in_thread(loop: SyncLoop) -> tuple[threading.Thread, threading.Event]:
 
 
 def synced(box: StateBox) -> None:
-    for kind in (Kind.SERVICE, Kind.ENDPOINT_SLICE, Kind.NODE):
+    for kind in (Kind.SERVICE, Kind.ENDPOINT_SLICE, Kind.NODE, Kind.SERVICE_CIDR):
         box.synced(kind)
 
 

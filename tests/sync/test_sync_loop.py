@@ -61,26 +61,31 @@ def sample(loop: SyncLoop, name: str, labels: dict[str, str] | None = None) -> f
     return 0.0 if value is None else value
 
 
-def test_no_rules_before_services_slices_and_the_node_are_listed() -> None:
+def test_no_rules_before_services_slices_the_node_and_the_service_cidrs_are_listed() -> None:
     box, loop, fake = agent(ProxyConfig(sync_period=0.05, min_sync_period=0))
     box.apply(replace_all(Kind.SERVICE, [service("web", "10.96.0.5")]))
     box.synced(Kind.SERVICE)
     stop = threading.Event()
-    thread = threading.Thread(target=loop.run, args=(stop,))
+    thread = threading.Thread(target=loop.run, args=(stop,), daemon=True)
     thread.start()
-    time.sleep(0.3)
-    assert fake.commits == 0  # slices not listed yet
-    box.apply(replace_all(Kind.ENDPOINT_SLICE, [endpoint_slice("web", ["10.0.0.1"])]))
-    box.synced(Kind.ENDPOINT_SLICE)
-    time.sleep(0.3)
-    assert fake.commits == 0  # the Node not listed yet: its addresses decide the NodePorts
-    box.synced(Kind.NODE)
-    deadline = time.monotonic() + 5
-    while fake.commits == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    stop.set()
-    box.changed.set()
-    thread.join(5)
+    try:
+        time.sleep(0.3)
+        assert fake.commits == 0  # slices not listed yet
+        box.apply(replace_all(Kind.ENDPOINT_SLICE, [endpoint_slice("web", ["10.0.0.1"])]))
+        box.synced(Kind.ENDPOINT_SLICE)
+        time.sleep(0.3)
+        assert fake.commits == 0  # the Node not listed yet: its addresses decide the NodePorts
+        box.synced(Kind.NODE)
+        time.sleep(0.3)
+        assert fake.commits == 0  # the ServiceCIDRs not listed: nftables drops in their ranges
+        box.synced(Kind.SERVICE_CIDR)
+        deadline = time.monotonic() + 5
+        while fake.commits == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        box.changed.set()
+        thread.join(5)
     assert "10.0.0.1:8080" in fake.dump()
 
 

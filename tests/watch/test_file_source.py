@@ -271,7 +271,8 @@ def test_no_kind_is_synced_before_every_file_parsed_once(
     time.sleep(10 * POLL)
     assert sink.synced_kinds == set()  # rules from a partial view would drop b's services
     write(tmp_path / "b.yaml", service("b", "10.96.0.2"))
-    assert wait_for(lambda: sink.synced_kinds == {"Node", "Service", "EndpointSlice"})
+    every_kind = {"Node", "Service", "EndpointSlice", "ServiceCIDR"}
+    assert wait_for(lambda: sink.synced_kinds == every_kind)
     assert sink.cluster_ips() == {"a": "10.96.0.1", "b": "10.96.0.2"}
 
 
