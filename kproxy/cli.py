@@ -75,7 +75,7 @@ def cli(log_level: str) -> None:
     "manifests_path",
     required=True,
     type=click.Path(exists=True),
-    help="YAML/JSON file or directory with Services, EndpointSlices and Nodes.",
+    help="YAML/JSON file or directory with Services, EndpointSlices, ServiceCIDRs and Nodes.",
 )
 @click.option(
     "--allow-empty",
@@ -215,7 +215,8 @@ def cleanup(lock_timeout: float) -> None:
     "--manifests",
     "manifests_path",
     type=click.Path(exists=True),
-    help="Read Services, EndpointSlices and Nodes from files (re-read on change), not the API.",
+    help="Read Services, EndpointSlices, ServiceCIDRs and Nodes from files (re-read on change),"
+    " not the API.",
 )
 @click.option(
     "--kubeconfig",
