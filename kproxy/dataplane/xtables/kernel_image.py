@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import socket
 import struct
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ TABLE_NAME_LEN = 32
 NF_INET_NUMHOOKS = 5
 # struct ipt_get_entries: the table name, the size, then the entries, aligned to 8 bytes.
 _GET_ENTRIES_HEADER = 40
+# Pieces joined per hash update: big enough that hashlib hashes them without the interpreter
+# lock, small enough not to copy the whole table at once.
+_HASHED_AT_ONCE = 4096
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
@@ -130,27 +134,34 @@ class ImageMatch:
     """Tells whether another image of the same table holds the same entries as `image`, packet
     and byte counters aside (they move with traffic, the rules do not).
 
-    Building it walks every entry once (about 0.4 s at 10,000 services, done off the sync's
-    path); each comparison afterwards runs at C speed (about 50 ms): a struct format that skips
-    the 16 counter bytes of every entry cuts both images into the same pieces.
+    It keeps a digest of the entries, not the entries: a struct format that skips the 16 counter
+    bytes of every entry cuts an image into its counter-free pieces (at C speed), and a SHA-256 of
+    those pieces stands for them. Building it walks every entry once (about 0.4 s at 10,000
+    services, done off the sync's path); each comparison afterwards cuts and hashes the other
+    image (about 0.1-0.2 s at 10,000 services, the hash without the interpreter lock). Keeping
+    the pieces themselves would cost about the table's size (54 MB at 10,000 services).
     """
 
     def __init__(self, image: TableImage) -> None:
         self.fingerprint = image.fingerprint
         self.hooks = image.hooks
         self._pieces = _pieces(image)
-        self._rules = self._cut(image.entries)
+        self._digest = self._hash(image.entries)
 
-    def _cut(self, entries: memoryview) -> tuple[bytes, ...] | None:
+    def _hash(self, entries: memoryview) -> bytes | None:
         if self._pieces is None or len(entries) != self._pieces.size:
             return None
-        return self._pieces.unpack(entries)
+        pieces = self._pieces.unpack(entries)
+        digest = hashlib.sha256()
+        for start in range(0, len(pieces), _HASHED_AT_ONCE):
+            digest.update(b"".join(pieces[start : start + _HASHED_AT_ONCE]))
+        return digest.digest()
 
     def matches(self, image: TableImage) -> bool:
         if image.fingerprint != self.fingerprint or image.hooks != self.hooks:
             return False
-        rules = self._cut(image.entries)
-        return rules is not None and rules == self._rules
+        digest = self._hash(image.entries)
+        return digest is not None and digest == self._digest
 
 
 def _pieces(image: TableImage) -> struct.Struct | None:
