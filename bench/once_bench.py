@@ -92,7 +92,9 @@ def write_inputs(workdir: Path, services: int, endpoints: int) -> None:
     config = ProxyConfig(cluster_cidrs=("10.128.0.0/10",))
     state = build_state(services, endpoints)
     ruleset = plan_ruleset(state.services_map(), state.endpoints_map(), NodeInfo(NODE), config)
-    (workdir / "iptables.rules").write_text("".join(render_table(t) for t in ruleset.ruleset.tables))
+    (workdir / "iptables.rules").write_text(
+        "".join(render_table(t) for t in ruleset.ruleset.tables)
+    )
     for mode in ("iptables", "nftables"):
         doc = {
             "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
@@ -103,11 +105,13 @@ def write_inputs(workdir: Path, services: int, endpoints: int) -> None:
         (workdir / f"{mode}.yaml").write_text(yaml.safe_dump(doc))
 
 
-def timed_child(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+def timed_child(
+    argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB) of `argv`, run to completion (its output discarded)."""
     started = time.perf_counter()
     proc = subprocess.Popen(
-        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=False
+        argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=False
     )
     assert proc.stderr is not None
     err = proc.stderr.read()
@@ -119,14 +123,19 @@ def timed_child(argv: list[str], env: dict[str, str] | None = None) -> tuple[flo
     return took, usage.ru_maxrss / 1024
 
 
-def run_kproxy(workdir: Path, mode: str) -> dict[str, float]:
-    """In a fresh namespace (the caller's `unshare -n`): one `kproxy sync --once`."""
-    kproxy = str(Path(sys.executable).parent / "kproxy")
-    argv = [kproxy, "--log-level", "warning", "sync", "--once"]
+def run_kproxy(workdir: Path, mode: str, source: Path | None = None) -> dict[str, float]:
+    """In a fresh namespace (the caller's `unshare -n`): one `kproxy sync --once`, of the
+    installed kproxy or (`source`) of the kproxy package in that source tree."""
+    env = {**os.environ, "XTABLES_LOCKFILE": str(workdir / "xtables.lock")}
+    if source is None:
+        argv = [str(Path(sys.executable).parent / "kproxy")]
+    else:
+        argv = [sys.executable, "-c", "from kproxy.cli import main; main()"]
+        env["PYTHONPATH"] = str(source)
+    argv += ["--log-level", "warning", "sync", "--once"]
     argv += ["--manifests", str(workdir / "manifests"), "--hostname-override", NODE]
     argv += ["--config", str(workdir / f"{mode}.yaml")]
-    env = {**os.environ, "XTABLES_LOCKFILE": str(workdir / "xtables.lock")}
-    took, rss = timed_child(argv, env)
+    took, rss = timed_child(argv, env, cwd=source)
     return {"seconds": took, "rss_mb": rss}
 
 
@@ -147,16 +156,24 @@ def in_netns(*args: str) -> dict[str, float]:
     return result
 
 
-def measure(services: int, endpoints: int, modes: list[str], rounds: int) -> None:
+def measure(
+    services: int, endpoints: int, modes: list[str], rounds: int, before: Path | None
+) -> None:
     with tempfile.TemporaryDirectory(prefix="kproxy-once-") as tmp:
         workdir = Path(tmp)
         write_inputs(workdir, services, endpoints)
         for mode in modes:
             mine: list[dict[str, float]] = []
+            old: list[dict[str, float]] = []
             base: list[dict[str, float]] = []
             for _ in range(rounds):
+                if before is not None:
+                    args = ("--inner", mode, "--workdir", tmp, "--before", str(before))
+                    old.append(in_netns(*args))
                 mine.append(in_netns("--inner", mode, "--workdir", tmp))
                 base.append(in_netns("--inner", "baseline", "--workdir", tmp))
+            if old:
+                report(mode, services, endpoints, old, base, f"before ({before})")
             report(mode, services, endpoints, mine, base)
 
 
@@ -166,11 +183,12 @@ def report(
     endpoints: int,
     mine: list[dict[str, float]],
     base: list[dict[str, float]],
+    which: str = "",
 ) -> None:
     k = sorted(r["seconds"] for r in mine)
     b = sorted(r["seconds"] for r in base)
     rss = sorted(r["rss_mb"] for r in mine)
-    print(f"\n== {mode} mode, {services} services x {endpoints} endpoints, {len(k)} rounds")
+    print(f"\n== {mode} mode, {services} services x {endpoints} endpoints, {len(k)} rounds {which}")
     print(
         f"sync --once (whole process)  kproxy {k[0]:6.2f}-{k[-1]:.2f} s   "
         f"iptables-legacy-restore {b[0]:6.2f}-{b[-1]:.2f} s   ratio {k[0] / b[0]:5.2f}x"
@@ -186,16 +204,19 @@ def main() -> None:
     parser.add_argument("--mode", choices=("iptables", "nftables", "both"), default="both")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--inner", choices=("iptables", "nftables", "baseline"))
+    parser.add_argument(
+        "--before", type=Path, help="a source tree of kproxy to measure too, in the same rounds"
+    )
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
         if args.inner == "baseline":
             print(json.dumps(run_baseline(args.workdir)))
         else:
-            print(json.dumps(run_kproxy(args.workdir, args.inner)))
+            print(json.dumps(run_kproxy(args.workdir, args.inner, args.before)))
         return
     modes = ["iptables", "nftables"] if args.mode == "both" else [args.mode]
-    measure(args.services, args.endpoints, modes, args.rounds)
+    measure(args.services, args.endpoints, modes, args.rounds, args.before)
 
 
 if __name__ == "__main__":
