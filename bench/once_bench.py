@@ -177,6 +177,15 @@ def measure(
             report(mode, services, endpoints, mine, base)
 
 
+# Issue 22's targets: (mode, services, endpoints) -> (sync --once / restore, peak RSS MB).
+TARGETS = {
+    ("iptables", 10000, 5): ("<= 1.0x", "<= 250 MB"),
+    ("nftables", 10000, 5): ("<= 1.0x", "<= 300 MB"),
+    ("nftables", 50000, 5): ("<= 0.35x", "<= 700 MB"),
+    ("nftables", 5000, 50): ("under 10 s", "-"),
+}
+
+
 def report(
     mode: str,
     services: int,
@@ -185,16 +194,19 @@ def report(
     base: list[dict[str, float]],
     which: str = "",
 ) -> None:
+    """One table for the mode: each figure as best-worst of the rounds, the ratio best/best."""
     k = sorted(r["seconds"] for r in mine)
     b = sorted(r["seconds"] for r in base)
     rss = sorted(r["rss_mb"] for r in mine)
-    print(f"\n== {mode} mode, {services} services x {endpoints} endpoints, {len(k)} rounds {which}")
+    time_target, rss_target = TARGETS.get((mode, services, endpoints), ("-", "-"))
+    print(f"\n{mode} mode, {services} services x {endpoints} endpoints, {len(k)} rounds {which}")
+    print("| | kproxy | iptables-legacy-restore | ratio | target |")
+    print("|---|---|---|---|---|")
     print(
-        f"sync --once (whole process)  kproxy {k[0]:6.2f}-{k[-1]:.2f} s   "
-        f"iptables-legacy-restore {b[0]:6.2f}-{b[-1]:.2f} s   ratio {k[0] / b[0]:5.2f}x"
-        f" ({k[-1] / b[-1]:.2f}x worst/worst)"
+        f"| `sync --once --manifests` (whole process) vs a full restore | {k[0]:.2f}-{k[-1]:.2f} s"
+        f" | {b[0]:.2f}-{b[-1]:.2f} s | {k[0] / b[0]:.2f}x | {time_target} |"
     )
-    print(f"peak RSS of the process      {rss[0]:6.1f}-{rss[-1]:.1f} MB")
+    print(f"| peak RSS of the process | {rss[0]:.0f}-{rss[-1]:.0f} MB | | | {rss_target} |")
 
 
 def main() -> None:
