@@ -33,6 +33,9 @@ def _status(field: str) -> float:
 
 
 def checkpoint(step: str, top: int) -> None:
+    if not tracemalloc.is_tracing():
+        print(f"-- {step}: RSS {_status('VmRSS'):.0f} MB, peak RSS {_status('VmHWM'):.0f} MB")
+        return
     current, peak = tracemalloc.get_traced_memory()
     print(
         f"\n-- {step}: RSS {_status('VmRSS'):.0f} MB, peak RSS {_status('VmHWM'):.0f} MB;"
@@ -60,16 +63,18 @@ def wrap(owner: Any, name: str, step: str, top: int, after: bool = False) -> Non
     setattr(owner, name, wrapped)
 
 
-def inner(workdir: Path, mode: str, top: int) -> None:
+def inner(workdir: Path, mode: str, top: int, trace: bool) -> None:
     import iptc  # type: ignore[import-untyped]
 
     from kproxy import cli
     from kproxy.dataplane.xtables import libiptc
     from kproxy.sync import loop, once
 
-    tracemalloc.start()
+    if trace:
+        tracemalloc.start()
     wrap(cli, "read_manifests", "reading manifests (the parse)", top, after=True)
     wrap(once, "state_from_manifests", "conversion to cluster state", top, after=True)
+    wrap(loop.SyncLoop, "plan", "plan", top)
     wrap(loop.SyncLoop, "apply", "apply (plan made)", top)
     wrap(libiptc.LibiptcTables, "write", "libiptc edit", top)
     wrap(iptc.Table, "commit", "commit", top)
@@ -89,15 +94,19 @@ def main() -> None:
     parser.add_argument("--endpoints", type=int, default=5)
     parser.add_argument("--mode", choices=("iptables", "nftables"), default="iptables")
     parser.add_argument("--top", type=int, default=8)
+    parser.add_argument(
+        "--rss-only", action="store_true", help="no tracemalloc: RSS and peak RSS at each step"
+    )
     parser.add_argument("--inner", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
-        inner(args.inner, args.mode, args.top)
+        inner(args.inner, args.mode, args.top, not args.rss_only)
         return
     with tempfile.TemporaryDirectory(prefix="kproxy-mem-") as tmp:
         write_inputs(Path(tmp), args.services, args.endpoints)
         argv = ["unshare", "-n", sys.executable, "-m", "bench.memory_profile"]
         argv += ["--mode", args.mode, "--top", str(args.top), "--inner", tmp]
+        argv += ["--rss-only"] if args.rss_only else []
         subprocess.run(argv, check=True)
 
 
