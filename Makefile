@@ -62,6 +62,8 @@ demo: venv
 	$(PY) -m integration.demo
 
 bench: venv
+	$(PY) -m bench.once_bench --services 10000  # sync --once, whole process, and its peak RSS, per mode
+	$(PY) -m bench.once_bench --services 5000 --endpoints 50 --mode nftables  # kubernetes#135639's shape
 	$(PY) -m bench.sync_bench --services 10000
 	$(PY) -m bench.nft_bench --services 10000
 	$(PY) -m bench.first_packet --services 10000

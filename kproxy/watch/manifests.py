@@ -205,7 +205,11 @@ def state_from_manifests(
 ) -> ClusterState:
     """A ClusterState holding every valid Service, EndpointSlice and ServiceCIDR; invalid ones
     are reported through `on_invalid` and left out. `config` gives the allow-list of external
-    addresses. The node set on it later carries the ServiceCIDRs, as in the agent."""
+    addresses. The node set on it later carries the ServiceCIDRs, as in the agent.
+
+    It consumes `manifests`' Services and EndpointSlices (their lists are left empty): their
+    documents weigh more than the state built from them (86 MB of a sync's 659 MB peak at
+    10,000 services, bench/memory_profile.py) and nothing reads them after."""
     state = ClusterState()
     if config is not None:
         state.allowed_vips = build_allow_list(config.allowed_external_ip_cidrs)
@@ -214,7 +218,11 @@ def state_from_manifests(
         replace_all(Kind.ENDPOINT_SLICE, manifests.endpoint_slices),
         set_service_cidrs(manifests.service_cidrs),
     )
-    for exc in load(state):
+    errors = load(state)
+    del load  # holds the documents too
+    manifests.services.clear()
+    manifests.endpoint_slices.clear()
+    for exc in errors:
         on_invalid(exc)
     return state
 

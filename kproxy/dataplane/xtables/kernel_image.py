@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import socket
 import struct
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ TABLE_NAME_LEN = 32
 NF_INET_NUMHOOKS = 5
 # struct ipt_get_entries: the table name, the size, then the entries, aligned to 8 bytes.
 _GET_ENTRIES_HEADER = 40
+# Entries cut and hashed at once: enough that hashlib hashes them without the interpreter lock,
+# few enough not to copy the whole table at once.
+_ENTRIES_PER_BLOCK = 4096
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
@@ -130,34 +134,47 @@ class ImageMatch:
     """Tells whether another image of the same table holds the same entries as `image`, packet
     and byte counters aside (they move with traffic, the rules do not).
 
-    Building it walks every entry once (about 0.4 s at 10,000 services, done off the sync's
-    path); each comparison afterwards runs at C speed (about 50 ms): a struct format that skips
-    the 16 counter bytes of every entry cuts both images into the same pieces.
+    It keeps a digest of the entries, not the entries: struct formats that skip the 16 counter
+    bytes of every entry cut an image into its counter-free pieces (at C speed), a block of 4,096
+    entries at a time, and a SHA-256 of those pieces stands for them. Building it walks every
+    entry once (about 0.4 s at 10,000 services, done off the sync's path); each comparison
+    afterwards cuts and hashes the other image block by block (about 0.1-0.2 s at 10,000
+    services, the hash without the interpreter lock). Keeping the pieces themselves would cost
+    about the table's size (54 MB at 10,000 services), and cutting a whole image at once as much
+    again while it runs.
     """
 
     def __init__(self, image: TableImage) -> None:
         self.fingerprint = image.fingerprint
         self.hooks = image.hooks
-        self._pieces = _pieces(image)
-        self._rules = self._cut(image.entries)
+        self._blocks = _blocks(image)
+        self._digest = self._hash(image.entries)
 
-    def _cut(self, entries: memoryview) -> tuple[bytes, ...] | None:
-        if self._pieces is None or len(entries) != self._pieces.size:
+    def _hash(self, entries: memoryview) -> bytes | None:
+        if self._blocks is None or len(entries) != sum(fmt.size for _, fmt in self._blocks):
             return None
-        return self._pieces.unpack(entries)
+        digest = hashlib.sha256()
+        for at, fmt in self._blocks:
+            digest.update(b"".join(fmt.unpack_from(entries, at)))
+        return digest.digest()
 
     def matches(self, image: TableImage) -> bool:
         if image.fingerprint != self.fingerprint or image.hooks != self.hooks:
             return False
-        rules = self._cut(image.entries)
-        return rules is not None and rules == self._rules
+        digest = self._hash(image.entries)
+        return digest is not None and digest == self._digest
 
 
-def _pieces(image: TableImage) -> struct.Struct | None:
-    """A format that cuts the entries around each entry's counters; None for a malformed image
-    (one that matches nothing)."""
+Blocks = tuple[tuple[int, struct.Struct], ...]
+
+
+def _blocks(image: TableImage) -> Blocks | None:
+    """Formats that cut the entries around each entry's counters, one per block of entries, with
+    the offset each block starts at; None for a malformed image (one that matches nothing)."""
     layout = _LAYOUTS[image.family]
-    entries, codes, start, offset = image.entries, ["<"], 0, 0
+    entries, blocks = image.entries, []
+    codes: list[str] = []
+    block_at = start = offset = 0
     while offset < len(entries):
         if offset + layout.counters_at + layout.counters_size > len(entries):
             return None
@@ -168,7 +185,10 @@ def _pieces(image: TableImage) -> struct.Struct | None:
         codes.append(f"{counters - start}s{layout.counters_size}x")
         start = counters + layout.counters_size
         offset += step
+        if len(codes) == _ENTRIES_PER_BLOCK or offset >= len(entries):
+            codes.append(f"{offset - start}s")
+            blocks.append((block_at, struct.Struct("<" + "".join(codes))))
+            codes, block_at, start = [], offset, offset
     if offset != len(entries):
         return None
-    codes.append(f"{len(entries) - start}s")
-    return struct.Struct("".join(codes))
+    return tuple(blocks)
