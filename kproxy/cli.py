@@ -27,7 +27,7 @@ from kproxy.errors import (
 )
 from kproxy.logs import LEVELS, configure_logging
 from kproxy.model.config import ProxyConfig, with_flags
-from kproxy.model.config_fields import BY_FLAG, FIELDS, suggest_field
+from kproxy.model.config_fields import BY_FLAG, FIELDS, IPTABLES_BACKENDS, suggest_field
 from kproxy.model.config_values import GO_FALSE, GO_TRUE, parse_go_bool
 from kproxy.model.node import NodeInfo
 from kproxy.state.ingest import node_for
@@ -209,12 +209,19 @@ def cli(log_level: str) -> None:
     is_flag=True,
     help="Sync even when the manifests hold no Service: that removes every service rule.",
 )
+@click.option(
+    "--iptables-backend",
+    type=click.Choice(IPTABLES_BACKENDS),
+    default=None,
+    help="iptables mode: auto (as kubelet), legacy or nft (iptablesBackend in --config).",
+)
 @lock_timeout_option
 @common_options
 def sync(
     once: bool,
     manifests_path: str,
     allow_empty: bool,
+    iptables_backend: str | None,
     lock_timeout: float,
     config_path: str | None,
     hostname: str | None,
@@ -228,6 +235,8 @@ def sync(
 
     manifests = read_manifests(manifests_path)
     node, config = _node_and_config(manifests, config_path, hostname)
+    if iptables_backend:
+        config = dataclasses.replace(config, iptables_backend=iptables_backend)
     state = _state(manifests, config)
     if not allow_empty:
         refuse_empty_input(state, manifests_path)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from kproxy.dataplane.host import machine_cpus
 from kproxy.dataplane.host import read_sysctl as _read_proc_sysctl
+from kproxy.dataplane.iptables.detect import detect_backend
 from kproxy.dataplane.readers import (
     read_legacy_available,
     read_links,
@@ -97,6 +98,16 @@ def _nft_hints() -> set[str]:
     return {c for _, t, c in read_nft_chains() if t == "mangle" and c in HINT_CHAINS}
 
 
+def _backend_for(config: ProxyConfig) -> str:
+    """The userspace mode's portals are always legacy rules."""
+    return "legacy" if config.mode == "userspace" else config.iptables_backend
+
+
+def _chosen_backend(config: ProxyConfig) -> str:
+    backend = _backend_for(config)
+    return backend if backend != "auto" else detect_backend("auto").backend
+
+
 def run_checks(
     config: ProxyConfig,
     service_cidr: str | None = None,
@@ -125,7 +136,10 @@ def run_checks(
     ]
     if config.mode != "nftables":  # the nftables mode writes no legacy table
         checks.append(
-            _guarded("iptables-backend", lambda: judge_backend(_legacy_hints(), _nft_hints()))
+            _guarded(
+                "iptables-backend",
+                lambda: judge_backend(_legacy_hints(), _nft_hints(), _backend_for(config)),
+            )
         )
     checks += [
         _guarded("service-route", lambda: _service_route(cidr)),
@@ -155,6 +169,7 @@ def run_checks(
                 read_links(),
                 read_proxy_processes(),
                 config.mode,
+                _chosen_backend(config),
             ),
         ),
         _guarded("kube-proxy-process", lambda: judge_proxy_processes(read_proxy_processes())),

@@ -33,6 +33,8 @@ API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 KIND = "KubeProxyConfiguration"
 DETECT_LOCAL_MODES = ("ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix")
 SYNC_PERIOD = 30.0
+IPTABLES_BACKENDS = ("auto", "legacy", "nft")
+
 # The section of masquerade and sync settings each mode reads, as upstream's v1alpha1 conversion:
 # the nftables mode reads `nftables:` and ignores `iptables:`, the other modes the reverse.
 MODE_SECTIONS = {"iptables": "iptables", "userspace": "iptables", "nftables": "nftables"}
@@ -109,6 +111,13 @@ FIELDS: tuple[Field, ...] = (
         "written over netlink) or `userspace` (kproxy relays each connection); `ipvs` and "
         "`kernelspace` are refused",
         "--proxy-mode", "iptables, nftables or userspace.", keeps_default=is_empty,
+    ),
+    Field(
+        "iptablesBackend", "iptables_backend", one_of(IPTABLES_BACKENDS), "`auto`",
+        "kproxy's own (not kube-proxy's): which x_tables the iptables mode writes: `auto` (the "
+        "backend kubelet uses, by its KUBE-IPTABLES-HINT chain, as upstream's image decides), "
+        "`legacy` (libiptc) or `nft` (iptables-nft)",
+        "--iptables-backend", "auto, legacy or nft.", keeps_default=is_empty,
     ),
     Field(
         "portRange", "port_range", parse_port_range, "none",

@@ -64,6 +64,11 @@ def read_live_tables(family: int, lock_timeout: float) -> TraceTables:
     return tables_from_saved(read_snapshot(family, lock_timeout), family)
 
 
+def read_legacy_live_tables(family: int, lock_timeout: float) -> TraceTables:
+    """The userspace mode's: its portals are always in the legacy tables."""
+    return tables_from_saved(read_snapshot(family, lock_timeout, "legacy"), family)
+
+
 def _planned(ruleset: Ruleset, relays: Mapping[str, Relay] | None = None) -> TraceTables:
     chains = frozenset(c.name for t in ruleset.tables for c in t.chains)
     return TraceTables(
@@ -137,5 +142,5 @@ def _port_patterns(ruleset: Ruleset) -> list[re.Pattern[str]]:
 def userspace_diff(plan: NodePlan[Any], family: int, lock_timeout: float) -> list[ChainDiff]:
     """The portals the next sync would write, with the proxy ports the agent has bound."""
     part: UserspaceFamily = plan.kernel.families[family]
-    saved = read_snapshot(family, lock_timeout)
+    saved = read_snapshot(family, lock_timeout, "legacy")  # the portals are legacy rules
     return plan_chain_diffs(part.ruleset(live_proxy_ports(part, saved)), saved)

@@ -24,6 +24,7 @@ from kproxy.sync.handover import hand_over_to_iptables
 from kproxy.sync.inspection import (
     iptables_diff,
     iptables_plan_tables,
+    read_legacy_live_tables,
     read_live_tables,
     userspace_diff,
     userspace_plan_tables,
@@ -59,7 +60,7 @@ MODES = {
     "iptables": ProxyMode(
         "iptables",
         IptablesPlanner,
-        lambda config, lock_timeout: open_iptables_node(lock_timeout),
+        lambda config, lock_timeout: open_iptables_node(lock_timeout, config.iptables_backend),
         render_iptables_plan,
         read_iptables_live,
         read_live_tables,
@@ -81,8 +82,8 @@ MODES = {
         UserspacePlanner,
         open_userspace_node,
         render_userspace_plan,
-        read_iptables_live,
-        read_live_tables,
+        lambda family: read_iptables_live(family, "legacy"),  # its portals are legacy rules
+        read_legacy_live_tables,
         userspace_plan_tables,
         userspace_diff,
         serves_in_process=True,

@@ -13,21 +13,29 @@ from collections.abc import Mapping
 
 from kproxy.dataplane.base import ChainDiff
 from kproxy.dataplane.iptables.backend import TABLES, read_tables
+from kproxy.dataplane.iptables.backends import reading_backend
 from kproxy.dataplane.iptables.diff import plan_table_changes
 from kproxy.dataplane.iptables.lock import lock_path, xtables_lock
+from kproxy.dataplane.iptables.nft_backend import read_nft_tables
 from kproxy.errors import DataplaneError
 from kproxy.rules.ir import BUILTIN_CHAINS, Ruleset
 from kproxy.rules.render import render_rule
 from kproxy.rules.saved import SavedTable
 
 
-def read_snapshot(family: int, lock_timeout: float) -> dict[str, SavedTable]:
-    """Every table kproxy writes, read while holding the xtables lock."""
+def read_snapshot(
+    family: int, lock_timeout: float, backend: str | None = None
+) -> dict[str, SavedTable]:
+    """Every table kproxy writes, from `backend` (None: the one in use, see backends.py); the
+    legacy tables are read while holding the xtables lock (iptables-nft needs none: each of
+    kproxy's commits is one transaction)."""
     if os.geteuid() != 0:
         raise DataplaneError(
             "reading the live tables needs root (CAP_NET_ADMIN); without root, give "
             "--manifests PATH to work on what kproxy would write instead"
         )
+    if (backend or reading_backend(family)) == "nft":
+        return read_nft_tables(family, TABLES)
     try:
         with xtables_lock(lock_timeout):
             return read_tables(family, TABLES)

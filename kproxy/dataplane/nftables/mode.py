@@ -12,6 +12,7 @@ import structlog
 
 from kproxy.dataplane.base import TableReport
 from kproxy.dataplane.host import ipv6_supported
+from kproxy.dataplane.iptables.backends import remove_nft_backend
 from kproxy.dataplane.iptables.families import open_dataplanes
 from kproxy.dataplane.nftables.node import NftablesNode, open_nftables_node
 
@@ -37,10 +38,10 @@ def _legacy_tables_in_use() -> bool:
 def remove_iptables_mode(lock_timeout: float) -> list[TableReport]:
     """Delete the iptables (and userspace) mode's chains and the jumps to them, both families:
     per table, what was removed."""
-    if not _legacy_tables_in_use():
-        return []
-    with open_dataplanes(lock_timeout) as dataplanes:
-        removed = [t for dp in dataplanes.values() for t in dp.cleanup().tables]
+    removed: list[TableReport] = list(remove_nft_backend(lock_timeout))  # iptables-nft nodes
+    if _legacy_tables_in_use():
+        with open_dataplanes(lock_timeout) as dataplanes:
+            removed += [t for dp in dataplanes.values() for t in dp.cleanup().tables]
     chains = sum(len(t.delete) for t in removed)
     if chains:
         log.info("iptables_mode_removed", chains=chains)

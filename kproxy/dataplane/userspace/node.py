@@ -16,6 +16,7 @@ import structlog
 
 from kproxy.dataplane.base import ApplyResult, Dataplane
 from kproxy.dataplane.host import apply_sysctls
+from kproxy.dataplane.iptables.backends import remove_nft_backend
 from kproxy.dataplane.iptables.families import open_dataplanes
 from kproxy.dataplane.iptables.node import IptablesNode, SysctlWriter
 from kproxy.dataplane.leftovers import LeftoverRemoval, RemoveLeftovers
@@ -163,7 +164,12 @@ def open_userspace_node(config: ProxyConfig, lock_timeout: float) -> Iterator[Us
             family: Relay(port_range=config.port_range, udp_idle_timeout=config.udp_idle_timeout)
             for family in dataplanes
         }
-        node = UserspaceNode(dataplanes, relays, remove_leftovers=remove_nftables_mode)
+        node = UserspaceNode(
+            dataplanes,
+            relays,
+            # The iptables mode's chains on an iptables-nft node are not in the legacy tables.
+            remove_leftovers=lambda: [*remove_nftables_mode(), *remove_nft_backend(lock_timeout)],
+        )
         try:
             for relay in relays.values():
                 relay.start()
