@@ -16,7 +16,7 @@ from kproxy.dataplane.host import ipv6_supported
 from kproxy.dataplane.iptables.backend import TABLES, read_tables
 from kproxy.dataplane.iptables.detect import BackendChoice, detect_backend, save_command
 from kproxy.dataplane.iptables.families import open_dataplanes
-from kproxy.dataplane.iptables.nft_backend import NftDataplane, read_nft_tables
+from kproxy.dataplane.iptables.nft_backend import KeptTables, NftDataplane, read_nft_tables
 from kproxy.dataplane.iptables.nft_generation import read_generation
 from kproxy.plan.iptables.chains import is_cleanup_chain
 from kproxy.rules.saved import SavedTable, parse_save
@@ -47,7 +47,8 @@ def open_backend_dataplanes(lock_timeout: float, backend: str) -> Iterator[dict[
         with open_dataplanes(lock_timeout) as dataplanes:
             yield dataplanes
         return
-    yield {family: NftDataplane(family, lock_timeout) for family in families()}
+    kept = KeptTables()
+    yield {family: NftDataplane(family, lock_timeout, kept) for family in families()}
 
 
 def legacy_tables_in_use() -> bool:

@@ -76,13 +76,39 @@ class _Refused(Exception):
     """The restore failed (e.g. a jump rule to remove was gone): plan again from the kernel."""
 
 
+class KeptTables:
+    """What kproxy committed last, per (family, table), shared by a node's family dataplanes:
+    each commit moves the one generation of the namespace, so after one of kproxy's own commits
+    (and nobody else's) every other kept table is still what the kernel holds."""
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple[int, str], _Kept] = {}
+
+    def get(self, family: int, table: str) -> _Kept | None:
+        return self._kept.get((family, table))
+
+    def forget(self, family: int, table: str) -> None:
+        self._kept.pop((family, table), None)
+
+    def keep(self, family: int, table: str, applied: Table, generation: int) -> None:
+        self._kept[(family, table)] = _Kept(applied, generation)
+
+    def committed(self, before: int, after: int) -> None:
+        """kproxy's own commit moved the generation from `before` to `after`, nobody else's."""
+        for key, kept in self._kept.items():
+            if kept.generation == before:
+                self._kept[key] = _Kept(kept.applied, after)
+
+
 class NftDataplane:
     """Applies one family's Rulesets through iptables-nft-restore (the Dataplane protocol)."""
 
-    def __init__(self, family: int = 4, lock_timeout: float = 5.0) -> None:
+    def __init__(
+        self, family: int = 4, lock_timeout: float = 5.0, kept: KeptTables | None = None
+    ) -> None:
         self.family = family
         self.lock_timeout = lock_timeout  # iptables-nft takes no lock: transactions serialise
-        self._kept: dict[str, _Kept] = {}
+        self._kept = kept if kept is not None else KeptTables()
 
     def read(self) -> dict[str, SavedTable]:
         return read_nft_tables(self.family)
@@ -105,12 +131,12 @@ class NftDataplane:
         tables, nothing else."""
         result = ApplyResult()
         for name in TABLES:
-            self._kept.pop(name, None)
+            self._kept.forget(self.family, name)
             result.tables.append(self._from_kernel(name, plan_cleanup, keep=None))
         return result
 
     def _sync_table(self, desired: Table, full: bool) -> TableChanges:
-        kept = None if full else self._kept.get(desired.name)
+        kept = None if full else self._kept.get(self.family, desired.name)
         if kept is not None and read_generation() == kept.generation:
             changes = plan_table_changes_from(desired, kept.applied)
             if changes is not None:
@@ -127,7 +153,7 @@ class NftDataplane:
 
     def _from_kernel(self, name: str, plan: _Planner, keep: Table | None) -> TableChanges:
         """Read the table, plan, and restore; retried when the restore is refused."""
-        self._kept.pop(name, None)
+        self._kept.forget(self.family, name)
         for attempt in range(_ATTEMPTS):
             before = read_generation()
             saved = read_nft_tables(self.family, (name,)).get(name, SavedTable(name))
@@ -136,7 +162,7 @@ class NftDataplane:
             read_whole = before is not None and before == seen
             if changes.empty:
                 if keep is not None and read_whole and before is not None:
-                    self._kept[name] = _Kept(keep, before)
+                    self._kept.keep(self.family, name, keep, before)
                 return changes
             try:
                 self._restore(changes, saved, keep, seen if read_whole else None)
@@ -165,7 +191,9 @@ class NftDataplane:
         if proc.returncode != 0:
             raise _Refused(proc.stderr.strip() or f"exit status {proc.returncode}")
         after = read_generation()
-        self._kept.pop(changes.table, None)
-        nobody_else = generation is not None and before == generation and after == before + 1
-        if applied is not None and after is not None and nobody_else:
-            self._kept[changes.table] = _Kept(applied, after)
+        self._kept.forget(self.family, changes.table)
+        if before is None or after != before + 1:
+            return  # another program committed too: every kept table is read next time
+        self._kept.committed(before, after)
+        if applied is not None and generation == before:
+            self._kept.keep(self.family, changes.table, applied, after)

@@ -18,7 +18,9 @@ def render_restore(changes: TableChanges, current: SavedTable | None) -> str:
     """The restore input carrying out `changes`; `current` is the table they were planned from
     (where removed jump rules are read; None when there are none)."""
     lines = [f"*{changes.table}"]
-    flushed = [chain.name for chain in changes.write] + list(changes.delete)
+    # Sorted, as iptables-save prints them: iptables-nft-restore takes 3x as long at 1,000
+    # services to create the same chains in the planner's order.
+    flushed = sorted([chain.name for chain in changes.write] + list(changes.delete))
     lines.extend(f":{name} - [0:0]" for name in flushed)
     for builtin, positions in sorted(changes.remove_jumps.items()):
         held = current.chains.get(builtin, []) if current is not None else []
