@@ -45,9 +45,11 @@ def test_iptables_to_userspace_to_iptables_fails_no_connection(cluster: Cluster)
 
 
 def _legacy_chains(cluster: Cluster) -> int:
-    """The iptables mode's chains, both families (KUBE-FIREWALL is kubelet's: it stays)."""
+    """The iptables mode's chains, both families (kubelet's stay: KUBE-FIREWALL, its canary
+    and hint chains, seeded in the backend the mode writes)."""
+    kubelets = (":KUBE-FIREWALL ", ":KUBE-KUBELET-CANARY ", ":KUBE-IPTABLES-HINT ")
     return sum(
-        line.startswith(":KUBE-") and not line.startswith(":KUBE-FIREWALL ")
+        line.startswith(":KUBE-") and not line.startswith(kubelets)
         for family in (4, 6)
         for line in cluster.save(family).splitlines()
     )
