@@ -21,6 +21,7 @@ rules on purpose (standing for another program) says so with `forget()`.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,9 +96,10 @@ table inet {FIREWALL_TABLE} {{
 """
 
 # The backend of kubelet's and the CNI's chains on the default simulated node. "legacy" for now:
-# most integration tests still read the iptables mode's rules from the legacy tables directly;
+# some integration tests still read the iptables mode's rules from the legacy tables directly;
 # test_iptables_nft.py runs its set on both ("nft" is what most real nodes are).
-DEFAULT_KUBELET = "legacy"
+# KPROXY_TEST_KUBELET=nft runs any test on an iptables-nft node.
+DEFAULT_KUBELET = os.environ.get("KPROXY_TEST_KUBELET", "legacy")
 
 _BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
 _COUNTERS = re.compile(r" \[\d+:\d+\]$")
