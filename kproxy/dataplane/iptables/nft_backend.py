@@ -18,6 +18,7 @@ flushed or deleted chain.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -106,6 +107,10 @@ class NftDataplane:
     def __init__(
         self, family: int = 4, lock_timeout: float = 5.0, kept: KeptTables | None = None
     ) -> None:
+        if os.geteuid() != 0:
+            raise DataplaneError(
+                "kproxy must run as root (CAP_NET_ADMIN) to program netfilter tables"
+            )
         self.family = family
         self.lock_timeout = lock_timeout  # iptables-nft takes no lock: transactions serialise
         self._kept = kept if kept is not None else KeptTables()
