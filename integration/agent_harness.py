@@ -46,6 +46,7 @@ from integration.apiserver import ApiServer
 from integration.iptables_backend import iptables_tool, mode_backend, save_tool
 from integration.manifests import NODE_NAME, REMOTE_NODE
 from integration.netns import Namespace, Pod, Topology, kproxy_path, topology
+from integration.real_node import DEFAULT_KUBELET
 from integration.traffic import start_server
 
 T = TypeVar("T")
@@ -594,12 +595,16 @@ class AgentNode:
 
 @contextlib.contextmanager
 def agent_node(
-    label: str, workdir: Path, with_api: bool = True, mode: str = "iptables"
+    label: str,
+    workdir: Path,
+    with_api: bool = True,
+    mode: str = "iptables",
+    kubelet: str = DEFAULT_KUBELET,
 ) -> Iterator[AgentNode]:
     """A fresh node (namespaces `kpt-<label>-<random>-*`) with the API server listening on its
     loopback and holding this node's Node object, its agent configured for proxy `mode`; all of
     it removed on exit."""
-    with topology(label) as topo:
+    with topology(label, kubelet=kubelet) as topo:
         node = AgentNode(topo, workdir, mode)
         try:
             if with_api:

@@ -4,10 +4,10 @@ No node is clean: kubelet and the CNI write their chains through iptables-nft (t
 Debian 12, Ubuntu 22.04+, RHEL 8+), Docker still writes legacy x_tables, and a firewall keeps an
 nftables table of its own. `seed()` writes a small, faithful sample of each:
 
-- kubelet (iptables-nft, IPv4 and IPv6): `KUBE-FIREWALL` with its rule, jumped from INPUT and
+- kubelet (iptables-nft, or legacy on a legacy node: `ForeignRules.kubelet`; IPv4 and IPv6): `KUBE-FIREWALL` with its rule, jumped from INPUT and
   OUTPUT; `KUBE-KUBELET-CANARY` in mangle, nat and filter; `KUBE-IPTABLES-HINT` in mangle, the
   chain by which kube-proxy learns which backend kubelet uses;
-- a CNI (iptables-nft): `CNI-HOSTPORT-DNAT` jumped from nat PREROUTING and OUTPUT for local
+- a CNI (in kubelet's backend): `CNI-HOSTPORT-DNAT` jumped from nat PREROUTING and OUTPUT for local
   addresses, a Calico-style `cali-FORWARD` jumped from FORWARD;
 - Docker (legacy): `DOCKER` and `DOCKER-USER` in filter, `DOCKER` in nat;
 - a firewalld-like `inet firewalld` table with a base chain on the input hook.
@@ -95,11 +95,11 @@ table inet {FIREWALL_TABLE} {{
 }}
 """
 
-# The backend of kubelet's and the CNI's chains on the default simulated node. "legacy" for now:
-# some integration tests still read the iptables mode's rules from the legacy tables directly;
-# test_iptables_nft.py runs its set on both ("nft" is what most real nodes are).
-# KPROXY_TEST_KUBELET=nft runs any test on an iptables-nft node.
-DEFAULT_KUBELET = os.environ.get("KPROXY_TEST_KUBELET", "legacy")
+# The backend of kubelet's and the CNI's chains on the default simulated node: iptables-nft, as
+# on most nodes, so the iptables mode's `auto` writes iptables-nft in most tests; a legacy node
+# is `topology(kubelet="legacy")` (test_iptables_nft.py runs its set on both), and
+# KPROXY_TEST_KUBELET=legacy runs any test on one.
+DEFAULT_KUBELET = os.environ.get("KPROXY_TEST_KUBELET", "nft")
 
 _BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
 _COUNTERS = re.compile(r" \[\d+:\d+\]$")

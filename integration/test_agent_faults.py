@@ -221,9 +221,17 @@ def _health(node: AgentNode, path: str) -> tuple[int, dict[str, object]]:
     return status, json.loads(body)
 
 
-# The iptables mode only: the stall is made by holding the xtables lock, which the nftables mode
-# never takes (its sync is one netlink transaction).
-def test_healthz_turns_503_while_syncs_stall_and_200_after(node: AgentNode) -> None:
+@pytest.fixture
+def legacy_node(tmp_path: Path) -> Iterator[AgentNode]:
+    """A node whose kubelet writes legacy x_tables, so kproxy's iptables mode does too."""
+    with agent_node("fault", tmp_path, kubelet="legacy") as built:
+        yield built
+
+
+# The iptables mode's legacy backend only: the stall is made by holding the xtables lock, which
+# neither the nftables mode nor iptables-nft takes (each commit is one netlink transaction).
+def test_healthz_turns_503_while_syncs_stall_and_200_after(legacy_node: AgentNode) -> None:
+    node = legacy_node
     a = node.backend("web-a", "192.168.1.10", TARGET)
     b = node.backend("web-b", "192.168.2.10", TARGET)
     client = node.client("client", "192.168.9.9")
