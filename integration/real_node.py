@@ -4,9 +4,10 @@ No node is clean: kubelet and the CNI write their chains through iptables-nft (t
 Debian 12, Ubuntu 22.04+, RHEL 8+), Docker still writes legacy x_tables, and a firewall keeps an
 nftables table of its own. `seed()` writes a small, faithful sample of each:
 
-- kubelet (iptables-nft, or legacy on a legacy node: `ForeignRules.kubelet`; IPv4 and IPv6): `KUBE-FIREWALL` with its rule, jumped from INPUT and
-  OUTPUT; `KUBE-KUBELET-CANARY` in mangle, nat and filter; `KUBE-IPTABLES-HINT` in mangle, the
-  chain by which kube-proxy learns which backend kubelet uses;
+- kubelet (iptables-nft, or legacy on a legacy node: `ForeignRules.kubelet`; IPv4 and IPv6):
+  `KUBE-FIREWALL` with its rule, jumped from INPUT and OUTPUT; `KUBE-KUBELET-CANARY` in mangle,
+  nat and filter; `KUBE-IPTABLES-HINT` in mangle, the chain by which kube-proxy learns which
+  backend kubelet uses;
 - a CNI (in kubelet's backend): `CNI-HOSTPORT-DNAT` jumped from nat PREROUTING and OUTPUT for local
   addresses, a Calico-style `cali-FORWARD` jumped from FORWARD;
 - Docker (legacy): `DOCKER` and `DOCKER-USER` in filter, `DOCKER` in nat;
