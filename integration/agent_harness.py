@@ -43,8 +43,10 @@ from typing import Any, TypeVar
 import yaml
 
 from integration.apiserver import ApiServer
+from integration.iptables_backend import iptables_tool, mode_backend, save_tool
 from integration.manifests import NODE_NAME, REMOTE_NODE
 from integration.netns import Namespace, Pod, Topology, kproxy_path, topology
+from integration.real_node import DEFAULT_KUBELET
 from integration.traffic import start_server
 
 T = TypeVar("T")
@@ -510,7 +512,7 @@ class AgentNode:
     def save(self) -> str:
         """All IPv4 tables of the node (iptables-legacy-save) with comments dropped and chain
         counters zeroed: equal text means equal rules."""
-        text = self.node.run("iptables-legacy-save").stdout
+        text = self.node.run(save_tool(mode_backend(self.topo, self.mode))).stdout
         lines = [line for line in text.splitlines() if not line.startswith("#")]
         return "\n".join(re.sub(r"\[\d+:\d+\]$", "[0:0]", line) for line in lines) + "\n"
 
@@ -530,7 +532,8 @@ class AgentNode:
 
     def iptables(self, *args: str, lock_file: Path | None = None) -> None:
         lock = str(lock_file or self.lock_file)
-        self.node.run("iptables-legacy", "-w", *args, env={"XTABLES_LOCKFILE": lock})
+        tool = iptables_tool(mode_backend(self.topo, self.mode))
+        self.node.run(tool, "-w", *args, env={"XTABLES_LOCKFILE": lock})
 
     def http_get(self, port: int, path: str, timeout: float = 5.0) -> tuple[int, str]:
         """GET http://127.0.0.1:PORT/PATH from inside the node namespace."""
@@ -592,12 +595,16 @@ class AgentNode:
 
 @contextlib.contextmanager
 def agent_node(
-    label: str, workdir: Path, with_api: bool = True, mode: str = "iptables"
+    label: str,
+    workdir: Path,
+    with_api: bool = True,
+    mode: str = "iptables",
+    kubelet: str = DEFAULT_KUBELET,
 ) -> Iterator[AgentNode]:
     """A fresh node (namespaces `kpt-<label>-<random>-*`) with the API server listening on its
     loopback and holding this node's Node object, its agent configured for proxy `mode`; all of
     it removed on exit."""
-    with topology(label) as topo:
+    with topology(label, kubelet=kubelet) as topo:
         node = AgentNode(topo, workdir, mode)
         try:
             if with_api:
@@ -628,7 +635,7 @@ def nat_rules(node: AgentNode) -> str:
     table in the nftables mode (its nat and filter chains live in one table)."""
     if node.mode == "nftables":
         return node.node.run("nft", "list", "table", "ip", "kube-proxy", check=False).stdout
-    return node.node.run("iptables-legacy-save", "-t", "nat").stdout
+    return node.node.run(save_tool(mode_backend(node.topo, node.mode)), "-t", "nat").stdout
 
 
 def wait_for_nat(node: AgentNode, text: str, present: bool = True, timeout: float = 15.0) -> bool:

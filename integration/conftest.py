@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from integration.iptables_backend import iptables_tool, mode_backend, save_tool
 from integration.manifests import NODE_NAME, endpoint_slice_manifest, service_manifest
 from integration.netns import Namespace, Pod, Topology, run, run_kproxy, topology, unique_prefix
 from integration.traffic import start_server
@@ -220,14 +221,24 @@ class Cluster:
             return self.node.run("nft", "list", "table", *table, check=False).stdout
         return self.save(family)
 
+    @property
+    def iptables_backend(self) -> str:
+        """Where the iptables (or userspace) mode's rules are on this node (iptables_backend.py)."""
+        return mode_backend(self.topo, self.mode)
+
     def iptables(self, *args: str) -> None:
-        self.node.run("iptables-legacy", "-w", *args, env={"XTABLES_LOCKFILE": str(self.lock_file)})
+        self.node.run(
+            iptables_tool(self.iptables_backend),
+            "-w",
+            *args,
+            env={"XTABLES_LOCKFILE": str(self.lock_file)},
+        )
 
     def save(self, family: int = 4) -> str:
-        """The node's IPv4 (or IPv6) tables (iptables-legacy-save), without the timestamped
-        comments and with packet counters zeroed, so two calls compare equal when the rules are
-        equal."""
-        tool = "iptables-legacy-save" if family == 4 else "ip6tables-legacy-save"
+        """The node's IPv4 (or IPv6) tables of the backend the mode writes (iptables-legacy-save
+        or iptables-nft-save), without the timestamped comments and with packet counters zeroed,
+        so two calls compare equal when the rules are equal."""
+        tool = save_tool(self.iptables_backend, family)
         text = self.node.run(tool).stdout
         lines = [line for line in text.splitlines() if not line.startswith("#")]
         return "\n".join(re.sub(r"\[\d+:\d+\]$", "[0:0]", line) for line in lines) + "\n"

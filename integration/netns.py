@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from integration.real_node import ForeignRules
+from integration.real_node import DEFAULT_KUBELET, ForeignRules
 
 PREFIX = "kpt-"
 NODE_IP = "172.31.0.2"
@@ -174,7 +174,7 @@ class Topology:
                 {"net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0"}
             )
 
-    def build(self, real_node: bool = True) -> None:
+    def build(self, real_node: bool = True, kubelet: str = DEFAULT_KUBELET) -> None:
         """The node, the outside namespace and the link between them; with `real_node`, the
         node starts with kubelet's, a CNI's, Docker's and a firewall's rules in it."""
         node, outside = self.node, self.outside
@@ -199,7 +199,7 @@ class Topology:
             }
         )
         if real_node:
-            self.foreign = ForeignRules(node, Path(f"/tmp/{self.prefix}.xtables.lock"))
+            self.foreign = ForeignRules(node, Path(f"/tmp/{self.prefix}.xtables.lock"), kubelet)
             self.foreign.seed()
 
     def enable_ipv6(self) -> None:
@@ -370,13 +370,15 @@ def unique_prefix(label: str = "") -> str:
 
 
 @contextmanager
-def topology(label: str = "", real_node: bool = True) -> Iterator[Topology]:
+def topology(
+    label: str = "", real_node: bool = True, kubelet: str = DEFAULT_KUBELET
+) -> Iterator[Topology]:
     """A node and an outside namespace, torn down unconditionally on exit. With `real_node` (the
-    default) the node starts with its neighbours' rules (real_node.py), and a test that ends
-    normally fails if any of them changed."""
+    default) the node starts with its neighbours' rules (real_node.py), kubelet's and the CNI's
+    in the `kubelet` backend, and a test that ends normally fails if any of them changed."""
     topo = Topology(unique_prefix(label))
     try:
-        topo.build(real_node)
+        topo.build(real_node, kubelet)
         yield topo
         if topo.foreign is not None and (changes := topo.foreign.changes()):
             raise AssertionError(

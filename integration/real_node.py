@@ -4,10 +4,11 @@ No node is clean: kubelet and the CNI write their chains through iptables-nft (t
 Debian 12, Ubuntu 22.04+, RHEL 8+), Docker still writes legacy x_tables, and a firewall keeps an
 nftables table of its own. `seed()` writes a small, faithful sample of each:
 
-- kubelet (iptables-nft, IPv4 and IPv6): `KUBE-FIREWALL` with its rule, jumped from INPUT and
-  OUTPUT; `KUBE-KUBELET-CANARY` in mangle, nat and filter; `KUBE-IPTABLES-HINT` in mangle, the
-  chain by which kube-proxy learns which backend kubelet uses;
-- a CNI (iptables-nft): `CNI-HOSTPORT-DNAT` jumped from nat PREROUTING and OUTPUT for local
+- kubelet (iptables-nft, or legacy on a legacy node: `ForeignRules.kubelet`; IPv4 and IPv6):
+  `KUBE-FIREWALL` with its rule, jumped from INPUT and OUTPUT; `KUBE-KUBELET-CANARY` in mangle,
+  nat and filter; `KUBE-IPTABLES-HINT` in mangle, the chain by which kube-proxy learns which
+  backend kubelet uses;
+- a CNI (in kubelet's backend): `CNI-HOSTPORT-DNAT` jumped from nat PREROUTING and OUTPUT for local
   addresses, a Calico-style `cali-FORWARD` jumped from FORWARD;
 - Docker (legacy): `DOCKER` and `DOCKER-USER` in filter, `DOCKER` in nat;
 - a firewalld-like `inet firewalld` table with a base chain on the input hook.
@@ -21,6 +22,7 @@ rules on purpose (standing for another program) says so with `forget()`.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +96,12 @@ table inet {FIREWALL_TABLE} {{
 }}
 """
 
+# The backend of kubelet's and the CNI's chains on the default simulated node: iptables-nft, as
+# on most nodes, so the iptables mode's `auto` writes iptables-nft in most tests; a legacy node
+# is `topology(kubelet="legacy")` (test_iptables_nft.py runs its set on both), and
+# KPROXY_TEST_KUBELET=legacy runs any test on one.
+DEFAULT_KUBELET = os.environ.get("KPROXY_TEST_KUBELET", "nft")
+
 _BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
 _COUNTERS = re.compile(r" \[\d+:\d+\]$")
 
@@ -139,21 +147,24 @@ class _Writer:
         return {line[1:] for line in self.rules.splitlines() if line.startswith("*")}
 
 
-def _writers() -> list[_Writer]:
+def _writer(name: str, backend: str, rules: str, family: int = 4) -> _Writer:
+    tool = f"{'iptables' if family == 4 else 'ip6tables'}-{backend}"
+    return _Writer(name, f"{tool}-restore", f"{tool}-save", rules)
+
+
+def _writers(kubelet: str = "nft") -> list[_Writer]:
+    """kubelet's and the CNI's in `kubelet`'s backend (nft, or legacy on a legacy node), Docker's
+    always in legacy."""
     kubelet4 = _KUBELET_TABLES.format(firewall_rule=_KUBELET_FIREWALL_RULE4)
     writers = [
-        _Writer("iptables-nft", "iptables-nft-restore", "iptables-nft-save", kubelet4),
-        _Writer("iptables-nft (CNI)", "iptables-nft-restore", "iptables-nft-save", _CNI_TABLES),
-        _Writer(
-            "iptables-legacy", "iptables-legacy-restore", "iptables-legacy-save", _DOCKER_TABLES
-        ),
+        _writer(f"iptables-{kubelet}", kubelet, kubelet4),
+        _writer(f"iptables-{kubelet} (CNI)", kubelet, _CNI_TABLES),
+        _writer("iptables-legacy (Docker)", "legacy", _DOCKER_TABLES),
     ]
     if _KERNEL_HAS_IPV6:
         # kubelet's IPv6 firewall rule exists only with IPv6 localnet routing; its chains do not.
         kubelet6 = _KUBELET_TABLES.format(firewall_rule="")
-        writers.append(
-            _Writer("ip6tables-nft", "ip6tables-nft-restore", "ip6tables-nft-save", kubelet6)
-        )
+        writers.append(_writer(f"ip6tables-{kubelet}", kubelet, kubelet6, family=6))
     return writers
 
 
@@ -163,12 +174,15 @@ class ForeignRules:
 
     ns: Namespace
     lock_file: Path
+    # The backend kubelet and the CNI write (`nft`, as on most nodes, or `legacy`): the one the
+    # iptables mode's `auto` picks (kubelet's KUBE-IPTABLES-HINT is there).
+    kubelet: str = "nft"
     _seeded: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     _forgotten: set[str] = field(default_factory=set)
 
     def seed(self) -> None:
         env = {"XTABLES_LOCKFILE": str(self.lock_file)}
-        for writer in _writers():
+        for writer in _writers(self.kubelet):
             self.ns.run(writer.restore, "-w", "--noflush", input=writer.rules, env=env)
         self.ns.run("nft", "-f", "-", input=_FIREWALL_RULESET)
         self._seeded = self._read()
@@ -186,7 +200,7 @@ class ForeignRules:
         env = {"XTABLES_LOCKFILE": str(self.lock_file)}
         chains: dict[str, set[str]] = {}
         tables: dict[str, set[str]] = {}
-        for writer in _writers():
+        for writer in _writers(self.kubelet):
             chains.setdefault(writer.save, set()).update(writer.chains())
             tables.setdefault(writer.save, set()).update(writer.tables())
         for save, names in tables.items():

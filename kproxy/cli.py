@@ -6,6 +6,7 @@ loading them: bench/cli_startup.py measures it."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -20,6 +21,7 @@ import click
 from kproxy.errors import KproxyError
 from kproxy.inspect.flags import given_flags, kube_proxy_flags
 from kproxy.logs import LEVELS, configure_logging
+from kproxy.model.config_fields import IPTABLES_BACKENDS
 
 if TYPE_CHECKING:
     from kproxy.sync.agent import SourceStarter
@@ -82,12 +84,19 @@ def cli(log_level: str) -> None:
     is_flag=True,
     help="Sync even when the manifests hold no Service: that removes every service rule.",
 )
+@click.option(
+    "--iptables-backend",
+    type=click.Choice(IPTABLES_BACKENDS),
+    default=None,
+    help="iptables mode: auto (as kubelet), legacy or nft (iptablesBackend in --config).",
+)
 @lock_timeout_option
 @common_options
 def sync(
     once: bool,
     manifests_path: str,
     allow_empty: bool,
+    iptables_backend: str | None,
     lock_timeout: float,
     config_path: str | None,
     hostname: str | None,
@@ -102,6 +111,8 @@ def sync(
 
     manifests = read_manifests(manifests_path)
     node, config = node_and_config(manifests, config_path, hostname)
+    if iptables_backend:
+        config = dataclasses.replace(config, iptables_backend=iptables_backend)
     state = build_state(manifests, config)
     if not allow_empty:
         refuse_empty_input(state, manifests_path)

@@ -29,6 +29,7 @@ from integration.agent_harness import (
     wait_until,
 )
 from integration.conftest import both_modes
+from integration.iptables_backend import mode_backend
 from integration.manifests import service_manifest
 
 VIP = "10.96.0.10"
@@ -161,13 +162,21 @@ def test_flushed_nat_table_is_restored_within_sync_period(node: AgentNode) -> No
     assert wait_for_nat(node, node.dnat_to(a.ip, TARGET))
     rules = node.rules()
 
-    if node.mode == "nftables":
+    backend = mode_backend(node.topo, node.mode)
+    if node.mode == "nftables" or backend == "nft":
         # Another program flushes every chain of kproxy's table. The agent is stopped meanwhile
         # (SIGSTOP: it takes no lock to hold), so the broken state is seen before any repair.
         os.kill(agent.pid, signal.SIGSTOP)
         try:
-            node.node.run("nft", "flush", "table", "ip", "kube-proxy")
-            assert "dnat to" not in nat_rules(node)
+            if node.mode == "nftables":
+                node.node.run("nft", "flush", "table", "ip", "kube-proxy")
+                assert "dnat to" not in nat_rules(node)
+            else:  # iptables-nft takes no lock: the agent is what is held
+                assert node.topo.foreign is not None
+                node.topo.foreign.forget("iptables-nft nat")  # the CNI's chains go too
+                node.iptables("-t", "nat", "-F")
+                node.iptables("-t", "nat", "-X")
+                assert "KUBE-" not in nat_rules(node)
             broken = node.exchange(client, VIP, PORT, timeout=0.5)
             assert not broken.ok, broken
         finally:
@@ -199,9 +208,12 @@ def test_flushed_nat_table_is_restored_within_sync_period(node: AgentNode) -> No
 
 def _kproxys(node: AgentNode, rules: str) -> list[str]:
     """kproxy's part of node.rules(): in the iptables mode the lines of its chains and jumps
-    (the nat flush takes Docker's too, which stay gone); the nftables mode's is its table."""
+    (the nat flush takes Docker's too, and on an iptables-nft node kubelet's canary, which stay
+    gone); the nftables mode's is its table."""
     lines = rules.splitlines()
-    return lines if node.mode == "nftables" else [line for line in lines if "KUBE-" in line]
+    if node.mode == "nftables":
+        return lines
+    return [line for line in lines if "KUBE-" in line and "KUBE-KUBELET-CANARY" not in line]
 
 
 def _health(node: AgentNode, path: str) -> tuple[int, dict[str, object]]:
@@ -209,9 +221,17 @@ def _health(node: AgentNode, path: str) -> tuple[int, dict[str, object]]:
     return status, json.loads(body)
 
 
-# The iptables mode only: the stall is made by holding the xtables lock, which the nftables mode
-# never takes (its sync is one netlink transaction).
-def test_healthz_turns_503_while_syncs_stall_and_200_after(node: AgentNode) -> None:
+@pytest.fixture
+def legacy_node(tmp_path: Path) -> Iterator[AgentNode]:
+    """A node whose kubelet writes legacy x_tables, so kproxy's iptables mode does too."""
+    with agent_node("fault", tmp_path, kubelet="legacy") as built:
+        yield built
+
+
+# The iptables mode's legacy backend only: the stall is made by holding the xtables lock, which
+# neither the nftables mode nor iptables-nft takes (each commit is one netlink transaction).
+def test_healthz_turns_503_while_syncs_stall_and_200_after(legacy_node: AgentNode) -> None:
+    node = legacy_node
     a = node.backend("web-a", "192.168.1.10", TARGET)
     b = node.backend("web-b", "192.168.2.10", TARGET)
     client = node.client("client", "192.168.9.9")

@@ -58,8 +58,8 @@ def test_not_root_is_refused(tmp_path: Path, proxy_mode: str) -> None:
     assert "must run as root" in proc.stderr
 
 
-# The iptables mode only: the nftables mode takes no xtables lock (one netlink transaction per
-# sync, serialized by the kernel).
+# The iptables mode's legacy backend only: the nftables mode and iptables-nft take no xtables
+# lock (one transaction per table, serialized by the kernel).
 def test_lock_held_too_long_is_refused_and_nothing_written(tmp_path: Path) -> None:
     manifest = tmp_path / "m.yaml"
     manifest.write_text(MANIFEST)
@@ -68,7 +68,7 @@ def test_lock_held_too_long_is_refused_and_nothing_written(tmp_path: Path) -> No
         fcntl.flock(held, fcntl.LOCK_EX)
         script = (
             f"{sys.executable} -m kproxy.cli sync --once --manifests {manifest} "
-            "--lock-timeout 0.5; echo rc=$?; iptables-legacy-save -t nat"
+            "--iptables-backend legacy --lock-timeout 0.5; echo rc=$?; iptables-legacy-save -t nat"
         )
         proc = subprocess.run(
             ["unshare", "-n", "sh", "-c", script],
@@ -83,14 +83,16 @@ def test_lock_held_too_long_is_refused_and_nothing_written(tmp_path: Path) -> No
     assert "KUBE-" not in proc.stdout
 
 
-# The iptables mode only: the nftables mode writes its table over netlink, and loads libiptc only
-# to remove iptables-mode chains a node already has (none in this fresh namespace).
+# The iptables mode's legacy backend only: the nftables mode writes its table over netlink, and
+# loads libiptc only to remove iptables-mode chains a node already has (none in this fresh
+# namespace); a fresh namespace has no kubelet hint, so `auto` would pick nft.
 def test_missing_libiptc_is_refused(tmp_path: Path) -> None:
     manifest = tmp_path / "m.yaml"
     manifest.write_text(MANIFEST)
     env = {**_env(tmp_path), "IPTABLES_LIBDIR": str(tmp_path), "XTABLES_LIBDIR": str(tmp_path)}
     # Point python-iptables at an empty directory for its libraries and extensions.
-    proc = _kproxy(["sync", "--once", "--manifests", str(manifest)], env, [])
+    args = ["sync", "--once", "--manifests", str(manifest), "--iptables-backend", "legacy"]
+    proc = _kproxy(args, env, [])
     assert proc.returncode == 1
     assert "python-iptables could not build a rule" in proc.stderr
     assert "Traceback" not in proc.stderr

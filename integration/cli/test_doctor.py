@@ -438,7 +438,7 @@ def test_backend_follows_kubelets_hint_chain(namespaces: Namespaces) -> None:
     on_nft = doctor(nft_only)[0]["iptables-backend"]
     on_both = doctor(both)[0]["iptables-backend"]
 
-    assert on_nft.status == "fail" and "iptables-legacy" in on_nft.advice
+    assert on_nft.status == "ok" and "nft mangle" in on_nft.detail
     assert on_both.status == "warn" and "both backends" in on_both.detail
 
 
@@ -561,8 +561,7 @@ def test_nftables_mode_suits_a_node_whose_kubelet_uses_iptables_nft(namespaces: 
     legacy = doctor(ns)[0]
     nftables = doctor(ns, mode="nftables")[0]
 
-    assert legacy["proxy-mode"].status == "warn" and "iptables-nft" in legacy["proxy-mode"].detail
-    assert legacy["proxy-mode"].advice == "use `mode: nftables`"
+    assert legacy["proxy-mode"].status == "ok" and "iptables-nft" in legacy["proxy-mode"].detail
     assert nftables["proxy-mode"].status == "ok" and "kubelet uses iptables-nft" in (
         nftables["proxy-mode"].detail
     )

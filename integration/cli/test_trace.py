@@ -15,6 +15,7 @@ from integration.conftest import Cluster
 from integration.demo import INGRESS_SCENARIO as INGRESS_SEED
 from integration.demo import SCENARIO as SEED
 from integration.demo import read_backends, start_backends
+from integration.iptables_backend import mode_backend
 from integration.manifests import NODE_NAME, service_manifest
 from integration.netns import NODE_IP, OUTSIDE_IP, run_kproxy
 from integration.traffic import probe
@@ -216,6 +217,7 @@ def test_status_against_a_running_agent(tmp_path: Path) -> None:
         ).stdout
         body = json.loads(out)
         assert body["mode"] == "iptables"
+        assert body["iptablesBackend"] == mode_backend(node.topo)
         assert body["lastSync"]["full"] is True
         assert body["syncs"]["count"] >= 1
         assert body["programmed"]["services"] == 1
@@ -227,6 +229,7 @@ def test_status_against_a_running_agent(tmp_path: Path) -> None:
         ).stdout
         assert "Service default/broken: spec.ports[0].protocol:" in text
         assert "last sync:" in text and "none yet" not in text
+        assert f", {mode_backend(node.topo)} backend" in text
 
 
 def test_userspace_trace_ends_at_the_relay_and_dump_diff_knows_its_ports(

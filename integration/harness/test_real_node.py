@@ -15,7 +15,7 @@ def _foreign(topo: Topology) -> list[str]:
 
 
 def test_a_new_node_holds_kubelet_cni_docker_and_firewall_rules() -> None:
-    with topology("rn") as topo:
+    with topology("rn", kubelet="nft") as topo:
         nft_filter = topo.node.run("iptables-nft-save", "-t", "filter").stdout
         assert "-A INPUT -j KUBE-FIREWALL" in nft_filter
         assert "-j cali-FORWARD" in nft_filter
@@ -58,7 +58,10 @@ _NO_CNI_OUTPUT_JUMP = (
     ],
 )
 def test_any_change_to_a_neighbours_rules_is_caught(change: tuple[str, ...], part: str) -> None:
-    with pytest.raises(AssertionError, match=f"{part} changed"), topology("rn") as topo:
+    with (
+        pytest.raises(AssertionError, match=f"{part} changed"),
+        topology("rn", kubelet="nft") as topo,
+    ):
         topo.node.run(*change)
 
 
@@ -83,3 +86,11 @@ def test_a_comment_that_looks_like_a_table_header_does_not_fool_the_comparison()
         topo.node.run("iptables-legacy", "-t", "nat", "-A", "CNI-X", "-m", "comment",
                       "--comment", "cni\nCOMMIT\n*filter", "-j", "RETURN")  # fmt: skip
         assert _foreign(topo) == []
+
+
+def test_a_legacy_node_holds_kubelets_and_the_cnis_chains_in_legacy() -> None:
+    with topology("rn", kubelet="legacy") as topo:
+        mangle = topo.node.run("iptables-legacy-save", "-t", "mangle").stdout
+        assert ":KUBE-IPTABLES-HINT" in mangle
+        assert "KUBE-IPTABLES-HINT" not in topo.node.run("iptables-nft-save", "-t", "mangle").stdout
+        assert ":CNI-HOSTPORT-DNAT" in topo.node.run("iptables-legacy-save", "-t", "nat").stdout

@@ -166,6 +166,6 @@ def test_cleanup_leaves_route_localnet_on_and_says_so(cluster: Cluster) -> None:
     ), said
     assert cluster.node.run("cat", ROUTE_LOCALNET).stdout.strip() == "1"
     # The guard that makes it safe stays (kubelet's chain as much as kproxy's).
-    assert ":KUBE-FIREWALL" in cluster.node.run("iptables-legacy-save", "-t", "filter").stdout
+    assert ":KUBE-FIREWALL" in cluster.save()
     cluster.node.run("sysctl", "-qw", "net.ipv4.conf.all.route_localnet=0")
     assert len(cluster.kproxy("cleanup").splitlines()) == 1  # nothing to say when it is off

@@ -90,10 +90,11 @@ class ChainDiff:
 @dataclass(frozen=True, slots=True)
 class NodeNeeds:
     """What a mode's dataplane needs of the node, as `kproxy doctor` judges it: which netfilter
-    backend its rules go into (the legacy x_tables, or nf_tables) and the oldest kernel (major,
-    minor) that carries them out."""
+    backend its rules go into (the legacy x_tables; x_tables in the backend kubelet uses, legacy
+    or iptables-nft; or nf_tables of its own) and the oldest kernel (major, minor) that carries
+    them out."""
 
-    tables: Literal["legacy", "nftables"]
+    tables: Literal["legacy", "xtables", "nftables"]
     min_kernel: tuple[int, int] = (0, 0)
 
 

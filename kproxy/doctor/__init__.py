@@ -21,6 +21,7 @@ from kproxy.dataplane.readers import (
     read_nft_chains,
     read_routes,
 )
+from kproxy.dataplane.xtables.detect import detect_backend
 from kproxy.doctor.facts import (
     DEFAULT_SERVICE_CIDR,
     HINT_CHAINS,
@@ -89,6 +90,21 @@ def _nft_hints() -> set[str]:
     return {c for _, t, c in read_nft_chains() if t == "mangle" and c in HINT_CHAINS}
 
 
+def _backend_for(config: ProxyConfig, needs: NodeNeeds) -> str:
+    """The x_tables backend a mode writes as configured: the iptables mode's iptablesBackend
+    (`auto`: kubelet's); a mode of the legacy tables (the userspace portals), legacy."""
+    return config.iptables_backend if needs.tables == "xtables" else "legacy"
+
+
+def _kept(config: ProxyConfig, needs: NodeNeeds) -> str:
+    """Where the configured mode's own rules are, which a running proxy keeps up to date."""
+    if needs.tables == "nftables":
+        return "nftables"
+    backend = _backend_for(config, needs)
+    chosen = backend if backend != "auto" else detect_backend("auto").backend
+    return "iptables-nft" if chosen == "nft" else "legacy"
+
+
 def _mode_checks(config: ProxyConfig, modes: Mapping[str, NodeNeeds]) -> list[Check]:
     """Whether the configured mode suits the node, and for a mode writing the legacy tables,
     whether they are the backend kubelet uses."""
@@ -105,9 +121,13 @@ def _mode_checks(config: ProxyConfig, modes: Mapping[str, NodeNeeds]) -> list[Ch
             ),
         ),
     ]
-    if modes[config.mode or DEFAULT_MODE].tables == "legacy":
+    needs = modes[config.mode or DEFAULT_MODE]
+    if needs.tables != "nftables":
         checks.append(
-            _guarded("iptables-backend", lambda: judge_backend(_legacy_hints(), _nft_hints()))
+            _guarded(
+                "iptables-backend",
+                lambda: judge_backend(_legacy_hints(), _nft_hints(), _backend_for(config, needs)),
+            )
         )
     return checks
 
@@ -158,7 +178,7 @@ def run_checks(
                 read_links(),
                 read_proxy_processes(),
                 config.mode,
-                modes[config.mode or DEFAULT_MODE].tables,
+                _kept(config, modes[config.mode or DEFAULT_MODE]),
             ),
         ),
         _guarded("kube-proxy-process", lambda: judge_proxy_processes(read_proxy_processes())),

@@ -59,46 +59,42 @@ def _names(chains: list[str]) -> str:
     return " and ".join(chains) + (" is" if len(chains) == 1 else " are")
 
 
-def judge_backend(legacy: Iterable[str], nft: Iterable[str]) -> Check:
-    """`legacy`/`nft`: kubelet hint chains found in each backend's mangle tables."""
+def judge_backend(legacy: Iterable[str], nft: Iterable[str], configured: str = "auto") -> Check:
+    """`legacy`/`nft`: kubelet hint chains found in each backend's mangle tables; `configured`:
+    the config's iptablesBackend. kproxy writes where kubelet does unless told otherwise."""
     name = "iptables-backend"
     legacy, nft = sorted(set(legacy)), sorted(set(nft))
-    if nft and not legacy:
+    kubelet = "nft" if nft else "legacy" if legacy else None
+    if kubelet is None:
+        writes = configured if configured != "auto" else "nft unless legacy holds more rules"
+        return Check(
+            name,
+            "warn",
+            f"neither backend holds kubelet's {' or '.join(HINT_CHAINS)} (kubelet older than "
+            "1.24, not running, or this is not the node's network namespace): kproxy writes "
+            f"{writes}",
+            "check that `iptables --version` on the node names the backend kproxy writes, or set "
+            "iptablesBackend (legacy or nft) in the config",
+        )
+    where = f"kubelet's {_names(nft or legacy)} in the {kubelet} mangle table"
+    if configured not in ("auto", kubelet):
         return Check(
             name,
             "fail",
-            f"kubelet's {_names(nft)} in the nftables mangle table: this node's iptables "
-            "is iptables-nft, but kproxy writes the legacy tables (libiptc), so its rules would "
-            "run beside kubelet's and the CNI plugin's instead of with them",
-            "run kproxy in `mode: nftables` here (its own table, beside kubelet's iptables-nft "
-            "rules); or switch the node to iptables-legacy (`update-alternatives --set iptables "
-            "/usr/sbin/iptables-legacy`, the same for ip6tables) and reboot it, so kubelet and "
-            "the CNI plugin recreate their rules in the legacy tables",
+            f"{where}, but iptablesBackend: {configured} makes kproxy write {configured}: its "
+            "rules would run beside kubelet's and the CNI plugin's instead of with them",
+            f"set iptablesBackend: auto (or {kubelet}) in the config",
         )
     if legacy and nft:
         return Check(
             name,
             "warn",
             f"kubelet's hint chains are in both backends (legacy: {', '.join(legacy)}; "
-            f"nftables: {', '.join(nft)}): the node changed backends without a reboot",
-            "reboot the node once iptables points at iptables-legacy, so only one backend holds "
-            "rules",
+            f"nft: {', '.join(nft)}): the node changed backends without a reboot; kproxy "
+            "writes nft, as upstream's image decides",
+            "reboot the node, so only one backend holds rules",
         )
-    if legacy:
-        return Check(
-            name,
-            "ok",
-            f"kubelet's {_names(legacy)} in the legacy mangle table, where kproxy writes",
-        )
-    return Check(
-        name,
-        "warn",
-        f"neither backend holds kubelet's {' or '.join(HINT_CHAINS)} (kubelet older than 1.24, "
-        "not running, or this is not the node's network namespace): cannot tell which iptables "
-        "backend the node uses",
-        "check that `iptables --version` on the node says `(legacy)`: kproxy writes the legacy "
-        "tables",
-    )
+    return Check(name, "ok", f"{where}, where kproxy writes (iptables-{kubelet})")
 
 
 def _version(version: tuple[int, int]) -> str:
@@ -120,7 +116,7 @@ def judge_proxy_mode(
     mode = mode or DEFAULT_MODE
     needs, kernel = modes[mode], kernel_version(kernel_release)
     carried = [m for m, n in modes.items() if kernel >= n.min_kernel]
-    legacy_modes = [m for m in carried if modes[m].tables == "legacy"]
+    legacy_modes = [m for m in carried if modes[m].tables != "nftables"]
     nft_modes = [m for m in carried if modes[m].tables == "nftables"]
     kubelet_nft = bool(set(nft)) and not set(legacy)
     if kernel < needs.min_kernel:
@@ -134,6 +130,8 @@ def judge_proxy_mode(
     if needs.tables == "nftables":
         why = "kubelet uses iptables-nft" if kubelet_nft else "its own table, beside any other"
         return Check(name, "ok", f"mode {mode} suits this node (kernel {kernel_release}; {why})")
+    if needs.tables == "xtables" and kubelet_nft:
+        return Check(name, "ok", f"mode {mode} writes iptables-nft here, as kubelet does")
     use_nft = f"use `mode: {nft_modes[0]}`" if nft_modes else ""
     if not legacy_tables:
         newest = max((n.min_kernel for n in modes.values() if n.tables == "nftables"), default=None)
@@ -260,9 +258,11 @@ def _leftover_parts(
     if IPVS_INTERFACE in links or ipvs:
         found = [IPVS_INTERFACE] if IPVS_INTERFACE in links else []
         other["ipvs"] = f"IPVS mode state ({', '.join(found + ipvs)})"
-    nft_chains = sorted({c for _, _, c in nft if c and is_owned_chain(c)})
+    nft_chains = sorted({c for _, t, c in nft if c and t != NFT_PROXY_TABLE and is_owned_chain(c)})
     if nft_chains:
-        other["iptables"] = f"kube-proxy chains in iptables-nft tables ({_summarise(nft_chains)})"
+        cleanable["iptables-nft"] = (
+            f"kube-proxy chains in the iptables-nft tables ({_summarise(nft_chains)})"
+        )
     return _Leftovers(cleanable, other)
 
 
@@ -275,8 +275,8 @@ def judge_leftovers(
     kept: str = "legacy",
 ) -> Check:
     """`chains`: legacy chain names; `nft`: read_nft_chains(); `links`: interface names; `mode`:
-    the configured proxy mode, whose own rules (in `kept`: "legacy" or "nftables", its
-    NodeNeeds.tables) a running proxy keeps up to date."""
+    the configured proxy mode, whose own rules (in `kept`: "legacy", "iptables-nft" or
+    "nftables") a running proxy keeps up to date."""
     name = "kube-proxy-leftovers"
     found = _leftover_parts(chains, nft, set(links))
     running = " and ".join(sorted({p.program for p in proxies}))
@@ -299,7 +299,7 @@ def judge_leftovers(
         modes = " and ".join(f"--proxy-mode={m}" for m in sorted(found.other))
         advice.append(
             f"stop kube-proxy, then run `kube-proxy --cleanup` once with {modes} (from the "
-            "kube-proxy image): kproxy cleanup does not remove IPVS state or iptables-nft chains"
+            "kube-proxy image): kproxy cleanup does not remove IPVS state"
         )
     detail = "found " + "; ".join([*stale.values(), *found.other.values()])
     if not running:

@@ -45,8 +45,11 @@ def detect_live_mode(family: int) -> LiveMode:
             "without root, give --manifests PATH to work on what kproxy would write instead"
         )
     nft_family = "ip" if family == 4 else "ip6"
-    tables = {table for fam, table, chain in read_nft_chains() if fam == nft_family and not chain}
-    return decide_live_mode(tables, read_legacy_chains("nat", family))
+    found = read_nft_chains()
+    tables = {table for fam, table, chain in found if fam == nft_family and not chain}
+    # The iptables mode's chains on an iptables-nft node are in the family's nft `nat` table.
+    nft_nat = {chain for fam, table, chain in found if fam == nft_family and table == "nat"}
+    return decide_live_mode(tables, read_legacy_chains("nat", family) | nft_nat)
 
 
 def describe_mode(live: LiveMode) -> str:

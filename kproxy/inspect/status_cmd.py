@@ -81,7 +81,8 @@ def render_status(body: dict[str, Any]) -> str:
     rules = programmed.get("rules") or {}
     rule_text = ", ".join(f"{n} {table}" for table, n in sorted(rules.items())) or "-"
     lines = [
-        f"mode:        {body.get('mode')} ({', '.join(body.get('families') or [])})",
+        f"mode:        {body.get('mode')} ({', '.join(body.get('families') or [])})"
+        + (f", {backend} backend" if (backend := body.get("iptablesBackend")) else ""),
         f"healthy:     {'yes' if body.get('healthy') else 'NO (see /healthz)'}",
         f"started:     {body.get('startedAt')}",
         *_last_sync(body),

@@ -69,6 +69,8 @@ class ProxyConfig:
     metrics_bind_address: str = "127.0.0.1:10249"
     detect_local_mode: str = "ClusterCIDR"
     mode: str = DEFAULT_MODE  # or another of MODE_SECTIONS
+    # kproxy's extension: where the iptables mode writes: "auto" (as kubelet), "legacy", "nft".
+    iptables_backend: str = "auto"
     port_range: str = ""  # userspace listeners: "begin-end", or "" for any port
     udp_idle_timeout: float = 0.25
     bridge_interface: str = ""

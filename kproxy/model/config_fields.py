@@ -38,6 +38,7 @@ API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 KIND = "KubeProxyConfiguration"
 DETECT_LOCAL_MODES = ("ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix")
 SYNC_PERIOD = 30.0
+IPTABLES_BACKENDS = ("auto", "legacy", "nft")
 
 
 def is_null(value: Any) -> bool:
@@ -112,6 +113,13 @@ FIELDS: tuple[Field, ...] = (
         "written over netlink) or `userspace` (kproxy relays each connection); `ipvs` and "
         "`kernelspace` are refused",
         "--proxy-mode", f"{or_list(MODE_SECTIONS)}.", keeps_default=is_empty,
+    ),
+    Field(
+        "iptablesBackend", "iptables_backend", one_of(IPTABLES_BACKENDS), "`auto`",
+        "kproxy's own (not kube-proxy's): which x_tables the iptables mode writes: `auto` (the "
+        "backend kubelet uses, by its KUBE-IPTABLES-HINT chain, as upstream's image decides), "
+        "`legacy` (libiptc) or `nft` (iptables-nft)",
+        "--iptables-backend", "auto, legacy or nft.", keeps_default=is_empty,
     ),
     Field(
         "portRange", "port_range", parse_port_range, "none",

@@ -112,6 +112,7 @@ def run_agent(
         box = StateBox(node_name, health, metrics)
         box.state.allowed_vips = build_allow_list(config.allowed_external_ip_cidrs)
         box.status = status = SyncStatus(mode.name, families)
+        status.iptables_backend = getattr(dataplane, "backend", None)
         health.statusz = lambda body: status.body(body, health.timeout)
         _stop_on_signals(stop, box.changed)
         loop = SyncLoop(

@@ -87,13 +87,16 @@ class ProxyMode:
 _IPTABLES = "kproxy.dataplane.iptables"
 _NFTABLES = "kproxy.dataplane.nftables"
 _USERSPACE = "kproxy.dataplane.userspace"
-# The iptables and userspace modes write the same x_tables: one removal serves both.
-_REMOVE_XTABLES_CHAINS = Deferred("kproxy.dataplane.xtables.families", "remove_xtables_chains")
+# The iptables and userspace modes write the same x_tables: one removal serves both (kproxy's
+# chains in the legacy tables and in iptables-nft's).
+_REMOVE_XTABLES_CHAINS = Deferred("kproxy.dataplane.xtables.backends", "remove_xtables_modes")
 _READ_XTABLES_LIVE = Deferred("kproxy.dataplane.xtables.preview", "read_xtables_live")
 
 
 def _open_iptables(config: ProxyConfig, lock_timeout: float) -> Any:
-    return Deferred(f"{_IPTABLES}.node", "open_iptables_node")(lock_timeout)
+    return Deferred(f"{_IPTABLES}.node", "open_iptables_node")(
+        lock_timeout, config.iptables_backend
+    )
 
 
 def _open_nftables(config: ProxyConfig, lock_timeout: float) -> Any:
@@ -143,7 +146,7 @@ MODES = {
             rule_tables=("filter", "nat"),  # the portals, in nat
             needs=USERSPACE_NEEDS,
             render_plan=render_userspace_plan,
-            read_live=_READ_XTABLES_LIVE,
+            read_live=Deferred(f"{_USERSPACE}.inspection", "read_userspace_live"),
             trace_live=Deferred(f"{_USERSPACE}.inspection", "userspace_live_tables"),
             trace_plan=Deferred(f"{_USERSPACE}.inspection", "userspace_plan_tables"),
             diff=Deferred(f"{_USERSPACE}.inspection", "userspace_diff"),

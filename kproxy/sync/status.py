@@ -41,6 +41,7 @@ class SyncStatus:
         self.clock = clock
         self.started_at = clock()
         self.sources: Sequence[Supervisor] = ()
+        self.iptables_backend: str | None = None  # "legacy"/"nft" in the x_tables modes
         self._lock = threading.Lock()
         self._durations: deque[float] = deque(maxlen=_DURATIONS_KEPT)
         self._last_sync: dict[str, Any] | None = None
@@ -102,6 +103,7 @@ class SyncStatus:
             body: dict[str, Any] = {
                 "mode": self.mode,
                 "families": [FAMILY_NAMES[f] for f in self.families],
+                "iptablesBackend": self.iptables_backend,
                 "startedAt": _iso(self.started_at),
                 "currentTime": _iso(self.clock()),
                 "healthy": health.get("healthy"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kproxy.dataplane.base import NodeNeeds
 from kproxy.doctor.facts import ProxyProcess
-from kproxy.doctor.judges import judge_leftovers, judge_proxy_mode
+from kproxy.doctor.judges import judge_backend, judge_leftovers, judge_proxy_mode
 from kproxy.sync.modes import mode_needs
 
 MODES = mode_needs()
@@ -23,11 +23,33 @@ def test_iptables_on_a_legacy_node_suits_and_mentions_nftables_where_the_kernel_
     assert old.status == "ok" and "nftables" not in old.detail
 
 
-def test_kubelet_on_iptables_nft_points_at_the_nftables_mode() -> None:
+def test_kubelet_on_iptables_nft_suits_the_iptables_mode_not_the_userspace_one() -> None:
     check = judge_proxy_mode("iptables", MODES, "6.1.0", True, set(), HINT)
-    assert check.status == "warn" and "iptables-nft" in check.detail
-    assert check.advice == "use `mode: nftables`"
+    assert check.status == "ok" and "writes iptables-nft here" in check.detail
+    userspace = judge_proxy_mode("userspace", MODES, "6.1.0", True, set(), HINT)
+    assert userspace.status == "warn" and "iptables-nft" in userspace.detail
+    assert userspace.advice == "use `mode: nftables`"
     assert judge_proxy_mode("nftables", MODES, "6.1.0", True, set(), HINT).status == "ok"
+    assert judge_proxy_mode("iptables", MODES, "6.6.0", False, set(), HINT).status == "ok"
+
+
+def test_backend_passes_where_kubelet_writes_and_fails_an_override_elsewhere() -> None:
+    assert judge_backend([], HINT).status == "ok"
+    assert "nft mangle" in judge_backend([], HINT).detail
+    assert judge_backend(HINT, []).status == "ok"
+    assert judge_backend([], HINT, "nft").status == "ok"
+    forced = judge_backend([], HINT, "legacy")
+    assert forced.status == "fail" and "iptablesBackend: auto" in forced.advice
+    assert judge_backend(HINT, HINT).status == "warn"
+    assert judge_backend([], []).status == "warn"
+
+
+def test_the_nft_backends_chains_are_the_running_iptables_modes_own() -> None:
+    nft_chains = frozenset({("ip", "nat", "KUBE-SERVICES"), ("ip", "nat", "KUBE-SVC-ABC")})
+    running = judge_leftovers(frozenset(), nft_chains, [], KPROXY, "iptables", "iptables-nft")
+    assert running.status == "ok" and "iptables-nft tables" in running.detail
+    stopped = judge_leftovers(frozenset(), nft_chains, [], [], "iptables", "iptables-nft")
+    assert stopped.status == "fail" and stopped.advice.startswith("run `kproxy cleanup`")
 
 
 def test_an_nft_only_kernel_fails_the_legacy_modes() -> None:

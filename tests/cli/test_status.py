@@ -104,3 +104,12 @@ def test_a_failed_sync_is_the_last_error() -> None:
 def test_no_agent_says_what_to_do() -> None:
     with pytest.raises(AgentUnreachableError, match="is `kproxy run` running"):
         fetch_status("http://127.0.0.1:9/statusz", timeout=1.0)
+
+
+def test_the_iptables_backend_is_served_and_printed() -> None:
+    status = SyncStatus("iptables", (4,))
+    status.iptables_backend = "nft"
+    body = status.body({"healthy": True}, 60.0)
+    assert body["iptablesBackend"] == "nft"
+    assert "mode:        iptables (IPv4), nft backend" in render_status(body)
+    assert "backend" not in render_status(SyncStatus("nftables", (4,)).body({}, 60.0))

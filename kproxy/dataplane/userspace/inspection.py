@@ -14,6 +14,7 @@ from kproxy.dataplane.xtables.preview import (
     plan_chain_diffs,
     planned_tables,
     read_snapshot,
+    read_xtables_live,
     tables_from_saved,
 )
 from kproxy.plan.iptables.naming import spn_text
@@ -29,8 +30,15 @@ from kproxy.rules.saved import SavedTable
 RELAY_CHAINS = frozenset(userspace_chains.NAT_CHAINS)
 
 
+def read_userspace_live(family: int) -> str:
+    """`kproxy dump`'s text: the portals are always legacy rules."""
+    return read_xtables_live(family, "legacy")
+
+
 def userspace_live_tables(family: int, lock_timeout: float) -> TraceTables:
-    return tables_from_saved(read_snapshot(family, lock_timeout), family, RELAY_CHAINS)
+    """The portals are always legacy rules, whatever backend the iptables mode uses."""
+    saved = read_snapshot(family, lock_timeout, "legacy")
+    return tables_from_saved(saved, family, RELAY_CHAINS)
 
 
 def relay_key(service: str, external: bool) -> str:
@@ -88,5 +96,5 @@ def _port_patterns(ruleset: Ruleset) -> list[re.Pattern[str]]:
 def userspace_diff(plan: NodePlan[Any], family: int, lock_timeout: float) -> list[ChainDiff]:
     """The portals the next sync would write, with the proxy ports the agent has bound."""
     part: UserspaceFamily = plan.kernel.families[family]
-    saved = read_snapshot(family, lock_timeout)
+    saved = read_snapshot(family, lock_timeout, "legacy")  # the portals are legacy rules
     return plan_chain_diffs(part.ruleset(live_proxy_ports(part, saved)), saved)

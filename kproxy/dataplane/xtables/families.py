@@ -69,7 +69,7 @@ def open_dataplanes(lock_timeout: float) -> Iterator[dict[int, Dataplane]]:
             v6.close()
 
 
-def _legacy_tables_in_use() -> bool:
+def legacy_tables_in_use() -> bool:
     """Whether this namespace has any legacy x_tables table: without one there is no chain to
     remove (and loading libiptc, about a second, is saved)."""
     for path in LEGACY_TABLE_LISTS:
@@ -84,7 +84,7 @@ def _legacy_tables_in_use() -> bool:
 def remove_xtables_chains(lock_timeout: float) -> list[TableReport]:
     """Delete the iptables and userspace modes' chains (kproxy's or kube-proxy's) and the jumps
     to them, both families: per table, what was removed."""
-    if not _legacy_tables_in_use():
+    if not legacy_tables_in_use():
         return []
     with open_dataplanes(lock_timeout) as dataplanes:
         removed = FamilyTables(dataplanes).cleanup().tables

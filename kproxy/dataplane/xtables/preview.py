@@ -14,8 +14,10 @@ from collections.abc import Mapping
 
 from kproxy.dataplane.base import ChainDiff
 from kproxy.dataplane.xtables.backend import TABLES, read_tables
+from kproxy.dataplane.xtables.backends import read_backend_tables, reading_backend
 from kproxy.dataplane.xtables.diff import is_xtables_chain, owned_part, plan_table_changes
 from kproxy.dataplane.xtables.lock import lock_path, xtables_lock
+from kproxy.dataplane.xtables.nft_backend import read_nft_tables
 from kproxy.errors import DataplaneError
 from kproxy.rules.explain import Relay, TraceTables
 from kproxy.rules.ir import BUILTIN_CHAINS, Ruleset
@@ -24,13 +26,19 @@ from kproxy.rules.render import render_rule
 from kproxy.rules.saved import SavedTable, render_saved
 
 
-def read_snapshot(family: int, lock_timeout: float) -> dict[str, SavedTable]:
-    """Every table kproxy writes, read while holding the xtables lock."""
+def read_snapshot(
+    family: int, lock_timeout: float, backend: str | None = None
+) -> dict[str, SavedTable]:
+    """Every table kproxy writes, from `backend` (None: the one in use, see backends.py); the
+    legacy tables are read while holding the xtables lock (iptables-nft needs none: each of
+    kproxy's commits is one transaction)."""
     if os.geteuid() != 0:
         raise DataplaneError(
             "reading the live tables needs root (CAP_NET_ADMIN); without root, give "
             "--manifests PATH to work on what kproxy would write instead"
         )
+    if (backend or reading_backend(family)) == "nft":
+        return read_nft_tables(family, TABLES)
     try:
         with xtables_lock(lock_timeout):
             return read_tables(family, TABLES)
@@ -38,9 +46,10 @@ def read_snapshot(family: int, lock_timeout: float) -> dict[str, SavedTable]:
         raise DataplaneError(f"cannot take the xtables lock {lock_path()}: {exc}") from exc
 
 
-def read_xtables_live(family: int) -> str:
-    """What the kernel holds of kproxy's (and kube-proxy's) chains, as iptables-save text."""
-    tables = read_tables(family)
+def read_xtables_live(family: int, backend: str | None = None) -> str:
+    """What the kernel holds of kproxy's (and kube-proxy's) chains, as iptables-save text, from
+    `backend` (None: the one holding kproxy's chains, else the node's; see backends.py)."""
+    tables = read_backend_tables(family, backend)
     return render_saved({name: owned_part(t) for name, t in tables.items()})
 
 
