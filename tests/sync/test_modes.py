@@ -54,7 +54,11 @@ def test_each_mode_provides_every_piece(name: str) -> None:
     assert isinstance(mode.render_plan(plan, 4), str) and mode.render_plan(plan, 4)
     traced: Traceable = mode.trace_plan(plan, 4)
     assert isinstance(traced.endpoint_addresses(), set) and callable(traced.explain)
-    assert isinstance(mode.needs, NodeNeeds) and mode.needs.tables in ("legacy", "xtables", "nftables")
+    assert isinstance(mode.needs, NodeNeeds) and mode.needs.tables in (
+        "legacy",
+        "xtables",
+        "nftables",
+    )
     assert isinstance(mode.serves_in_process, bool)
     # What reads or writes the kernel: called by the integration tests; here, their shape.
     for piece, arity in [
@@ -66,7 +70,9 @@ def test_each_mode_provides_every_piece(name: str) -> None:
     ]:
         # A Deferred piece names a function that exists, with that arity.
         function = piece.target() if isinstance(piece, Deferred) else piece
-        assert len(inspect.signature(function).parameters) == arity, (name, piece)
+        params = inspect.signature(function).parameters.values()
+        required = [p for p in params if p.default is inspect.Parameter.empty]
+        assert len(required) == arity, (name, piece)
 
 
 @pytest.mark.parametrize("name", sorted(MODES))
