@@ -291,7 +291,11 @@ def iptables_picture(
     topo: Topology, client: Namespace, backends: list[Backend], sync: list[str], lock_file: Path
 ) -> bool:
     print("\n=== picture 2 of 2: the iptables mode (netfilter picks the endpoint)")
-    print(f"$ kproxy {' '.join(sync)}   # the default mode; the hand-over wrote its rules")
+    print(
+        f"$ kproxy {' '.join(sync)}   # the default mode, where kubelet writes: the relay's "
+        "hand-over left its rules in legacy iptables, which is where they stay on a legacy "
+        "node and from where they move on an iptables-nft node"
+    )
     print(run_kproxy(topo.node, *sync, lock_file=lock_file).stdout, end="")
     ok = show_nginx(client, backends, "iptables", IPTABLES_WHY)
     return show_services(client) and ok

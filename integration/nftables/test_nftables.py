@@ -88,13 +88,18 @@ def test_foreign_change_is_repaired_and_other_tables_are_untouched(nft_cluster: 
     assert "no changes" in nft_cluster.sync()
 
 
+# kubelet's chains (integration/real_node.py seeds them where kubelet writes): KUBE-FIREWALL
+# guards route_localnet, which kproxy never turns off, and the hint and canary chains tell
+# which backend kubelet uses. No mode and no cleanup deletes them.
+KUBELET_CHAINS = (":KUBE-FIREWALL ", ":KUBE-IPTABLES-HINT ", ":KUBE-KUBELET-CANARY ")
+
+
 def _kube_chains(cluster: Cluster) -> list[str]:
-    """kproxy's iptables-mode chains. KUBE-FIREWALL is kubelet's too (it guards route_localnet,
-    which kproxy never turns off), so no mode and no cleanup deletes it."""
+    """kproxy's iptables-mode chains, in the backend the iptables mode writes."""
     return [
         line
         for line in cluster.save().splitlines()
-        if line.startswith(":KUBE-") and not line.startswith(":KUBE-FIREWALL ")
+        if line.startswith(":KUBE-") and not line.startswith(KUBELET_CHAINS)
     ]
 
 
