@@ -39,6 +39,11 @@ def ipv6_supported() -> bool:
     return Path("/proc/net/if_inet6").exists()
 
 
+def node_families() -> tuple[int, ...]:
+    """The families kproxy programs here: IPv4, and IPv6 where the namespace has it."""
+    return (4, 6) if ipv6_supported() else (4,)
+
+
 def read_sysctl(name: str) -> str | None:
     try:
         return (PROC_SYS / name).read_text().strip()

@@ -100,10 +100,10 @@ def read_cluster_objects(
 
 
 def node_families() -> tuple[int, ...]:
-    """The families the agent programs here: IPv4, and IPv6 where the namespace has it."""
-    from kproxy.dataplane.host import ipv6_supported
+    """The families the agent programs here (dataplane/host.py's, imported when asked)."""
+    from kproxy.dataplane.host import node_families as families
 
-    return (4, 6) if ipv6_supported() else (4,)
+    return families()
 
 
 def report_invalid(exc: InvalidObjectError) -> None:

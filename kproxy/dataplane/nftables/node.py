@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from kproxy.dataplane.base import ApplyResult, ModeDataplane
-from kproxy.dataplane.host import ipv6_supported, kernel_version
+from kproxy.dataplane.host import kernel_version, node_families
 from kproxy.dataplane.localhost_nodeports import WithLocalhostNodePorts, open_localhost_node_ports
 from kproxy.dataplane.nftables.delta import (
     NFT_MSG_DELTABLE,
@@ -298,7 +298,7 @@ def open_nftables_mode(config: ProxyConfig | None = None) -> Iterator[ModeDatapl
     """The mode on this node: both families when the namespace has IPv6; with the
     KubeProxyNFTablesLocalhostNodePorts gate, composed with the relay's listeners on 127.0.0.1
     and ::1 (none run without it, as upstream)."""
-    families = (4, 6) if ipv6_supported() else (4,)
+    families = node_families()
     with open_nftables_node(families) as node:
         served = tuple(f for f in families if config and serves_localhost(config, f))
         if not served:

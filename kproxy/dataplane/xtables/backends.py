@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import structlog
 
 from kproxy.dataplane.base import Dataplane, TableReport
-from kproxy.dataplane.host import ipv6_supported
+from kproxy.dataplane.host import node_families
 from kproxy.dataplane.xtables.backend import TABLES, read_tables
 from kproxy.dataplane.xtables.detect import BackendChoice, detect_backend, save_command
 from kproxy.dataplane.xtables.families import (
@@ -38,10 +38,6 @@ def choose_backend(configured: str) -> BackendChoice:
     return choice
 
 
-def families() -> tuple[int, ...]:
-    return (4, 6) if ipv6_supported() else (4,)
-
-
 @contextmanager
 def open_backend_dataplanes(lock_timeout: float, backend: str) -> Iterator[dict[int, Dataplane]]:
     """One dataplane per family on `backend` ("legacy" or "nft")."""
@@ -50,12 +46,12 @@ def open_backend_dataplanes(lock_timeout: float, backend: str) -> Iterator[dict[
             yield dataplanes
         return
     kept = KeptTables()
-    yield {family: NftDataplane(family, lock_timeout, kept) for family in families()}
+    yield {family: NftDataplane(family, lock_timeout, kept) for family in node_families()}
 
 
 def _legacy_holds_kproxy_chains() -> bool:
     """Read without libiptc (loading it costs a second) and without creating a table."""
-    for family in families():
+    for family in node_families():
         proc = subprocess.run(
             [save_command("legacy", family)], capture_output=True, text=True, check=False
         )
@@ -78,7 +74,7 @@ def remove_nft_backend(lock_timeout: float) -> list[TableReport]:
         return []
     return [
         t
-        for family in families()
+        for family in node_families()
         for t in NftDataplane(family, lock_timeout).cleanup().tables
         if not t.empty
     ]
