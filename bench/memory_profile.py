@@ -68,12 +68,13 @@ def inner(workdir: Path, mode: str, top: int, trace: bool) -> None:
 
     from kproxy import cli
     from kproxy.dataplane.xtables import libiptc
-    from kproxy.sync import loop, once
+    from kproxy.inspect import inputs
+    from kproxy.sync import loop
 
     if trace:
         tracemalloc.start()
-    wrap(cli, "read_manifests", "reading manifests (the parse)", top, after=True)
-    wrap(once, "state_from_manifests", "conversion to cluster state", top, after=True)
+    wrap(inputs, "read_manifests", "reading manifests (the parse)", top, after=True)
+    wrap(inputs, "state_from_manifests", "conversion to cluster state", top, after=True)
     wrap(loop.SyncLoop, "plan", "plan", top)
     wrap(loop.SyncLoop, "apply", "apply (plan made)", top)
     wrap(libiptc.LibiptcTables, "write", "libiptc edit", top)

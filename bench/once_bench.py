@@ -101,6 +101,7 @@ def write_inputs(workdir: Path, services: int, endpoints: int) -> None:
             "kind": "KubeProxyConfiguration",
             "mode": mode,
             "clusterCIDR": "10.128.0.0/10",
+            **({"iptablesBackend": "legacy"} if mode == "iptables" else {}),
         }
         (workdir / f"{mode}.yaml").write_text(yaml.safe_dump(doc))
 
