@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Callable, Mapping
+from functools import cached_property
 
 from kproxy.dataplane.base import NodeNeeds
 from kproxy.dataplane.host import machine_cpus
@@ -21,7 +22,7 @@ from kproxy.dataplane.readers import (
     read_nft_chains,
     read_routes,
 )
-from kproxy.dataplane.xtables.detect import detect_backend
+from kproxy.dataplane.xtables.detect import BackendFacts, decide_backend, read_backend_facts
 from kproxy.doctor.facts import (
     DEFAULT_SERVICE_CIDR,
     HINT_CHAINS,
@@ -80,14 +81,31 @@ def _uses_ipv6(config: ProxyConfig, service_cidr: str) -> bool:
     return any(ipaddress.ip_network(c, strict=False).version == 6 for c in cidrs)
 
 
-def _legacy_hints() -> set[str]:
-    """kubelet's hint chains in the legacy mangle tables."""
-    return set(HINT_CHAINS) & read_all_legacy_chains()
+class _NodeChains:
+    """The chain names of the node's x_tables, read at first use (inside a guarded check) and
+    once per doctor run: several checks judge by them."""
 
+    @cached_property
+    def legacy(self) -> frozenset[str]:
+        return read_all_legacy_chains()
 
-def _nft_hints() -> set[str]:
-    """kubelet's hint chains in nftables' mangle tables (iptables-nft)."""
-    return {c for _, t, c in read_nft_chains() if t == "mangle" and c in HINT_CHAINS}
+    @cached_property
+    def nft(self) -> frozenset[tuple[str, str, str]]:
+        return read_nft_chains()
+
+    def legacy_hints(self) -> frozenset[str]:
+        """kubelet's hint chains in the legacy mangle tables."""
+        return frozenset(HINT_CHAINS) & self.legacy
+
+    def nft_hints(self) -> frozenset[str]:
+        """kubelet's hint chains in nftables' mangle tables (iptables-nft)."""
+        return frozenset(c for _, t, c in self.nft if t == "mangle" and c in HINT_CHAINS)
+
+    def backend_facts(self) -> BackendFacts:
+        """What the iptables mode's backend detection reads; its rule counts only when no hint
+        decides (as the detection itself does)."""
+        legacy, nft = self.legacy_hints(), self.nft_hints()
+        return BackendFacts(nft, legacy, 0, 0) if legacy or nft else read_backend_facts()
 
 
 def _backend_for(config: ProxyConfig, needs: NodeNeeds) -> str:
@@ -96,16 +114,18 @@ def _backend_for(config: ProxyConfig, needs: NodeNeeds) -> str:
     return config.iptables_backend if needs.tables == "xtables" else "legacy"
 
 
-def _kept(config: ProxyConfig, needs: NodeNeeds) -> str:
+def _kept(config: ProxyConfig, needs: NodeNeeds, chains: _NodeChains) -> str:
     """Where the configured mode's own rules are, which a running proxy keeps up to date."""
     if needs.tables == "nftables":
         return "nftables"
     backend = _backend_for(config, needs)
-    chosen = backend if backend != "auto" else detect_backend("auto").backend
-    return "iptables-nft" if chosen == "nft" else "legacy"
+    facts = chains.backend_facts() if backend == "auto" else None
+    return "iptables-nft" if decide_backend(backend, facts).backend == "nft" else "legacy"
 
 
-def _mode_checks(config: ProxyConfig, modes: Mapping[str, NodeNeeds]) -> list[Check]:
+def _mode_checks(
+    config: ProxyConfig, modes: Mapping[str, NodeNeeds], chains: _NodeChains
+) -> list[Check]:
     """Whether the configured mode suits the node, and for a mode writing the legacy tables,
     whether they are the backend kubelet uses."""
     checks = [
@@ -116,8 +136,8 @@ def _mode_checks(config: ProxyConfig, modes: Mapping[str, NodeNeeds]) -> list[Ch
                 modes,
                 os.uname().release,
                 read_legacy_available(),
-                _legacy_hints(),
-                _nft_hints(),
+                chains.legacy_hints(),
+                chains.nft_hints(),
             ),
         ),
     ]
@@ -126,7 +146,9 @@ def _mode_checks(config: ProxyConfig, modes: Mapping[str, NodeNeeds]) -> list[Ch
         checks.append(
             _guarded(
                 "iptables-backend",
-                lambda: judge_backend(_legacy_hints(), _nft_hints(), _backend_for(config, needs)),
+                lambda: judge_backend(
+                    chains.legacy_hints(), chains.nft_hints(), _backend_for(config, needs)
+                ),
             )
         )
     return checks
@@ -149,7 +171,8 @@ def run_checks(
         raise ConfigError(f"--service-cidr {cidr!r} is not a CIDR ({exc})") from exc
     limits = conntrack or conntrack_limits(config)
     forward = "net.ipv4.ip_forward"
-    checks = _mode_checks(config, modes)
+    chains = _NodeChains()
+    checks = _mode_checks(config, modes, chains)
     checks += [
         _guarded("service-route", lambda: _service_route(cidr)),
         _guarded("ip-forward", lambda: judge_forwarding(forward, read_sysctl(forward))),
@@ -173,12 +196,12 @@ def run_checks(
         _guarded(
             "kube-proxy-leftovers",
             lambda: judge_leftovers(
-                read_all_legacy_chains(),
-                read_nft_chains(),
+                chains.legacy,
+                chains.nft,
                 read_links(),
                 read_proxy_processes(),
                 config.mode,
-                _kept(config, modes[config.mode or DEFAULT_MODE]),
+                _kept(config, modes[config.mode or DEFAULT_MODE], chains),
             ),
         ),
         _guarded("kube-proxy-process", lambda: judge_proxy_processes(read_proxy_processes())),

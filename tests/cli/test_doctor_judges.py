@@ -90,3 +90,33 @@ def test_the_verdict_follows_what_each_mode_needs_not_its_name() -> None:
     assert old.advice == "use `mode: iptables` on this node"
     check = judge_proxy_mode("iptables", modes, "6.6.1", False, set(), set())
     assert check.status == "fail" and check.advice == "use `mode: ebpf`"
+
+
+def test_the_doctor_reads_each_backends_chains_once_per_run(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import kproxy.doctor as doctor
+    from kproxy.dataplane.xtables import detect
+    from kproxy.model.config import ProxyConfig
+
+    reads = {"legacy": 0, "nft": 0, "facts": 0}
+
+    def legacy() -> frozenset[str]:
+        reads["legacy"] += 1
+        return frozenset({"KUBE-IPTABLES-HINT"})
+
+    def nft() -> frozenset[tuple[str, str, str]]:
+        reads["nft"] += 1
+        return frozenset()
+
+    def facts() -> None:
+        reads["facts"] += 1
+        raise AssertionError("a kubelet hint decides the backend: no rule count is needed")
+
+    monkeypatch.setattr(doctor, "read_all_legacy_chains", legacy)
+    monkeypatch.setattr(doctor, "read_nft_chains", nft)
+    monkeypatch.setattr(detect, "read_backend_facts", facts)
+    monkeypatch.setattr(doctor, "read_backend_facts", facts, raising=False)
+    checks = doctor.run_checks(ProxyConfig(mode="iptables"), modes=MODES)
+    by_name = {c.name: c for c in checks}
+    assert by_name["iptables-backend"].status == "ok"
+    assert "could not check" not in by_name["kube-proxy-leftovers"].detail
+    assert reads == {"legacy": 1, "nft": 1, "facts": 0}
