@@ -40,22 +40,25 @@ def nft(monkeypatch: pytest.MonkeyPatch) -> FakeNfTables:
 
 class Leftovers:
     """The modes' leftover removals in unit tests: the real ones act on this process's network
-    namespace, so each registry entry's is replaced. A node holds nothing of another mode until
-    a test puts a removal under the name of the first mode that has it (`iptables` for the
-    x_tables modes' shared one, `nftables`)."""
+    namespace, so each place's removal in the registry is replaced. A node holds nothing of
+    another mode until a test puts a removal under a place's name (`legacy`, `iptables-nft`,
+    `nftables`: sync/modes.py's LeftoverPlace.where)."""
 
     def __init__(self) -> None:
         self.removals: dict[str, Callable[[], Sequence[TableReport]]] = {}
 
-    def stand_in(self, name: str) -> Callable[[float], Sequence[TableReport]]:
-        return lambda lock_timeout: self.removals.get(name, list)()
+    def stand_in(self, where: str) -> Callable[[float], Sequence[TableReport]]:
+        return lambda lock_timeout: self.removals.get(where, list)()
 
 
 @pytest.fixture(autouse=True)
 def leftovers(monkeypatch: pytest.MonkeyPatch) -> Leftovers:
     fake = Leftovers()
-    stand_ins: dict[object, Callable[[float], Sequence[TableReport]]] = {}
+    places: dict[str, modes.LeftoverPlace] = {}
     for name, mode in list(modes.MODES.items()):
-        stand_in = stand_ins.setdefault(mode.remove_leftovers, fake.stand_in(name))
-        monkeypatch.setitem(modes.MODES, name, dataclasses.replace(mode, remove_leftovers=stand_in))
+        stand_ins = tuple(
+            places.setdefault(p.where, modes.LeftoverPlace(p.where, fake.stand_in(p.where)))
+            for p in mode.leftovers
+        )
+        monkeypatch.setitem(modes.MODES, name, dataclasses.replace(mode, leftovers=stand_ins))
     return fake

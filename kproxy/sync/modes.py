@@ -51,16 +51,23 @@ class Deferred:
 
 
 @dataclass(frozen=True)
+class LeftoverPlace:
+    """Where proxy modes leave rules on a node, with the removal of every mode's rules there,
+    kproxy's and kube-proxy's (lock timeout -> per table, what it removed)."""
+
+    where: str  # legacy, iptables-nft or nftables
+    remove: Callable[[float], Sequence[TableReport]]
+
+
+@dataclass(frozen=True)
 class ProxyMode:
     name: str
     planner: Callable[[ProxyConfig], Planner[Any]]
     # (config, lock timeout) -> the dataplane, open for the agent's lifetime.
     open_dataplane: Callable[[ProxyConfig, float], AbstractContextManager[ModeDataplane]]
-    # Removes every chain and table the mode leaves on a node, kproxy's or kube-proxy's (lock
-    # timeout): per table, what it removed. The sync loop calls it once after another mode's
-    # first commit, and `cleanup` for every mode. Modes whose tables are the same share one
-    # removal: each one's own commits already replace the other's chains.
-    remove_leftovers: Callable[[float], Sequence[TableReport]]
+    # Where its rules may be on a node. The sync loop runs, once after the mode's first commit,
+    # the removal of every other mode's place that is not one of these; `cleanup` runs them all.
+    leftovers: tuple[LeftoverPlace, ...]
     # The tables its rules gauges count, as their `table` label: a table an apply reports
     # (`nat`, or with its family, `ip kube-proxy`) counts under its last word.
     rule_tables: tuple[str, ...]
@@ -87,9 +94,6 @@ class ProxyMode:
 _IPTABLES = "kproxy.dataplane.iptables"
 _NFTABLES = "kproxy.dataplane.nftables"
 _USERSPACE = "kproxy.dataplane.userspace"
-# The iptables and userspace modes write the same x_tables: one removal serves both (kproxy's
-# chains in the legacy tables and in iptables-nft's).
-_REMOVE_XTABLES_CHAINS = Deferred("kproxy.dataplane.xtables.backends", "remove_xtables_modes")
 _READ_XTABLES_LIVE = Deferred("kproxy.dataplane.xtables.preview", "read_xtables_live")
 
 
@@ -109,6 +113,14 @@ def _remove_nftables_leftovers(lock_timeout: float) -> Sequence[TableReport]:
     return removed
 
 
+_XTABLES = "kproxy.dataplane.xtables.backends"
+# The iptables mode writes the legacy tables or iptables-nft's (kubelet's backend), and
+# removes its chains from the other one itself; the userspace mode's portals are legacy rules.
+LEGACY_XTABLES = LeftoverPlace("legacy", Deferred(_XTABLES, "remove_legacy_backend"))
+IPTABLES_NFT = LeftoverPlace("iptables-nft", Deferred(_XTABLES, "remove_nft_backend"))
+NFTABLES_TABLE = LeftoverPlace("nftables", _remove_nftables_leftovers)
+
+
 MODES = {
     mode.name: mode
     for mode in (
@@ -116,7 +128,7 @@ MODES = {
             name="iptables",
             planner=IptablesPlanner,
             open_dataplane=_open_iptables,
-            remove_leftovers=_REMOVE_XTABLES_CHAINS,
+            leftovers=(LEGACY_XTABLES, IPTABLES_NFT),
             rule_tables=("filter", "nat"),
             needs=IPTABLES_NEEDS,
             render_plan=render_iptables_plan,
@@ -129,7 +141,7 @@ MODES = {
             name="nftables",
             planner=NftablesPlanner,
             open_dataplane=_open_nftables,
-            remove_leftovers=_remove_nftables_leftovers,
+            leftovers=(NFTABLES_TABLE,),
             rule_tables=(nft_naming.TABLE,),  # one per family, summed
             needs=NFTABLES_NEEDS,
             render_plan=render_nftables_plan,
@@ -142,7 +154,7 @@ MODES = {
             name="userspace",
             planner=UserspacePlanner,
             open_dataplane=Deferred(f"{_USERSPACE}.node", "open_userspace_node"),
-            remove_leftovers=_REMOVE_XTABLES_CHAINS,  # the portals share the x_tables
+            leftovers=(LEGACY_XTABLES,),
             rule_tables=("filter", "nat"),  # the portals, in nat
             needs=USERSPACE_NEEDS,
             render_plan=render_userspace_plan,
@@ -162,25 +174,21 @@ def proxy_mode(config: ProxyConfig) -> ProxyMode:
     return MODES[config.mode or DEFAULT_MODE]
 
 
-Removal = Callable[[float], Sequence[TableReport]]
-
-
-def _distinct(removals: Sequence[Removal]) -> list[Removal]:
-    return list(dict.fromkeys(removals))
+def _places(modes: list[ProxyMode]) -> list[LeftoverPlace]:
+    return list(dict.fromkeys(place for mode in modes for place in mode.leftovers))
 
 
 def other_modes_leftovers(mode: ProxyMode, lock_timeout: float) -> list[LeftoverRemoval]:
-    """What the sync loop runs after `mode`'s first commit: every other mode's removal (once
-    each; none that is `mode`'s own, which would remove what it has just written)."""
-    own = mode.remove_leftovers
-    others = [m.remove_leftovers for m in MODES.values() if m.remove_leftovers != own]
-    return [LeftoverRemoval(partial(remove, lock_timeout)) for remove in _distinct(others)]
+    """What the sync loop runs after `mode`'s first commit: the removal of every other mode's
+    place, once each, except the mode's own (that would remove what it has just written)."""
+    others = [p for p in _places(list(MODES.values())) if p not in mode.leftovers]
+    return [LeftoverRemoval(partial(place.remove, lock_timeout)) for place in others]
 
 
 def remove_every_mode(lock_timeout: float) -> list[TableReport]:
-    """`kproxy cleanup`: every mode's leftovers, each removal once; per table, what it removed."""
-    removals = _distinct([m.remove_leftovers for m in MODES.values()])
-    return [table for remove in removals for table in remove(lock_timeout)]
+    """`kproxy cleanup`: every mode's leftovers, each place once; per table, what it removed."""
+    places = _places(list(MODES.values()))
+    return [table for place in places for table in place.remove(lock_timeout)]
 
 
 def mode_needs() -> dict[str, NodeNeeds]:

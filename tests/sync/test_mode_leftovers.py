@@ -118,7 +118,7 @@ def test_switching_to_nftables_counts_the_iptables_chains_removed(
     chains = kube_chains(legacy)
     assert chains > 5
     # What the x_tables modes' removal does (xtables/families.py), on the fake's tables.
-    leftovers.removals["iptables"] = lambda: legacy.cleanup().tables
+    leftovers.removals["legacy"] = lambda: legacy.cleanup().tables
     node = NftablesNode(nft.socket(), (4,))
     try:
         with structlog.testing.capture_logs() as logs:
@@ -166,8 +166,8 @@ def test_a_failed_removal_fails_no_sync_and_is_retried_after_the_next(
 ) -> None:
     removal = Removal([NFT_TABLE])
     removal.fail = True
-    # Every removal is this one: each mode runs only the others' (one, here).
-    leftovers.removals.update(iptables=removal, nftables=removal)
+    # One place another mode left rules in (the others hold nothing).
+    leftovers.removals[{"nftables": "legacy"}.get(mode, "nftables")] = removal
     loop = agent_loop(mode, make_node(mode, nft, relay))
     first = loop.sync()
     assert first is not None  # the mode's own rules are in: the sync did its work
@@ -195,7 +195,7 @@ def test_a_switch_counts_the_other_modes_removals_through_the_registry(
     the registry after the first commit, and the summary counts what it removed (38 chains of
     the iptables mode here, never "removed 0 chains")."""
     chains = [f"KUBE-SEP-{i:016d}" for i in range(36)] + ["KUBE-SERVICES", "KUBE-NODEPORTS"]
-    leftovers.removals["iptables"] = lambda: [TableChanges("nat", delete=chains)]
+    leftovers.removals["legacy"] = lambda: [TableChanges("nat", delete=chains)]
     node = NftablesNode(nft.socket(), (4,))
     try:
         summary, _ = once("nftables", node)

@@ -6,6 +6,7 @@ shape (the kernel tests in integration/ call them)."""
 from __future__ import annotations
 
 import inspect
+from functools import partial
 
 import pytest
 
@@ -63,7 +64,7 @@ def test_each_mode_provides_every_piece(name: str) -> None:
     # What reads or writes the kernel: called by the integration tests; here, their shape.
     for piece, arity in [
         (mode.open_dataplane, 2),
-        (mode.remove_leftovers, 1),
+        *((place.remove, 1) for place in mode.leftovers),
         (mode.read_live, 1),
         (mode.trace_live, 2),
         (mode.diff, 3),
@@ -92,16 +93,22 @@ def test_each_modes_stop_leaves_a_loop_of_another_dataplane_alone(name: str) -> 
 
 def test_each_mode_removes_only_the_other_modes_leftovers(leftovers: Leftovers) -> None:
     calls: list[str] = []
-    leftovers.removals["iptables"] = lambda: calls.append("x_tables") or []
-    leftovers.removals["nftables"] = lambda: calls.append("nf_tables") or []
+    for where in ("legacy", "iptables-nft", "nftables"):
+        leftovers.removals[where] = partial(lambda w: calls.append(w) or [], where)
     ran = {}
     for name, mode in MODES.items():
         calls.clear()
         for removal in other_modes_leftovers(mode, 5.0):
             removal.after_commit(ApplyResult())
         ran[name] = list(calls)
-    # The two x_tables modes share one removal: each one's commits replace the other's chains.
-    assert ran == {"iptables": ["nf_tables"], "nftables": ["x_tables"], "userspace": ["nf_tables"]}
+    # The iptables mode writes either x_tables backend (and empties the other one itself); the
+    # userspace mode's portals are legacy rules, so it removes the iptables mode's iptables-nft
+    # chains; neither removes the legacy tables, where each one's commits replace the other's.
+    assert ran == {
+        "iptables": ["nftables"],
+        "nftables": ["legacy", "iptables-nft"],
+        "userspace": ["iptables-nft", "nftables"],
+    }
     calls.clear()
     remove_every_mode(5.0)  # `kproxy cleanup`
-    assert sorted(calls) == ["nf_tables", "x_tables"]
+    assert calls == ["legacy", "iptables-nft", "nftables"]

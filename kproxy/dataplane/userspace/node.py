@@ -16,11 +16,9 @@ import structlog
 
 from kproxy.dataplane.base import ApplyResult, Dataplane
 from kproxy.dataplane.host import SysctlWriter, apply_sysctls
-from kproxy.dataplane.leftovers import LeftoverRemoval, RemoveLeftovers
 from kproxy.dataplane.relay.relay import Relay
 from kproxy.dataplane.relay.spec import ListenerSpec
 from kproxy.dataplane.userspace.holds import HeldPort, PortHolds
-from kproxy.dataplane.xtables.backends import remove_nft_backend
 from kproxy.dataplane.xtables.families import FamilyTables, open_dataplanes
 from kproxy.model.config import ProxyConfig
 from kproxy.plan.node_plan import NodePlan
@@ -61,10 +59,8 @@ class UserspaceNode:
         relays: Mapping[int, Relay],
         write_sysctls: SysctlWriter = apply_sysctls,
         clock: Callable[[], float] = time.monotonic,
-        nft_backend_leftovers: RemoveLeftovers | None = None,
     ) -> None:
         self.rules = FamilyTables(dataplanes)  # the portal rules (they need no sysctls)
-        self.nft_backend_leftovers = LeftoverRemoval(nft_backend_leftovers)
         self.relays = relays
         self.holds = {family: PortHolds() for family in relays}
         self.write_sysctls = write_sysctls  # the iptables mode's, at hand-over
@@ -99,7 +95,7 @@ class UserspaceNode:
             ]
             for port, error in self.holds[family].sync(held).items():
                 self._warn_once("port_hold_failed", port, error, family=family)
-        return self.nft_backend_leftovers.after_commit(result)
+        return result
 
     def _warn_once(self, event: str, subject: object, problem: str, **keys: Any) -> None:
         if (event, subject, problem) not in self._warned:
@@ -156,13 +152,7 @@ def open_userspace_node(config: ProxyConfig, lock_timeout: float) -> Iterator[Us
             family: Relay(port_range=config.port_range, udp_idle_timeout=config.udp_idle_timeout)
             for family in dataplanes
         }
-        node = UserspaceNode(
-            dataplanes,
-            relays,
-            # The portals are legacy rules; the iptables mode's chains on an iptables-nft node
-            # are not, and the x_tables modes' shared removal (sync/modes.py) does not run here.
-            nft_backend_leftovers=lambda: remove_nft_backend(lock_timeout),
-        )
+        node = UserspaceNode(dataplanes, relays)
         try:
             for relay in relays.values():
                 relay.start()

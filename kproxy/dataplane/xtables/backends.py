@@ -80,12 +80,6 @@ def remove_nft_backend(lock_timeout: float) -> list[TableReport]:
     ]
 
 
-def remove_xtables_modes(lock_timeout: float) -> list[TableReport]:
-    """The iptables and userspace modes' chains in both backends (`kproxy cleanup`, and a node
-    switching to the nftables mode)."""
-    return [*remove_legacy_backend(lock_timeout), *remove_nft_backend(lock_timeout)]
-
-
 def remove_other_backend(backend: str, lock_timeout: float) -> list[TableReport]:
     removed = (
         remove_nft_backend(lock_timeout)
