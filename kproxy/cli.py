@@ -117,7 +117,8 @@ def sync(
     if not allow_empty:
         refuse_empty_input(state, manifests_path)
     mode = proxy_mode(config)
-    with mode.open_dataplane(config, lock_timeout) as dataplane:  # refuses first if not root
+    # Refuses first if not root.
+    with mode.open_dataplane(config, lock_timeout, once=True) as dataplane:
         loop = once_loop(state, with_host_facts(node), config, mode, dataplane)
         report = sync_once(loop)
         click.echo(report.summary(process_seconds()))
