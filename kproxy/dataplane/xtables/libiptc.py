@@ -23,6 +23,8 @@ then refuses the commit only if the entry count changed (see the README).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import threading
 from dataclasses import dataclass
 from types import ModuleType
@@ -33,6 +35,18 @@ from kproxy.dataplane.xtables.entries import EntryCompiler
 from kproxy.dataplane.xtables.kernel_image import ImageMatch, TableImage, read_image
 from kproxy.dataplane.xtables.lock import HeldLock
 from kproxy.rules.ir import Table
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"))
+
+
+def _return_freed_memory() -> None:
+    """Give the pages of freed malloc chunks back to the kernel. A libiptc copy is many small
+    chunks (about the table's size again beside its blob); once freed, glibc keeps them resident
+    in the arena that made them, and the next copy, read by the other thread, lands in the
+    other arena: 70 MB more at 10,000 services each time, without this."""
+    trim = getattr(_libc, "malloc_trim", None)  # glibc's; other C libraries go without
+    if trim is not None:
+        trim(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +95,14 @@ class LibiptcTables:
         """Read the copy of `name` from the kernel now (the caller holds the lock)."""
         self.wait()
         self._kept.pop(name, None)
-        self._table(name).refresh()
+        self._read(name)
+
+    def _read(self, name: str) -> None:
+        """Free the old copy of `name` and give its memory back before reading the new one."""
+        table = self._table(name)
+        table.close()  # no handle until the refresh below: python-iptables must not run between
+        _return_freed_memory()
+        table.refresh()
 
     def write(self, changes: TableChanges) -> None:
         """Edit the copy of the table and commit it. The copy must hold what the kernel holds:
@@ -129,7 +150,7 @@ class LibiptcTables:
             images: dict[str, TableImage | None] = {}
             try:
                 for name in applied:
-                    self._table(name).refresh()
+                    self._read(name)
                     images[name] = read_image(self.family, name)
             except Exception:
                 images.clear()  # nothing is kept: the next sync reads the kernel
