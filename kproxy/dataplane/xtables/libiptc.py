@@ -115,22 +115,27 @@ class LibiptcTables:
             for pos in sorted(positions, reverse=True):
                 if lib.iptc_delete_num_entry(chain.encode(), pos, handle) != 1:
                     raise iptc.IPTCError(f"can't delete rule {pos} of {chain}: {table.strerror()}")
+        # libiptc directly, here and below: python-iptables' calls add a Python layer per call
+        # (and its append_entry a ctypes cast, a reference cycle only the cyclic collector
+        # frees). Chains are created in name order, the order libiptc keeps them in: it finds
+        # each one's place from the last, twice as fast as in plan order (60,000 chains).
         created = set(changes.create)
-        for name in changes.create:
-            table.create_chain(name)
+        for name in sorted(changes.create):
+            if lib.iptc_create_chain(name.encode(), handle) != 1:
+                raise iptc.IPTCError(f"can't create chain {name}: {table.strerror()}")
         for wanted in changes.write:
-            if wanted.name not in created:
-                table.flush_entries(wanted.name)
             chain_name = wanted.name.encode()
+            if wanted.name not in created and lib.iptc_flush_entries(chain_name, handle) != 1:
+                raise iptc.IPTCError(f"can't flush chain {wanted.name}: {table.strerror()}")
             for rule in wanted.rules:
-                # libiptc directly: python-iptables' append_entry makes a ctypes cast per call,
-                # a reference cycle only the cyclic collector frees.
                 if lib.iptc_append_entry(chain_name, self.entries.entry(rule), handle) != 1:
                     raise iptc.IPTCError(f"can't append to chain {wanted.name}: {table.strerror()}")
         for name in changes.delete:
-            table.flush_entries(name)
+            if lib.iptc_flush_entries(name.encode(), handle) != 1:
+                raise iptc.IPTCError(f"can't flush chain {name}: {table.strerror()}")
         for name in changes.delete:
-            table.delete_chain(name)
+            if lib.iptc_delete_chain(name.encode(), handle) != 1:
+                raise iptc.IPTCError(f"can't delete chain {name}: {table.strerror()}")
         for jump in changes.insert_jumps:
             entry, into = self.entries.entry(jump.rule), jump.chain.encode()
             if jump.append:  # e.g. the userspace mode's NodePort jumps, which must come last
