@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -250,10 +251,18 @@ def measure(services: int, endpoints: int) -> dict[str, float]:
 
 
 def run_in_netns(services: int, script: str) -> dict[str, float]:
-    """`script` (shell) under `unshare -n`; the figures its steps printed as JSON lines."""
-    proc = subprocess.run(
-        ["unshare", "-n", "sh", "-c", script], capture_output=True, text=True, check=False
-    )
+    """`script` (shell) under `unshare -n`; the figures its steps printed as JSON lines. The
+    xtables lock is a file of its own: /run/xtables.lock is shared by every namespace, and any
+    program on the host holding it would stall the syncs measured here (30 s lock timeouts)."""
+    with tempfile.TemporaryDirectory(prefix="kproxy-bench-") as tmp:
+        env = {**os.environ, "XTABLES_LOCKFILE": os.path.join(tmp, "xtables.lock")}
+        proc = subprocess.run(
+            ["unshare", "-n", "sh", "-c", script],
+            capture_output=True,
+            text=True,
+            check=False,
+            env=env,
+        )
     if proc.returncode != 0:
         raise SystemExit(f"benchmark at {services} services failed:\n{proc.stderr[-3000:]}")
     figures: dict[str, float] = {}

@@ -42,8 +42,8 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"))
 def _return_freed_memory() -> None:
     """Give the pages of freed malloc chunks back to the kernel. A libiptc copy is many small
     chunks (about the table's size again beside its blob); once freed, glibc keeps them resident
-    in the arena that made them, and the next copy, read by the other thread, lands in the
-    other arena: 70 MB more at 10,000 services each time, without this."""
+    in the arena that made them, while the next copy, read by the other thread, lands in the
+    other arena (the agent's peak at 10,000 services: 649 MB without this, 607 MB with it)."""
     trim = getattr(_libc, "malloc_trim", None)  # glibc's; other C libraries go without
     if trim is not None:
         trim(0)
