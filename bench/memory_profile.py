@@ -16,12 +16,15 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench.once_bench import NODE, write_inputs
+
+STARTED = time.monotonic()
 
 
 def _status(field: str) -> float:
@@ -34,7 +37,11 @@ def _status(field: str) -> float:
 
 def checkpoint(step: str, top: int) -> None:
     if not tracemalloc.is_tracing():
-        print(f"-- {step}: RSS {_status('VmRSS'):.0f} MB, peak RSS {_status('VmHWM'):.0f} MB")
+        seconds = time.monotonic() - STARTED
+        print(
+            f"-- {step}: RSS {_status('VmRSS'):.0f} MB, peak RSS {_status('VmHWM'):.0f} MB"
+            f" (at {seconds:.2f} s)"
+        )
         return
     current, peak = tracemalloc.get_traced_memory()
     print(

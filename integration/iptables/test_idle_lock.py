@@ -12,6 +12,7 @@ import pytest
 
 from integration.agent_harness import NetnsWorker
 from integration.netns import Topology, topology
+from kproxy.dataplane.iptables.node import IptablesNode
 from kproxy.dataplane.xtables.backend import IptablesDataplane
 from kproxy.dataplane.xtables.lock import xtables_lock
 from kproxy.errors import TableLockedError
@@ -23,6 +24,7 @@ from kproxy.model.service import NamespacedName, Protocol, ServicePort, ServiceP
 from kproxy.plan.iptables.planner import IptablesPlanner
 from kproxy.rules.ir import Ruleset
 from kproxy.state.cluster import ClusterState
+from kproxy.sync.modes import MODES
 
 
 @pytest.fixture
@@ -79,4 +81,38 @@ def test_nothing_to_write_takes_no_lock(
         assert "-A KUBE-SERVICES -d 10.96.0.10/32" in saved
     finally:
         worker.call(dp.close)
+        worker.close()
+
+
+def _sync_and_try_lock(lock: str, once: bool) -> tuple[list[str], bool]:
+    """One apply through the mode's own opening; the tables kept for a next sync, and whether
+    the xtables lock is free right after the apply returned."""
+    config = ProxyConfig(iptables_backend="legacy")
+    with MODES["iptables"].open_dataplane(config, 0.5, once=once) as mode:
+        assert isinstance(mode, IptablesNode)
+        v4 = mode.dataplanes[4]
+        assert isinstance(v4, IptablesDataplane)
+        v4.apply(_ruleset(), True)
+        try:
+            with xtables_lock(0.0, lock):
+                free = True
+        except TableLockedError:
+            free = False
+        return sorted(v4._tables.kept_names()), free
+
+
+def test_a_single_sync_keeps_no_copy_and_holds_no_lock_after_it(
+    node: Topology, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sync --once` exits after its commit: the background re-read of each committed table
+    (kept for the agent's next sync, about twice the table's size) is never started."""
+    lock = str(tmp_path / "xtables.lock")
+    monkeypatch.setenv("XTABLES_LOCKFILE", lock)
+    worker = NetnsWorker(node.node.name)
+    try:
+        kept, free = worker.call(lambda: _sync_and_try_lock(lock, once=True))
+        assert kept == [] and free
+        kept, _ = worker.call(lambda: _sync_and_try_lock(lock, once=False))
+        assert kept == ["filter", "mangle", "nat"]  # the agent keeps them
+    finally:
         worker.close()

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kproxy.dataplane.base import ChainDiff, ModeDataplane, NodeNeeds, TableReport
 from kproxy.dataplane.iptables.needs import IPTABLES_NEEDS
@@ -50,6 +50,15 @@ class Deferred:
         return self.target()(*args, **kwargs)
 
 
+class OpenDataplane(Protocol):
+    """(config, lock timeout) -> the mode's dataplane, open for the agent's lifetime; `once`:
+    for one sync (`sync --once`), so it keeps nothing for a next one."""
+
+    def __call__(
+        self, config: ProxyConfig, lock_timeout: float, once: bool = False
+    ) -> AbstractContextManager[ModeDataplane]: ...
+
+
 @dataclass(frozen=True)
 class LeftoverPlace:
     """Where proxy modes leave rules on a node, with the removal of every mode's rules there,
@@ -63,8 +72,7 @@ class LeftoverPlace:
 class ProxyMode:
     name: str
     planner: Callable[[ProxyConfig], Planner[Any]]
-    # (config, lock timeout) -> the dataplane, open for the agent's lifetime.
-    open_dataplane: Callable[[ProxyConfig, float], AbstractContextManager[ModeDataplane]]
+    open_dataplane: OpenDataplane
     # Where its rules may be on a node. The sync loop runs, once after the mode's first commit,
     # the removal of every other mode's place that is not one of these; `cleanup` runs them all.
     leftovers: tuple[LeftoverPlace, ...]
@@ -97,14 +105,19 @@ _USERSPACE = "kproxy.dataplane.userspace"
 _READ_XTABLES_LIVE = Deferred("kproxy.dataplane.xtables.preview", "read_xtables_live")
 
 
-def _open_iptables(config: ProxyConfig, lock_timeout: float) -> Any:
+def _open_iptables(config: ProxyConfig, lock_timeout: float, once: bool = False) -> Any:
     return Deferred(f"{_IPTABLES}.node", "open_iptables_node")(
-        lock_timeout, config.iptables_backend
+        lock_timeout, config.iptables_backend, once
     )
 
 
-def _open_nftables(config: ProxyConfig, lock_timeout: float) -> Any:
+def _open_nftables(config: ProxyConfig, lock_timeout: float, once: bool = False) -> Any:
     return Deferred(f"{_NFTABLES}.node", "open_nftables_mode")(config)
+
+
+def _open_userspace(config: ProxyConfig, lock_timeout: float, once: bool = False) -> Any:
+    # `sync --once` goes on relaying (and hands over as it stops): its dataplane keeps all.
+    return Deferred(f"{_USERSPACE}.node", "open_userspace_node")(config, lock_timeout)
 
 
 def _remove_nftables_leftovers(lock_timeout: float) -> Sequence[TableReport]:
@@ -153,7 +166,7 @@ MODES = {
         ProxyMode(
             name="userspace",
             planner=UserspacePlanner,
-            open_dataplane=Deferred(f"{_USERSPACE}.node", "open_userspace_node"),
+            open_dataplane=_open_userspace,
             leftovers=(LEGACY_XTABLES,),
             rule_tables=("filter", "nat"),  # the portals, in nat
             needs=USERSPACE_NEEDS,

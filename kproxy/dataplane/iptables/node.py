@@ -57,10 +57,13 @@ class IptablesNode:
 
 
 @contextmanager
-def open_iptables_node(lock_timeout: float, backend: str = "auto") -> Iterator[IptablesNode]:
-    """The mode on the backend `backend` names (`auto`: the one kubelet uses)."""
+def open_iptables_node(
+    lock_timeout: float, backend: str = "auto", once: bool = False
+) -> Iterator[IptablesNode]:
+    """The mode on the backend `backend` names (`auto`: the one kubelet uses); `once`: for one
+    sync only (nothing is kept for a next one)."""
     chosen = choose_backend(backend).backend
-    with open_backend_dataplanes(lock_timeout, chosen) as dataplanes:
+    with open_backend_dataplanes(lock_timeout, chosen, keep_copies=not once) as dataplanes:
         yield IptablesNode(
             dataplanes,
             backend=chosen,

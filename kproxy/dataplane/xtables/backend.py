@@ -103,9 +103,14 @@ class IptablesDataplane:
     anything to write, the lock is not even taken.
     """
 
-    def __init__(self, family: int = 4, lock_timeout: float = LOCK_TIMEOUT) -> None:
+    def __init__(
+        self, family: int = 4, lock_timeout: float = LOCK_TIMEOUT, keep_copies: bool = True
+    ) -> None:
         self.family = family
         self.lock_timeout = lock_timeout
+        # Whether to keep each committed table's copy for the next sync (read again in the
+        # background, about twice the table's size): a process that syncs once never uses it.
+        self.keep_copies = keep_copies
         self._iptc = load_iptc()
         self._tables = LibiptcTables(self._iptc, family)
         self._ahead: _Ahead | None = None
@@ -168,10 +173,10 @@ class IptablesDataplane:
             if changes.read_kernel or not changes.empty:
                 touched[desired.name] = desired
             result.tables.append(changes)
-        if touched:
+        if touched and self.keep_copies:
             self._tables.keep(touched, ahead.lock.hand_over())
         else:
-            # Nothing committed: let go of the lock now, not when the sync ends. The other
+            # Nothing to read again: let go of the lock now, not when the sync ends. The other
             # family's process needs the same lock for its own apply in this sync (held until
             # then, a dual-stack sync that changed only IPv6 waited out the lock timeout).
             if ahead.images is not None:

@@ -39,10 +39,13 @@ def choose_backend(configured: str) -> BackendChoice:
 
 
 @contextmanager
-def open_backend_dataplanes(lock_timeout: float, backend: str) -> Iterator[dict[int, Dataplane]]:
-    """One dataplane per family on `backend` ("legacy" or "nft")."""
+def open_backend_dataplanes(
+    lock_timeout: float, backend: str, keep_copies: bool = True
+) -> Iterator[dict[int, Dataplane]]:
+    """One dataplane per family on `backend` ("legacy" or "nft"); `keep_copies`: whether the
+    legacy backend keeps libiptc's copies of its tables for a next sync."""
     if backend == "legacy":
-        with open_dataplanes(lock_timeout) as dataplanes:
+        with open_dataplanes(lock_timeout, keep_copies) as dataplanes:
             yield dataplanes
         return
     kept = KeptTables()

@@ -53,12 +53,17 @@ class FamilyTables:
 
 
 @contextmanager
-def open_dataplanes(lock_timeout: float) -> Iterator[dict[int, Dataplane]]:
+def open_dataplanes(
+    lock_timeout: float, keep_copies: bool = True
+) -> Iterator[dict[int, Dataplane]]:
     """IPv4 in this process; IPv6, when the namespace has it, in a process of its own (see
-    family_process.py for why one process cannot hold both)."""
-    v4 = IptablesDataplane(4, lock_timeout)
+    family_process.py for why one process cannot hold both). `keep_copies`: see
+    IptablesDataplane (False: the process syncs once)."""
+    v4 = IptablesDataplane(4, lock_timeout, keep_copies)
     dataplanes: dict[int, Dataplane] = {4: v4}
-    v6 = FamilyProcess(6, lock_timeout) if ipv6_supported() else None  # starts in the background
+    v6 = None
+    if ipv6_supported():  # the process starts in the background
+        v6 = FamilyProcess(6, lock_timeout, keep_copies)
     if v6 is not None:
         dataplanes[6] = v6
     try:

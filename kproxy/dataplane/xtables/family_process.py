@@ -25,23 +25,23 @@ from kproxy.rules.ir import Ruleset
 from kproxy.rules.saved import SavedTable
 
 
-def _serve(conn: Connection, family: int, lock_timeout: float) -> None:
+def _serve(conn: Connection, family: int, lock_timeout: float, keep_copies: bool) -> None:
     # The child serves its parent until the parent closes the pipe. A SIGTERM or Ctrl-C sent to
     # the whole process group is the parent's to act on: it may still have rules to write as it
     # stops (the userspace mode's hand-over).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        _serve_requests(conn, family, lock_timeout)
+        _serve_requests(conn, family, lock_timeout, keep_copies)
     except (BrokenPipeError, EOFError, KeyboardInterrupt):
         return  # the parent went away: nothing left to serve
 
 
-def _serve_requests(conn: Connection, family: int, lock_timeout: float) -> None:
+def _serve_requests(conn: Connection, family: int, lock_timeout: float, keep_copies: bool) -> None:
     from kproxy.dataplane.xtables.backend import IptablesDataplane
 
     try:
-        dataplane = IptablesDataplane(family=family, lock_timeout=lock_timeout)
+        dataplane = IptablesDataplane(family, lock_timeout, keep_copies)
     except KproxyError as exc:
         conn.send(("error", str(exc)))
         return
@@ -68,11 +68,13 @@ def _serve_requests(conn: Connection, family: int, lock_timeout: float) -> None:
 class FamilyProcess:
     """The Dataplane protocol, served by IptablesDataplane in a spawned child process."""
 
-    def __init__(self, family: int, lock_timeout: float = LOCK_TIMEOUT) -> None:
+    def __init__(
+        self, family: int, lock_timeout: float = LOCK_TIMEOUT, keep_copies: bool = True
+    ) -> None:
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         self._process = context.Process(
-            target=_serve, args=(child, family, lock_timeout), daemon=True
+            target=_serve, args=(child, family, lock_timeout, keep_copies), daemon=True
         )
         self._process.start()
         child.close()

@@ -23,6 +23,8 @@ then refuses the commit only if the entry count changed (see the README).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import threading
 from dataclasses import dataclass
 from types import ModuleType
@@ -33,6 +35,18 @@ from kproxy.dataplane.xtables.entries import EntryCompiler
 from kproxy.dataplane.xtables.kernel_image import ImageMatch, TableImage, read_image
 from kproxy.dataplane.xtables.lock import HeldLock
 from kproxy.rules.ir import Table
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"))
+
+
+def _return_freed_memory() -> None:
+    """Give the pages of freed malloc chunks back to the kernel. A libiptc copy is many small
+    chunks (about the table's size again beside its blob); once freed, glibc keeps them resident
+    in the arena that made them, while the next copy, read by the other thread, lands in the
+    other arena (the agent's peak at 10,000 services: 649 MB without this, 607 MB with it)."""
+    trim = getattr(_libc, "malloc_trim", None)  # glibc's; other C libraries go without
+    if trim is not None:
+        trim(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +95,14 @@ class LibiptcTables:
         """Read the copy of `name` from the kernel now (the caller holds the lock)."""
         self.wait()
         self._kept.pop(name, None)
-        self._table(name).refresh()
+        self._read(name)
+
+    def _read(self, name: str) -> None:
+        """Free the old copy of `name` and give its memory back before reading the new one."""
+        table = self._table(name)
+        table.close()  # no handle until the refresh below: python-iptables must not run between
+        _return_freed_memory()
+        table.refresh()
 
     def write(self, changes: TableChanges) -> None:
         """Edit the copy of the table and commit it. The copy must hold what the kernel holds:
@@ -94,22 +115,27 @@ class LibiptcTables:
             for pos in sorted(positions, reverse=True):
                 if lib.iptc_delete_num_entry(chain.encode(), pos, handle) != 1:
                     raise iptc.IPTCError(f"can't delete rule {pos} of {chain}: {table.strerror()}")
+        # libiptc directly, here and below: python-iptables' calls add a Python layer per call
+        # (and its append_entry a ctypes cast, a reference cycle only the cyclic collector
+        # frees). Chains are created in name order, the order libiptc keeps them in: it finds
+        # each one's place from the last, twice as fast as in plan order (60,000 chains).
         created = set(changes.create)
-        for name in changes.create:
-            table.create_chain(name)
+        for name in sorted(changes.create):
+            if lib.iptc_create_chain(name.encode(), handle) != 1:
+                raise iptc.IPTCError(f"can't create chain {name}: {table.strerror()}")
         for wanted in changes.write:
-            if wanted.name not in created:
-                table.flush_entries(wanted.name)
             chain_name = wanted.name.encode()
+            if wanted.name not in created and lib.iptc_flush_entries(chain_name, handle) != 1:
+                raise iptc.IPTCError(f"can't flush chain {wanted.name}: {table.strerror()}")
             for rule in wanted.rules:
-                # libiptc directly: python-iptables' append_entry makes a ctypes cast per call,
-                # a reference cycle only the cyclic collector frees.
                 if lib.iptc_append_entry(chain_name, self.entries.entry(rule), handle) != 1:
                     raise iptc.IPTCError(f"can't append to chain {wanted.name}: {table.strerror()}")
         for name in changes.delete:
-            table.flush_entries(name)
+            if lib.iptc_flush_entries(name.encode(), handle) != 1:
+                raise iptc.IPTCError(f"can't flush chain {name}: {table.strerror()}")
         for name in changes.delete:
-            table.delete_chain(name)
+            if lib.iptc_delete_chain(name.encode(), handle) != 1:
+                raise iptc.IPTCError(f"can't delete chain {name}: {table.strerror()}")
         for jump in changes.insert_jumps:
             entry, into = self.entries.entry(jump.rule), jump.chain.encode()
             if jump.append:  # e.g. the userspace mode's NodePort jumps, which must come last
@@ -129,7 +155,7 @@ class LibiptcTables:
             images: dict[str, TableImage | None] = {}
             try:
                 for name in applied:
-                    self._table(name).refresh()
+                    self._read(name)
                     images[name] = read_image(self.family, name)
             except Exception:
                 images.clear()  # nothing is kept: the next sync reads the kernel
