@@ -21,11 +21,10 @@ from kproxy.model.kinds import Kind
 from kproxy.model.node import NodeInfo
 from kproxy.state.cluster import ClusterState
 from kproxy.state.ingest import combine, replace_all, set_service_cidrs
+from kproxy.watch.manifest_yaml import load_documents
 
 log = structlog.get_logger("kproxy.watch")
 SUFFIXES = (".yaml", ".yml", ".json")
-# libyaml's parser when PyYAML was built with it: several times faster on large manifests.
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 # kind -> the apiVersions kproxy understands for it.
 KINDS: dict[str, tuple[str, ...]] = {  # keyed by Kind, looked up by any string
     Kind.SERVICE: ("v1",),
@@ -168,7 +167,7 @@ def _documents(path: Path) -> Iterator[Any]:
         if path.suffix == ".json":
             yield json.loads(text)
         else:
-            yield from (doc for doc in yaml.load_all(text, Loader=_YAML_LOADER) if doc is not None)
+            yield from (doc for doc in load_documents(text) if doc is not None)
     except json.JSONDecodeError as exc:
         raise ManifestParseError(path, exc.lineno, f"invalid JSON ({exc.msg})") from exc
     except yaml.YAMLError as exc:

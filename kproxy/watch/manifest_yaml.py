@@ -1,0 +1,130 @@
+"""Multi-document YAML read into the same Python values as `yaml.safe_load_all`, faster.
+
+PyYAML's constructor spends most of a large manifest's parse in Python bookkeeping per node
+(state generators, a constructed-object memo, a resolver walk per scalar). Manifests hold plain
+mappings, lists and scalars, so this builds those directly from the nodes libyaml composes, and
+each scalar through the safe constructor's own function for its tag, once per distinct
+(tag, text). A document holding anything else (a tag outside YAML's core schema, a merge key,
+a node reached twice through an alias, a non-scalar key, a value its tag's constructor refuses)
+is built by PyYAML's safe constructor itself, so every document reads exactly as it would
+there, errors included."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_STR = "tag:yaml.org,2002:str"
+_MAP = "tag:yaml.org,2002:map"
+_SEQ = "tag:yaml.org,2002:seq"
+# Scalar tags built here (by the safe constructor's function for each): their values are
+# immutable, so one value may stand for every equal (tag, text).
+_SCALAR_TAGS = frozenset(
+    "tag:yaml.org,2002:" + name for name in ("int", "float", "bool", "null", "timestamp")
+)
+# Bounds the per-file memos: the frequent texts (keys, true, TCP) come first and stay; a file of
+# a million distinct addresses does not keep a million entries.
+_MEMO_LIMIT = 8192
+
+ScalarBuilder = Callable[[Any, ScalarNode], Any]
+
+
+class _Unusual(Exception):
+    """A document this reader leaves to PyYAML's constructor."""
+
+
+class _Loader(_LOADER):  # type: ignore[misc, valid-type]
+    """libyaml's composer with the implicit-tag resolution of each distinct plain text made
+    once (the resolver is a pure function of text and style while no path resolver is set)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._tags: dict[tuple[str, Any], str] = {}
+        self._memo_ok = not self.yaml_path_resolvers
+
+    def resolve(self, kind: type[Node], value: Any, implicit: Any) -> Any:
+        if kind is not ScalarNode or not self._memo_ok:
+            return super().resolve(kind, value, implicit)
+        key = (value, implicit)
+        tag = self._tags.get(key)
+        if tag is None:
+            tag = super().resolve(kind, value, implicit)
+            if len(self._tags) < _MEMO_LIMIT:
+                self._tags[key] = tag
+        return tag
+
+
+class _Builder:
+    """Python values of one file's documents, built from their nodes."""
+
+    def __init__(self, loader: _Loader) -> None:
+        self.loader = loader
+        self.scalars: dict[tuple[str, str], Any] = {}
+        constructors = loader.yaml_constructors
+        self.constructors: dict[str, ScalarBuilder] = {
+            tag: constructors[tag] for tag in _SCALAR_TAGS if tag in constructors
+        }
+        self.seen: set[int] = set()
+
+    def document(self, root: Node) -> Any:
+        self.seen.clear()
+        try:
+            return self.build(root)
+        except (_Unusual, RecursionError):
+            return self.loader.construct_document(root)
+        finally:
+            self.seen.clear()
+
+    def build(self, node: Node) -> Any:
+        kind = type(node)
+        if kind is ScalarNode:
+            return self.scalar(node)  # type: ignore[arg-type]
+        if id(node) in self.seen:  # an alias: PyYAML shares the object (or a recursive one)
+            raise _Unusual
+        self.seen.add(id(node))
+        if kind is MappingNode and node.tag == _MAP:
+            mapping: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                if type(key_node) is not ScalarNode:
+                    raise _Unusual  # a collection as a key (PyYAML refuses most)
+                # (A merge key `<<` or value key `=` has its own tag: unusual in scalar().)
+                mapping[self.scalar(key_node)] = self.build(value_node)
+            return mapping
+        if kind is SequenceNode and node.tag == _SEQ:
+            return [self.build(item) for item in node.value]
+        raise _Unusual
+
+    def scalar(self, node: ScalarNode) -> Any:
+        tag = node.tag
+        if tag == _STR:
+            return node.value
+        key = (tag, node.value)
+        try:
+            return self.scalars[key]
+        except KeyError:
+            pass
+        construct = self.constructors.get(tag)
+        if construct is None:
+            raise _Unusual
+        try:
+            value = construct(self.loader, node)
+        except Exception:  # left to PyYAML, to raise exactly what it raises
+            raise _Unusual from None
+        if len(self.scalars) < _MEMO_LIMIT:
+            self.scalars[key] = value
+        return value
+
+
+def load_documents(text: str) -> Iterator[Any]:
+    """Each document of `text` as `yaml.load_all(text, Loader=CSafeLoader)` yields it."""
+    loader = _Loader(text)
+    try:
+        builder = _Builder(loader)
+        while loader.check_node():
+            yield builder.document(loader.get_node())
+    finally:
+        loader.dispose()
