@@ -11,6 +11,7 @@ there, errors included."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -64,6 +65,7 @@ class _Builder:
     def __init__(self, loader: _Loader) -> None:
         self.loader = loader
         self.scalars: dict[tuple[str, str], Any] = {}
+        self.strings: dict[str, str] = {}
         constructors = loader.yaml_constructors
         self.constructors: dict[str, ScalarBuilder] = {
             tag: constructors[tag] for tag in _SCALAR_TAGS if tag in constructors
@@ -91,8 +93,10 @@ class _Builder:
             for key_node, value_node in node.value:
                 if type(key_node) is not ScalarNode:
                     raise _Unusual  # a collection as a key (PyYAML refuses most)
-                # (A merge key `<<` or value key `=` has its own tag: unusual in scalar().)
-                mapping[self.scalar(key_node)] = self.build(value_node)
+                if key_node.tag == _STR:  # field names: one object each, across files too
+                    mapping[sys.intern(key_node.value)] = self.build(value_node)
+                else:  # (a merge key `<<` or value key `=` has its own tag: unusual there)
+                    mapping[self.scalar(key_node)] = self.build(value_node)
             return mapping
         if kind is SequenceNode and node.tag == _SEQ:
             return [self.build(item) for item in node.value]
@@ -101,7 +105,13 @@ class _Builder:
     def scalar(self, node: ScalarNode) -> Any:
         tag = node.tag
         if tag == _STR:
-            return node.value
+            # One object for each frequent text (keys, `TCP`, node names): a file's documents
+            # hold it hundreds of thousands of times.
+            text: str = node.value
+            shared = self.strings.get(text)
+            if shared is None and len(self.strings) < _MEMO_LIMIT:
+                self.strings[text] = shared = text
+            return text if shared is None else shared
         key = (tag, node.value)
         try:
             return self.scalars[key]
