@@ -48,8 +48,10 @@ class _Loader(_LOADER):  # type: ignore[misc, valid-type]
         self._memo_ok = not self.yaml_path_resolvers
 
     def resolve(self, kind: type[Node], value: Any, implicit: Any) -> Any:
-        if kind is not ScalarNode or not self._memo_ok:
+        if not self._memo_ok:
             return super().resolve(kind, value, implicit)
+        if kind is not ScalarNode:  # what the resolver gives collections without path resolvers
+            return self.DEFAULT_MAPPING_TAG if kind is MappingNode else self.DEFAULT_SEQUENCE_TAG
         key = (value, implicit)
         tag = self._tags.get(key)
         if tag is None:
