@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -34,6 +34,12 @@ _MEMO_LIMIT = 8192
 ScalarBuilder = Callable[[Any, ScalarNode], Any]
 
 
+class Readable(Protocol):
+    """A text stream libyaml reads a chunk at a time."""
+
+    def read(self, size: int, /) -> str: ...
+
+
 class _Unusual(Exception):
     """A document this reader leaves to PyYAML's constructor."""
 
@@ -42,7 +48,7 @@ class _Loader(_LOADER):  # type: ignore[misc, valid-type]
     """libyaml's composer with the implicit-tag resolution of each distinct plain text made
     once (the resolver is a pure function of text and style while no path resolver is set)."""
 
-    def __init__(self, stream: str) -> None:
+    def __init__(self, stream: str | Readable) -> None:
         super().__init__(stream)
         self._tags: dict[tuple[str, Any], str] = {}
         self._memo_ok = not self.yaml_path_resolvers
@@ -131,8 +137,9 @@ class _Builder:
         return value
 
 
-def load_documents(text: str) -> Iterator[Any]:
-    """Each document of `text` as `yaml.load_all(text, Loader=CSafeLoader)` yields it."""
+def load_documents(text: str | Readable) -> Iterator[Any]:
+    """Each document of `text` (a string, or a stream of one) as `yaml.load_all(text,
+    Loader=CSafeLoader)` yields it."""
     loader = _Loader(text)
     try:
         builder = _Builder(loader)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 import yaml
@@ -192,26 +192,71 @@ class ManifestParseError(ManifestError):
         self.problem = problem
 
 
+def _unreadable(path: Path, exc: OSError | UnicodeDecodeError) -> ManifestParseError:
+    reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+    return ManifestParseError(path, None, f"cannot read ({reason})")
+
+
+class _TextChunks:
+    """A manifest file's text handed to libyaml a chunk at a time, so that neither the whole
+    text nor its UTF-8 copy is held (64 MB of a 32 MB file's peak). Named as a string source
+    is: a reader error quotes the name, and reads as it did when the text was read whole."""
+
+    name = "<unicode string>"
+
+    def __init__(self, stream: TextIO) -> None:
+        self.read: Callable[[int], str] = stream.read
+
+
 def _documents(path: Path) -> Iterator[Any]:
+    if path.suffix == ".json":
+        yield from _json_document(path)
+        return
+    try:
+        stream = path.open()
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
+    with stream:
+        try:
+            yield from (doc for doc in load_documents(_TextChunks(stream)) if doc is not None)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _unreadable(path, exc) from exc
+        except Exception as exc:
+            # Text that does not decode is reported first wherever it is, as when the file
+            # was read whole before its parse.
+            try:
+                stream.read()
+            except (OSError, UnicodeDecodeError) as unreadable:
+                raise _unreadable(path, unreadable) from unreadable
+            error = _parse_error(path, exc)
+            if error is exc:
+                raise
+            raise error from exc
+
+
+def _json_document(path: Path) -> Iterator[Any]:
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ManifestParseError(path, None, f"cannot read ({reason})") from exc
+        raise _unreadable(path, exc) from exc
     try:
-        if path.suffix == ".json":
-            yield json.loads(text)
-        else:
-            yield from (doc for doc in load_documents(text) if doc is not None)
-    except json.JSONDecodeError as exc:
-        raise ManifestParseError(path, exc.lineno, f"invalid JSON ({exc.msg})") from exc
-    except yaml.YAMLError as exc:
+        yield json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise _parse_error(path, exc) from exc
+
+
+def _parse_error(path: Path, exc: Exception) -> Exception:
+    """The ManifestParseError for `exc`, raised parsing `path`; `exc` itself if unexpected."""
+    if isinstance(exc, json.JSONDecodeError):
+        return ManifestParseError(path, exc.lineno, f"invalid JSON ({exc.msg})")
+    if isinstance(exc, yaml.YAMLError):
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
         line = mark.line + 1 if mark is not None else None
-        raise ManifestParseError(path, line, f"invalid YAML ({problem})") from exc
-    except RecursionError as exc:  # absurdly deep nesting: the constructor recurses per level
-        raise ManifestParseError(path, None, "nested too deeply") from exc
+        return ManifestParseError(path, line, f"invalid YAML ({problem})")
+    if isinstance(exc, RecursionError):  # absurdly deep nesting: the constructor recurses
+        return ManifestParseError(path, None, "nested too deeply")
+    return exc
 
 
 @contextmanager
