@@ -11,6 +11,7 @@ there, errors included."""
 
 from __future__ import annotations
 
+import operator
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -46,24 +47,32 @@ class _Unusual(Exception):
 
 class _Loader(_LOADER):  # type: ignore[misc, valid-type]
     """libyaml's composer with the implicit-tag resolution of each distinct plain text made
-    once (the resolver is a pure function of text and style while no path resolver is set)."""
+    once. Without path resolvers (none is set by default) the resolver is a pure function of
+    the node's kind, text and style: a quoted or block scalar is a string, a collection a map
+    or a sequence, a plain scalar whatever its text resolves to."""
 
     def __init__(self, stream: str | Readable) -> None:
         super().__init__(stream)
-        self._tags: dict[tuple[str, Any], str] = {}
+        self._tags: dict[str, str] = {}
         self._memo_ok = not self.yaml_path_resolvers
+        if self._memo_ok:
+            # The composer calls these around every node; without path resolvers they do
+            # nothing, and C callables that do nothing cost a tenth of the Python call.
+            setattr(self, "descend_resolver", operator.is_)  # noqa: B010 (a method's place)
+            setattr(self, "ascend_resolver", tuple)  # noqa: B010
 
     def resolve(self, kind: type[Node], value: Any, implicit: Any) -> Any:
         if not self._memo_ok:
             return super().resolve(kind, value, implicit)
-        if kind is not ScalarNode:  # what the resolver gives collections without path resolvers
+        if kind is not ScalarNode:
             return self.DEFAULT_MAPPING_TAG if kind is MappingNode else self.DEFAULT_SEQUENCE_TAG
-        key = (value, implicit)
-        tag = self._tags.get(key)
+        if not implicit[0]:  # not plain: no implicit resolver applies
+            return self.DEFAULT_SCALAR_TAG
+        tag = self._tags.get(value)
         if tag is None:
             tag = super().resolve(kind, value, implicit)
             if len(self._tags) < _MEMO_LIMIT:
-                self._tags[key] = tag
+                self._tags[value] = tag
         return tag
 
 
