@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from kproxy.errors import InvalidObjectError
 from kproxy.model.addresses import canonical_ipv4, read_ip_fully
 from kproxy.model.convert import build_endpoint_slice
-from kproxy.model.fields import FieldReader
+from kproxy.model.fields import FieldReader, is_dns1123_label, is_dns1123_subdomain
 from kproxy.model.slices import _endpoint, _plain_endpoint
 
 
@@ -188,3 +188,37 @@ def test_a_slice_reads_as_before_with_bad_endpoints_among_good_ones() -> None:
             )
         ),
     ]
+
+
+def subdomain_by_labels(value: str) -> bool:
+    """The rule as its definition states it: DNS-1123 labels joined by dots, 253 at most."""
+    return len(value) <= 253 and all(is_dns1123_label(part) for part in value.split("."))
+
+
+names = st.one_of(
+    st.text(alphabet="a-z09.", max_size=80),
+    st.lists(st.text(alphabet="ab-0", min_size=0, max_size=70), max_size=5).map(".".join),
+    st.text(max_size=10),
+    st.integers(60, 66).map(lambda n: "a" * n),
+    st.integers(250, 256).map(lambda n: ("a" * 62 + ".") * 4 + "b" * (n - 252)),
+)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(names)
+def test_the_subdomain_pattern_is_the_label_rule(value: str) -> None:
+    assert is_dns1123_subdomain(value) == subdomain_by_labels(value)
+
+
+def test_a_reader_names_its_object_only_when_it_fails() -> None:
+    asked: list[str] = []
+
+    def ref() -> str:
+        asked.append("ref")
+        return "Service a/b"
+
+    reader = FieldReader(ref)
+    assert reader.string("x", "spec.type") == "x"
+    assert asked == []
+    assert str(reader.fail("spec", "bad")) == str(InvalidObjectError("Service a/b", "spec", "bad"))
+    assert reader.ref == "Service a/b" and asked == ["ref"]
