@@ -73,8 +73,10 @@ def resolve_hostname(flag: str | None, config: ProxyConfig) -> str:
     return (flag or config.hostname_override or socket.gethostname()).strip().lower()
 
 
-def read_manifests(path: str) -> Manifests:
-    manifests = load_manifests(path)
+def read_manifests(path: str, convert_slices: bool = True) -> Manifests:
+    """The manifests under `path`, for build_state; their EndpointSlices are converted as they
+    are read unless `convert_slices` is False (see ConvertedSlices)."""
+    manifests = load_manifests(path, convert_slices)
     log_ignored_documents(manifests)
     warn_empty(manifests, path)
     return manifests
@@ -84,7 +86,7 @@ def read_all_manifests(paths: Sequence[str]) -> Manifests:
     """Several files or directories as one set of objects."""
     merged = Manifests()
     for path in paths:
-        merged.extend(read_manifests(path))
+        merged.extend(read_manifests(path, convert_slices=False))
     return merged
 
 

@@ -316,7 +316,7 @@ def build_service(obj: Any, allowed: AllowList = None) -> ServiceInfo:
     """The Service's ports, none for services kube-proxy does not proxy (headless, ExternalName,
     labelled for another proxy), and the values left out of them. `allowed` is the config's
     allow-list of externalIPs and ingress IPs (None: any)."""
-    reader = FieldReader(object_ref(obj, "Service"))
+    reader = FieldReader(lambda: object_ref(obj, "Service"))
     ports = _service_ports(reader, obj, allowed)
     # Nothing left out matters for a service that is not programmed.
     return ServiceInfo(tuple(ports), tuple(reader.skipped) if ports else ())
@@ -343,7 +343,7 @@ def _service_ports(reader: FieldReader, obj: Any, allowed: AllowList) -> list[Se
 def build_endpoint_slice(obj: Any) -> EndpointSliceInfo | None:
     """The slice, or None when it carries nothing kproxy uses (FQDN slices, no service label).
     An endpoint with a bad field is left out and reported in the result's `skipped`."""
-    reader = FieldReader(object_ref(obj, "EndpointSlice"))
+    reader = FieldReader(lambda: object_ref(obj, "EndpointSlice"))
     meta = _metadata(reader, obj, is_dns1123_subdomain, "DNS-1123 subdomain", namespaced=True)
     address_type = reader.string(obj.get("addressType"), "addressType")
     service = meta.labels.get(SERVICE_NAME_LABEL, "")
@@ -376,7 +376,7 @@ def _internal_ips(reader: FieldReader, status: Mapping[str, Any]) -> tuple[str, 
 def build_node(obj: Any) -> NodeInfo:
     """The Node; its `skipped` holds the addresses left out. The API server checks pod CIDRs
     (a bad one refuses the Node)."""
-    reader = FieldReader(object_ref(obj, "Node"))
+    reader = FieldReader(lambda: object_ref(obj, "Node"))
     meta = _metadata(reader, obj, is_dns1123_subdomain, "DNS-1123 subdomain", namespaced=False)
     spec = reader.mapping(obj.get("spec"), "spec")
     cidrs = reader.sequence(spec.get("podCIDRs"), "spec.podCIDRs")

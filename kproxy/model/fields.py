@@ -8,7 +8,7 @@ malformed object is skipped with one warning instead of raising something else f
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kproxy.errors import InvalidObjectError
@@ -17,6 +17,10 @@ from kproxy.errors import InvalidObjectError
 # into a rule comment and a chain-name hash as it is.
 _DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+# The same, as one pattern: labels of at most 63 characters joined by dots.
+_DNS1123_SUBDOMAIN = re.compile(
+    r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?)*"
+)
 _LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
 _SHOW_LIMIT = 60
 
@@ -37,7 +41,8 @@ def is_dns1035_label(value: str) -> bool:
 
 
 def is_dns1123_subdomain(value: str) -> bool:
-    return len(value) <= 253 and all(is_dns1123_label(part) for part in value.split("."))
+    """DNS-1123 labels joined by dots, 253 characters at most."""
+    return len(value) <= 253 and _DNS1123_SUBDOMAIN.fullmatch(value) is not None
 
 
 def is_label_value(value: str) -> bool:
@@ -45,12 +50,19 @@ def is_label_value(value: str) -> bool:
 
 
 class FieldReader:
-    """Reads fields of one object; `ref` names the object in every error. `skipped` collects the
-    values left out of an object that is kept (the caller warns once about each)."""
+    """Reads fields of one object; `ref` names the object in every error (given as a function,
+    it is made only when an error needs it). `skipped` collects the values left out of an
+    object that is kept (the caller warns once about each)."""
 
-    def __init__(self, ref: str) -> None:
-        self.ref = ref
+    def __init__(self, ref: str | Callable[[], str]) -> None:
+        self._ref = ref
         self.skipped: list[InvalidObjectError] = []
+
+    @property
+    def ref(self) -> str:
+        if not isinstance(self._ref, str):
+            self._ref = self._ref()
+        return self._ref
 
     def fail(self, path: str, problem: str) -> InvalidObjectError:
         return InvalidObjectError(self.ref, path, problem)

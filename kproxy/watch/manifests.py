@@ -4,12 +4,14 @@ manifests, exactly as
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 import yaml
@@ -20,12 +22,15 @@ from kproxy.model.config import ProxyConfig
 from kproxy.model.kinds import Kind
 from kproxy.model.node import NodeInfo
 from kproxy.state.cluster import ClusterState
-from kproxy.state.ingest import combine, replace_all, set_service_cidrs
+from kproxy.state.ingest import (
+    replace_all,
+    set_service_cidrs,
+    update_endpoint_slice,
+)
+from kproxy.watch.manifest_yaml import load_documents
 
 log = structlog.get_logger("kproxy.watch")
 SUFFIXES = (".yaml", ".yml", ".json")
-# libyaml's parser when PyYAML was built with it: several times faster on large manifests.
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 # kind -> the apiVersions kproxy understands for it.
 KINDS: dict[str, tuple[str, ...]] = {  # keyed by Kind, looked up by any string
     Kind.SERVICE: ("v1",),
@@ -36,14 +41,35 @@ KINDS: dict[str, tuple[str, ...]] = {  # keyed by Kind, looked up by any string
 
 
 @dataclass
+class ConvertedSlices:
+    """EndpointSlices converted as they are read, for a command that reads its manifests once:
+    each document is dropped as soon as it is converted (a 5,000 x 50 cluster's slices weigh
+    several times the state built from them). What they skip waits here, for
+    state_from_manifests to report in its order."""
+
+    state: ClusterState = field(default_factory=ClusterState)
+    errors: list[InvalidObjectError] = field(default_factory=list)
+    count: int = 0
+
+    def add(self, obj: Mapping[str, Any]) -> None:
+        self.count += 1
+        try:
+            self.errors += update_endpoint_slice(self.state, obj)
+        except InvalidObjectError as exc:
+            self.errors.append(exc)
+
+
+@dataclass
 class Manifests:
-    """The objects found, by kind, and a warning for every document that was ignored."""
+    """The objects found, by kind, and a warning for every document that was ignored. With
+    `converted`, EndpointSlices go there instead of into `endpoint_slices`."""
 
     services: list[dict[str, Any]] = field(default_factory=list)
     endpoint_slices: list[dict[str, Any]] = field(default_factory=list)
     nodes: list[dict[str, Any]] = field(default_factory=list)
     service_cidrs: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    converted: ConvertedSlices | None = None
 
     def add(self, obj: Any, where: str) -> None:
         if not isinstance(obj, Mapping):
@@ -63,6 +89,9 @@ class Manifests:
                 f"(expected {' or '.join(KINDS[kind])}); ignored"
             )
             return
+        if kind == Kind.ENDPOINT_SLICE and self.converted is not None:
+            self.converted.add(obj)
+            return
         target = {
             Kind.SERVICE: self.services,
             Kind.ENDPOINT_SLICE: self.endpoint_slices,
@@ -72,7 +101,9 @@ class Manifests:
         target.append(dict(obj))
 
     def extend(self, other: Manifests) -> None:
-        """Add `other`'s objects and warnings after this one's."""
+        """Add `other`'s objects and warnings after this one's (neither converting slices)."""
+        if self.converted is not None or other.converted is not None:
+            raise ValueError("manifests with converted EndpointSlices cannot be merged")
         self.services += other.services
         self.endpoint_slices += other.endpoint_slices
         self.nodes += other.nodes
@@ -80,7 +111,10 @@ class Manifests:
         self.warnings += other.warnings
 
     def holds_objects(self) -> bool:
-        return bool(self.services or self.endpoint_slices or self.nodes or self.service_cidrs)
+        converted = self.converted is not None and self.converted.count > 0
+        return bool(
+            self.services or self.endpoint_slices or self.nodes or self.service_cidrs or converted
+        )
 
 
 def log_ignored_documents(manifests: Manifests, **context: str) -> None:
@@ -158,43 +192,104 @@ class ManifestParseError(ManifestError):
         self.problem = problem
 
 
+def _unreadable(path: Path, exc: OSError | UnicodeDecodeError) -> ManifestParseError:
+    reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+    return ManifestParseError(path, None, f"cannot read ({reason})")
+
+
+class _TextChunks:
+    """A manifest file's text handed to libyaml a chunk at a time, so that neither the whole
+    text nor its UTF-8 copy is held (64 MB of a 32 MB file's peak). Named as a string source
+    is: a reader error quotes the name, and reads as it did when the text was read whole."""
+
+    name = "<unicode string>"
+
+    def __init__(self, stream: TextIO) -> None:
+        self.read: Callable[[int], str] = stream.read
+
+
 def _documents(path: Path) -> Iterator[Any]:
+    if path.suffix == ".json":
+        yield from _json_document(path)
+        return
+    try:
+        stream = path.open()
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
+    with stream:
+        try:
+            yield from (doc for doc in load_documents(_TextChunks(stream)) if doc is not None)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _unreadable(path, exc) from exc
+        except Exception as exc:
+            # Text that does not decode is reported first wherever it is, as when the file
+            # was read whole before its parse.
+            try:
+                stream.read()
+            except (OSError, UnicodeDecodeError) as unreadable:
+                raise _unreadable(path, unreadable) from unreadable
+            error = _parse_error(path, exc)
+            if error is exc:
+                raise
+            raise error from exc
+
+
+def _json_document(path: Path) -> Iterator[Any]:
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ManifestParseError(path, None, f"cannot read ({reason})") from exc
+        raise _unreadable(path, exc) from exc
     try:
-        if path.suffix == ".json":
-            yield json.loads(text)
-        else:
-            yield from (doc for doc in yaml.load_all(text, Loader=_YAML_LOADER) if doc is not None)
-    except json.JSONDecodeError as exc:
-        raise ManifestParseError(path, exc.lineno, f"invalid JSON ({exc.msg})") from exc
-    except yaml.YAMLError as exc:
+        yield json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise _parse_error(path, exc) from exc
+
+
+def _parse_error(path: Path, exc: Exception) -> Exception:
+    """The ManifestParseError for `exc`, raised parsing `path`; `exc` itself if unexpected."""
+    if isinstance(exc, json.JSONDecodeError):
+        return ManifestParseError(path, exc.lineno, f"invalid JSON ({exc.msg})")
+    if isinstance(exc, yaml.YAMLError):
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
         line = mark.line + 1 if mark is not None else None
-        raise ManifestParseError(path, line, f"invalid YAML ({problem})") from exc
-    except RecursionError as exc:  # absurdly deep nesting: the constructor recurses per level
-        raise ManifestParseError(path, None, "nested too deeply") from exc
+        return ManifestParseError(path, line, f"invalid YAML ({problem})")
+    if isinstance(exc, RecursionError):  # absurdly deep nesting: the constructor recurses
+        return ManifestParseError(path, None, "nested too deeply")
+    return exc
 
 
-def load_file(file: Path) -> Manifests:
-    """The objects of one manifest file; ManifestParseError if it does not parse."""
-    found = Manifests()
-    for i, doc in enumerate(_documents(file)):
-        found.add(doc, f"{file} document {i + 1}")
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic collector waits while a large file's objects are made: they form no
+    cycles, and its passes over the growing heap cost a fifth of a 10,000-service parse."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def load_file(file: Path, found: Manifests | None = None) -> Manifests:
+    """The objects of one manifest file (added to `found`, if given); ManifestParseError if it
+    does not parse."""
+    found = Manifests() if found is None else found
+    with _collector_paused():
+        for i, doc in enumerate(_documents(file)):
+            found.add(doc, f"{file} document {i + 1}")
     return found
 
 
-def load_manifests(path: str | Path) -> Manifests:
+def load_manifests(path: str | Path, convert_slices: bool = False) -> Manifests:
     """Every Service, EndpointSlice, Node and ServiceCIDR under `path`. A file that does not
     parse raises ManifestError naming the file and line; a document of another kind is only a
-    warning."""
-    found = Manifests()
+    warning. With `convert_slices`, the EndpointSlices are converted as they are read (see
+    ConvertedSlices), for state_from_manifests."""
+    found = Manifests(converted=ConvertedSlices() if convert_slices else None)
     for file in manifest_files(Path(path)):
-        found.extend(load_file(file))
+        load_file(file, found)
     return found
 
 
@@ -210,16 +305,19 @@ def state_from_manifests(
     It consumes `manifests`' Services and EndpointSlices (their lists are left empty): their
     documents weigh more than the state built from them (86 MB of a sync's 659 MB peak at
     10,000 services, bench/memory_profile.py) and nothing reads them after."""
-    state = ClusterState()
+    converted = manifests.converted
+    state = ClusterState() if converted is None else converted.state
     if config is not None:
         state.allowed_vips = build_allow_list(config.allowed_external_ip_cidrs)
-    load = combine(
-        replace_all(Kind.SERVICE, manifests.services),
-        replace_all(Kind.ENDPOINT_SLICE, manifests.endpoint_slices),
-        set_service_cidrs(manifests.service_cidrs),
-    )
-    errors = load(state)
-    del load  # holds the documents too
+    with _collector_paused():
+        # The errors in one order whether the slices were converted here or as read.
+        errors = replace_all(Kind.SERVICE, manifests.services)(state)
+        if converted is None:
+            errors += replace_all(Kind.ENDPOINT_SLICE, manifests.endpoint_slices)(state)
+        else:
+            errors += converted.errors
+            manifests.converted = None  # the state is the caller's now
+        errors += set_service_cidrs(manifests.service_cidrs)(state)
     manifests.services.clear()
     manifests.endpoint_slices.clear()
     for exc in errors:
