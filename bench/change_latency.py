@@ -49,7 +49,7 @@ from integration.real_node import DEFAULT_KUBELET
 VIP = "10.96.0.10"
 PORT = 80
 TARGET = 8080
-CONVERGE_TIMEOUT = 120.0
+CONVERGE_TIMEOUT = 600.0  # the first sync: about 2 minutes in the iptables mode on an nft node
 SYNC_LOG_TIMEOUT = 60.0  # for a change's sync_completed line, written after the rules land
 MODES = ("iptables", "nftables", "userspace")
 

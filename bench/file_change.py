@@ -299,7 +299,7 @@ def agent_latencies(node: AgentNode, root: Path, args: argparse.Namespace) -> li
     measured = root / "measured.yaml"
     dump(measured, measured_docs(pods[0].ip))
     agent = node.start_agent("--manifests", str(root), wait=False)
-    first = agent.wait_for_event("sync_completed", timeout=300)[0]
+    first = agent.wait_for_event("sync_completed", timeout=600)[0]
     print(
         f"mode {args.mode} (node's iptables: {args.kubelet or DEFAULT_KUBELET}), "
         f"{args.services} services, one file each; first sync "
