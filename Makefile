@@ -74,6 +74,7 @@ bench: venv
 	$(PY) -m bench.nft_commit_floor --services 2000 10000
 	$(PY) -m bench.conntrack_bench --entries 250000
 	for m in iptables nftables userspace; do $(PY) -m bench.change_latency --services 10000 --mode $$m || exit 1; done
+	for m in iptables nftables; do $(PY) -m bench.file_change --agent --services 10000 --mode $$m || exit 1; done
 
 # The userspace mode against the iptables mode through one ClusterIP (root; about 2.5 minutes).
 bench-modes: venv

@@ -27,6 +27,15 @@ times, each write after a random pause (so the poll is caught at any point of it
 
 Both against the same API event. No root needed; the files live in a temporary directory
 removed on exit.
+
+`--agent --mode iptables|nftables|userspace` (root) measures the whole road instead: `kproxy run
+--manifests DIR` in a node namespace (integration/agent_harness.py), one file per service (N-1
+filler services with `--endpoints` podless endpoints each, the measured one with a real pod), then
+the measured service's file rewritten `--changes` times, each making the other of two real pods
+its sole endpoint, while a client opens a connection every ~10 ms: the time from the start of the
+write to the end of the first connection the new pod answered. Baseline, in the same run:
+upstream's partial `iptables-legacy-restore --noflush` of one service on a node of the same size
+(bench.change_latency's), and the ratio.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import signal
 import statistics
 import sys
 import tempfile
@@ -44,9 +54,25 @@ from typing import Any
 
 import yaml
 
+from bench.change_latency import (
+    MODES,
+    PORT,
+    TARGET,
+    VIP,
+    endpoint_ip,
+    partial_restore_baseline,
+    service_ip,
+)
 from bench.sync_bench import timed
-from integration.agent_harness import slice_object
+from integration.agent_harness import (
+    AgentNode,
+    agent_node,
+    answered_by,
+    node_object,
+    slice_object,
+)
 from integration.manifests import service_manifest
+from integration.real_node import DEFAULT_KUBELET
 from kproxy.logs import configure_logging
 from kproxy.model.kinds import Kind
 from kproxy.state.cluster import ClusterState
@@ -224,6 +250,81 @@ def measure(root: Path, args: argparse.Namespace, layout: str) -> dict[str, floa
     return result
 
 
+def agent_files(root: Path, services: int, endpoints: int) -> None:
+    """The node's Node and N-1 filler services, one file each."""
+    dump(root / "node.yaml", [node_object()])
+    for i in range(services - 1):
+        addresses = [endpoint_ip(i, j) for j in range(endpoints)]
+        docs = [
+            service_manifest(f"svc-{i}", service_ip(i), PORT, TARGET),
+            slice_object(f"svc-{i}", addresses, TARGET),
+        ]
+        dump(root / f"svc-{i:05d}.yaml", docs)
+
+
+def measured_docs(ip: str) -> list[dict[str, Any]]:
+    return [service_manifest("measured", VIP, PORT, TARGET), slice_object("measured", [ip], TARGET)]
+
+
+def agent_change(args: argparse.Namespace) -> int:
+    kubelet = {} if args.kubelet is None else {"kubelet": args.kubelet}
+    with (
+        tempfile.TemporaryDirectory(prefix="kproxy-bench-") as workdir,
+        agent_node("fbench", Path(workdir), with_api=False, mode=args.mode, **kubelet) as node,
+    ):
+        # Not a test of the neighbours' rules: reading them back at 10,000 services (through
+        # iptables-nft-save, 110,000 rules) takes longer than the harness allows.
+        node.topo.foreign = None
+        latencies = agent_latencies(node, Path(workdir) / "manifests", args)
+    if latencies is None:
+        return 1
+    baseline = partial_restore_baseline(args.services, args.endpoints)
+    median, worst = statistics.median(latencies), max(latencies)
+    print(
+        f"file write -> first connection answered by the new endpoint: "
+        f"median {median * 1000:.0f} ms, worst {worst * 1000:.0f} ms; partial restore "
+        f"{baseline * 1000:.0f} ms; latency / baseline: median {median / baseline:.2f}x, "
+        f"worst {worst / baseline:.2f}x",
+        flush=True,
+    )
+    return 0
+
+
+def agent_latencies(node: AgentNode, root: Path, args: argparse.Namespace) -> list[float] | None:
+    node.configure("30s", "1s")  # kube-proxy's defaults
+    pods = [node.backend(f"bench-{k}", f"192.168.{k}.10", TARGET) for k in (1, 2)]
+    client = node.client("client", "192.168.9.9")
+    root.mkdir()
+    agent_files(root, args.services, args.endpoints)
+    measured = root / "measured.yaml"
+    dump(measured, measured_docs(pods[0].ip))
+    agent = node.start_agent("--manifests", str(root), wait=False)
+    first = agent.wait_for_event("sync_completed", timeout=600)[0]
+    print(
+        f"mode {args.mode} (node's iptables: {args.kubelet or DEFAULT_KUBELET}), "
+        f"{args.services} services, one file each; first sync "
+        f"{first['seconds']:.2f} s",
+        flush=True,
+    )
+    poller = node.poller(client, VIP, PORT, interval=0.01, timeout=0.2)
+    if poller.settled_on({pods[0].name}, 0.0, streak=5, timeout=60) == float("inf"):
+        print("the measured service never answered", file=sys.stderr)
+        return None
+    latencies = []
+    for k in range(args.changes):
+        target = pods[(k + 1) % 2]
+        time.sleep(1.5)  # above minSyncPeriod
+        written = time.monotonic()
+        dump(measured, measured_docs(target.ip))
+        answered = poller.first(answered_by(target.name), written, 120)
+        if answered is None:
+            print(f"change {k + 1}: {target.name} never answered", file=sys.stderr)
+            return None
+        latencies.append(answered.ended - written)
+    poller.stop()
+    return latencies
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.file_change",
@@ -233,7 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--services", type=int, default=10000)
     parser.add_argument("--changes", type=int, default=5)
     parser.add_argument("--live-changes", type=int, default=10, help="writes timed to the sink")
+    parser.add_argument("--agent", action="store_true", help="the agent, to traffic (root)")
+    parser.add_argument("--mode", choices=MODES, default="nftables", help="with --agent")
+    parser.add_argument("--endpoints", type=int, default=5, help="with --agent: per filler")
+    parser.add_argument("--kubelet", choices=("nft", "legacy"), default=None, help="with --agent")
     args = parser.parse_args(argv)
+    if args.agent:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # namespaces removed
+        return agent_change(args)
     configure_logging("warning")
     print(f"{args.services} services, {args.changes} one-file changes each (medians)")
     for layout in ("separate", "big+small"):

@@ -226,14 +226,14 @@ class ManifestSource:
                     file=str(path),
                     line=exc.line,
                     error=exc.problem,
-                    kept="last good objects" if path in self.index.files() else "none",
+                    kept="last good objects" if self.index.holds(path) else "none",
                 )
                 return
             log_ignored_documents(manifests, file=str(path))
             if not manifests.warnings:  # a file of only other kinds was warned about above
                 warn_empty(manifests, path)
             new = FileObjects.of(manifests)
-        previous = self.index.get(path) if path in self.index.files() else None
+        previous = self.index.get(path) if self.index.holds(path) else None
         change = self.index.replace(path, new)
         try:
             if not change.empty:

@@ -69,6 +69,10 @@ class ManifestIndex:
     def files(self) -> set[Path]:
         return set(self._files)
 
+    def holds(self, path: Path) -> bool:
+        """Whether `path` has objects here (without copying every path, as files() does)."""
+        return path in self._files
+
     def get(self, path: Path) -> FileObjects:
         return self._files.get(path, EMPTY)
 
