@@ -37,12 +37,12 @@ from bench.sync_bench import (
     slice_for,
     timed,
 )
+from kproxy.gcpause import gc_paused
 from kproxy.model.config import ProxyConfig
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import NamespacedName
 from kproxy.plan.iptables.ruleset import plan_ruleset
 from kproxy.rules.render import render_table
-from kproxy.sync.gcpause import gc_paused
 
 
 def prepare_baseline(services: int, endpoints: int) -> None:

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 
 from kproxy.dataplane.xtables.kernel_image import ImageMatch, TableImage, read_image
+from kproxy.gcpause import gc_paused
 from kproxy.model.config import ProxyConfig
 from kproxy.model.convert import EndpointSliceInfo, EndpointSlicePort
 from kproxy.model.endpoint import Endpoint
@@ -42,7 +43,6 @@ from kproxy.plan.iptables.ruleset import plan_ruleset
 from kproxy.rules.ir import Ruleset
 from kproxy.rules.render import render_rule, render_table
 from kproxy.state.cluster import ClusterState
-from kproxy.sync.gcpause import gc_paused
 
 TOP_LEVEL = {
     "filter": (

@@ -21,6 +21,7 @@ import structlog
 from kproxy.dataplane.base import ApplyResult, ModeDataplane
 from kproxy.dataplane.leftovers import LeftoverRemoval
 from kproxy.errors import KproxyError
+from kproxy.gcpause import gc_paused
 from kproxy.health.healthz import ProxyHealth
 from kproxy.health.metrics import ProxyMetrics
 from kproxy.health.service_health import ServiceHealthServers
@@ -33,7 +34,6 @@ from kproxy.plan.conntrack import CleanupReport, UdpServing, plan_cleanup, with_
 from kproxy.plan.node_plan import NodePlan, Planner
 from kproxy.state.cluster import ClusterState
 from kproxy.state.ingest import Mutation
-from kproxy.sync.gcpause import gc_paused
 from kproxy.sync.status import SyncStatus
 
 if TYPE_CHECKING:

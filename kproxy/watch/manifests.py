@@ -4,11 +4,9 @@ manifests, exactly as
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -17,6 +15,7 @@ import structlog
 import yaml
 
 from kproxy.errors import InvalidObjectError, ManifestError
+from kproxy.gcpause import gc_paused
 from kproxy.model.addresses import build_allow_list
 from kproxy.model.config import ProxyConfig
 from kproxy.model.kinds import Kind
@@ -259,24 +258,11 @@ def _parse_error(path: Path, exc: Exception) -> Exception:
     return exc
 
 
-@contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Python's cyclic collector waits while a large file's objects are made: they form no
-    cycles, and its passes over the growing heap cost a fifth of a 10,000-service parse."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def load_file(file: Path, found: Manifests | None = None) -> Manifests:
     """The objects of one manifest file (added to `found`, if given); ManifestParseError if it
     does not parse."""
     found = Manifests() if found is None else found
-    with _collector_paused():
+    with gc_paused():
         for i, doc in enumerate(_documents(file)):
             found.add(doc, f"{file} document {i + 1}")
     return found
@@ -309,7 +295,7 @@ def state_from_manifests(
     state = ClusterState() if converted is None else converted.state
     if config is not None:
         state.allowed_vips = build_allow_list(config.allowed_external_ip_cidrs)
-    with _collector_paused():
+    with gc_paused():
         # The errors in one order whether the slices were converted here or as read.
         errors = replace_all(Kind.SERVICE, manifests.services)(state)
         if converted is None:
