@@ -31,6 +31,7 @@ def comment(text: str) -> Match:
     return Match("comment", (Opt("comment", text.encode()[:255].decode(errors="ignore")),))
 
 
+@lru_cache(maxsize=4096)  # shared: Matches are immutable, and most rules of a kind hold the same
 def protocol_match(protocol: str, dport: int | None = None) -> Match:
     """`-m tcp [--dport N]`; the rule itself must carry `-p tcp`."""
     return Match(protocol, (Opt("dport", str(dport)),) if dport is not None else ())
@@ -91,6 +92,7 @@ def _full_mask(family: int) -> str:
     return "255.255.255.255" if family == 4 else "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
 
 
+@lru_cache(maxsize=4096)  # shared, as protocol_match: KUBE-MARK-MASQ alone is in every KUBE-SEP
 def jump(chain: str) -> Target:
     return Target(chain)
 

@@ -15,7 +15,6 @@ SERVICE_CHAIN_PREFIXES = ("KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KU
 MAX_CHAIN_NAME = 28  # libiptc: XT_EXTENSION_MAXNAMELEN - 1
 
 
-@lru_cache(maxsize=1 << 18)
 def _hash16(text: str) -> str:
     # 16 base32 characters are exactly the first 10 bytes of the digest. The converter lets only
     # ASCII names through; surrogatepass keeps a stray lone surrogate from raising here.
@@ -23,6 +22,8 @@ def _hash16(text: str) -> str:
     return base64.b32encode(digest[:10]).decode()
 
 
+# Per service port, cached: each port's names use it several times. An endpoint's chain name is
+# made once per plan of its port (the planner keeps it for the port's rules), so it is not.
 @lru_cache(maxsize=1 << 16)
 def port_proto_hash(spn: ServicePortName) -> str:
     return _hash16(str(spn) + spn.protocol.lower)
