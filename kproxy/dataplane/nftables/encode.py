@@ -70,12 +70,16 @@ _SET_UDATA_MAP: list[tuple[str, bytes | str]] = [
 ]
 
 
-@lru_cache(maxsize=1 << 17)
+@lru_cache(maxsize=16)
+def _rule_table_attr(table: str) -> bytes:
+    return string_attr(nft_rule_msg, "NFTA_RULE_TABLE", table)
+
+
 def rule_chain_attrs(table: str, chain: str) -> bytes:
-    """A rule message's table and chain (all a chain's rules, when nothing else follows)."""
-    return string_attr(nft_rule_msg, "NFTA_RULE_TABLE", table) + string_attr(
-        nft_rule_msg, "NFTA_RULE_CHAIN", chain
-    )
+    """A rule message's table and chain (all a chain's rules, when nothing else follows). Made
+    once per chain by its callers, so not cached: a cache of a large table's chains would hold
+    about 30 MB."""
+    return _rule_table_attr(table) + string_attr(nft_rule_msg, "NFTA_RULE_CHAIN", chain)
 
 
 def rule_attrs(table: str, chain: str, rule: Rule, family: int) -> bytes:
@@ -104,10 +108,13 @@ def _defined_chain(table: str, name: str, hook: Any, comment: str | None) -> byt
     return pyroute2_attrs(nft_chain_msg, attrs)
 
 
+@lru_cache(maxsize=16)
+def _chain_table_attr(table: str) -> bytes:
+    return string_attr(nft_chain_msg, "NFTA_CHAIN_TABLE", table)
+
+
 def chain_name_attrs(table: str, name: str) -> bytes:
-    return string_attr(nft_chain_msg, "NFTA_CHAIN_TABLE", table) + string_attr(
-        nft_chain_msg, "NFTA_CHAIN_NAME", name
-    )
+    return _chain_table_attr(table) + string_attr(nft_chain_msg, "NFTA_CHAIN_NAME", name)
 
 
 def chain_attrs(table: str, chain: Chain) -> bytes:
