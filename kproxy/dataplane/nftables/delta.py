@@ -226,8 +226,9 @@ def delta_messages(delta: TableDelta, set_ids: Iterator[int]) -> Iterator[Msg]:
         yield (NFT_MSG_NEWCHAIN, NLM_F_CREATE, fam, e.chain_attrs(table, chain))
     flags = NLM_F_CREATE | NLM_F_APPEND
     for chain in (*delta.add_chains, *delta.rewrite_chains):
+        head = e.rule_chain_attrs(table, chain.name)
         for rule in chain.rules:
-            yield (NFT_MSG_NEWRULE, flags, fam, e.rule_attrs(table, chain.name, rule, family))
+            yield (NFT_MSG_NEWRULE, flags, fam, head + e.encode_rule_body(rule, family))
     for name, elements in delta.add_elements.items():
         for attrs in e.element_batches(table, name, elements):
             yield (NFT_MSG_NEWSETELEM, NLM_F_CREATE, fam, attrs)

@@ -22,12 +22,11 @@ from pyroute2.netlink.nfnetlink.nftsocket import (
     nft_table_msg,
 )
 
+from kproxy.dataplane.nftables import rules
 from kproxy.dataplane.nftables.expressions import PROTOCOLS, verdict_attrs
 from kproxy.dataplane.nftables.netlink import iter_attrs
-from kproxy.dataplane.nftables.statements import encode_statement
 from kproxy.dataplane.nftables.templates import (
     ELEMENTS,
-    RULE,
     Attrs,
     EncodingError,
     Spliced,
@@ -40,6 +39,10 @@ from kproxy.dataplane.nftables.templates import (
     string_attr,
 )
 from kproxy.plan.nftables.ir import Chain, Element, NamedSet, Rule, Verdict
+
+COMMENT_LIMIT = rules.COMMENT_LIMIT
+encode_rule = rules.encode_rule  # (expressions, user data): what a dump of the rule returns
+encode_rule_body = rules.encode_rule_body
 
 HOOKS = {"prerouting": 0, "input": 1, "forward": 2, "output": 3, "postrouting": 4}
 DATATYPES = {
@@ -66,39 +69,21 @@ _SET_UDATA_MAP: list[tuple[str, bytes | str]] = [
     ("NFTNL_UDATA_SET_DATA_INTERVAL", bytes(4)),
 ]
 
-COMMENT_LIMIT = 250  # nft keeps a comment in one user-data record (at most 255 bytes)
+
+@lru_cache(maxsize=16)
+def _rule_table_attr(table: str) -> bytes:
+    return string_attr(nft_rule_msg, "NFTA_RULE_TABLE", table)
 
 
-@lru_cache(maxsize=64)
-def _comment_template(cls: Any, kind: str, size: int) -> Spliced:
-    return spliced(lambda v: payload_of(pyroute2_attrs(cls, [(kind, probe_text(v))])), size)
-
-
-def _comment(cls: Any, kind: str, value: str) -> bytes:
-    """A comment as the user-data record nft writes (the attribute's payload)."""
-    raw = name_bytes(value[:COMMENT_LIMIT])
-    return _comment_template(cls, kind, len(raw)).around(raw)
-
-
-def encode_rule(rule: Rule, family: int) -> tuple[bytes, bytes]:
-    """(expressions, user data) of a rule: the parts a dump of it returns."""
-    exprs = b"".join([encode_statement(s, family) for s in rule.statements])
-    udata = _comment(nft_rule_msg, "NFTA_RULE_USERDATA", rule.comment) if rule.comment else b""
-    return exprs, udata
-
-
-@lru_cache(maxsize=1 << 17)
 def rule_chain_attrs(table: str, chain: str) -> bytes:
-    """A rule message's table and chain (all a chain's rules, when nothing else follows)."""
-    return string_attr(nft_rule_msg, "NFTA_RULE_TABLE", table) + string_attr(
-        nft_rule_msg, "NFTA_RULE_CHAIN", chain
-    )
+    """A rule message's table and chain (all a chain's rules, when nothing else follows). Made
+    once per chain by its callers, so not cached: a cache of a large table's chains would hold
+    about 30 MB."""
+    return _rule_table_attr(table) + string_attr(nft_rule_msg, "NFTA_RULE_CHAIN", chain)
 
 
 def rule_attrs(table: str, chain: str, rule: Rule, family: int) -> bytes:
-    exprs, udata = encode_rule(rule, family)
-    comment = attr(RULE["NFTA_RULE_USERDATA"], udata) if udata else b""
-    return rule_chain_attrs(table, chain) + attr(RULE["NFTA_RULE_EXPRESSIONS"], exprs) + comment
+    return rule_chain_attrs(table, chain) + rules.encode_rule_body(rule, family)
 
 
 @lru_cache(maxsize=256)
@@ -123,10 +108,13 @@ def _defined_chain(table: str, name: str, hook: Any, comment: str | None) -> byt
     return pyroute2_attrs(nft_chain_msg, attrs)
 
 
+@lru_cache(maxsize=16)
+def _chain_table_attr(table: str) -> bytes:
+    return string_attr(nft_chain_msg, "NFTA_CHAIN_TABLE", table)
+
+
 def chain_name_attrs(table: str, name: str) -> bytes:
-    return string_attr(nft_chain_msg, "NFTA_CHAIN_TABLE", table) + string_attr(
-        nft_chain_msg, "NFTA_CHAIN_NAME", name
-    )
+    return _chain_table_attr(table) + string_attr(nft_chain_msg, "NFTA_CHAIN_NAME", name)
 
 
 def chain_attrs(table: str, chain: Chain) -> bytes:

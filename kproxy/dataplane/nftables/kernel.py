@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from kproxy.dataplane.nftables import encode as e
@@ -32,7 +32,7 @@ class KernelTable:
     """What the kernel holds in the table: rules per chain as (expressions, user data), set
     names, and elements per set as key bytes -> data bytes."""
 
-    chains: dict[str, list[tuple[bytes, bytes]]] = field(default_factory=dict)
+    chains: dict[str, Sequence[tuple[bytes, bytes]]] = field(default_factory=dict)
     same_chains: set[str] = field(default_factory=set)  # chains equal to the desired ones
     sets: set[str] = field(default_factory=set)
     elements: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
@@ -55,6 +55,7 @@ def _pick(attrs: dict[int, bytes], kinds: tuple[int, ...]) -> tuple[bytes, ...]:
     )
 
 
+_NO_HOOK = (b"", b"")  # a regular chain's: one tuple shared by all of them
 _ZERO_FLAGS = {3: bytes(4)}  # the kernel leaves out a set's flags when there are none
 
 
@@ -121,8 +122,10 @@ def read_kernel_table(
     out = KernelTable()
     for msg in nl.dump(NFT_MSG_GETCHAIN, fam, table):
         attrs = dict(iter_attrs(msg.attrs))
-        out.chains.setdefault(_name(attrs[3]), [])
-        out.chain_hooks[_name(attrs[3])] = _pick(attrs, _CHAIN_HOOK_ATTRS)
+        chain_name = _name(attrs[3])  # one string for both maps: a table has 300,000 chains
+        hook = _pick(attrs, _CHAIN_HOOK_ATTRS)
+        out.chains[chain_name] = ()
+        out.chain_hooks[chain_name] = _NO_HOOK if hook == _NO_HOOK else hook
     wanted = {c.name: c for c in desired.chains} if desired is not None else {}
     for chain in list(out.chains):
         rules = [
@@ -132,7 +135,7 @@ def read_kernel_table(
         ]
         want = wanted.get(chain)
         if want is not None and rules == [e.encode_rule(r, family) for r in want.rules]:
-            out.same_chains.add(chain)  # as desired: none of its bytes need keeping
+            out.same_chains.add(chain)  # as desired: none of its bytes need keeping (nor a list)
         else:
             out.chains[chain] = rules
     for msg in nl.dump(NFT_MSG_GETSET, fam, table):

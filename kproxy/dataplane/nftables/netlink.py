@@ -48,6 +48,7 @@ READ_SIZE = 1 << 20
 
 _HEADER = struct.Struct("<IHHII")
 _NFGEN = struct.Struct("<BBH")  # family, version, res_id (big-endian, written as such)
+_MESSAGE_HEAD = struct.Struct("<IHHIIBBH")  # both, as nfgen_message writes them
 
 
 class NetlinkError(OSError):
@@ -203,12 +204,25 @@ class NftNetlink:
         thread may build the next batch while another commits this one."""
         begin = self.next_seq()
         buf = bytearray(_batch_marker(NFNL_MSG_BATCH_BEGIN, begin))
-        last = begin
         last_offset = -1
+        seq = self._seq
+        pack = _MESSAGE_HEAD.pack
         for msg_type, flags, family, attrs in messages:
-            last = self.next_seq()
+            seq += 1
             last_offset = len(buf)
-            buf += nfgen_message(msg_type, flags | NLM_F_REQUEST, last, family, attrs)
+            # nfgen_message, inlined: this runs once per rule of a table written afresh
+            buf += pack(
+                20 + len(attrs),
+                (NFNL_SUBSYS_NFTABLES << 8) | msg_type,
+                flags | NLM_F_REQUEST,
+                seq,
+                0,
+                family,
+                0,
+                0,
+            )
+            buf += attrs
+        self._seq = last = seq
         if last_offset < 0:
             return None
         # Only the last message asks for an ack: it comes after every error of the batch.

@@ -137,9 +137,8 @@ def _string_template(cls: Any, kind: str, size: int) -> Spliced:
     return spliced(lambda v: pyroute2_attrs(cls, [(kind, probe_text(v))]), size)
 
 
-@lru_cache(maxsize=1 << 16)
 def string_attr(cls: Any, kind: str, value: str) -> bytes:
-    """One NUL-terminated string attribute (cached: a chain's name comes with each of its
-    rules)."""
+    """One NUL-terminated string attribute. Not cached: most are a chain's name, one of
+    hundreds of thousands in a large table, and the callers that repeat one cache theirs."""
     raw = name_bytes(value)
     return _string_template(cls, kind, len(raw)).around(raw)

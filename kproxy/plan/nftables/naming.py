@@ -5,6 +5,7 @@ port's chains (`...__ip/port` for an endpoint's), so operators' knowledge carrie
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from functools import lru_cache
 
 from kproxy.model.endpoint import Endpoint
@@ -91,9 +92,19 @@ def firewall_chain(spn: ServicePortName) -> str:
 
 
 def endpoint_base(spn: ServicePortName, ep: Endpoint) -> str:
+    return endpoint_base_of(_port_text(spn), ep)
+
+
+def endpoint_bases(spn: ServicePortName, endpoints: Iterable[Endpoint]) -> dict[int, str]:
+    """endpoint_base of each endpoint, by the endpoint's id (the port's text made once)."""
+    text = _port_text(spn)
+    return {id(ep): endpoint_base_of(text, ep) for ep in endpoints}
+
+
+def endpoint_base_of(port_text: str, ep: Endpoint) -> str:
     # nft's parser takes no ":" in a name, so an IPv6 address is written with "." instead,
     # keeping the listed table loadable with `nft -f`.
-    return _hash_and_truncate(f"{_port_text(spn)}__{ep.ip.replace(':', '.')}/{ep.port}")
+    return _hash_and_truncate(f"{port_text}__{ep.ip.replace(':', '.')}/{ep.port}")
 
 
 ENDPOINT_PREFIX = "endpoint-"

@@ -83,7 +83,7 @@ def plan_port_part(ctx: NftContext, sp: ServicePort, endpoints: tuple[Endpoint, 
     internal = n.local_chain(spn) if sp.internal_policy_local else n.service_chain(spn)
     # Each endpoint's name part, hashed once (by identity: the categories share the objects).
     reachable = cats.reachable
-    bases = {id(ep): n.endpoint_base(spn, ep) for ep in reachable}
+    bases = n.endpoint_bases(spn, reachable)
     # Each endpoint chain's name, made once: the chain and the jumps to it share the string.
     names = {key: n.ENDPOINT_PREFIX + base for key, base in bases.items()}
     chains: list[Chain] = []
@@ -99,7 +99,7 @@ def plan_port_part(ctx: NftContext, sp: ServicePort, endpoints: tuple[Endpoint, 
         if eps and wanted:
             head = (masq,) if masq is not None and name == internal else ()
             chains.append(Chain(name, head + _balance(port, eps, bases, names)))
-    chains.extend(_endpoint_chain(port, ep, bases[id(ep)], names[id(ep)]) for ep in reachable)
+    chains.extend(_endpoint_chains(port, reachable, bases, names))
     return PortPart(
         rules=sum(len(c.rules) for c in chains),
         chains=tuple(chains),
@@ -248,20 +248,24 @@ def _proto_match(proto: str) -> Match:
     return Match(Key.L4PROTO, proto)
 
 
-def _endpoint_chain(port: PortView, ep: Endpoint, base: str, name: str) -> Chain:
-    """Masquerade hairpin traffic, remember the client for affinity, DNAT."""
-    proto = port.sp.name.protocol.lower
-    affinity: tuple[Rule, ...] = ()
-    if port.sp.session_affinity_seconds is not None:
-        affinity = (Rule((Update(n.AFFINITY_PREFIX + base, Key.SADDR),)),)
-    return Chain(
-        name,
-        (
-            Rule((Match(Key.SADDR, ep.ip), MARK_MASQ)),
-            *affinity,
-            Rule((_proto_match(proto), Dnat(ep.ip, ep.port))),
-        ),
-    )
+def _endpoint_chains(
+    port: PortView, endpoints: tuple[Endpoint, ...], bases: dict[int, str], names: dict[int, str]
+) -> list[Chain]:
+    """Each endpoint's chain: masquerade hairpin traffic, remember the client for affinity,
+    DNAT. (A loop over the port's endpoints: this runs once per endpoint of the cluster.)"""
+    proto = _proto_match(port.sp.name.protocol.lower)
+    affinity = port.sp.session_affinity_seconds is not None
+    chains = []
+    for ep in endpoints:
+        ip = ep.ip
+        hairpin = Rule((Match(Key.SADDR, ip), MARK_MASQ))
+        dnat = Rule((proto, Dnat(ip, ep.port)))
+        if affinity:
+            update = Rule((Update(n.AFFINITY_PREFIX + bases[id(ep)], Key.SADDR),))
+            chains.append(Chain(names[id(ep)], (hairpin, update, dnat)))
+        else:
+            chains.append(Chain(names[id(ep)], (hairpin, dnat)))
+    return chains
 
 
 def _affinity_sets(
