@@ -17,26 +17,7 @@ from kproxy.model.kinds import Kind
 from kproxy.state.ingest import replace_all, set_node, upsert
 from kproxy.sync.loop import StateBox, SyncLoop
 from kproxy.sync.modes import MODES
-
-
-def service(name: str, ip: str) -> dict[str, Any]:
-    return {
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"clusterIP": ip, "ports": [{"name": "p", "port": 80, "protocol": "TCP"}]},
-    }
-
-
-def endpoint_slice(name: str, ip: str) -> dict[str, Any]:
-    return {
-        "metadata": {
-            "name": f"{name}-1",
-            "namespace": "default",
-            "labels": {"kubernetes.io/service-name": name},
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
-        "endpoints": [{"addresses": [ip]}],
-    }
+from tests.sync.test_sync_loop import endpoint_slice, service
 
 
 def wait_for(predicate: Any, timeout: float = 5.0) -> bool:
@@ -54,7 +35,7 @@ def test_the_heap_is_frozen_after_a_full_sync_and_a_partial_one_keeps_it() -> No
     node = IptablesNode({4: fake}, write_sysctls=lambda sysctls: None)
     loop = SyncLoop(box, config, MODES["iptables"], node, metrics, health)
     box.apply(replace_all(Kind.SERVICE, [service("web", "10.96.0.5")]))
-    box.apply(replace_all(Kind.ENDPOINT_SLICE, [endpoint_slice("web", "10.0.0.1")]))
+    box.apply(replace_all(Kind.ENDPOINT_SLICE, [endpoint_slice("web", ["10.0.0.1"])]))
     box.apply(set_node("node-a", []))
     for kind in (Kind.SERVICE, Kind.ENDPOINT_SLICE, Kind.NODE, Kind.SERVICE_CIDR):
         box.synced(kind)
@@ -65,7 +46,7 @@ def test_the_heap_is_frozen_after_a_full_sync_and_a_partial_one_keeps_it() -> No
         thread.start()
         assert wait_for(lambda: fake.commits > 0 and gc.get_freeze_count() > 0)
         frozen = gc.get_freeze_count()
-        box.apply(upsert(Kind.ENDPOINT_SLICE, endpoint_slice("web", "10.0.0.2")))
+        box.apply(upsert(Kind.ENDPOINT_SLICE, endpoint_slice("web", ["10.0.0.2"])))
         assert wait_for(lambda: "10.0.0.2:8080" in fake.dump())
         assert gc.get_freeze_count() <= frozen  # a partial sync freezes nothing more
     finally:
