@@ -19,8 +19,10 @@ from kproxy.dataplane.xtables.families import (
     open_dataplanes,
     remove_xtables_chains,
 )
+from kproxy.dataplane.xtables.lock import lock_path, xtables_lock
 from kproxy.dataplane.xtables.nft_backend import KeptTables, NftDataplane, read_nft_tables
 from kproxy.dataplane.xtables.nft_generation import read_generation
+from kproxy.errors import DataplaneError
 from kproxy.plan.iptables.chains import is_cleanup_chain
 from kproxy.rules.saved import SavedTable, parse_save
 
@@ -113,9 +115,21 @@ def reading_backend(family: int) -> str:
 
 
 def read_backend_tables(
-    family: int, backend: str | None = None, tables: tuple[str, ...] = TABLES
+    family: int,
+    backend: str | None = None,
+    tables: tuple[str, ...] = TABLES,
+    lock_timeout: float | None = None,
 ) -> dict[str, SavedTable]:
-    """The tables kproxy writes, as `backend`'s save command prints them."""
+    """The tables kproxy writes, as `backend`'s save command prints them (None: the one a reader
+    looks at). With `lock_timeout`, the legacy tables are read while holding the xtables lock,
+    so that no writer is half-way through (iptables-nft needs none: each commit is one
+    transaction)."""
     if (backend or reading_backend(family)) == "nft":
         return read_nft_tables(family, tables)
-    return read_tables(family, tables)
+    if lock_timeout is None:
+        return read_tables(family, tables)
+    try:
+        with xtables_lock(lock_timeout):
+            return read_tables(family, tables)
+    except OSError as exc:
+        raise DataplaneError(f"cannot take the xtables lock {lock_path()}: {exc}") from exc

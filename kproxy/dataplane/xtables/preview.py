@@ -13,11 +13,8 @@ import os
 from collections.abc import Mapping
 
 from kproxy.dataplane.base import ChainDiff
-from kproxy.dataplane.xtables.backend import TABLES, read_tables
-from kproxy.dataplane.xtables.backends import read_backend_tables, reading_backend
+from kproxy.dataplane.xtables.backends import read_backend_tables
 from kproxy.dataplane.xtables.diff import is_xtables_chain, owned_part, plan_table_changes
-from kproxy.dataplane.xtables.lock import lock_path, xtables_lock
-from kproxy.dataplane.xtables.nft_backend import read_nft_tables
 from kproxy.errors import DataplaneError
 from kproxy.rules.explain import Relay, TraceTables
 from kproxy.rules.ir import BUILTIN_CHAINS, Ruleset
@@ -29,21 +26,14 @@ from kproxy.rules.saved import SavedTable, render_saved
 def read_snapshot(
     family: int, lock_timeout: float, backend: str | None = None
 ) -> dict[str, SavedTable]:
-    """Every table kproxy writes, from `backend` (None: the one in use, see backends.py); the
-    legacy tables are read while holding the xtables lock (iptables-nft needs none: each of
-    kproxy's commits is one transaction)."""
+    """Every table kproxy writes, from `backend` (None: the one in use, see backends.py), the
+    legacy tables while holding the xtables lock."""
     if os.geteuid() != 0:
         raise DataplaneError(
             "reading the live tables needs root (CAP_NET_ADMIN); without root, give "
             "--manifests PATH to work on what kproxy would write instead"
         )
-    if (backend or reading_backend(family)) == "nft":
-        return read_nft_tables(family, TABLES)
-    try:
-        with xtables_lock(lock_timeout):
-            return read_tables(family, TABLES)
-    except OSError as exc:
-        raise DataplaneError(f"cannot take the xtables lock {lock_path()}: {exc}") from exc
+    return read_backend_tables(family, backend, lock_timeout=lock_timeout)
 
 
 def read_xtables_live(family: int, backend: str | None = None) -> str:
