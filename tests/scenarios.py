@@ -25,6 +25,29 @@ from kproxy.state.cluster import ClusterState
 Obj = dict[str, Any]
 NODE = "node-a"
 
+# One ClusterIP Service (default/good, port 80) with one ready endpoint, as manifests the CLI
+# reads: `kubectl get -o yaml` text, abridged.
+ONE_SERVICE_YAML = """\
+apiVersion: v1
+kind: Service
+metadata: {name: good, namespace: default}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{name: http, port: 80, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: good-1
+  namespace: default
+  labels: {kubernetes.io/service-name: good}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- addresses: [10.244.1.5]
+  conditions: {ready: true}
+"""
+
 
 def service_port(
     port: int,

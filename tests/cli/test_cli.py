@@ -7,14 +7,11 @@ from click.testing import CliRunner
 
 from kproxy.cli import cli
 from kproxy.rules.saved import parse_save
+from tests import scenarios
 
-MANIFESTS = """\
-apiVersion: v1
-kind: Service
-metadata: {name: good, namespace: default}
-spec:
-  clusterIP: 10.96.0.20
-  ports: [{name: http, port: 80, protocol: TCP}]
+MANIFESTS = (
+    scenarios.ONE_SERVICE_YAML
+    + """\
 ---
 apiVersion: v1
 kind: Service
@@ -22,19 +19,8 @@ metadata: {name: broken, namespace: default}
 spec:
   clusterIP: 10.96.0.21
   ports: [{name: http, port: 80, protocol: ICMP}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: good-1
-  namespace: default
-  labels: {kubernetes.io/service-name: good}
-addressType: IPv4
-ports: [{name: http, port: 8080, protocol: TCP}]
-endpoints:
-- addresses: [10.244.1.5]
-  conditions: {ready: true}
 """
+)
 
 
 def write(tmp_path: Path, text: str, name: str = "m.yaml") -> str:

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from kproxy.cli import cli
 from kproxy.inspect.inputs import load_config_file
 from kproxy.model.config import parse_config, with_flags
+from tests import scenarios
 
 HEADER = {"apiVersion": "kubeproxy.config.k8s.io/v1alpha1", "kind": "KubeProxyConfiguration"}
 BOTH = {
@@ -80,26 +81,7 @@ def test_a_bad_every_mode_flag_names_the_flag_in_nftables_mode() -> None:
         with_flags({"mode": "nftables"}, {"--iptables-sync-period": "soon"})
 
 
-MANIFESTS = """\
-apiVersion: v1
-kind: Service
-metadata: {name: good, namespace: default}
-spec:
-  clusterIP: 10.96.0.20
-  ports: [{name: http, port: 80, protocol: TCP}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: good-1
-  namespace: default
-  labels: {kubernetes.io/service-name: good}
-addressType: IPv4
-ports: [{name: http, port: 8080, protocol: TCP}]
-endpoints:
-- addresses: [10.244.1.5]
-  conditions: {ready: true}
-"""
+MANIFESTS = scenarios.ONE_SERVICE_YAML
 
 NFT_CONFIG = """\
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
