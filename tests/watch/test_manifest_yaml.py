@@ -124,6 +124,12 @@ TABLE = {
     "explicit core tags": "a: !!int '12'\nb: !!float '1'\nc: !!bool 'yes'\nd: !!null ''\n",
     "explicit str on a number": "a: !!str 12\nb: !!str true\n",
     "explicit map and seq": "a: !!map {x: 1}\nb: !!seq [1]\n",
+    "non-specific tags": "a: ! 12\nb: ! [1, yes]\nc: ! {x: ~}\n! d: 1.5\n",
+    # An alias leaves the whole document to PyYAML's constructor: every plain scalar resolved.
+    "every type beside an alias": (
+        "a: &x {i: 1, f: 1.5, b: yes, n: ~, d: 2001-12-14, s: text, q: '1'}\n"
+        "b: *x\nc: [0x1F, .inf, 190:20:30, 2001-12-14 21:59:43.10 -5, Off, '', \"t\"]\n"
+    ),
     "bad int": "a: !!int abc\n",
     "bad timestamp": "a: !!timestamp nope\n",
     "map tag on a sequence": "a: !!map [1]\n",
