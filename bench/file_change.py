@@ -33,7 +33,9 @@ removed on exit.
 filler services with `--endpoints` podless endpoints each, the measured one with a real pod), then
 the measured service's file rewritten `--changes` times, each making the other of two real pods
 its sole endpoint, while a client opens a connection every ~10 ms: the time from the start of the
-write to the end of the first connection the new pod answered. Baseline, in the same run:
+write to the end of the first connection the new pod answered, beside the agent's own seconds
+for the sync that carried each change (from its log: what is left is the file source's part of
+the road, with the write and the connection's detection). Baseline, in the same run:
 upstream's partial `iptables-legacy-restore --noflush` of one service on a node of the same size
 (bench.change_latency's), and the ratio.
 """
@@ -59,6 +61,7 @@ from bench.change_latency import (
     PORT,
     TARGET,
     VIP,
+    change_sync,
     endpoint_ip,
     partial_restore_baseline,
     service_ip,
@@ -275,9 +278,18 @@ def agent_change(args: argparse.Namespace) -> int:
         # Not a test of the neighbours' rules: reading them back at 10,000 services (through
         # iptables-nft-save, 110,000 rules) takes longer than the harness allows.
         node.topo.foreign = None
-        latencies = agent_latencies(node, Path(workdir) / "manifests", args)
-    if latencies is None:
+        measured = agent_latencies(node, Path(workdir) / "manifests", args)
+    if measured is None:
         return 1
+    latencies, syncs = measured
+    if syncs:
+        print(
+            f"agent sync (from its log, {len(syncs)} syncs): median "
+            f"{statistics.median(syncs) * 1000:.0f} ms; latency minus sync (roughly the road "
+            f"outside it: the write, the file source, the snapshot, the connection): median "
+            f"{(statistics.median(latencies) - statistics.median(syncs)) * 1000:.0f} ms",
+            flush=True,
+        )
     baseline = partial_restore_baseline(args.services, args.endpoints)
     median, worst = statistics.median(latencies), max(latencies)
     print(
@@ -290,7 +302,11 @@ def agent_change(args: argparse.Namespace) -> int:
     return 0
 
 
-def agent_latencies(node: AgentNode, root: Path, args: argparse.Namespace) -> list[float] | None:
+def agent_latencies(
+    node: AgentNode, root: Path, args: argparse.Namespace
+) -> tuple[list[float], list[float]] | None:
+    """Each change's latency to traffic, and the agent's own seconds for the sync that carried
+    it (from its log); None if traffic never came."""
     node.configure("30s", "1s")  # kube-proxy's defaults
     pods = [node.backend(f"bench-{k}", f"192.168.{k}.10", TARGET) for k in (1, 2)]
     client = node.client("client", "192.168.9.9")
@@ -310,7 +326,8 @@ def agent_latencies(node: AgentNode, root: Path, args: argparse.Namespace) -> li
     if poller.settled_on({pods[0].name}, 0.0, streak=5, timeout=60) == float("inf"):
         print("the measured service never answered", file=sys.stderr)
         return None
-    latencies = []
+    latencies, syncs = [], []
+    seen = len(agent.syncs())
     for k in range(args.changes):
         target = pods[(k + 1) % 2]
         time.sleep(1.5)  # above minSyncPeriod
@@ -321,8 +338,11 @@ def agent_latencies(node: AgentNode, root: Path, args: argparse.Namespace) -> li
             print(f"change {k + 1}: {target.name} never answered", file=sys.stderr)
             return None
         latencies.append(answered.ended - written)
+        took, seen = change_sync(agent, written, seen)
+        if took is not None:
+            syncs.append(took)
     poller.stop()
-    return latencies
+    return latencies, syncs
 
 
 def main(argv: list[str] | None = None) -> int:
