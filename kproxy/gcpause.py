@@ -14,16 +14,30 @@ kept plans; a cycle among them waits for the next full sync, which thaws them fi
 from __future__ import annotations
 
 import gc
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+_lock = threading.Lock()
+_holders = 0  # pauses in progress, in any thread
+_enable_after = False  # whether the collector ran when the first of them began
 
 
 @contextmanager
 def gc_paused() -> Iterator[None]:
-    was_enabled = gc.isenabled()
-    gc.disable()
+    """The collector stays off until the last of the pauses in progress ends, whichever thread
+    holds them (the file source's and the sync loop's overlap), and is back on afterwards only
+    if it was on when the first began."""
+    global _holders, _enable_after
+    with _lock:
+        if _holders == 0:
+            _enable_after = gc.isenabled()
+            gc.disable()
+        _holders += 1
     try:
         yield
     finally:
-        if was_enabled:
-            gc.enable()
+        with _lock:
+            _holders -= 1
+            if _holders == 0 and _enable_after:
+                gc.enable()
