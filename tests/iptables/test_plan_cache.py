@@ -5,7 +5,9 @@ threshold too; and the rules it counts as it plans are what count_rules counts i
 from __future__ import annotations
 
 import random
+from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scenarios import Scenario
@@ -17,6 +19,7 @@ from kproxy.model.convert import EndpointSliceInfo, EndpointSlicePort
 from kproxy.model.endpoint import Endpoint
 from kproxy.model.node import NodeInfo
 from kproxy.model.service import NamespacedName, Protocol, ServicePort, ServicePortName
+from kproxy.plan.iptables import kept
 from kproxy.plan.iptables.kept import PlanCache
 from kproxy.plan.iptables.planner import IptablesPlanner
 from kproxy.plan.iptables.ruleset import LARGE_CLUSTER_ENDPOINTS, plan_ruleset
@@ -122,3 +125,32 @@ def test_the_rules_counted_while_planning_are_the_plans_rules(steps: list[Scenar
         planner = planners.setdefault(step.config, IptablesPlanner(step.config))
         plan = planner.plan(state.services_map(), state.endpoints_map(), step.node, (4, 6))
         assert plan.stats.rules == count_rules(plan.kernel)
+
+
+def test_a_plan_that_failed_half_way_leaves_no_half_patched_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    state, caches = ClusterState(), {4: PlanCache()}
+    for i in range(100):
+        set_service(state, i)
+        set_endpoints(state, i, 2)
+    assert_cached_equals_fresh(state, caches)
+    planned = kept.plan_service_port
+    calls: list[int] = []
+
+    def fails_second(*args: Any) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("half-way")
+        planned(*args)
+
+    monkeypatch.setattr(kept, "plan_service_port", fails_second)
+    set_endpoints(state, 3, 3)
+    other = NodeInfo("node-b")  # a new context: every port is planned again, and one fails
+    with pytest.raises(RuntimeError):
+        plan_ruleset(state.services_map(), state.endpoints_map(), other, CONFIG, 4, caches[4])
+    monkeypatch.setattr(kept, "plan_service_port", planned)
+    set_endpoints(state, 60, 1)
+    services, endpoints = state.services_map(), state.endpoints_map()
+    cached = plan_ruleset(services, endpoints, other, CONFIG, 4, caches[4])
+    assert cached == plan_ruleset(services, endpoints, other, CONFIG, 4)

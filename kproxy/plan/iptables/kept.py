@@ -132,15 +132,19 @@ class PlanCache:
         """Every port's rules, in plan order, summed into the shared chains (read-only: the
         lists are the cache's). `seen`: seen_maps() of these maps, if already made."""
         seen = seen if seen is not None else seen_maps(services, endpoints)
-        patched = False
-        last = self._seen
-        if self.context is not None and last is not None:
-            changed = _new_names(seen.port_ids, last.port_ids)
-            changed |= _new_names(seen.endpoint_ids, last.endpoint_ids)
-            if len(changed) <= max(PATCH_MIN, len(self._rows) // PATCH_SHARE):
-                patched = self._patch(services, endpoints, family, context_of, changed)
-        if not patched:
-            self._rebuild(services, endpoints, family, context_of)
+        last, self._seen = self._seen, None  # until the rows match `seen` again
+        try:
+            patched = False
+            if self.context is not None and last is not None:
+                changed = _new_names(seen.port_ids, last.port_ids)
+                changed |= _new_names(seen.endpoint_ids, last.endpoint_ids)
+                if len(changed) <= max(PATCH_MIN, len(self._rows) // PATCH_SHARE):
+                    patched = self._patch(services, endpoints, family, context_of, changed)
+            if not patched:
+                self._rebuild(services, endpoints, family, context_of)
+        except BaseException:
+            self.context = None  # half-way: the next plan starts afresh
+            raise
         self._seen = seen
         return self._out
 
