@@ -187,7 +187,7 @@ class SyncLoop:
     # those it drops have all their flows deleted.
     _cleaned: dict[int, UdpServing] = field(default_factory=dict)
     _failures_in_a_row: int = 0
-    _services_seen: tuple[object, tuple[int, frozenset[str]]] | None = None
+    _services_seen: tuple[frozenset[ServicePortName], tuple[int, frozenset[str]]] | None = None
     planner: Planner[Any] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -265,13 +265,13 @@ class SyncLoop:
 
     def _programmed_services(self, snapshot: Snapshot) -> tuple[int, frozenset[str]]:
         """How many Services a sync programs, and their names as status lists skipped objects:
-        worked out again only for a new services map (the state never changes one it handed
-        out, and hands the same one over while no Service changed)."""
+        worked out again only when the service ports are not those of the last sync (an
+        endpoint change leaves them as they were)."""
         last = self._services_seen
-        if last is None or last[0] is not snapshot.services:
+        if last is None or last[0] != snapshot.services.keys():
             services = {spn.service for spn in snapshot.services}
             names = frozenset(f"Service {key}" for key in services)
-            last = self._services_seen = (snapshot.services, (len(services), names))
+            last = self._services_seen = (frozenset(snapshot.services), (len(services), names))
         return last[1]
 
     def _reading_ahead(self, snapshot: Snapshot) -> AbstractContextManager[None]:

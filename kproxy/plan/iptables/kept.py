@@ -11,9 +11,9 @@ included). Neither path ever changes what plan_ruleset returns, only how fast it
 
 from __future__ import annotations
 
+import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from itertools import chain as chained
 from itertools import islice
 from operator import attrgetter
@@ -50,24 +50,29 @@ def _id_pairs(entries: Iterable[tuple[ServicePortName, object]]) -> IdPairs:
     return {(id(spn), id(value)): spn for spn, value in entries}
 
 
-@dataclass(frozen=True)
 class SeenMaps:
-    """One plan input's maps as ids, computed once for all its families' plans."""
+    """One plan input's maps as ids, made once for all its families' plans."""
 
-    port_ids: IdPairs
-    endpoint_ids: IdPairs
-    held: tuple[object, ...]  # the objects of those ids, alive while kept: ids stay unique
+    def __init__(
+        self,
+        services: Mapping[ServicePortName, ServicePort],
+        endpoints: Mapping[ServicePortName, Endpoints],
+    ) -> None:
+        self.port_ids = _id_pairs(services.items())
+        self.endpoint_ids = _id_pairs(endpoints.items())
+        # The objects of those ids, alive while this is kept: the ids stay unique.
+        self._held = (*services, *services.values(), *endpoints, *endpoints.values())
+        # changed_since's last answer; the maps it was asked about are not kept alive by it.
+        self._changed: tuple[weakref.ref[SeenMaps], set[ServicePortName]] | None = None
 
-
-def seen_maps(
-    services: Mapping[ServicePortName, ServicePort],
-    endpoints: Mapping[ServicePortName, Endpoints],
-) -> SeenMaps:
-    return SeenMaps(
-        _id_pairs(services.items()),
-        _id_pairs(endpoints.items()),
-        (*services, *services.values(), *endpoints, *endpoints.values()),
-    )
+    def changed_since(self, last: SeenMaps) -> set[ServicePortName]:
+        """The ports whose name, port or endpoints are not the very objects `last` held (worked
+        out once, however many families ask)."""
+        if self._changed is None or self._changed[0]() is not last:
+            changed = _new_names(self.port_ids, last.port_ids)
+            changed |= _new_names(self.endpoint_ids, last.endpoint_ids)
+            self._changed = (weakref.ref(last), changed)
+        return self._changed[1]
 
 
 def _new_names(now: IdPairs, before: IdPairs) -> set[ServicePortName]:
@@ -130,14 +135,13 @@ class PlanCache:
         seen: SeenMaps | None = None,
     ) -> SharedChains:
         """Every port's rules, in plan order, summed into the shared chains (read-only: the
-        lists are the cache's). `seen`: seen_maps() of these maps, if already made."""
-        seen = seen if seen is not None else seen_maps(services, endpoints)
+        lists are the cache's). `seen`: SeenMaps of these maps, if already made."""
+        seen = seen if seen is not None else SeenMaps(services, endpoints)
         last, self._seen = self._seen, None  # until the rows match `seen` again
         try:
             patched = False
             if self.context is not None and last is not None:
-                changed = _new_names(seen.port_ids, last.port_ids)
-                changed |= _new_names(seen.endpoint_ids, last.endpoint_ids)
+                changed = seen.changed_since(last)
                 if len(changed) <= max(PATCH_MIN, len(self._rows) // PATCH_SHARE):
                     patched = self._patch(services, endpoints, family, context_of, changed)
             if not patched:

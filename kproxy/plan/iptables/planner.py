@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from kproxy.model.config import ProxyConfig
 from kproxy.model.node import NodeInfo
-from kproxy.plan.iptables.kept import PlanCache, SeenMaps, seen_maps
+from kproxy.plan.iptables.kept import PlanCache, SeenMaps
 from kproxy.plan.iptables.ruleset import (
     RulesetPlan,
     needs_route_localnet,
@@ -36,7 +36,7 @@ class IptablesPlanner(FamilyPlanner[Mapping[int, Ruleset], RulesetPlan]):
         cache = self._caches.setdefault(family, PlanCache())
         g = given
         if self._seen is None or self._seen[0] is not given:  # once for all families
-            self._seen = (given, seen_maps(g.services, g.endpoints))
+            self._seen = (given, SeenMaps(g.services, g.endpoints))
         seen = self._seen[1]
         return plan_ruleset(g.services, g.endpoints, g.node, g.config, family, cache, seen)
 

@@ -172,7 +172,7 @@ def plan_ruleset(
     seen: SeenMaps | None = None,
 ) -> RulesetPlan:
     """The complete kproxy-owned ruleset for one family, with its facts for metrics. Pure: same
-    input, same output (with or without a cache; `seen`: the maps' seen_maps(), when the
+    input, same output (with or without a cache; `seen`: the maps' SeenMaps, when the
     caller plans them for several families)."""
     detector = build_local_detector(config, node, family)
     ip = node_ip(config, node, family)
