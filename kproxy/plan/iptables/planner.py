@@ -41,6 +41,7 @@ class IptablesPlanner(FamilyPlanner[Mapping[int, Ruleset], RulesetPlan]):
         return plan_ruleset(g.services, g.endpoints, g.node, g.config, family, cache, seen)
 
     def assemble(self, given: PlanInput, planned: Mapping[int, RulesetPlan]) -> IptablesPlan:
+        self._seen = None  # every family is planned: the caches keep what they need of it
         rulesets = {family: with_canaries(p.ruleset) for family, p in planned.items()}
         sysctls = self._sysctls(given.node)
         rules = _count_rules(planned.values(), rulesets)
