@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class Protocol(enum.Enum):
@@ -35,6 +35,19 @@ class ServicePortName:
     service: NamespacedName
     port: str
     protocol: Protocol
+    # Hashed once: a name is a key of every per-port map, and the dataclass's own hash would
+    # call three Python __hash__ methods (its own, NamespacedName's, the enum's) per lookup.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.service, self.port, self.protocol)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[ServicePortName], tuple[NamespacedName, str, Protocol]]:
+        # Rebuilt (and hashed) where it is unpickled: string hashes differ between processes.
+        return (ServicePortName, (self.service, self.port, self.protocol))
 
     def __str__(self) -> str:
         return f"{self.service}:{self.port}" if self.port else str(self.service)

@@ -14,6 +14,8 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from itertools import chain, repeat
+from operator import attrgetter, countOf
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import structlog
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from kproxy.sync.modes import ProxyMode
 
 log = structlog.get_logger("kproxy.sync")
+_READY = attrgetter("ready")
 
 # A full sync (compare every chain with the kernel) runs at least this often, as upstream's.
 FULL_SYNC_PERIOD = 3600.0
@@ -149,6 +152,12 @@ class Snapshot:
         ready = [ep for ep in listed if ep.ready]
         return len(ready), len({ep.ip for ep in ready}), len(listed) - len(ready)
 
+    def ready_endpoints(self) -> int:
+        """endpoint_counts()[0], at C speed (every sync reports it; 50,000 endpoints at 10,000
+        services took 40 ms the other way)."""
+        listed = chain.from_iterable(map(self.endpoints.get, self.services, repeat(())))
+        return countOf(map(_READY, listed), True)
+
 
 @dataclass
 class SyncLoop:
@@ -178,6 +187,7 @@ class SyncLoop:
     # those it drops have all their flows deleted.
     _cleaned: dict[int, UdpServing] = field(default_factory=dict)
     _failures_in_a_row: int = 0
+    _services_seen: tuple[frozenset[ServicePortName], tuple[int, frozenset[str]]] | None = None
     planner: Planner[Any] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -252,6 +262,17 @@ class SyncLoop:
             self.box.state.restore_changes(snapshot.changed)
         self.box.changed.set()
         self._last_end = time.monotonic()
+
+    def _programmed_services(self, snapshot: Snapshot) -> tuple[int, frozenset[str]]:
+        """How many Services a sync programs, and their names as status lists skipped objects:
+        worked out again only when the service ports are not those of the last sync (an
+        endpoint change leaves them as they were)."""
+        last = self._services_seen
+        if last is None or last[0] != snapshot.services.keys():
+            services = {spn.service for spn in snapshot.services}
+            names = frozenset(f"Service {key}" for key in services)
+            last = self._services_seen = (frozenset(snapshot.services), (len(services), names))
+        return last[1]
 
     def _reading_ahead(self, snapshot: Snapshot) -> AbstractContextManager[None]:
         """A partial sync with changes will commit from kept copies: let the dataplane read the
@@ -368,7 +389,7 @@ class SyncLoop:
                 {h.service: h.local_endpoints for h in plan.health_checks}
             )
         if self.status is not None:
-            report_status(self.status, outcome, full)
+            report_status(self.status, outcome, full, self._programmed_services(snapshot))
         log.info(
             "sync_completed",
             mode=plan.mode,
@@ -393,10 +414,12 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-def report_status(status: SyncStatus, outcome: SyncOutcome, full: bool) -> None:
-    """The sync's facts for /statusz: what it changed, and what is programmed now."""
+def report_status(
+    status: SyncStatus, outcome: SyncOutcome, full: bool, services: tuple[int, frozenset[str]]
+) -> None:
+    """The sync's facts for /statusz: what it changed, and what is programmed now (`services`:
+    how many Services, and their names)."""
     snapshot, plan, result, seconds = outcome
-    services = snapshot.services
     facts = {
         "full": full,
         "changedServices": len(snapshot.changed),
@@ -405,13 +428,13 @@ def report_status(status: SyncStatus, outcome: SyncOutcome, full: bool) -> None:
         "chainsRemoved": result.chains_removed,
         "rulesWritten": result.rules_written,
     }
+    count, valid = services
     programmed = {
-        "services": len({spn.service for spn in services}),
-        "servicePorts": len(services),
-        "endpoints": snapshot.endpoint_counts()[0],
+        "services": count,
+        "servicePorts": len(snapshot.services),
+        "endpoints": snapshot.ready_endpoints(),
         "rules": dict(plan.stats.rules),
     }
-    valid = frozenset(f"Service {spn.service}" for spn in services)
     status.synced(facts, programmed, seconds, valid)
 
 

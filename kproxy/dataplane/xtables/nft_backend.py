@@ -22,7 +22,9 @@ import os
 import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from itertools import compress, count, islice
+from operator import is_not
 
 from kproxy.dataplane.base import ApplyResult
 from kproxy.dataplane.xtables.detect import save_command
@@ -35,7 +37,7 @@ from kproxy.dataplane.xtables.diff import (
 from kproxy.dataplane.xtables.nft_generation import read_generation
 from kproxy.dataplane.xtables.nft_restore import render_restore
 from kproxy.errors import DataplaneError
-from kproxy.rules.ir import Ruleset, Table
+from kproxy.rules.ir import Chain, Ruleset, Table
 from kproxy.rules.saved import SavedTable, parse_save
 
 TABLES = ("filter", "nat", "mangle")
@@ -63,6 +65,38 @@ def read_nft_tables(family: int = 4, tables: tuple[str, ...] = TABLES) -> dict[s
             raise DataplaneError(f"{command} -t {table} failed: {proc.stderr.strip()}")
         text.append(proc.stdout)
     return parse_save("".join(text))
+
+
+def changes_from(desired: Table, applied: Table) -> TableChanges | None:
+    """plan_table_changes_from, comparing only what lies between the chains that are equal at
+    the start and at the end of both tables: the planner hands unchanged ports' chains over as
+    the very objects it planned last time, so after a one-service change that is its few chains,
+    not the 60,000 of 10,000 services. Same result (chain names are unique in a table)."""
+    if desired is applied or desired.jumps != applied.jumps:
+        return plan_table_changes_from(desired, applied)
+    new, old = desired.chains, applied.chains
+    head = _equal_run(new, old, min(len(new), len(old)))
+    tail = _equal_run(new[::-1], old[::-1], min(len(new), len(old)) - head)
+    changes = plan_table_changes_from(
+        replace(desired, chains=new[head : len(new) - tail]),
+        replace(applied, chains=old[head : len(old) - tail]),
+    )
+    if changes is not None:
+        changes.unchanged += head + tail
+    return changes
+
+
+def _equal_run(new: tuple[Chain, ...], old: tuple[Chain, ...], limit: int) -> int:
+    """How many chains, from the start, are equal in both (at most `limit`): identical objects
+    are skipped at C speed, the rest compared."""
+    i = 0
+    while i < limit:
+        differ = map(is_not, islice(new, i, limit), islice(old, i, limit))
+        i = next(compress(count(i), differ), limit)
+        if i == limit or new[i] != old[i]:
+            return i
+        i += 1
+    return i
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +177,7 @@ class NftDataplane:
     def _sync_table(self, desired: Table, full: bool) -> TableChanges:
         kept = None if full else self._kept.get(self.family, desired.name)
         if kept is not None and read_generation() == kept.generation:
-            changes = plan_table_changes_from(desired, kept.applied)
+            changes = changes_from(desired, kept.applied)
             if changes is not None:
                 if changes.empty:
                     return changes

@@ -45,17 +45,6 @@ class SharedChains:
     no_local_internal: int = 0
     no_local_external: int = 0
 
-    def merge(self, other: SharedChains) -> None:
-        self.nat_services.extend(other.nat_services)
-        self.nat_nodeports.extend(other.nat_nodeports)
-        self.filter_services.extend(other.filter_services)
-        self.filter_external.extend(other.filter_external)
-        self.filter_nodeports.extend(other.filter_nodeports)
-        self.filter_firewall.extend(other.filter_firewall)
-        self.service_chains.extend(other.service_chains)
-        self.no_local_internal += other.no_local_internal
-        self.no_local_external += other.no_local_external
-
 
 @dataclass(frozen=True, slots=True)
 class _Port:
