@@ -12,7 +12,8 @@ in a process of its own, and the baseline (bench/sync_bench.py's) afterwards in 
       top-level chains and that service's chains;
   (c) nothing changed (kproxy's whole sync: plan, diff, generation check);
   (d) where (a) goes: planning, and the kernel's commits (the encoding of each stage of a new
-      table overlaps the commit of the one before, see kproxy/dataplane/nftables/staged.py);
+      table overlaps the commit of the one before, see kproxy/dataplane/nftables/staged.py),
+      and its CPU seconds;
   (e) peak RSS of the kproxy process;
   (f) a restarted agent's first sync over the table the last one left (it reads it back).
 """
@@ -89,8 +90,12 @@ def run_kproxy(services: int, endpoints: int) -> dict[str, float]:
         delete_table(nl, 4)
         state.restore_changes({NamespacedName("bench", f"svc-{i}") for i in range(services)})
         nl.kernel_seconds = 0.0
+        cpu = time.process_time()
         took = timed(fresh_loop().sync)
-        figures["full_commit"] = nl.kernel_seconds
+        if took < figures.get("full_kproxy", float("inf")):  # the figures of the best round
+            figures["full_kproxy"] = took
+            figures["full_cpu"] = time.process_time() - cpu
+            figures["full_commit"] = nl.kernel_seconds
         return took
 
     figures["full_kproxy"] = best(kproxy_full)
@@ -135,7 +140,9 @@ def report(services: int, endpoints: int, f: dict[str, float]) -> None:
     print(f"{'(c) nothing changed':26} kproxy {f['nochange_kproxy'] * 1000:7.1f} ms")
     print(
         f"{'(d) cold start is':26} plan {f['plan']:.3f}s, kernel commits {f['full_commit']:.3f}s"
-        f" (encoding overlaps them); a change commits in {f['change_commit'] * 1000:.1f} ms"
+        f" (encoding overlaps them); a change commits in {f['change_commit'] * 1000:.1f} ms;"
+        f" the cold start's CPU seconds (every thread, the kernel's work in them included)"
+        f" {f['full_cpu']:.3f}s"
     )
     print(f"{'(e) peak RSS':26} {f['rss_mb']:7.1f} MB")
     print(

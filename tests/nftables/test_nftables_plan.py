@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from dataclasses import replace
 
 import pytest
@@ -31,6 +32,7 @@ from kproxy.plan.nftables.ir import (
     Lookup,
     NftTable,
     NumgenZero,
+    Rule,
     Update,
     Verdict,
 )
@@ -296,3 +298,39 @@ def test_chain_hashes_are_base32_of_sha256() -> None:
     expected = base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:8]
 
     assert n.port_base(spn("web")) == f"{expected}-{text}"
+
+
+@pytest.mark.parametrize("affinity", [None, 10800], ids=["plain", "affinity"])
+def test_chains_kept_as_values_equal_the_same_rules_written_out(affinity: int | None) -> None:
+    """Endpoint and service chains keep their rules as the values they are made of: such a
+    chain equals (and hashes as) one holding the same rules written out, and differs from one
+    whose rules differ, whichever side holds which form."""
+    web = port("web", session_affinity_seconds=affinity)
+    endpoints = {web.name: eps("10.1.0.1", "10.1.0.2")}
+    table = table_of([web], endpoints)
+    other = table_of([web], {web.name: eps("10.1.0.1", "10.1.0.3")})
+
+    for chain in table.chains:
+        written = replace(chain, rules=tuple(chain.rules))
+        assert chain == written and written == chain and hash(chain) == hash(written)
+        assert len(chain.rules) == len(written.rules)
+        assert list(chain.rules[::-1]) == list(written.rules)[::-1]
+    service = table.chain(n.service_chain(web.name))
+    changed = other.chain(n.service_chain(web.name))
+    assert service is not None and changed is not None
+    assert service != changed and changed != replace(service, rules=tuple(service.rules))
+    assert service == table_of([web], endpoints).chain(service.name)
+
+
+def test_endpoint_and_service_chains_keep_no_rule_objects() -> None:
+    """What the plan keeps per endpoint (for every later sync) is its values, not ten small
+    objects: the rules of endpoint and service chains are made when read."""
+    web = port("web")
+    table = table_of([web], {web.name: eps("10.1.0.1", "10.1.0.2")})
+
+    service = n.service_chain(web.name)
+    kept = [c for c in table.chains if c.name == service or c.name.startswith(n.ENDPOINT_PREFIX)]
+    assert len(kept) == 3
+    for chain in kept:
+        assert not [o for o in gc.get_referents(chain.rules) if isinstance(o, Rule)], chain.name
+        assert all(isinstance(r, Rule) for r in chain.rules)

@@ -29,15 +29,23 @@ def _name(value: bytes) -> str:
 
 @dataclass
 class KernelTable:
-    """What the kernel holds in the table: rules per chain as (expressions, user data), set
-    names, and elements per set as key bytes -> data bytes."""
+    """What the kernel holds in the table: rules per chain as (expressions, user data) (or
+    AS_DESIRED), set names, and elements per set as key bytes -> data bytes. Hooks only of the
+    chains that have one: a table has 300,000 regular chains."""
 
     chains: dict[str, Sequence[tuple[bytes, bytes]]] = field(default_factory=dict)
-    same_chains: set[str] = field(default_factory=set)  # chains equal to the desired ones
     sets: set[str] = field(default_factory=set)
     elements: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
     chain_hooks: dict[str, tuple[bytes, ...]] = field(default_factory=dict)
     set_definitions: dict[str, tuple[bytes, ...]] = field(default_factory=dict)
+
+    def hook_of(self, chain: str) -> tuple[bytes, ...] | None:
+        """The chain's hook as dumped (a regular chain's is _NO_HOOK), None when it is missing."""
+        return self.chain_hooks.get(chain, _NO_HOOK) if chain in self.chains else None
+
+
+# A chain read back holding exactly the desired chain's rules: none of its bytes are kept.
+AS_DESIRED: Sequence[tuple[bytes, bytes]] = [(b"", b"")]
 
 
 # The attributes that define a chain's hook and a set's kind: these cannot be changed in
@@ -120,13 +128,17 @@ def read_kernel_table(
         return None
     table = e.table_name_attrs(name)
     out = KernelTable()
+    wanted = {c.name: c for c in desired.chains} if desired is not None else {}
     for msg in nl.dump(NFT_MSG_GETCHAIN, fam, table):
         attrs = dict(iter_attrs(msg.attrs))
-        chain_name = _name(attrs[3])  # one string for both maps: a table has 300,000 chains
+        chain_name = _name(attrs[3])
+        same = wanted.get(chain_name)
+        if same is not None:
+            chain_name = same.name  # the plan's string: a table has 300,000 chains
         hook = _pick(attrs, _CHAIN_HOOK_ATTRS)
         out.chains[chain_name] = ()
-        out.chain_hooks[chain_name] = _NO_HOOK if hook == _NO_HOOK else hook
-    wanted = {c.name: c for c in desired.chains} if desired is not None else {}
+        if hook != _NO_HOOK:
+            out.chain_hooks[chain_name] = hook
     for chain in list(out.chains):
         rules = [
             (attrs.get(4, b""), attrs.get(7, b""))
@@ -135,7 +147,7 @@ def read_kernel_table(
         ]
         want = wanted.get(chain)
         if want is not None and rules == [e.encode_rule(r, family) for r in want.rules]:
-            out.same_chains.add(chain)  # as desired: none of its bytes need keeping (nor a list)
+            out.chains[chain] = AS_DESIRED  # none of its bytes need keeping (nor a list)
         else:
             out.chains[chain] = rules
     for msg in nl.dump(NFT_MSG_GETSET, fam, table):
@@ -172,7 +184,7 @@ def definitions_match(desired: NftTable, kernel: KernelTable) -> bool:
     """The kernel's chains of kproxy's have kproxy's hooks, and its sets kproxy's definitions
     (else only writing the table afresh repairs it)."""
     for chain in desired.chains:
-        have = kernel.chain_hooks.get(chain.name)
+        have = kernel.hook_of(chain.name)
         if have is not None and have != chain_hook(desired.name, chain):
             return False
     return all(
@@ -208,7 +220,7 @@ def diff_kernel(desired: NftTable, kernel: KernelTable) -> TableDelta:
         have_rules = kernel.chains.get(chain.name)
         if have_rules is None:
             delta.add_chains.append(chain)
-        elif chain.name in kernel.same_chains or have_rules == [
+        elif have_rules is AS_DESIRED or have_rules == [
             e.encode_rule(r, family) for r in chain.rules
         ]:
             delta.unchanged_chains += 1

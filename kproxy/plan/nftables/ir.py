@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import enum
 import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 
 class Key(enum.Enum):
@@ -148,6 +149,48 @@ class Rule:
     comment: str | None = None
 
 
+class DerivedRules(Sequence[Rule]):
+    """A chain's rules kept as the few values they are made of, and made when read: a table
+    has a quarter of a million endpoint chains, and their rules as objects would be about ten
+    small objects per endpoint, kept by the plan for every later sync. Equal to any sequence
+    holding the same rules; two of one kind compare by their values alone."""
+
+    __slots__ = ()
+
+    def values(self) -> tuple[object, ...]:
+        raise NotImplementedError
+
+    def build(self) -> tuple[Rule, ...]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.build())
+
+    @overload
+    def __getitem__(self, index: int) -> Rule: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[Rule, ...]: ...
+    def __getitem__(self, index: int | slice) -> Rule | tuple[Rule, ...]:
+        return self.build()[index]
+
+    def __iter__(self) -> Iterator[Rule]:
+        return iter(self.build())
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is type(self):
+            assert isinstance(other, DerivedRules)
+            return self.values() == other.values()
+        if isinstance(other, Sequence):
+            return self.build() == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.build())
+
+    def __repr__(self) -> str:
+        return repr(self.build())
+
+
 @dataclass(frozen=True, slots=True)
 class Hook:
     """A base chain's `type T hook H priority P; policy accept;`."""
@@ -160,7 +203,7 @@ class Hook:
 @dataclass(frozen=True, slots=True)
 class Chain:
     name: str
-    rules: tuple[Rule, ...] = ()
+    rules: Sequence[Rule] = ()
     hook: Hook | None = None
     comment: str | None = None
 

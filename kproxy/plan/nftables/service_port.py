@@ -20,6 +20,7 @@ from kproxy.plan.local_traffic import LocalDetector
 from kproxy.plan.nftables import naming as n
 from kproxy.plan.nftables.ir import (
     Chain,
+    DerivedRules,
     Dnat,
     Element,
     FibLocal,
@@ -80,12 +81,18 @@ def plan_port_part(ctx: NftContext, sp: ServicePort, endpoints: tuple[Endpoint, 
         return PortPart()
     policy = decide_port_policy(port, endpoints, ctx.node_name, ctx.zone)
     cats, spn = policy.cats, sp.name
-    internal = n.local_chain(spn) if sp.internal_policy_local else n.service_chain(spn)
+    cluster_chain = n.service_chain(spn)  # one string, shared by the chain and the jumps
+    internal = n.local_chain(spn) if sp.internal_policy_local else cluster_chain
     # Each endpoint's name part, hashed once (by identity: the categories share the objects).
     reachable = cats.reachable
     bases = n.endpoint_bases(spn, reachable)
-    # Each endpoint chain's name, made once: the chain and the jumps to it share the string.
+    # Each endpoint chain's (and affinity set's) name, made once: shared by every rule naming it.
     names = {key: n.ENDPOINT_PREFIX + base for key, base in bases.items()}
+    affinity = (
+        {key: n.AFFINITY_PREFIX + base for key, base in bases.items()}
+        if sp.session_affinity_seconds is not None
+        else None
+    )
     chains: list[Chain] = []
     if cats.has_any and port.externally_accessible:
         chains.append(_external_chain(ctx, port, policy.has_external))
@@ -93,17 +100,17 @@ def plan_port_part(ctx: NftContext, sp: ServicePort, endpoints: tuple[Endpoint, 
         chains.append(_firewall_chain(ctx, port))
     masq = _clusterip_masquerade(ctx, port) if policy.has_internal else None
     for name, eps, wanted in (
-        (n.service_chain(spn), cats.cluster, policy.uses_cluster),
+        (cluster_chain, cats.cluster, policy.uses_cluster),
         (n.local_chain(spn), cats.local, policy.uses_local),
     ):
         if eps and wanted:
             head = (masq,) if masq is not None and name == internal else ()
-            chains.append(Chain(name, head + _balance(port, eps, bases, names)))
-    chains.extend(_endpoint_chains(port, reachable, bases, names))
+            chains.append(Chain(name, _balance(head, eps, names, affinity)))
+    chains.extend(_endpoint_chains(port, reachable, names, affinity))
     return PortPart(
         rules=sum(len(c.rules) for c in chains),
         chains=tuple(chains),
-        sets=_affinity_sets(port, reachable, bases),
+        sets=_affinity_sets(port, reachable, affinity),
         elements=_first_of_each_key(_elements(port, policy, internal)),
         no_local_internal=int(policy.no_local_internal),
         no_local_external=int(policy.no_local_external),
@@ -211,30 +218,48 @@ def nft_cidr(text: str) -> str:
     return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
 
 
-def _balance(
-    port: PortView,
-    endpoints: tuple[Endpoint, ...],
-    bases: dict[int, str],
-    chain_names: dict[int, str],
-) -> tuple[Rule, ...]:
-    """Affinity lookups, then the probability cascade, the last endpoint unconditional."""
-    names = [bases[id(ep)] for ep in endpoints]
-    gotos = [_goto(chain_names[id(ep)]) for ep in endpoints]
-    rules: list[Rule] = []
-    if port.sp.session_affinity_seconds is not None:
-        rules.extend(
-            Rule(
-                (
-                    Lookup((Key.SADDR,), n.AFFINITY_PREFIX + base),
-                    goto,
-                )
+class CascadeRules(DerivedRules):
+    """A service chain's rules: `head` (the ClusterIP masquerade), with affinity a lookup of
+    each endpoint's set, then the probability cascade over the endpoint chains, the last one
+    unconditional. Kept as the chains' names (and sets'), made into rules when read."""
+
+    __slots__ = ("affinity_sets", "chain_names", "head")
+
+    def __init__(
+        self, head: tuple[Rule, ...], chain_names: tuple[str, ...], affinity_sets: tuple[str, ...]
+    ) -> None:
+        self.head, self.chain_names, self.affinity_sets = head, chain_names, affinity_sets
+
+    def values(self) -> tuple[object, ...]:
+        return (self.head, self.chain_names, self.affinity_sets)
+
+    def __len__(self) -> int:
+        return len(self.head) + len(self.chain_names) + len(self.affinity_sets)
+
+    def build(self) -> tuple[Rule, ...]:
+        gotos = [_goto(name) for name in self.chain_names]
+        rules = list(self.head)
+        if self.affinity_sets:
+            rules.extend(
+                Rule((Lookup((Key.SADDR,), set_name), goto))
+                for set_name, goto in zip(self.affinity_sets, gotos, strict=True)
             )
-            for base, goto in zip(names, gotos, strict=True)
-        )
-    count = len(names)
-    for i, goto in enumerate(gotos):
-        rules.append(Rule((_numgen(count - i), goto) if i < count - 1 else (goto,)))
-    return tuple(rules)
+        count = len(gotos)
+        for i, goto in enumerate(gotos):
+            rules.append(Rule((_numgen(count - i), goto) if i < count - 1 else (goto,)))
+        return tuple(rules)
+
+
+def _balance(
+    head: tuple[Rule, ...],
+    endpoints: tuple[Endpoint, ...],
+    chain_names: dict[int, str],
+    affinity: dict[int, str] | None,
+) -> CascadeRules:
+    """Affinity lookups, then the probability cascade, the last endpoint unconditional."""
+    names = tuple([chain_names[id(ep)] for ep in endpoints])
+    sets = tuple([affinity[id(ep)] for ep in endpoints]) if affinity is not None else ()
+    return CascadeRules(head, names, sets)
 
 
 @lru_cache(maxsize=256)
@@ -248,35 +273,57 @@ def _proto_match(proto: str) -> Match:
     return Match(Key.L4PROTO, proto)
 
 
+class EndpointRules(DerivedRules):
+    """An endpoint chain's rules: masquerade hairpin traffic, remember the client for
+    affinity, DNAT. Kept as the endpoint's address, port and protocol (and affinity set)."""
+
+    __slots__ = ("affinity_set", "ip", "port", "proto")
+
+    def __init__(self, ip: str, port: int, proto: str, affinity_set: str | None) -> None:
+        self.ip, self.port, self.proto, self.affinity_set = ip, port, proto, affinity_set
+
+    def values(self) -> tuple[object, ...]:
+        return (self.ip, self.port, self.proto, self.affinity_set)
+
+    def __len__(self) -> int:
+        return 2 if self.affinity_set is None else 3
+
+    def build(self) -> tuple[Rule, ...]:
+        hairpin = Rule((Match(Key.SADDR, self.ip), MARK_MASQ))
+        dnat = Rule((_proto_match(self.proto), Dnat(self.ip, self.port)))
+        if self.affinity_set is None:
+            return (hairpin, dnat)
+        return (hairpin, Rule((Update(self.affinity_set, Key.SADDR),)), dnat)
+
+
 def _endpoint_chains(
-    port: PortView, endpoints: tuple[Endpoint, ...], bases: dict[int, str], names: dict[int, str]
+    port: PortView,
+    endpoints: tuple[Endpoint, ...],
+    names: dict[int, str],
+    affinity: dict[int, str] | None,
 ) -> list[Chain]:
-    """Each endpoint's chain: masquerade hairpin traffic, remember the client for affinity,
-    DNAT. (A loop over the port's endpoints: this runs once per endpoint of the cluster.)"""
-    proto = _proto_match(port.sp.name.protocol.lower)
-    affinity = port.sp.session_affinity_seconds is not None
-    chains = []
-    for ep in endpoints:
-        ip = ep.ip
-        hairpin = Rule((Match(Key.SADDR, ip), MARK_MASQ))
-        dnat = Rule((proto, Dnat(ip, ep.port)))
-        if affinity:
-            update = Rule((Update(n.AFFINITY_PREFIX + bases[id(ep)], Key.SADDR),))
-            chains.append(Chain(names[id(ep)], (hairpin, update, dnat)))
-        else:
-            chains.append(Chain(names[id(ep)], (hairpin, dnat)))
-    return chains
+    """Each endpoint's chain. (A loop over the port's endpoints: this runs once per endpoint
+    of the cluster.)"""
+    proto = port.sp.name.protocol.lower
+    if affinity is None:
+        return [
+            Chain(names[id(ep)], EndpointRules(ep.ip, ep.port, proto, None)) for ep in endpoints
+        ]
+    return [
+        Chain(names[id(ep)], EndpointRules(ep.ip, ep.port, proto, affinity[id(ep)]))
+        for ep in endpoints
+    ]
 
 
 def _affinity_sets(
-    port: PortView, endpoints: tuple[Endpoint, ...], bases: dict[int, str]
+    port: PortView, endpoints: tuple[Endpoint, ...], affinity: dict[int, str] | None
 ) -> tuple[NamedSet, ...]:
     seconds = port.sp.session_affinity_seconds
-    if seconds is None:
+    if seconds is None or affinity is None:
         return ()
     return tuple(
         NamedSet(
-            n.AFFINITY_PREFIX + bases[id(ep)],
+            affinity[id(ep)],
             (ADDRESS_TYPE[port.family],),
             flags=("dynamic", "timeout"),
             timeout=seconds,
