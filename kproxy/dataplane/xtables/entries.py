@@ -1,11 +1,12 @@
-"""Fast construction of libiptc rule entries.
+"""Fast construction of rule entries (ipt_entry / ip6t_entry, targets named as libiptc takes them).
 
 Building a python-iptables Rule costs about 0.15 ms a rule (parameter parsing through libxtables,
 table look-ups per target), which dominates a sync at scale. But kproxy's rules come in few
 shapes: the same matches and targets with different addresses, ports, comments, probabilities and
 chain names. So each shape is built through python-iptables once, twice in fact, with two sets of
 probe values; comparing the two entries locates the bytes each value occupies. Every later rule of
-that shape is the template's bytes with those fields overwritten, handed to libiptc as is.
+that shape is the template's bytes with those fields overwritten, handed to the writer as is
+(table_blob.py turns a target's name into its verdict or jump).
 
 A shape whose fields cannot be located unambiguously is never patched: its rules are built through
 python-iptables every time. The result is checked against the plain path, entry for entry, by
@@ -126,7 +127,9 @@ _PROBES: dict[str, tuple[str, str]] = {
     "probability": (_probability_probe(0x2C3B4A59), _probability_probe(0x1B2C3D4E)),
     "recent-name": ("KPROXY-PROBE-A", "KPROXY-PROBE-B"),
     "recent-seconds": (str(0x12345678), str(0x07654321)),
-    "jump": ("INPUT", "OUTPUT"),
+    # Standard verdicts in a jump's place: python-iptables builds them without looking the name
+    # up among the chains of every table (which reads each table with libiptc, and keeps it).
+    "jump": ("ACCEPT", "DROP"),
 }
 _ENCODERS: dict[str, Encoder] = {
     "comment": _padded(COMMENT_SIZE),
@@ -335,7 +338,7 @@ class TemplateBuilder:
 
 
 class EntryCompiler:
-    """Turns IR rules into libiptc entries, through templates where a shape allows it."""
+    """Turns IR rules into entries, through templates where a shape allows it."""
 
     def __init__(self, iptc: ModuleType, family: int) -> None:
         self.iptc = iptc
@@ -344,16 +347,29 @@ class EntryCompiler:
         self.builder = TemplateBuilder(family, _layout(family))
 
     def entry(self, rule: Rule) -> bytes:
-        """The rule's libiptc entry (plain bytes: libiptc copies what it is given, and no
-        ctypes object is made, so nothing waits for the cyclic garbage collector)."""
+        """The rule's entry (plain bytes: no ctypes object is made, so nothing waits for the
+        cyclic garbage collector)."""
         key, values = shape_key(rule)
         try:
             template = self.templates[key]
         except KeyError:
             template = self.templates[key] = self._template(rule)
         if template is None:
-            return bytes(_finished(build_rule(self.iptc, self.family, rule)))
+            return self._built(rule)
         return template.fill(values)
+
+    def _built(self, rule: Rule) -> bytes:
+        """The entry python-iptables builds, a jump's target built as a verdict and then named
+        after the chain (the name is all that tells a jump from a verdict before the compile)."""
+        target = rule.target
+        if target is None or not target.is_jump:
+            return bytes(_finished(build_rule(self.iptc, self.family, rule)))
+        verdict = replace(rule, target=Target("ACCEPT", goto=target.goto))
+        entry = bytearray(_finished(build_rule(self.iptc, self.family, verdict)))
+        (target_offset,) = struct.unpack_from("=H", entry, self.builder.target_offset_at)
+        name = _padded(TARGET_NAME_SIZE)(target.name)
+        entry[target_offset + 2 : target_offset + 2 + TARGET_NAME_SIZE] = name
+        return bytes(entry)
 
     def _template(self, rule: Rule) -> Template | None:
         shape_a, split = split_rule(rule, self.family, 0)
