@@ -80,7 +80,7 @@ def _u32(value: str) -> bytes:
     return struct.pack("=I", int(value))
 
 
-@lru_cache(maxsize=1 << 17)
+@lru_cache(maxsize=1 << 12)
 def _network(cidr: str) -> tuple[bytes, bytes]:
     """(address, mask) bytes of a canonical CIDR such as `10.0.0.1/32` (as rules carry them)."""
     address, _, length = cidr.partition("/")
@@ -100,7 +100,7 @@ def _network_mask(cidr: str) -> bytes:
     return _network(cidr)[1]
 
 
-@lru_cache(maxsize=1 << 17)
+@lru_cache(maxsize=1 << 12)
 def _split_destination(value: str) -> tuple[bytes, bytes]:
     """(address, port) bytes of a DNAT destination `ip:port` or `[ip6]:port`."""
     host, _, port = value.rpartition(":")

@@ -68,13 +68,13 @@ def replace_table(
 ) -> None:
     """Replace `table` with `compiled` (built from an image of `num_counters` entries) and add
     back the old counters of the entries carried over."""
-    blob = compiled.blob
+    blob, size = compiled.blob, compiled.size
     old = (ctypes.c_char * (num_counters * COUNTERS_SIZE or 1))()
     header = _Replace.from_buffer(blob)
     header.name = table.encode()
     header.valid_hooks = valid_hooks
     header.num_entries = compiled.num_entries
-    header.size = len(blob) - REPLACE_HEADER
+    header.size = size - REPLACE_HEADER
     header.hook_entry[:] = compiled.hook_entry
     header.underflow[:] = compiled.underflow
     header.num_counters = num_counters
@@ -82,8 +82,8 @@ def replace_table(
     del header  # a ctypes view pins the bytearray
     af, level = (socket.AF_INET, SOL_IP) if family == 4 else (socket.AF_INET6, SOL_IPV6)
     with socket.socket(af, socket.SOCK_RAW, socket.IPPROTO_RAW) as sock:
-        raw = (ctypes.c_char * len(blob)).from_buffer(blob)
-        rc = _libc.setsockopt(sock.fileno(), level, SO_SET_REPLACE, raw, len(blob))
+        raw = (ctypes.c_char * size).from_buffer(blob)
+        rc = _libc.setsockopt(sock.fileno(), level, SO_SET_REPLACE, raw, size)
         err = ctypes.get_errno()
         del raw
         if rc != 0:

@@ -18,6 +18,7 @@ counters can be given back after the replace (see kernel_write.py).
 from __future__ import annotations
 
 import bisect
+import mmap
 import struct
 from array import array
 from collections.abc import Callable
@@ -37,6 +38,9 @@ REPLACE_HEADER = 96  # sizeof(struct ipt_replace) == sizeof(struct ip6t_replace)
 # Verdicts of the standard target (negative: -NF_<verdict> - 1).
 VERDICTS = {b"DROP": -1, b"ACCEPT": -2, b"QUEUE": -4, b"RETURN": -5}
 XT_RETURN = VERDICTS[b"RETURN"]
+_U16 = struct.Struct("=H")
+_I32 = struct.Struct("=i")
+_NO_NAME = bytes(ENTRY_TARGET_SIZE - 2)  # a standard target's name and revision
 HOOK_CHAINS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")  # NF_INET_* order
 
 
@@ -279,45 +283,86 @@ class TableEdit:
     def compile(self, encode: Callable[[Rule], bytes]) -> Compiled:
         """The blob for IPT_SO_SET_REPLACE (its header left for the caller), built-in chains in
         the image's order, then user chains by name, as libiptc lays them out."""
-        out = _Output(self, encode)
         chains = [c for c in self.chains.values() if c.hook is not None]
         chains += sorted(
             (c for c in self.chains.values() if c.hook is None), key=lambda c: c.name.encode()
         )
-        for chain in chains:
-            out.chain(chain)
-        out.run(self.end)
-        out.resolve()
+        # Room for the image and every new rule at up to 1 KiB (kproxy's are under half that):
+        # only what is written of it is ever in memory.
+        new = sum(1 for c in chains for p in c.pieces if not isinstance(p, Run))
+        capacity = REPLACE_HEADER + len(self.image.entries) + (new + 2 * len(chains)) * 1024
+        out = _Output(self, encode, capacity)
+        try:
+            for chain in chains:
+                out.chain(chain)
+            out.run(self.end)
+            out.resolve()
+        except BaseException:
+            out.compiled.close()
+            raise
         return out.compiled
 
 
 @dataclass
 class Compiled:
-    """What `TableEdit.compile` made: the blob (REPLACE_HEADER bytes left free at its start),
-    where the built-in chains begin and end, and which old counters go to which new entries."""
+    """What `TableEdit.compile` made: the blob (`size` bytes of `blob`, REPLACE_HEADER of them
+    left free at its start), where the built-in chains begin and end, and which old counters go
+    to which new entries.
 
-    blob: bytearray
+    The blob is an anonymous mapping, not a bytearray: its pages cost memory only once written,
+    so it is mapped larger than it will probably be, grows without copying (mremap) if it must,
+    and goes back to the kernel whole once closed (a bytearray grown entry by entry was copied
+    as it grew, and left the heap it grew in fragmented: about 50 MB at 10,000 services)."""
+
+    blob: mmap.mmap
+    size: int
     num_entries: int
     hook_entry: list[int]
     underflow: list[int]
     carried: list[tuple[int, int, int]]  # (new index, old index, count)
 
+    def close(self) -> None:
+        self.blob.close()
+
+
+def _mapping(size: int) -> mmap.mmap:
+    size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
 
 class _Output:
-    def __init__(self, edit: TableEdit, encode: Callable[[Rule], bytes]) -> None:
+    def __init__(self, edit: TableEdit, encode: Callable[[Rule], bytes], capacity: int) -> None:
         self.edit = edit
         self.encode = encode
         self.layout = edit.layout
         self.compiled = Compiled(
-            bytearray(REPLACE_HEADER), 0, [0] * NF_INET_NUMHOOKS, [0] * NF_INET_NUMHOOKS, []
+            _mapping(capacity),
+            REPLACE_HEADER,
+            0,
+            [0] * NF_INET_NUMHOOKS,
+            [0] * NF_INET_NUMHOOKS,
+            [],
         )
         self.starts: dict[str, int] = {}  # user chain -> offset of its first rule
-        self.pending: list[tuple[int, str]] = []  # verdict position -> chain jumped to
-        self.builtin = {n for n, c in edit.chains.items() if c.hook is not None}
+        # Jumps whose chain may come later: where the verdict goes, and the chain (two arrays,
+        # not a list of pairs: there are about two for every service's endpoint).
+        self.pending_at = array("Q")
+        self.pending_to: list[str] = []
+        self.builtin = {n.encode() for n, c in edit.chains.items() if c.hook is not None}
 
     @property
     def offset(self) -> int:
-        return len(self.compiled.blob) - REPLACE_HEADER
+        return self.compiled.size - REPLACE_HEADER
+
+    def _append(self, data: bytes | memoryview) -> int:
+        """Write `data` at the end of the blob; where it starts."""
+        compiled = self.compiled
+        base, end = compiled.size, compiled.size + len(data)
+        if end > len(compiled.blob):
+            compiled.blob.resize(-(-2 * end // mmap.PAGESIZE) * mmap.PAGESIZE)
+        compiled.blob[base:end] = data
+        compiled.size = end
+        return base
 
     def chain(self, chain: _Chain) -> None:
         if chain.hook is not None:
@@ -342,8 +387,7 @@ class _Output:
 
     def run(self, run: Run) -> None:
         compiled, edit = self.compiled, self.edit
-        base = len(compiled.blob)
-        compiled.blob += edit.image.entries[run.start : run.end]
+        base = self._append(edit.image.entries[run.start : run.end])
         compiled.carried.append((compiled.num_entries, run.index, run.count))
         compiled.num_entries += run.count
         jump_at = edit.jump_at
@@ -355,41 +399,51 @@ class _Output:
             at = base + jump_at[number] - run.start
             target = edit.jump_to[number]
             if target is None:  # falls through: to the next entry, wherever it now is
-                (verdict,) = struct.unpack_from("=i", blob, at)
-                struct.pack_into("=i", blob, at, verdict + delta)
+                (verdict,) = _I32.unpack_from(blob, at)
+                _I32.pack_into(blob, at, verdict + delta)
             else:
-                self.pending.append((at, target))
+                self.pending_at.append(at)
+                self.pending_to.append(target)
 
     def new(self, entry: bytes) -> None:
-        self.compiled.blob += entry
+        self._append(entry)
         self.compiled.num_entries += 1
 
     def rule(self, rule: Rule) -> None:
         """One of kproxy's rules, its target named as libiptc expects on append."""
         entry = self.encode(rule)
+        base = self._append(entry)
         blob = self.compiled.blob
-        base = len(blob)
-        blob += entry
         self.compiled.num_entries += 1
-        (target_offset,) = struct.unpack_from("=H", entry, self.layout.target_offset_at)
+        (target_offset,) = _U16.unpack_from(entry, self.layout.target_offset_at)
         name_at = target_offset + 2
-        label = _c_string(entry[name_at : name_at + ENTRY_TARGET_SIZE - 3]).encode()
+        label = entry[name_at : name_at + ENTRY_TARGET_SIZE - 3]
+        end = label.find(0)
+        if end >= 0:
+            label = label[:end]
         verdict_at = base + target_offset + ENTRY_TARGET_SIZE
-        if label in VERDICTS or not label:
-            verdict = VERDICTS[label] if label else base - REPLACE_HEADER + len(entry)
-        elif label.decode() in self.edit.chains:
-            if label.decode() in self.builtin:
-                raise self.edit._error(f"a rule jumps to built-in chain {label.decode()}")
-            self.pending.append((verdict_at, label.decode()))
-            verdict = 0
-        elif rule.target is not None and rule.target.is_jump:
-            raise self._missing(rule.target.name)
+        chain = None
+        if not label:  # no verdict: on to the next entry
+            verdict = base - REPLACE_HEADER + len(entry)
+        elif label in VERDICTS:
+            verdict = VERDICTS[label]
         else:
-            return  # a target extension's, as python-iptables built it
+            if label in self.builtin:
+                raise self.edit._error(f"a rule jumps to built-in chain {label.decode()}")
+            jumped = self.edit.chains.get(label.decode(errors="replace"))
+            if jumped is None:
+                if rule.target is not None and rule.target.is_jump:
+                    raise self._missing(rule.target.name)
+                return  # a target extension's, as python-iptables built it
+            chain, verdict = jumped.name, 0  # the chain's own name: one string for every jump
         if len(entry) - target_offset != STANDARD_TARGET_SIZE:
             raise self.edit._error(f"target {label.decode()} is not a standard target")
-        blob[base + name_at : verdict_at] = bytes(ENTRY_TARGET_SIZE - 2)  # name and revision
-        struct.pack_into("=i", blob, verdict_at, verdict)
+        blob[base + name_at : verdict_at] = _NO_NAME  # and revision 0
+        if chain is None:
+            _I32.pack_into(blob, verdict_at, verdict)
+        else:
+            self.pending_at.append(verdict_at)
+            self.pending_to.append(chain)
 
     def _missing(self, chain: str) -> DataplaneError:
         if chain in self.edit.deleted:
@@ -398,12 +452,12 @@ class _Output:
 
     def resolve(self) -> None:
         blob = self.compiled.blob
-        for at, chain in self.pending:
-            start = self.starts.get(chain)
+        starts, pack = self.starts, _I32.pack_into
+        for at, chain in zip(self.pending_at, self.pending_to, strict=True):
+            start = starts.get(chain)
             if start is None:
                 raise self._missing(chain)
-            struct.pack_into("=i", blob, at, start)
-        self.pending.clear()
+            pack(blob, at, start)
 
 
 def _c_string(raw: bytes | memoryview) -> str:

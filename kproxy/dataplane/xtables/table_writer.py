@@ -86,7 +86,10 @@ class TableWriter:
         compiled = edit.compile(self.entries.entry)
         del edit
         (valid_hooks,) = struct.unpack_from("=I", image.hooks)
-        replace_table(self.family, changes.table, valid_hooks, compiled, image.num_entries)
+        try:
+            replace_table(self.family, changes.table, valid_hooks, compiled, image.num_entries)
+        finally:
+            compiled.close()
 
     def keep(self, applied: dict[str, Table], lock: HeldLock) -> None:
         """Read these tables' images again in the background, under `lock` (handed over by the
