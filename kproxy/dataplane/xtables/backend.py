@@ -26,6 +26,7 @@ from kproxy.dataplane.xtables.diff import (
 from kproxy.dataplane.xtables.kernel_image import TableImage, fingerprint, read_image
 from kproxy.dataplane.xtables.kernel_write import TableChanged
 from kproxy.dataplane.xtables.lock import LOCK_TIMEOUT, HeldLock, xtables_lock
+from kproxy.dataplane.xtables.table_index import TableIndex
 from kproxy.dataplane.xtables.table_writer import KeptTable, TableWriter
 from kproxy.errors import DataplaneError
 from kproxy.rules.ir import Ruleset, Table
@@ -116,6 +117,9 @@ class IptablesDataplane:
         self.keep_copies = keep_copies
         self._iptc = load_iptc()
         self._tables = TableWriter(self._iptc, family)
+        # The index of each table written in the current sync (kept with its digest for the
+        # next one, which then need not read the table's entries to edit it).
+        self._indexes: dict[str, TableIndex] = {}
         self._ahead: _Ahead | None = None
 
     def read(self) -> dict[str, SavedTable]:
@@ -171,13 +175,15 @@ class IptablesDataplane:
     def _apply(self, ruleset: Ruleset, full: bool, ahead: _Ahead) -> ApplyResult:
         result = ApplyResult()
         touched: dict[str, Table] = {}
+        self._indexes = {}
         for desired in ruleset.tables:
             changes = self._sync_table(desired, full, ahead.images)
             if changes.read_kernel or not changes.empty:
                 touched[desired.name] = desired
             result.tables.append(changes)
+        indexes, self._indexes = self._indexes, {}
         if touched and self.keep_copies:
-            self._tables.keep(touched, ahead.lock.hand_over())
+            self._tables.keep(touched, indexes, ahead.lock.hand_over())
         else:
             # Nothing to read again: let go of the lock now, not when the sync ends. The other
             # family's process needs the same lock for its own apply in this sync (held until
@@ -221,7 +227,7 @@ class IptablesDataplane:
         if current is None or not kept.image.matches(current):
             return False
         try:
-            self._write(changes, current)
+            self._write(changes, current, kept.index)
         except _Refused:
             return False
         return True
@@ -250,9 +256,11 @@ class IptablesDataplane:
                     ) from None
         raise AssertionError("unreachable")
 
-    def _write(self, changes: TableChanges, image: TableImage) -> None:
+    def _write(
+        self, changes: TableChanges, image: TableImage, index: TableIndex | None = None
+    ) -> None:
         try:
-            self._tables.write(changes, image)
+            self._indexes[changes.table] = self._tables.write(changes, image, index)
         except self._iptc.XTablesError as exc:
             # Nothing was written: the edit is discarded.
             raise DataplaneError(

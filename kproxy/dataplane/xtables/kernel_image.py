@@ -158,6 +158,14 @@ class ImageMatch:
             digest.update(b"".join(fmt.unpack_from(entries, at)))
         return digest.digest()
 
+    def same(self, other: ImageMatch) -> bool:
+        """Whether `other` was made from the same entries, counters aside."""
+        return self._digest is not None and (self.fingerprint, self.hooks, self._digest) == (
+            other.fingerprint,
+            other.hooks,
+            other._digest,
+        )
+
     def matches(self, image: TableImage) -> bool:
         if image.fingerprint != self.fingerprint or image.hooks != self.hooks:
             return False

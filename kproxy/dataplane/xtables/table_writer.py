@@ -36,16 +36,18 @@ from kproxy.dataplane.xtables.kernel_image import ImageMatch, TableImage, read_i
 from kproxy.dataplane.xtables.kernel_write import replace_table
 from kproxy.dataplane.xtables.lock import HeldLock
 from kproxy.dataplane.xtables.table_blob import TableEdit
+from kproxy.dataplane.xtables.table_index import TableIndex
 from kproxy.rules.ir import Table
 
 
 @dataclass(frozen=True, slots=True)
 class KeptTable:
     """While the kernel's image of a table matches `image`, the kernel holds `applied` of
-    kproxy's."""
+    kproxy's, and `index` (when known) tells where its chains and jumps are."""
 
     applied: Table
     image: ImageMatch
+    index: TableIndex | None
 
 
 class TableWriter:
@@ -75,13 +77,16 @@ class TableWriter:
         self.wait()
         self._kept.pop(name, None)
 
-    def write(self, changes: TableChanges, image: TableImage) -> None:
-        """Replace the table with `image` edited by `changes`. `image` must have been read
-        under the xtables lock held now. Raises TableChanged when the kernel's table no longer
-        has the image's entry count."""
+    def write(
+        self, changes: TableChanges, image: TableImage, index: TableIndex | None = None
+    ) -> TableIndex:
+        """Replace the table with `image` edited by `changes`; the index of what was written.
+        `image` must have been read under the xtables lock held now; `index`, if given, must
+        be one of an image equal to it, counters aside. Raises TableChanged when the kernel's
+        table no longer has the image's entry count."""
         self.wait()
         self._kept.pop(changes.table, None)  # about to change: what was kept no longer holds
-        edit = TableEdit(image)
+        edit = TableEdit(image, index)
         edit.apply(changes)
         compiled = edit.compile(self.entries.entry)
         del edit
@@ -90,10 +95,14 @@ class TableWriter:
             replace_table(self.family, changes.table, valid_hooks, compiled, image.num_entries)
         finally:
             compiled.close()
+        return compiled.index
 
-    def keep(self, applied: dict[str, Table], lock: HeldLock) -> None:
+    def keep(
+        self, applied: dict[str, Table], indexes: dict[str, TableIndex], lock: HeldLock
+    ) -> None:
         """Read these tables' images again in the background, under `lock` (handed over by the
-        sync, released by the reader when its kernel reads are done), and keep them."""
+        sync, released by the reader when its kernel reads are done), and keep their digests,
+        with the index of what this sync wrote in them."""
         self.wait()
 
         def read_all() -> None:
@@ -107,8 +116,14 @@ class TableWriter:
                 lock.release()
             for name in list(images):
                 image = images.pop(name)  # one image at a time: each is about the table's size
-                if image is not None:
-                    self._kept[name] = KeptTable(applied[name], ImageMatch(image))
+                before = self._kept.pop(name, None)
+                if image is None:
+                    continue
+                match = ImageMatch(image)
+                index = indexes.get(name)
+                if index is None and before is not None and before.image.same(match):
+                    index = before.index  # read, not written, and still the same entries
+                self._kept[name] = KeptTable(applied[name], match, index)
                 del image
 
         self._reader = threading.Thread(target=read_all, daemon=True, name="image-keeper")
