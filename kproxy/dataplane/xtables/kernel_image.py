@@ -7,8 +7,9 @@ Two reads, with different powers:
   fingerprint may let kproxy skip work (a sync that writes nothing); it never lets it commit.
 - `read_image()` (IPT_SO_GET_ENTRIES): every entry as the kernel holds it (0.15-0.3 s at 10,000
   services). Two images whose entries are equal byte for byte, packet counters aside, are the
-  same table. That is the proof kproxy asks for, under the xtables lock, before it edits a kept
-  copy of a table and commits it.
+  same table. That is the proof kproxy asks for, under the xtables lock, before it writes a
+  change planned from what it committed last; the image is also what every write edits
+  (table_writer.py).
 """
 
 from __future__ import annotations
