@@ -54,12 +54,13 @@ _I32 = struct.Struct("=i")
 _NO_NAME = bytes(ENTRY_TARGET_SIZE - 2)  # a standard target's name and revision
 
 
-def _empty_entry(layout: EntryLayout, target: bytes) -> bytes:
-    """An entry that matches every packet, with `target`, as libiptc makes chain heads/feet."""
+def _empty_entry(layout: EntryLayout, target_size: int) -> bytes:
+    """The entry, without its target, of a chain's head or foot as libiptc makes them: it
+    matches every packet."""
     header = bytearray(layout.size)
     _U16.pack_into(header, layout.target_offset_at, layout.size)
-    _U16.pack_into(header, layout.target_offset_at + 2, layout.size + len(target))
-    return bytes(header) + target
+    _U16.pack_into(header, layout.target_offset_at + 2, layout.size + target_size)
+    return bytes(header)
 
 
 def _standard_target(verdict: int) -> bytes:
@@ -279,6 +280,7 @@ class _Output:
         self.edit = edit
         self.encode = encode
         self.layout = edit.layout
+        self.target_offset_at = edit.layout.target_offset_at
         self.compiled = Compiled(
             _mapping(capacity),
             REPLACE_HEADER,
@@ -289,6 +291,10 @@ class _Output:
             TableIndex(),
         )
         self.builtin = {n.encode() for n in edit.builtins}
+        self.head_entry = _empty_entry(self.layout, ERROR_TARGET_SIZE)
+        self.foot_entry = _empty_entry(self.layout, STANDARD_TARGET_SIZE) + _standard_target(
+            XT_RETURN
+        )
         self.names: dict[str, str] = {}  # one string per chain jumped to, however many jumps
 
     @property
@@ -335,16 +341,23 @@ class _Output:
         elif chain.head is not None:
             self.run(chain.head)
         else:
-            self.new(_empty_entry(self.layout, _error_target(chain.name.encode())))
+            self.new(self.head_entry + _error_target(chain.name.encode()))
         first = self.offset
         rules = []
-        for piece in chain.pieces:
-            at, index = self.offset, out.num_entries
-            if isinstance(piece, Run):
-                self.run(piece)
-            else:
-                self.rule(piece)
-            if chain.hook is not None:  # a built-in chain's rules are counted by position
+        run, rule = self.run, self.rule
+        if chain.hook is None:
+            for piece in chain.pieces:
+                if isinstance(piece, Run):
+                    run(piece)
+                else:
+                    rule(piece)
+        else:  # a built-in chain's rules are counted by position: each one's place is kept
+            for piece in chain.pieces:
+                at, index = self.offset, out.num_entries
+                if isinstance(piece, Run):
+                    run(piece)
+                else:
+                    rule(piece)
                 rules.append(Run(at, self.offset, index, out.num_entries - index))
         foot = self.offset
         if chain.hook is not None:
@@ -352,7 +365,7 @@ class _Output:
         if chain.foot is not None:
             self.run(chain.foot)
         else:
-            self.new(_empty_entry(self.layout, _standard_target(XT_RETURN)))
+            self.new(self.foot_entry)
         if chain.hook is not None:
             policy = Run(foot, self.offset, out.num_entries - 1, 1)
             out.index.builtins.append(BuiltinChain(chain.name, chain.hook, rules, policy))
@@ -385,15 +398,18 @@ class _Output:
     def rule(self, rule: Rule) -> None:
         """One of kproxy's rules, its target named as libiptc expects on append."""
         entry = self.encode(rule)
-        base = self._append(entry)
         out = self.compiled
+        at, end = out.size, out.size + len(entry)
+        if end > len(out.blob):
+            out.blob.resize(-(-2 * end // mmap.PAGESIZE) * mmap.PAGESIZE)
+        out.blob[at:end] = entry
+        out.size = end
         out.num_entries += 1
-        (target_offset,) = _U16.unpack_from(entry, self.layout.target_offset_at)
+        base = at - REPLACE_HEADER
+        (target_offset,) = _U16.unpack_from(entry, self.target_offset_at)
         name_at = target_offset + 2
-        label = entry[name_at : name_at + ENTRY_TARGET_SIZE - 3]
-        end = label.find(0)
-        if end >= 0:
-            label = label[:end]
+        name_end = entry.find(0, name_at, name_at + ENTRY_TARGET_SIZE - 3)
+        label = entry[name_at : name_end if name_end >= 0 else name_at + ENTRY_TARGET_SIZE - 3]
         verdict_at = base + target_offset + ENTRY_TARGET_SIZE
         chain = None
         if not label:  # no verdict: on to the next entry
@@ -413,7 +429,7 @@ class _Output:
             verdict = 0  # set once every chain has its place
         if len(entry) - target_offset != STANDARD_TARGET_SIZE:
             raise self.edit.error(f"target {label.decode()} is not a standard target")
-        out.blob[REPLACE_HEADER + base + name_at : REPLACE_HEADER + verdict_at] = _NO_NAME
+        out.blob[at + name_at : at + target_offset + ENTRY_TARGET_SIZE] = _NO_NAME
         _I32.pack_into(out.blob, REPLACE_HEADER + verdict_at, verdict)
         if chain is not None:
             out.index.jump_at.append(verdict_at)
