@@ -16,6 +16,7 @@ integration/iptables/test_fast_path.py, which also reads every entry back from t
 from __future__ import annotations
 
 import ctypes
+import mmap
 import socket
 import struct
 from collections.abc import Callable
@@ -33,6 +34,8 @@ RECENT_NAME_SIZE = 200  # xt_recent_mtinfo.name
 TARGET_NAME_SIZE = 29  # xt_entry_target.u.user.name
 
 Encoder = Callable[[str], bytes]
+Buffer = bytearray | mmap.mmap
+MAX_ENTRY = 0xFFFF  # next_offset is a u16
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,14 +51,16 @@ class _Slot:
 class Template:
     entry: bytes
     slots: tuple[_Slot, ...]
+    target_offset: int
+    label: str  # the target's name, the same in every rule of the shape ...
+    jump: int | None  # ... unless it is a jump: then the chain is this value
 
-    def fill(self, values: list[str]) -> bytes:
-        buf = bytearray(self.entry)
+    def fill_into(self, values: list[str], out: Buffer, at: int) -> None:
+        out[at : at + len(self.entry)] = self.entry
         for slot, value in zip(self.slots, values, strict=True):
             for offset, encode in slot.parts:
                 data = encode(value)
-                buf[offset : offset + len(data)] = data
-        return bytes(buf)
+                out[at + offset : at + offset + len(data)] = data
 
 
 def _padded(size: int) -> Encoder:
@@ -281,7 +286,11 @@ class TemplateBuilder:
             for i, (x, y) in enumerate(zip(entry_a, entry_b, strict=True))
         ):
             return None
-        return Template(entry_a, tuple(slots))
+        (target_offset,) = struct.unpack_from("=H", entry_a, self.target_offset_at)
+        jump = kinds.index("jump") if "jump" in kinds else None
+        return Template(
+            entry_a, tuple(slots), target_offset, target_label(entry_a, target_offset), jump
+        )
 
     def _probe_pairs(self, kinds: list[str]) -> list[tuple[str, str]]:
         pairs = []
@@ -347,16 +356,28 @@ class EntryCompiler:
         self.builder = TemplateBuilder(family, _layout(family))
 
     def entry(self, rule: Rule) -> bytes:
-        """The rule's entry (plain bytes: no ctypes object is made, so nothing waits for the
-        cyclic garbage collector)."""
+        """The rule's entry, as bytes."""
+        buf = bytearray(MAX_ENTRY)
+        size, _, _ = self.write_entry(rule, buf, 0)
+        return bytes(buf[:size])
+
+    def write_entry(self, rule: Rule, out: Buffer, at: int) -> tuple[int, int, str]:
+        """Write the rule's entry at `at` of `out` (MAX_ENTRY bytes of room); its size, its
+        target's offset and its target's name. No ctypes object is made (nothing waits for the
+        cyclic garbage collector), and a template's entry is written where it goes."""
         key, values = shape_key(rule)
         try:
             template = self.templates[key]
         except KeyError:
             template = self.templates[key] = self._template(rule)
         if template is None:
-            return self._built(rule)
-        return template.fill(values)
+            entry = self._built(rule)
+            out[at : at + len(entry)] = entry
+            (target_offset,) = struct.unpack_from("=H", entry, self.builder.target_offset_at)
+            return len(entry), target_offset, target_label(entry, target_offset)
+        template.fill_into(values, out, at)
+        label = template.label if template.jump is None else values[template.jump]
+        return len(template.entry), template.target_offset, label
 
     def _built(self, rule: Rule) -> bytes:
         """The entry python-iptables builds, a jump's target built as a verdict and then named
@@ -380,6 +401,13 @@ class EntryCompiler:
         except Exception:  # a shape python-iptables cannot build with probes: use the slow path
             return None
         return self.builder.build(split.kinds, entry_a, entry_b)
+
+
+def target_label(entry: bytes, target_offset: int) -> str:
+    """The name in an entry's target (xt_entry_target.u.user.name)."""
+    name = entry[target_offset + 2 : target_offset + 2 + TARGET_NAME_SIZE]
+    end = name.find(0)
+    return (name if end < 0 else name[:end]).decode(errors="replace")
 
 
 def build_rule(iptc: ModuleType, family: int, rule: Rule) -> Any:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kproxy.dataplane.xtables.diff import TableChanges
+from kproxy.dataplane.xtables.entries import MAX_ENTRY
 from kproxy.dataplane.xtables.kernel_image import NF_INET_NUMHOOKS, TableImage
 from kproxy.dataplane.xtables.table_index import (
     BOUNDS,
@@ -49,6 +50,7 @@ MAX_CHAIN_NAME = 28  # what libiptc accepts (XT_EXTENSION_MAXNAMELEN - 1)
 REPLACE_HEADER = 96  # sizeof(struct ipt_replace) == sizeof(struct ip6t_replace)
 # Verdicts of the standard target (negative: -NF_<verdict> - 1).
 VERDICTS = {b"DROP": -1, b"ACCEPT": -2, b"QUEUE": -4, b"RETURN": XT_RETURN}
+VERDICT_NAMES = {name.decode(): verdict for name, verdict in VERDICTS.items()}
 _U16 = struct.Struct("=H")
 _I32 = struct.Struct("=i")
 _NO_NAME = bytes(ENTRY_TARGET_SIZE - 2)  # a standard target's name and revision
@@ -72,6 +74,9 @@ def _error_target(name: bytes) -> bytes:
 
 
 Piece = Run | Rule  # a Rule is one of kproxy's, encoded when the table is compiled
+# Writes a rule's entry at an offset of a buffer: (its size, its target's offset, its target's
+# name), as EntryCompiler.write_entry does.
+WriteEntry = Callable[[Rule, mmap.mmap, int], tuple[int, int, str]]
 
 
 @dataclass(slots=True)
@@ -216,7 +221,7 @@ class TableEdit:
             return [(first, last)]
         return [(n, n + 1) for n in range(first, last)]
 
-    def compile(self, encode: Callable[[Rule], bytes]) -> Compiled:
+    def compile(self, write_entry: WriteEntry) -> Compiled:
         """The blob for IPT_SO_SET_REPLACE (its header left for the caller)."""
         index = self.index
         # Room for the image and every new rule at up to 1 KiB (kproxy's are under half that):
@@ -224,7 +229,7 @@ class TableEdit:
         chains = [*self.builtins.values(), *self.edited.values()]
         new = sum(1 for c in chains for p in c.pieces if not isinstance(p, Run))
         capacity = REPLACE_HEADER + len(self.image.entries) + (new + 2 * len(chains)) * 1024
-        out = _Output(self, encode, capacity)
+        out = _Output(self, write_entry, capacity)
         try:
             for builtin in self.builtins.values():
                 out.chain(builtin)
@@ -276,9 +281,9 @@ def _mapping(size: int) -> mmap.mmap:
 
 
 class _Output:
-    def __init__(self, edit: TableEdit, encode: Callable[[Rule], bytes], capacity: int) -> None:
+    def __init__(self, edit: TableEdit, write_entry: WriteEntry, capacity: int) -> None:
         self.edit = edit
-        self.encode = encode
+        self.write_entry = write_entry
         self.layout = edit.layout
         self.target_offset_at = edit.layout.target_offset_at
         self.compiled = Compiled(
@@ -290,7 +295,6 @@ class _Output:
             [],
             TableIndex(),
         )
-        self.builtin = {n.encode() for n in edit.builtins}
         self.head_entry = _empty_entry(self.layout, ERROR_TARGET_SIZE)
         self.foot_entry = _empty_entry(self.layout, STANDARD_TARGET_SIZE) + _standard_target(
             XT_RETURN
@@ -397,39 +401,32 @@ class _Output:
 
     def rule(self, rule: Rule) -> None:
         """One of kproxy's rules, its target named as libiptc expects on append."""
-        entry = self.encode(rule)
         out = self.compiled
-        at, end = out.size, out.size + len(entry)
-        if end > len(out.blob):
-            out.blob.resize(-(-2 * end // mmap.PAGESIZE) * mmap.PAGESIZE)
-        out.blob[at:end] = entry
-        out.size = end
+        at = out.size
+        if at + MAX_ENTRY > len(out.blob):
+            out.blob.resize(-(-2 * (at + MAX_ENTRY) // mmap.PAGESIZE) * mmap.PAGESIZE)
+        size, target_offset, label = self.write_entry(rule, out.blob, at)
+        out.size = at + size
         out.num_entries += 1
-        base = at - REPLACE_HEADER
-        (target_offset,) = _U16.unpack_from(entry, self.target_offset_at)
-        name_at = target_offset + 2
-        name_end = entry.find(0, name_at, name_at + ENTRY_TARGET_SIZE - 3)
-        label = entry[name_at : name_end if name_end >= 0 else name_at + ENTRY_TARGET_SIZE - 3]
-        verdict_at = base + target_offset + ENTRY_TARGET_SIZE
+        verdict_at = at - REPLACE_HEADER + target_offset + ENTRY_TARGET_SIZE
         chain = None
         if not label:  # no verdict: on to the next entry
-            verdict = base + len(entry)
+            verdict = at - REPLACE_HEADER + size
             out.index.fall_at.append(verdict_at)
-        elif label in VERDICTS:
-            verdict = VERDICTS[label]
+        elif label in VERDICT_NAMES:
+            verdict = VERDICT_NAMES[label]
         else:
-            if label in self.builtin:
-                raise self.edit.error(f"a rule jumps to built-in chain {label.decode()}")
-            chain = label.decode(errors="replace")
-            chain = self.names.setdefault(chain, chain)
-            if not self.edit._exists(chain):
+            if label in self.edit.builtins:
+                raise self.edit.error(f"a rule jumps to built-in chain {label}")
+            if not self.edit._exists(label):
                 if rule.target is not None and rule.target.is_jump:
                     raise self._missing(rule.target.name)
                 return  # a target extension's, as python-iptables built it
+            chain = self.names.setdefault(label, label)
             verdict = 0  # set once every chain has its place
-        if len(entry) - target_offset != STANDARD_TARGET_SIZE:
-            raise self.edit.error(f"target {label.decode()} is not a standard target")
-        out.blob[at + name_at : at + target_offset + ENTRY_TARGET_SIZE] = _NO_NAME
+        if size - target_offset != STANDARD_TARGET_SIZE:
+            raise self.edit.error(f"target {label} is not a standard target")
+        out.blob[at + target_offset + 2 : at + target_offset + ENTRY_TARGET_SIZE] = _NO_NAME
         _I32.pack_into(out.blob, REPLACE_HEADER + verdict_at, verdict)
         if chain is not None:
             out.index.jump_at.append(verdict_at)

@@ -88,7 +88,7 @@ class TableWriter:
         self._kept.pop(changes.table, None)  # about to change: what was kept no longer holds
         edit = TableEdit(image, index)
         edit.apply(changes)
-        compiled = edit.compile(self.entries.entry)
+        compiled = edit.compile(self.entries.write_entry)
         del edit
         (valid_hooks,) = struct.unpack_from("=I", image.hooks)
         try:
