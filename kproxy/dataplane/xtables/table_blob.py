@@ -348,20 +348,23 @@ class _Output:
             self.new(self.head_entry + _error_target(chain.name.encode()))
         first = self.offset
         rules = []
-        run, rule = self.run, self.rule
         if chain.hook is None:
+            batch: list[Rule] = []
             for piece in chain.pieces:
                 if isinstance(piece, Run):
-                    run(piece)
+                    self.rules(batch)
+                    batch = []
+                    self.run(piece)
                 else:
-                    rule(piece)
+                    batch.append(piece)
+            self.rules(batch)
         else:  # a built-in chain's rules are counted by position: each one's place is kept
             for piece in chain.pieces:
                 at, index = self.offset, out.num_entries
                 if isinstance(piece, Run):
-                    run(piece)
+                    self.run(piece)
                 else:
-                    rule(piece)
+                    self.rules([piece])
                 rules.append(Run(at, self.offset, index, out.num_entries - index))
         foot = self.offset
         if chain.hook is not None:
@@ -399,38 +402,56 @@ class _Output:
         self._append(entry)
         self.compiled.num_entries += 1
 
-    def rule(self, rule: Rule) -> None:
-        """One of kproxy's rules, its target named as libiptc expects on append."""
+    def rules(self, rules: list[Rule]) -> None:
+        """kproxy's rules, one after the other, their targets named as libiptc expects on
+        append. One loop with everything it uses at hand: it runs for every rule a sync writes."""
         out = self.compiled
-        at = out.size
-        if at + MAX_ENTRY > len(out.blob):
-            out.blob.resize(-(-2 * (at + MAX_ENTRY) // mmap.PAGESIZE) * mmap.PAGESIZE)
-        size, target_offset, label = self.write_entry(rule, out.blob, at)
-        out.size = at + size
-        out.num_entries += 1
-        verdict_at = at - REPLACE_HEADER + target_offset + ENTRY_TARGET_SIZE
-        chain = None
-        if not label:  # no verdict: on to the next entry
-            verdict = at - REPLACE_HEADER + size
-            out.index.fall_at.append(verdict_at)
-        elif label in VERDICT_NAMES:
-            verdict = VERDICT_NAMES[label]
-        else:
-            if label in self.edit.builtins:
-                raise self.edit.error(f"a rule jumps to built-in chain {label}")
-            if not self.edit._exists(label):
-                if rule.target is not None and rule.target.is_jump:
-                    raise self._missing(rule.target.name)
-                return  # a target extension's, as python-iptables built it
-            chain = self.names.setdefault(label, label)
-            verdict = 0  # set once every chain has its place
-        if size - target_offset != STANDARD_TARGET_SIZE:
-            raise self.edit.error(f"target {label} is not a standard target")
-        out.blob[at + target_offset + 2 : at + target_offset + ENTRY_TARGET_SIZE] = _NO_NAME
-        _I32.pack_into(out.blob, REPLACE_HEADER + verdict_at, verdict)
-        if chain is not None:
-            out.index.jump_at.append(verdict_at)
-            out.index.jump_to.append(chain)
+        blob, at, count = out.blob, out.size, out.num_entries
+        capacity = len(blob)
+        write_entry, pack, names, exists = (
+            self.write_entry,
+            _I32.pack_into,
+            self.names,
+            self.edit._exists,
+        )
+        fall_at, jump_at, jump_to = out.index.fall_at, out.index.jump_at, out.index.jump_to
+        try:
+            for rule in rules:
+                if at + MAX_ENTRY > capacity:
+                    capacity = -(-2 * (at + MAX_ENTRY) // mmap.PAGESIZE) * mmap.PAGESIZE
+                    blob.resize(capacity)
+                size, target_offset, label = write_entry(rule, blob, at)
+                verdict_at = at - REPLACE_HEADER + target_offset + ENTRY_TARGET_SIZE
+                chain = None
+                if not label:  # no verdict: on to the next entry
+                    verdict = at - REPLACE_HEADER + size
+                    fall_at.append(verdict_at)
+                elif label in VERDICT_NAMES:
+                    verdict = VERDICT_NAMES[label]
+                elif exists(label) and label not in self.edit.builtins:
+                    chain = names.setdefault(label, label)
+                    verdict = 0  # set once every chain has its place
+                else:
+                    self._not_a_chain(rule, label)
+                    at, count = at + size, count + 1
+                    continue  # a target extension's, as python-iptables built it
+                if size - target_offset != STANDARD_TARGET_SIZE:
+                    raise self.edit.error(f"target {label} is not a standard target")
+                blob[at + target_offset + 2 : at + target_offset + ENTRY_TARGET_SIZE] = _NO_NAME
+                pack(blob, REPLACE_HEADER + verdict_at, verdict)
+                if chain is not None:
+                    jump_at.append(verdict_at)
+                    jump_to.append(chain)
+                at, count = at + size, count + 1
+        finally:
+            out.size, out.num_entries = at, count
+
+    def _not_a_chain(self, rule: Rule, label: str) -> None:
+        """A target that is not a verdict nor a user chain: an extension's, or an error."""
+        if label in self.edit.builtins:
+            raise self.edit.error(f"a rule jumps to built-in chain {label}")
+        if rule.target is not None and rule.target.is_jump:
+            raise self._missing(rule.target.name)
 
     def _missing(self, chain: str) -> DataplaneError:
         if chain in self.edit.deleted:
