@@ -12,9 +12,10 @@ lock right before the replace, never from a copy kept across syncs:
 2. A partial sync plans from what kproxy committed last (`KeptTable.applied`). That plan is
    valid only if nobody else wrote the table since: after each commit, a background thread
    reads the image again while still holding the lock the sync took (handed over, never
-   released in between) and keeps its digest (ImageMatch). The next sync reads the image
-   under the lock and writes from it only when it matches that digest, counters aside;
-   otherwise it takes path 1.
+   released in between) and keeps its digest (ImageMatch), with the index of the blob that sync
+   wrote (table_index.py: where its chains and jumps are). The next sync reads the image under
+   the lock and writes from it, through that index, only when it matches that digest, counters
+   aside (the same entries, so the same index); otherwise it takes path 1.
 
 Both paths read the image they write from under the lock. A writer that ignores the lock can
 still write between that read and the replace: the replace names the entry count it was built
