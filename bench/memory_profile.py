@@ -5,7 +5,7 @@
 Writes bench/once_bench.py's manifests, then runs the CLI's own `sync --once` in this process
 (in a fresh network namespace: `unshare -n`) with tracemalloc on, and at each step prints the
 process's RSS, its peak so far (VmHWM), the memory Python objects hold (tracemalloc) and the
-biggest holders by allocating line. libiptc's and the kernel's memory is outside tracemalloc:
+biggest holders by allocating line. python-iptables' and the kernel's memory is outside tracemalloc:
 it shows as RSS beyond the traced figure. Figures are slower than the real run (tracemalloc).
 """
 
@@ -71,10 +71,8 @@ def wrap(owner: Any, name: str, step: str, top: int, after: bool = False) -> Non
 
 
 def inner(workdir: Path, mode: str, top: int, trace: bool) -> None:
-    import iptc  # type: ignore[import-untyped]
-
     from kproxy import cli
-    from kproxy.dataplane.xtables import libiptc
+    from kproxy.dataplane.xtables import table_writer
     from kproxy.inspect import inputs
     from kproxy.sync import loop
 
@@ -84,8 +82,8 @@ def inner(workdir: Path, mode: str, top: int, trace: bool) -> None:
     wrap(inputs, "state_from_manifests", "conversion to cluster state", top, after=True)
     wrap(loop.SyncLoop, "plan", "plan", top)
     wrap(loop.SyncLoop, "apply", "apply (plan made)", top)
-    wrap(libiptc.LibiptcTables, "write", "libiptc edit", top)
-    wrap(iptc.Table, "commit", "commit", top)
+    wrap(table_writer.TableWriter, "write", "edit, compile and replace", top)
+    wrap(table_writer, "replace_table", "replace", top)
     wrap(loop.SyncLoop, "apply", "apply", top, after=True)
     os.environ["XTABLES_LOCKFILE"] = str(workdir / "xtables.lock")
     argv = ["--log-level", "warning", "sync", "--once", "--manifests", str(workdir / "manifests")]

@@ -181,7 +181,7 @@ def run_kproxy(services: int, endpoints: int) -> dict[str, float]:
         times.append(timed(loop.sync))
     figures["change_kproxy"] = min(times)
     # What the proof before each commit costs: the kernel's entries of nat, compared with the
-    # kept copy's (libiptc.py explains why a commit needs it).
+    # kept digest (table_writer.py explains why a partial write needs it).
     kept = ImageMatch(_image("nat"))
     figures["verify_kproxy"] = best(lambda: timed(lambda: kept.matches(_image("nat"))))
     # (c) nothing changed.

@@ -48,7 +48,7 @@ def check(family: int, examples: int) -> int:
     )
     @given(clusters())
     def same_entries(scenario: Scenario) -> None:
-        dp.close()  # the last apply's background reader uses the same libiptc handles
+        dp.close()  # let the last apply's background reader finish (it holds the lock)
         _handles_with_chains(dp, scenario, family)
         ruleset = scenario.ruleset(family)
         for table in ruleset.tables:

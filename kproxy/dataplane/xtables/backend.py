@@ -1,5 +1,6 @@
-"""The kernel backend: reads tables with iptables-legacy-save and writes them with python-iptables
-(libiptc, through libiptc.py), one atomic commit per table, while holding the xtables lock.
+"""The kernel backend: reads tables with iptables-legacy-save and writes them through
+table_writer.py (kproxy's rules encoded by python-iptables, the table replaced from the kernel's
+own image of it), one atomic replace per table, while holding the xtables lock.
 
 Only chains whose rendered rules differ from the kernel's are rewritten; owned chains nobody wants
 any more are deleted; jump rules in built-in chains are inserted once and never duplicated.
@@ -23,8 +24,10 @@ from kproxy.dataplane.xtables.diff import (
     plan_table_changes_from,
 )
 from kproxy.dataplane.xtables.kernel_image import TableImage, fingerprint, read_image
-from kproxy.dataplane.xtables.libiptc import KeptTable, LibiptcTables
+from kproxy.dataplane.xtables.kernel_write import TableChanged
 from kproxy.dataplane.xtables.lock import LOCK_TIMEOUT, HeldLock, xtables_lock
+from kproxy.dataplane.xtables.table_index import TableIndex
+from kproxy.dataplane.xtables.table_writer import KeptTable, TableWriter
 from kproxy.errors import DataplaneError
 from kproxy.rules.ir import Ruleset, Table
 from kproxy.rules.saved import SavedTable, parse_save
@@ -91,12 +94,13 @@ def _xtables_libdir() -> str:
 class IptablesDataplane:
     """Applies Rulesets of one address family to the kernel of the current network namespace.
 
-    Each table is synced on one of two explicit paths (see libiptc.py for why both are safe):
+    Each table is synced on one of two explicit paths (see table_writer.py for why both are
+    safe), and both write from the kernel's image of the table read under the lock:
 
-    - from the kept copy: the change is planned against what kproxy committed last, and the
-      copy is edited, but only once the kernel's entries, read under the lock, match the copy;
-    - from the kernel: the table is read (iptables-legacy-save for the plan, libiptc for the
-      copy) under the lock, which also repairs whatever another program changed or flushed.
+    - from what was kept: the change is planned against what kproxy committed last, and written
+      only once the kernel's image, read under the lock, matches the one kept after that commit;
+    - from the kernel: the table is read (iptables-legacy-save for the plan, and its image)
+      under the lock, which also repairs whatever another program changed or flushed.
 
     A full sync always takes the kernel path. A table with nothing to write is left alone on the
     kept path when its cheap fingerprint is unchanged; a changed one is read. When no table has
@@ -108,11 +112,14 @@ class IptablesDataplane:
     ) -> None:
         self.family = family
         self.lock_timeout = lock_timeout
-        # Whether to keep each committed table's copy for the next sync (read again in the
-        # background, about twice the table's size): a process that syncs once never uses it.
+        # Whether to keep a digest of each committed table's image for the next sync (read again
+        # in the background): a process that syncs once never uses it.
         self.keep_copies = keep_copies
         self._iptc = load_iptc()
-        self._tables = LibiptcTables(self._iptc, family)
+        self._tables = TableWriter(self._iptc, family)
+        # The index of each table written in the current sync (kept with its digest for the
+        # next one, which then need not read the table's entries to edit it).
+        self._indexes: dict[str, TableIndex] = {}
         self._ahead: _Ahead | None = None
 
     def read(self) -> dict[str, SavedTable]:
@@ -125,8 +132,8 @@ class IptablesDataplane:
     @contextmanager
     def reading_ahead(self) -> Iterator[None]:
         """For a sync about to plan and then apply: take the lock now and read the kernel's
-        image of each kept table in the background meanwhile, so the proof a commit from a kept
-        copy needs (0.2-0.3 s of kernel time at 10,000 services) is ready when the plan is."""
+        image of each kept table in the background meanwhile, so the proof a partial write
+        needs (0.2-0.3 s of kernel time at 10,000 services) is ready when the plan is."""
         self._tables.wait()
         with xtables_lock(self.lock_timeout) as lock:
             images = _ImageReader(self.family, self._tables.kept_names())
@@ -150,7 +157,7 @@ class IptablesDataplane:
 
     def _nothing_to_write(self, ruleset: Ruleset) -> ApplyResult | None:
         """A partial sync's result when no table needs a write, found without the xtables lock:
-        each table has a kept copy, nothing to change from it, and an unchanged fingerprint (a
+        each table has a kept image, nothing to change from it, and an unchanged fingerprint (a
         read, which needs no lock). None: some table needs the locked path. The IPv6 process
         asking for the lock here waited out the IPv4 background reader's hold (0.6 s at 10,000
         services), doubling the sync of every IPv4-only change."""
@@ -168,13 +175,15 @@ class IptablesDataplane:
     def _apply(self, ruleset: Ruleset, full: bool, ahead: _Ahead) -> ApplyResult:
         result = ApplyResult()
         touched: dict[str, Table] = {}
+        self._indexes = {}
         for desired in ruleset.tables:
             changes = self._sync_table(desired, full, ahead.images)
             if changes.read_kernel or not changes.empty:
                 touched[desired.name] = desired
             result.tables.append(changes)
+        indexes, self._indexes = self._indexes, {}
         if touched and self.keep_copies:
-            self._tables.keep(touched, ahead.lock.hand_over())
+            self._tables.keep(touched, indexes, ahead.lock.hand_over())
         else:
             # Nothing to read again: let go of the lock now, not when the sync ends. The other
             # family's process needs the same lock for its own apply in this sync (held until
@@ -197,38 +206,47 @@ class IptablesDataplane:
         kept = None if full else self._tables.kept(desired.name)
         if kept is not None:
             changes = plan_table_changes_from(desired, kept.applied)
-            if changes is not None and self._kept_copy_holds(desired.name, changes, kept, images):
-                try:
-                    if not changes.empty:
-                        self._write(changes)
+            if changes is not None and changes.empty:
+                # Skipping a write only needs an unchanged fingerprint, so that a flush or an
+                # edit by another program is still repaired.
+                if fingerprint(self.family, desired.name) == kept.image.fingerprint:
                     return changes
-                except _Refused:
-                    pass  # a writer without the lock came in between: read the kernel instead
+            elif changes is not None and self._write_proven(desired.name, changes, kept, images):
+                return changes
         return self._commit(desired.name, lambda saved: plan_table_changes(desired, saved))
 
-    def _kept_copy_holds(
+    def _write_proven(
         self, name: str, changes: TableChanges, kept: KeptTable, images: _ImageReader | None
     ) -> bool:
-        """Whether `changes`, planned from memory, may be carried out on the kept copy. Writing
-        needs proof (the kernel's entries, read under the lock); skipping a write only needs an
-        unchanged fingerprint, so that a flush or an edit by another program is still repaired."""
-        if changes.empty:
-            return fingerprint(self.family, name) == kept.image.fingerprint
-        current = images.get(name) if images is not None else None
+        """Write `changes`, planned from memory, on the kernel's image of the table read under
+        the lock, if that image matches the one kept after kproxy's last commit. False: not
+        written (no match, or a writer without the lock came in between)."""
+        current = images.take(name) if images is not None else None
         if current is None:
             current = read_image(self.family, name)
-        return current is not None and kept.image.matches(current)
+        if current is None or not kept.image.matches(current):
+            return False
+        try:
+            self._write(changes, current, kept.index)
+        except _Refused:
+            return False
+        return True
 
     def _commit(self, table: str, plan: Callable[[SavedTable], TableChanges]) -> TableChanges:
-        """The kernel path: read the table under the lock, plan, and commit from a copy read
-        now. Retried when the kernel refuses the commit (a writer that ignores the lock)."""
+        """The kernel path: read the table's image and its rules under the lock, plan, and
+        write from that image. Retried when the kernel refuses the replace (a writer that
+        ignores the lock)."""
         for attempt in range(_COMMIT_ATTEMPTS):
+            # The image first: a writer without the lock between the two reads changes the
+            # entry count the replace names (most likely), and the kernel refuses it.
+            image = read_image(self.family, table)
             changes = plan(read_tables(self.family, (table,)).get(table, SavedTable(table)))
             if changes.empty:
                 return changes
+            if image is None:
+                raise DataplaneError(f"cannot read table {table} from the kernel")
             try:
-                self._tables.reread(table)
-                self._write(changes)
+                self._write(changes, image)
                 return changes
             except _Refused:
                 if attempt + 1 == _COMMIT_ATTEMPTS:
@@ -238,20 +256,20 @@ class IptablesDataplane:
                     ) from None
         raise AssertionError("unreachable")
 
-    def _write(self, changes: TableChanges) -> None:
+    def _write(
+        self, changes: TableChanges, image: TableImage, index: TableIndex | None = None
+    ) -> None:
         try:
-            self._tables.write(changes)
+            self._indexes[changes.table] = self._tables.write(changes, image, index)
         except self._iptc.XTablesError as exc:
-            # Nothing was committed: the copy holding the partial edit is discarded.
+            # Nothing was written: the edit is discarded.
             raise DataplaneError(
                 f"python-iptables could not build a rule for table {changes.table} ({exc}); are "
                 "the iptables extensions installed in XTABLES_LIBDIR "
                 f"({os.environ.get('XTABLES_LIBDIR') or 'unset'})?"
             ) from exc
-        except self._iptc.IPTCError as exc:
-            if "Resource temporarily unavailable" in str(exc):
-                raise _Refused from exc  # the entry count changed between our read and commit
-            raise DataplaneError(f"writing table {changes.table} failed: {exc}") from exc
+        except TableChanged as exc:
+            raise _Refused from exc  # the entry count changed between our read and the replace
 
 
 @dataclass
@@ -282,10 +300,11 @@ class _ImageReader:
     def join(self) -> None:
         self._thread.join()
 
-    def get(self, name: str) -> TableImage | None:
+    def take(self, name: str) -> TableImage | None:
+        """The image read of `name` (handed out once: it is about the table's size)."""
         self.join()
-        return self._images.get(name)
+        return self._images.pop(name, None)
 
 
 class _Refused(Exception):
-    """The kernel refused a commit: the table changed since the copy was read."""
+    """The kernel refused a replace: the table changed since its image was read."""

@@ -45,7 +45,7 @@ def open_backend_dataplanes(
     lock_timeout: float, backend: str, keep_copies: bool = True
 ) -> Iterator[dict[int, Dataplane]]:
     """One dataplane per family on `backend` ("legacy" or "nft"); `keep_copies`: whether the
-    legacy backend keeps libiptc's copies of its tables for a next sync."""
+    legacy backend keeps what a next sync needs of the tables it wrote (digest and index)."""
     if backend == "legacy":
         with open_dataplanes(lock_timeout, keep_copies) as dataplanes:
             yield dataplanes

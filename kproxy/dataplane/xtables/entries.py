@@ -1,11 +1,12 @@
-"""Fast construction of libiptc rule entries.
+"""Fast construction of rule entries (ipt_entry / ip6t_entry, targets named as libiptc takes them).
 
 Building a python-iptables Rule costs about 0.15 ms a rule (parameter parsing through libxtables,
 table look-ups per target), which dominates a sync at scale. But kproxy's rules come in few
 shapes: the same matches and targets with different addresses, ports, comments, probabilities and
 chain names. So each shape is built through python-iptables once, twice in fact, with two sets of
 probe values; comparing the two entries locates the bytes each value occupies. Every later rule of
-that shape is the template's bytes with those fields overwritten, handed to libiptc as is.
+that shape is the template's bytes with those fields overwritten, handed to the writer as is
+(table_blob.py turns a target's name into its verdict or jump).
 
 A shape whose fields cannot be located unambiguously is never patched: its rules are built through
 python-iptables every time. The result is checked against the plain path, entry for entry, by
@@ -15,6 +16,7 @@ integration/iptables/test_fast_path.py, which also reads every entry back from t
 from __future__ import annotations
 
 import ctypes
+import mmap
 import socket
 import struct
 from collections.abc import Callable
@@ -32,6 +34,8 @@ RECENT_NAME_SIZE = 200  # xt_recent_mtinfo.name
 TARGET_NAME_SIZE = 29  # xt_entry_target.u.user.name
 
 Encoder = Callable[[str], bytes]
+Buffer = bytearray | mmap.mmap
+MAX_ENTRY = 0xFFFF  # next_offset is a u16
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,14 +51,16 @@ class _Slot:
 class Template:
     entry: bytes
     slots: tuple[_Slot, ...]
+    target_offset: int
+    label: str  # the target's name, the same in every rule of the shape ...
+    jump: int | None  # ... unless it is a jump: then the chain is this value
 
-    def fill(self, values: list[str]) -> bytes:
-        buf = bytearray(self.entry)
+    def fill_into(self, values: list[str], out: Buffer, at: int) -> None:
+        out[at : at + len(self.entry)] = self.entry
         for slot, value in zip(self.slots, values, strict=True):
             for offset, encode in slot.parts:
                 data = encode(value)
-                buf[offset : offset + len(data)] = data
-        return bytes(buf)
+                out[at + offset : at + offset + len(data)] = data
 
 
 def _padded(size: int) -> Encoder:
@@ -79,7 +85,7 @@ def _u32(value: str) -> bytes:
     return struct.pack("=I", int(value))
 
 
-@lru_cache(maxsize=1 << 17)
+@lru_cache(maxsize=1 << 12)
 def _network(cidr: str) -> tuple[bytes, bytes]:
     """(address, mask) bytes of a canonical CIDR such as `10.0.0.1/32` (as rules carry them)."""
     address, _, length = cidr.partition("/")
@@ -99,7 +105,7 @@ def _network_mask(cidr: str) -> bytes:
     return _network(cidr)[1]
 
 
-@lru_cache(maxsize=1 << 17)
+@lru_cache(maxsize=1 << 12)
 def _split_destination(value: str) -> tuple[bytes, bytes]:
     """(address, port) bytes of a DNAT destination `ip:port` or `[ip6]:port`."""
     host, _, port = value.rpartition(":")
@@ -126,7 +132,9 @@ _PROBES: dict[str, tuple[str, str]] = {
     "probability": (_probability_probe(0x2C3B4A59), _probability_probe(0x1B2C3D4E)),
     "recent-name": ("KPROXY-PROBE-A", "KPROXY-PROBE-B"),
     "recent-seconds": (str(0x12345678), str(0x07654321)),
-    "jump": ("INPUT", "OUTPUT"),
+    # Standard verdicts in a jump's place: python-iptables builds them without looking the name
+    # up among the chains of every table (which reads each table with libiptc, and keeps it).
+    "jump": ("ACCEPT", "DROP"),
 }
 _ENCODERS: dict[str, Encoder] = {
     "comment": _padded(COMMENT_SIZE),
@@ -278,7 +286,11 @@ class TemplateBuilder:
             for i, (x, y) in enumerate(zip(entry_a, entry_b, strict=True))
         ):
             return None
-        return Template(entry_a, tuple(slots))
+        (target_offset,) = struct.unpack_from("=H", entry_a, self.target_offset_at)
+        jump = kinds.index("jump") if "jump" in kinds else None
+        return Template(
+            entry_a, tuple(slots), target_offset, target_label(entry_a, target_offset), jump
+        )
 
     def _probe_pairs(self, kinds: list[str]) -> list[tuple[str, str]]:
         pairs = []
@@ -335,7 +347,7 @@ class TemplateBuilder:
 
 
 class EntryCompiler:
-    """Turns IR rules into libiptc entries, through templates where a shape allows it."""
+    """Turns IR rules into entries, through templates where a shape allows it."""
 
     def __init__(self, iptc: ModuleType, family: int) -> None:
         self.iptc = iptc
@@ -344,16 +356,41 @@ class EntryCompiler:
         self.builder = TemplateBuilder(family, _layout(family))
 
     def entry(self, rule: Rule) -> bytes:
-        """The rule's libiptc entry (plain bytes: libiptc copies what it is given, and no
-        ctypes object is made, so nothing waits for the cyclic garbage collector)."""
+        """The rule's entry, as bytes."""
+        buf = bytearray(MAX_ENTRY)
+        size, _, _ = self.write_entry(rule, buf, 0)
+        return bytes(buf[:size])
+
+    def write_entry(self, rule: Rule, out: Buffer, at: int) -> tuple[int, int, str]:
+        """Write the rule's entry at `at` of `out` (MAX_ENTRY bytes of room); its size, its
+        target's offset and its target's name. No ctypes object is made (nothing waits for the
+        cyclic garbage collector), and a template's entry is written where it goes."""
         key, values = shape_key(rule)
         try:
             template = self.templates[key]
         except KeyError:
             template = self.templates[key] = self._template(rule)
         if template is None:
+            entry = self._built(rule)
+            out[at : at + len(entry)] = entry
+            (target_offset,) = struct.unpack_from("=H", entry, self.builder.target_offset_at)
+            return len(entry), target_offset, target_label(entry, target_offset)
+        template.fill_into(values, out, at)
+        label = template.label if template.jump is None else values[template.jump]
+        return len(template.entry), template.target_offset, label
+
+    def _built(self, rule: Rule) -> bytes:
+        """The entry python-iptables builds, a jump's target built as a verdict and then named
+        after the chain (the name is all that tells a jump from a verdict before the compile)."""
+        target = rule.target
+        if target is None or not target.is_jump:
             return bytes(_finished(build_rule(self.iptc, self.family, rule)))
-        return template.fill(values)
+        verdict = replace(rule, target=Target("ACCEPT", goto=target.goto))
+        entry = bytearray(_finished(build_rule(self.iptc, self.family, verdict)))
+        (target_offset,) = struct.unpack_from("=H", entry, self.builder.target_offset_at)
+        name = _padded(TARGET_NAME_SIZE)(target.name)
+        entry[target_offset + 2 : target_offset + 2 + TARGET_NAME_SIZE] = name
+        return bytes(entry)
 
     def _template(self, rule: Rule) -> Template | None:
         shape_a, split = split_rule(rule, self.family, 0)
@@ -364,6 +401,13 @@ class EntryCompiler:
         except Exception:  # a shape python-iptables cannot build with probes: use the slow path
             return None
         return self.builder.build(split.kinds, entry_a, entry_b)
+
+
+def target_label(entry: bytes, target_offset: int) -> str:
+    """The name in an entry's target (xt_entry_target.u.user.name)."""
+    name = entry[target_offset + 2 : target_offset + 2 + TARGET_NAME_SIZE]
+    end = name.find(0)
+    return (name if end < 0 else name[:end]).decode(errors="replace")
 
 
 def build_rule(iptc: ModuleType, family: int, rule: Rule) -> Any:

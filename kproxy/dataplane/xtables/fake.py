@@ -196,7 +196,7 @@ def _create_chain(table: SavedTable, name: str) -> None:
 
 
 def _execute(changes: TableChanges, table: SavedTable) -> SavedTable:
-    """The changes applied to `table` in the order LibiptcTables.write applies them."""
+    """The changes applied to `table` in the order TableEdit.apply (table_blob.py) applies them."""
     for builtin, positions in changes.remove_jumps.items():
         lines = _existing(table, builtin)
         for pos in sorted(positions, reverse=True):

@@ -7,8 +7,9 @@ Two reads, with different powers:
   fingerprint may let kproxy skip work (a sync that writes nothing); it never lets it commit.
 - `read_image()` (IPT_SO_GET_ENTRIES): every entry as the kernel holds it (0.15-0.3 s at 10,000
   services). Two images whose entries are equal byte for byte, packet counters aside, are the
-  same table. That is the proof kproxy asks for, under the xtables lock, before it edits a kept
-  copy of a table and commits it.
+  same table. That is the proof kproxy asks for, under the xtables lock, before it writes a
+  change planned from what it committed last; the image is also what every write edits
+  (table_writer.py).
 """
 
 from __future__ import annotations
@@ -157,6 +158,14 @@ class ImageMatch:
         for at, fmt in self._blocks:
             digest.update(b"".join(fmt.unpack_from(entries, at)))
         return digest.digest()
+
+    def same(self, other: ImageMatch) -> bool:
+        """Whether `other` was made from the same entries, counters aside."""
+        return self._digest is not None and (self.fingerprint, self.hooks, self._digest) == (
+            other.fingerprint,
+            other.hooks,
+            other._digest,
+        )
 
     def matches(self, image: TableImage) -> bool:
         if image.fingerprint != self.fingerprint or image.hooks != self.hooks:
