@@ -118,7 +118,7 @@ FIELDS: tuple[Field, ...] = (
         "iptablesBackend", "iptables_backend", one_of(IPTABLES_BACKENDS), "`auto`",
         "kproxy's own (not kube-proxy's): which x_tables the iptables mode writes: `auto` (the "
         "backend kubelet uses, by its KUBE-IPTABLES-HINT chain, as upstream's image decides), "
-        "`legacy` (libiptc) or `nft` (iptables-nft)",
+        "`legacy` (x_tables, a whole-table replace) or `nft` (iptables-nft)",
         "--iptables-backend", "auto, legacy or nft.", keeps_default=is_empty,
     ),
     Field(

@@ -275,8 +275,8 @@ class SyncLoop:
         return last[1]
 
     def _reading_ahead(self, snapshot: Snapshot) -> AbstractContextManager[None]:
-        """A partial sync with changes will commit from kept copies: let the dataplane read the
-        kernel's proof while the plan is made."""
+        """A partial sync with changes will write a change planned from what was committed
+        last: let the dataplane read the kernel's proof while the plan is made."""
         if snapshot.changed and not snapshot.full:
             return self.dataplane.reading_ahead()
         return nullcontext()

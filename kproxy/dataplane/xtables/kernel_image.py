@@ -1,4 +1,4 @@
-"""What the kernel holds in one x_tables table, and whether a kept copy still matches it.
+"""What the kernel holds in one x_tables table, and whether it still holds what kproxy last wrote.
 
 Two reads, with different powers:
 
