@@ -34,7 +34,8 @@ from kproxy.dataplane.xtables import table_writer
 from kproxy.dataplane.xtables.backend import IptablesDataplane
 from kproxy.dataplane.xtables.diff import TableChanges
 from kproxy.dataplane.xtables.kernel_image import read_image
-from kproxy.dataplane.xtables.table_blob import REPLACE_HEADER, TableEdit
+from kproxy.dataplane.xtables.table_blob import TableEdit
+from kproxy.dataplane.xtables.table_compile import REPLACE_HEADER
 from kproxy.dataplane.xtables.table_index import TableIndex, parse_index
 from kproxy.model.config import ProxyConfig
 from kproxy.rules.ir import Ruleset

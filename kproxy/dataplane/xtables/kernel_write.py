@@ -18,7 +18,7 @@ import os
 import socket
 
 from kproxy.dataplane.xtables.kernel_image import NF_INET_NUMHOOKS, TABLE_NAME_LEN
-from kproxy.dataplane.xtables.table_blob import REPLACE_HEADER, Compiled
+from kproxy.dataplane.xtables.table_compile import REPLACE_HEADER, Compiled
 from kproxy.errors import DataplaneError
 
 SOL_IP = 0
