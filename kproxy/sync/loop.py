@@ -11,7 +11,7 @@ import gc
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from itertools import chain, repeat
@@ -148,15 +148,18 @@ class Snapshot:
     def endpoint_counts(self) -> tuple[int, int, int]:
         """Over the service ports: the ready endpoints, their distinct addresses, and the
         endpoints listed but not ready."""
-        listed = [ep for spn in self.services for ep in self.endpoints.get(spn, ())]
+        listed = list(self._listed())
         ready = [ep for ep in listed if ep.ready]
         return len(ready), len({ep.ip for ep in ready}), len(listed) - len(ready)
 
     def ready_endpoints(self) -> int:
         """endpoint_counts()[0], at C speed (every sync reports it; 50,000 endpoints at 10,000
         services took 40 ms the other way)."""
-        listed = chain.from_iterable(map(self.endpoints.get, self.services, repeat(())))
-        return countOf(map(_READY, listed), True)
+        return countOf(map(_READY, self._listed()), True)
+
+    def _listed(self) -> Iterator[Endpoint]:
+        """The endpoints listed for the service ports, one port after another."""
+        return chain.from_iterable(map(self.endpoints.get, self.services, repeat(())))
 
 
 @dataclass
