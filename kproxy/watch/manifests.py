@@ -26,7 +26,7 @@ from kproxy.state.ingest import (
     set_service_cidrs,
     update_endpoint_slice,
 )
-from kproxy.watch.manifest_yaml import load_documents
+from kproxy.watch.manifest_parts import split_documents
 
 log = structlog.get_logger("kproxy.watch")
 SUFFIXES = (".yaml", ".yml", ".json")
@@ -217,7 +217,8 @@ def _documents(path: Path) -> Iterator[Any]:
         raise _unreadable(path, exc) from exc
     with stream:
         try:
-            yield from (doc for doc in load_documents(_TextChunks(stream)) if doc is not None)
+            documents = split_documents(stream.fileno(), stream.encoding, _TextChunks(stream))
+            yield from (doc for doc in documents if doc is not None)
         except (OSError, UnicodeDecodeError) as exc:
             raise _unreadable(path, exc) from exc
         except Exception as exc:
