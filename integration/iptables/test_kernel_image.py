@@ -35,7 +35,8 @@ def _send_udp() -> None:
 def test_counters_move_rules_do_not(node: Topology) -> None:
     ns, worker = node.node, NetnsWorker(node.node.name)
     try:
-        ns.run("iptables-legacy", "-w", "-A", "OUTPUT", "-d", "127.0.0.1/32", "-j", "ACCEPT")
+        # First in OUTPUT: rule 1 is then ours, not the node's kubelet's.
+        ns.run("iptables-legacy", "-w", "-I", "OUTPUT", "1", "-d", "127.0.0.1/32", "-j", "ACCEPT")
         before = _image(worker, "filter")
         kept = ImageMatch(before)
         worker.call(_send_udp)  # counted by the rule above
