@@ -119,7 +119,19 @@ _NO_RULES = _Part((), (), (), (), (), (), (), 0, 0)  # shared by every port with
 def _plan_part(ctx: PlanContext, sp: ServicePort, eps: Endpoints) -> _Part:
     planned = SharedChains()
     plan_service_port(ctx, sp, eps, planned)
-    part = _Part(
+    if not (
+        planned.nat_services
+        or planned.service_chains
+        or planned.nat_nodeports
+        or planned.filter_services
+        or planned.filter_external
+        or planned.filter_nodeports
+        or planned.filter_firewall
+        or planned.no_local_internal
+        or planned.no_local_external
+    ):
+        return _NO_RULES
+    return _Part(
         tuple(planned.nat_services),
         tuple(planned.nat_nodeports),
         tuple(planned.filter_services),
@@ -130,7 +142,6 @@ def _plan_part(ctx: PlanContext, sp: ServicePort, eps: Endpoints) -> _Part:
         planned.no_local_internal,
         planned.no_local_external,
     )
-    return _NO_RULES if part == _NO_RULES else part
 
 
 class _Row(NamedTuple):
