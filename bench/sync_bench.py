@@ -14,7 +14,13 @@ touched. For N ClusterIP services with E endpoints each it times:
   (c) nothing changed: kproxy's sync vs upstream's partial restore of the top-level chains;
   (d) planning alone (plan_ruleset for the whole cluster);
   (e) peak RSS of the kproxy process (kproxy runs in a process of its own; the baseline's
-      work happens in another, in the same namespace, after it).
+      work happens in another, in the same namespace, after it). That process also runs (d)
+      and builds a new SyncLoop for each full sync and for (b), on the same dataplane: each new
+      loop's planner makes every rule anew while the dataplane still keeps the tables the last
+      loop wrote, so it holds two plans at once, which an agent (one SyncLoop) never does;
+  (e') peak RSS of an agent's own sequence, in a process of its own and a namespace of its
+      own: one SyncLoop, its full sync from empty tables and the collection the agent runs
+      after a full sync (freeze_heap), then the (b) changes as partial syncs.
 
 It prints each figure, the ratio kproxy/baseline, and a table across sizes.
 """
@@ -196,6 +202,30 @@ def run_kproxy(services: int, endpoints: int) -> dict[str, float]:
     return figures
 
 
+def run_agent(services: int, endpoints: int) -> dict[str, float]:
+    """(e'): what `kproxy run` holds at its peak, in a process that does nothing else."""
+    from kproxy.dataplane.iptables.node import IptablesNode
+    from kproxy.dataplane.xtables.backend import IptablesDataplane
+    from kproxy.health.healthz import ProxyHealth
+    from kproxy.health.metrics import ProxyMetrics
+    from kproxy.sync.loop import StateBox, SyncLoop, freeze_heap
+    from kproxy.sync.modes import MODES
+
+    config = ProxyConfig(cluster_cidrs=("10.128.0.0/10",))
+    health, metrics = ProxyHealth(timeout=60), ProxyMetrics()
+    box = StateBox("bench-node", health, metrics)
+    box.state = build_state(services, endpoints)
+    node = IptablesNode({4: IptablesDataplane(4, lock_timeout=30)}, write_sysctls=lambda s: None)
+    loop = SyncLoop(box, config, MODES["iptables"], node, metrics, health)
+    assert loop.sync()
+    freeze_heap()  # as SyncLoop.run does after a full sync
+    for round_ in range(REPEATS):
+        time.sleep(1)  # as minSyncPeriod would
+        box.state.set_slice(slice_for(services // 2, changed_ips(services, endpoints, round_)))
+        assert loop.sync()
+    return {"agent_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def _image(table: str) -> TableImage:
     image = read_image(4, table)
     assert image is not None
@@ -247,7 +277,9 @@ def measure(services: int, endpoints: int) -> dict[str, float]:
     """Run one size in a fresh network namespace: kproxy's process, then the baseline's, one
     after the other in the same namespace; returns their figures."""
     inner = f"{sys.executable} -m bench.sync_bench --services {services} --endpoints {endpoints}"
-    return run_in_netns(services, f"{inner} --inner kproxy && {inner} --inner baseline")
+    figures = run_in_netns(services, f"{inner} --inner agent")
+    figures.update(run_in_netns(services, f"{inner} --inner kproxy && {inner} --inner baseline"))
+    return figures
 
 
 def run_in_netns(services: int, script: str) -> dict[str, float]:
@@ -285,6 +317,8 @@ def report(services: int, endpoints: int, f: dict[str, float]) -> None:
     print(f"{'    of which kernel read':28} kproxy {verify:7.3f}s   (the entries of nat, compared)")
     print(f"{'(d) planning alone':28} {f['plan']:7.3f}s")
     print(f"{'(e) peak RSS':28} {f['rss_mb']:7.1f} MB")
+    agent = "(e') peak RSS, agent sequence"
+    print(f"{agent:28} {f['agent_rss_mb']:7.1f} MB")
 
 
 def _pair(f: dict[str, float], name: str) -> str:
@@ -296,22 +330,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--services", type=int, nargs="+", default=[10000])
     parser.add_argument("--endpoints", type=int, default=5)
-    parser.add_argument("--inner", choices=("kproxy", "baseline"), help=argparse.SUPPRESS)
+    parser.add_argument("--inner", choices=("kproxy", "agent", "baseline"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
-        run = run_kproxy if args.inner == "kproxy" else run_baseline
+        run = {"kproxy": run_kproxy, "agent": run_agent, "baseline": run_baseline}[args.inner]
         print(json.dumps(run(args.services[0], args.endpoints)))
         return
     results = {}
     for n in args.services:
         results[n] = measure(n, args.endpoints)
         report(n, args.endpoints, results[n])
-    print("\nservices   full: kproxy/restore      change: kproxy/partial   nochange   plan  RSS MB")
+    print(
+        "\nservices   full: kproxy/restore      change: kproxy/partial   nochange   plan  RSS MB"
+        "  agent MB"
+    )
     for n, f in results.items():
         print(
             f"{n:8}   {_pair(f, 'full')}   {_pair(f, 'change')}"
             f"   {f['nochange_kproxy'] / f['nochange_baseline']:5.2f}x"
-            f"  {f['plan']:5.2f}  {f['rss_mb']:6.1f}"
+            f"  {f['plan']:5.2f}  {f['rss_mb']:6.1f}  {f['agent_rss_mb']:8.1f}"
         )
     if len(results) > 1:
         first, last = min(results), max(results)

@@ -124,6 +124,7 @@ def sync(
     # Refuses first if not root.
     with mode.open_dataplane(config, lock_timeout, once=True) as dataplane:
         loop = once_loop(state, with_host_facts(node), config, mode, dataplane)
+        del state  # the loop's: it lets go of it once planned
         report = sync_once(loop)
         click.echo(report.summary(process_seconds()))
         if mode.serves_in_process:

@@ -51,6 +51,12 @@ def statistic(n: int) -> Match:
     return Match("statistic", (Opt("mode", "random"), Opt("probability", probability(n))))
 
 
+@lru_cache(maxsize=1024)
+def statistic_matches(n: int) -> tuple[Match, ...]:
+    """(statistic(n),): the matches of a balancing rule without a comment, one tuple for all."""
+    return (statistic(n),)
+
+
 def addrtype(dst_type: str | None = None, src_type: str | None = None) -> Match:
     opts = []
     if src_type:

@@ -12,7 +12,7 @@ from kproxy.health.metrics import ProxyMetrics
 from kproxy.model.config import ProxyConfig
 from kproxy.model.node import NodeInfo
 from kproxy.state.cluster import ClusterState
-from kproxy.sync.loop import StateBox, SyncLoop
+from kproxy.sync.loop import StateBox, SyncLoop, endpoint_counts
 from kproxy.sync.modes import ProxyMode, other_modes_leftovers
 
 
@@ -74,24 +74,41 @@ def once_loop(
     lock_timeout: float = LOCK_TIMEOUT,
 ) -> SyncLoop:
     """The agent's own SyncLoop over `state`, for one sync (and the mode's stop after it): it
-    removes the other modes' leftovers after its commit, as the agent's first sync does."""
+    removes the other modes' leftovers after its commit, as the agent's first sync does. The
+    loop owns `state`: unless the mode serves in this process after the sync (and its stop
+    syncs again), it lets go of it once the plan is made, so the caller should hold no other
+    reference to it (sync_once reports its counts all the same)."""
     health, metrics = ProxyHealth(timeout=2 * config.sync_period), ProxyMetrics()
     box = StateBox(node.name, health, metrics)
     state.node = node
     box.state = state
     leftovers = other_modes_leftovers(mode, lock_timeout)
-    return SyncLoop(box, config, mode, dataplane, metrics, health, leftovers=leftovers)
+    lets_go = not mode.serves_in_process
+    return SyncLoop(
+        box,
+        config,
+        mode,
+        dataplane,
+        metrics,
+        health,
+        leftovers=leftovers,
+        lets_go_after_plan=lets_go,
+    )
 
 
 def sync_once(loop: SyncLoop) -> SyncReport:
     """The agent's sync, once: the same SyncLoop steps, a full sync (nothing is trusted before
-    the first one). Raises what the sync raised."""
+    the first one). Raises what the sync raised. The counts are the state's before the sync
+    (what its snapshot holds: nothing else changes the state meanwhile), made first because
+    the loop may let go of the state and the snapshot's maps once planned."""
+    services, endpoints = loop.box.state.services_map(), loop.box.state.endpoints_map()
+    ports, names = len(services), len({spn.service for spn in services})
+    ready, addresses, not_ready = endpoint_counts(services, endpoints)
+    del services, endpoints
     outcome = loop.sync_or_raise()
-    services = outcome.snapshot.services
-    ready, addresses, not_ready = outcome.snapshot.endpoint_counts()
     return SyncReport(
-        services=len({spn.service for spn in services}),
-        service_ports=len(services),
+        services=names,
+        service_ports=ports,
         endpoints=ready,
         addresses=addresses,
         result=outcome.result,

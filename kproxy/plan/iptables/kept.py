@@ -14,6 +14,7 @@ from __future__ import annotations
 import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from itertools import chain as chained
 from itertools import islice
 from operator import attrgetter
@@ -24,6 +25,7 @@ from kproxy.model.service import ServicePort, ServicePortName
 from kproxy.plan.addresses import of_family
 from kproxy.plan.iptables.naming import spn_sort_key
 from kproxy.plan.iptables.service_rules import PlanContext, SharedChains, plan_service_port
+from kproxy.rules.ir import Chain, Rule
 
 PATCH_SHARE = 8  # patch when at most 1/8 of the ports changed (or a few in a small cluster)
 PATCH_MIN = 64
@@ -40,14 +42,15 @@ LISTS = (
 _GETTERS = tuple(attrgetter(name) for name in LISTS)
 
 Endpoints = tuple[Endpoint, ...]
-IdPairs = dict[tuple[int, int], ServicePortName]
+IdPairs = dict[int, ServicePortName]
 SortKey = tuple[str, str, str, str]
 ContextOf = Callable[[int], PlanContext]  # the context, given the family's endpoint count
 
 
 def _id_pairs(entries: Iterable[tuple[ServicePortName, object]]) -> IdPairs:
-    """Each entry as (id of its name, id of its value): any change of either shows."""
-    return {(id(spn), id(value)): spn for spn, value in entries}
+    """Each entry as the ids of its name and of its value, in one int (ids are addresses, under
+    2**64; one int weighs a third of a pair of them): any change of either shows."""
+    return {id(spn) << 64 | id(value): spn for spn, value in entries}
 
 
 class SeenMaps:
@@ -93,13 +96,61 @@ def family_endpoints(sp: ServicePort, endpoints: Endpoints, family: int) -> int:
     return sum(1 for ep in endpoints if ep.family == family)
 
 
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """One port's rules, as SharedChains holds them but in tuples: a row keeps them until its
+    port changes. Most of a port's lists are empty (an IPv4 port's in the IPv6 family, all of
+    them), and an empty tuple costs nothing: 10,000 ports' seven lists each weighed 12 MB."""
+
+    nat_services: tuple[Rule, ...]
+    nat_nodeports: tuple[Rule, ...]
+    filter_services: tuple[Rule, ...]
+    filter_external: tuple[Rule, ...]
+    filter_nodeports: tuple[Rule, ...]
+    filter_firewall: tuple[Rule, ...]
+    service_chains: tuple[Chain, ...]
+    no_local_internal: int
+    no_local_external: int
+
+
+_NO_RULES = _Part((), (), (), (), (), (), (), 0, 0)  # shared by every port with no rules here
+
+
+def _plan_part(ctx: PlanContext, sp: ServicePort, eps: Endpoints) -> _Part:
+    planned = SharedChains()
+    plan_service_port(ctx, sp, eps, planned)
+    if not (
+        planned.nat_services
+        or planned.service_chains
+        or planned.nat_nodeports
+        or planned.filter_services
+        or planned.filter_external
+        or planned.filter_nodeports
+        or planned.filter_firewall
+        or planned.no_local_internal
+        or planned.no_local_external
+    ):
+        return _NO_RULES
+    return _Part(
+        tuple(planned.nat_services),
+        tuple(planned.nat_nodeports),
+        tuple(planned.filter_services),
+        tuple(planned.filter_external),
+        tuple(planned.filter_nodeports),
+        tuple(planned.filter_firewall),
+        tuple(planned.service_chains),
+        planned.no_local_internal,
+        planned.no_local_external,
+    )
+
+
 class _Row(NamedTuple):
     """One port as the last plan saw it."""
 
     name: ServicePortName
     port: ServicePort
     endpoints: Endpoints
-    part: SharedChains
+    part: _Part
     endpoint_count: int  # its family_endpoints
     chain_rules: int  # the rules of its own chains (part.service_chains)
 
@@ -107,9 +158,7 @@ class _Row(NamedTuple):
 _PART = attrgetter("part")
 
 
-def _row(
-    spn: ServicePortName, sp: ServicePort, eps: Endpoints, part: SharedChains, family: int
-) -> _Row:
+def _row(spn: ServicePortName, sp: ServicePort, eps: Endpoints, part: _Part, family: int) -> _Row:
     chain_rules = sum(len(chain.rules) for chain in part.service_chains)
     return _Row(spn, sp, eps, part, family_endpoints(sp, eps, family), chain_rules)
 
@@ -196,8 +245,7 @@ class PlanCache:
             self._rows[i] = old._replace(port=sp, endpoints=eps)  # equal: the same part
             return
         assert self.context is not None  # a plan was made: only then is there a patch
-        part = SharedChains()
-        plan_service_port(self.context, sp, eps, part)
+        part = _plan_part(self.context, sp, eps)
         self._splice(i, old.part if old is not None else None, part)
         row = _row(spn, sp, eps, part, family)
         self.service_chain_rules += row.chain_rules - (old.chain_rules if old else 0)
@@ -207,12 +255,12 @@ class PlanCache:
             self._rows.insert(i, row)
             self._keys.insert(i, spn_sort_key(spn))
 
-    def _splice(self, i: int, old: SharedChains | None, new: SharedChains | None) -> None:
+    def _splice(self, i: int, old: _Part | None, new: _Part | None) -> None:
         """Put port i's new rules where its old ones were in each flat list."""
         out = self._out
         for of in _GETTERS:
-            before = of(old) if old is not None else []
-            after = of(new) if new is not None else []
+            before = of(old) if old is not None else ()
+            after = of(new) if new is not None else ()
             if before or after:
                 start = sum(map(len, map(of, map(_PART, islice(self._rows, i)))))
                 of(out)[start : start + len(before)] = after
@@ -246,8 +294,7 @@ class PlanCache:
             if hit is not None and _same(hit.port, sp) and _same(hit.endpoints, eps):
                 part = hit.part
             else:
-                part = SharedChains()
-                plan_service_port(ctx, sp, eps, part)
+                part = _plan_part(ctx, sp, eps)
             self._keys.append(spn_sort_key(spn))
             self._rows.append(_row(spn, sp, eps, part, family))
         self.service_chain_rules = sum(row.chain_rules for row in self._rows)

@@ -52,6 +52,11 @@ class _Port:
 
     view: PortView
     sep_names: dict[Endpoint, str] = field(default_factory=dict, compare=False)
+    # Each (address, comment, port)'s destination and matches, made once for the port: its
+    # cluster IP's rule in KUBE-SERVICES and the masquerade rule in its chain share them.
+    pieces: dict[tuple[str, str, int | None], tuple[str, tuple[Match, ...]]] = field(
+        default_factory=dict, compare=False
+    )
 
     @property
     def sp(self) -> ServicePort:
@@ -79,12 +84,12 @@ class _Port:
 
     def to(self, address: str, text: str, target: Target, port: int | None = None) -> Rule:
         """`-d address -p proto -m comment -m proto --dport port -j target`."""
-        return Rule(
-            dst=f.cidr(address),
-            protocol=self.proto,
-            matches=(f.comment(text), f.protocol_match(self.proto, port or self.sp.port)),
-            target=target,
-        )
+        key = (address, text, port)
+        pieces = self.pieces.get(key)
+        if pieces is None:
+            matches = (f.comment(text), f.protocol_match(self.proto, port or self.sp.port))
+            pieces = self.pieces[key] = (f.cidr(address), matches)
+        return Rule(dst=pieces[0], protocol=self.proto, matches=pieces[1], target=target)
 
 
 def plan_service_port(
@@ -117,7 +122,12 @@ def plan_service_port(
         if eps and wanted:
             head = (masq,) if masq is not None and chain_name == internal_chain else ()
             out.service_chains.append(Chain(chain_name, head + _balance(ctx, port, eps)))
-    out.service_chains.extend(_endpoint_chain(ctx, port, ep) for ep in cats.reachable)
+    if cats.reachable:
+        text = _endpoint_comment(ctx, port.text)  # the same for each of the port's endpoints
+        dnat_matches = (*text, f.protocol_match(port.proto))
+        out.service_chains.extend(
+            _endpoint_chain(ctx, port, ep, text, dnat_matches) for ep in cats.reachable
+        )
 
 
 def _filter_verdict(ctx: PlanContext, name: str, has_any: bool) -> tuple[str, Target]:
@@ -289,27 +299,29 @@ def _balance(ctx: PlanContext, port: _Port, endpoints: tuple[Endpoint, ...]) -> 
             rules.append(Rule(matches=(*text, check), target=f.jump(sep)))
     n = len(endpoints)
     for i, (ep, sep) in enumerate(zip(endpoints, chains, strict=True)):
-        stat = (f.statistic(n - i),) if i < n - 1 else ()
+        stat = f.statistic_matches(n - i) if i < n - 1 else ()
         text = _endpoint_comment(ctx, f"{name} -> {ep}")
-        rules.append(Rule(matches=(*text, *stat), target=f.jump(sep)))
+        rules.append(Rule(matches=text + stat if text else stat, target=f.jump(sep)))
     return tuple(rules)
 
 
-def _endpoint_chain(ctx: PlanContext, port: _Port, ep: Endpoint) -> Chain:
-    """KUBE-SEP: masquerade hairpin traffic, remember the client for affinity, DNAT."""
+def _endpoint_chain(
+    ctx: PlanContext,
+    port: _Port,
+    ep: Endpoint,
+    text: tuple[Match, ...],
+    dnat_matches: tuple[Match, ...],
+) -> Chain:
+    """KUBE-SEP: masquerade hairpin traffic, remember the client for affinity, DNAT. `text`
+    and `dnat_matches` (text and the protocol match, without affinity) are the port's, shared
+    by its endpoints' rules."""
     sep = port.endpoint_chain(ep)
-    text = _endpoint_comment(ctx, port.text)
-    affinity: tuple[Match, ...] = ()
     if port.sp.session_affinity_seconds is not None:
-        affinity = (f.recent_set(sep, ctx.family),)
+        dnat_matches = (*text, f.recent_set(sep, ctx.family), *dnat_matches[len(text) :])
     return Chain(
         sep,
         (
             Rule(src=f.cidr(ep.ip), matches=text, target=f.jump(c.KUBE_MARK_MASQ)),
-            Rule(
-                protocol=port.proto,
-                matches=(*text, *affinity, f.protocol_match(port.proto)),
-                target=f.dnat(str(ep)),
-            ),
+            Rule(protocol=port.proto, matches=dnat_matches, target=f.dnat(str(ep))),
         ),
     )
