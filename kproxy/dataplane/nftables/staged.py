@@ -11,9 +11,14 @@ released), kproxy encodes the next.
 
 Every commit costs the kernel a walk of all the table's chains besides its messages (it looks
 for base chains to validate from, and for chains with new rules to publish): about 0.25 us a
-chain, 60 ms a commit at 255,000 chains. So the stages are few and large, and each chain is
-created just before its own rules (or before the first rule that jumps to it), not all chains
-first: a stage's walk covers only the chains written so far.
+chain, 60 ms a commit at 255,000 chains. So the stages are few and large, and the chains come
+a stage's worth at a time, just before their rules, not all chains first: a stage's walk covers
+only the chains written so far. Each stage's chains are created together, not one among its
+rules: the kernel's chain list is walked faster (on every commit, and on every chain dump, e.g.
+by iptables-nft-save, whose dump restarts at the first chain for every datagram) when the
+chains lie side by side in memory: measured at 5,000 x 50, an `iptables-nft-save -t nat` took
+13.5 s of kernel time over chains created one by one among their rules, 4.3-4.9 s over chains
+created in blocks.
 
 A stage the kernel refuses fails the sync: the unfinished tables, which nothing reached, are
 deleted again."""
@@ -90,29 +95,42 @@ def write_unhooked(nl: NftNetlink, deltas: list[TableDelta], set_ids: Iterator[i
 
 
 def unhooked_messages(delta: TableDelta, set_ids: Iterator[int]) -> Iterator[Msg]:
-    """An unhooked part's messages: the table and its sets, then chain by chain, each created
-    right before its rules or before a rule that jumps to it, then the elements (whose verdicts
-    name chains that exist by then)."""
+    """An unhooked part's messages: the table and its sets; then, a stage's worth at a time,
+    the chains whose rules come next, created together, and their rules; then the elements
+    (whose verdicts name chains that exist by then). A rule that jumps to a chain not created
+    yet (one whose own rules come later) creates it first."""
     head = TableDelta(
         delta.family, delta.table, create=True, comment=delta.comment, add_sets=delta.add_sets
     )
     yield from delta_messages(head, set_ids)
-    fam, table, family = NFPROTO[delta.family], delta.table, delta.family
-    chains = {c.name: c for c in delta.add_chains}
-    flags = NLM_F_CREATE | NLM_F_APPEND
-
-    def create(chain: Chain) -> Msg:
-        del chains[chain.name]
-        return (NFT_MSG_NEWCHAIN, NLM_F_CREATE, fam, e.chain_attrs(table, chain))
-
+    pending = {c.name: c for c in delta.add_chains}  # chains not created yet
+    group: list[Chain] = []
+    size = 0
     for chain in delta.add_chains:
-        if chain.name in chains:
-            yield create(chain)
+        group.append(chain)
+        size += 1 + len(chain.rules)
+        if size >= STAGE_MESSAGES:
+            yield from _chain_group(delta, group, pending)
+            group, size = [], 0
+    yield from _chain_group(delta, group, pending)
+    tail = TableDelta(delta.family, delta.table, add_elements=delta.add_elements)
+    yield from delta_messages(tail, set_ids)
+
+
+def _chain_group(delta: TableDelta, group: list[Chain], pending: dict[str, Chain]) -> Iterator[Msg]:
+    """The chains of `group` not created yet, one after the other (the kernel walks its list
+    of chains on every commit and every dump: chains allocated together walk faster than
+    chains scattered among their rules), then their rules."""
+    fam, table, family = NFPROTO[delta.family], delta.table, delta.family
+    for chain in group:
+        if pending.pop(chain.name, None) is not None:
+            yield (NFT_MSG_NEWCHAIN, NLM_F_CREATE, fam, e.chain_attrs(table, chain))
+    flags = NLM_F_CREATE | NLM_F_APPEND
+    for chain in group:
         head_attrs = e.rule_chain_attrs(table, chain.name)
         for rule in chain.rules:
             last = rule.statements[-1] if rule.statements else None  # a verdict ends a rule
-            if type(last) is Verdict and last.chain in chains:
-                yield create(chains[last.chain])
+            if type(last) is Verdict and last.chain in pending:
+                target = pending.pop(last.chain)
+                yield (NFT_MSG_NEWCHAIN, NLM_F_CREATE, fam, e.chain_attrs(table, target))
             yield (NFT_MSG_NEWRULE, flags, fam, head_attrs + e.encode_rule_body(rule, family))
-    tail = TableDelta(delta.family, delta.table, add_elements=delta.add_elements)
-    yield from delta_messages(tail, set_ids)
