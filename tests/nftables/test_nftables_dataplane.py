@@ -25,7 +25,7 @@ from kproxy.dataplane.nftables.delta import (
     NFT_MSG_NEWTABLE,
 )
 from kproxy.dataplane.nftables.fake import FakeNfTables, FakeNftNetlink
-from kproxy.dataplane.nftables.netlink import NLM_F_APPEND, NLM_F_CREATE
+from kproxy.dataplane.nftables.netlink import NLM_F_APPEND, NLM_F_CREATE, Message
 from kproxy.dataplane.nftables.node import NftablesNode
 from kproxy.errors import DataplaneError
 from kproxy.model.config import ProxyConfig
@@ -306,6 +306,34 @@ def test_a_large_table_is_staged_in_several_transactions(
 
     assert_holds(nft, plan)
     assert nft.commits > 1 + 5
+
+
+def test_a_staged_table_creates_its_chains_along_with_their_rules(
+    nft: FakeNfTables, node: NftablesNode, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each commit costs the kernel a walk of every chain of the table: the chains come in
+    stage by stage with their rules, not all in the first stages before any rule."""
+    monkeypatch.setattr(staged, "STAGE_MESSAGES", 10)
+    for i in range(20):
+        cluster.add(f"svc{i}", f"10.96.1.{i}", f"10.2.0.{i}", f"10.2.1.{i}")
+    plan = cluster.plan()
+    held: list[tuple[int, int]] = []  # (chains, chains with rules) after each commit
+    commit = nft.apply
+
+    def counting(messages: list[Message], port: int) -> tuple[int, int]:
+        result = commit(messages, port)
+        table = nft.table(IP, n.TABLE)
+        if table is not None:
+            held.append((len(table.chains), sum(1 for c in table.chains.values() if c.rules)))
+        return result
+
+    monkeypatch.setattr(nft, "apply", counting)
+
+    node.apply(plan, full=False)
+
+    assert_holds(nft, plan)
+    first_rules = next(i for i, (_, filled) in enumerate(held) if filled)
+    assert held[first_rules][0] < len(plan.kernel[4].chains) // 2, held
 
 
 def test_a_table_larger_than_a_dump_datagram_reads_back_whole(
