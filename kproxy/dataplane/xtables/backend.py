@@ -136,7 +136,7 @@ class IptablesDataplane:
         needs (0.2-0.3 s of kernel time at 10,000 services) is ready when the plan is."""
         self._tables.wait()
         with xtables_lock(self.lock_timeout) as lock:
-            images = _ImageReader(self.family, self._tables.kept_names())
+            images = _ImageReader(self.family, self._tables.kept_names_by_size())
             self._ahead = _Ahead(lock, images)
             try:
                 yield
@@ -208,8 +208,11 @@ class IptablesDataplane:
             changes = plan_table_changes_from(desired, kept.applied)
             if changes is not None and changes.empty:
                 # Skipping a write only needs an unchanged fingerprint, so that a flush or an
-                # edit by another program is still repaired.
-                if fingerprint(self.family, desired.name) == kept.image.fingerprint:
+                # edit by another program is still repaired; the image read ahead under this
+                # hold of the lock tells it as well as a GET_INFO now would.
+                image = images.take(desired.name) if images is not None else None
+                now = image.fingerprint if image else fingerprint(self.family, desired.name)
+                if now == kept.image.fingerprint:
                     return changes
             elif changes is not None and self._write_proven(desired.name, changes, kept, images):
                 return changes
@@ -282,10 +285,14 @@ class _Ahead:
 
 class _ImageReader:
     """Reads tables' images in a thread of its own: getsockopt releases the GIL, so the kernel
-    copies the entries while the planner runs."""
+    copies the entries while the planner runs. The smallest tables are read first and each is
+    handed out as soon as it is read: a table with nothing to write is checked from its image,
+    not with a GET_INFO, which would wait for the kernel's table mutex while the reader copies
+    a larger table (0.1-0.2 s at 10,000 services, twice per one-service change)."""
 
     def __init__(self, family: int, names: list[str]) -> None:
         self._images: dict[str, TableImage | None] = {}
+        self._read = {name: threading.Event() for name in names}
 
         def read_all() -> None:
             for name in names:
@@ -293,6 +300,8 @@ class _ImageReader:
                     self._images[name] = read_image(family, name)
                 except OSError:
                     self._images[name] = None
+                finally:
+                    self._read[name].set()
 
         self._thread = threading.Thread(target=read_all, daemon=True, name="image-reader")
         self._thread.start()
@@ -302,7 +311,10 @@ class _ImageReader:
 
     def take(self, name: str) -> TableImage | None:
         """The image read of `name` (handed out once: it is about the table's size)."""
-        self.join()
+        read = self._read.get(name)
+        if read is None:
+            return None
+        read.wait()
         return self._images.pop(name, None)
 
 

@@ -74,6 +74,11 @@ class TableWriter:
         self.wait()
         return list(self._kept)
 
+    def kept_names_by_size(self) -> list[str]:
+        """The kept tables, the smallest first."""
+        self.wait()
+        return sorted(self._kept, key=lambda name: self._kept[name].image.fingerprint[1])
+
     def forget(self, name: str) -> None:
         self.wait()
         self._kept.pop(name, None)
