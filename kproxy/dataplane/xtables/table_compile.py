@@ -13,6 +13,7 @@ import struct
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 from kproxy.dataplane.xtables.entries import MAX_ENTRY
@@ -312,27 +313,25 @@ class BlobOutput:
 
     def resolve(self) -> None:
         """Every jump's verdict: the offset of its chain's first rule. A jump copied from the
-        image already holds it unless its chain moved (or went); kproxy's new rules' jumps are
-        all set. For a one-service change that leaves most of the table's jumps alone."""
+        image already holds it unless its chain moved (or went), so only those are looked at
+        in Python (picked out at C speed); kproxy's new rules' jumps are all set. For a
+        one-service change that leaves most of the table's jumps alone."""
         index, moved = self.compiled.index, self.moved
         for name in self.edit.deleted:
             moved[name] = GONE
         pack, jump_at, jump_to = I32.pack_into, index.jump_at, index.jump_to
         positions, bounds = index.positions, index.bounds
         with memoryview(self.compiled.blob) as view, view[REPLACE_HEADER:] as entries:
-            fresh, get = iter(self.fresh), moved.get
-            next_fresh = next(fresh, -1)
-            for number, (at, chain) in enumerate(zip(jump_at, jump_to, strict=True)):
-                if number == next_fresh:
-                    next_fresh = next(fresh, -1)
-                    number = positions.get(chain, -1)
-                    if number < 0:
-                        raise self._missing(chain)
-                    pack(entries, at, bounds[number * BOUNDS + FIRST])
-                    continue
-                first = get(chain)
-                if first is None:
-                    continue
+            # GONE is -1, a first rule's offset never 0 (the built-in chains come first): both
+            # true, where an unmoved chain's None is false.
+            firsts = zip(jump_at, map(moved.get, jump_to), strict=True)
+            for at, first in filter(itemgetter(1), firsts):
                 if first == GONE:
-                    raise self._missing(chain)
+                    raise self._missing(jump_to[jump_at.index(at)])
                 pack(entries, at, first)
+            for number in self.fresh:
+                chain = jump_to[number]
+                position = positions.get(chain)
+                if position is None:
+                    raise self._missing(chain)
+                pack(entries, jump_at[number], bounds[position * BOUNDS + FIRST])

@@ -74,10 +74,11 @@ class TableWriter:
         self.wait()
         return list(self._kept)
 
-    def kept_names_by_size(self) -> list[str]:
-        """The kept tables, the smallest first."""
+    def kept_by_size(self) -> list[tuple[str, ImageMatch]]:
+        """The kept tables with the digests of their images, the smallest first."""
         self.wait()
-        return sorted(self._kept, key=lambda name: self._kept[name].image.fingerprint[1])
+        kept = sorted(self._kept.items(), key=lambda item: item[1].image.fingerprint[1])
+        return [(name, table.image) for name, table in kept]
 
     def forget(self, name: str) -> None:
         self.wait()
