@@ -179,25 +179,37 @@ Blocks = tuple[tuple[int, struct.Struct], ...]
 
 def _blocks(image: TableImage) -> Blocks | None:
     """Formats that cut the entries around each entry's counters, one per block of entries, with
-    the offset each block starts at; None for a malformed image (one that matches nothing)."""
+    the offset each block starts at; None for a malformed image (one that matches nothing).
+
+    One pass collects every entry's length (the only per-entry work in Python); the piece from
+    one entry's counters to the next's is as long as the entry less its counters, so its code
+    is the same for every entry of that length, and each block's format is joined from them."""
     layout = _LAYOUTS[image.family]
-    entries, blocks = image.entries, []
-    codes: list[str] = []
-    block_at = start = offset = 0
-    while offset < len(entries):
-        if offset + layout.counters_at + layout.counters_size > len(entries):
+    entries, size = image.entries, len(image.entries)
+    counters_at, counters_size = layout.counters_at, layout.counters_size
+    length_of = struct.Struct("<H").unpack_from
+    at = layout.next_offset_at
+    lengths: list[int] = []
+    offset = 0
+    while offset < size:
+        if offset + counters_at + counters_size > size:
             return None
-        (step,) = struct.unpack_from("<H", entries, offset + layout.next_offset_at)
-        if step == 0:
+        (step,) = length_of(entries, offset + at)
+        if step < counters_at + counters_size:  # 0 would never end; less cuts the counters
             return None
-        counters = offset + layout.counters_at
-        codes.append(f"{counters - start}s{layout.counters_size}x")
-        start = counters + layout.counters_size
+        lengths.append(step)
         offset += step
-        if len(codes) == _ENTRIES_PER_BLOCK or offset >= len(entries):
-            codes.append(f"{offset - start}s")
-            blocks.append((block_at, struct.Struct("<" + "".join(codes))))
-            codes, block_at, start = [], offset, offset
-    if offset != len(entries):
+    if offset != size:
         return None
+    code = {n: f"{n - counters_size}s{counters_size}x" for n in set(lengths)}
+    head = f"<{counters_at}s{counters_size}x"
+    blocks = []
+    block_at = 0
+    for first in range(0, len(lengths), _ENTRIES_PER_BLOCK):
+        block = lengths[first : first + _ENTRIES_PER_BLOCK]
+        tail = f"{block[-1] - counters_at - counters_size}s"
+        blocks.append(
+            (block_at, struct.Struct(head + "".join(map(code.__getitem__, block[:-1])) + tail))
+        )
+        block_at += sum(block)
     return tuple(blocks)
