@@ -201,6 +201,10 @@ def case_survive(family: int) -> None:
         nat = next(t for t in result.tables if t.table == "nat")
         assert not nat.read_kernel and nat.write, ("the partial path was not taken", nat)
         dp.close()
+        for table in ("filter", "nat"):  # the index the next sync edits through is the image's
+            kept, image = dp._tables.kept(table), read_image(family, table)
+            assert kept is not None and kept.index is not None and image is not None, table
+            _assert_index(kept.index, parse_index(image), table)
         _assert_same(before, foreign_lines(family), f"by partial sync {round_ + 1}")
     _assert_planned(dp, second, "after the partial syncs")
     dp.cleanup()
@@ -216,6 +220,7 @@ def _assert_index(got: TableIndex, want: TableIndex, table: str) -> None:
 
     assert shape(got) == shape(want), table
     assert (got.jump_to, list(got.fall_at), got.end) == (want.jump_to, list(want.fall_at), want.end)
+    assert got.positions == want.positions, table
 
 
 def case_roundtrip(family: int) -> None:

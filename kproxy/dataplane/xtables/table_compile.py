@@ -137,6 +137,10 @@ class BlobOutput:
         # now (GONE: deleted). A jump copied from the image to any other chain is still right.
         self.moved: dict[str, int] = {}
         self.fresh: list[int] = []  # where in the index's jumps kproxy's new rules' jumps are
+        # The image's chain numbers, as a start: a block of chains that keeps its numbers (all
+        # before the first chain created or deleted) needs no entry of its own; deleted chains
+        # leave in resolve().
+        self.compiled.index.positions = dict(edit.index.positions)
 
     @property
     def offset(self) -> int:
@@ -171,8 +175,9 @@ class BlobOutput:
         names = index.names[first:last]
         if moved:
             self.moved.update(zip(names, bounds[FIRST::BOUNDS], strict=True))
-        numbers = range(len(out.names), len(out.names) + len(names))
-        out.positions.update(zip(names, numbers, strict=True))
+        if len(out.names) != first:
+            numbers = range(len(out.names), len(out.names) + len(names))
+            out.positions.update(zip(names, numbers, strict=True))
         out.names += names
         start = index.bound(first, HEAD)
         head_index = index.bound(first, HEAD_INDEX)
@@ -317,10 +322,11 @@ class BlobOutput:
         in Python (picked out at C speed); kproxy's new rules' jumps are all set. For a
         one-service change that leaves most of the table's jumps alone."""
         index, moved = self.compiled.index, self.moved
-        for name in self.edit.deleted:
-            moved[name] = GONE
         pack, jump_at, jump_to = I32.pack_into, index.jump_at, index.jump_to
         positions, bounds = index.positions, index.bounds
+        for name in self.edit.deleted:
+            moved[name] = GONE
+            positions.pop(name, None)
         with memoryview(self.compiled.blob) as view, view[REPLACE_HEADER:] as entries:
             # GONE is -1, a first rule's offset never 0 (the built-in chains come first): both
             # true, where an unmoved chain's None is false.
