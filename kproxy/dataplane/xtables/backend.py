@@ -137,8 +137,9 @@ class IptablesDataplane:
     @contextmanager
     def reading_ahead(self) -> Iterator[None]:
         """For a sync about to plan and then apply: take the lock now and read the kernel's
-        image of each kept table in the background meanwhile, so the proof a partial write
-        needs (0.2-0.3 s of kernel time at 10,000 services) is ready when the plan is."""
+        image of each kept table in the background meanwhile, and compare it with the kept
+        digest there, so the proof a partial write needs (0.2-0.3 s of kernel time and 0.05 s
+        of hashing for nat at 10,000 services) is ready when the plan is, or nearly."""
         self._tables.wait()
         with xtables_lock(self.lock_timeout) as lock:
             images = _ImageReader(self.family, self._tables.kept_by_size())
