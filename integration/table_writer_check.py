@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import struct
 import subprocess
 import sys
@@ -37,8 +38,9 @@ from kproxy.dataplane.xtables.kernel_image import read_image
 from kproxy.dataplane.xtables.table_blob import TableEdit
 from kproxy.dataplane.xtables.table_compile import REPLACE_HEADER
 from kproxy.dataplane.xtables.table_index import TableIndex, parse_index
+from kproxy.errors import DataplaneError
 from kproxy.model.config import ProxyConfig
-from kproxy.rules.ir import Ruleset
+from kproxy.rules.ir import Chain, Rule, Ruleset, Target
 
 # Chains sort before kproxy's (KEEP-), between them and kubelet's (KUBF-) and after (ZZ-), so
 # that kproxy's chains move every jump into them.
@@ -199,6 +201,10 @@ def case_survive(family: int) -> None:
         nat = next(t for t in result.tables if t.table == "nat")
         assert not nat.read_kernel and nat.write, ("the partial path was not taken", nat)
         dp.close()
+        for table in ("filter", "nat"):  # the index the next sync edits through is the image's
+            kept, image = dp._tables.kept(table), read_image(family, table)
+            assert kept is not None and kept.index is not None and image is not None, table
+            _assert_index(kept.index, parse_index(image), table)
         _assert_same(before, foreign_lines(family), f"by partial sync {round_ + 1}")
     _assert_planned(dp, second, "after the partial syncs")
     dp.cleanup()
@@ -214,6 +220,7 @@ def _assert_index(got: TableIndex, want: TableIndex, table: str) -> None:
 
     assert shape(got) == shape(want), table
     assert (got.jump_to, list(got.fall_at), got.end) == (want.jump_to, list(want.fall_at), want.end)
+    assert got.positions == want.positions, table
 
 
 def case_roundtrip(family: int) -> None:
@@ -279,7 +286,76 @@ def case_unlocked(family: int) -> None:
         setattr(table_writer, "replace_table", racing_replace)  # noqa: B010
 
 
+def case_refusals(family: int) -> None:
+    """A chain deleted while another program's rules still jump to it, or while a new rule
+    does: the write is refused, with libiptc's words, and the kernel's table is left alone."""
+    _restore_foreign(family)
+    dp = IptablesDataplane(family, lock_timeout=5, keep_copies=False)
+    dp.apply(_cluster(family, 2), full=True)
+    before = _save(family)
+    writer = dp._tables
+    for table, deleted, wanted in (("filter", "KUBF-AFTER", None), ("nat", "ZZ-NAT", "DOCKER")):
+        image = read_image(family, table)
+        assert image is not None
+        for index in (None, parse_index(image)):  # the kernel path, and the kept index's
+            changes = TableChanges(table, delete=[deleted])
+            if wanted is not None:  # DOCKER rewritten with a rule jumping to ZZ-NAT
+                changes.write = [Chain(wanted, (Rule(target=Target(deleted)),))]
+            try:
+                writer.write(changes, image, index)
+            except DataplaneError as exc:
+                assert f"can't delete chain {deleted}: a rule still jumps to it" in str(exc), exc
+            else:
+                raise AssertionError(f"deleting {deleted} was not refused ({table})")
+    assert _save(family) == before
+
+
+def _tamper(family: int) -> str:
+    """Another program, holding the lock as it should, replaces kproxy's first rule in nat's
+    KUBE-SERVICES with one of the same size (another destination): the table's entry count
+    and size stay, its bytes do not. Returns the rule it wrote."""
+    saved = subprocess.run(
+        [_tool(family, "-save"), "-t", "nat"], capture_output=True, text=True, check=True
+    ).stdout
+    line = next(x for x in saved.splitlines() if x.startswith("-A KUBE-SERVICES -d "))
+    args = shlex.split(line)[2:]
+    at = args.index("-d") + 1
+    args[at] = "172.30.9.9/32" if family == 4 else "fd00:30::99/128"
+    subprocess.run(
+        [_tool(family), "-w", "-t", "nat", "-R", "KUBE-SERVICES", "1", *args], check=True
+    )
+    return f"-d {args[at]}"
+
+
+def case_proof(family: int) -> None:
+    """A partial sync writes from what kproxy committed last only when the kernel's table is
+    still what kproxy wrote: after another program's same-size edit of a kproxy chain, it
+    takes the kernel path (with the image read ahead under the lock, and without) and the
+    edit is repaired."""
+    _restore_foreign(family)
+    dp = IptablesDataplane(family, lock_timeout=5)
+    first, second = _cluster(family, 4), _cluster(family, 4, changed=1)
+    dp.apply(first, full=True)
+    # Each round changes the rules (a sync with nothing to write checks the fingerprint only).
+    for ahead, ruleset in ((True, second), (False, first), (True, second), (False, first)):
+        dp.close()  # the digest of what was written is kept
+        tampered = _tamper(family)
+        assert tampered in _save(family)
+        if ahead:
+            with dp.reading_ahead():
+                result = dp.apply(ruleset, full=False)
+        else:
+            result = dp.apply(ruleset, full=False)
+        dp.close()
+        nat = next(t for t in result.tables if t.table == "nat")
+        assert nat.read_kernel, f"a changed table was written from memory (ahead={ahead})"
+        assert tampered not in _save(family), f"the other program's edit stayed (ahead={ahead})"
+        _assert_planned(dp, ruleset, f"after a tampered partial sync (ahead={ahead})")
+
+
 CASES: dict[str, Callable[[int], None]] = {
+    "proof": case_proof,
+    "refusals": case_refusals,
     "survive": case_survive,
     "roundtrip": case_roundtrip,
     "unlocked": case_unlocked,

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("family", [4, 6])
-@pytest.mark.parametrize("case", ["roundtrip", "survive", "unlocked"])
+@pytest.mark.parametrize("case", ["roundtrip", "survive", "unlocked", "refusals", "proof"])
 def test_table_writer(case: str, family: int, tmp_path: Path) -> None:
     env = {**os.environ, "XTABLES_LOCKFILE": str(tmp_path / "xtables.lock")}
     argv = [sys.executable, "-m", "integration.table_writer_check"]

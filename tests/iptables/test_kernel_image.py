@@ -62,6 +62,14 @@ def test_a_malformed_image_matches_nothing() -> None:
     assert not ImageMatch(broken).matches(broken)
 
 
+def test_an_entry_shorter_than_its_counters_matches_nothing() -> None:
+    short = (
+        entry(b"A")[:NEXT_OFFSET_AT] + struct.pack("<H", 104) + entry(b"A")[NEXT_OFFSET_AT + 2 :]
+    )
+    broken = image(short[:104], entry(b"B"))
+    assert not ImageMatch(broken).matches(broken)
+
+
 def test_entries_cut_block_by_block_compare_as_one(monkeypatch: pytest.MonkeyPatch) -> None:
     """The image is cut and hashed a block of entries at a time: every block counts, its
     counters do not, whatever sizes its entries have."""

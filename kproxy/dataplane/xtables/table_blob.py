@@ -15,7 +15,6 @@ own index is known without reading it again (table_index.py).
 from __future__ import annotations
 
 import bisect
-import itertools
 
 from kproxy.dataplane.xtables.diff import TableChanges
 from kproxy.dataplane.xtables.kernel_image import TableImage
@@ -148,7 +147,7 @@ class TableEdit:
         ones, and blocks of the index's chains that stay next to each other in the image."""
         index, order = self.index, sorted(self.edited.values(), key=lambda c: c.name)
         names = index.names
-        if any(a >= b for a, b in itertools.pairwise(names)):  # not kproxy's or libiptc's layout
+        if not index.sorted_names():  # not kproxy's or libiptc's layout
             everything: list[EditedChain | tuple[str, int]] = [*order]
             everything += [(n, i) for i, n in enumerate(names) if n not in self.gone]
             everything.sort(key=lambda c: c.name if isinstance(c, EditedChain) else c[0])
@@ -203,6 +202,7 @@ class TableEdit:
                 1,
             )
             out.resolve()
+            out.compiled.index.in_order = True  # either path above lays the chains out by name
         except BaseException:
             out.compiled.close()
             raise

@@ -13,6 +13,7 @@ import struct
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 from kproxy.dataplane.xtables.entries import MAX_ENTRY
@@ -44,6 +45,7 @@ REPLACE_HEADER = 96  # sizeof(struct ipt_replace) == sizeof(struct ip6t_replace)
 # Verdicts of the standard target (negative: -NF_<verdict> - 1).
 VERDICTS = {b"DROP": -1, b"ACCEPT": -2, b"QUEUE": -4, b"RETURN": XT_RETURN}
 VERDICT_NAMES = {name.decode(): verdict for name, verdict in VERDICTS.items()}
+GONE = -1  # BlobOutput.moved: a chain deleted
 U16 = struct.Struct("=H")
 I32 = struct.Struct("=i")
 _NO_NAME = bytes(ENTRY_TARGET_SIZE - 2)  # a standard target's name and revision
@@ -131,6 +133,14 @@ class BlobOutput:
             XT_RETURN
         )
         self.names: dict[str, str] = {}  # one string per chain jumped to, however many jumps
+        # The image's user chains whose first rule is no longer where it was, with where it is
+        # now (GONE: deleted). A jump copied from the image to any other chain is still right.
+        self.moved: dict[str, int] = {}
+        self.fresh: list[int] = []  # where in the index's jumps kproxy's new rules' jumps are
+        # The image's chain numbers, as a start: a block of chains that keeps its numbers (all
+        # before the first chain created or deleted) needs no entry of its own; deleted chains
+        # leave in resolve().
+        self.compiled.index.positions = dict(edit.index.positions)
 
     @property
     def offset(self) -> int:
@@ -153,13 +163,21 @@ class BlobOutput:
         bounds = index.bounds[first * BOUNDS : last * BOUNDS]
         moved = self.offset - bounds[HEAD]
         renumbered = self.compiled.num_entries - bounds[HEAD_INDEX]
-        for column, shift in ((HEAD, moved), (FIRST, moved), (FOOT, moved), (END, moved)):
-            bounds[column::BOUNDS] = array("I", [at + shift for at in bounds[column::BOUNDS]])
-        for column in (HEAD_INDEX, END_INDEX):
-            bounds[column::BOUNDS] = array("I", [n + renumbered for n in bounds[column::BOUNDS]])
+        # Chains before the first edit, and after edits that kept the sizes, stay where they were.
+        if moved:
+            for column in (HEAD, FIRST, FOOT, END):
+                bounds[column::BOUNDS] = array("I", [at + moved for at in bounds[column::BOUNDS]])
+        if renumbered:
+            for column in (HEAD_INDEX, END_INDEX):
+                bounds[column::BOUNDS] = array(
+                    "I", [n + renumbered for n in bounds[column::BOUNDS]]
+                )
         names = index.names[first:last]
-        numbers = range(len(out.names), len(out.names) + len(names))
-        out.positions.update(zip(names, numbers, strict=True))
+        if moved:
+            self.moved.update(zip(names, bounds[FIRST::BOUNDS], strict=True))
+        if len(out.names) != first:
+            numbers = range(len(out.names), len(out.names) + len(names))
+            out.positions.update(zip(names, numbers, strict=True))
         out.names += names
         start = index.bound(first, HEAD)
         head_index = index.bound(first, HEAD_INDEX)
@@ -210,6 +228,7 @@ class BlobOutput:
         else:
             bounds = (head, first, foot, self.offset, head_index, out.num_entries)
             out.index.add_user(chain.name, bounds)
+            self.moved[chain.name] = first
 
     def run(self, run: Run) -> None:
         compiled, index = self.compiled, self.edit.index
@@ -220,13 +239,19 @@ class BlobOutput:
         blob = compiled.blob
         first = bisect.bisect_left(index.fall_at, run.start)
         last = bisect.bisect_left(index.fall_at, run.end, first)
-        for at in index.fall_at[first:last]:  # on to the next entry, wherever it now is
-            (verdict,) = I32.unpack_from(blob, REPLACE_HEADER + at + moved)
-            I32.pack_into(blob, REPLACE_HEADER + at + moved, verdict + moved)
-            compiled.index.fall_at.append(at + moved)
+        if moved:
+            for at in index.fall_at[first:last]:  # on to the next entry, wherever it now is
+                (verdict,) = I32.unpack_from(blob, REPLACE_HEADER + at + moved)
+                I32.pack_into(blob, REPLACE_HEADER + at + moved, verdict + moved)
+                compiled.index.fall_at.append(at + moved)
+        else:
+            compiled.index.fall_at.extend(index.fall_at[first:last])
         first = bisect.bisect_left(index.jump_at, run.start)
         last = bisect.bisect_left(index.jump_at, run.end, first)
-        compiled.index.jump_at.extend([at + moved for at in index.jump_at[first:last]])
+        if moved:
+            compiled.index.jump_at.extend([at + moved for at in index.jump_at[first:last]])
+        else:
+            compiled.index.jump_at.extend(index.jump_at[first:last])
         compiled.index.jump_to.extend(index.jump_to[first:last])
 
     def new(self, entry: bytes) -> None:
@@ -246,6 +271,7 @@ class BlobOutput:
             self.edit.exists,
         )
         fall_at, jump_at, jump_to = out.index.fall_at, out.index.jump_at, out.index.jump_to
+        fresh = self.fresh
         try:
             for rule in rules:
                 if at + MAX_ENTRY > capacity:
@@ -271,6 +297,7 @@ class BlobOutput:
                 blob[at + target_offset + 2 : at + target_offset + ENTRY_TARGET_SIZE] = _NO_NAME
                 pack(blob, REPLACE_HEADER + verdict_at, verdict)
                 if chain is not None:
+                    fresh.append(len(jump_at))
                     jump_at.append(verdict_at)
                     jump_to.append(chain)
                 at, count = at + size, count + 1
@@ -290,13 +317,27 @@ class BlobOutput:
         return self.edit.error(f"a rule jumps to chain {chain}, which does not exist")
 
     def resolve(self) -> None:
-        """Every jump's verdict: the offset of its chain's first rule."""
-        index, pack = self.compiled.index, I32.pack_into
-        starts = dict(zip(index.names, index.bounds[FIRST::BOUNDS], strict=True))
-        try:
-            firsts = [starts[chain] for chain in index.jump_to]
-        except KeyError as missing:
-            raise self._missing(missing.args[0]) from None
+        """Every jump's verdict: the offset of its chain's first rule. A jump copied from the
+        image already holds it unless its chain moved (or went), so only those are looked at
+        in Python (picked out at C speed); kproxy's new rules' jumps are all set. For a
+        one-service change that leaves most of the table's jumps alone."""
+        index, moved = self.compiled.index, self.moved
+        pack, jump_at, jump_to = I32.pack_into, index.jump_at, index.jump_to
+        positions, bounds = index.positions, index.bounds
+        for name in self.edit.deleted:
+            moved[name] = GONE
+            positions.pop(name, None)
         with memoryview(self.compiled.blob) as view, view[REPLACE_HEADER:] as entries:
-            for at, first in zip(index.jump_at, firsts, strict=True):
+            # GONE is -1, a first rule's offset never 0 (the built-in chains come first): both
+            # true, where an unmoved chain's None is false.
+            firsts = zip(jump_at, map(moved.get, jump_to), strict=True)
+            for at, first in filter(itemgetter(1), firsts):
+                if first == GONE:
+                    raise self._missing(jump_to[jump_at.index(at)])
                 pack(entries, at, first)
+            for number in self.fresh:
+                chain = jump_to[number]
+                position = positions.get(chain)
+                if position is None:
+                    raise self._missing(chain)
+                pack(entries, jump_at[number], bounds[position * BOUNDS + FIRST])

@@ -15,6 +15,7 @@ one needs no pass over the table's entries (about a second at 10,000 services).
 
 from __future__ import annotations
 
+import itertools
 import struct
 from array import array
 from dataclasses import dataclass, field
@@ -73,6 +74,14 @@ class TableIndex:
     jump_to: list[str] = field(default_factory=list)  # ... to these chains' first rules
     fall_at: array[int] = field(default_factory=lambda: array("I"))  # verdicts: the next entry
     end: Run = field(default_factory=lambda: Run(0, 0, 0, 0))  # the ERROR entry ending it
+    # Whether `names` is in libiptc's order (by name): None until someone asks (sorted_names).
+    in_order: bool | None = None
+
+    def sorted_names(self) -> bool:
+        """Whether the user chains are in libiptc's order (by name), found once per index."""
+        if self.in_order is None:
+            self.in_order = all(a < b for a, b in itertools.pairwise(self.names))
+        return self.in_order
 
     def bound(self, number: int, which: int) -> int:
         return self.bounds[number * BOUNDS + which]

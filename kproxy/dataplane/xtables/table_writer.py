@@ -74,6 +74,12 @@ class TableWriter:
         self.wait()
         return list(self._kept)
 
+    def kept_by_size(self) -> list[tuple[str, ImageMatch]]:
+        """The kept tables with the digests of their images, the smallest first."""
+        self.wait()
+        kept = sorted(self._kept.items(), key=lambda item: item[1].image.fingerprint[1])
+        return [(name, table.image) for name, table in kept]
+
     def forget(self, name: str) -> None:
         self.wait()
         self._kept.pop(name, None)
