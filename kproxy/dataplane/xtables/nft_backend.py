@@ -34,7 +34,7 @@ from kproxy.dataplane.xtables.diff import (
     plan_table_changes,
     plan_table_changes_from,
 )
-from kproxy.dataplane.xtables.nft_generation import read_generation
+from kproxy.dataplane.xtables.nft_generation import read_generation, table_exists
 from kproxy.dataplane.xtables.nft_restore import render_restore
 from kproxy.errors import DataplaneError
 from kproxy.rules.ir import Chain, Ruleset, Table
@@ -171,7 +171,10 @@ class NftDataplane:
         result = ApplyResult()
         for name in TABLES:
             self._kept.forget(self.family, name)
-            result.tables.append(self._from_kernel(name, plan_cleanup, keep=None))
+            if table_exists(self.family, name) is False:  # nothing there, and no dump to read
+                result.tables.append(TableChanges(name))
+            else:
+                result.tables.append(self._from_kernel(name, plan_cleanup, keep=None))
         return result
 
     def _sync_table(self, desired: Table, full: bool) -> TableChanges:
