@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+from collections.abc import Iterator
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -61,29 +62,29 @@ def table_exists(family: int, name: str) -> bool | None:
     return None if data is None else _parse_table_answer(data)
 
 
-def _parse_table_answer(data: bytes) -> bool | None:
+def _messages(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(type, offset, length) of each netlink message in `data`, until one is malformed."""
     offset = 0
     while offset + _NLMSG.size <= len(data):
         length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(data, offset)
         if length < _NLMSG.size:
-            return None
+            return
+        yield kind, offset, length
+        offset += (length + 3) & ~3
+
+
+def _parse_table_answer(data: bytes) -> bool | None:
+    for kind, offset, length in _messages(data):
         if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE:
             return True
         if kind == NLMSG_ERROR and length >= _NLMSG.size + _ERRNO.size:
             (error,) = _ERRNO.unpack_from(data, offset + _NLMSG.size)
-            if error == -errno.ENOENT:
-                return False
-            return None
-        offset += (length + 3) & ~3
+            return False if error == -errno.ENOENT else None
     return None
 
 
 def _parse_generation(data: bytes) -> int | None:
-    offset = 0
-    while offset + _NLMSG.size <= len(data):
-        length, kind, _flags, _seq, _pid = _NLMSG.unpack_from(data, offset)
-        if length < _NLMSG.size:
-            return None
+    for kind, offset, length in _messages(data):
         if kind & 0xFF == NFT_MSG_NEWGEN and kind >> 8 == NFNL_SUBSYS_NFTABLES:
             pos, end = offset + _NLMSG.size + _NFGEN.size, offset + length
             while pos + _ATTR.size <= end:
@@ -96,5 +97,4 @@ def _parse_generation(data: bytes) -> int | None:
             return None
         if kind == NLMSG_ERROR:
             return None
-        offset += (length + 3) & ~3
     return None
