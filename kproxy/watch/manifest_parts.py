@@ -93,9 +93,12 @@ def split_documents(
     if count > 1 and size > 0:
         with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as data:
             cuts = cut_points(data, count)
+    if len(cuts) == 1:
+        yield from load_documents(whole)
+        return
     ranges = [_Part(start, end) for start, end in zip(cuts, [*cuts[1:], size], strict=True)]
     yielded = 0
-    failed = len(ranges) == 1
+    failed = False
     try:
         for part in ranges[1:]:
             _fork_parser(fd, encoding, part)

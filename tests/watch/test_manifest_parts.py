@@ -181,6 +181,26 @@ def test_a_read_stopped_early_reaps_its_children(tmp_path: Path, in_parts: list[
     assert len(in_parts) == 3  # (the fixture checks they are reaped)
 
 
+@pytest.mark.parametrize("parts", [1, 3])
+def test_the_file_is_parsed_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, parts: int
+) -> None:
+    parsed: list[object] = []
+    real = manifest_parts.load_documents
+
+    def counting(text: Any) -> Iterator[Any]:
+        parsed.append(text)
+        return real(text)
+
+    monkeypatch.setattr(manifest_parts, "load_documents", counting)
+    path = long_file(tmp_path)
+    with path.open() as stream:
+        docs = list(split_documents(stream.fileno(), stream.encoding, stream, parts))
+    assert len(docs) == 40
+    # Here: the whole file once, or the first part once (the children's parses are theirs).
+    assert len(parsed) == 1
+
+
 def test_one_part_while_another_thread_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(manifest_parts.os, "sched_getaffinity", lambda pid: {0, 1, 2})
     with monkeypatch.context() as alone:
